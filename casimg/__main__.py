@@ -1,0 +1,5 @@
+import sys
+
+from casimg.cli import main
+
+sys.exit(main())

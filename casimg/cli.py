@@ -1,0 +1,167 @@
+"""The `casimg` command: serve, worker, keys, fsck. Each calls the same services the server uses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from casimg import app
+from casimg.config import Settings, describe, load_settings
+from casimg.embedded import EmbeddedRedis
+from casimg.errors import BadRequest, CasimgError, NotFound
+from casimg.fsck import fsck
+from casimg.keys import KeyStore, Scope
+
+EXIT_USAGE = 2
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (see config/casimg.example.toml)")
+    parser.add_argument("--data-dir", dest="data_dir", help="data directory (default ./data; CASIMG_DATA_DIR)")
+    parser.add_argument("--redis-url", dest="redis_url",
+                        help="Redis to use; empty: the data dir's embedded Redis (CASIMG_REDIS_URL)")
+    parser.add_argument("--log-format", dest="log_format", choices=["text", "json"], help="log line format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    settings_help = "\n".join(
+        f"  {env:<30} {help} (default: {default or 'empty'})" for env, default, help in describe()
+    )
+    parser = argparse.ArgumentParser(
+        prog="casimg",
+        description="Content-addressed image download service.",
+        epilog="settings (defaults < --config TOML < environment < flags):\n" + settings_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP API (and the download workers)")
+    _common(serve)
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 9000)")
+    serve.add_argument("--no-workers", dest="workers", action="store_const", const=False,
+                       help="do not download in this process; run `casimg worker` apart")
+
+    worker = commands.add_parser("worker", help="run only download workers, beside a server on the same Redis")
+    _common(worker)
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="create a key; it is printed once, on the last line")
+    _common(create)
+    create.add_argument("--name", required=True)
+    create.add_argument("--scope", required=True, choices=[s.name for s in Scope])
+    listing = key_commands.add_parser("list", help="list keys (never their secrets)")
+    _common(listing)
+    revoke = key_commands.add_parser("revoke", help="revoke a key by name or id")
+    _common(revoke)
+    revoke.add_argument("name")
+
+    check = commands.add_parser("fsck", help="check index and blobs; exit 1 on problems")
+    _common(check)
+    check.add_argument("--repair", action="store_true", help="fix what is safe and report what is not")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    names = ("data_dir", "redis_url", "log_format", "host", "port", "workers")
+    return load_settings(args.config, overrides={n: getattr(args, n, None) for n in names})
+
+
+def _with_redis(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
+    """Run `body(services)` against the configured or embedded Redis, for the short commands."""
+    async def run(url: str) -> int:
+        services = await app.open_services(settings, url, with_worker=False)
+        try:
+            return await body(services)
+        finally:
+            await services.close()
+
+    with app.redis_for(settings, own_data_dir=False) as url:
+        return asyncio.run(run(url))
+
+
+async def _keys(args: argparse.Namespace, services: Any) -> int:
+    store: KeyStore = services.keys
+    if args.keys_command == "create":
+        key = await store.create(args.name, Scope[args.scope])
+        print(f"created key {args.name!r} with scope {args.scope}; it is shown only now:")
+        print(key)
+    elif args.keys_command == "list":
+        print(f"{'id':<14} {'name':<24} {'scope':<6} created")
+        for key in await store.list():
+            print(f"{key.id:<14} {key.name:<24} {key.scope.name:<6} {key.created}")
+    else:
+        key = await store.revoke(args.name)
+        print(f"revoked key {key.name!r} ({key.id})")
+    return 0
+
+
+async def _fsck(args: argparse.Namespace, services: Any) -> int:
+    settings: Settings = services.settings
+    report = await fsck(services.index, services.blobs, repair=args.repair, tmp_grace=settings.tmp_grace)
+    for line in report.repaired:
+        print(f"repaired: {line}")
+    for line in report.notes:
+        print(f"note: {line}")
+    for line in report.problems:
+        print(f"problem: {line}")
+    print(f"fsck: {len(report.problems)} problem(s), {len(report.notes)} note(s)"
+          + (f", {len(report.repaired)} repair(s)" if args.repair else ""))
+    return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+        setup_logging(settings.log_format)
+        if args.command == "serve":
+            with app.redis_for(settings, own_data_dir=True) as url:
+                asyncio.run(app.serve(settings, url))
+            return 0
+        if args.command == "worker":
+            if not settings.redis_url and not EmbeddedRedis(settings.data_dir).alive():
+                raise CasimgError(f"no Redis: start `casimg serve --data-dir {settings.data_dir}` "
+                                  "or pass --redis-url")
+            asyncio.run(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
+            return 0
+        if args.command == "keys":
+            return _with_redis(settings, lambda services: _keys(args, services))
+        return _with_redis(settings, lambda services: _fsck(args, services))
+    except (BadRequest, NotFound) as exc:
+        print(f"casimg: {exc}", file=sys.stderr)
+        return 1
+    except CasimgError as exc:
+        print(f"casimg: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

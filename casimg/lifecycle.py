@@ -1,0 +1,86 @@
+"""The blob lifecycle: the store and delete protocols of blobs.py, run against the index.
+
+Both are written as a sequence of awaited steps with a ``pause`` seam between them, so a test can stop
+one operation between any two steps, run another to completion, and then let the first go on: every
+interleaving of a store and a delete of the same content is tested that way (tests/test_lifecycle.py).
+File system calls go to a thread, never onto the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from casimg.blobs import BlobStore
+from casimg.index import Index, StoreOutcome
+
+Pause = Callable[[str], Awaitable[None]]
+
+
+async def _no_pause(step: str) -> None:
+    return None
+
+
+async def _io(func: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, partial(func, *args))
+
+
+async def store_blob(
+    blobs: BlobStore,
+    index: Index,
+    tmp: Path,
+    url: str,
+    digest: str,
+    meta_json: str,
+    *,
+    pause: Pause = _no_pause,
+    **job: Any,
+) -> StoreOutcome:
+    """Index `url` -> `digest` with its bytes, already fsynced in `tmp`; `tmp` is consumed.
+
+    `job` (job_id, position, entry_id, attempts) finishes the URL's queue entry in the same Redis step.
+    """
+    try:
+        await _io(blobs.link_in, tmp, digest)
+        await pause("linked")
+        outcome = await index.store(url, digest, meta_json, **job)
+        await pause("indexed")
+        if outcome.outcome == "stored":
+            await _io(blobs.ensure_present, tmp, digest)
+        else:
+            # The URL was indexed by someone else meanwhile; our link may have made an unreferenced blob.
+            await remove_if_unreferenced(blobs, index, digest)
+        return outcome
+    finally:
+        await _io(blobs.discard, tmp)
+
+
+async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
+    """Remove `url` from the index, and its blob with its last reference. None if `url` is unknown."""
+    released = await index.release(url)
+    if released is None:
+        return None
+    digest, left = released
+    await pause("released")
+    if left == 0:
+        await remove_if_unreferenced(blobs, index, digest, pause=pause)
+    return digest
+
+
+async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
+    """Delete steps 2-4: move the blob away; put it back if a store raced in. True if it is gone."""
+    if await index.refs_of(digest) > 0:
+        return False
+    trash = await _io(blobs.move_to_trash, digest)
+    await pause("trashed")
+    try:
+        if await index.drop_meta_if_unreferenced(digest) > 0:
+            if trash is not None:
+                await _io(blobs.restore_from_trash, trash, digest)
+            return False
+        return True
+    finally:
+        await _io(blobs.discard, trash)

@@ -1,0 +1,184 @@
+"""The OpenAPI 3.1 document served at /openapi.json, one entry per route in app.routes.
+
+tests/test_openapi.py fails when a route and this document disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VERSION = "0.1.0"
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+AUTH_ERRORS = {
+    "401": _problem("No API key, or an unknown or revoked one"),
+    "403": _problem("The key's scope does not allow this"),
+    "503": _problem("Redis or the blob directory is unavailable; retry after Retry-After seconds"),
+}
+URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
+             "description": "The image's original URL, exactly as it was submitted"}
+IMAGE_HEADERS = {
+    "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes'},
+    "Content-Length": {"schema": {"type": "integer"}},
+}
+BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def _bytes_responses(cache: str) -> dict[str, Any]:
+    return {
+        "200": {"description": f"The bytes; Cache-Control: {cache}", "headers": IMAGE_HEADERS, "content": BYTES},
+        "206": {"description": "The single byte range asked for with Range", "content": BYTES},
+        "304": {"description": "If-None-Match matched the ETag"},
+        "404": _problem("Not stored"),
+        "416": _problem("The Range cannot be satisfied"),
+        **AUTH_ERRORS,
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    job_response = _json("The job and one result per distinct URL", _ref("Job"))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "casimg", "version": VERSION,
+                 "description": "Download images by URL, store each distinct content once, fetch them back by URL."},
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "token": {"type": "http", "scheme": "bearer",
+                          "description": "Authorization: Bearer KEY (or the older form Token KEY)"},
+            },
+            "schemas": {
+                "Problem": {
+                    "type": "object", "required": ["title", "status", "detail"],
+                    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+                },
+                "Submit": {
+                    "type": "object", "required": ["image_urls"],
+                    "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+                },
+                "Accepted": {
+                    "type": "object", "required": ["job_id", "status", "total"],
+                    "properties": {"job_id": {"type": "string"}, "status": {"type": "string", "enum": ["queued"]},
+                                   "total": {"type": "integer", "minimum": 1}},
+                },
+                "Result": {
+                    "type": "object", "required": ["url", "status"],
+                    "properties": {
+                        "url": {"type": "string"},
+                        "status": {"type": "string", "enum": ["pending", "stored", "exists", "failed"]},
+                        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        "deduplicated": {"type": "boolean"},
+                        "error": {"type": "string"},
+                        "attempts": {"type": "integer"},
+                    },
+                },
+                "Job": {
+                    "type": "object",
+                    "required": ["job_id", "status", "total", "done", "stored", "existed", "failed", "results"],
+                    "properties": {
+                        "job_id": {"type": "string"},
+                        "status": {"type": "string", "enum": ["queued", "running", "done"]},
+                        "total": {"type": "integer"}, "done": {"type": "integer"}, "stored": {"type": "integer"},
+                        "existed": {"type": "integer"}, "failed": {"type": "integer"},
+                        "created": {"type": "string", "format": "date-time"},
+                        "finished": {"type": ["string", "null"], "format": "date-time"},
+                        "results": {"type": "array", "items": _ref("Result")},
+                    },
+                },
+                "Image": {
+                    "type": "object",
+                    "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
+                    "properties": {
+                        "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                        "size": {"type": "integer"}, "content_type": {"type": "string"},
+                        "width": {"type": "integer"}, "height": {"type": "integer"},
+                        "stored_at": {"type": "string", "format": "date-time"},
+                    },
+                },
+            },
+        },
+        "security": [{"apiKey": []}, {"token": []}],
+        "paths": {
+            "/healthz": {"get": {"summary": "Liveness", "security": [],
+                                 "responses": {"200": _json("Alive", {"type": "object"})}}},
+            "/readyz": {"get": {"summary": "Redis answers and the blob directory is writable", "security": [],
+                                "responses": {"200": _json("Ready", {"type": "object"}),
+                                              "503": _problem("Not ready")}}},
+            "/openapi.json": {"get": {"summary": "This document", "security": [],
+                                      "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
+            "/api/images": {
+                "get": {
+                    "summary": "List stored images, oldest first, paginated with Link: rel=next",
+                    "parameters": [
+                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                         "description": "Opaque; take it from the Link header"},
+                    ],
+                    "responses": {
+                        "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
+                                "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
+                                            "Link": {"schema": {"type": "string"}}}},
+                        "400": _problem("Bad limit or cursor"),
+                        **AUTH_ERRORS,
+                    },
+                },
+                "post": {
+                    "summary": "Submit image URLs to download",
+                    "parameters": [{"name": "wait", "in": "query",
+                                    "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                                    "description": "Hold the answer up to this many seconds for the job to finish"}],
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": _ref("Submit")}}},
+                    "responses": {
+                        "200": job_response,
+                        "202": _json("Accepted (or, with wait, not finished yet)",
+                                     {"oneOf": [_ref("Accepted"), _ref("Job")]}),
+                        "400": _problem("The body is not what is described"),
+                        "413": _problem("Too many URLs or too large a body"),
+                        "429": _problem("Too many requests"),
+                        **AUTH_ERRORS,
+                    },
+                },
+            },
+            "/api/jobs/{job_id}": {
+                "get": {
+                    "summary": "A job's progress and per-URL results",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {"200": job_response, "404": _problem("Unknown or expired job"), **AUTH_ERRORS},
+                },
+            },
+            "/api/image": {
+                "get": {"summary": "The bytes stored for a URL", "parameters": [URL_PARAM],
+                        "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
+                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM],
+                         "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
+                "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
+                           "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
+                                         "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{sha256}": {
+                "get": {"summary": "The bytes of a stored content, by digest",
+                        "parameters": [{"name": "sha256", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                        "responses": _bytes_responses("private, max-age=31536000, immutable")},
+                "head": {"summary": "The headers of GET",
+                         "parameters": [{"name": "sha256", "in": "path", "required": True,
+                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                         "responses": _bytes_responses("private, max-age=31536000, immutable")},
+            },
+        },
+    }

@@ -1,0 +1,162 @@
+"""Fixtures: a real redis-server, a real origin, and a real casimg app in the test's IOLoop.
+
+One redis-server runs for the whole session on a unix socket in a temp dir; each test gets its own
+key prefix, so tests never see each other's keys and nothing needs flushing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import tornado.httpclient
+
+from casimg.app import Services, make_app, open_services
+from casimg.config import Settings, load_settings
+from casimg.embedded import find_redis_server
+from casimg.keys import Scope
+from tests.origin import Origin
+
+_prefixes = itertools.count()
+
+
+class RedisProcess:
+    """A redis-server child on a unix socket, append-only file on, that a test may stop and start."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.socket = directory / "redis.sock"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> RedisProcess:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.dir),
+             "--appendonly", "yes", "--save", "", "--logfile", str(self.dir / "redis.log")],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if redis.Redis(unix_socket_path=str(self.socket)).ping():
+                    return self
+            except (redis.ConnectionError, FileNotFoundError):
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(unix_socket_path=str(self.socket), decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def origin() -> Iterator[Origin]:
+    with Origin() as server:
+        yield server
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_server: RedisProcess) -> Settings:
+    """Settings for one test: its own data dir and key prefix, downloads allowed from 127.0.0.1 only."""
+    return make_settings(tmp_path / "data", redis_server.url)
+
+
+def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "redis_url": redis_url,
+        "key_prefix": f"test{next(_prefixes)}-{time.time_ns()}:",
+        "allow_networks": "127.0.0.1/32",
+        "fetch_timeout": 5,
+        "connect_timeout": 2,
+        "worker_heartbeat": 2,
+        "shutdown_grace": 2,
+        "key_cache_ttl": 0,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, overrides=values)
+
+
+@pytest.fixture
+def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
+    """The services of one casimg process, workers running in the test's IOLoop."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+
+    async def start() -> Services:
+        built = await open_services(settings, settings.redis_url, with_worker=True)
+        built.blobs.create_dirs()
+        assert built.worker is not None
+        built.worker.start()
+        return built
+
+    built = io_loop.run_sync(start)
+    yield built
+    io_loop.run_sync(built.close)
+
+
+@pytest.fixture
+def app(settings: Settings, services: Services) -> Any:
+    return make_app(settings, services)
+
+
+@pytest.fixture
+def admin_key(io_loop: Any, services: Services) -> str:
+    return io_loop.run_sync(lambda: services.keys.create("test-admin", Scope.admin))
+
+
+Api = Callable[..., Awaitable[tornado.httpclient.HTTPResponse]]
+
+
+@pytest.fixture
+def api(http_client: Any, base_url: str, admin_key: str) -> Api:
+    """Call the running app over HTTP: await api("GET", "/api/images", key=..., json=..., headers=...)."""
+
+    async def call(method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
+                   key: str | None = admin_key, headers: dict[str, str] | None = None,
+                   timeout: float = 30) -> tornado.httpclient.HTTPResponse:
+        sent = dict(headers or {})
+        if key is not None:
+            sent.setdefault("X-API-Key", key)
+        if json_body is not None:
+            body = json.dumps(json_body)
+            sent.setdefault("Content-Type", "application/json")
+        if body is None and method in ("POST", "PUT"):
+            body = b""
+        return await http_client.fetch(
+            base_url + path, method=method, body=body, headers=sent, raise_error=False,
+            allow_nonstandard_methods=True, request_timeout=timeout, follow_redirects=False,
+        )
+
+    return call
+
+
+def problem(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
+    """The problem+json body of an error response, checked for shape."""
+    assert response.headers["Content-Type"] == "application/problem+json", response.body
+    body = json.loads(response.body)
+    assert body["status"] == response.code
+    assert body["title"] and body["detail"]
+    return body
