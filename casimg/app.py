@@ -39,9 +39,9 @@ def routes(services: Services) -> list[tornado.web.URLSpec]:
         (r"/readyz", handlers.ReadyHandler),
         (r"/openapi\.json", handlers.OpenApiHandler),
         (r"/api/images/?", handlers.ImagesHandler),
-        (r"/api/jobs/([^/]+)", handlers.JobHandler),
+        (r"/api/jobs/(?P<job_id>[^/]+)", handlers.JobHandler),
         (r"/api/image", handlers.ImageHandler),
-        (r"/api/blobs/([0-9a-f]{64})", handlers.BlobHandler),
+        (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
     ]
     return [tornado.web.url(pattern, handler, deps) for pattern, handler in table]
 

@@ -74,6 +74,7 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
     """Delete steps 2-4: move the blob away; put it back if a store raced in. True if it is gone."""
     if await index.refs_of(digest) > 0:
         return False
+    await pause("checked")
     trash = await _io(blobs.move_to_trash, digest)
     await pause("trashed")
     try:

@@ -170,13 +170,13 @@ def openapi_document() -> dict[str, Any]:
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
             },
-            "/api/blobs/{sha256}": {
+            "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",
-                        "parameters": [{"name": "sha256", "in": "path", "required": True,
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
                         "responses": _bytes_responses("private, max-age=31536000, immutable")},
                 "head": {"summary": "The headers of GET",
-                         "parameters": [{"name": "sha256", "in": "path", "required": True,
+                         "parameters": [{"name": "digest", "in": "path", "required": True,
                                          "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
                          "responses": _bytes_responses("private, max-age=31536000, immutable")},
             },

@@ -1,0 +1,229 @@
+"""`casimg` as an operator runs it: real `casimg serve` processes with their embedded Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+import redis
+
+from casimg.embedded import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def casimg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "casimg", *args], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+class Server:
+    """One `casimg serve` process on a data dir, driven over HTTP."""
+
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2", **(env or {})}
+        # A file, not a pipe: a pipe nobody reads would block the server once its buffer is full.
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "casimg", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
+                 *extra],
+                cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited {self.process.returncode}: {self.output()}")
+            try:
+                urllib.request.urlopen(self.base + "/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("serve did not answer /healthz")
+        self.key = (data_dir / "admin.key").read_text().strip()
+
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+             key: str | None = None) -> tuple[int, bytes, dict[str, str]]:
+        sent = {"Authorization": f"Token {key or self.key}", **(headers or {})}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, response.read(), dict(response.headers)
+        except urllib.error.HTTPError as error:
+            return error.code, error.read(), dict(error.headers)
+
+    def submit(self, urls: list[str]) -> dict[str, Any]:
+        status, body, _ = self.call("POST", "/api/images?wait=30", {"image_urls": urls})
+        assert status == 200, body
+        return json.loads(body)
+
+    def terminate(self, timeout: float = 15) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path):
+    directory = tmp_path / "data"
+    yield directory
+    # Whatever a test left running on this data dir (a Redis adopted after kill -9, say) goes with it.
+    embedded = EmbeddedRedis(directory)
+    if embedded.alive():
+        embedded.stop()
+
+
+def test_serve_with_embedded_redis_curl_flow_and_restart_persistence(data_dir, origin):
+    server = Server(data_dir)
+    try:
+        url = origin.url("/img/100.jpg")
+        job = server.submit([url])
+        assert job["results"][0]["status"] == "stored"
+        status, first_bytes, _ = server.call("GET", f"/api/image?url={quote(url, safe='')}")
+        assert status == 200
+        client = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"), decode_responses=True)
+        assert client.config_get("port")["port"] == "0"  # a unix socket only, no TCP port
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.hget("casimg:urls", url) == job["results"][0]["sha256"]
+        client.close()
+    finally:
+        assert server.terminate() == 0
+    assert not EmbeddedRedis(data_dir).alive(), "SIGTERM must stop the embedded Redis"
+    assert "stopped" in server.output()
+
+    again = Server(data_dir)
+    try:
+        assert again.key == server.key
+        status, body, headers = again.call("GET", f"/api/image?url={quote(url, safe='')}")
+        assert status == 200 and body == first_bytes
+        status, body, headers = again.call("GET", "/api/images/")
+        assert headers["X-Total-Count"] == "1" and json.loads(body)[0]["url"] == url
+    finally:
+        assert again.terminate() == 0
+
+
+def test_second_server_on_a_live_data_dir_is_refused_and_touches_nothing(data_dir):
+    server = Server(data_dir)
+    try:
+        before = sorted(p.name for p in data_dir.rglob("*"))
+        second = casimg("serve", "--data-dir", str(data_dir), "--port", str(free_port()), check=False)
+        assert second.returncode != 0
+        assert "in use by another casimg server" in second.stderr
+        assert sorted(p.name for p in data_dir.rglob("*")) == before
+        assert server.call("GET", "/api/images")[0] == 200
+    finally:
+        assert server.terminate() == 0
+
+
+def test_restart_after_kill_9_adopts_a_surviving_redis_or_starts_a_fresh_one(data_dir, origin):
+    server = Server(data_dir)
+    url = origin.url("/img/101.png")
+    server.submit([url])
+    server.kill()  # the embedded Redis runs in its own session: it survives
+    assert EmbeddedRedis(data_dir).alive()
+    adopted = Server(data_dir)
+    assert adopted.call("GET", f"/api/image?url={quote(url, safe='')}")[0] == 200
+    redis_pid = int((data_dir / "redis" / "redis.pid").read_text())
+    adopted.kill()
+    os.kill(redis_pid, signal.SIGKILL)  # now the whole tree is gone; a stale socket file stays
+    time.sleep(0.2)
+    fresh = Server(data_dir)
+    try:
+        assert fresh.call("GET", f"/api/image?url={quote(url, safe='')}")[0] == 200
+    finally:
+        assert fresh.terminate() == 0
+
+
+def test_keys_commands_work_beside_a_running_server(data_dir):
+    server = Server(data_dir)
+    try:
+        created = casimg("keys", "create", "--name", "ci", "--scope", "read", "--data-dir", str(data_dir))
+        key = created.stdout.strip().splitlines()[-1]
+        assert server.call("GET", "/api/images", key=key)[0] == 200
+        assert server.call("POST", "/api/images", {"image_urls": ["http://x/y"]}, key=key)[0] == 403
+        listed = casimg("keys", "list", "--data-dir", str(data_dir)).stdout
+        assert "ci" in listed and "admin" in listed and key not in listed
+        casimg("keys", "revoke", "ci", "--data-dir", str(data_dir))
+        time.sleep(2.1)  # the per-process key cache (CASIMG_KEY_CACHE_TTL) runs out
+        assert server.call("GET", "/api/images", key=key)[0] == 401
+        assert casimg("keys", "revoke", "ci", "--data-dir", str(data_dir), check=False).returncode == 1
+    finally:
+        assert server.terminate() == 0
+
+
+def test_keys_and_fsck_work_with_no_server_running(data_dir):
+    created = casimg("keys", "create", "--name", "first", "--scope", "admin", "--data-dir", str(data_dir))
+    assert created.stdout.strip().splitlines()[-1].startswith("casimg_")
+    assert "0 problem(s)" in casimg("fsck", "--data-dir", str(data_dir)).stdout
+    assert not EmbeddedRedis(data_dir).alive()
+
+
+def test_fsck_finds_missing_and_damaged_blobs(data_dir, origin):
+    server = Server(data_dir)
+    try:
+        job = server.submit([origin.url("/img/102.jpg"), origin.url("/img/103.jpg")])
+        assert casimg("fsck", "--data-dir", str(data_dir)).returncode == 0
+        missing, damaged = (r["sha256"] for r in job["results"])
+        path_of = lambda d: data_dir / "blobs" / d[:2] / d[2:4] / d  # noqa: E731
+        path_of(missing).unlink()
+        path_of(damaged).chmod(0o644)
+        path_of(damaged).write_bytes(b"rot")
+        result = casimg("fsck", "--data-dir", str(data_dir), check=False)
+        assert result.returncode == 1
+        assert f"missing blob {missing}" in result.stdout
+        assert f"damaged blob {damaged}" in result.stdout
+    finally:
+        assert server.terminate() == 0
+
+
+def test_worker_process_beside_a_server_without_workers(data_dir, origin):
+    server = Server(data_dir, "--no-workers")
+    worker = subprocess.Popen([sys.executable, "-m", "casimg", "worker", "--data-dir", str(data_dir)], cwd=ROOT,
+                              env={**os.environ, **server.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        job = server.submit([origin.url("/img/104.gif")])
+        assert job["stored"] == 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
+        assert server.terminate() == 0
+
+
+def test_worker_without_a_server_or_redis_url_fails_clearly(data_dir):
+    result = casimg("worker", "--data-dir", str(data_dir), check=False)
+    assert result.returncode == 2 and "no Redis" in result.stderr

@@ -1,0 +1,70 @@
+"""Settings precedence, casting, failures, and that every setting is documented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from casimg.config import FIELDS, Settings, describe, load_settings
+from casimg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults():
+    settings = load_settings(environ={})
+    assert settings == Settings()
+    assert settings.port == 9000 and settings.max_image_bytes == 50 * 1024 * 1024
+    assert settings.max_pixels == 50_000_000 and settings.fetch_timeout == 60
+    assert settings.allow_networks == ()
+
+
+def test_precedence_defaults_toml_env_flags(tmp_path):
+    toml = tmp_path / "casimg.toml"
+    toml.write_text('port = 9100\nfetch_timeout = 5\nmax_pixels = 10\nallow_networks = ["10.0.0.0/8"]\n')
+    settings = load_settings(toml, environ={"CASIMG_PORT": "9200", "CASIMG_MAX_PIXELS": "20"},
+                             overrides={"port": 9300, "host": None})
+    assert settings.port == 9300  # flag beats env beats TOML
+    assert settings.max_pixels == 20  # env beats TOML
+    assert settings.fetch_timeout == 5.0  # TOML beats default
+    assert settings.allow_networks == ("10.0.0.0/8",)
+    assert settings.host == "127.0.0.1"  # a flag of None is "not given"
+
+
+def test_env_lists_and_booleans():
+    settings = load_settings(environ={"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32, ::1/128", "CASIMG_WORKERS": "false"})
+    assert settings.allow_networks == ("127.0.0.1/32", "::1/128")
+    assert settings.workers is False
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"CASIMG_PORT": "ninety"}, "'port'"),
+    ({"CASIMG_ALLOW_NETWORKS": "not-a-network"}, "CIDR"),
+    ({"CASIMG_WORKERS": "maybe"}, "true or false"),
+    ({"CASIMG_MAX_PIXELS": "0"}, "at least 1"),
+    ({"CASIMG_APPENDFSYNC": "never"}, "appendfsync"),
+])
+def test_bad_values_fail_clearly(env, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_settings(environ=env)
+
+
+def test_unknown_toml_setting_and_bad_toml_fail(tmp_path):
+    (tmp_path / "a.toml").write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(tmp_path / "a.toml", environ={})
+    (tmp_path / "b.toml").write_text("port = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(tmp_path / "b.toml", environ={})
+
+
+def test_every_setting_has_help_and_is_in_the_readme_and_example_config():
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "config" / "casimg.example.toml").read_text()
+    for env, _default, help_text in describe():
+        assert help_text.strip(), env
+        assert f"`{env}`" in readme, f"{env} is not documented in README.md"
+    for name in FIELDS:
+        assert f"{name} =" in example, f"{name} is missing from config/casimg.example.toml"
+    load_settings(ROOT / "config" / "casimg.example.toml", environ={})
