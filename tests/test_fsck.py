@@ -1,0 +1,94 @@
+"""fsck in-process: every kind of problem it must report, and what --repair mends."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from casimg.app import connect_redis
+from casimg.blobs import BlobStore
+from casimg.fsck import fsck
+from casimg.index import Index, KeySpace
+from casimg.lifecycle import store_blob
+
+
+def png(seed: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (4, 3), (seed, 0, 0)).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def world(io_loop, redis_server, tmp_path):
+    client = connect_redis(redis_server.url, 8)
+    blobs = BlobStore(tmp_path)
+    blobs.create_dirs()
+    yield blobs, Index(client, KeySpace(f"fsck-{os.urandom(4).hex()}:"))
+    io_loop.run_sync(client.aclose)
+
+
+async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
+    tmp = blobs.tmp_dir / f"dl-{os.urandom(4).hex()}.part"
+    tmp.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    meta = f'{{"size":{len(data)},"content_type":"image/png","width":4,"height":3}}'
+    await store_blob(blobs, index, tmp, url, digest, meta)
+    return digest
+
+
+@pytest.mark.gen_test
+async def test_clean_store_has_no_problems_or_notes(world):
+    blobs, index = world
+    await put(blobs, index, "http://a/1", png(1))
+    await put(blobs, index, "http://a/2", png(1))
+    report = await fsck(index, blobs)
+    assert report.ok and report.notes == []
+
+
+@pytest.mark.gen_test
+async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
+    blobs, index = world
+    shared = await put(blobs, index, "http://a/1", png(1))
+    await put(blobs, index, "http://a/2", png(1))
+    lost = await put(blobs, index, "http://a/3", png(2))
+    no_meta = await put(blobs, index, "http://a/4", png(3))
+    await index.redis.hset(index.keys.refs, shared, 7)
+    await index.redis.hdel(index.keys.meta, no_meta)
+    os.rename(blobs.blob_path(lost), blobs.trash_dir / f"{lost}.crashed")  # a delete died after its move
+    orphan_tmp = blobs.tmp_dir / "dl-old.part"
+    orphan_tmp.write_bytes(b"x")
+    os.utime(orphan_tmp, (0, 0))
+    orphan = hashlib.sha256(png(9)).hexdigest()
+    blobs.blob_path(orphan).parent.mkdir(parents=True, exist_ok=True)
+    blobs.blob_path(orphan).write_bytes(png(9))
+
+    report = await fsck(index, blobs, tmp_grace=60)
+    text = "\n".join(report.problems)
+    assert f"refs[{shared}] is 7, but 2 URL(s)" in text
+    assert f"missing blob {lost}" in text
+    assert f"no metadata for referenced blob {no_meta}" in text
+    notes = "\n".join(report.notes)
+    assert f"orphan blob {orphan}" in notes and "trash file" in notes and "stale temp file dl-old.part" in notes
+
+    repaired = await fsck(index, blobs, repair=True, tmp_grace=60)
+    assert repaired.ok, repaired.problems
+    assert repaired.notes == []
+    assert blobs.read(lost) == png(2)
+    assert not blobs.exists(orphan)
+    assert await index.refs_of(shared) == 2
+    assert (await index.meta_of(no_meta))["width"] == 4
+
+
+@pytest.mark.gen_test
+async def test_damaged_blob_is_a_problem_repair_cannot_hide(world):
+    blobs, index = world
+    digest = await put(blobs, index, "http://a/1", png(1))
+    path = blobs.blob_path(digest)
+    path.chmod(0o644)
+    path.write_bytes(b"bit rot")
+    report = await fsck(index, blobs, repair=True)
+    assert [p for p in report.problems if p.startswith(f"damaged blob {digest}")]

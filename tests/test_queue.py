@@ -1,0 +1,71 @@
+"""The durable job queue against a real redis-server: submit, complete once, take over from dead workers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from casimg.app import connect_redis
+from casimg.errors import NotFound
+from casimg.index import Index, KeySpace
+from casimg.queue import JobQueue
+
+
+@pytest.fixture
+def parts(io_loop, redis_server):
+    client = connect_redis(redis_server.url, 8)
+    keys = KeySpace(f"queue-{os.urandom(4).hex()}:")
+    queue = JobQueue(client, keys, job_ttl=60)
+    io_loop.run_sync(queue.ensure_group)
+    yield queue, Index(client, keys)
+    io_loop.run_sync(client.aclose)
+
+
+@pytest.mark.gen_test
+async def test_submit_keeps_distinct_urls_in_order_and_expires(parts):
+    queue, _ = parts
+    job_id, total = await queue.submit(["http://a/1", "http://a/2", "http://a/1", "http://a/3"])
+    assert total == 3
+    job = await queue.get(job_id)
+    assert [r["url"] for r in job.results] == ["http://a/1", "http://a/2", "http://a/3"]
+    assert {r["status"] for r in job.results} == {"pending"} and job.status == "queued"
+    assert 0 < await queue.redis.ttl(queue.keys.job(job_id)) <= 60
+    assert 0 < await queue.redis.ttl(queue.keys.job_urls(job_id)) <= 60
+    with pytest.raises(NotFound):
+        await queue.get("0" * 24)
+
+
+@pytest.mark.gen_test
+async def test_outcomes_count_once_and_finish_the_job(parts):
+    queue, index = parts
+    job_id, _ = await queue.submit(["http://a/1", "http://a/2"])
+    entries = await queue.read("w1", 10, 100)
+    assert [(e.position, e.url) for e in entries] == [(0, "http://a/1"), (1, "http://a/2")]
+    failed = {"status": "failed", "error": "HTTP 404", "attempts": 1}
+    await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")
+    await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")  # a duplicate changes nothing
+    assert (await queue.get(job_id)).status == "running"
+    await index.store("http://a/2", "a" * 64, "{}", job_id=job_id, position=1, entry_id=entries[1].entry_id)
+    job = await queue.get(job_id)
+    assert (job.status, job.done, job.failed, job.stored) == ("done", 2, 1, 1)
+    assert job.results[1]["sha256"] == "a" * 64
+    assert 0 < await queue.redis.ttl(queue.keys.job_results(job_id)) <= 60
+    assert await queue.depth() == {"waiting": 0, "in_progress": 0}
+    assert await queue.redis.xlen(queue.keys.queue) == 0
+
+
+@pytest.mark.gen_test
+async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1", "http://a/2", "http://a/3"])
+    await queue.heartbeat("alive", 30)
+    await queue.heartbeat("dying", 30)
+    taken = await queue.read("dying", 2, 100)
+    assert len(taken) == 2
+    assert await queue.claim_from_dead("alive", 10) == []  # its heartbeat still runs
+    await queue.retire("dying")
+    claimed = await queue.claim_from_dead("alive", 10)
+    assert sorted(e.url for e in claimed) == sorted(e.url for e in taken)
+    assert await queue.depth() == {"waiting": 1, "in_progress": 2}
+    assert await queue.claim_from_dead("alive", 10) == []  # the dead consumer is gone now
