@@ -70,6 +70,9 @@ class Settings:
     tmp_grace: float = _setting(
         3600.0, "Age in seconds after which fsck treats a temp file as left by a crash rather than in progress."
     )
+    sweep_interval: float = _setting(
+        3600.0, "Seconds between sweeps (by one worker) of orphan blobs and stale temp files; 0 turns them off."
+    )
     key_cache_ttl: float = _setting(
         2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
     )

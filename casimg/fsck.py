@@ -21,6 +21,8 @@ from casimg.index import Index, encode_meta
 from casimg.lifecycle import remove_if_unreferenced
 from casimg.validation import validate_image
 
+SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
+
 
 @dataclass
 class Report:
@@ -81,17 +83,6 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
 async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
     """Fix what is safe: counts and listing, missing metadata, trash, orphans, stale temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
-    # Trash first: an interrupted delete of a blob that is referenced again must put it back.
-    for leftover in await _io(lambda: list(blobs.leftovers())):
-        if leftover.kind == "trash" and leftover.digest:
-            if await index.refs_of(leftover.digest) > 0 and not await _io(blobs.exists, leftover.digest):
-                await _io(blobs.restore_from_trash, leftover.path, leftover.digest)
-                done.append(f"restored blob {leftover.digest} from the trash")
-            await _io(blobs.discard, leftover.path)
-            done.append(f"removed trash file {leftover.path.name}")
-        elif leftover.kind == "tmp" and leftover.age > tmp_grace:
-            await _io(blobs.discard, leftover.path)
-            done.append(f"removed stale temp file {leftover.path.name}")
     urls, _, meta, _ = await index.snapshot()
     for digest in set(urls.values()) - meta.keys():
         if await _io(blobs.exists, digest):
@@ -99,8 +90,29 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
             size = (await _io(blobs.blob_path(digest).stat)).st_size
             await index.ensure_meta(digest, encode_meta(size, info))
             done.append(f"rebuilt metadata of {digest}")
-    referenced = set(urls.values())
-    for digest in await _io(lambda: list(blobs.iter_digests())):
-        if digest not in referenced and await remove_if_unreferenced(blobs, index, digest):
-            done.append(f"removed orphan blob {digest}")
+    return done + await sweep(index, blobs, tmp_grace)
+
+
+async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
+    """Clear what crashes leave: trash (restored first if still referenced), orphan blobs, old temp files.
+
+    Safe beside live stores and deletes: a trash or temp file younger than `grace` may belong to an
+    operation in progress and is left alone, and orphans go through the delete protocol, which puts a
+    blob back if a store references it meanwhile.
+    """
+    done = []
+    for leftover in await _io(lambda: list(blobs.leftovers())):
+        if leftover.kind == "trash" and leftover.digest:
+            if await index.refs_of(leftover.digest) > 0 and not await _io(blobs.exists, leftover.digest):
+                await _io(blobs.restore_from_trash, leftover.path, leftover.digest)
+                done.append(f"restored blob {leftover.digest} from the trash")
+        if leftover.age > grace:
+            await _io(blobs.discard, leftover.path)
+            done.append(f"removed {'trash' if leftover.kind == 'trash' else 'stale temp'} file {leftover.path.name}")
+    on_disk = await _io(lambda: list(blobs.iter_digests()))
+    for start in range(0, len(on_disk), SWEEP_BATCH):
+        batch = on_disk[start:start + SWEEP_BATCH]
+        for digest, refs in zip(batch, await index.refs_many(batch), strict=True):
+            if refs == 0 and await remove_if_unreferenced(blobs, index, digest):
+                done.append(f"removed orphan blob {digest}")
     return done

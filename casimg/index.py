@@ -77,6 +77,11 @@ class KeySpace:
         return f"{self.prefix}worker:{name}"
 
     @property
+    def sweep_lock(self) -> str:
+        """string with a TTL: held by the worker running the periodic sweep, so only one does."""
+        return self.prefix + "sweep-lock"
+
+    @property
     def api_keys(self) -> str:
         """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
         return self.prefix + "apikeys"
@@ -351,6 +356,11 @@ class Index:
 
     async def refs_of(self, digest: str) -> int:
         return int(await self.redis.hget(self.keys.refs, digest) or 0)
+
+    async def refs_many(self, digests: list[str]) -> list[int]:
+        if not digests:
+            return []
+        return [int(n or 0) for n in await self.redis.hmget(self.keys.refs, digests)]
 
     async def lookup(self, url: str) -> ImageRecord | None:
         k = self.keys

@@ -24,6 +24,7 @@ from casimg.blobs import BlobStore
 from casimg.config import Settings
 from casimg.errors import DownloadFailed
 from casimg.fetcher import Fetcher
+from casimg.fsck import sweep
 from casimg.index import Index, encode_meta
 from casimg.lifecycle import store_blob
 from casimg.queue import Entry, JobQueue
@@ -65,10 +66,13 @@ class Worker:
         self._stopping = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
         self._heart = asyncio.ensure_future(self._heartbeat())
+        if self.settings.sweep_interval > 0:
+            self._sweeper = asyncio.ensure_future(self._sweep_periodically())
 
     async def stop(self, grace: float) -> None:
         """Stop reading; give in-flight downloads `grace` seconds, then return the rest to the queue."""
@@ -81,9 +85,10 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        if self._heart:
-            self._heart.cancel()
-            await asyncio.gather(self._heart, return_exceptions=True)
+        for helper in (self._heart, self._sweeper):
+            if helper:
+                helper.cancel()
+                await asyncio.gather(helper, return_exceptions=True)
         # Entries we did not finish stay pending under our name; without our heartbeat, the next worker
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
@@ -98,6 +103,18 @@ class Worker:
             with contextlib.suppress(*REDIS_ERRORS):
                 await self.queue.heartbeat(self.name, self.settings.worker_heartbeat)
             await asyncio.sleep(self.settings.worker_heartbeat / 3)
+
+    async def _sweep_periodically(self) -> None:
+        interval = self.settings.sweep_interval
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.5, 1.0))
+            try:
+                # One sweeper at a time across all workers; the lock expires with the interval.
+                if await self.index.redis.set(self.index.keys.sweep_lock, self.name, nx=True, px=int(interval * 1000)):
+                    done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
+                    log.info("sweep: %d file(s) cleared", len(done))
+            except (*REDIS_ERRORS, OSError) as exc:
+                log.warning("sweep skipped: %s", exc)
 
     async def _run(self) -> None:
         await self.queue.heartbeat(self.name, self.settings.worker_heartbeat)

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 import tornado.httpclient
+from tests.origin import Origin
 
 from casimg.app import Services, make_app, open_services
 from casimg.config import Settings, load_settings
 from casimg.embedded import find_redis_server
 from casimg.keys import Scope
-from tests.origin import Origin
 
 _prefixes = itertools.count()
 
@@ -136,7 +136,7 @@ def api(http_client: Any, base_url: str, admin_key: str) -> Api:
 
     async def call(method: str, path: str, *, json_body: Any = None, body: bytes | str | None = None,
                    key: str | None = admin_key, headers: dict[str, str] | None = None,
-                   timeout: float = 30) -> tornado.httpclient.HTTPResponse:
+                   request_timeout: float = 30) -> tornado.httpclient.HTTPResponse:
         sent = dict(headers or {})
         if key is not None:
             sent.setdefault("X-API-Key", key)
@@ -147,7 +147,7 @@ def api(http_client: Any, base_url: str, admin_key: str) -> Api:
             body = b""
         return await http_client.fetch(
             base_url + path, method=method, body=body, headers=sent, raise_error=False,
-            allow_nonstandard_methods=True, request_timeout=timeout, follow_redirects=False,
+            allow_nonstandard_methods=True, request_timeout=request_timeout, follow_redirects=False,
         )
 
     return call

@@ -346,5 +346,6 @@ async def test_the_older_services_curl_flow_with_token_header(api, admin_key, or
     assert isinstance(listed, list) and listed[0]["url"] == url
     assert set(listed[0]) == {"url", "sha256", "size", "content_type", "width", "height", "stored_at"}
     got = await api("GET", f"/api/image?url={quote(url, safe='')}", key=None, headers=token)
-    assert got.code == 200 and got.body == urllib.request.urlopen(url).read()
+    original = await asyncio.get_running_loop().run_in_executor(None, lambda: urllib.request.urlopen(url).read())
+    assert got.code == 200 and got.body == original
     assert (await api("DELETE", f"/api/image?url={quote(url, safe='')}", key=None, headers=token)).code == 204

@@ -59,6 +59,7 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     await index.redis.hset(index.keys.refs, shared, 7)
     await index.redis.hdel(index.keys.meta, no_meta)
     os.rename(blobs.blob_path(lost), blobs.trash_dir / f"{lost}.crashed")  # a delete died after its move
+    os.utime(blobs.trash_dir / f"{lost}.crashed", (0, 0))
     orphan_tmp = blobs.tmp_dir / "dl-old.part"
     orphan_tmp.write_bytes(b"x")
     os.utime(orphan_tmp, (0, 0))
