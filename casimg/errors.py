@@ -27,6 +27,14 @@ class Forbidden(CasimgError):
     """The API key is valid but its scope does not allow the operation."""
 
 
+class RangeNotSatisfiable(CasimgError):
+    """A Range header asks only for bytes past the end of the content, which has `size` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range not satisfiable: the content has {size} bytes")
+        self.size = size
+
+
 class TooManyRequests(CasimgError):
     """A rate or in-flight limit was hit; the client may retry after `retry_after` seconds."""
 

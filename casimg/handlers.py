@@ -53,6 +53,7 @@ def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
         (errors.Forbidden, 403),
         (errors.NotFound, 404),
         (errors.TooLarge, 413),
+        (errors.RangeNotSatisfiable, 416),
         (errors.TooManyRequests, 429),
         (errors.Unavailable, 503),
     ]
@@ -104,11 +105,10 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
         status, detail, retry_after = _status_of(exc) if exc else (status_code, HTTPStatus(status_code).phrase, None)
-        content_range = self._headers.get("Content-Range")  # a 416 must say the size it could not satisfy
         self.clear()
         self.set_status(status)
-        if status == 416 and content_range:
-            self.set_header("Content-Range", content_range)
+        if isinstance(exc, errors.RangeNotSatisfiable):
+            self.set_header("Content-Range", f"bytes */{exc.size}")  # a 416 says the size it could not satisfy
         if retry_after is not None:
             self.set_header("Retry-After", str(max(1, round(retry_after))))
         if status == 401:
@@ -312,14 +312,15 @@ class _BytesHandler(BaseHandler):
         if not match or match.groups() == ("", ""):
             return None  # several ranges or another unit: the whole body is a valid answer
         first, last = match.groups()
+        if first and last and int(last) < int(first):
+            return None  # not a valid range (RFC 9110 14.1.1): ignore the header, send everything
         if first == "":
             start, end = max(0, size - int(last)), size
         else:
             start = int(first)
             end = min(size, int(last) + 1) if last else size
         if start >= size or start >= end:
-            self.set_header("Content-Range", f"bytes */{size}")
-            raise tornado.web.HTTPError(416, reason="range not satisfiable")
+            raise errors.RangeNotSatisfiable(size)
         return start, end
 
 

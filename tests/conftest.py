@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 import tornado.httpclient
-from tests.origin import Origin
 
 from casimg.app import Services, make_app, open_services
 from casimg.config import Settings, load_settings
 from casimg.embedded import find_redis_server
 from casimg.keys import Scope
+from tests.origin import Origin
 
 _prefixes = itertools.count()
 

@@ -1,0 +1,390 @@
+"""The download path: one aiohttp session, its limits and timeouts, redirects, and the address guard.
+
+``Fetcher.fetch(url)`` streams one image to ``<data-dir>/tmp/dl-*.part`` while it computes the SHA-256,
+and either returns the fsynced file or raises ``DownloadFailed`` with a short reason for the job's
+results ("HTTP 404", "timeout", "blocked address (127.0.0.2 is loopback)", ...) and whether the failure
+is worth retrying.
+
+The address guard (server-side request forgery): casimg must not be made to fetch from the machine it
+runs on or from the networks behind it. Every address is checked where it is *used*, in two places:
+
+- ``GuardedResolver`` drops blocked answers from DNS, so a name that resolves to a private address is
+  refused, and the address checked is the very one the connection is made to (DNS rebinding, where a
+  second lookup answers differently, gets nowhere: there is no second lookup).
+- ``socket_factory`` checks the numeric address of every socket right before it connects. aiohttp skips
+  the resolver for hosts that look like IP addresses (including ``127.1`` and ``2130706433``), so this
+  is where those are refused; it is also the last word for everything else.
+
+Redirects are followed here, not by aiohttp, so each hop gets the scheme check and the guard, and the
+whole chain shares one total timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from casimg import __version__
+from casimg.errors import DownloadFailed
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+USER_AGENT = f"casimg/{__version__}"
+SCHEMES = ("http", "https")
+REDIRECTS = (301, 302, 303, 307, 308)
+READ_CHUNK = 64 * 1024
+# Chunks are gathered in memory up to this size, then hashed and written in one trip to a thread:
+# most images arrive in a single write, and memory per download stays bounded.
+WRITE_BATCH = 512 * 1024
+TEMP_PREFIX, TEMP_SUFFIX = "dl-", ".part"
+
+# Every range a download must not reach, with the name used in the failure reason. Anything else that
+# Python does not call global (is_global) is refused as "non-public" after these.
+BLOCKED_NETWORKS: list[tuple[IPNetwork, str]] = [
+    (ipaddress.ip_network(cidr), name)
+    for cidr, name in (
+        ("0.0.0.0/8", "unspecified"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "shared address space"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "reserved"),
+        ("192.0.2.0/24", "documentation"),
+        ("192.168.0.0/16", "private"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation"),
+        ("203.0.113.0/24", "documentation"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("100::/64", "discard"),
+        ("2001::/23", "reserved"),
+        ("2001:db8::/32", "documentation"),
+        ("2002::/16", "6to4"),
+        ("fc00::/7", "private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast"),
+    )
+]
+# IPv6 forms that carry an IPv4 address: the IPv4 address inside is what gets reached.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class BlockedAddress(OSError):
+    """Raised inside aiohttp's connector when an address is refused; carries the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def parse_address(host: str) -> IPAddress | None:
+    """The IP address a numeric host means, in every spelling a resolver accepts; None for a name.
+
+    Besides the usual forms this reads what inet_aton reads (``127.1``, ``2130706433``, ``0x7f000001``,
+    ``017700000001``), because that is what the connection would go to.
+    """
+    text = host.strip("[]")
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
+
+
+class AddressGuard:
+    """Says which addresses downloads may reach: public ones, plus the networks in `allow_networks`."""
+
+    def __init__(self, allow_networks: Iterable[str] = ()) -> None:
+        self.allowed: list[IPNetwork] = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_networks]
+
+    def refusal(self, host: str) -> str | None:
+        """None if `host` (a numeric address) may be connected to, else the reason it may not."""
+        address = parse_address(host)
+        if address is None:
+            return f"blocked address ({host} is not a numeric address)"
+        inner = _embedded_ipv4(address)
+        if inner is not None:
+            address = inner
+        if any(address in network for network in self.allowed if network.version == address.version):
+            return None
+        for network, name in BLOCKED_NETWORKS:
+            if network.version == address.version and address in network:
+                return f"blocked address ({address} is {name})"
+        if not address.is_global:
+            return f"blocked address ({address} is non-public)"
+        return None
+
+
+def _embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves with `inner` (aiohttp's default unless given) and keeps only the answers the guard allows."""
+
+    def __init__(self, guard: AddressGuard, inner: AbstractResolver | None = None) -> None:
+        self.guard = guard
+        self.inner = inner if inner is not None else DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self.inner.resolve(host, port, family)
+        allowed = [answer for answer in answers if self.guard.refusal(answer["host"]) is None]
+        if answers and not allowed:
+            raise BlockedAddress(self.guard.refusal(answers[0]["host"]) or "blocked address")
+        return allowed
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """A complete download: an fsynced temp file, its SHA-256 and its size."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+class _TempSink:
+    """A temp file that is written and hashed in one step, meant to run in a worker thread."""
+
+    def __init__(self, tmp_dir: Path) -> None:
+        self.tmp_dir = tmp_dir
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self._hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
+            self._fd, self.path = fd, Path(name)
+        self._hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def finish(self, data: bytes) -> str:
+        """Write the last bytes, make the file durable, close it; returns the hex SHA-256."""
+        self.write(data)
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class Fetcher:
+    """Downloads for one process: one ClientSession, created in ``start`` and closed in ``close``."""
+
+    def __init__(
+        self,
+        *,
+        tmp_dir: Path,
+        max_bytes: int,
+        total_timeout: float,
+        connect_timeout: float,
+        max_connections: int,
+        max_per_host: int,
+        max_redirects: int,
+        max_url_length: int,
+        allow_networks: Iterable[str] = (),
+        resolver: AbstractResolver | None = None,
+    ) -> None:
+        self.tmp_dir = Path(tmp_dir)
+        self.max_bytes = max_bytes
+        self.total_timeout = total_timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.max_per_host = max_per_host
+        self.max_redirects = max_redirects
+        self.max_url_length = max_url_length
+        self.guard = AddressGuard(allow_networks)
+        self._resolver = resolver
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        connector = aiohttp.TCPConnector(
+            limit=self.max_connections,
+            limit_per_host=self.max_per_host,
+            resolver=GuardedResolver(self.guard, self._resolver),
+            socket_factory=self._socket_factory,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # The total limit is applied around the whole redirect chain in fetch(); sock_read ends a
+            # body that stalls (a body that trickles forever is ended by the total).
+            timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.total_timeout),
+            headers={"User-Agent": USER_AGENT, "Accept": "image/*, */*;q=0.5"},
+            cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
+            trust_env=False,  # no proxy from the environment: it would get around the address guard
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _socket_factory(self, addr_info: Any) -> socket.socket:
+        family, kind, proto, _, sockaddr = addr_info
+        reason = self.guard.refusal(str(sockaddr[0]))
+        if reason is not None:
+            raise BlockedAddress(reason)
+        return socket.socket(family=family, type=kind, proto=proto)
+
+    async def fetch(self, url: str) -> Downloaded:
+        """Download `url` to an fsynced temp file, or raise DownloadFailed."""
+        target = self._check_url(url)
+        try:
+            async with asyncio.timeout(self.total_timeout):
+                return await self._follow(target)
+        except TimeoutError:
+            raise DownloadFailed("timeout", permanent=False) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _connect_failure(exc) from None
+        except aiohttp.InvalidURL:
+            raise DownloadFailed("invalid URL") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            raise DownloadFailed("connection lost", permanent=False) from None
+        except aiohttp.ClientResponseError as exc:
+            raise DownloadFailed(f"bad response ({exc.message})") from None
+        except aiohttp.ClientError as exc:
+            raise DownloadFailed(f"download error ({type(exc).__name__})", permanent=False) from None
+
+    def _check_url(self, url: str) -> URL:
+        if len(url) > self.max_url_length:
+            raise DownloadFailed(f"URL too long (over {self.max_url_length} characters)")
+        try:
+            target = URL(url)
+        except (ValueError, TypeError):
+            raise DownloadFailed("invalid URL") from None
+        _check_scheme(target)
+        return target
+
+    async def _follow(self, url: URL) -> Downloaded:
+        assert self._session is not None, "Fetcher.start() was not called"
+        for _ in range(self.max_redirects + 1):
+            async with self._session.get(url, allow_redirects=False) as response:
+                if response.status in REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise DownloadFailed(f"HTTP {response.status} without Location")
+                    url = response.url.join(URL(location))
+                    _check_scheme(url)
+                    continue
+                _check_status(response)
+                declared = response.content_length
+                if declared is not None and declared > self.max_bytes:
+                    raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")
+                return await self._save(response)
+        raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
+
+    async def _save(self, response: aiohttp.ClientResponse) -> Downloaded:
+        """Stream the body to a temp file, hashing as it goes; cut off past max_bytes whatever was declared."""
+        loop = asyncio.get_running_loop()
+        sink = _TempSink(self.tmp_dir)
+        pending: list[bytes] = []
+        pending_bytes = size = 0
+        try:
+            async for chunk in response.content.iter_chunked(READ_CHUNK):
+                size += len(chunk)
+                if size > self.max_bytes:
+                    raise DownloadFailed(f"too large (over {self.max_bytes} bytes)")
+                pending.append(chunk)
+                pending_bytes += len(chunk)
+                if pending_bytes >= WRITE_BATCH:
+                    await loop.run_in_executor(None, sink.write, b"".join(pending))
+                    pending.clear()
+                    pending_bytes = 0
+            digest = await loop.run_in_executor(None, partial(sink.finish, b"".join(pending)))
+        except BaseException:
+            sink.abort()
+            raise
+        assert sink.path is not None
+        return Downloaded(sink.path, digest, size)
+
+
+def _check_scheme(url: URL) -> None:
+    if not url.scheme or not url.absolute:
+        raise DownloadFailed("not an absolute http(s) URL")
+    if url.scheme not in SCHEMES:
+        raise DownloadFailed(f"unsupported scheme {url.scheme!r}")
+    if not url.host:
+        raise DownloadFailed("invalid URL (no host)")
+
+
+def _check_status(response: aiohttp.ClientResponse) -> None:
+    status = response.status
+    if status == 200:
+        return
+    if status == 429 or status >= 500:
+        raise DownloadFailed(
+            f"HTTP {status}", permanent=False, retry_after=retry_after_seconds(response.headers.get("Retry-After"))
+        )
+    raise DownloadFailed(f"HTTP {status}")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delay-seconds or HTTP-date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def _connect_failure(exc: aiohttp.ClientConnectorError) -> DownloadFailed:
+    cause = exc.os_error
+    if isinstance(cause, BlockedAddress):
+        return DownloadFailed(cause.reason)
+    if isinstance(cause, socket.gaierror):
+        # A name that does not exist will not exist on a retry; a resolver that is busy may answer later.
+        permanent = cause.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+        return DownloadFailed("host not found", permanent=permanent)
+    return DownloadFailed(f"connection failed ({cause.strerror or type(cause).__name__})", permanent=False)

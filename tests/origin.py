@@ -1,0 +1,204 @@
+"""A real HTTP origin on 127.0.0.1 for the download path: generated images and hostile cases.
+
+It runs in a thread of the test process (``with Origin() as origin: origin.url("/img/1.jpg")``) and
+counts the hits on each path in ``origin.hits``, so tests can tell whether casimg fetched something.
+
+Paths:
+  /img/N.EXT               an image generated from N (jpg, png, gif, webp, bmp); distinct N, distinct bytes
+  /dup/NAME.jpg            the same bytes whatever NAME is
+  /animated.gif?frames=N   an animated GIF of N frames
+  /status/CODE             that status (``?retry_after=S`` adds Retry-After)
+  /flaky/KEY?fail=N&status=CODE   CODE for the first N hits on KEY, then an image
+  /html                    an HTML page served as 200
+  /truncated.jpg           a JPEG cut in half
+  /bomb.png                a small PNG that declares 30000x30000 pixels
+  /big?bytes=N             N bytes; ``&chunked=1`` sends them without a Content-Length
+  /slow                    headers, then a byte every 100 ms for up to a minute
+  /loop                    redirects to itself
+  /redirect/N              a chain of N redirects ending at an image
+  /redirect-to?url=U       one redirect to U
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image, ImageDraw
+
+FORMATS = {"jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "gif": ("GIF", "image/gif"),
+           "webp": ("WEBP", "image/webp"), "bmp": ("BMP", "image/bmp")}
+SLOW_LIMIT = 60.0  # seconds /slow keeps trickling before it gives up on its own
+
+
+@lru_cache(maxsize=4096)
+def image_bytes(seed: int, ext: str = "jpg", size: tuple[int, int] | None = None) -> bytes:
+    """A small picture drawn from `seed`: its size and colours differ for every seed."""
+    width, height = size or (48 + seed % 61, 32 + seed % 47)
+    picture = Image.new("RGB", (width, height), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    draw = ImageDraw.Draw(picture)
+    for i in range(6):
+        x, y = (seed * (i + 3) * 7) % width, (seed * (i + 5) * 11) % height
+        draw.rectangle((x, y, x + width // 3, y + height // 4), fill=((seed + i * 40) % 256, i * 40, 255 - i * 30))
+    picture.putpixel((0, 0), (seed % 256, (seed >> 8) % 256, (seed >> 16) % 256))
+    buffer = io.BytesIO()
+    picture.save(buffer, FORMATS[ext][0], **({"quality": 90} if ext == "jpg" else {}))
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=16)
+def animated_gif(frames: int) -> bytes:
+    images = [Image.new("P", (8, 8), i % 256) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=10, optimize=False)
+    return buffer.getvalue()
+
+
+def pixel_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A valid PNG header for a huge greyscale image, with a tiny IDAT: a few hundred bytes on the wire."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + \
+        chunk(b"IEND", b"")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # tests read results, not access logs
+        return
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
+        self.server.origin.count(path)
+        segments = path.strip("/").split("/")
+        head = segments[0]
+        if head == "img" and len(segments) == 2 and "." in segments[1]:
+            stem, ext = segments[1].rsplit(".", 1)
+            if ext in FORMATS and stem.isdigit():
+                return self.send(200, image_bytes(int(stem), ext), FORMATS[ext][1])
+        if head == "dup":
+            return self.send(200, image_bytes(999_999), "image/jpeg")
+        if head == "animated.gif":
+            return self.send(200, animated_gif(int(query.get("frames", "2"))), "image/gif")
+        if head == "status" and len(segments) == 2:
+            extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
+            return self.send(int(segments[1]), b"status page", "text/plain", extra)
+        if head == "flaky" and len(segments) == 2:
+            if self.server.origin.count("flaky:" + segments[1]) <= int(query.get("fail", "1")):
+                extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
+                return self.send(int(query.get("status", "503")), b"try later", "text/plain", extra)
+            return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
+        if head == "html":
+            return self.send(200, b"<!doctype html><title>not an image</title>", "text/html")
+        if head == "truncated.jpg":
+            whole = image_bytes(7, "jpg", (400, 300))
+            return self.send(200, whole[: len(whole) // 2], "image/jpeg")
+        if head == "bomb.png":
+            return self.send(200, pixel_bomb(), "image/png")
+        if head == "big":
+            return self.send_big(int(query.get("bytes", "1000")), query.get("chunked") == "1")
+        if head == "slow":
+            return self.send_slow()
+        if head == "loop":
+            return self.redirect(path)
+        if head == "redirect" and len(segments) == 2 and segments[1].isdigit():
+            left = int(segments[1])
+            return self.redirect(f"/redirect/{left - 1}") if left > 0 else \
+                self.send(200, image_bytes(123_456), "image/jpeg")
+        if head == "redirect-to":
+            return self.redirect(query["url"])
+        self.send(404, b"not found", "text/plain")
+
+    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str) -> None:
+        self.send(302, b"", "text/plain", {"Location": location})
+
+    def send_big(self, size: int, chunked: bool) -> None:
+        block = b"\xff\xd8\xff" + b"\0" * (64 * 1024 - 3)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(size))
+        self.end_headers()
+        sent = 0
+        try:
+            while sent < size:
+                piece = block[: min(len(block), size - sent)]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                sent += len(piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def send_slow(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        deadline = time.monotonic() + SLOW_LIMIT
+        try:
+            while time.monotonic() < deadline and not self.server.stopping.is_set():
+                self.wfile.write(b"1\r\n\0\r\n")
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    origin: Origin
+    stopping: threading.Event
+
+
+class Origin:
+    """The origin server; a context manager that serves on 127.0.0.1 on a free port."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.server = _Server((host, 0), _Handler)
+        self.server.origin = self
+        self.server.stopping = threading.Event()
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.hits: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            self.hits[key] += 1
+            return self.hits[key]
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __enter__(self) -> Origin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
