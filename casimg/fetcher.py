@@ -281,8 +281,8 @@ class Fetcher:
             raise DownloadFailed("timeout", permanent=False) from None
         except aiohttp.ClientConnectorError as exc:
             raise _connect_failure(exc) from None
-        except aiohttp.InvalidURL:
-            raise DownloadFailed("invalid URL") from None
+        except aiohttp.InvalidURL as exc:
+            raise DownloadFailed(f"invalid URL ({exc.description or exc.url})") from None
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             raise DownloadFailed("connection lost", permanent=False) from None
         except aiohttp.ClientResponseError as exc:
@@ -297,19 +297,33 @@ class Fetcher:
             target = URL(url)
         except (ValueError, TypeError):
             raise DownloadFailed("invalid URL") from None
-        _check_scheme(target)
         return target
+
+    def _check_hop(self, url: URL) -> None:
+        """What can be refused from the URL alone, for the first URL and every redirect target."""
+        if not url.scheme:
+            raise DownloadFailed("not an absolute http(s) URL")
+        if url.scheme not in SCHEMES:
+            raise DownloadFailed(f"unsupported scheme {url.scheme!r}")
+        if not url.host:
+            raise DownloadFailed("invalid URL (no host)")
+        # A numeric host is refused here with its reason; aiohttp would refuse some spellings
+        # (127.1) as "not canonical" before the socket factory ever saw them.
+        if parse_address(url.host) is not None:
+            reason = self.guard.refusal(url.host)
+            if reason is not None:
+                raise DownloadFailed(reason)
 
     async def _follow(self, url: URL) -> Downloaded:
         assert self._session is not None, "Fetcher.start() was not called"
         for _ in range(self.max_redirects + 1):
+            self._check_hop(url)
             async with self._session.get(url, allow_redirects=False) as response:
                 if response.status in REDIRECTS:
                     location = response.headers.get("Location")
                     if not location:
                         raise DownloadFailed(f"HTTP {response.status} without Location")
                     url = response.url.join(URL(location))
-                    _check_scheme(url)
                     continue
                 _check_status(response)
                 declared = response.content_length
@@ -341,15 +355,6 @@ class Fetcher:
             raise
         assert sink.path is not None
         return Downloaded(sink.path, digest, size)
-
-
-def _check_scheme(url: URL) -> None:
-    if not url.scheme or not url.absolute:
-        raise DownloadFailed("not an absolute http(s) URL")
-    if url.scheme not in SCHEMES:
-        raise DownloadFailed(f"unsupported scheme {url.scheme!r}")
-    if not url.host:
-        raise DownloadFailed("invalid URL (no host)")
 
 
 def _check_status(response: aiohttp.ClientResponse) -> None:

@@ -22,6 +22,7 @@ Paths:
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import threading
 import time
@@ -173,11 +174,16 @@ class _Server(ThreadingHTTPServer):
     stopping: threading.Event
 
 
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class Origin:
     """The origin server; a context manager that serves on 127.0.0.1 on a free port."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self.server = _Server((host, 0), _Handler)
+        server_class = _Server6 if ":" in host else _Server
+        self.server = server_class((host, 0), _Handler)
         self.server.origin = self
         self.server.stopping = threading.Event()
         self.host = host
@@ -192,7 +198,8 @@ class Origin:
             return self.hits[key]
 
     def url(self, path: str) -> str:
-        return f"http://{self.host}:{self.port}{path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
 
     def __enter__(self) -> Origin:
         self._thread.start()

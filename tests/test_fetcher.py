@@ -1,0 +1,304 @@
+"""The download path against a real origin: bytes, limits, redirects, failures, and the address guard.
+
+All traffic stays on loopback. Downloads are allowed from 127.0.0.1 only; 127.0.0.2 and ::1 play the
+forbidden hosts, each with a real listener that counts connections, so a test shows that the guard
+refused *before* connecting rather than that nothing was there to answer. The private and public
+ranges beyond loopback are covered on the address classifier itself, which sends nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
+
+import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from casimg.errors import DownloadFailed
+from casimg.fetcher import AddressGuard, Fetcher, parse_address, retry_after_seconds
+from tests.origin import Origin, image_bytes
+
+# -- the address classifier (no traffic) ----------------------------------------------------------
+
+@pytest.mark.parametrize(("host", "kind"), [
+    ("127.0.0.1", "loopback"), ("127.1", "loopback"), ("2130706433", "loopback"), ("0x7f000001", "loopback"),
+    ("017700000001", "loopback"), ("0.0.0.0", "unspecified"), ("0", "unspecified"), ("::", "unspecified"),
+    ("[::1]", "loopback"), ("::ffff:127.0.0.1", "loopback"), ("[::ffff:7f00:1]", "loopback"),
+    ("64:ff9b::a00:1", "private"), ("10.1.2.3", "private"), ("172.16.0.1", "private"),
+    ("172.31.255.255", "private"), ("192.168.1.1", "private"), ("100.64.0.1", "shared address space"),
+    ("169.254.169.254", "link-local"), ("fe80::1", "link-local"), ("fc00::1", "private"),
+    ("fd12:3456::1", "private"), ("224.0.0.1", "multicast"), ("239.255.255.250", "multicast"),
+    ("ff02::1", "multicast"), ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"),
+    ("198.18.0.1", "benchmarking"), ("192.0.2.1", "documentation"), ("2001:db8::1", "documentation"),
+    ("2002:7f00:1::", "6to4"),
+])
+def test_guard_refuses_every_non_public_address_in_every_spelling(host, kind):
+    reason = AddressGuard().refusal(host)
+    assert reason is not None and reason.startswith("blocked address") and f"is {kind})" in reason
+
+
+@pytest.mark.parametrize("host", ["8.8.8.8", "1.1.1.1", "93.184.216.34", "2606:4700:4700::1111", "172.32.0.1"])
+def test_guard_lets_public_addresses_through(host):
+    assert AddressGuard().refusal(host) is None
+
+
+def test_allow_networks_opens_exactly_the_listed_networks():
+    guard = AddressGuard(["127.0.0.1/32", "10.0.0.0/8"])
+    assert guard.refusal("127.0.0.1") is None
+    assert guard.refusal("::ffff:127.0.0.1") is None  # the same address, IPv4-mapped
+    assert guard.refusal("10.200.0.1") is None
+    assert "loopback" in (guard.refusal("127.0.0.2") or "")
+    assert "loopback" in (guard.refusal("::1") or "")
+    assert "private" in (guard.refusal("192.168.0.1") or "")
+    assert "private" in (guard.refusal("11.0.0.1") or "private")  # public: allowed, so no reason
+    assert guard.refusal("11.0.0.1") is None
+
+
+def test_parse_address_reads_what_a_resolver_would_and_leaves_names_alone():
+    assert str(parse_address("127.1")) == "127.0.0.1"
+    assert str(parse_address("0x7f.1")) == "127.0.0.1"
+    assert parse_address("example.com") is None
+    assert parse_address("127.0.0.1.example.com") is None
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def forbidden() -> Iterator[Origin]:
+    """A listener on 127.0.0.2: a download must never reach it."""
+    with Origin("127.0.0.2") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def forbidden6() -> Iterator[Origin]:
+    with Origin("::1") as server:
+        yield server
+
+
+class ScriptedResolver(AbstractResolver):
+    """A DNS that answers each name from a script: a list of answers, one per lookup, the last repeated."""
+
+    def __init__(self, script: dict[str, list[list[str]]]) -> None:
+        self.script = script
+        self.lookups: dict[str, int] = {}
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[ResolveResult]:
+        if host not in self.script:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        count = self.lookups[host] = self.lookups.get(host, 0) + 1
+        answers = self.script[host][min(count, len(self.script[host])) - 1]
+        return [ResolveResult(hostname=host, host=address, port=port,
+                              family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                              proto=0, flags=socket.AI_NUMERICHOST) for address in answers]
+
+    async def close(self) -> None:
+        return None
+
+
+async def started(tmp_path: Path, resolver: AbstractResolver | None = None, **limits: object) -> Fetcher:
+    options: dict[str, object] = {
+        "tmp_dir": tmp_path / "tmp", "max_bytes": 1_000_000, "total_timeout": 5.0, "connect_timeout": 2.0,
+        "max_connections": 8, "max_per_host": 4, "max_redirects": 5, "max_url_length": 8192,
+        "allow_networks": ["127.0.0.1/32"], "resolver": resolver,
+    }
+    options.update(limits)
+    fetcher = Fetcher(**options)  # type: ignore[arg-type]
+    await fetcher.start()
+    return fetcher
+
+
+async def failure(fetcher: Fetcher, url: str) -> DownloadFailed:
+    with pytest.raises(DownloadFailed) as failed:
+        await fetcher.fetch(url)
+    return failed.value
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmp").iterdir())
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_download_lands_in_tmp_with_its_digest_and_size(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    try:
+        got = await fetcher.fetch(origin.url("/img/7.png"))
+    finally:
+        await fetcher.close()
+    expected = image_bytes(7, "png")
+    assert got.path.read_bytes() == expected
+    assert got.sha256 == hashlib.sha256(expected).hexdigest() and got.size == len(expected)
+    assert got.path.parent == tmp_path / "tmp" and got.path.name.startswith("dl-")
+
+
+@pytest.mark.gen_test
+async def test_large_body_is_written_in_batches_and_hashed_whole(tmp_path, origin):
+    fetcher = await started(tmp_path, max_bytes=3_000_000)
+    try:
+        got = await fetcher.fetch(origin.url("/big?bytes=2500000&chunked=1"))
+    finally:
+        await fetcher.close()
+    data = got.path.read_bytes()
+    assert len(data) == got.size == 2_500_000 and hashlib.sha256(data).hexdigest() == got.sha256
+
+
+@pytest.mark.gen_test
+async def test_limits_and_origin_failures_have_clear_reasons_and_leave_no_temp_file(tmp_path, origin):
+    fetcher = await started(tmp_path, max_bytes=200_000, total_timeout=1.0)
+    cases = {
+        "/big?bytes=300000": ("too large (300000 bytes", True),  # refused from Content-Length
+        "/big?bytes=300000&chunked=1": ("too large (over 200000 bytes)", True),  # cut off while streaming
+        "/slow": ("timeout", False),
+        "/status/404": ("HTTP 404", True),
+        "/status/410": ("HTTP 410", True),
+        "/status/500": ("HTTP 500", False),
+        "/status/503": ("HTTP 503", False),
+        "/loop": ("too many redirects (over 5)", True),
+        "/redirect/6": ("too many redirects", True),
+    }
+    try:
+        for path, (reason, permanent) in cases.items():
+            failed = await failure(fetcher, origin.url(path))
+            assert failed.reason.startswith(reason), (path, failed.reason)
+            assert failed.permanent is permanent, path
+        kept = await fetcher.fetch(origin.url("/redirect/5"))
+    finally:
+        await fetcher.close()
+    assert leftovers(tmp_path) == [kept.path.name]  # the one success; every failure cleaned up after itself
+
+
+@pytest.mark.gen_test
+async def test_retry_after_is_read_from_429_and_503(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    try:
+        limited = await failure(fetcher, origin.url("/status/429?retry_after=7"))
+        assert (limited.reason, limited.permanent, limited.retry_after) == ("HTTP 429", False, 7.0)
+        assert (await failure(fetcher, origin.url("/status/503"))).retry_after is None
+    finally:
+        await fetcher.close()
+
+
+def test_retry_after_seconds_reads_both_forms():
+    assert retry_after_seconds("120") == 120.0
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= (retry_after_seconds(soon) or 0) <= 30
+    assert retry_after_seconds(format_datetime(datetime(2000, 1, 1, tzinfo=UTC), usegmt=True)) == 0.0
+    assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+
+
+@pytest.mark.gen_test
+async def test_urls_that_cannot_be_fetched_are_refused_before_any_connection(tmp_path):
+    fetcher = await started(tmp_path, max_url_length=100)
+    cases = {
+        "ftp://127.0.0.1/a.jpg": "unsupported scheme 'ftp'",
+        "file:///etc/passwd": "unsupported scheme 'file'",
+        "javascript:alert(1)": "unsupported scheme 'javascript'",
+        "not a url": "not an absolute http(s) URL",
+        "/img/1.jpg": "not an absolute http(s) URL",
+        "http:///nohost": "invalid URL",
+        "http://127.0.0.1/" + "a" * 100: "URL too long (over 100 characters)",
+    }
+    try:
+        for url, reason in cases.items():
+            failed = await failure(fetcher, url)
+            assert failed.reason.startswith(reason), (url, failed.reason)
+            assert failed.permanent
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.gen_test
+async def test_closed_port_is_a_transient_connection_failure(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fetcher = await started(tmp_path)
+    try:
+        failed = await failure(fetcher, f"http://127.0.0.1:{port}/a.jpg")
+    finally:
+        await fetcher.close()
+    assert failed.reason.startswith("connection failed") and not failed.permanent
+
+
+# -- the address guard end to end -----------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_forbidden_hosts_in_every_spelling_are_refused_without_connecting(tmp_path, origin, forbidden,
+                                                                               forbidden6):
+    fetcher = await started(tmp_path)
+    port, port6 = forbidden.port, forbidden6.port
+    urls = [
+        f"http://127.0.0.2:{port}/img/1.jpg",
+        f"http://127.2:{port}/img/1.jpg",
+        f"http://2130706434:{port}/img/1.jpg",
+        f"http://0x7f000002:{port}/img/1.jpg",
+        f"http://017700000002:{port}/img/1.jpg",
+        f"http://[::ffff:127.0.0.2]:{port}/img/1.jpg",
+        f"http://good@127.0.0.2:{port}/img/1.jpg",
+        f"http://127.0.0.1:{origin.port}@127.0.0.2:{port}/img/1.jpg",
+        f"http://0.0.0.0:{port}/img/1.jpg",
+        f"http://[::]:{port6}/img/1.jpg",
+        f"http://[::1]:{port6}/img/1.jpg",
+        origin.url(f"/redirect-to?url=http://127.0.0.2:{port}/img/1.jpg"),
+        origin.url(f"/redirect-to?url=http://[::1]:{port6}/img/1.jpg"),
+    ]
+    try:
+        for url in urls:
+            failed = await failure(fetcher, url)
+            assert failed.reason.startswith("blocked address"), (url, failed.reason)
+            assert failed.permanent, url
+        # The allowed address is reachable, and only in its canonical spelling.
+        assert (await fetcher.fetch(f"http://127.0.0.1:{origin.port}/img/1.jpg")).size > 0
+        odd = await failure(fetcher, f"http://127.1:{origin.port}/img/1.jpg")
+        assert odd.reason.startswith("invalid URL") and odd.permanent
+    finally:
+        await fetcher.close()
+    assert sum(forbidden.hits.values()) == 0 and sum(forbidden6.hits.values()) == 0
+
+
+@pytest.mark.gen_test
+async def test_names_are_checked_on_the_addresses_they_resolve_to(tmp_path, origin, forbidden):
+    resolver = ScriptedResolver({
+        "private.test": [["127.0.0.2"]],
+        "mixed.test": [["127.0.0.2", "127.0.0.1"]],
+        "localhost6.test": [["::1"]],
+    })
+    fetcher = await started(tmp_path, resolver=resolver)
+    try:
+        failed = await failure(fetcher, f"http://private.test:{forbidden.port}/img/1.jpg")
+        assert failed.reason == "blocked address (127.0.0.2 is loopback)"
+        assert "loopback" in (await failure(fetcher, f"http://localhost6.test:{forbidden.port}/x")).reason
+        # Of several answers, only the allowed ones are used.
+        assert (await fetcher.fetch(f"http://mixed.test:{origin.port}/img/2.jpg")).size > 0
+        unknown = await failure(fetcher, f"http://unknown.test:{origin.port}/img/2.jpg")
+        assert unknown.reason == "host not found" and unknown.permanent
+    finally:
+        await fetcher.close()
+    assert sum(forbidden.hits.values()) == 0
+
+
+@pytest.mark.gen_test
+async def test_dns_rebinding_gets_nowhere(tmp_path, origin, forbidden):
+    """A name that answers an allowed address first and a forbidden one after: each connection is made to
+    the address that was checked, so the second answer is refused, never connected to."""
+    resolver = ScriptedResolver({"rebind.test": [["127.0.0.1"], ["127.0.0.2"]]})
+    first = await started(tmp_path, resolver=resolver)
+    try:
+        assert (await first.fetch(f"http://rebind.test:{origin.port}/img/3.jpg")).size > 0
+    finally:
+        await first.close()
+    second = await started(tmp_path, resolver=resolver)  # a fresh connector: no cached answer, no pooled socket
+    try:
+        failed = await failure(second, f"http://rebind.test:{forbidden.port}/img/3.jpg")
+    finally:
+        await second.close()
+    assert resolver.lookups["rebind.test"] == 2
+    assert failed.reason == "blocked address (127.0.0.2 is loopback)"
+    assert sum(forbidden.hits.values()) == 0

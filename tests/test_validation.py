@@ -1,0 +1,84 @@
+"""Pillow validation on real files of every supported format and the ways they go wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from casimg.errors import InvalidImage
+from casimg.validation import validate_image
+from tests.origin import animated_gif, image_bytes, pixel_bomb
+
+ALLOWED = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
+LIMITS = {"max_pixels": 50_000_000, "allowed_formats": ALLOWED, "max_frames": 100}
+
+
+def written(tmp_path: Path, data: bytes, name: str = "image") -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(("ext", "fmt", "content_type"), [
+    ("jpg", "JPEG", "image/jpeg"), ("png", "PNG", "image/png"), ("gif", "GIF", "image/gif"),
+    ("webp", "WEBP", "image/webp"),
+])
+def test_each_supported_format_is_accepted_with_its_metadata(tmp_path, ext, fmt, content_type):
+    info = validate_image(written(tmp_path, image_bytes(5, ext, (120, 80))), **LIMITS)
+    assert (info.format, info.content_type, info.width, info.height, info.frames) == (fmt, content_type, 120, 80, 1)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "gif", "webp"])
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_truncated_files_are_refused(tmp_path, ext, keep):
+    whole = image_bytes(11, ext, (400, 300))
+    with pytest.raises(InvalidImage) as refused:
+        validate_image(written(tmp_path, whole[: int(len(whole) * keep)]), **LIMITS)
+    assert refused.value.reason.startswith(("truncated or corrupt", "not an image"))
+
+
+def test_a_jpeg_cut_anywhere_in_its_scan_data_is_refused(tmp_path):
+    whole = image_bytes(12, "jpg", (400, 300))
+    scan_start = whole.index(b"\xff\xda")  # start of scan: everything after it is entropy-coded data
+    for cut in range(scan_start + 16, len(whole) - 8, max(1, (len(whole) - scan_start) // 25)):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(written(tmp_path, whole[:cut]), **LIMITS)
+
+
+@pytest.mark.parametrize("data", [b"", b"<!doctype html><p>hello", b"GIF89a", b"\x89PNG\r\n\x1a\n"])
+def test_what_is_not_an_image_is_refused(tmp_path, data):
+    with pytest.raises(InvalidImage) as refused:
+        validate_image(written(tmp_path, data), **LIMITS)
+    assert refused.value.reason.startswith(("not an image", "truncated or corrupt"))
+    assert refused.value.permanent
+
+
+def test_pixel_bomb_is_refused_from_its_header(tmp_path):
+    with pytest.raises(InvalidImage, match=r"too many pixels \(10000x10000 over 50000000\)"):
+        validate_image(written(tmp_path, pixel_bomb(10_000, 10_000)), **LIMITS)
+
+
+def test_pillow_own_bomb_guard_also_reads_as_too_many_pixels(tmp_path):
+    with pytest.raises(InvalidImage, match="too many pixels"):
+        validate_image(written(tmp_path, pixel_bomb(100_000, 100_000)), max_pixels=2**62)
+
+
+def test_pixel_limit_is_inclusive(tmp_path):
+    path = written(tmp_path, image_bytes(3, "png", (100, 50)))
+    assert validate_image(path, max_pixels=5000).width == 100
+    with pytest.raises(InvalidImage, match="too many pixels"):
+        validate_image(path, max_pixels=4999)
+
+
+def test_formats_off_the_allowlist_are_refused_and_any_format_passes_without_one(tmp_path):
+    path = written(tmp_path, image_bytes(4, "bmp"))
+    with pytest.raises(InvalidImage, match="format BMP not allowed"):
+        validate_image(path, **LIMITS)
+    assert validate_image(path, max_pixels=10**9).content_type == "image/bmp"
+
+
+def test_animated_images_are_counted_against_the_frame_limit(tmp_path):
+    assert validate_image(written(tmp_path, animated_gif(5)), **LIMITS).frames == 5
+    with pytest.raises(InvalidImage, match=r"too many frames \(101 over 100\)"):
+        validate_image(written(tmp_path, animated_gif(101)), **LIMITS)

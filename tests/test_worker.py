@@ -1,0 +1,42 @@
+"""Download workers: retries of transient failures, none of permanent ones, and the attempts reported."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+async def outcome(api, url: str) -> dict:
+    response = await api("POST", "/api/images?wait=30", json_body={"image_urls": [url]})
+    assert response.code == 200, response.body
+    return json.loads(response.body)["results"][0]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_transient_failure_is_retried_and_the_attempts_are_reported(api, origin):
+    result = await outcome(api, origin.url("/flaky/once?fail=1&status=503"))
+    assert (result["status"], result["attempts"]) == ("stored", 2)
+    assert origin.hits["flaky:once"] == 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_429_retry_after_is_honoured(api, origin):
+    result = await outcome(api, origin.url("/flaky/limited?fail=1&status=429&retry_after=1"))
+    assert (result["status"], result["attempts"]) == ("stored", 2)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_failure_that_persists_ends_after_three_attempts(api, origin):
+    result = await outcome(api, origin.url("/flaky/always?fail=99&status=500"))
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", "HTTP 500", 3)
+    assert origin.hits["flaky:always"] == 3
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize(("path", "reason"), [("/status/404", "HTTP 404"), ("/html", "not an image")])
+async def test_permanent_failures_are_not_retried(api, origin, path, reason):
+    before = origin.hits[path]
+    result = await outcome(api, origin.url(path))
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", reason, 1)
+    assert origin.hits[path] == before + 1
