@@ -21,6 +21,7 @@ from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
 from casimg.index import Index, KeySpace
 from casimg.keys import KeyStore, Scope
+from casimg.limits import AuthFailures, RateLimiter
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
@@ -65,6 +66,8 @@ class Services:
     queue: JobQueue
     keys: KeyStore
     blobs: BlobStore
+    rate: RateLimiter
+    auth_failures: AuthFailures
     fetcher: Fetcher | None = None
     worker: Worker | None = None
 
@@ -101,6 +104,8 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
         queue=JobQueue(client, keyspace, settings.job_ttl),
         keys=KeyStore(client, keyspace, settings.key_cache_ttl),
         blobs=blobs,
+        rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
+        auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
     )
     await services.queue.ensure_group()
     if with_worker:

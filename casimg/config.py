@@ -73,6 +73,16 @@ class Settings:
     sweep_interval: float = _setting(
         3600.0, "Seconds between sweeps (by one worker) of orphan blobs and stale temp files; 0 turns them off."
     )
+    max_jobs_in_flight: int = _setting(
+        100, "Most unfinished jobs one API key may have; past it POST /api/images answers 429."
+    )
+    rate_limit: float = _setting(
+        200.0, "Requests per second one API key may make on average (a token bucket in Redis); 0 turns it off."
+    )
+    rate_burst: int = _setting(1000, "Requests one API key may make at once above the rate before it gets 429.")
+    auth_failure_limit: int = _setting(
+        20, "401 answers one client address may get in a minute; past it a bad or missing key gets 429. 0: off."
+    )
     key_cache_ttl: float = _setting(
         2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
     )
@@ -128,9 +138,12 @@ def _check(settings: Settings) -> Settings:
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency", "per_host_concurrency",
-                 "max_urls_per_request", "max_body_bytes", "max_url_length"):
+                 "max_urls_per_request", "max_body_bytes", "max_url_length", "max_jobs_in_flight", "rate_burst"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
+    for name in ("rate_limit", "auth_failure_limit"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
     if not 0 < settings.port < 65536 and settings.port != 0:
         raise ConfigError("Setting 'port' must be between 0 and 65535")
     return settings

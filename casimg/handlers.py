@@ -78,8 +78,14 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         needed = self.scopes.get(self.request.method or "")
-        if needed is not None:
+        if needed is None:
+            return
+        try:
             self.api_key = await self.services.keys.authenticate(self._presented_key(), needed)
+        except errors.Unauthorized:
+            await self.services.auth_failures.record(self.request.remote_ip or "unknown")
+            raise
+        await self.services.rate.take(self.api_key.id)
 
     def _presented_key(self) -> str | None:
         key = self.request.headers.get("X-API-Key")
@@ -189,7 +195,7 @@ class ImagesHandler(BaseHandler):
         urls = self._parse_urls(bytes(self._body))
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
-        job_id, total = await self.services.queue.submit(urls, key_id)
+        job_id, total = await self.services.queue.submit(urls, key_id, self.services.settings.max_jobs_in_flight)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)

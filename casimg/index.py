@@ -81,6 +81,18 @@ class KeySpace:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
 
+    def inflight(self, key_id: str) -> str:
+        """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""
+        return f"{self.prefix}inflight:{key_id}"
+
+    def rate(self, key_id: str) -> str:
+        """hash with a TTL: one API key's token bucket, {tokens, ts}."""
+        return f"{self.prefix}rate:{key_id}"
+
+    def auth_failures(self, address: str) -> str:
+        """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
+        return f"{self.prefix}authfail:{address}"
+
     @property
     def api_keys(self) -> str:
         """hash: API key id -> JSON {name, scope, secret_sha256, created}."""

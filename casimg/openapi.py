@@ -26,6 +26,8 @@ def _ref(name: str) -> dict[str, str]:
 AUTH_ERRORS = {
     "401": _problem("No API key, or an unknown or revoked one"),
     "403": _problem("The key's scope does not allow this"),
+    "429": _problem("Over the key's request rate, or too many failed authentications from this address; "
+                    "retry after Retry-After seconds"),
     "503": _problem("Redis or the blob directory is unavailable; retry after Retry-After seconds"),
 }
 URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
@@ -149,8 +151,8 @@ def openapi_document() -> dict[str, Any]:
                                      {"oneOf": [_ref("Accepted"), _ref("Job")]}),
                         "400": _problem("The body is not what is described"),
                         "413": _problem("Too many URLs or too large a body"),
-                        "429": _problem("Too many requests"),
                         **AUTH_ERRORS,
+                        "429": _problem("Over the request rate, or the key has too many unfinished jobs"),
                     },
                 },
             },

@@ -1,6 +1,6 @@
 """Durable jobs: submit, read, claim, complete, and take over after a crash.
 
-A job is written to Redis in one MULTI before its 202 goes out: its status hash, its URL list, and one
+A job is written to Redis in one Lua step before its 202 goes out: its status hash, its URL list, and one
 entry per distinct URL in the queue stream. Workers read the stream through one consumer group, so
 any number of processes on any number of machines share the work. An entry leaves the stream only in
 the same Lua step that records its outcome (index.py ``complete``), so a crash at any moment leaves it
@@ -12,16 +12,47 @@ from __future__ import annotations
 
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from casimg.errors import NotFound
+from casimg.errors import NotFound, TooManyRequests
 from casimg.index import QUEUE_GROUP, KeySpace, now_iso
 
-SUBMIT_CHUNK = 1000  # URLs per RPUSH/XADD batch inside the submit transaction
+SUBMIT_CHUNK = 1000  # URLs per RPUSH inside the submit script (Lua's unpack has a stack limit)
+IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs is asked to wait
+
+# KEYS: job job_urls queue inflight
+# ARGV: job_id ttl_ms created key_id max_in_flight job_key_prefix now_ms url...  ->  1 recorded, 0 refused
+# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts.
+SUBMIT_LUA = """
+local job_id, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
+if limit > 0 then
+  local ids = redis.call('ZRANGE', KEYS[4], 0, -1)
+  for i = 1, #ids do
+    local status = redis.call('HGET', ARGV[6] .. ids[i], 'status')
+    if not status or status == 'done' then redis.call('ZREM', KEYS[4], ids[i]) end
+  end
+  if redis.call('ZCARD', KEYS[4]) >= limit then return 0 end
+  redis.call('ZADD', KEYS[4], ARGV[7], job_id)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+local first, total = 8, #ARGV - 7
+redis.call('HSET', KEYS[1], 'status', 'queued', 'total', total, 'done', 0, 'stored', 0, 'existed', 0,
+           'failed', 0, 'created', ARGV[3], 'key', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ttl)
+for start = first, #ARGV, CHUNK do
+  redis.call('RPUSH', KEYS[2], unpack(ARGV, start, math.min(start + CHUNK - 1, #ARGV)))
+end
+redis.call('PEXPIRE', KEYS[2], ttl)
+for i = first, #ARGV do
+  redis.call('XADD', KEYS[3], '*', 'job', job_id, 'pos', i - first, 'url', ARGV[i])
+end
+return 1
+""".replace("CHUNK", str(SUBMIT_CHUNK))
 
 
 @dataclass(frozen=True)
@@ -73,6 +104,7 @@ class JobQueue:
         self.redis = redis
         self.keys = keys
         self.job_ttl = max(1, int(job_ttl))
+        self._submit = redis.register_script(SUBMIT_LUA)
 
     async def ensure_group(self) -> None:
         """Create the stream and its consumer group once; reading from id 0 keeps entries added before."""
@@ -82,23 +114,25 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, urls: list[str], key_id: str = "") -> tuple[str, int]:
-        """Record a job durably; returns (job_id, number of distinct URLs)."""
+    async def submit(self, urls: list[str], key_id: str = "", max_in_flight: int = 0) -> tuple[str, int]:
+        """Record a job durably; returns (job_id, number of distinct URLs).
+
+        With `max_in_flight`, the job is refused (TooManyRequests) while `key_id` has that many
+        unfinished jobs; the check and the recording are one atomic step.
+        """
         distinct = list(dict.fromkeys(urls))
         job_id = secrets.token_hex(12)
         k = self.keys
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(k.job(job_id), mapping={
-                "status": "queued", "total": len(distinct), "done": 0, "stored": 0, "existed": 0,
-                "failed": 0, "created": now_iso(), "key": key_id,
-            })
-            pipe.expire(k.job(job_id), self.job_ttl)
-            for start in range(0, len(distinct), SUBMIT_CHUNK):
-                pipe.rpush(k.job_urls(job_id), *distinct[start:start + SUBMIT_CHUNK])
-            pipe.expire(k.job_urls(job_id), self.job_ttl)
-            for position, url in enumerate(distinct):
-                pipe.xadd(k.queue, {"job": job_id, "pos": position, "url": url})
-            await pipe.execute()
+        admitted = await self._submit(
+            keys=[k.job(job_id), k.job_urls(job_id), k.queue, k.inflight(key_id or "-")],
+            args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, max_in_flight if key_id else 0,
+                  k.job(""), time.time_ns() // 1_000_000, *distinct],
+        )
+        if not admitted:
+            raise TooManyRequests(
+                f"this key has {max_in_flight} unfinished jobs; submit more when some are done",
+                retry_after=IN_FLIGHT_RETRY,
+            )
         return job_id, len(distinct)
 
     async def status(self, job_id: str) -> str | None:

@@ -1,0 +1,101 @@
+"""Request limits shared by every casimg process through Redis: a rate per API key, and 401s per address.
+
+Rate: a token bucket per key in Redis (``KeySpace.rate``), refilled at ``rate_limit`` tokens a second up
+to ``rate_burst``. Asking Redis on every request would cost a round trip on the hottest path, so each
+process leases a few tokens at a time (``LEASE_SECONDS`` of the rate) and spends them locally; leased
+tokens not spent within ``LEASE_SECONDS`` are dropped. So the limit holds across all processes, give
+or take one lease per process, and a key under the rate never waits for Redis on most requests.
+
+Failed authentication: every 401 counts against the client address for a minute
+(``KeySpace.auth_failures``); past ``auth_failure_limit`` a bad or missing key gets 429 instead, with
+Retry-After saying when the minute ends. A valid key is never slowed by this: secrets are 256-bit
+random values that no number of guesses finds, and refusing valid keys would let one broken client
+behind a shared proxy address lock out everyone else behind it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import redis.asyncio as aioredis
+
+from casimg.errors import TooManyRequests
+from casimg.index import KeySpace
+
+LEASE_SECONDS = 0.05  # a lease holds this much of the rate: 10 tokens at 200 a second
+AUTH_WINDOW = 60  # seconds over which 401s from one address are counted
+
+# KEYS: bucket     ARGV: rate burst want  ->  {granted, ms until one token is there (when none granted)}
+TAKE_LUA = """
+redis.replicate_commands()  -- Redis 6: write after reading TIME
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or burst
+local last = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+local granted = math.min(want, math.floor(tokens))
+tokens = tokens - granted
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
+if granted >= 1 then return {granted, 0} end
+return {0, math.ceil((1 - tokens) * 1000 / rate)}
+"""
+
+# KEYS: counter     ARGV: window  ->  {failures in the window, seconds left in it}
+COUNT_LUA = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return {n, redis.call('TTL', KEYS[1])}
+"""
+
+
+class RateLimiter:
+    """The per-key token bucket, spent through leases (see the module docstring)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, rate: float, burst: int) -> None:
+        self.keys = keys
+        self.rate = rate
+        self.burst = burst
+        self.lease_size = max(1, min(burst, math.ceil(rate * LEASE_SECONDS)))
+        self._leases: dict[str, tuple[int, float]] = {}  # key id -> (tokens left, lease expiry)
+        self._take = redis.register_script(TAKE_LUA)
+
+    async def take(self, key_id: str) -> None:
+        """Spend one request of `key_id`'s rate, or raise TooManyRequests."""
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        left, expiry = self._leases.get(key_id, (0, 0.0))
+        if left > 0 and expiry > now:
+            self._leases[key_id] = (left - 1, expiry)
+            return
+        granted, wait_ms = await self._take(keys=[self.keys.rate(key_id)],
+                                            args=[self.rate, self.burst, self.lease_size])
+        if not granted:
+            self._leases.pop(key_id, None)
+            raise TooManyRequests(f"rate limit of {self.rate:g} requests a second for this key exceeded",
+                                  retry_after=int(wait_ms) / 1000)
+        self._leases[key_id] = (int(granted) - 1, now + LEASE_SECONDS)
+
+
+class AuthFailures:
+    """Counts 401s per client address; past the limit they turn into 429s."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, limit: int) -> None:
+        self.keys = keys
+        self.limit = limit
+        self._count = redis.register_script(COUNT_LUA)
+
+    async def record(self, address: str) -> None:
+        """Count one failed authentication from `address`; raise TooManyRequests past the limit."""
+        if self.limit <= 0:
+            return
+        failures, seconds_left = await self._count(keys=[self.keys.auth_failures(address)], args=[AUTH_WINDOW])
+        if int(failures) > self.limit:
+            raise TooManyRequests(
+                f"too many requests without a valid API key from this address ({self.limit} a minute)",
+                retry_after=max(1, int(seconds_left)),
+            )

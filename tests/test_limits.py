@@ -1,0 +1,160 @@
+"""Abuse limits: request rate per key, unfinished jobs per key, failed authentications per address,
+request sizes, and the service staying responsive to other clients while it is attacked."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from urllib.parse import quote
+
+import pytest
+
+from casimg.app import connect_redis
+from casimg.errors import TooManyRequests
+from casimg.index import KeySpace
+from casimg.keys import Scope
+from casimg.limits import AuthFailures, RateLimiter
+from tests.conftest import make_settings, problem
+from tests.origin import Origin
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server):
+    return make_settings(tmp_path / "data", redis_server.url, rate_limit=5, rate_burst=10, auth_failure_limit=3,
+                         max_jobs_in_flight=2, max_body_bytes=20_000, max_image_bytes=1_000_000)
+
+
+@pytest.fixture
+def bystander():
+    """A second origin (another host:port, so its own per-host download slots) for the innocent client."""
+    with Origin() as server:
+        yield server
+
+
+@pytest.mark.gen_test
+async def test_rate_limit_per_key_answers_429_with_retry_after_and_spares_other_keys(api, services):
+    other = await services.keys.create("other", Scope.read)
+    codes = [(await api("GET", "/api/images")).code for _ in range(25)]
+    assert codes[:10] == [200] * 10  # the burst
+    assert 429 in codes
+    refused = await api("GET", "/api/images")
+    assert refused.code == 429 and "rate limit" in problem(refused)["detail"]
+    wait = int(refused.headers["Retry-After"])
+    assert 1 <= wait <= 2
+    assert (await api("GET", "/api/images", key=other)).code == 200
+    await asyncio.sleep(wait)
+    assert (await api("GET", "/api/images")).code == 200
+
+
+@pytest.mark.gen_test
+async def test_leased_tokens_keep_the_limit_across_processes(redis_server):
+    client = connect_redis(redis_server.url, 4)
+    keys = KeySpace(f"limits-{os.urandom(4).hex()}:")
+    processes = [RateLimiter(client, keys, rate=200, burst=100) for _ in range(2)]
+    assert processes[0].lease_size == 10
+    granted = 0
+    started = time.monotonic()
+    try:
+        for i in range(400):
+            try:
+                await processes[i % 2].take("key")
+                granted += 1
+            except TooManyRequests as refused:
+                assert 0 < refused.retry_after <= 1
+    finally:
+        elapsed = time.monotonic() - started
+        await client.aclose()
+    # The burst, what the rate refilled meanwhile, and at most one unspent lease per process.
+    assert 100 <= granted <= 100 + 200 * elapsed + 2 * 10
+
+
+@pytest.mark.gen_test
+async def test_repeated_401s_from_one_address_turn_into_429_but_valid_keys_go_on(api, admin_key):
+    codes = [(await api("GET", "/api/images", key=f"casimg_{i:012x}_{'x' * 40}")).code for i in range(5)]
+    assert codes == [401, 401, 401, 429, 429]
+    refused = await api("GET", "/api/images", key=None)
+    assert refused.code == 429 and 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert "valid API key" in problem(refused)["detail"]
+    assert (await api("GET", "/api/images", key=admin_key)).code == 200
+
+
+@pytest.mark.gen_test
+async def test_auth_failures_are_counted_per_address(redis_server):
+    client = connect_redis(redis_server.url, 4)
+    failures = AuthFailures(client, KeySpace(f"limits-{os.urandom(4).hex()}:"), limit=2)
+    try:
+        await failures.record("192.0.2.1")
+        await failures.record("192.0.2.1")
+        with pytest.raises(TooManyRequests):
+            await failures.record("192.0.2.1")
+        await failures.record("192.0.2.2")  # another address has its own count
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_unfinished_jobs_per_key_are_bounded(api, services, origin):
+    done = await api("POST", "/api/images?wait=20", json_body={"image_urls": [origin.url("/status/404")]})
+    assert json.loads(done.body)["status"] == "done"  # a finished job does not count
+    for n in range(2):
+        assert (await api("POST", "/api/images", json_body={"image_urls": [origin.url(f"/slow?{n}")]})).code == 202
+    refused = await api("POST", "/api/images", json_body={"image_urls": [origin.url("/img/1.jpg")]})
+    assert refused.code == 429 and refused.headers["Retry-After"] == "5"
+    assert "2 unfinished jobs" in problem(refused)["detail"]
+    writer = await services.keys.create("writer", Scope.write)
+    assert (await api("POST", "/api/images", key=writer, json_body={"image_urls": ["http://x/y"]})).code == 202
+
+
+@pytest.mark.gen_test
+async def test_oversized_and_deeply_nested_bodies_are_refused(api):
+    huge = json.dumps({"image_urls": ["http://127.0.0.1/" + "a" * 100] * 300})
+    too_big = await api("POST", "/api/images", body=huge, headers={"Content-Type": "application/json"})
+    assert too_big.code == 413 and "20000 bytes" in problem(too_big)["detail"]
+    nested = '{"image_urls": ' + "[" * 5000 + "]" * 5000 + "}"
+    deep = await api("POST", "/api/images", body=nested, headers={"Content-Type": "application/json"})
+    assert deep.code == 400
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_the_service_answers_others_while_it_is_attacked(api, services, origin, bystander):
+    attack = [origin.url(f"/slow?{i}") for i in range(12)] + [
+        origin.url("/bomb.png"), origin.url("/big?bytes=5000000&chunked=1"), origin.url("/big?bytes=5000000"),
+        origin.url("/animated.gif?frames=1500"), origin.url("/loop"),
+    ]
+    attacked = await api("POST", "/api/images", json_body={"image_urls": attack})
+    assert attacked.code == 202
+    job_path = attacked.headers["Location"]
+    victim = await services.keys.create("victim", Scope.write)
+    url = bystander.url("/img/77.png")
+    served = await api("POST", "/api/images?wait=30", key=victim, json_body={"image_urls": [url]})
+    assert served.code == 200 and json.loads(served.body)["stored"] == 1
+    assert (await api("GET", f"/api/image?url={quote(url, safe='')}", key=victim)).code == 200
+    assert (await api("GET", "/healthz", key=None)).code == 200
+    assert json.loads((await api("GET", job_path, key=victim)).body)["status"] != "done"  # still under attack
+    for _ in range(300):
+        job = json.loads((await api("GET", job_path, key=victim)).body)
+        if job["status"] == "done":
+            break
+        await asyncio.sleep(0.2)
+    reasons = {r["url"].rsplit("/", 1)[-1]: r.get("error", "") for r in job["results"]}
+    assert job["failed"] == len(attack), job
+    assert reasons["bomb.png"].startswith("too many pixels")
+    assert reasons["big?bytes=5000000&chunked=1"].startswith("too large")
+    assert reasons["animated.gif?frames=1500"].startswith("too many frames")
+    assert all(reasons[f"slow?{i}"] == "timeout" for i in range(12))
+
+
+@pytest.mark.gen_test
+async def test_keys_never_reach_logs_or_error_bodies(api, admin_key, caplog):
+    wrong = "casimg_0123456789ab_" + "s" * 43
+    with caplog.at_level(logging.DEBUG):
+        unknown = await api("GET", "/api/images", key=wrong)
+        await api("GET", "/api/images", key=None, headers={"Authorization": f"Token {admin_key}"})
+        await api("GET", "/api/image?url=x")
+    assert unknown.code == 401 and wrong not in unknown.body.decode()
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/api/images" in logged  # the requests were logged...
+    assert admin_key not in logged and wrong not in logged  # ...without their keys
