@@ -107,6 +107,9 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
     )
+    # Every process makes sure of the directories it may write: a delete renames into trash/, and a
+    # missing trash/ would leave the blob in place.
+    blobs.create_dirs()
     await services.queue.ensure_group()
     if with_worker:
         services.fetcher = Fetcher(

@@ -119,10 +119,18 @@ class BaseHandler(tornado.web.RequestHandler):
             self.set_header("Retry-After", str(max(1, round(retry_after))))
         if status == 401:
             self.set_header("WWW-Authenticate", 'Token realm="casimg"')
+        if status == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/problem+json")
         self.finish(json.dumps({
             "type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
         }))
+
+    @classmethod
+    def allowed_methods(cls) -> list[str]:
+        """The methods this handler implements, for the Allow header of a 405."""
+        return [method for method in cls.SUPPORTED_METHODS
+                if getattr(cls, method.lower()) is not getattr(tornado.web.RequestHandler, method.lower())]
 
     def query_int(self, name: str, default: int, low: int, high: int) -> int:
         raw = self.get_query_argument(name, None)
@@ -336,10 +344,15 @@ class ImageHandler(_BytesHandler):
     scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
 
     def _url(self) -> str:
-        url = self.get_query_argument("url", None)
-        if not url:
+        # Read raw: get_query_argument strips whitespace and replaces control characters, and the URL
+        # must match exactly what was submitted.
+        values = self.request.query_arguments.get("url")
+        if not values or not values[-1]:
             raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
-        return url
+        try:
+            return values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()

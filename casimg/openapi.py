@@ -64,21 +64,22 @@ def openapi_document() -> dict[str, Any]:
             },
             "schemas": {
                 "Problem": {
-                    "type": "object", "required": ["title", "status", "detail"],
+                    "type": "object", "additionalProperties": False, "required": ["title", "status", "detail"],
                     "properties": {"type": {"type": "string"}, "title": {"type": "string"},
                                    "status": {"type": "integer"}, "detail": {"type": "string"}},
                 },
                 "Submit": {
-                    "type": "object", "required": ["image_urls"],
+                    # Other members are ignored, so clients that send more than image_urls keep working.
+                    "type": "object", "additionalProperties": True, "required": ["image_urls"],
                     "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
                 },
                 "Accepted": {
-                    "type": "object", "required": ["job_id", "status", "total"],
+                    "type": "object", "additionalProperties": False, "required": ["job_id", "status", "total"],
                     "properties": {"job_id": {"type": "string"}, "status": {"type": "string", "enum": ["queued"]},
                                    "total": {"type": "integer", "minimum": 1}},
                 },
                 "Result": {
-                    "type": "object", "required": ["url", "status"],
+                    "type": "object", "additionalProperties": False, "required": ["url", "status"],
                     "properties": {
                         "url": {"type": "string"},
                         "status": {"type": "string", "enum": ["pending", "stored", "exists", "failed"]},
@@ -89,7 +90,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "Job": {
-                    "type": "object",
+                    "type": "object", "additionalProperties": False,
                     "required": ["job_id", "status", "total", "done", "stored", "existed", "failed", "results"],
                     "properties": {
                         "job_id": {"type": "string"},
@@ -102,7 +103,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
                 "Image": {
-                    "type": "object",
+                    "type": "object", "additionalProperties": False,
                     "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
                     "properties": {
                         "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},

@@ -107,7 +107,6 @@ def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
 
     async def start() -> Services:
         built = await open_services(settings, settings.redis_url, with_worker=True)
-        built.blobs.create_dirs()
         assert built.worker is not None
         built.worker.start()
         return built

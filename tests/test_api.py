@@ -306,6 +306,7 @@ async def test_url_is_matched_exactly_as_submitted(api, origin):
     await submit(api, [url])
     assert (await api("GET", f"/api/image?url={quote(url, safe='')}")).code == 200
     assert (await api("GET", f"/api/image?url={quote(url.replace('a=1&b', 'b'), safe='')}")).code == 404
+    assert (await api("GET", f"/api/image?url={quote(url + ' ', safe='')}")).code == 404  # not trimmed
 
 
 # -- listing ----------------------------------------------------------------------------------------
