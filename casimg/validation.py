@@ -53,6 +53,10 @@ def validate_image(
     try:
         with Image.open(path) as image:
             fmt = image.format or "unknown"
+            if fmt == "MPO":
+                # Pillow names a JPEG with extra pictures (a phone's depth map, a preview) MPO; it is
+                # a JPEG to every browser and is stored and served as one.
+                fmt = "JPEG"
             if allowed_formats is not None and fmt not in allowed_formats:
                 raise InvalidImage(f"format {fmt} not allowed")
             width, height = image.size

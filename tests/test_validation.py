@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from casimg.errors import InvalidImage
 from casimg.validation import validate_image
@@ -82,3 +84,12 @@ def test_animated_images_are_counted_against_the_frame_limit(tmp_path):
     assert validate_image(written(tmp_path, animated_gif(5)), **LIMITS).frames == 5
     with pytest.raises(InvalidImage, match=r"too many frames \(101 over 100\)"):
         validate_image(written(tmp_path, animated_gif(101)), **LIMITS)
+
+
+def test_a_multi_picture_jpeg_from_a_phone_is_a_jpeg(tmp_path):
+    first, second = (Image.open(io.BytesIO(image_bytes(seed, "jpg", (64, 48)))) for seed in (21, 22))
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    info = validate_image(written(tmp_path, buffer.getvalue()), **LIMITS)
+    assert (info.format, info.content_type, info.width, info.height) == ("JPEG", "image/jpeg", 64, 48)
