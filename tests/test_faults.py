@@ -1,0 +1,257 @@
+"""Fault injection against real processes: what a crash, an outage or a full disk may not lose.
+
+Every test runs real `casimg serve` / `casimg worker` processes, real `redis-server` and the real local
+origin, injects one fault in the middle of an import, and ends with the same checks: every accepted
+URL is stored (bytes identical to the origin's) or failed with a reason, none pending; `casimg fsck`
+finds no problem; the queue stream is empty and job keys expire. Run them alone with `pytest -m faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+import pytest
+
+from casimg.embedded import EmbeddedRedis
+from tests.conftest import RedisProcess
+from tests.procs import (
+    PREFIX,
+    Processes,
+    assert_fsck_clean,
+    assert_nothing_grows,
+    assert_retrievable,
+    embedded_client,
+    expected_bytes,
+    image_urls,
+    job,
+    kill_tree,
+    settle,
+    submit,
+    wait_for_progress,
+)
+from tests.test_cli import Server
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+IMPORT = 500  # URLs in the import a fault interrupts
+FAULT_AFTER = 100  # the fault goes in once this many are finished: well inside the import
+# Each image takes this long at the origin, so the import is still running when the fault goes in
+# (8 at a time: about 6 s for 500) without making the suite slow.
+SLOW_ORIGIN = "delay=0.1"
+SHUTDOWN_BOUND = 10.0  # seconds SIGTERM may take to end `casimg serve` (the issue's bound)
+REQUEST_BOUND = 15.0  # no request may hang longer than this while Redis is away (socket timeout is 10 s)
+ENV = {"CASIMG_PER_HOST_CONCURRENCY": "8"}
+
+
+@pytest.fixture
+def procs() -> Any:
+    tracked = Processes()
+    yield tracked
+    tracked.cleanup()
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def durable_state(data_dir: Path, job_id: str) -> tuple[int, int, int]:
+    """(finished URLs, entries left in the queue, job total) as the data dir's Redis has them on disk.
+
+    Read with only Redis running, after the fault and before the restart: proves the fault really hit
+    the middle of the import, and that exactly the unfinished URLs are still queued.
+    """
+    embedded = EmbeddedRedis(data_dir)
+    embedded.start()
+    try:
+        client = embedded_client(data_dir)
+        state = client.hgetall(f"{PREFIX}job:{job_id}")
+        left = client.xlen(f"{PREFIX}queue")
+        client.close()
+    finally:
+        embedded.stop()
+    return int(state["done"]), left, int(state["total"])
+
+
+def assert_all_stored(server: Server, job_id: str, urls: list[str]) -> dict[str, Any]:
+    final = settle(server, job_id)
+    assert [r["url"] for r in final["results"]] == urls
+    failed = [r for r in final["results"] if r["status"] != "stored"]
+    assert not failed, failed[:5]
+    assert_retrievable(server, urls)
+    return final
+
+
+def test_kill_9_of_server_and_its_redis_mid_import_then_restart_completes_the_job(data_dir, procs, origin):
+    server = procs.server(data_dir, env=ENV)
+    urls = image_urls(origin, IMPORT, start=10_000, query=SLOW_ORIGIN)
+    job_id = submit(server, urls)
+    wait_for_progress(server, job_id, FAULT_AFTER)
+    kill_tree(server)
+
+    done, left, total = durable_state(data_dir, job_id)
+    assert FAULT_AFTER <= done < total == IMPORT
+    assert left == total - done, "every unfinished URL must still be in the queue"
+
+    restarted = procs.server(data_dir, env=ENV)
+    assert_all_stored(restarted, job_id, urls)
+    assert_fsck_clean(data_dir)
+    assert_nothing_grows(embedded_client(data_dir))
+    assert restarted.terminate() == 0
+
+
+def test_kill_9_of_the_worker_mid_import_a_second_worker_takes_over(data_dir, procs, origin):
+    server = procs.server(data_dir, "--no-workers", env=ENV)
+    first = procs.worker(data_dir, env=server.env, name="worker-1")
+    urls = image_urls(origin, IMPORT, start=20_000, query=SLOW_ORIGIN)
+    job_id = submit(server, urls)
+    wait_for_progress(server, job_id, FAULT_AFTER)
+    first.kill()
+    first.wait()
+
+    client = embedded_client(data_dir)
+    orphaned = sum(c["pending"] for c in client.xinfo_consumers(f"{PREFIX}queue", "workers"))
+    assert orphaned > 0, "the killed worker held no entries: the takeover would not be tested"
+    assert job(server, job_id)["done"] < IMPORT
+
+    second = procs.worker(data_dir, env=server.env, name="worker-2")
+    assert_all_stored(server, job_id, urls)
+    assert_fsck_clean(data_dir)
+    assert_nothing_grows(client)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(SHUTDOWN_BOUND + 5) == 0
+    assert server.terminate() == 0
+
+
+def test_sigterm_mid_import_exits_within_10_s_and_the_restart_resumes(data_dir, procs, origin):
+    server = procs.server(data_dir, env=ENV)  # the default CASIMG_SHUTDOWN_GRACE (7 s)
+    # A few downloads outlast the shutdown grace: they are cut off and must come back on the restart.
+    stalled = [origin.url(f"/img/{n}.jpg?delay=12") for n in range(30_000, 30_003)]
+    urls = stalled + image_urls(origin, IMPORT, start=30_100, query=SLOW_ORIGIN)
+    job_id = submit(server, urls)
+    wait_for_progress(server, job_id, FAULT_AFTER)
+
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    code = server.process.wait(60)
+    took = time.monotonic() - started
+    print(f"\nSIGTERM mid-import: exited {code} after {took:.1f} s")
+    assert code == 0 and took <= SHUTDOWN_BOUND
+    assert not EmbeddedRedis(data_dir).alive()
+    assert list((data_dir / "tmp").iterdir()) == [], "a cut-off download left its temp file"
+
+    done, left, total = durable_state(data_dir, job_id)
+    assert FAULT_AFTER <= done < total and left == total - done
+
+    restarted = procs.server(data_dir, env=ENV)
+    final = assert_all_stored(restarted, job_id, urls)
+    assert all(r["status"] == "stored" for r in final["results"][:3])
+    assert_fsck_clean(data_dir)
+    assert_nothing_grows(embedded_client(data_dir))
+    assert restarted.terminate() == 0
+
+
+# -- Redis away ------------------------------------------------------------------------------------------
+
+class Client(threading.Thread):
+    """Calls the API in a loop until told to stop, recording (status, seconds, headers, body) per call."""
+
+    def __init__(self, server: Server, calls: list[tuple[str, str, Any]], stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.server, self.calls, self.stop = server, calls, stop
+        self.records: list[tuple[str, int, float, dict[str, str], bytes]] = []
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for method, path, body in self.calls:
+                payload = body() if callable(body) else body
+                started = time.monotonic()
+                try:
+                    status, data, headers = self.server.call(method, path, payload)
+                except (urllib.error.URLError, OSError) as exc:  # a hang past urllib's 30 s lands here
+                    self.errors.append(f"{method} {path}: {exc!r} after {time.monotonic() - started:.1f} s")
+                    continue
+                self.records.append((f"{method} {path}", status, time.monotonic() - started, headers, data))
+            time.sleep(0.05)
+
+
+def test_redis_away_for_seconds_answers_503_and_loses_nothing(tmp_path, data_dir, procs, origin):
+    external = RedisProcess(tmp_path / "redis").start()
+    try:
+        server = procs.server(data_dir, "--redis-url", external.url, env=ENV)
+        redis_args = ("--redis-url", external.url)
+        seeded = image_urls(origin, 10, start=40_000)
+        assert server.submit(seeded)["stored"] == 10
+        urls = image_urls(origin, 400, start=40_100, query=SLOW_ORIGIN)
+        job_id = submit(server, urls)
+        counter = iter(range(41_000, 50_000))
+
+        def small_job() -> dict[str, Any]:
+            return {"image_urls": [origin.url(f"/img/{next(counter)}.jpg") for _ in range(2)]}
+
+        stop = threading.Event()
+        readers = [
+            Client(server, [("GET", "/api/images?limit=50", None),
+                            ("GET", f"/api/image?url={quote(seed, safe='')}", None),
+                            ("GET", f"/api/jobs/{job_id}", None),
+                            ("GET", "/readyz", None)], stop)
+            for seed in seeded[:3]
+        ]
+        writer = Client(server, [("POST", "/api/images", small_job)], stop)
+        for thread in [*readers, writer]:
+            thread.start()
+        time.sleep(1.5)
+        assert job(server, job_id)["done"] < len(urls), "the import ended before Redis went away"
+        external.stop()
+        away_from = time.monotonic()
+        time.sleep(5)
+        external.start()
+        back_at = time.monotonic()
+        time.sleep(3)
+        stop.set()
+        for thread in [*readers, writer]:
+            thread.join(REQUEST_BOUND * 3)
+            assert not thread.is_alive(), "a request hung"
+
+        records = [r for thread in [*readers, writer] for r in thread.records]
+        errors = [e for thread in [*readers, writer] for e in thread.errors]
+        assert not errors, errors[:5]
+        statuses: dict[int, int] = {}
+        for _, status, _, _, _ in records:
+            statuses[status] = statuses.get(status, 0) + 1
+        slowest = max(seconds for _, _, seconds, _, _ in records)
+        print(f"\nRedis away {back_at - away_from:.1f} s: {len(records)} requests, statuses {statuses}, "
+              f"slowest {slowest:.2f} s")
+        assert set(statuses) <= {200, 202, 503}, statuses
+        assert statuses.get(503), "no request saw Redis away"
+        assert slowest < REQUEST_BOUND
+        for what, status, _, headers, body in records:
+            if status == 503:
+                assert headers["Content-Type"] == "application/problem+json", (what, body)
+                assert json.loads(body)["status"] == 503
+                assert int(headers["Retry-After"]) >= 1, what
+            elif what.startswith("GET /api/image?"):
+                assert body == expected_bytes(unquote(what.split("url=", 1)[1])), what
+        accepted = [json.loads(body)["job_id"] for _, status, _, _, body in writer.records if status == 202]
+        assert accepted, "no submission was accepted"
+
+        assert_all_stored(server, job_id, urls)
+        for accepted_id in accepted:
+            final = settle(server, accepted_id)
+            assert final["stored"] == final["total"], final
+            assert_retrievable(server, [r["url"] for r in final["results"]])
+        assert "unavailable" in server.output(), "the worker never noticed Redis was away"
+        assert_fsck_clean(data_dir, *redis_args)
+        assert_nothing_grows(external.client())
+        assert server.terminate() == 0
+    finally:
+        external.stop()
