@@ -9,7 +9,9 @@ finds no problem; the queue stream is empty and job keys expire. Run them alone 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import threading
 import time
 import urllib.error
@@ -37,7 +39,7 @@ from tests.procs import (
     submit,
     wait_for_progress,
 )
-from tests.test_cli import Server
+from tests.test_cli import Server, casimg
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -252,6 +254,118 @@ def test_redis_away_for_seconds_answers_503_and_loses_nothing(tmp_path, data_dir
         assert "unavailable" in server.output(), "the worker never noticed Redis was away"
         assert_fsck_clean(data_dir, *redis_args)
         assert_nothing_grows(external.client())
+        assert server.terminate() == 0
+    finally:
+        external.stop()
+
+
+# -- the blob disk full or read-only -------------------------------------------------------------------
+
+DISK_BYTES = 4 * 1024 * 1024  # the tmpfs that holds the data dir (blobs, tmp and trash must share one)
+HEADROOM = 48 * 1024  # room left once the disk is filled: a few images fit, then the disk is full
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path, procs: Processes) -> Any:
+    """A data dir on its own small tmpfs. Mounting needs root (CI runs as root); otherwise: skip, saying why."""
+    mount_point = tmp_path / "data"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES},mode=0755", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill or make read-only (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        procs.cleanup()  # nothing may hold the mount when it goes
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Fill the file system with one file, then give back `leave` bytes."""
+    filler = disk / "filler"
+    block = b"\0" * 65536
+    with open(filler, "wb") as handle:
+        try:
+            while True:
+                handle.write(block)
+                handle.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def assert_nothing_half_written(disk: Path, fsck_output: str) -> None:
+    assert list((disk / "tmp").iterdir()) == [], "a failed download left its temp file"
+    assert list((disk / "trash").iterdir()) == [] if (disk / "trash").exists() else True
+    assert "orphan" not in fsck_output, fsck_output
+
+
+def test_full_blob_disk_fails_items_with_a_reason_and_recovers(tmp_path, small_disk, procs, origin):
+    external = RedisProcess(tmp_path / "redis").start()
+    try:
+        server = procs.server(small_disk, "--redis-url", external.url, env=ENV)
+        redis_args = ("--redis-url", external.url)
+        before = image_urls(origin, 5, start=50_000)
+        assert server.submit(before)["stored"] == 5
+        filler = fill(small_disk, HEADROOM)
+
+        urls = image_urls(origin, 60, start=50_100)
+        final = settle(server, submit(server, urls))
+        stored = [r["url"] for r in final["results"] if r["status"] == "stored"]
+        failed = [r for r in final["results"] if r["status"] == "failed"]
+        print(f"\ndisk full: {len(stored)} stored, {len(failed)} failed: {failed[0]['error'] if failed else ''}")
+        assert failed, "the disk never filled up"
+        assert {r["error"] for r in failed} == {"storage error: No space left on device"}, failed[:3]
+        assert all(r["attempts"] == 1 for r in failed)
+        assert server.call("GET", "/healthz")[0] == 200
+        assert server.call("GET", "/api/images?limit=1000")[0] == 200
+        assert_retrievable(server, before + stored)
+        assert_nothing_half_written(small_disk, assert_fsck_clean(small_disk, *redis_args))
+
+        filler.unlink()
+        again = settle(server, submit(server, [r["url"] for r in failed]))
+        assert again["stored"] == len(failed), again
+        assert_retrievable(server, urls)
+        assert_nothing_half_written(small_disk, assert_fsck_clean(small_disk, *redis_args))
+        assert_nothing_grows(external.client())
+        assert server.terminate() == 0
+    finally:
+        external.stop()
+
+
+def test_read_only_blob_disk_fails_items_with_a_reason_and_recovers(tmp_path, small_disk, procs, origin):
+    external = RedisProcess(tmp_path / "redis").start()
+    try:
+        server = procs.server(small_disk, "--redis-url", external.url, env=ENV)
+        redis_args = ("--redis-url", external.url)
+        before = image_urls(origin, 6, start=60_000)
+        assert server.submit(before)["stored"] == 6
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+
+        status, body, headers = server.call("GET", "/readyz")
+        assert status == 503 and headers["Content-Type"] == "application/problem+json", body
+        assert "not writable" in json.loads(body)["detail"]
+        urls = image_urls(origin, 10, start=60_100)
+        final = settle(server, submit(server, urls))
+        assert {(r["status"], r["error"]) for r in final["results"]} == {
+            ("failed", "storage error: Read-only file system")}, final["results"][:3]
+        assert_retrievable(server, before)  # reads go on
+        status, body, _ = server.call("DELETE", f"/api/image?url={quote(before[0], safe='')}")
+        assert status == 204, body
+        assert server.call("GET", f"/api/image?url={quote(before[0], safe='')}")[0] == 404
+
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        assert server.call("GET", "/readyz")[0] == 200
+        again = settle(server, submit(server, urls))
+        assert again["stored"] == len(urls), again
+        assert_retrievable(server, before[1:] + urls)
+        # The delete could not move its blob away while the disk was read-only: what is left is an
+        # unreferenced blob, which fsck notes and --repair (or the periodic sweep) removes.
+        repaired = casimg("fsck", "--repair", "--data-dir", str(small_disk), *redis_args, check=False)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        assert_nothing_half_written(small_disk, assert_fsck_clean(small_disk, *redis_args))
         assert server.terminate() == 0
     finally:
         external.stop()
