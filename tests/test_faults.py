@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -25,6 +26,7 @@ import pytest
 from casimg.embedded import EmbeddedRedis
 from tests.conftest import RedisProcess
 from tests.procs import (
+    JOB_TIMEOUT,
     PREFIX,
     Processes,
     assert_fsck_clean,
@@ -369,3 +371,68 @@ def test_read_only_blob_disk_fails_items_with_a_reason_and_recovers(tmp_path, sm
         assert server.terminate() == 0
     finally:
         external.stop()
+
+
+# -- stores and deletes of shared content, at scale -----------------------------------------------------
+
+SHARED_CONTENTS = 6  # distinct images; every client has its own URL for each, so clients share the bytes
+CLIENTS = 6
+ROUNDS = 30
+
+
+def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced_blob(data_dir, procs, origin):
+    """Each client stores and deletes only its own URLs, but all URLs share a few contents, so references
+    to one blob come and go from every client (and from two worker processes) at once. A URL that its
+    owner stored must answer with its bytes until its owner deletes it, whatever the others do."""
+    server = procs.server(data_dir, env=ENV)
+    procs.worker(data_dir, env=server.env, name="second-worker")  # stores happen in two processes
+    problems: list[tuple[Any, ...]] = []
+    operations = [0] * CLIENTS
+
+    def client(me: int) -> None:
+        rng = random.Random(me)
+        mine = [origin.url(f"/img/{70_000 + c}.jpg?owner={me}") for c in range(SHARED_CONTENTS)]
+        for round_ in range(ROUNDS + 1):
+            last = round_ == ROUNDS
+            batch = [] if last else [u for u in mine if rng.random() < 0.8] or mine[:1]
+            if batch:
+                status, body, _ = server.call("POST", "/api/images?wait=60", {"image_urls": batch})
+                operations[me] += 1
+                if status != 200:
+                    problems.append(("submit", status, body[:200]))
+                    continue
+                outcomes = {r["status"] for r in json.loads(body)["results"]}
+                if not outcomes <= {"stored", "exists"}:
+                    problems.append(("outcome", json.loads(body)["results"]))
+            for url in batch:
+                status, data, _ = server.call("GET", f"/api/image?url={quote(url, safe='')}")
+                operations[me] += 1
+                if status != 200 or data != expected_bytes(url):
+                    problems.append(("lost", url, status, data[:200]))
+            doomed = mine if last else rng.sample(batch, k=max(1, len(batch) // 2))
+            for url in doomed:
+                status, body, _ = server.call("DELETE", f"/api/image?url={quote(url, safe='')}")
+                operations[me] += 2
+                if status not in (204, 404) or server.call("GET", f"/api/image?url={quote(url, safe='')}")[0] != 404:
+                    problems.append(("delete", url, status, body[:200]))
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(me,), daemon=True) for me in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(JOB_TIMEOUT)
+        assert not thread.is_alive(), "a client hung"
+    print(f"\nshared content: {sum(operations)} operations from {CLIENTS} clients in "
+          f"{time.monotonic() - started:.1f} s")
+    assert not problems, problems[:5]
+
+    # Everything was deleted: the index is empty, and so is the disk.
+    client_ = embedded_client(data_dir)
+    assert client_.hlen(f"{PREFIX}urls") == client_.hlen(f"{PREFIX}refs") == client_.hlen(f"{PREFIX}meta") == 0
+    output = assert_fsck_clean(data_dir)
+    assert " 0 note(s)" in output, output
+    assert [p for p in (data_dir / "blobs").rglob("*") if p.is_file()] == []
+    assert list((data_dir / "trash").iterdir()) == [] and list((data_dir / "tmp").iterdir()) == []
+    assert_nothing_grows(client_)
+    assert server.terminate() == 0
