@@ -8,6 +8,7 @@ finds no problem; the queue stream is empty and job keys expire. Run them alone 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -435,4 +436,40 @@ def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced
     assert [p for p in (data_dir / "blobs").rglob("*") if p.is_file()] == []
     assert list((data_dir / "trash").iterdir()) == [] and list((data_dir / "tmp").iterdir()) == []
     assert_nothing_grows(client_)
+    assert server.terminate() == 0
+
+
+# -- the periodic sweep ----------------------------------------------------------------------------------
+
+def test_periodic_sweep_clears_crash_leftovers_but_nothing_an_import_in_progress_needs(data_dir, procs, origin):
+    """What a crash leaves (an orphan blob, old temp and trash files) goes; a fresh temp file, which may be
+    a download in progress, stays; an import running through many sweeps loses nothing."""
+    env = {**ENV, "CASIMG_SWEEP_INTERVAL": "0.5", "CASIMG_TMP_GRACE": "30"}
+    server = procs.server(data_dir, env=env)
+    orphan_bytes = expected_bytes(origin.url("/img/80000.jpg"))
+    orphan = hashlib.sha256(orphan_bytes).hexdigest()
+    orphan_path = data_dir / "blobs" / orphan[:2] / orphan[2:4] / orphan
+    orphan_path.parent.mkdir(parents=True, exist_ok=True)
+    orphan_path.write_bytes(orphan_bytes)
+    (data_dir / "trash").mkdir(exist_ok=True)
+    old_temp, fresh_temp = data_dir / "tmp" / "dl-crashed.part", data_dir / "tmp" / "dl-in-progress.part"
+    old_trash = data_dir / "trash" / f"{orphan}.crashed"
+    for leftover in (old_temp, fresh_temp, old_trash):
+        leftover.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    for leftover in (old_temp, old_trash):
+        os.utime(leftover, (an_hour_ago, an_hour_ago))
+
+    urls = image_urls(origin, 300, start=80_100, query="delay=0.02")
+    job_id = submit(server, urls)
+    assert_all_stored(server, job_id, urls)
+    deadline = time.monotonic() + 30
+    while (orphan_path.exists() or old_temp.exists() or old_trash.exists()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not orphan_path.exists() and not old_temp.exists() and not old_trash.exists()
+    assert fresh_temp.exists(), "a temp file younger than the grace period was swept"
+    assert "sweep:" in server.output()
+    assert_retrievable(server, urls)
+    fresh_temp.unlink()
+    assert " 0 note(s)" in assert_fsck_clean(data_dir)
     assert server.terminate() == 0
