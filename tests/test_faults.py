@@ -95,9 +95,13 @@ def assert_all_stored(server: Server, job_id: str, urls: list[str]) -> dict[str,
     return final
 
 
-def test_kill_9_of_server_and_its_redis_mid_import_then_restart_completes_the_job(data_dir, procs, origin):
-    server = procs.server(data_dir, env=ENV)
-    urls = image_urls(origin, IMPORT, start=10_000, query=SLOW_ORIGIN)
+@pytest.mark.parametrize("appendfsync", ["everysec", "always"])
+def test_kill_9_of_server_and_its_redis_mid_import_then_restart_completes_the_job(data_dir, procs, origin,
+                                                                                  appendfsync):
+    env = {**ENV, "CASIMG_APPENDFSYNC": appendfsync}
+    server = procs.server(data_dir, env=env)
+    assert embedded_client(data_dir).config_get("appendfsync")["appendfsync"] == appendfsync
+    urls = image_urls(origin, IMPORT, start=10_000 if appendfsync == "everysec" else 11_000, query=SLOW_ORIGIN)
     job_id = submit(server, urls)
     wait_for_progress(server, job_id, FAULT_AFTER)
     kill_tree(server)
@@ -106,7 +110,7 @@ def test_kill_9_of_server_and_its_redis_mid_import_then_restart_completes_the_jo
     assert FAULT_AFTER <= done < total == IMPORT
     assert left == total - done, "every unfinished URL must still be in the queue"
 
-    restarted = procs.server(data_dir, env=ENV)
+    restarted = procs.server(data_dir, env=env)
     assert_all_stored(restarted, job_id, urls)
     assert_fsck_clean(data_dir)
     assert_nothing_grows(embedded_client(data_dir))
