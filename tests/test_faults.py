@@ -119,6 +119,7 @@ def test_kill_9_of_server_and_its_redis_mid_import_then_restart_completes_the_jo
 
 def test_kill_9_of_the_worker_mid_import_a_second_worker_takes_over(data_dir, procs, origin):
     server = procs.server(data_dir, "--no-workers", env=ENV)
+    assert server.call("GET", "/readyz")[0] == 200  # ready before any worker has touched the data dir
     first = procs.worker(data_dir, env=server.env, name="worker-1")
     urls = image_urls(origin, IMPORT, start=20_000, query=SLOW_ORIGIN)
     job_id = submit(server, urls)
