@@ -12,6 +12,7 @@ Paths:
   /status/CODE             that status (``?retry_after=S`` adds Retry-After)
   /flaky/KEY?fail=N&status=CODE   CODE for the first N hits on KEY, then an image
   /reset/KEY?fail=N        the connection is reset (TCP RST) for the first N hits on KEY, then an image
+  /stall/KEY?fail=N&seconds=S   no answer for S seconds (default 30) on the first N hits on KEY, then an image
   /html                    an HTML page served as 200
   /truncated.jpg           a JPEG cut in half
   /bomb.png                a small PNG that declares 30000x30000 pixels
@@ -111,6 +112,12 @@ class _Handler(BaseHTTPRequestHandler):
         if head == "reset" and len(segments) == 2:
             if self.server.origin.count("reset:" + segments[1]) <= int(query.get("fail", "1")):
                 return self.reset()
+            return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
+        if head == "stall" and len(segments) == 2:
+            if self.server.origin.count("stall:" + segments[1]) <= int(query.get("fail", "1")):
+                self.server.stopping.wait(float(query.get("seconds", "30")))
+                self.close_connection = True
+                return
             return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
         if head == "html":
             return self.send(200, b"<!doctype html><title>not an image</title>", "text/html")

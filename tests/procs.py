@@ -179,7 +179,16 @@ def assert_fsck_clean(data_dir: Path, *extra: str, env: dict[str, str] | None = 
 
 
 def assert_nothing_grows(client: redis.Redis, prefix: str = PREFIX) -> None:
-    """Once every job is done: the queue stream is empty, nothing is pending, job and worker keys expire."""
+    """Once every job is done: the queue stream is empty, nothing is pending, job and worker keys expire,
+    and the consumer group holds only live workers (a live worker removes a dead one's consumer)."""
+    deadline = time.monotonic() + 30
+    while True:
+        consumers = [c["name"] for c in client.xinfo_consumers(prefix + "queue", "workers")]
+        dead = [name for name in consumers if not client.exists(prefix + "worker:" + name)]
+        if not dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not dead, f"consumers of dead workers stay in the group: {dead}"
     assert client.xlen(prefix + "queue") == 0
     assert client.xpending(prefix + "queue", "workers")["pending"] == 0
     jobs = list(client.scan_iter(prefix + "job:*", count=1000))

@@ -76,3 +76,11 @@ async def test_blocked_address_is_not_retried(api):
     result = await outcome(api, "http://127.0.0.2:9/img/1.jpg")
     assert result["status"] == "failed" and result["error"].startswith("blocked address"), result
     assert result["attempts"] == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_timeout_is_retried(api, origin, settings):
+    result = await outcome(api, origin.url("/stall/once?fail=1"))  # the first try outlasts fetch_timeout
+    assert (result["status"], result["attempts"]) == ("stored", 2)
+    assert origin.hits["stall:once"] == 2
+    assert settings.fetch_timeout < 30
