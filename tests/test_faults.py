@@ -306,7 +306,7 @@ def fill(disk: Path, leave: int) -> Path:
 
 def assert_nothing_half_written(disk: Path, fsck_output: str) -> None:
     assert list((disk / "tmp").iterdir()) == [], "a failed download left its temp file"
-    assert list((disk / "trash").iterdir()) == [] if (disk / "trash").exists() else True
+    assert list((disk / "trash").iterdir()) == [], "an interrupted delete left its trash file"
     assert "orphan" not in fsck_output, fsck_output
 
 
@@ -381,15 +381,19 @@ def test_read_only_blob_disk_fails_items_with_a_reason_and_recovers(tmp_path, sm
 
 # -- stores and deletes of shared content, at scale -----------------------------------------------------
 
-SHARED_CONTENTS = 6  # distinct images; every client has its own URL for each, so clients share the bytes
-CLIENTS = 6
+SHARED_CONTENTS = 3  # distinct images; every client has its own URL for each, so clients share the bytes
+CLIENTS = 8
 ROUNDS = 30
 
 
 def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced_blob(data_dir, procs, origin):
     """Each client stores and deletes only its own URLs, but all URLs share a few contents, so references
     to one blob come and go from every client (and from two worker processes) at once. A URL that its
-    owner stored must answer with its bytes until its owner deletes it, whatever the others do."""
+    owner stored must answer with its bytes until its owner deletes it, whatever the others do.
+
+    This is the invariant under real load, not a proof of the narrow windows: a delete's few
+    file-system steps rarely land inside a store's. tests/test_lifecycle.py runs every one of those
+    interleavings deterministically."""
     server = procs.server(data_dir, env=ENV)
     procs.worker(data_dir, env=server.env, name="second-worker")  # stores happen in two processes
     problems: list[tuple[Any, ...]] = []
@@ -398,6 +402,7 @@ def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced
     def client(me: int) -> None:
         rng = random.Random(me)
         mine = [origin.url(f"/img/{70_000 + c}.jpg?owner={me}") for c in range(SHARED_CONTENTS)]
+        held: set[str] = set()  # this client's URLs that are stored now: only this client deletes them
         for round_ in range(ROUNDS + 1):
             last = round_ == ROUNDS
             batch = [] if last else [u for u in mine if rng.random() < 0.8] or mine[:1]
@@ -410,17 +415,21 @@ def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced
                 outcomes = {r["status"] for r in json.loads(body)["results"]}
                 if not outcomes <= {"stored", "exists"}:
                     problems.append(("outcome", json.loads(body)["results"]))
-            for url in batch:
+                held.update(batch)
+            for url in sorted(held):
                 status, data, _ = server.call("GET", f"/api/image?url={quote(url, safe='')}")
                 operations[me] += 1
                 if status != 200 or data != expected_bytes(url):
                     problems.append(("lost", url, status, data[:200]))
-            doomed = mine if last else rng.sample(batch, k=max(1, len(batch) // 2))
+            # Often the whole batch, so a blob's last reference goes and comes back while others store it.
+            doomed = mine if last else batch if rng.random() < 0.5 else rng.sample(batch, k=max(1, len(batch) // 2))
             for url in doomed:
                 status, body, _ = server.call("DELETE", f"/api/image?url={quote(url, safe='')}")
+                after = server.call("GET", f"/api/image?url={quote(url, safe='')}")[0]
                 operations[me] += 2
-                if status not in (204, 404) or server.call("GET", f"/api/image?url={quote(url, safe='')}")[0] != 404:
-                    problems.append(("delete", url, status, body[:200]))
+                if status != (204 if url in held else 404) or after != 404:
+                    problems.append(("delete", url, status, after, body[:200]))
+                held.discard(url)
 
     started = time.monotonic()
     threads = [threading.Thread(target=client, args=(me,), daemon=True) for me in range(CLIENTS)]
