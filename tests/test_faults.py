@@ -17,7 +17,6 @@ import subprocess
 import threading
 import time
 import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -487,3 +486,40 @@ def test_periodic_sweep_clears_crash_leftovers_but_nothing_an_import_in_progress
     fresh_temp.unlink()
     assert " 0 note(s)" in assert_fsck_clean(data_dir)
     assert server.terminate() == 0
+
+
+def test_worker_goes_on_when_redis_comes_back_without_its_data(tmp_path, data_dir, procs, origin):
+    """A Redis restarted empty (no persistence; a failover to a replica that lacks the data) has lost the
+    queue's consumer group. The worker must recreate it and go on reading; a worker that stopped reading
+    while its heartbeat still said it was alive would leave every later job stuck."""
+    external = RedisProcess(tmp_path / "redis").start()
+    try:
+        data_dir.mkdir()
+        key = "casimg-fault-test-bootstrap-key"
+        (data_dir / "admin.key").write_text(key)  # a bootstrap key is registered again on every start
+        args = ("--no-workers", "--redis-url", external.url)
+        env = {**ENV, "CASIMG_BOOTSTRAP_KEY": key}
+        server = procs.server(data_dir, *args, env=env)
+        worker = procs.worker(data_dir, "--redis-url", external.url, env=server.env)
+        assert server.submit(image_urls(origin, 5, start=90_000))["stored"] == 5
+
+        external.stop()
+        for path in external.dir.iterdir():
+            if path.name != "redis.log":
+                subprocess.run(["rm", "-rf", str(path)], check=True)
+        external.start()
+        assert external.client().dbsize() == 0
+        time.sleep(3)  # the worker polls a queue that is gone
+        assert server.terminate() == 0
+        server = procs.server(data_dir, *args, env=env)  # the operator restarts the server: the key is back
+
+        urls = image_urls(origin, 5, start=90_100)
+        final = settle(server, submit(server, urls), timeout=60)
+        assert final["stored"] == len(urls), final
+        assert_retrievable(server, urls)
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(SHUTDOWN_BOUND + 5) == 0
+        assert server.terminate() == 0
+    finally:
+        external.stop()
