@@ -1,9 +1,10 @@
 """Fault injection against real processes: what a crash, an outage or a full disk may not lose.
 
 Every test runs real `casimg serve` / `casimg worker` processes, real `redis-server` and the real local
-origin, injects one fault in the middle of an import, and ends with the same checks: every accepted
-URL is stored (bytes identical to the origin's) or failed with a reason, none pending; `casimg fsck`
-finds no problem; the queue stream is empty and job keys expire. Run them alone with `pytest -m faults`.
+origin (on 127.0.0.1 only), injects a fault while work is under way, and ends with the same checks:
+every accepted URL is stored (bytes identical to the origin's) or failed with a reason, none pending;
+`casimg fsck` finds no problem; the queue stream is empty, job keys expire and only live workers stay
+in the consumer group. Run them alone with `pytest -m faults` (add -s to see the figures they print).
 """
 
 from __future__ import annotations
