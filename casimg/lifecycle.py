@@ -9,6 +9,7 @@ File system calls go to a thread, never onto the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from casimg.blobs import BlobStore
 from casimg.index import Index, StoreOutcome
+
+log = logging.getLogger("casimg.lifecycle")
 
 Pause = Callable[[str], Awaitable[None]]
 
@@ -75,7 +78,13 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
     if await index.refs_of(digest) > 0:
         return False
     await pause("checked")
-    trash = await _io(blobs.move_to_trash, digest)
+    try:
+        trash = await _io(blobs.move_to_trash, digest)
+    except OSError as exc:
+        # The blob directory is read-only or failing. The URL is already out of the index, so its delete
+        # has happened; the bytes stay as an unreferenced blob, which the sweep or fsck --repair removes.
+        log.warning("could not move blob %s to the trash (%s); left for the sweep", digest, exc.strerror or exc)
+        return False
     await pause("trashed")
     try:
         if await index.drop_meta_if_unreferenced(digest) > 0:

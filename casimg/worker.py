@@ -18,6 +18,7 @@ from collections.abc import Callable
 from functools import partial
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg.blobs import BlobStore
@@ -137,6 +138,14 @@ class Worker:
                     task.add_done_callback(self._finished)
             except REDIS_ERRORS as exc:
                 log.warning("queue unavailable (%s); retrying in %.0f s", type(exc).__name__, REDIS_RETRY)
+                await asyncio.sleep(REDIS_RETRY)
+            except ResponseError as exc:
+                # Redis answers, but the queue is not as we left it: it came back without its data and the
+                # consumer group is gone. Stopping here would be for good, while the heartbeat kept saying
+                # this worker is alive, so nothing would ever take its entries over: recreate and go on.
+                log.warning("queue error (%s); recreating the consumer group", exc)
+                with contextlib.suppress(*REDIS_ERRORS, ResponseError):
+                    await self.queue.ensure_group()
                 await asyncio.sleep(REDIS_RETRY)
 
     def _finished(self, task: asyncio.Task[None]) -> None:

@@ -5,10 +5,14 @@ counts the hits on each path in ``origin.hits``, so tests can tell whether casim
 
 Paths:
   /img/N.EXT               an image generated from N (jpg, png, gif, webp, bmp); distinct N, distinct bytes
+                           (any query is ignored, so /img/N.jpg?copy=K is another URL for the same bytes;
+                           ``?delay=S`` waits S seconds before answering, to keep an import in flight)
   /dup/NAME.jpg            the same bytes whatever NAME is
   /animated.gif?frames=N   an animated GIF of N frames
   /status/CODE             that status (``?retry_after=S`` adds Retry-After)
   /flaky/KEY?fail=N&status=CODE   CODE for the first N hits on KEY, then an image
+  /reset/KEY?fail=N        the connection is reset (TCP RST) for the first N hits on KEY, then an image
+  /stall/KEY?fail=N&seconds=S   no answer for S seconds (default 30) on the first N hits on KEY, then an image
   /html                    an HTML page served as 200
   /truncated.jpg           a JPEG cut in half
   /bomb.png                a small PNG that declares 30000x30000 pixels
@@ -24,6 +28,7 @@ from __future__ import annotations
 import io
 import socket
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -89,6 +94,8 @@ class _Handler(BaseHTTPRequestHandler):
         if head == "img" and len(segments) == 2 and "." in segments[1]:
             stem, ext = segments[1].rsplit(".", 1)
             if ext in FORMATS and stem.isdigit():
+                if "delay" in query:
+                    self.server.stopping.wait(float(query["delay"]))
                 return self.send(200, image_bytes(int(stem), ext), FORMATS[ext][1])
         if head == "dup":
             return self.send(200, image_bytes(999_999), "image/jpeg")
@@ -101,6 +108,16 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.origin.count("flaky:" + segments[1]) <= int(query.get("fail", "1")):
                 extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
                 return self.send(int(query.get("status", "503")), b"try later", "text/plain", extra)
+            return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
+        if head == "reset" and len(segments) == 2:
+            if self.server.origin.count("reset:" + segments[1]) <= int(query.get("fail", "1")):
+                return self.reset()
+            return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
+        if head == "stall" and len(segments) == 2:
+            if self.server.origin.count("stall:" + segments[1]) <= int(query.get("fail", "1")):
+                self.server.stopping.wait(float(query.get("seconds", "30")))
+                self.close_connection = True
+                return
             return self.send(200, image_bytes(zlib.crc32(segments[1].encode()) % 100_000), "image/jpeg")
         if head == "html":
             return self.send(200, b"<!doctype html><title>not an image</title>", "text/html")
@@ -124,13 +141,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send(404, b"not found", "text/plain")
 
     def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (a killed casimg, say): not the origin's problem
+
+    def reset(self) -> None:
+        """Abort the connection with a TCP RST: SO_LINGER on, timeout 0, then close."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
 
     def redirect(self, location: str) -> None:
         self.send(302, b"", "text/plain", {"Location": location})
@@ -172,6 +198,11 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     origin: Origin
     stopping: threading.Event
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client killed mid-request (the fault tests do that): nothing to report
+        super().handle_error(request, client_address)
 
 
 class _Server6(_Server):

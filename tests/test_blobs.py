@@ -67,6 +67,16 @@ def test_trash_and_restore(blobs):
     assert [left.kind for left in blobs.leftovers()] == ["tmp"]
 
 
+def test_trash_works_in_a_data_dir_without_a_trash_directory(tmp_path):
+    store = BlobStore(tmp_path)  # what `casimg serve` has: tmp/ and blobs/ appear on use, trash/ never did
+    store.tmp_dir.mkdir()
+    tmp, digest = _temp(store, b"abc")
+    store.link_in(tmp, digest)
+    trash = store.move_to_trash(digest)
+    assert trash is not None and trash.read_bytes() == b"abc"
+    assert not store.exists(digest)
+
+
 def test_ensure_present_relinks_only_when_missing(blobs):
     tmp, digest = _temp(blobs, b"xyz")
     blobs.link_in(tmp, digest)

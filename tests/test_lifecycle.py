@@ -20,6 +20,7 @@ import pytest
 
 from casimg.app import connect_redis
 from casimg.blobs import BlobStore
+from casimg.fsck import sweep
 from casimg.index import Index, KeySpace
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
 
@@ -157,5 +158,22 @@ async def test_two_deletes_of_urls_sharing_content(tmp_path, redis_server, sched
     await second.finish()
     assert not blobs.exists(DIGEST)
     assert await index.meta_of(DIGEST) is None
+    await assert_invariant(blobs, index)
+    await index.redis.aclose()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_delete_whose_blob_cannot_be_moved_leaves_it_for_the_sweep(tmp_path, redis_server):
+    """A blob directory that refuses the move (read-only, failing) must not turn a delete into an error."""
+    blobs, index = await _world(tmp_path, redis_server.url, "stuck")
+    await store_blob(blobs, index, await _temp_with_bytes(blobs), "http://origin/a", DIGEST, META)
+    blobs.trash_dir.rmdir()
+    blobs.trash_dir.write_bytes(b"")  # a file where trash/ should be: the move fails with an OSError
+    assert await delete_url(blobs, index, "http://origin/a") == DIGEST
+    assert await index.digest_of("http://origin/a") is None
+    assert blobs.exists(DIGEST)  # left as an unreferenced blob
+    blobs.trash_dir.unlink()
+    assert f"removed orphan blob {DIGEST}" in await sweep(index, blobs, grace=3600)
+    assert not blobs.exists(DIGEST)
     await assert_invariant(blobs, index)
     await index.redis.aclose()

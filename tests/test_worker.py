@@ -40,3 +40,47 @@ async def test_permanent_failures_are_not_retried(api, origin, path, reason):
     result = await outcome(api, origin.url(path))
     assert (result["status"], result["error"], result["attempts"]) == ("failed", reason, 1)
     assert origin.hits[path] == before + 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_connection_reset_is_retried(api, origin):
+    # aiohttp itself resends an idempotent request once on a reset connection (RFC 9112 9.3.1), so one
+    # casimg attempt can be two hits; two resets are what it takes to need a second attempt.
+    result = await outcome(api, origin.url("/reset/twice?fail=2"))
+    assert (result["status"], result["attempts"]) == ("stored", 2)
+    assert origin.hits["reset:twice"] == 3
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_connection_reset_every_time_fails_after_three_attempts(api, origin):
+    result = await outcome(api, origin.url("/reset/always?fail=99"))
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", "connection lost", 3)
+    assert origin.hits["reset:always"] <= 2 * 3  # bounded: at most aiohttp's one resend per attempt
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize(("path", "reason"), [
+    ("/big?bytes=60000000", "too large"),
+    ("/truncated.jpg", "truncated or corrupt image"),
+])
+async def test_more_permanent_failures_are_not_retried(api, origin, path, reason):
+    before = origin.hits[path.split("?")[0]]
+    result = await outcome(api, origin.url(path))
+    assert result["status"] == "failed" and result["error"].startswith(reason), result
+    assert result["attempts"] == 1
+    assert origin.hits[path.split("?")[0]] == before + 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_blocked_address_is_not_retried(api):
+    result = await outcome(api, "http://127.0.0.2:9/img/1.jpg")
+    assert result["status"] == "failed" and result["error"].startswith("blocked address"), result
+    assert result["attempts"] == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_timeout_is_retried(api, origin, settings):
+    result = await outcome(api, origin.url("/stall/once?fail=1"))  # the first try outlasts fetch_timeout
+    assert (result["status"], result["attempts"]) == ("stored", 2)
+    assert origin.hits["stall:once"] == 2
+    assert settings.fetch_timeout < 30

@@ -1,0 +1,197 @@
+"""Real casimg processes for the fault and soak tests: servers, workers, their Redis, and the checks
+that every fault test ends with (the job settled, the bytes right, fsck clean, nothing left to grow).
+
+Everything here starts real `casimg serve` / `casimg worker` / `redis-server` processes and talks to
+them over loopback HTTP or a unix socket; ``Processes`` ends, by pid, whatever a test left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import redis
+
+from tests.origin import image_bytes
+from tests.test_cli import ROOT, Server, casimg
+
+JOB_TIMEOUT = 180.0  # seconds a job may take to settle after a fault; generous for a loaded 2-core CI box
+PREFIX = "casimg:"
+
+
+class Processes:
+    """Tracks the processes a test starts, so teardown can end exactly those (by pid) if the test fails."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.data_dirs: list[Path] = []
+
+    def server(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+        self.data_dirs.append(data_dir)
+        server = Server(data_dir, *extra, env=env)
+        self.started.append(server.process)
+        return server
+
+    def worker(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None,
+               name: str = "worker") -> subprocess.Popen[bytes]:
+        log = open(data_dir.parent / f"{name}.log", "w")  # a file, not a pipe: nobody reads a pipe
+        process = subprocess.Popen(
+            [sys.executable, "-m", "casimg", "worker", "--data-dir", str(data_dir), *extra], cwd=ROOT,
+            env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.started.append(process)
+        return process
+
+    def cleanup(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for data_dir in self.data_dirs:
+            pid = embedded_redis_pid(data_dir)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def embedded_redis_pid(data_dir: Path) -> int | None:
+    """The pid of the data dir's embedded redis-server, if one is running."""
+    try:
+        pid = int((data_dir / "redis" / "redis.pid").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return None
+    return pid if b"redis-server" in cmdline else None  # a pid file left by a dead Redis may name a reused pid
+
+
+def kill_tree(server: Server) -> None:
+    """kill -9 of the server and its embedded Redis (which runs in its own session, so not a group kill)."""
+    redis_pid = embedded_redis_pid(server.data_dir)
+    server.process.kill()
+    if redis_pid is not None:
+        os.kill(redis_pid, signal.SIGKILL)
+    server.process.wait()
+    if redis_pid is not None:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{redis_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def embedded_client(data_dir: Path) -> redis.Redis:
+    return redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"), decode_responses=True,
+                       socket_timeout=10)
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM: the most resident memory the process has had, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+# -- URLs of the origin and the bytes they must give back ---------------------------------------------
+
+def image_urls(origin: Any, count: int, start: int = 0, query: str = "") -> list[str]:
+    return [origin.url(f"/img/{n}.jpg") + (f"?{query}" if query else "") for n in range(start, start + count)]
+
+
+def expected_bytes(url: str) -> bytes:
+    """What the origin serves at an /img/N.EXT URL (the query does not change the bytes)."""
+    name = urlsplit(url).path.rsplit("/", 1)[1]
+    stem, ext = name.rsplit(".", 1)
+    return image_bytes(int(stem), ext)
+
+
+# -- jobs ---------------------------------------------------------------------------------------------
+
+def submit(server: Server, urls: list[str]) -> str:
+    status, body, _ = server.call("POST", "/api/images", {"image_urls": urls})
+    assert status == 202, body
+    return json.loads(body)["job_id"]
+
+
+def job(server: Server, job_id: str) -> dict[str, Any]:
+    status, body, _ = server.call("GET", f"/api/jobs/{job_id}")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_for_progress(server: Server, job_id: str, at_least: int) -> dict[str, Any]:
+    """Poll until `at_least` URLs of the job are finished; the fault goes in after that."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        status, body, _ = server.call("GET", f"/api/jobs/{job_id}")
+        if status == 200:
+            current = json.loads(body)
+            if current["done"] >= at_least:
+                return current
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {at_least} finished URLs")
+
+
+def settle(server: Server, job_id: str, timeout: float = JOB_TIMEOUT) -> dict[str, Any]:
+    """The job once done: every URL stored, existing or failed with a reason; none pending."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = job(server, job_id)
+        if current["status"] == "done":
+            break
+        time.sleep(0.2)
+    else:
+        pending = [r["url"] for r in current["results"] if r["status"] == "pending"]
+        raise AssertionError(f"job {job_id} stuck at {current['done']}/{current['total']}; pending: {pending[:5]}")
+    assert current["done"] == current["total"] == len(current["results"])
+    assert current["stored"] + current["existed"] + current["failed"] == current["total"]
+    for result in current["results"]:
+        assert result["status"] in ("stored", "exists", "failed"), result
+        if result["status"] == "failed":
+            assert result["error"], result
+        else:
+            assert len(result["sha256"]) == 64, result
+    return current
+
+
+def assert_retrievable(server: Server, urls: list[str]) -> None:
+    """Every URL answers 200 with exactly the origin's bytes."""
+    for url in urls:
+        status, body, _ = server.call("GET", f"/api/image?url={quote(url, safe='')}")
+        assert status == 200, (url, status, body[:200])
+        assert body == expected_bytes(url), url
+
+
+def assert_fsck_clean(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+    result = casimg("fsck", "--data-dir", str(data_dir), *extra, env=env, check=False)
+    assert result.returncode == 0 and " 0 problem(s)" in result.stdout, result.stdout + result.stderr
+    return result.stdout
+
+
+def assert_nothing_grows(client: redis.Redis, prefix: str = PREFIX) -> None:
+    """Once every job is done: the queue stream is empty, nothing is pending, job and worker keys expire,
+    and the consumer group holds only live workers (a live worker removes a dead one's consumer)."""
+    deadline = time.monotonic() + 30
+    while True:
+        consumers = [c["name"] for c in client.xinfo_consumers(prefix + "queue", "workers")]
+        dead = [name for name in consumers if not client.exists(prefix + "worker:" + name)]
+        if not dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not dead, f"consumers of dead workers stay in the group: {dead}"
+    assert client.xlen(prefix + "queue") == 0
+    assert client.xpending(prefix + "queue", "workers")["pending"] == 0
+    jobs = list(client.scan_iter(prefix + "job:*", count=1000))
+    assert jobs, "expected job keys"
+    for key in [*jobs, *client.scan_iter(prefix + "worker:*")]:
+        assert client.ttl(key) > 0, f"{key} never expires"
