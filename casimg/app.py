@@ -173,8 +173,6 @@ def redis_for(settings: Settings, own_data_dir: bool):
 async def serve(settings: Settings, redis_url: str) -> None:
     """Run the HTTP server (and, by default, the workers) until SIGTERM or SIGINT."""
     services = await open_services(settings, redis_url, with_worker=settings.workers)
-    # Readiness probes tmp/; with --no-workers no fetcher creates it, and the server would never be ready.
-    services.blobs.create_dirs()
     await bootstrap_admin_key(settings, services.keys)
     server = tornado.httpserver.HTTPServer(
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False

@@ -111,8 +111,8 @@ class BlobStore:
     def move_to_trash(self, digest: str) -> Path | None:
         """Delete step 2: move the blob out of the store; None if it was not there."""
         trash = self.trash_dir / f"{digest}.{secrets.token_hex(6)}"
-        # Nothing else creates trash/ in a running service, and a rename into a missing directory fails
-        # like a missing blob would: the blob would stay on disk while the delete counted it gone.
+        # Processes create trash/ at start, but it must also survive being removed by hand: a rename into a
+        # missing directory fails like a missing blob would, and the blob would stay while counted gone.
         self.trash_dir.mkdir(parents=True, exist_ok=True)
         try:
             os.rename(self.blob_path(digest), trash)
