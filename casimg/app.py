@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
 from casimg.index import Index, KeySpace
 from casimg.keys import KeyStore, Scope
+from casimg.metrics import Metrics
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
@@ -31,9 +33,11 @@ REDIS_SOCKET_TIMEOUT = 10.0
 REDIS_POOL_WAIT = 5.0  # seconds a request waits for a free Redis connection before a 503
 
 
-def routes(services: Services) -> list[tornado.web.URLSpec]:
-    """The route table; /openapi.json documents exactly these (tests/test_openapi.py holds them together)."""
-    deps = {"services": services}
+def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.URLSpec]:
+    """The route table; /openapi.json documents exactly these (tests/test_openapi.py holds them together).
+
+    Each handler gets its route's name, the label its requests are counted under in /metrics.
+    """
     table: list[tuple[str, type[handlers.BaseHandler]]] = [
         (r"/healthz", handlers.HealthHandler),
         (r"/readyz", handlers.ReadyHandler),
@@ -43,15 +47,38 @@ def routes(services: Services) -> list[tornado.web.URLSpec]:
         (r"/api/image", handlers.ImageHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
     ]
-    return [tornado.web.url(pattern, handler, deps) for pattern, handler in table]
+    if with_metrics:
+        table.append((r"/metrics", handlers.MetricsHandler))
+    return [
+        tornado.web.url(pattern, handler, {"services": services, "route": route_name(pattern)})
+        for pattern, handler in table
+    ]
+
+
+def route_name(pattern: str) -> str:
+    """The route as a label: /api/images/? -> /api/images, /api/jobs/(?P<job_id>...) -> /api/jobs/{job_id}."""
+    name = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")
+    return name.removesuffix("/?")
 
 
 def make_app(settings: Settings, services: Services) -> tornado.web.Application:
+    """The API; /metrics is part of it unless CASIMG_METRICS_PORT gives metrics a listener of their own."""
     return tornado.web.Application(
-        routes(services),
+        routes(services, with_metrics=not settings.metrics_port),
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args={"services": services},
         compress_response=False,
+        log_function=handlers.log_request,
+    )
+
+
+def make_metrics_app(services: Services) -> tornado.web.Application:
+    """/metrics alone, for CASIMG_METRICS_PORT."""
+    return tornado.web.Application(
+        [tornado.web.url(r"/metrics", handlers.MetricsHandler, {"services": services, "route": "/metrics"})],
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args={"services": services},
+        log_function=handlers.log_request,
     )
 
 
@@ -67,6 +94,7 @@ class Services:
     blobs: BlobStore
     fetcher: Fetcher | None = None
     worker: Worker | None = None
+    metrics: Metrics | None = None
 
     async def close(self) -> None:
         if self.worker is not None:
@@ -101,6 +129,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
         queue=JobQueue(client, keyspace, settings.job_ttl),
         keys=KeyStore(client, keyspace, settings.key_cache_ttl),
         blobs=blobs,
+        metrics=Metrics(),
     )
     await services.queue.ensure_group()
     if with_worker:
@@ -116,7 +145,9 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
             allow_networks=settings.allow_networks,
         )
         await services.fetcher.start()
-        services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher)
+        metrics = services.metrics
+        services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes)
     return services
 
 
@@ -170,12 +201,19 @@ async def serve(settings: Settings, redis_url: str) -> None:
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
     )
     server.listen(settings.port, settings.host)
+    metrics_server = None
+    if settings.metrics_port:
+        metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(services))
+        metrics_server.listen(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     if services.worker is not None:
         services.worker.start()
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     await _until_signalled()
     log.info("stopping: no new connections; finishing in-flight downloads")
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     await services.close()
     await server.close_all_connections()
     log.info("stopped")

@@ -24,6 +24,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
+        fields = getattr(record, "fields", None)  # a request or a download outcome, as separate fields
+        if isinstance(fields, dict):
+            entry.update({name: value for name, value in fields.items() if name not in entry})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -77,6 +77,12 @@ class Settings:
         2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
     )
     log_format: str = _setting("text", "Log format: 'text' or 'json'.")
+    metrics_port: int = _setting(
+        0, "Port for GET /metrics on its own listener (same host); 0: serve /metrics on the main port."
+    )
+    metrics_require_key: bool = _setting(
+        False, "Require an API key (scope read) for GET /metrics; off: anyone who can reach it may scrape."
+    )
 
     @property
     def blob_dir(self) -> Path:
@@ -131,8 +137,9 @@ def _check(settings: Settings) -> Settings:
                  "max_urls_per_request", "max_body_bytes", "max_url_length"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
-    if not 0 < settings.port < 65536 and settings.port != 0:
-        raise ConfigError("Setting 'port' must be between 0 and 65535")
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(settings, name) < 65536:
+            raise ConfigError(f"Setting {name!r} must be between 0 and 65535")
     return settings
 
 
