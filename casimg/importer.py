@@ -50,6 +50,9 @@ STATE_VERSION = 1
 PREFLIGHT_RETRIES = 2
 
 
+SUFFIXES = ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".txt", "text"))
+
+
 class InputError(Exception):
     """The URL file or the state file cannot be used."""
 
@@ -73,7 +76,7 @@ class UrlList:
 
 def detect_format(name: str, text: str) -> str:
     lowered = name.lower()
-    for suffix, kind in ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json")):
+    for suffix, kind in SUFFIXES:
         if lowered.endswith(suffix):
             return kind
     start = text.lstrip()[:1]
