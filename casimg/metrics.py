@@ -3,8 +3,10 @@
 Counters are bumped where things happen: once per HTTP request (handlers.log_request) and once per
 download outcome (the worker's hooks), with no Redis call. Gauges that need Redis or the disk (queue
 depth, jobs by status, index sizes, blob store size) are computed only when /metrics is scraped, so the
-hot path pays nothing for them; the walk of the blob tree is reused for ``DISK_USAGE_MAX_AGE`` seconds,
-since on a large store it takes seconds.
+hot path pays nothing for them. The blob store size comes from a walk of the blob tree in a thread; on a
+large store that takes seconds, so a walk is reused long enough that walking takes at most
+``DISK_WALK_DUTY`` of the time, and a scrape waits at most ``DISK_WALK_WAIT`` for one (then it answers
+with the previous walk's figures).
 
 Each process has its own registry (not prometheus_client's global one), so several apps in one process,
 as in the tests, never mix their counts.
@@ -21,14 +23,17 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from casimg import stats
+from casimg.blobs import BlobStore
 
 if TYPE_CHECKING:
     from casimg.app import Services
 
-CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+# The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Requests range from sub-millisecond image reads to POST ?wait=60.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-DISK_USAGE_MAX_AGE = 60.0  # seconds a walk of the blob tree is reused before the next scrape starts another
+DISK_WALK_DUTY = 0.1  # share of the time at most spent walking the blob tree: a 3 s walk is reused for 30 s
+DISK_WALK_WAIT = 1.0  # seconds a scrape waits for a walk before answering with the last one's figures
 REASON_CUT = re.compile(r" \(|: | '|\"")  # what follows is a detail (a size, a name) that would explode the labels
 REASON_MAX = 40
 
@@ -69,8 +74,8 @@ class Metrics:
         self.store_files = Gauge("casimg_blob_store_files", "Files in the blob store", registry=r)
         # labels() takes a lock and builds a tuple: look each combination up once.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
-        self._usage_at = 0.0
-        self._usage_task: asyncio.Future[tuple[int, int]] | None = None
+        self._next_walk = 0.0
+        self._walk: asyncio.Future[tuple[int, int, float]] | None = None
         self._scrape_lock = asyncio.Lock()
 
     # -- the hot path: no I/O ---------------------------------------------------------------------
@@ -113,17 +118,26 @@ class Metrics:
         await self._refresh_usage(services)
 
     async def _refresh_usage(self, services: Services) -> None:
-        """Start a walk of the blob tree when the last is stale; wait for it only on the first scrape."""
-        if self._usage_task is None and time.monotonic() - self._usage_at > DISK_USAGE_MAX_AGE:
-            self._usage_task = asyncio.get_running_loop().run_in_executor(None, services.blobs.usage)
-            if self._usage_at == 0.0:
-                await asyncio.wait([self._usage_task])
-        if self._usage_task is not None and self._usage_task.done():
-            task, self._usage_task = self._usage_task, None
-            self._usage_at = time.monotonic()
-            try:
-                files, size = task.result()
-            except OSError:
-                return
-            self.store_files.set(files)
-            self.store_bytes.set(size)
+        """Walk the blob tree when the last walk is old enough; a walk still running is left to finish."""
+        if self._walk is None and time.monotonic() >= self._next_walk:
+            self._walk = asyncio.get_running_loop().run_in_executor(None, _timed_usage, services.blobs)
+        if self._walk is None:
+            return
+        await asyncio.wait([self._walk], timeout=DISK_WALK_WAIT)
+        if not self._walk.done():
+            return
+        walk, self._walk = self._walk, None
+        try:
+            files, size, took = walk.result()
+        except OSError:
+            self._next_walk = time.monotonic() + DISK_WALK_WAIT / DISK_WALK_DUTY
+            return
+        self._next_walk = time.monotonic() + took / DISK_WALK_DUTY
+        self.store_files.set(files)
+        self.store_bytes.set(size)
+
+
+def _timed_usage(blobs: BlobStore) -> tuple[int, int, float]:
+    started = time.monotonic()
+    files, size = blobs.usage()
+    return files, size, time.monotonic() - started
