@@ -1,5 +1,6 @@
 # casimg in a container: the service with its embedded Redis, data in the /data volume.
 # Set CASIMG_REDIS_URL to use an external Redis (config/redis.conf) instead of the embedded one.
+# tests/test_container.py checks this file and runs its CMD and HEALTHCHECK as the container would.
 FROM python:3.11-slim
 
 RUN useradd --system --create-home --uid 10001 casimg \
@@ -14,7 +15,8 @@ USER casimg
 WORKDIR /data
 VOLUME /data
 EXPOSE 9000
-ENV CASIMG_HOST=0.0.0.0 CASIMG_PORT=9000 CASIMG_DATA_DIR=/data
+# CASIMG_REDIS_URL empty: the embedded Redis, its append-only file in /data/redis.
+ENV CASIMG_HOST=0.0.0.0 CASIMG_PORT=9000 CASIMG_DATA_DIR=/data CASIMG_REDIS_URL="" PYTHONUNBUFFERED=1
 
 HEALTHCHECK --interval=30s --timeout=3s --start-period=20s \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9000/healthz', timeout=2)"
