@@ -48,6 +48,7 @@ DEFAULT_IN_FLIGHT = 4
 POLL = 0.5  # seconds between polls of a job in flight
 STATE_VERSION = 1
 PREFLIGHT_RETRIES = 2
+FALLBACK_SIZE = (100, 24)
 
 
 SUFFIXES = ((".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".txt", "text"))
@@ -373,14 +374,20 @@ class Progress:
         if self.mode == "bar":
             from tqdm import tqdm
 
+            try:
+                columns, lines = os.get_terminal_size(stream.fileno())
+            except (OSError, ValueError):
+                columns, lines = 0, 0
+            # tqdm draws nothing on a terminal that reports no size (a fresh pty, some `docker run -t`).
             self.bar = tqdm(total=len(importer.urls), initial=self.resumed, unit="url", file=stream,
-                            dynamic_ncols=True, smoothing=0.1)
+                            ncols=columns or FALLBACK_SIZE[0], nrows=lines or FALLBACK_SIZE[1], smoothing=0.1)
 
     def __call__(self) -> None:
         counts = self.importer.totals()[1]
         if self.bar is not None:
             self.bar.update(counts.finished - self.bar.n)
-            self.bar.set_postfix(stored=counts.stored, existed=counts.existed, failed=counts.failed, refresh=False)
+            self.bar.set_postfix(  # a dict keeps this order; keyword arguments would be sorted
+                {"stored": counts.stored, "existed": counts.existed, "failed": counts.failed}, refresh=False)
         elif self.mode == "lines" and time.monotonic() - self.last_line >= self.interval:
             self.last_line = time.monotonic()
             self.stream.write(self.line(counts) + "\n")

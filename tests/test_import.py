@@ -243,3 +243,39 @@ def test_unreachable_api_and_refused_key_fail_clearly(server, tmp_path):
     assert no_key.returncode == EXIT_INPUT and "no API key" in no_key.stderr
     missing = run_import(str(tmp_path / "nope.txt"), "--api", server.base, "--key", "k")
     assert missing.returncode == EXIT_INPUT and "cannot read" in missing.stderr
+
+
+def test_progress_bar_on_a_terminal(server, origin, tmp_path):
+    import pty
+    import threading
+
+    source = tmp_path / "urls.txt"
+    source.write_text("\n".join(origin.url(f"/img/{n}.jpg") for n in range(41000, 41300)))
+    master, slave = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:  # read while it runs: what is left unread when the terminal closes may be lost
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    process = subprocess.Popen([sys.executable, "scripts/bulk_import.py", str(source), "--api", server.base,
+                                "--key", server.key, "--batch-size", "50"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=slave, text=True)
+    os.close(slave)
+    out, _ = process.communicate(timeout=120)
+    reader.join(10)
+    os.close(master)
+    bar = b"".join(chunks).decode(errors="replace")
+    assert process.returncode == 0, bar
+    assert summary(out) == (300, 300, 0, 0)
+    assert "\r" in bar and "300/300" in bar and "url/s" in bar  # tqdm redraws one line: count, rate
+    assert re.search(r"stored=\d+, existed=0, failed=0", bar)
+    assert "URLs finished (" not in bar  # no plain lines on a terminal
