@@ -223,9 +223,16 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
     services = await open_services(settings, redis_url, with_worker=True)
     assert services.worker is not None
+    metrics_server = None
+    if settings.metrics_port:  # a worker's download counters live in the worker: it serves its own /metrics
+        metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(services))
+        metrics_server.listen(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     services.worker.start()
     log.info("casimg worker %s running", services.worker.name)
     await _until_signalled()
+    if metrics_server is not None:
+        metrics_server.stop()
     await services.close()
 
 

@@ -4,7 +4,11 @@ metrics port and the log formats."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +22,7 @@ from casimg.keys import Scope
 from casimg.metrics import reason_label
 from tests.conftest import make_settings
 from tests.origin import image_bytes
-from tests.test_cli import Server, free_port
+from tests.test_cli import ROOT, Server, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -217,3 +221,21 @@ def test_text_log_lines_name_the_key_and_never_show_it(tmp_path, origin, stop_af
     assert f"failed {origin.url('/status/404')}: HTTP 404 (attempts: 1)" in log
     assert f"exists {url} (already indexed)" in log
     assert server.key not in log
+
+
+def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_path, origin, stop_after):
+    server = Server(tmp_path / "data", "--no-workers")
+    stop_after(server)
+    metrics_port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "casimg", "worker", "--data-dir", str(server.data_dir)],
+                              cwd=ROOT, env={**os.environ, **server.env, "CASIMG_METRICS_PORT": str(metrics_port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert server.submit([origin.url("/img/304.jpg")])["stored"] == 1
+        status, body = fetch(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200
+        assert value(parse(body), "casimg_downloads_total", outcome="stored", reason="") == 1
+        assert value(parse(body), "casimg_downloads_in_flight") == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
