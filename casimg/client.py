@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urljoin
+from urllib.parse import urlencode
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 DEFAULT_TIMEOUT = 60.0  # seconds for one HTTP exchange; a submit of 10,000 URLs stays well under it
@@ -245,7 +245,9 @@ class Client:
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(urljoin(self.api + "/", path), data=data, method=method, headers=headers)
+        # An API behind a path prefix (https://host/casimg) keeps it: paths are appended, not resolved.
+        url = path if path.startswith(("http://", "https://")) else self.api + path
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as answer:
                 return Response(answer.status, {k.lower(): v for k, v in answer.headers.items()}, answer.read())

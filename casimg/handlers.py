@@ -146,10 +146,12 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     seconds = request.request_time()
     method = request.method or "-"
+    # Anyone can send any method name, and is answered 405: only the ones tornado serves become labels.
+    method_label = method if method in handler.SUPPORTED_METHODS else "other"
     route = getattr(handler, "route", UNMATCHED)
     services: Services | None = getattr(handler, "services", None)
     if services is not None and services.metrics is not None:
-        services.metrics.observe_request(route, method, status, seconds)
+        services.metrics.observe_request(route, method_label, status, seconds)
     api_key: ApiKey | None = getattr(handler, "api_key", None)
     key_name = api_key.name if api_key is not None else "-"
     target = _loggable_uri(request.path, request.query)

@@ -111,3 +111,9 @@ def test_other_errors_are_not_retried(origin):
     with pytest.raises(ApiError) as caught:
         client.request("GET", "/flaky/client-500?fail=99&status=500")
     assert caught.value.status == 500 and origin.hits["flaky:client-500"] == 1
+
+
+def test_an_api_behind_a_path_prefix_keeps_it(origin):
+    client = Client(origin.url("/flaky/"), "k")  # the origin's /flaky/KEY stands in for https://host/casimg/...
+    assert client.request("GET", "/prefixed?fail=0").status == 200
+    assert origin.hits["flaky:prefixed"] == 1

@@ -61,6 +61,7 @@ async def test_counters_and_gauges_follow_requests_and_downloads(api, origin):
     assert (await api("POST", "/api/images?wait=30", json_body={"image_urls": urls[:1]})).code == 200
     assert (await api("GET", f"/api/jobs/{job_id}")).code == 200
     assert (await api("GET", "/no/such/path")).code == 404
+    assert (await api("BREW", "/api/images")).code == 405
     assert (await api("GET", "/api/image?url=" + quote(urls[0], safe=""))).code == 200
 
     after = await scrape(api)
@@ -82,6 +83,8 @@ async def test_counters_and_gauges_follow_requests_and_downloads(api, origin):
     assert value(after, requests, route="/metrics", method="GET", status="200") == 1  # the first scrape
     assert value(after, requests, route="unmatched", method="GET", status="404") == 1
     assert not any("/no/such" in str(labels) for _, labels in after), "paths no route matched must not be labels"
+    assert value(after, requests, route="/api/images", method="other", status="405") == 1
+    assert not any("BREW" in str(labels) for _, labels in after), "unknown methods must not be labels"
     latency = "casimg_http_request_duration_seconds"
     assert value(after, latency + "_count", route="/api/images", method="POST") == 2
     assert value(after, latency + "_bucket", route="/api/images", method="POST", le="+Inf") == 2
