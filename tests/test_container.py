@@ -107,15 +107,16 @@ def test_port_healthcheck_and_redis_url_agree():
     assert values["CASIMG_HOST"] == "0.0.0.0"  # reachable through the published port
     assert "CASIMG_REDIS_URL" in values and values["CASIMG_REDIS_URL"] == ""  # empty: the embedded Redis
     healthcheck = only("HEALTHCHECK")
-    assert f"127.0.0.1:{values['CASIMG_PORT']}/healthz" in healthcheck
+    assert "127.0.0.1:%s/healthz" in healthcheck and "os.environ.get('CASIMG_PORT', '9000')" in healthcheck
     assert json.loads(only("CMD")) == ["casimg", "serve"]  # exec form: casimg is PID 1 and gets SIGTERM
 
 
-def healthcheck_argv(port: int) -> list[str]:
-    command = only("HEALTHCHECK").split(" CMD ", 1)[1]
-    argv = shlex.split(command.replace(":9000/", f":{port}/"))
+def healthcheck(port: int) -> int:
+    """Run the HEALTHCHECK command in the container's environment, with CASIMG_PORT at `port`."""
+    argv = shlex.split(only("HEALTHCHECK").split(" CMD ", 1)[1])
     assert argv[0] == "python"
-    return [sys.executable, *argv[1:]]
+    environment = {**os.environ, **env(), "CASIMG_PORT": str(port)}
+    return subprocess.run([sys.executable, *argv[1:]], capture_output=True, timeout=10, env=environment).returncode
 
 
 @pytest.fixture
@@ -153,7 +154,7 @@ def test_cmd_and_healthcheck_work_as_the_container_runs_them(volume):
     process = subprocess.Popen([*as_user, *argv], cwd=volume, env=environment, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT
-        while subprocess.run(healthcheck_argv(port), capture_output=True, timeout=10).returncode != 0:
+        while healthcheck(port) != 0:
             assert process.poll() is None, Path(log.name).read_text()
             assert time.monotonic() < deadline, "the HEALTHCHECK never passed"
             time.sleep(0.2)
@@ -175,5 +176,5 @@ def test_cmd_and_healthcheck_work_as_the_container_runs_them(volume):
             process.kill()
             process.wait()
         log.close()
-    assert subprocess.run(healthcheck_argv(port), capture_output=True, timeout=10).returncode != 0
+    assert healthcheck(port) != 0
     assert not EmbeddedRedis(volume).alive()
