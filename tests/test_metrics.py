@@ -3,6 +3,7 @@ metrics port and the log formats."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -105,10 +106,12 @@ async def test_counters_and_gauges_follow_requests_and_downloads(api, origin):
 async def test_queue_depth_and_running_jobs_are_seen_while_downloads_wait(api, origin):
     urls = [origin.url(f"/flaky/depth{n}?fail=99&status=503&retry_after=20") for n in range(3)]
     assert (await api("POST", "/api/images", json_body={"image_urls": urls})).code == 202
-    for _ in range(100):
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the worker reads the entries and waits out each Retry-After: 20 s
         samples = await scrape(api)
         if value(samples, "casimg_queue_entries", state="in_progress") == 3:
             break
+        await asyncio.sleep(0.05)
     assert value(samples, "casimg_queue_entries", state="in_progress") == 3
     assert value(samples, "casimg_downloads_in_flight") == 3
     assert value(samples, "casimg_jobs", status="queued") + value(samples, "casimg_jobs", status="running") == 1
