@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from casimg.fetcher import Fetcher
 from casimg.index import Index, KeySpace
 from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
+from casimg.metrics import Metrics
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
@@ -32,9 +34,11 @@ REDIS_SOCKET_TIMEOUT = 10.0
 REDIS_POOL_WAIT = 5.0  # seconds a request waits for a free Redis connection before a 503
 
 
-def routes(services: Services) -> list[tornado.web.URLSpec]:
-    """The route table; /openapi.json documents exactly these (tests/test_openapi.py holds them together)."""
-    deps = {"services": services}
+def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.URLSpec]:
+    """The route table; /openapi.json documents exactly these (tests/test_openapi.py holds them together).
+
+    Each handler gets its route's name, the label its requests are counted under in /metrics.
+    """
     table: list[tuple[str, type[handlers.BaseHandler]]] = [
         (r"/healthz", handlers.HealthHandler),
         (r"/readyz", handlers.ReadyHandler),
@@ -44,15 +48,38 @@ def routes(services: Services) -> list[tornado.web.URLSpec]:
         (r"/api/image", handlers.ImageHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
     ]
-    return [tornado.web.url(pattern, handler, deps) for pattern, handler in table]
+    if with_metrics:
+        table.append((r"/metrics", handlers.MetricsHandler))
+    return [
+        tornado.web.url(pattern, handler, {"services": services, "route": route_name(pattern)})
+        for pattern, handler in table
+    ]
+
+
+def route_name(pattern: str) -> str:
+    """The route as a label: /api/images/? -> /api/images, /api/jobs/(?P<job_id>...) -> /api/jobs/{job_id}."""
+    name = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")
+    return name.removesuffix("/?")
 
 
 def make_app(settings: Settings, services: Services) -> tornado.web.Application:
+    """The API; /metrics is part of it unless CASIMG_METRICS_PORT gives metrics a listener of their own."""
     return tornado.web.Application(
-        routes(services),
+        routes(services, with_metrics=not settings.metrics_port),
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args={"services": services},
         compress_response=False,
+        log_function=handlers.log_request,
+    )
+
+
+def make_metrics_app(services: Services) -> tornado.web.Application:
+    """/metrics alone, for CASIMG_METRICS_PORT."""
+    return tornado.web.Application(
+        [tornado.web.url(r"/metrics", handlers.MetricsHandler, {"services": services, "route": "/metrics"})],
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args={"services": services},
+        log_function=handlers.log_request,
     )
 
 
@@ -70,6 +97,7 @@ class Services:
     auth_failures: AuthFailures
     fetcher: Fetcher | None = None
     worker: Worker | None = None
+    metrics: Metrics | None = None
 
     async def close(self) -> None:
         if self.worker is not None:
@@ -106,6 +134,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
         blobs=blobs,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
+        metrics=Metrics(),
     )
     # Every process makes sure of the directories it may write: a delete renames into trash/, and a
     # missing trash/ would leave the blob in place.
@@ -124,7 +153,9 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
             allow_networks=settings.allow_networks,
         )
         await services.fetcher.start()
-        services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher)
+        metrics = services.metrics
+        services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes)
     return services
 
 
@@ -178,12 +209,19 @@ async def serve(settings: Settings, redis_url: str) -> None:
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
     )
     server.listen(settings.port, settings.host)
+    metrics_server = None
+    if settings.metrics_port:
+        metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(services))
+        metrics_server.listen(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     if services.worker is not None:
         services.worker.start()
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     await _until_signalled()
     log.info("stopping: no new connections; finishing in-flight downloads")
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     await services.close()
     await server.close_all_connections()
     log.info("stopped")
@@ -193,9 +231,16 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
     services = await open_services(settings, redis_url, with_worker=True)
     assert services.worker is not None
+    metrics_server = None
+    if settings.metrics_port:  # a worker's download counters live in the worker: it serves its own /metrics
+        metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(services))
+        metrics_server.listen(settings.metrics_port, settings.host)
+        log.info("metrics on http://%s:%d/metrics", settings.host, settings.metrics_port)
     services.worker.start()
     log.info("casimg worker %s running", services.worker.name)
     await _until_signalled()
+    if metrics_server is not None:
+        metrics_server.stop()
     await services.close()
 
 

@@ -162,6 +162,25 @@ class BlobStore:
                     if is_digest(name) and self.blob_path(name) == self.root / first / second / name:
                         yield name
 
+    def usage(self) -> tuple[int, int]:
+        """(files, bytes) in the store, from a walk of the blob tree: the bytes really kept, not the index's view."""
+        files = size = 0
+        if not self.root.exists():
+            return 0, 0
+        for first in os.scandir(self.root):
+            if not first.is_dir():
+                continue
+            for second in os.scandir(first.path):
+                if not second.is_dir():
+                    continue
+                for entry in os.scandir(second.path):
+                    try:
+                        size += entry.stat().st_size
+                    except FileNotFoundError:  # deleted while we walked
+                        continue
+                    files += 1
+        return files, size
+
     def leftovers(self) -> Iterator[Leftover]:
         now = time.time()
         for directory, kind in ((self.tmp_dir, "tmp"), (self.trash_dir, "trash")):

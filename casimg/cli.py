@@ -10,12 +10,13 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from casimg import app
+from casimg import app, importer
 from casimg.config import Settings, describe, load_settings
 from casimg.embedded import EmbeddedRedis
 from casimg.errors import BadRequest, CasimgError, NotFound
 from casimg.fsck import fsck
 from casimg.keys import KeyStore, Scope
+from casimg.stats import collect
 
 EXIT_USAGE = 2
 
@@ -24,6 +25,9 @@ class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
+        fields = getattr(record, "fields", None)  # a request or a download outcome, as separate fields
+        if isinstance(fields, dict):
+            entry.update({name: value for name, value in fields.items() if name not in entry})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -85,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("fsck", help="check index and blobs; exit 1 on problems")
     _common(check)
     check.add_argument("--repair", action="store_true", help="fix what is safe and report what is not")
+
+    stats = commands.add_parser("stats", help="URLs, blobs, bytes on disk, dedup ratio, queue depth, jobs")
+    _common(stats)
+    stats.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+
+    bulk = commands.add_parser("import", help="submit a file of URLs to a running server and follow the jobs",
+                               description=importer.DESCRIPTION)
+    importer.add_arguments(bulk)
     return parser
 
 
@@ -122,6 +134,12 @@ async def _keys(args: argparse.Namespace, services: Any) -> int:
     return 0
 
 
+async def _stats(args: argparse.Namespace, services: Any) -> int:
+    found = await collect(services.index, services.queue, services.blobs)
+    print(json.dumps(found.as_json()) if args.json else "\n".join(found.lines()))
+    return 0
+
+
 async def _fsck(args: argparse.Namespace, services: Any) -> int:
     settings: Settings = services.settings
     report = await fsck(services.index, services.blobs, repair=args.repair, tmp_grace=settings.tmp_grace)
@@ -139,6 +157,8 @@ async def _fsck(args: argparse.Namespace, services: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "import":
+        return importer.run(args)  # a client of the HTTP API: no settings, no Redis
     try:
         settings = _settings(args)
         setup_logging(settings.log_format)
@@ -154,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "keys":
             return _with_redis(settings, lambda services: _keys(args, services))
+        if args.command == "stats":
+            return _with_redis(settings, lambda services: _stats(args, services))
         return _with_redis(settings, lambda services: _fsck(args, services))
     except (BadRequest, NotFound) as exc:
         print(f"casimg: {exc}", file=sys.stderr)

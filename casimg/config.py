@@ -87,6 +87,12 @@ class Settings:
         2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
     )
     log_format: str = _setting("text", "Log format: 'text' or 'json'.")
+    metrics_port: int = _setting(
+        0, "Port for GET /metrics on its own listener (same host); 0: serve /metrics on the main port."
+    )
+    metrics_require_key: bool = _setting(
+        False, "Require an API key (scope read) for GET /metrics; off: anyone who can reach it may scrape."
+    )
 
     @property
     def blob_dir(self) -> Path:
@@ -144,8 +150,9 @@ def _check(settings: Settings) -> Settings:
     for name in ("rate_limit", "auth_failure_limit"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
-    if not 0 < settings.port < 65536 and settings.port != 0:
-        raise ConfigError("Setting 'port' must be between 0 and 65535")
+    for name in ("port", "metrics_port"):
+        if not 0 <= getattr(settings, name) < 65536:
+            raise ConfigError(f"Setting {name!r} must be between 0 and 65535")
     return settings
 
 

@@ -14,7 +14,7 @@ import time
 from email.utils import format_datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import tornado.web
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -24,12 +24,14 @@ from casimg import errors
 from casimg.index import ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
+from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 
 if TYPE_CHECKING:
     from casimg.app import Services
 
 log = logging.getLogger("casimg.http")
+access_log = logging.getLogger("casimg.access")
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
@@ -43,6 +45,9 @@ EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "imag
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+# Query parameters never written to a log, should a client put a credential there (casimg never reads them).
+SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password"})
+UNMATCHED = "unmatched"  # the route label of requests no route matched: their paths must not become labels
 
 
 def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
@@ -72,8 +77,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
     scopes: dict[str, Scope] = {}
 
-    def initialize(self, services: Services) -> None:
+    def initialize(self, services: Services, route: str = UNMATCHED) -> None:
         self.services = services
+        self.route = route
         self.api_key: ApiKey | None = None
 
     async def prepare(self) -> None:
@@ -143,6 +149,60 @@ class BaseHandler(tornado.web.RequestHandler):
         if not low <= value <= high:
             raise errors.BadRequest(f"{name} must be between {low} and {high}")
         return value
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """The app's log_function: once per request, count it for /metrics and write one access log line.
+
+    The line names the API key by its name, never the key, and masks credential-like query parameters.
+    """
+    request = handler.request
+    status = handler.get_status()
+    seconds = request.request_time()
+    method = request.method or "-"
+    # Anyone can send any method name, and is answered 405: only the ones tornado serves become labels.
+    method_label = method if method in handler.SUPPORTED_METHODS else "other"
+    route = getattr(handler, "route", UNMATCHED)
+    services: Services | None = getattr(handler, "services", None)
+    if services is not None and services.metrics is not None:
+        services.metrics.observe_request(route, method_label, status, seconds)
+    api_key: ApiKey | None = getattr(handler, "api_key", None)
+    key_name = api_key.name if api_key is not None else "-"
+    target = _loggable_uri(request.path, request.query)
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    if access_log.isEnabledFor(level):
+        access_log.log(
+            level, "%s %s %d %.1fms key=%s %s", method, target, status, seconds * 1000, key_name, request.remote_ip,
+            extra={"fields": {"event": "request", "method": method, "path": target, "route": route,
+                              "status": status, "duration_ms": round(seconds * 1000, 3), "key": key_name,
+                              "remote": request.remote_ip}},
+        )
+
+
+def _loggable_uri(path: str, query: str) -> str:
+    if not query:
+        return path
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(name.lower() in SECRET_PARAMS for name, _ in pairs):
+        query = urlencode([(name, "REDACTED" if name.lower() in SECRET_PARAMS else value) for name, value in pairs])
+    return f"{path}?{query}"
+
+
+class MetricsHandler(BaseHandler):
+    """Prometheus text format. Open unless CASIMG_METRICS_REQUIRE_KEY; then any key (scope read) may scrape."""
+
+    async def prepare(self) -> None:
+        if self.services.settings.metrics_require_key:
+            self.api_key = await self.services.keys.authenticate(self._presented_key(), Scope.read)
+
+    async def get(self) -> None:
+        metrics = self.services.metrics
+        if metrics is None:
+            raise errors.NotFound("metrics are off in this process")
+        body = await metrics.render(self.services)
+        self.set_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(body)
 
 
 class HealthHandler(BaseHandler):

@@ -121,6 +121,12 @@ def openapi_document() -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Redis answers and the blob directory is writable", "security": [],
                                 "responses": {"200": _json("Ready", {"type": "object"}),
                                               "503": _problem("Not ready")}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format); on CASIMG_METRICS_PORT when set, "
+                                            "and needing a read key when CASIMG_METRICS_REQUIRE_KEY is on",
+                                 "security": [],
+                                 "responses": {"200": {"description": "Prometheus text exposition format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               **AUTH_ERRORS}}},
             "/openapi.json": {"get": {"summary": "This document", "security": [],
                                       "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/api/images": {

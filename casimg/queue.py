@@ -53,6 +53,12 @@ for i = first, #ARGV do
 end
 return 1
 """.replace("CHUNK", str(SUBMIT_CHUNK))
+SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
+
+
+def _glob_escape(text: str) -> str:
+    """`text` matched literally in a Redis glob pattern (a key prefix may contain * ? [ ])."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,29 @@ class JobQueue:
             if len(claimed) >= count:
                 break
         return claimed
+
+    async def count_by_status(self) -> dict[str, int]:
+        """How many unexpired jobs are queued, running and done.
+
+        Jobs are found with SCAN (never KEYS): the keyspace holds a few keys per job and a fixed handful
+        besides, since URLs, refs and metadata are each one hash, so this stays cheap however many images
+        are stored.
+        """
+        counts = {"queued": 0, "running": 0, "done": 0}
+        pattern = _glob_escape(self.keys.job("")) + "*"
+        ids: list[str] = []
+        async for key in self.redis.scan_iter(match=pattern, count=SCAN_COUNT):
+            job_id = key[len(self.keys.job("")):]
+            if ":" not in job_id:
+                ids.append(job_id)
+        for start in range(0, len(ids), SCAN_COUNT):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for job_id in ids[start:start + SCAN_COUNT]:
+                    pipe.hget(self.keys.job(job_id), "status")
+                for status in await pipe.execute():
+                    if status is not None:
+                        counts[status] = counts.get(status, 0) + 1
+        return counts
 
     async def depth(self) -> dict[str, int]:
         """Entries waiting to be read and entries read but not finished."""

@@ -41,6 +41,18 @@ REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
+def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
+    """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    fields = {"event": "download", "outcome": outcome, "url": url, "attempts": attempts}
+    if reason:
+        fields["reason"] = reason
+        log.info("failed %s: %s (attempts: %d)", url, reason, attempts, extra={"fields": fields})
+    elif attempts:
+        log.info("%s %s (attempts: %d)", outcome, url, attempts, extra={"fields": fields})
+    else:
+        log.info("%s %s (already indexed)", outcome, url, extra={"fields": fields})
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
 
@@ -54,6 +66,7 @@ class Worker:
         blobs: BlobStore,
         fetcher: Fetcher,
         on_outcome: Callable[[str, str], None] | None = None,
+        on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -62,6 +75,8 @@ class Worker:
         self.fetcher = fetcher
         self.name = consumer_name()
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
+        # ("downloaded", size) for every body received, ("stored", size) for each new content written.
+        self.on_bytes = on_bytes or (lambda kind, size: None)
         self._slots = asyncio.Semaphore(settings.download_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -172,6 +187,7 @@ class Worker:
             await self.index.complete(
                 entry.job_id, entry.position, entry.entry_id, {"status": "exists", "sha256": known}, "existed"
             )
+            _log_outcome("exists", entry.url, 0)
             self.on_outcome("exists", "")
             return
         attempt = 0
@@ -181,7 +197,7 @@ class Worker:
                 outcome = await self._download_and_store(entry, attempt)
             except DownloadFailed as failure:
                 if failure.permanent or attempt >= MAX_ATTEMPTS or self._stopping.is_set():
-                    log.info("failed %s: %s (attempts: %d)", entry.url, failure.reason, attempt)
+                    _log_outcome("failed", entry.url, attempt, failure.reason)
                     await self.index.complete(
                         entry.job_id, entry.position, entry.entry_id,
                         {"status": "failed", "error": failure.reason, "attempts": attempt}, "failed",
@@ -190,7 +206,7 @@ class Worker:
                     return
                 await asyncio.sleep(self._backoff(attempt, failure.retry_after))
                 continue
-            log.info("%s %s (attempts: %d)", outcome, entry.url, attempt)
+            _log_outcome(outcome, entry.url, attempt)
             return
 
     @staticmethod
@@ -208,6 +224,7 @@ class Worker:
 
     async def _download_and_store_unguarded(self, entry: Entry, attempt: int) -> str:
         downloaded = await self.fetcher.fetch(entry.url)
+        self.on_bytes("downloaded", downloaded.size)
         try:
             info = await asyncio.get_running_loop().run_in_executor(
                 None,
@@ -228,5 +245,7 @@ class Worker:
             job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id, attempts=attempt,
         )
         kind = "deduplicated" if outcome.deduplicated else outcome.outcome
+        if kind == "stored":
+            self.on_bytes("stored", downloaded.size)
         self.on_outcome(kind, "")
         return kind

@@ -53,7 +53,9 @@ FAULT_AFTER = 100  # the fault goes in once this many are finished: well inside 
 SLOW_ORIGIN = "delay=0.1"
 SHUTDOWN_BOUND = 10.0  # seconds SIGTERM may take to end `casimg serve` (the bound)
 REQUEST_BOUND = 15.0  # no request may hang longer than this while Redis is away (socket timeout is 10 s)
-ENV = {"CASIMG_PER_HOST_CONCURRENCY": "8"}
+# The clients here hammer one key far past the default request rate on purpose; the rate limit has its
+# own tests (tests/test_limits.py) and would only turn these into tests of it.
+ENV = {"CASIMG_PER_HOST_CONCURRENCY": "8", "CASIMG_RATE_LIMIT": "0"}
 
 
 @pytest.fixture

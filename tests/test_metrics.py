@@ -1,0 +1,247 @@
+"""GET /metrics, the access log and the download log lines: in-process for the counts, real servers for the
+metrics port and the log formats."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import quote
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from casimg.embedded import EmbeddedRedis
+from casimg.keys import Scope
+from casimg.metrics import reason_label
+from tests.conftest import make_settings
+from tests.origin import image_bytes
+from tests.test_cli import ROOT, Server, free_port
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(body: bytes) -> Samples:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(api, key: str | None = None) -> Samples:
+    response = await api("GET", "/metrics", key=key)
+    assert response.code == 200, response.body
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse(response.body)
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server, request):
+    """The conftest settings, with the overrides a test passes through indirect parametrization."""
+    return make_settings(tmp_path / "data", redis_server.url, **getattr(request, "param", {}))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_counters_and_gauges_follow_requests_and_downloads(api, origin):
+    before = await scrape(api)  # no key needed by default
+    assert value(before, "casimg_downloads_total", outcome="stored", reason="") == 0
+    urls = [origin.url("/img/300.jpg"), origin.url("/dup/a.jpg"), origin.url("/dup/b.jpg"),
+            origin.url("/status/404"), origin.url("/truncated.jpg")]
+    response = await api("POST", "/api/images?wait=30", json_body={"image_urls": urls})
+    assert response.code == 200
+    job_id = json.loads(response.body)["job_id"]
+    assert (await api("POST", "/api/images?wait=30", json_body={"image_urls": urls[:1]})).code == 200
+    assert (await api("GET", f"/api/jobs/{job_id}")).code == 200
+    assert (await api("GET", "/no/such/path")).code == 404
+    assert (await api("BREW", "/api/images")).code == 405
+    assert (await api("GET", "/api/image?url=" + quote(urls[0], safe=""))).code == 200
+
+    after = await scrape(api)
+    downloads = {(o, r): value(after, "casimg_downloads_total", outcome=o, reason=r) for o, r in [
+        ("stored", ""), ("deduplicated", ""), ("exists", ""), ("failed", "HTTP 404"),
+        ("failed", "truncated or corrupt image")]}
+    assert downloads == {("stored", ""): 2, ("deduplicated", ""): 1, ("exists", ""): 1, ("failed", "HTTP 404"): 1,
+                         ("failed", "truncated or corrupt image"): 1}
+    image, dup = len(image_bytes(300)), len(image_bytes(999_999))
+    truncated = len(image_bytes(7, "jpg", (400, 300))) // 2
+    assert value(after, "casimg_downloaded_bytes_total") == image + 2 * dup + truncated
+    assert value(after, "casimg_stored_bytes_total") == image + dup
+    assert value(after, "casimg_dedup_hits_total") == 1
+
+    requests = "casimg_http_requests_total"
+    assert value(after, requests, route="/api/images", method="POST", status="200") == 2
+    assert value(after, requests, route="/api/jobs/{job_id}", method="GET", status="200") == 1
+    assert value(after, requests, route="/api/image", method="GET", status="200") == 1
+    assert value(after, requests, route="/metrics", method="GET", status="200") == 1  # the first scrape
+    assert value(after, requests, route="unmatched", method="GET", status="404") == 1
+    assert not any("/no/such" in str(labels) for _, labels in after), "paths no route matched must not be labels"
+    assert value(after, requests, route="/api/images", method="other", status="405") == 1
+    assert not any("BREW" in str(labels) for _, labels in after), "unknown methods must not be labels"
+    latency = "casimg_http_request_duration_seconds"
+    assert value(after, latency + "_count", route="/api/images", method="POST") == 2
+    assert value(after, latency + "_bucket", route="/api/images", method="POST", le="+Inf") == 2
+    assert value(after, latency + "_bucket", route="/api/images", method="POST", le="0.001") < 2
+    assert value(after, latency + "_sum", route="/api/images", method="POST") > 0
+
+    assert value(after, "casimg_urls") == 3 and value(after, "casimg_blobs") == 2
+    assert value(after, "casimg_blob_store_bytes") == image + dup
+    assert value(after, "casimg_blob_store_files") == 2
+    assert value(after, "casimg_queue_entries", state="waiting") == 0
+    assert value(after, "casimg_queue_entries", state="in_progress") == 0
+    assert value(after, "casimg_jobs", status="done") == 2
+    assert value(after, "casimg_jobs", status="running") == 0
+    assert value(after, "casimg_downloads_in_flight") == 0
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_queue_depth_and_running_jobs_are_seen_while_downloads_wait(api, origin):
+    urls = [origin.url(f"/flaky/depth{n}?fail=99&status=503&retry_after=20") for n in range(3)]
+    assert (await api("POST", "/api/images", json_body={"image_urls": urls})).code == 202
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # the worker reads the entries and waits out each Retry-After: 20 s
+        samples = await scrape(api)
+        if value(samples, "casimg_queue_entries", state="in_progress") == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert value(samples, "casimg_queue_entries", state="in_progress") == 3
+    assert value(samples, "casimg_downloads_in_flight") == 3
+    assert value(samples, "casimg_jobs", status="queued") + value(samples, "casimg_jobs", status="running") == 1
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("settings", [{"metrics_require_key": True}], indirect=True)
+async def test_metrics_can_require_a_key(api, services):
+    assert (await api("GET", "/metrics", key=None)).code == 401
+    reader = await services.keys.create("scraper", Scope.read)
+    assert "casimg_http_requests_total" in str(await scrape(api, key=reader))
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_image_hot_path_makes_no_redis_call_for_metrics(api, origin, redis_server, services):
+    url = origin.url("/img/301.jpg")
+    assert (await api("POST", "/api/images?wait=30", json_body={"image_urls": [url]})).code == 200
+    client = redis_server.client()
+    # The commands a GET /api/image may use (those a Lua script runs count too); an idle worker's own polling
+    # (XREADGROUP, SET, XINFO CONSUMERS, EXISTS) is not among them.
+    read_commands = ("hget", "hmget", "hgetall", "evalsha", "eval", "get", "zscore", "hlen", "scan", "xlen")
+
+    async def calls_for_20_gets() -> int:
+        stats = client.info("commandstats")
+        before = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands)
+        for _ in range(20):
+            assert (await api("GET", "/api/image?url=" + quote(url, safe=""))).code == 200
+        stats = client.info("commandstats")
+        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands) - before
+
+    with_metrics = await calls_for_20_gets()
+    metrics, services.metrics = services.metrics, None
+    without_metrics = await calls_for_20_gets()
+    services.metrics = metrics
+    assert with_metrics == without_metrics > 0
+    assert value(await scrape(api), "casimg_http_requests_total", route="/api/image", method="GET",
+                 status="200") == 20  # counted while metrics were on, and only then
+    client.close()
+
+
+def test_reason_labels_keep_a_small_fixed_set_of_values():
+    assert reason_label("too large (over 52428800 bytes)") == "too large"
+    assert reason_label("truncated or corrupt image (image file is truncated)") == "truncated or corrupt image"
+    assert reason_label("unsupported scheme 'ftp'") == "unsupported scheme"
+    assert reason_label("storage error: No space left on device") == "storage error"
+    assert reason_label("HTTP 404") == "HTTP 404"
+
+
+# -- real servers ---------------------------------------------------------------------------------------
+
+
+def fetch(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+@pytest.fixture
+def stop_after(tmp_path):
+    servers: list[Server] = []
+    yield servers.append
+    for server in servers:
+        assert server.terminate() == 0
+        if EmbeddedRedis(server.data_dir).alive():
+            EmbeddedRedis(server.data_dir).stop()
+
+
+def test_metrics_port_and_json_log_lines(tmp_path, origin, stop_after):
+    metrics_port = free_port()
+    server = Server(tmp_path / "data", "--log-format", "json", env={"CASIMG_METRICS_PORT": str(metrics_port)})
+    stop_after(server)
+    url = origin.url("/img/302.jpg")
+    server.submit([url])
+    assert fetch(server.base + "/metrics")[0] == 404  # only on its own port
+    status, body = fetch(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert status == 200
+    samples = parse(body)
+    assert value(samples, "casimg_http_requests_total", route="/api/images", method="POST", status="200") == 1
+    assert value(samples, "casimg_downloads_total", outcome="stored", reason="") == 1
+
+    logged(server, '"route": "/metrics"')
+    entries = [json.loads(line) for line in server.output().splitlines()]  # every line is a JSON object
+    posts = [e for e in entries if e.get("event") == "request" and e["route"] == "/api/images"]
+    assert len(posts) == 1
+    assert posts[0]["method"] == "POST" and posts[0]["status"] == 200 and posts[0]["key"] == "admin"
+    assert posts[0]["duration_ms"] > 0 and posts[0]["path"] == "/api/images?wait=30"
+    downloads = [e for e in entries if e.get("event") == "download"]
+    assert [(e["outcome"], e["url"], e["attempts"]) for e in downloads] == [("stored", url, 1)]
+    assert server.key not in server.output()
+
+
+def logged(server: Server, pattern: str) -> str:
+    """The server's log once `pattern` is in it: a request's line is written just after its answer is sent."""
+    deadline = time.monotonic() + 10
+    while not re.search(pattern, log := server.output()):
+        assert time.monotonic() < deadline, f"{pattern!r} not in the log:\n{log}"
+        time.sleep(0.05)
+    return log
+
+
+def test_text_log_lines_name_the_key_and_never_show_it(tmp_path, origin, stop_after):
+    server = Server(tmp_path / "data")
+    stop_after(server)
+    url = origin.url("/img/303.jpg")
+    server.submit([url, origin.url("/status/404")])
+    server.submit([url])
+    fetch(server.base + "/api/images?token=" + server.key, {"Authorization": "Bearer " + server.key})
+    log = logged(server, r"INFO casimg\.access: GET /api/images\?token=REDACTED 200 [\d.]+ms key=admin")
+    assert re.search(r"INFO casimg\.access: POST /api/images\?wait=30 200 [\d.]+ms key=admin 127\.0\.0\.1", log)
+    assert f"stored {url} (attempts: 1)" in log
+    assert f"failed {origin.url('/status/404')}: HTTP 404 (attempts: 1)" in log
+    assert f"exists {url} (already indexed)" in log
+    assert server.key not in log
+
+
+def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_path, origin, stop_after):
+    server = Server(tmp_path / "data", "--no-workers")
+    stop_after(server)
+    metrics_port = free_port()
+    worker = subprocess.Popen([sys.executable, "-m", "casimg", "worker", "--data-dir", str(server.data_dir)],
+                              cwd=ROOT, env={**os.environ, **server.env, "CASIMG_METRICS_PORT": str(metrics_port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert server.submit([origin.url("/img/304.jpg")])["stored"] == 1
+        status, body = fetch(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200
+        assert value(parse(body), "casimg_downloads_total", outcome="stored", reason="") == 1
+        assert value(parse(body), "casimg_downloads_in_flight") == 0
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0
