@@ -37,6 +37,7 @@ READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the 
 MAX_ATTEMPTS = 3  # one download plus two retries of a transient failure
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full jitter
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
+HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
@@ -101,10 +102,14 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
-        for helper in (self._heart, self._sweeper):
-            if helper:
+        # The helpers end on their own once they see _stopping. Cancelling alone is not enough: redis-py
+        # can swallow a cancellation that lands inside a command, and the loop would go on for ever.
+        helpers = {helper for helper in (self._heart, self._sweeper) if helper is not None}
+        if helpers:
+            _, stuck = await asyncio.wait(helpers, timeout=HELPER_STOP_TIMEOUT)
+            for helper in stuck:
                 helper.cancel()
-                await asyncio.gather(helper, return_exceptions=True)
+            await asyncio.gather(*helpers, return_exceptions=True)
         # Entries we did not finish stay pending under our name; without our heartbeat, the next worker
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
@@ -114,16 +119,21 @@ class Worker:
     def busy(self) -> int:
         return len(self._tasks)
 
+    async def _sleep_unless_stopping(self, seconds: float) -> bool:
+        """Sleep `seconds`, or less if the worker stops meanwhile; True while the worker goes on."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        return not self._stopping.is_set()
+
     async def _heartbeat(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(*REDIS_ERRORS):
                 await self.queue.heartbeat(self.name, self.settings.worker_heartbeat)
-            await asyncio.sleep(self.settings.worker_heartbeat / 3)
+            await self._sleep_unless_stopping(self.settings.worker_heartbeat / 3)
 
     async def _sweep_periodically(self) -> None:
         interval = self.settings.sweep_interval
-        while True:
-            await asyncio.sleep(interval * random.uniform(0.5, 1.0))
+        while await self._sleep_unless_stopping(interval * random.uniform(0.5, 1.0)):
             try:
                 # One sweeper at a time across all workers; the lock expires with the interval.
                 if await self.index.redis.set(self.index.keys.sweep_lock, self.name, nx=True, px=int(interval * 1000)):

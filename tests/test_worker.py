@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+
+from casimg.app import open_services
+from casimg.worker import Worker
 
 
 async def outcome(api, url: str) -> dict:
@@ -84,3 +88,18 @@ async def test_timeout_is_retried(api, origin, settings):
     assert (result["status"], result["attempts"]) == ("stored", 2)
     assert origin.hits["stall:once"] == 2
     assert settings.fetch_timeout < 30
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_stopped_right_after_it_starts_stops(settings):
+    """stop() used to cancel the heartbeat mid-command; redis-py swallowed it and stop() waited for ever."""
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    try:
+        for delay in (0, 0, 0.001, 0.005, 0.01, 0.02):
+            worker = Worker(settings, services.queue, services.index, services.blobs, services.fetcher)
+            worker.start()
+            await asyncio.sleep(delay)
+            await asyncio.wait_for(worker.stop(grace=1), timeout=10)
+            assert all(task.done() for task in (worker._heart, worker._runner))
+    finally:
+        await services.close()
