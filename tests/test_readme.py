@@ -79,6 +79,7 @@ def server(tmp_path_factory, origin):
     running = Server(data_dir)
     running.urls = [origin.url("/img/500.jpg"), origin.url("/dup/one.jpg"), origin.url("/dup/two.jpg")]
     running.job = running.submit([*running.urls, origin.url("/status/404")])
+    assert running.call("GET", "/api/images", key="casimg_000000000000_" + "x" * 43)[0] == 401  # an authfail key
     yield running
     assert running.terminate() == 0
     if EmbeddedRedis(data_dir).alive():
