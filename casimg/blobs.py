@@ -81,6 +81,10 @@ class BlobStore:
             raise ValueError(f"not a SHA-256 hex digest: {digest!r}")
         return self.root / digest[0:2] / digest[2:4] / digest
 
+    def relative_name(self, digest: str) -> str:
+        """``blob_path`` relative to the store root (ab/cd/abcd...), for a web server serving that directory."""
+        return self.blob_path(digest).relative_to(self.root).as_posix()
+
     # -- store steps ----------------------------------------------------------------------------
 
     def link_in(self, tmp: Path, digest: str) -> None:

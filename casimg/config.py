@@ -77,6 +77,10 @@ class Settings:
         2.0, "Seconds an API key lookup is cached in a process (a revoked key stops working within this time)."
     )
     log_format: str = _setting("text", "Log format: 'text' or 'json'.")
+    accel_redirect: str = _setting(
+        "", "Behind nginx (config/nginx.conf): URI prefix of its internal location over the blob directory, "
+        "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
+    )
 
     @property
     def blob_dir(self) -> Path:
@@ -131,6 +135,9 @@ def _check(settings: Settings) -> Settings:
                  "max_urls_per_request", "max_body_bytes", "max_url_length"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
+    accel = settings.accel_redirect
+    if accel and not (accel.startswith("/") and accel.endswith("/")):
+        raise ConfigError("Setting 'accel_redirect' must be a URI prefix that starts and ends with '/', e.g. /_blobs/")
     if not 0 < settings.port < 65536 and settings.port != 0:
         raise ConfigError("Setting 'port' must be between 0 and 65535")
     return settings
