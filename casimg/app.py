@@ -7,11 +7,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
 from casimg import handlers
@@ -162,14 +164,20 @@ def redis_for(settings: Settings, own_data_dir: bool):
             embedded.stop()
 
 
-async def serve(settings: Settings, redis_url: str) -> None:
-    """Run the HTTP server (and, by default, the workers) until SIGTERM or SIGINT."""
+async def serve(settings: Settings, redis_url: str, sockets: list[socket.socket] | None = None) -> None:
+    """Run the HTTP server (and, by default, the workers) until SIGTERM or SIGINT.
+
+    `sockets`: already bound listening sockets (``serve_processes``); None binds host and port here.
+    """
     services = await open_services(settings, redis_url, with_worker=settings.workers)
     await bootstrap_admin_key(settings, services.keys)
     server = tornado.httpserver.HTTPServer(
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
     )
-    server.listen(settings.port, settings.host)
+    if sockets is None:
+        server.listen(settings.port, settings.host)
+    else:
+        server.add_sockets(sockets)
     if services.worker is not None:
         services.worker.start()
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
@@ -179,6 +187,61 @@ async def serve(settings: Settings, redis_url: str) -> None:
     await services.close()
     await server.close_all_connections()
     log.info("stopped")
+
+
+def serve_processes(settings: Settings, redis_url: str) -> int:
+    """`casimg serve --processes N`: bind the port once, fork N servers (workers included) that share it.
+
+    The parent only forwards SIGTERM and SIGINT and waits; when one child fails the others are stopped,
+    so a supervisor sees the failure. Returns the exit status.
+    """
+    sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
+    asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
+    children: set[int] = set()
+    for _ in range(settings.processes):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, which never returns here
+            status = 0
+            try:
+                asyncio.run(serve(settings, redis_url, sockets))
+            except BaseException:
+                log.exception("server process failed")
+                status = 1
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        children.add(pid)
+    for sock in sockets:
+        sock.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    failed = False
+    try:
+        while children:
+            pid, status = os.wait()
+            children.discard(pid)
+            if os.waitstatus_to_exitcode(status) != 0 and not failed:
+                failed = True
+                log.error("server process %d exited with status %d; stopping the others",
+                          pid, os.waitstatus_to_exitcode(status))
+                forward(signal.SIGTERM, None)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 1 if failed else 0
+
+
+async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
+    services = await open_services(settings, redis_url, with_worker=False)
+    try:
+        await bootstrap_admin_key(settings, services.keys)
+    finally:
+        await services.close()
 
 
 async def run_worker(settings: Settings, redis_url: str) -> None:

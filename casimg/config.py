@@ -60,6 +60,9 @@ class Settings:
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
+    processes: int = _setting(
+        1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
+    )
     workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
     worker_heartbeat: float = _setting(
         10.0, "Seconds after which a silent worker counts as dead and its unfinished downloads are taken over."
@@ -131,7 +134,8 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
-    for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency", "per_host_concurrency",
+    for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
+                 "per_host_concurrency",
                  "max_urls_per_request", "max_body_bytes", "max_url_length"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
