@@ -51,6 +51,11 @@ class Settings:
     allowed_formats: tuple[str, ...] = _setting(
         ("JPEG", "PNG", "GIF", "WEBP"), "Comma-separated Pillow format names that are stored."
     )
+    validation: str = _setting(
+        "structure", "How downloads are checked: 'structure' (walk every JPEG segment and scan to its end marker, "
+        "every PNG chunk CRC, the WebP RIFF sizes: refuses non-images and truncated files) or 'decode' (also "
+        "decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
+    )
     fetch_timeout: float = _setting(60.0, "Total seconds one download may take, redirects included.")
     connect_timeout: float = _setting(10.0, "Seconds to wait for a TCP (and TLS) connection to an origin.")
     download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")
@@ -132,6 +137,8 @@ def _check(settings: Settings) -> Settings:
             raise ConfigError(f"Setting 'allow_networks': {cidr!r} is not a network in CIDR notation") from None
     if settings.appendfsync not in ("everysec", "always"):
         raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
+    if settings.validation not in ("structure", "decode"):
+        raise ConfigError("Setting 'validation' must be 'structure' or 'decode'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
