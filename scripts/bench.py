@@ -425,6 +425,13 @@ async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
     return IngestResult(time.monotonic() - started, len(urls), total)
 
 
+def mean_result(runs: list[IngestResult]) -> IngestResult:
+    """One result whose rate is the mean rate of `runs` (each of the same URLs)."""
+    rate = statistics.mean(run.per_second for run in runs)
+    return IngestResult(runs[0].images / rate, runs[0].images, runs[0].bytes,
+                        failures=[f"{run.per_second:.0f}" for run in runs])
+
+
 def casimg_ingest(server: Casimg, redis_url: str, urls: list[str], sizes: dict[str, int]) -> IngestResult:
     """Submit the URLs in one job and time it until the job is done (polled in Redis, not over HTTP)."""
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -494,8 +501,8 @@ def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: 
             str(listing)] + ([key] if key else [])
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     errors = 0
     for pattern in (r"Non-2xx or 3xx responses:\s+(\d+)", r"Socket errors:.*?timeout (\d+)"):
         found = re.search(pattern, out)
@@ -667,61 +674,87 @@ def run(args: argparse.Namespace) -> str:
             formats = {fmt: sum(1 for name, _ in files if name.endswith(EXT[fmt])) for fmt in EXT}
 
             # 1. Ingest, distinct images: the limit, then casimg.
+            def limit_run(these: list[str]) -> IngestResult:
+                (work / "plain").mkdir()
+                try:
+                    return asyncio.run(plain_fetch(these, work / "plain"))
+                finally:
+                    shutil.rmtree(work / "plain")
+
+            # The limit takes seconds and moves with the machine's load: it runs before and after casimg.
             log("1. ingest: plain aiohttp fetch-and-write (the limit)")
-            (work / "plain").mkdir()
-            limit = asyncio.run(plain_fetch(urls, work / "plain"))
-            shutil.rmtree(work / "plain")
+            limits = [limit_run(urls)]
             _, redis1 = start_redis(procs, work / "redis1", persistent=True)
             log("1. ingest: casimg")
             server = start_casimg(procs, work / "data1", redis1, processes=args.processes)
             ingest = casimg_ingest(server, redis1, urls, sizes)
             rss = service_rss_kib(server.proc)
+            log("1. ingest: the limit again")
+            limits.append(limit_run(urls))
+            limit = mean_result(limits)
             if ingest.failed:
                 notes.append(f"ingest: {ingest.failed} URL(s) failed, e.g. {ingest.failures[:2]}")
 
+            # 1b. The same with casimg serve --processes (one per core).
+            multi: IngestResult | None = None
+            if args.multi > args.processes:
+                _, redis_multi = start_redis(procs, work / "redis-multi", persistent=True)
+                log(f"1. ingest: casimg --processes {args.multi}")
+                server_multi = start_casimg(procs, work / "data-multi", redis_multi, processes=args.multi)
+                multi = casimg_ingest(server_multi, redis_multi, urls, sizes)
+                procs.stop(server_multi.proc)
+
             # 3. Retrieval, against the images of run 1.
             retrieval: dict[str, WrkResult] = {}
+            process_counts = [args.processes] + ([args.multi] if args.multi > args.processes else [])
             stored = redis.Redis.from_url(redis1, decode_responses=True).hgetall("casimg:urls")
             sample = random.Random(3).sample(sorted(stored), min(len(stored), args.retrieval_urls))
             if shutil.which("wrk"):
                 image_paths = ["/api/image?url=" + urllib.parse.quote(u, safe="") for u in sample]
                 blob_paths = [f"/_static/{d[0:2]}/{d[2:4]}/{d}" for d in (stored[u] for u in sample)]
-                log("3. retrieval: casimg (default deployment)")
-                retrieval["casimg"] = run_wrk(work, server.base, image_paths, server.key, args.duration,
-                                              args.connections)
-                bare_port = free_port()
-                bare = procs.start([sys.executable, __file__, "_bare", str(bare_port), redis1,
-                                    str(server.data_dir / "blobs"), str(args.processes)], work / "bare.log")
-                wait_http(f"http://127.0.0.1:{bare_port}/healthz")
-                log("3. retrieval: bare Tornado handler (HGET + file read)")
-                retrieval["bare"] = run_wrk(work, f"http://127.0.0.1:{bare_port}", image_paths, None,
-                                            args.duration, args.connections)
-                procs.stop(bare)
-                if shutil.which("nginx"):
+
+                def wrk(base: str, paths: list[str], key: str | None = server.key) -> WrkResult:
+                    return run_wrk(work, base, paths, key, args.duration, args.connections)
+
+                blob_dir = server.data_dir / "blobs"
+                for count in process_counts:
+                    log(f"3. retrieval, {count} process(es): casimg")
+                    if count == args.processes:
+                        retrieval[f"casimg@{count}"] = wrk(server.base, image_paths)
+                    else:
+                        more = start_casimg(procs, server.data_dir, redis1, processes=count)
+                        retrieval[f"casimg@{count}"] = wrk(more.base, image_paths)
+                        procs.stop(more.proc)
+                    log(f"3. retrieval, {count} process(es): bare Tornado handler (HGET + file read)")
+                    bare_port = free_port()
+                    bare = procs.start([sys.executable, __file__, "_bare", str(bare_port), redis1, str(blob_dir),
+                                        str(count)], work / "bare.log")
+                    wait_http(f"http://127.0.0.1:{bare_port}/healthz")
+                    retrieval[f"bare@{count}"] = wrk(f"http://127.0.0.1:{bare_port}", image_paths, None)
+                    procs.stop(bare)
+                    if not shutil.which("nginx"):
+                        continue
                     front = start_casimg(procs, server.data_dir, redis1, workers=False,
-                                         extra_env={"CASIMG_ACCEL_REDIRECT": "/_blobs/"},
-                                         processes=args.processes)
+                                         extra_env={"CASIMG_ACCEL_REDIRECT": "/_blobs/"}, processes=count)
                     static_port, front_port = free_port(), free_port()
                     conf = (ROOT / "config" / "nginx.conf").read_text()
                     server_block = conf[conf.index(FRONT_BEGIN):conf.index(FRONT_END)]
                     server_block = (server_block.replace("127.0.0.1:9000", f"127.0.0.1:{front.port}")
                                     .replace("listen 127.0.0.1:8080", f"listen 127.0.0.1:{front_port}")
-                                    .replace("/var/lib/casimg/blobs/", f"{server.data_dir / 'blobs'}/"))
+                                    .replace("/var/lib/casimg/blobs/", f"{blob_dir}/"))
                     static = f"""server {{ listen 127.0.0.1:{static_port};
-                      location /_static/ {{ alias {server.data_dir / 'blobs'}/; }}
+                      location /_static/ {{ alias {blob_dir}/; }}
                       location = / {{ return 200 "static"; }} }}"""
-                    nginx = start_nginx(procs, work / "nginx-serve", static + "\n" + server_block,
-                                        [static_port], workers=args.processes)
+                    nginx = start_nginx(procs, work / f"nginx-serve-{count}", static + "\n" + server_block,
+                                        [static_port], workers=count)
                     wait_http(f"http://127.0.0.1:{front_port}/healthz")
-                    log("3. retrieval: nginx static (the physical limit)")
-                    retrieval["nginx"] = run_wrk(work, f"http://127.0.0.1:{static_port}", blob_paths, None,
-                                                 args.duration, args.connections)
-                    log("3. retrieval: nginx front + casimg X-Accel-Redirect")
-                    retrieval["front"] = run_wrk(work, f"http://127.0.0.1:{front_port}", image_paths,
-                                                 server.key, args.duration, args.connections)
+                    log(f"3. retrieval, {count} process(es): nginx static (the physical limit)")
+                    retrieval[f"nginx@{count}"] = wrk(f"http://127.0.0.1:{static_port}", blob_paths, None)
+                    log(f"3. retrieval, {count} process(es): nginx front + casimg X-Accel-Redirect")
+                    retrieval[f"front@{count}"] = wrk(f"http://127.0.0.1:{front_port}", image_paths)
                     procs.stop(nginx)
                     procs.stop(front.proc)
-                else:
+                if not shutil.which("nginx"):
                     notes.append("nginx is not installed: no nginx static and no nginx front figures "
                                  "(`apt-get install nginx`)")
             else:
@@ -730,14 +763,15 @@ def run(args: argparse.Namespace) -> str:
 
             # 2. Ingest with half the URLs pointing at duplicate content.
             log("2. ingest with duplicates: the limit")
-            (work / "plain").mkdir()
-            limit_dup = asyncio.run(plain_fetch(dup_urls, work / "plain"))
-            shutil.rmtree(work / "plain")
+            limits_dup = [limit_run(dup_urls)]
             _, redis2 = start_redis(procs, work / "redis2", persistent=True)
             log("2. ingest with duplicates: casimg")
             server2 = start_casimg(procs, work / "data2", redis2, processes=args.processes)
             ingest_dup = casimg_ingest(server2, redis2, dup_urls, sizes)
             procs.stop(server2.proc)
+            log("2. ingest with duplicates: the limit again")
+            limits_dup.append(limit_run(dup_urls))
+            limit_dup = mean_result(limits_dup)
 
             # 4 and 5. Listing and Redis memory.
             listing: list[tuple[int, float, float, float, float]] = []
@@ -772,13 +806,19 @@ def run(args: argparse.Namespace) -> str:
     lines.append("## 1-2. Ingest\n")
     lines.append("| run | images | images/s | MB/s | seconds | casimg / limit | target |")
     lines.append("|---|---|---|---|---|---|---|")
-    lines.append(f"| limit: aiohttp fetch + write, distinct | {limit.images:,} | {limit.per_second:.0f} | "
+    lines.append(f"| limit: aiohttp fetch + write, distinct (runs: {'/s, '.join(limit.failures)}/s) | "
+                 f"{limit.images:,} | {limit.per_second:.0f} | "
                  f"{limit.mb_per_second:.1f} | {limit.seconds:.1f} | | |")
     lines.append(f"| casimg, distinct ({ingest.stored} stored, {ingest.failed} failed) | {ingest.images:,} | "
                  f"{ingest.per_second:.0f} | {ingest.mb_per_second:.1f} | {ingest.seconds:.1f} | "
                  f"{ratio(ingest.per_second, limit.per_second)} | >= 0.7: "
                  f"{verdict(ingest.per_second >= 0.7 * limit.per_second)} |")
-    lines.append(f"| limit, half duplicates | {limit_dup.images:,} | {limit_dup.per_second:.0f} | "
+    if multi is not None:
+        lines.append(f"| casimg --processes {args.multi}, distinct ({multi.stored} stored, {multi.failed} failed) | "
+                     f"{multi.images:,} | {multi.per_second:.0f} | {multi.mb_per_second:.1f} | {multi.seconds:.1f} | "
+                     f"{ratio(multi.per_second, limit.per_second)} | |")
+    lines.append(f"| limit, half duplicates (runs: {'/s, '.join(limit_dup.failures)}/s) | "
+                 f"{limit_dup.images:,} | {limit_dup.per_second:.0f} | "
                  f"{limit_dup.mb_per_second:.1f} | {limit_dup.seconds:.1f} | | |")
     lines.append(f"| casimg, half duplicates ({ingest_dup.stored} stored, {ingest_dup.failed} failed) | "
                  f"{ingest_dup.images:,} | {ingest_dup.per_second:.0f} | {ingest_dup.mb_per_second:.1f} | "
@@ -791,21 +831,23 @@ def run(args: argparse.Namespace) -> str:
                      f"every server with {args.processes} process(es), wrk on the same cores.\n")
         lines.append("| server | requests/s | MB/s | p50 ms | p99 ms | errors | ratio | target |")
         lines.append("|---|---|---|---|---|---|---|---|")
-        names = {"casimg": "casimg GET /api/image (default deployment)",
-                 "bare": "bare Tornado: one HGET + one file read (floor)",
+        names = {"casimg": "casimg GET /api/image", "bare": "bare Tornado: one HGET + one file read (floor)",
                  "nginx": "nginx static, same blob files (physical limit)",
                  "front": "nginx front: casimg X-Accel-Redirect + nginx sendfile"}
+        default = f"casimg@{args.processes}"
         for name, result in retrieval.items():
+            kind, count = name.split("@")
+            label = f"{names[kind]}, {count} process(es)" + (" (default deployment)" if name == default else "")
             text, target = "", ""
-            if name == "casimg" and "bare" in retrieval:
-                text = f"{ratio(result.rps, retrieval['bare'].rps)} of bare"
-                target = f">= 0.9: {verdict(result.rps >= 0.9 * retrieval['bare'].rps)}"
-            elif name == "nginx":
-                text = f"{ratio(result.rps, retrieval['casimg'].rps)}x casimg"
-            elif name == "front":
-                text = f"{ratio(result.rps, retrieval['casimg'].rps)}x casimg"
-                target = f">= 2x: {verdict(result.rps >= 2 * retrieval['casimg'].rps)}"
-            lines.append(f"| {names[name]} | {result.rps:,.0f} | {result.mb_per_second:,.0f} | "
+            if kind == "casimg" and f"bare@{count}" in retrieval:
+                text = f"{ratio(result.rps, retrieval[f'bare@{count}'].rps)} of bare"
+                if name == default:
+                    target = f">= 0.9: {verdict(result.rps >= 0.9 * retrieval[f'bare@{count}'].rps)}"
+            elif kind in ("nginx", "front"):
+                text = f"{ratio(result.rps, retrieval[default].rps)}x default"
+                if kind == "front":
+                    target = f">= 2x: {verdict(result.rps >= 2 * retrieval[default].rps)}"
+            lines.append(f"| {label} | {result.rps:,.0f} | {result.mb_per_second:,.0f} | "
                          f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.errors} | {text} | {target} |")
         lines.append("")
     lines.append("## 4-5. Listing and memory\n")
@@ -859,6 +901,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--retrieval-urls", type=int, default=1000, help="stored URLs wrk cycles through")
     parser.add_argument("--processes", type=int, default=1, help="casimg (and bare handler) processes (default 1)")
+    parser.add_argument("--multi", type=int, default=os.cpu_count() or 1,
+                        help="also run casimg, the bare handler and the front with this many processes "
+                             "(default: the core count; 1 turns it off)")
     parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the generated images are kept")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"),
                         help="markdown file written (default BENCHMARKS.md)")
