@@ -7,10 +7,12 @@ Every error, whatever raised it, is rendered once, by ``BaseHandler.write_error`
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import time
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
-from casimg.index import ImageRecord
+from casimg.index import MICROS, ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.openapi import openapi_document
@@ -251,6 +253,12 @@ class JobHandler(BaseHandler):
         self.write_json(job.as_json())
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(stored_at_us: int) -> str:
+    """Last-Modified for a stored_at; cached, as the same images are asked for again and again."""
+    return format_datetime(datetime.fromtimestamp(stored_at_us / MICROS, tz=UTC), usegmt=True)
+
+
 class _BytesHandler(BaseHandler):
     """Sends a stored blob with the HTTP rules of tornado's StaticFileHandler: ETag, 304, Range, 206, 416."""
 
@@ -258,7 +266,7 @@ class _BytesHandler(BaseHandler):
         size = image.size
         self.set_header("ETag", f'"{image.sha256}"')
         if image.stored_at_us:
-            self.set_header("Last-Modified", format_datetime(image.stored_at, usegmt=True))
+            self.set_header("Last-Modified", _http_date(image.stored_at_us))
         self.set_header("Cache-Control", cache_control)
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("Content-Type", image.content_type)
