@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 import tornado.httpserver
@@ -189,6 +191,20 @@ async def serve(settings: Settings, redis_url: str, sockets: list[socket.socket]
     log.info("stopped")
 
 
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run `main` on uvloop when it is installed (a dependency where it builds), else on asyncio's loop.
+
+    Measured with the retrieval harness behind the nginx front, where casimg's per-request work is all
+    that is left: 2,169 -> 2,752 requests/s; on the default deployment and on ingest it was even.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
 def serve_processes(settings: Settings, redis_url: str) -> int:
     """`casimg serve --processes N`: bind the port once, fork N servers (workers included) that share it.
 
@@ -203,7 +219,7 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
             status = 0
             try:
-                asyncio.run(serve(settings, redis_url, sockets))
+                run_loop(serve(settings, redis_url, sockets))
             except BaseException:
                 log.exception("server process failed")
                 status = 1

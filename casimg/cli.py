@@ -148,13 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             with app.redis_for(settings, own_data_dir=True) as url:
                 if settings.processes > 1:
                     return app.serve_processes(settings, url)
-                asyncio.run(app.serve(settings, url))
+                app.run_loop(app.serve(settings, url))
             return 0
         if args.command == "worker":
             if not settings.redis_url and not EmbeddedRedis(settings.data_dir).alive():
                 raise CasimgError(f"no Redis: start `casimg serve --data-dir {settings.data_dir}` "
                                   "or pass --redis-url")
-            asyncio.run(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
+            app.run_loop(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
             return 0
         if args.command == "keys":
             return _with_redis(settings, lambda services: _keys(args, services))
