@@ -11,6 +11,7 @@ the same run, because absolute numbers on a shared machine drift; the ratios are
 
 What it measures:
 
+0. Validation cost per image and format: a full decode against casimg's two modes (CASIMG_VALIDATION).
 1. Ingest: N distinct generated images (about 80% photo-like JPEG, 10% PNG, 10% WebP, 20-300 KB) from a
    local origin (nginx when installed, else an aiohttp static server), spread over 8 loopback addresses
    so casimg's per-host limit (8) times the hosts makes its default download concurrency (64), submitted
@@ -25,8 +26,9 @@ What it measures:
 5. Memory: Redis bytes per indexed URL (INFO memory, about 80-character URLs, with metadata) and the
    service's RSS after the ingest.
 
-Only loopback addresses are used. Tools: the project's .venv (``bash scripts/test`` makes it), wrk for
-retrieval (skipped with a note when absent), nginx optional (``apt-get install nginx wrk``).
+Retrieval and the distinct ingest also run with one casimg process per core (``--multi``), beside the
+default single process. Only loopback addresses are used. Tools: the project's .venv (``bash scripts/test``
+makes it), wrk for retrieval (skipped with a note when absent), nginx optional (``apt-get install nginx wrk``).
 """
 
 from __future__ import annotations
@@ -450,6 +452,34 @@ def casimg_ingest(server: Casimg, redis_url: str, urls: list[str], sizes: dict[s
                         int(info["existed"]), int(info["failed"]), failures)
 
 
+def validation_costs(directory: Path, files: list[tuple[str, int]], per_format: int = 200) -> list[tuple[str, ...]]:
+    """ms per image of each check, per format, over a sample of the set: full decode, casimg's two modes."""
+    from casimg.validation import validate_image
+
+    def full_decode(path: Path) -> None:
+        with Image.open(path) as image:
+            image.load()
+
+    checks = [("full decode (load)", full_decode),
+              ("casimg decode mode", lambda p: validate_image(p, max_pixels=10**9, mode="decode")),
+              ("casimg structure mode (default)", lambda p: validate_image(p, max_pixels=10**9, mode="structure"))]
+    rows = []
+    for fmt, ext in EXT.items():
+        paths = [directory / name for name, _ in files if name.endswith("." + ext)][:per_format]
+        if not paths:
+            continue
+        cells = []
+        for _, check in checks:
+            for path in paths[:5]:  # warm the page cache and Pillow's plugins
+                check(path)
+            started = time.perf_counter()
+            for path in paths:
+                check(path)
+            cells.append(f"{(time.perf_counter() - started) / len(paths) * 1000:.2f}")
+        rows.append((fmt, str(len(paths)), *cells))
+    return rows
+
+
 # -- 3: retrieval -----------------------------------------------------------------------------------
 
 WRK_SCRIPT = """
@@ -673,6 +703,9 @@ def run(args: argparse.Namespace) -> str:
             total_mb = sum(size for _, size in files) / 1e6
             formats = {fmt: sum(1 for name, _ in files if name.endswith(EXT[fmt])) for fmt in EXT}
 
+            log("1. validation cost per image")
+            validation = validation_costs(cache, files)
+
             # 1. Ingest, distinct images: the limit, then casimg.
             def limit_run(these: list[str]) -> IngestResult:
                 (work / "plain").mkdir()
@@ -823,6 +856,14 @@ def run(args: argparse.Namespace) -> str:
     lines.append(f"| casimg, half duplicates ({ingest_dup.stored} stored, {ingest_dup.failed} failed) | "
                  f"{ingest_dup.images:,} | {ingest_dup.per_second:.0f} | {ingest_dup.mb_per_second:.1f} | "
                  f"{ingest_dup.seconds:.1f} | {ratio(ingest_dup.per_second, limit_dup.per_second)} | |")
+    lines.append("")
+    lines.append("Validation cost per image, in-process on one core, ms (what the ingest pays per image in "
+                 "worker threads; `CASIMG_VALIDATION` picks the mode):\n")
+    lines.append("| format | images | full decode (load) | casimg `decode` (JPEG at 1/8 scale) | "
+                 "casimg `structure` (default) |")
+    lines.append("|---|---|---|---|---|")
+    for row in validation:
+        lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if retrieval:
         lines.append(f"## 3. Retrieval\n\nwrk -t2 -c{args.connections} -d{args.duration}s over "
