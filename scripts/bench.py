@@ -574,7 +574,9 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
         server.add_sockets(sockets)
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    from casimg.app import run_loop
+
+    run_loop(main())  # the same event loop casimg runs on (uvloop when installed): the same stack
 
 
 # -- 4 and 5: listing and memory --------------------------------------------------------------------
