@@ -217,6 +217,9 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
     for _ in range(settings.processes):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
+            # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it
+            # once; a second signal arriving after shutdown began would end the child uncleanly.
+            os.setpgid(0, 0)
             status = 0
             try:
                 run_loop(serve(settings, redis_url, sockets))
