@@ -722,6 +722,7 @@ def run(args: argparse.Namespace) -> str:
             _, redis1 = start_redis(procs, work / "redis1", persistent=True)
             log("1. ingest: casimg")
             server = start_casimg(procs, work / "data1", redis1, processes=args.processes)
+            rss_start = service_rss_kib(server.proc)
             ingest = casimg_ingest(server, redis1, urls, sizes)
             rss = service_rss_kib(server.proc)
             log("1. ingest: the limit again")
@@ -911,7 +912,8 @@ def run(args: argparse.Namespace) -> str:
             lines.append(f"- Walk growth against linear ({listing[0][0]:,} -> {listing[-1][0]:,}): {growth:.2f} "
                          f"(1.00 is linear): {verdict(growth < 1.3)}.")
         lines.append(f"- Redis bytes per URL under 250: {verdict(big[4] < 250)} ({big[4]:.0f}).")
-    lines.append(f"- casimg service RSS after ingesting {len(files):,} images: {rss / 1024:.0f} MiB.")
+    lines.append(f"- casimg service RSS after ingesting {len(files):,} images: {rss / 1024:.0f} MiB "
+                 f"({rss_start / 1024:.0f} MiB at start).")
     for note in notes:
         lines.append(f"- Note: {note}")
     return "\n".join(lines) + "\n"
