@@ -810,7 +810,7 @@ def run(args: argparse.Namespace) -> str:
             limit_dup = mean_result(limits_dup)
 
             # 4 and 5. Listing and Redis memory.
-            listing: list[tuple[int, float, float, float, float]] = []
+            listing: list[tuple[int, float, float, float, float, dict[str, float]]] = []
             redis_proc3, redis3 = start_redis(procs, work / "redis3", persistent=False)
             base_memory = redis_used_memory(redis3)
             filled = 0
@@ -821,10 +821,14 @@ def run(args: argparse.Namespace) -> str:
                 log(f"  filled in {time.monotonic() - fill_started:.0f} s")
                 filled = size
                 per_url = (redis_used_memory(redis3) - base_memory) / size
+                client3 = redis.Redis.from_url(redis3)
+                breakdown = {name: int(client3.memory_usage(f"casimg:{name}", samples=1000) or 0) / size
+                             for name in ("urls", "order", "meta", "refs")}
+                client3.close()
                 lister = start_casimg(procs, work / f"data-list-{size}", redis3, workers=False)
                 first, first_1000, walk = measure_listing(lister, size)
                 procs.stop(lister.proc)
-                listing.append((size, first, first_1000, walk, per_url))
+                listing.append((size, first, first_1000, walk, per_url, breakdown))
             procs.stop(redis_proc3)
         finally:
             procs.stop_all()
@@ -898,11 +902,13 @@ def run(args: argparse.Namespace) -> str:
     lines.append("Redis filled through `Index.store` (one digest and metadata per URL, URLs of "
                  f"{LIST_URL_LENGTH} characters), read over HTTP.\n")
     lines.append("| indexed URLs | first page (limit 100) p50 ms | first page limit=1000 p50 ms | "
-                 "full walk limit=1000 s | walk µs per URL | Redis bytes per URL |")
-    lines.append("|---|---|---|---|---|---|")
-    for size, first, first_1000, walk, per_url in listing:
+                 "full walk limit=1000 s | walk µs per URL | Redis bytes per URL | of which urls / order / "
+                 "meta / refs (MEMORY USAGE, sampled) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for size, first, first_1000, walk, per_url, parts in listing:
+        split = " / ".join(f"{parts[name]:.0f}" for name in ("urls", "order", "meta", "refs"))
         lines.append(f"| {size:,} | {first:.2f} | {first_1000:.1f} | {walk:.1f} | {walk / size * 1e6:.1f} | "
-                     f"{per_url:.0f} |")
+                     f"{per_url:.0f} | {split} |")
     if listing:
         big = listing[-1]
         lines.append("")
