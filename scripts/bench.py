@@ -754,42 +754,51 @@ def run(args: argparse.Namespace) -> str:
 
                 blob_dir = server.data_dir / "blobs"
                 for count in process_counts:
-                    log(f"3. retrieval, {count} process(es): casimg")
+                    # Every server of this process count runs at once, and the wrk runs go round them
+                    # --repeat times, so a drift in the machine's load hits all of them alike.
+                    started: list[subprocess.Popen[bytes]] = []
+                    targets: dict[str, tuple[str, list[str], str | None]] = {}
                     if count == args.processes:
-                        retrieval[f"casimg@{count}"] = wrk(server.base, image_paths)
+                        targets["casimg"] = (server.base, image_paths, server.key)
                     else:
                         more = start_casimg(procs, server.data_dir, redis1, processes=count)
-                        retrieval[f"casimg@{count}"] = wrk(more.base, image_paths)
-                        procs.stop(more.proc)
-                    log(f"3. retrieval, {count} process(es): bare Tornado handler (HGET + file read)")
+                        started.append(more.proc)
+                        targets["casimg"] = (more.base, image_paths, server.key)
                     bare_port = free_port()
-                    bare = procs.start([sys.executable, __file__, "_bare", str(bare_port), redis1, str(blob_dir),
-                                        str(count)], work / "bare.log")
+                    started.append(procs.start([sys.executable, __file__, "_bare", str(bare_port), redis1,
+                                                str(blob_dir), str(count)], work / "bare.log"))
                     wait_http(f"http://127.0.0.1:{bare_port}/healthz")
-                    retrieval[f"bare@{count}"] = wrk(f"http://127.0.0.1:{bare_port}", image_paths, None)
-                    procs.stop(bare)
-                    if not shutil.which("nginx"):
-                        continue
-                    front = start_casimg(procs, server.data_dir, redis1, workers=False,
-                                         extra_env={"CASIMG_ACCEL_REDIRECT": "/_blobs/"}, processes=count)
-                    static_port, front_port = free_port(), free_port()
-                    conf = (ROOT / "config" / "nginx.conf").read_text()
-                    server_block = conf[conf.index(FRONT_BEGIN):conf.index(FRONT_END)]
-                    server_block = (server_block.replace("127.0.0.1:9000", f"127.0.0.1:{front.port}")
-                                    .replace("listen 127.0.0.1:8080", f"listen 127.0.0.1:{front_port}")
-                                    .replace("/var/lib/casimg/blobs/", f"{blob_dir}/"))
-                    static = f"""server {{ listen 127.0.0.1:{static_port};
-                      location /_static/ {{ alias {blob_dir}/; }}
-                      location = / {{ return 200 "static"; }} }}"""
-                    nginx = start_nginx(procs, work / f"nginx-serve-{count}", static + "\n" + server_block,
-                                        [static_port], workers=count)
-                    wait_http(f"http://127.0.0.1:{front_port}/healthz")
-                    log(f"3. retrieval, {count} process(es): nginx static (the physical limit)")
-                    retrieval[f"nginx@{count}"] = wrk(f"http://127.0.0.1:{static_port}", blob_paths, None)
-                    log(f"3. retrieval, {count} process(es): nginx front + casimg X-Accel-Redirect")
-                    retrieval[f"front@{count}"] = wrk(f"http://127.0.0.1:{front_port}", image_paths)
-                    procs.stop(nginx)
-                    procs.stop(front.proc)
+                    targets["bare"] = (f"http://127.0.0.1:{bare_port}", image_paths, None)
+                    if shutil.which("nginx"):
+                        front = start_casimg(procs, server.data_dir, redis1, workers=False,
+                                             extra_env={"CASIMG_ACCEL_REDIRECT": "/_blobs/"}, processes=count)
+                        static_port, front_port = free_port(), free_port()
+                        conf = (ROOT / "config" / "nginx.conf").read_text()
+                        server_block = conf[conf.index(FRONT_BEGIN):conf.index(FRONT_END)]
+                        server_block = (server_block.replace("127.0.0.1:9000", f"127.0.0.1:{front.port}")
+                                        .replace("listen 127.0.0.1:8080", f"listen 127.0.0.1:{front_port}")
+                                        .replace("/var/lib/casimg/blobs/", f"{blob_dir}/"))
+                        static = f"""server {{ listen 127.0.0.1:{static_port};
+                          location /_static/ {{ alias {blob_dir}/; }}
+                          location = / {{ return 200 "static"; }} }}"""
+                        started += [front.proc, start_nginx(procs, work / f"nginx-serve-{count}",
+                                                            static + "\n" + server_block, [static_port],
+                                                            workers=count)]
+                        wait_http(f"http://127.0.0.1:{front_port}/healthz")
+                        targets["nginx"] = (f"http://127.0.0.1:{static_port}", blob_paths, None)
+                        targets["front"] = (f"http://127.0.0.1:{front_port}", image_paths, server.key)
+                    runs: dict[str, list[WrkResult]] = {kind: [] for kind in targets}
+                    for round_number in range(args.repeat):
+                        for kind, (base, paths, key) in targets.items():
+                            log(f"3. retrieval, {count} process(es), round {round_number + 1}: {kind}")
+                            runs[kind].append(wrk(base, paths, key))
+                    for kind, results in runs.items():
+                        retrieval[f"{kind}@{count}"] = WrkResult(
+                            statistics.mean(r.rps for r in results), statistics.mean(r.p50_ms for r in results),
+                            statistics.mean(r.p99_ms for r in results), sum(r.errors for r in results),
+                            statistics.mean(r.mb_per_second for r in results))
+                    for proc in reversed(started):
+                        procs.stop(proc)
                 if not shutil.which("nginx"):
                     notes.append("nginx is not installed: no nginx static and no nginx front figures "
                                  "(`apt-get install nginx`)")
@@ -873,7 +882,8 @@ def run(args: argparse.Namespace) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines.append("")
     if retrieval:
-        lines.append(f"## 3. Retrieval\n\nwrk -t2 -c{args.connections} -d{args.duration}s over "
+        lines.append(f"## 3. Retrieval\n\nwrk -t2 -c{args.connections} -d{args.duration}s, {args.repeat} round(s) "
+                     "over all servers of a process count, averaged; "
                      f"{len(sample):,} stored images (average "
                      f"{statistics.mean(sizes_by_name.values()) / 1024:.0f} KB), "
                      f"every server with {args.processes} process(es), wrk on the same cores.\n")
@@ -955,6 +965,8 @@ def main() -> None:
     parser.add_argument("--multi", type=int, default=os.cpu_count() or 1,
                         help="also run casimg, the bare handler and the front with this many processes "
                              "(default: the core count; 1 turns it off)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="rounds of wrk runs over the servers of a retrieval comparison, averaged (default 2)")
     parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the generated images are kept")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"),
                         help="markdown file written (default BENCHMARKS.md)")
