@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -54,7 +55,6 @@ import urllib.parse
 import urllib.request
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,12 +133,15 @@ class Procs:
         return proc
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """Signal the child's process group (its own session): a forking child's children go with it."""
         if proc.poll() is None:
-            proc.send_signal(sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if proc in self.children:
             self.children.remove(proc)
@@ -653,7 +656,7 @@ def redis_used_memory(redis_url: str) -> int:
 
 # -- the run ----------------------------------------------------------------------------------------
 
-@contextmanager
+@contextlib.contextmanager
 def workspace(keep: bool) -> Iterator[Path]:
     work = Path(tempfile.mkdtemp(prefix="casimg-bench-"))
     work.chmod(0o755)
