@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 9000)")
+    serve.add_argument("--processes", type=int,
+                       help="processes sharing the port, each with its own download worker (default 1)")
     serve.add_argument("--no-workers", dest="workers", action="store_const", const=False,
                        help="do not download in this process; run `casimg worker` apart")
 
@@ -101,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    names = ("data_dir", "redis_url", "log_format", "host", "port", "workers")
+    names = ("data_dir", "redis_url", "log_format", "host", "port", "workers", "processes")
     return load_settings(args.config, overrides={n: getattr(args, n, None) for n in names})
 
 
@@ -164,13 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.log_format)
         if args.command == "serve":
             with app.redis_for(settings, own_data_dir=True) as url:
-                asyncio.run(app.serve(settings, url))
+                if settings.processes > 1:
+                    return app.serve_processes(settings, url)
+                app.run_loop(app.serve(settings, url))
             return 0
         if args.command == "worker":
             if not settings.redis_url and not EmbeddedRedis(settings.data_dir).alive():
                 raise CasimgError(f"no Redis: start `casimg serve --data-dir {settings.data_dir}` "
                                   "or pass --redis-url")
-            asyncio.run(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
+            app.run_loop(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
             return 0
         if args.command == "keys":
             return _with_redis(settings, lambda services: _keys(args, services))

@@ -51,6 +51,11 @@ class Settings:
     allowed_formats: tuple[str, ...] = _setting(
         ("JPEG", "PNG", "GIF", "WEBP"), "Comma-separated Pillow format names that are stored."
     )
+    validation: str = _setting(
+        "structure", "How downloads are checked: 'structure' (walk every JPEG segment and scan to its end marker, "
+        "every PNG chunk CRC, the WebP RIFF sizes: refuses non-images and truncated files) or 'decode' (also "
+        "decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
+    )
     fetch_timeout: float = _setting(60.0, "Total seconds one download may take, redirects included.")
     connect_timeout: float = _setting(10.0, "Seconds to wait for a TCP (and TLS) connection to an origin.")
     download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")
@@ -60,6 +65,9 @@ class Settings:
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
+    processes: int = _setting(
+        1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
+    )
     workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
     worker_heartbeat: float = _setting(
         10.0, "Seconds after which a silent worker counts as dead and its unfinished downloads are taken over."
@@ -92,6 +100,11 @@ class Settings:
     )
     metrics_require_key: bool = _setting(
         False, "Require an API key (scope read) for GET /metrics; off: anyone who can reach it may scrape."
+
+    )
+    accel_redirect: str = _setting(
+        "", "Behind nginx (config/nginx.conf): URI prefix of its internal location over the blob directory, "
+        "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
     @property
@@ -141,15 +154,21 @@ def _check(settings: Settings) -> Settings:
             raise ConfigError(f"Setting 'allow_networks': {cidr!r} is not a network in CIDR notation") from None
     if settings.appendfsync not in ("everysec", "always"):
         raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
+    if settings.validation not in ("structure", "decode"):
+        raise ConfigError("Setting 'validation' must be 'structure' or 'decode'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
-    for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency", "per_host_concurrency",
-                 "max_urls_per_request", "max_body_bytes", "max_url_length", "max_jobs_in_flight", "rate_burst"):
+    for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
+                 "per_host_concurrency", "max_urls_per_request", "max_body_bytes", "max_url_length",
+                 "max_jobs_in_flight", "rate_burst"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
     for name in ("rate_limit", "auth_failure_limit"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
+    accel = settings.accel_redirect
+    if accel and not (accel.startswith("/") and accel.endswith("/")):
+        raise ConfigError("Setting 'accel_redirect' must be a URI prefix that starts and ends with '/', e.g. /_blobs/")
     for name in ("port", "metrics_port"):
         if not 0 <= getattr(settings, name) < 65536:
             raise ConfigError(f"Setting {name!r} must be between 0 and 65535")

@@ -244,6 +244,7 @@ class Worker:
                     max_pixels=self.settings.max_pixels,
                     allowed_formats=frozenset(f.upper() for f in self.settings.allowed_formats),
                     max_frames=self.settings.max_frames,
+                    mode=self.settings.validation,
                 ),
             )
         except BaseException:

@@ -227,3 +227,24 @@ def test_worker_process_beside_a_server_without_workers(data_dir, origin):
 def test_worker_without_a_server_or_redis_url_fails_clearly(data_dir):
     result = casimg("worker", "--data-dir", str(data_dir), check=False)
     assert result.returncode == 2 and "no Redis" in result.stderr
+
+
+def test_serve_processes_share_the_port_with_their_workers_and_stop_together(data_dir, origin):
+    server = Server(data_dir, "--processes", "2")
+    try:
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        commands = [Path(f"/proc/{pid}/cmdline").read_text() for pid in children]
+        assert sum("casimg" in command for command in commands) == 2, commands
+        urls = [origin.url(f"/img/{n}.jpg") for n in range(300, 310)]
+        job = server.submit(urls)
+        assert job["stored"] == 10
+        for url in urls:
+            assert server.call("GET", f"/api/image?url={quote(url, safe='')}")[0] == 200
+        client = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"), decode_responses=True)
+        heartbeats = client.keys("casimg:worker:*")
+        client.close()
+        assert len(heartbeats) == 2, "each server process runs its own download worker"
+    finally:
+        assert server.terminate() == 0
+    assert not EmbeddedRedis(data_dir).alive()
+    assert server.output().count("stopped") == 2

@@ -68,3 +68,14 @@ def test_every_setting_has_help_and_is_in_the_readme_and_example_config():
     for name in FIELDS:
         assert f"{name} =" in example, f"{name} is missing from config/casimg.example.toml"
     load_settings(ROOT / "config" / "casimg.example.toml", environ={})
+
+
+@pytest.mark.parametrize(("env", "fragment"), [
+    ({"CASIMG_ACCEL_REDIRECT": "_blobs"}, "accel_redirect"),
+    ({"CASIMG_VALIDATION": "pixels"}, "validation"),
+    ({"CASIMG_PROCESSES": "0"}, "at least 1"),
+])
+def test_front_validation_and_process_settings_fail_clearly(env, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_settings(environ=env)
+    assert load_settings(environ={"CASIMG_ACCEL_REDIRECT": "/_blobs/", "CASIMG_PROCESSES": "2"}).processes == 2

@@ -93,3 +93,35 @@ def test_a_multi_picture_jpeg_from_a_phone_is_a_jpeg(tmp_path):
     assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
     info = validate_image(written(tmp_path, buffer.getvalue()), **LIMITS)
     assert (info.format, info.content_type, info.width, info.height) == ("JPEG", "image/jpeg", 64, 48)
+
+
+# -- the two modes (CASIMG_VALIDATION): structure is the default, decode also decodes the pixels -----
+
+@pytest.mark.parametrize("mode", ["structure", "decode"])
+@pytest.mark.parametrize("ext", ["jpg", "png", "gif", "webp"])
+def test_both_modes_accept_whole_files_and_refuse_cut_ones(tmp_path, mode, ext):
+    whole = image_bytes(13, ext, (300, 200))
+    assert validate_image(written(tmp_path, whole), mode=mode, **LIMITS).width == 300
+    for keep in (0.3, 0.7):
+        with pytest.raises(InvalidImage, match=r"truncated or corrupt|not an image"):
+            validate_image(written(tmp_path, whole[: int(len(whole) * keep)]), mode=mode, **LIMITS)
+
+
+@pytest.mark.parametrize("ext", ["jpg", "png", "gif", "webp"])
+def test_structure_mode_refuses_a_file_missing_only_its_last_bytes(tmp_path, ext):
+    # A decode can finish without them (a PNG whose IEND is cut off decodes fine); the structure walk cannot.
+    whole = image_bytes(15, ext, (300, 200))
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        validate_image(written(tmp_path, whole[:-2]), **LIMITS)
+
+
+def test_structure_mode_walks_progressive_jpegs_and_allows_bytes_after_the_end_marker(tmp_path):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(14, "jpg", (320, 240)))).save(buffer, "JPEG", progressive=True, quality=80)
+    progressive = buffer.getvalue()
+    assert progressive.count(b"\xff\xda") > 1  # several scans
+    assert validate_image(written(tmp_path, progressive), **LIMITS).format == "JPEG"
+    assert validate_image(written(tmp_path, progressive + b"camera trailer"), **LIMITS).width == 320
+    for cut in range(progressive.index(b"\xff\xda"), len(progressive) - 1, len(progressive) // 20):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(written(tmp_path, progressive[:cut]), **LIMITS)
