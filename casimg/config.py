@@ -166,6 +166,9 @@ def _check(settings: Settings) -> Settings:
     for name in ("rate_limit", "auth_failure_limit"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
+    if settings.sweep_interval > 0 and settings.tmp_grace <= settings.fetch_timeout:
+        # A temp file younger than the longest download may be one in progress: the sweep must not take it.
+        raise ConfigError("Setting 'tmp_grace' must be longer than 'fetch_timeout' while the sweep runs")
     accel = settings.accel_redirect
     if accel and not (accel.startswith("/") and accel.endswith("/")):
         raise ConfigError("Setting 'accel_redirect' must be a URI prefix that starts and ends with '/', e.g. /_blobs/")

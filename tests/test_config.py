@@ -79,3 +79,9 @@ def test_front_validation_and_process_settings_fail_clearly(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
         load_settings(environ=env)
     assert load_settings(environ={"CASIMG_ACCEL_REDIRECT": "/_blobs/", "CASIMG_PROCESSES": "2"}).processes == 2
+
+
+def test_the_sweep_may_not_take_downloads_in_progress():
+    with pytest.raises(ConfigError, match="tmp_grace"):
+        load_settings(environ={"CASIMG_TMP_GRACE": "30", "CASIMG_FETCH_TIMEOUT": "60"})
+    assert load_settings(environ={"CASIMG_TMP_GRACE": "30", "CASIMG_SWEEP_INTERVAL": "0"}).tmp_grace == 30

@@ -460,7 +460,7 @@ def test_concurrent_stores_and_deletes_of_shared_content_never_lose_a_referenced
 def test_periodic_sweep_clears_crash_leftovers_but_nothing_an_import_in_progress_needs(data_dir, procs, origin):
     """What a crash leaves (an orphan blob, old temp and trash files) goes; a fresh temp file, which may be
     a download in progress, stays; an import running through many sweeps loses nothing."""
-    env = {**ENV, "CASIMG_SWEEP_INTERVAL": "0.5", "CASIMG_TMP_GRACE": "30"}
+    env = {**ENV, "CASIMG_SWEEP_INTERVAL": "0.5", "CASIMG_TMP_GRACE": "30", "CASIMG_FETCH_TIMEOUT": "20"}
     server = procs.server(data_dir, env=env)
     orphan_bytes = expected_bytes(origin.url("/img/80000.jpg"))
     orphan = hashlib.sha256(orphan_bytes).hexdigest()
