@@ -5,97 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 import redis
 
 from casimg.embedded import EmbeddedRedis
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def casimg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "casimg", *args], capture_output=True, text=True,
-                            cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
-class Server:
-    """One `casimg serve` process on a data dir, driven over HTTP."""
-
-    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2", **(env or {})}
-        # A file, not a pipe: a pipe nobody reads would block the server once its buffer is full.
-        self.log = data_dir.parent / f"serve-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "casimg", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
-                 *extra],
-                cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}: {self.output()}")
-            try:
-                urllib.request.urlopen(self.base + "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("serve did not answer /healthz")
-        self.key = (data_dir / "admin.key").read_text().strip()
-
-    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
-             key: str | None = None) -> tuple[int, bytes, dict[str, str]]:
-        sent = {"Authorization": f"Token {key or self.key}", **(headers or {})}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            sent["Content-Type"] = "application/json"
-        request = urllib.request.Request(self.base + path, data=data, method=method, headers=sent)
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, response.read(), dict(response.headers)
-        except urllib.error.HTTPError as error:
-            return error.code, error.read(), dict(error.headers)
-
-    def submit(self, urls: list[str]) -> dict[str, Any]:
-        status, body, _ = self.call("POST", "/api/images?wait=30", {"image_urls": urls})
-        assert status == 200, body
-        return json.loads(body)
-
-    def terminate(self, timeout: float = 15) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def output(self) -> str:
-        return self.log.read_text()
+from tests.procs import ROOT, Server, casimg, free_port
 
 
 @pytest.fixture

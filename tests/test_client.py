@@ -9,7 +9,7 @@ import pytest
 from casimg.client import ApiError, ApiUnreachable, AuthError, Client, Image, Job, JobTimeout, NotFoundError
 from casimg.embedded import EmbeddedRedis
 from tests.origin import image_bytes
-from tests.test_cli import Server, casimg, free_port
+from tests.procs import Server, casimg, free_port
 
 
 @pytest.fixture(scope="module")

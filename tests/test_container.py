@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from casimg.embedded import EmbeddedRedis
-from tests.test_cli import ROOT, free_port
+from tests.procs import ROOT, free_port
 
 START_TIMEOUT = 30.0
 

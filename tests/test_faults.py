@@ -30,9 +30,11 @@ from tests.procs import (
     JOB_TIMEOUT,
     PREFIX,
     Processes,
+    Server,
     assert_fsck_clean,
     assert_nothing_grows,
     assert_retrievable,
+    casimg,
     embedded_client,
     expected_bytes,
     image_urls,
@@ -42,7 +44,6 @@ from tests.procs import (
     submit,
     wait_for_progress,
 )
-from tests.test_cli import Server, casimg
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

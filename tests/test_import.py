@@ -17,7 +17,7 @@ import pytest
 
 from casimg.embedded import EmbeddedRedis
 from casimg.importer import EXIT_AUTH, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_UNREACHABLE, detect_format, read_urls
-from tests.test_cli import ROOT, Server, casimg, free_port
+from tests.procs import ROOT, Server, casimg, free_port
 
 SUMMARY_RE = re.compile(r"^(\d+) submitted, (\d+) stored, (\d+) existed, (\d+) failed in [\d.]+ s$")
 # The origin is one Python thread per connection: let the server use more of them than the default 8.

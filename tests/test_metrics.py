@@ -23,7 +23,7 @@ from casimg.keys import Scope
 from casimg.metrics import reason_label
 from tests.conftest import make_settings
 from tests.origin import image_bytes
-from tests.test_cli import ROOT, Server, free_port
+from tests.procs import ROOT, Server, free_port
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -17,7 +17,7 @@ import redis
 
 from casimg.embedded import EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
-from tests.test_cli import ROOT, Server, free_port
+from tests.procs import ROOT, Server, free_port
 
 SECTION = "## Inspecting the index with redis-cli"
 TYPES = {"hash": "hash", "sorted set": "zset", "string": "string", "stream": "stream", "list": "list"}
