@@ -25,6 +25,9 @@ from casimg.errors import ConfigError, DataDirBusy
 
 START_TIMEOUT = 20.0  # seconds for redis-server to load its append-only file and answer PING
 STOP_TIMEOUT = 20.0
+# Hashes up to this many entries keep Redis's compact encoding; the index's metadata buckets are sized
+# for it (index.META_BUCKET_DIGITS). config/redis.conf sets the same for an external Redis.
+COMPACT_HASH_ENTRIES = 512
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 
@@ -130,6 +133,7 @@ class EmbeddedRedis:
             "--appendfilename", "casimg.aof",
             "--appendfsync", self.appendfsync,
             "--save", "",
+            "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
             "--pidfile", str(self.dir / "redis.pid"),

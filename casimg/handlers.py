@@ -456,8 +456,8 @@ class BlobHandler(_BytesHandler):
         if meta is None:
             raise errors.NotFound(f"no blob {digest}")
         image = ImageRecord(
-            url="", sha256=digest, size=int(meta["size"]), content_type=meta["content_type"],
-            width=int(meta["width"]), height=int(meta["height"]), stored_at_us=0,
+            url="", sha256=digest, size=meta.size, content_type=meta.content_type,
+            width=meta.width, height=meta.height, stored_at_us=0,
         )
         await self.send_blob(image, BLOB_CACHE, include_body)
 

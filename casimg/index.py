@@ -40,10 +40,13 @@ class KeySpace:
         """hash: digest -> number of URLs pointing at it."""
         return self.prefix + "refs"
 
-    @property
-    def meta(self) -> str:
-        """hash: digest -> JSON {size, content_type, width, height}."""
-        return self.prefix + "meta"
+    def meta(self, bucket: str) -> str:
+        """hash: digest -> "size width height content_type", for the digests starting with `bucket`.
+
+        `bucket` is the digest's first ``META_BUCKET_DIGITS`` hex digits: 4,096 hashes small enough for
+        Redis's compact (ziplist/listpack) encoding, which takes a third of the memory of one big hash.
+        """
+        return f"{self.prefix}meta:{bucket}"
 
     @property
     def order(self) -> str:
@@ -100,6 +103,15 @@ class KeySpace:
 
 
 QUEUE_GROUP = "workers"
+# Metadata buckets: a digest's first 3 hex digits. With config/redis.conf's 512 entries per compact hash
+# they stay compact up to about 2 million contents; past that Redis converts the fuller ones to plain
+# hashes, which only costs memory.
+META_BUCKET_DIGITS = 3
+
+
+def meta_key(keys: KeySpace, digest: str) -> str:
+    return keys.meta(digest[:META_BUCKET_DIGITS])
+
 
 # Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
 # remove the queue entry. A job key that has expired still gets its entry acknowledged.
@@ -122,8 +134,8 @@ local function complete(job, results, queue, group, entry, field, result, counte
 end
 """
 
-# KEYS: urls refs meta order clock job results queue
-# ARGV: url digest meta_json now_us entry group field attempts now_iso
+# KEYS: urls refs meta-bucket-of-digest order clock job results queue
+# ARGV: url digest meta now_us entry group field attempts now_iso
 STORE_LUA = _COMPLETE_LUA + """
 local url, digest = ARGV[1], ARGV[2]
 local old = redis.call('HGET', KEYS[1], url)
@@ -167,22 +179,30 @@ if left <= 0 then redis.call('HDEL', KEYS[2], digest); left = 0 end
 return {digest, left}
 """
 
-# KEYS: refs meta     ARGV: digest  ->  references (metadata dropped when 0)
+# KEYS: refs meta-bucket-of-digest     ARGV: digest  ->  references (metadata dropped when 0)
 DROP_META_LUA = """
 local refs = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if refs <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
 return refs
 """
 
-# KEYS: urls meta order     ARGV: url  ->  {digest, meta_json, stored_at_us} or nil
-LOOKUP_LUA = """
-local digest = redis.call('HGET', KEYS[1], ARGV[1])
-if not digest then return nil end
-return {digest, redis.call('HGET', KEYS[2], digest) or '{}', redis.call('ZSCORE', KEYS[3], ARGV[1]) or '0'}
+# The metadata bucket depends on the digest found, so the scripts below that read it build its name from
+# the meta key prefix in ARGV, the way KeySpace.meta does.
+_META_OF_LUA = f"""
+local function meta_of(prefix, digest)
+  return redis.call('HGET', prefix .. string.sub(digest, 1, {META_BUCKET_DIGITS}), digest) or ''
+end
 """
 
-# KEYS: order urls meta     ARGV: after_us limit  ->  {more, url, stored_at_us, digest, meta_json, ...}
-PAGE_LUA = """
+# KEYS: urls order     ARGV: url meta_prefix  ->  {digest, meta, stored_at_us} or nil
+LOOKUP_LUA = _META_OF_LUA + """
+local digest = redis.call('HGET', KEYS[1], ARGV[1])
+if not digest then return nil end
+return {digest, meta_of(ARGV[2], digest), redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0'}
+"""
+
+# KEYS: order urls     ARGV: after_us limit meta_prefix  ->  {more, url, stored_at_us, digest, meta, ...}
+PAGE_LUA = _META_OF_LUA + """
 local rows = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0,
                         tonumber(ARGV[2]) + 1)
 local limit = tonumber(ARGV[2])
@@ -194,7 +214,7 @@ for i = 1, math.min(#rows, 2 * limit), 2 do
     out[#out + 1] = rows[i]
     out[#out + 1] = rows[i + 1]
     out[#out + 1] = digest
-    out[#out + 1] = redis.call('HGET', KEYS[3], digest) or '{}'
+    out[#out + 1] = meta_of(ARGV[3], digest)
   end
 end
 return out
@@ -288,22 +308,41 @@ def now_iso() -> str:
     return iso(datetime.now(UTC))
 
 
+@dataclass(frozen=True)
+class BlobMeta:
+    """What the index keeps about one content, stored as the string "size width height content_type"."""
+
+    size: int
+    content_type: str
+    width: int
+    height: int
+
+    def encode(self) -> str:
+        return f"{self.size} {self.width} {self.height} {self.content_type}"
+
+    @classmethod
+    def decode(cls, raw: str) -> BlobMeta:
+        size, width, height, content_type = raw.split(" ", 3)
+        return cls(size=int(size), content_type=content_type, width=int(width), height=int(height))
+
+
+# What a record shows while its metadata is missing (fsck reports that, and --repair rebuilds it).
+UNKNOWN_META = BlobMeta(size=0, content_type="application/octet-stream", width=0, height=0)
+
+
 def encode_meta(size: int, info: ImageInfo) -> str:
-    return json.dumps(
-        {"size": size, "content_type": info.content_type, "width": info.width, "height": info.height},
-        separators=(",", ":"),
-    )
+    return BlobMeta(size=size, content_type=info.content_type, width=info.width, height=info.height).encode()
 
 
-def _record(url: str, digest: str, meta_json: str, stored_at: str | float) -> ImageRecord:
-    meta = json.loads(meta_json)
+def _record(url: str, digest: str, meta: str, stored_at: str | float) -> ImageRecord:
+    known = BlobMeta.decode(meta) if meta else UNKNOWN_META
     return ImageRecord(
         url=url,
         sha256=digest,
-        size=int(meta.get("size", 0)),
-        content_type=meta.get("content_type", "application/octet-stream"),
-        width=int(meta.get("width", 0)),
-        height=int(meta.get("height", 0)),
+        size=known.size,
+        content_type=known.content_type,
+        width=known.width,
+        height=known.height,
         stored_at_us=int(float(stored_at)),
     )
 
@@ -324,7 +363,7 @@ class Index:
         self,
         url: str,
         digest: str,
-        meta_json: str,
+        meta: str,
         *,
         job_id: str = "",
         position: int | None = None,
@@ -334,8 +373,9 @@ class Index:
         """Store step 2 (blobs.py): index the URL and, atomically with it, finish its queue entry."""
         k = self.keys
         outcome, stored_digest, prior = await self._store(
-            keys=[k.urls, k.refs, k.meta, k.order, k.clock, k.job(job_id), k.job_results(job_id), k.queue],
-            args=[url, digest, meta_json, time.time_ns() // 1000, entry_id, QUEUE_GROUP,
+            keys=[k.urls, k.refs, meta_key(k, digest), k.order, k.clock, k.job(job_id), k.job_results(job_id),
+                  k.queue],
+            args=[url, digest, meta, time.time_ns() // 1000, entry_id, QUEUE_GROUP,
                   "" if position is None else str(position), attempts, now_iso()],
         )
         return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
@@ -361,7 +401,7 @@ class Index:
 
     async def drop_meta_if_unreferenced(self, digest: str) -> int:
         """Delete step 3: the references a digest has now; its metadata goes when that is 0."""
-        return int(await self._drop_meta(keys=[self.keys.refs, self.keys.meta], args=[digest]))
+        return int(await self._drop_meta(keys=[self.keys.refs, meta_key(self.keys, digest)], args=[digest]))
 
     async def digest_of(self, url: str) -> str | None:
         return await self.redis.hget(self.keys.urls, url)
@@ -376,22 +416,22 @@ class Index:
 
     async def lookup(self, url: str) -> ImageRecord | None:
         k = self.keys
-        reply = await self._lookup(keys=[k.urls, k.meta, k.order], args=[url])
+        reply = await self._lookup(keys=[k.urls, k.order], args=[url, k.meta("")])
         if reply is None:
             return None
         return _record(url, reply[0], reply[1], reply[2])
 
-    async def meta_of(self, digest: str) -> dict[str, Any] | None:
-        raw = await self.redis.hget(self.keys.meta, digest)
-        return json.loads(raw) if raw else None
+    async def meta_of(self, digest: str) -> BlobMeta | None:
+        raw = await self.redis.hget(meta_key(self.keys, digest), digest)
+        return BlobMeta.decode(raw) if raw else None
 
-    async def ensure_meta(self, digest: str, meta_json: str) -> None:
-        await self.redis.hsetnx(self.keys.meta, digest, meta_json)
+    async def ensure_meta(self, digest: str, meta: str) -> None:
+        await self.redis.hsetnx(meta_key(self.keys, digest), digest, meta)
 
     async def page(self, after_us: int, limit: int) -> Page:
         """Images stored after the cursor, oldest first. A URL present throughout a walk is seen once."""
         k = self.keys
-        reply = await self._page(keys=[k.order, k.urls, k.meta], args=[after_us, limit])
+        reply = await self._page(keys=[k.order, k.urls], args=[after_us, limit, k.meta("")])
         images = [
             _record(reply[i], reply[i + 2], reply[i + 3], reply[i + 1]) for i in range(1, len(reply), 4)
         ]
@@ -411,8 +451,11 @@ class Index:
         """urls, refs, meta and listed URLs read in one MULTI, so fsck compares one moment."""
         k = self.keys
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(k.urls).hgetall(k.refs).hgetall(k.meta).zrange(k.order, 0, -1)
-            urls, refs, meta, listed = await pipe.execute()
+            pipe.hgetall(k.urls).hgetall(k.refs).zrange(k.order, 0, -1)
+            for bucket in range(16**META_BUCKET_DIGITS):
+                pipe.hgetall(k.meta(f"{bucket:0{META_BUCKET_DIGITS}x}"))
+            urls, refs, listed, *buckets = await pipe.execute()
+        meta = {digest: raw for bucket in buckets for digest, raw in bucket.items()}
         return urls, {d: int(n) for d, n in refs.items()}, meta, set(listed)
 
     async def repair(self) -> list[str]:

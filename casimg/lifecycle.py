@@ -37,7 +37,7 @@ async def store_blob(
     tmp: Path,
     url: str,
     digest: str,
-    meta_json: str,
+    meta: str,
     *,
     pause: Pause = _no_pause,
     **job: Any,
@@ -49,7 +49,7 @@ async def store_blob(
     try:
         await _io(blobs.link_in, tmp, digest)
         await pause("linked")
-        outcome = await index.store(url, digest, meta_json, **job)
+        outcome = await index.store(url, digest, meta, **job)
         await pause("indexed")
         if outcome.outcome == "stored":
             await _io(blobs.ensure_present, tmp, digest)

@@ -314,13 +314,13 @@ def run_origin(port: int, images: str) -> None:
 
 def start_redis(procs: Procs, directory: Path, persistent: bool) -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server like casimg's embedded one (AOF, everysec) or, for the listing fill, without AOF."""
-    from casimg.embedded import find_redis_server
+    from casimg.embedded import COMPACT_HASH_ENTRIES, find_redis_server
 
     directory.mkdir(parents=True, exist_ok=True)
     sock = directory / "redis.sock"
     args = [find_redis_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
             "--dir", str(directory), "--save", "", "--appendonly", "yes" if persistent else "no",
-            "--appendfsync", "everysec"]
+            "--appendfsync", "everysec", "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES)]
     proc = procs.start(args, directory / "redis.log")
     client = redis.Redis(unix_socket_path=str(sock))
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -598,7 +598,7 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
     import redis.asyncio as aioredis
 
     from casimg.app import connect_redis
-    from casimg.index import Index, KeySpace
+    from casimg.index import BlobMeta, Index, KeySpace
 
     client: aioredis.Redis = connect_redis(redis_url, FILL_IN_FLIGHT + 8)
     index = Index(client, KeySpace("casimg:"))
@@ -608,9 +608,9 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
         async with slots:
             digest = hashlib.sha256(number.to_bytes(8, "big")).hexdigest()
             width = 640 + number % 1400
-            meta = json.dumps({"size": 20_000 + number % 280_000, "content_type": "image/jpeg",
-                               "width": width, "height": width * 3 // 4}, separators=(",", ":"))
-            await index.store(list_url(number), digest, meta)
+            meta = BlobMeta(size=20_000 + number % 280_000, content_type="image/jpeg", width=width,
+                            height=width * 3 // 4)
+            await index.store(list_url(number), digest, meta.encode())
 
     step = 20_000
     for chunk in range(start, stop, step):
@@ -837,7 +837,9 @@ def run(args: argparse.Namespace) -> str:
                 per_url = (redis_used_memory(redis3) - base_memory) / size
                 client3 = redis.Redis.from_url(redis3)
                 breakdown = {name: int(client3.memory_usage(f"casimg:{name}", samples=1000) or 0) / size
-                             for name in ("urls", "order", "meta", "refs")}
+                             for name in ("urls", "order", "refs")}
+                breakdown["meta"] = sum(int(client3.memory_usage(key) or 0)
+                                        for key in client3.scan_iter("casimg:meta:*", count=1000)) / size
                 client3.close()
                 lister = start_casimg(procs, work / f"data-list-{size}", redis3, workers=False)
                 first, first_1000, walk = measure_listing(lister, size)

@@ -12,7 +12,7 @@ from PIL import Image
 from casimg.app import connect_redis
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import Index, KeySpace
+from casimg.index import BlobMeta, Index, KeySpace, meta_key
 from casimg.lifecycle import store_blob
 
 
@@ -35,7 +35,7 @@ async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
     tmp = blobs.tmp_dir / f"dl-{os.urandom(4).hex()}.part"
     tmp.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
-    meta = f'{{"size":{len(data)},"content_type":"image/png","width":4,"height":3}}'
+    meta = BlobMeta(size=len(data), content_type="image/png", width=4, height=3).encode()
     await store_blob(blobs, index, tmp, url, digest, meta)
     return digest
 
@@ -57,7 +57,7 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     lost = await put(blobs, index, "http://a/3", png(2))
     no_meta = await put(blobs, index, "http://a/4", png(3))
     await index.redis.hset(index.keys.refs, shared, 7)
-    await index.redis.hdel(index.keys.meta, no_meta)
+    await index.redis.hdel(meta_key(index.keys, no_meta), no_meta)
     os.rename(blobs.blob_path(lost), blobs.trash_dir / f"{lost}.crashed")  # a delete died after its move
     os.utime(blobs.trash_dir / f"{lost}.crashed", (0, 0))
     orphan_tmp = blobs.tmp_dir / "dl-old.part"
@@ -81,7 +81,7 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     assert blobs.read(lost) == png(2)
     assert not blobs.exists(orphan)
     assert await index.refs_of(shared) == 2
-    assert (await index.meta_of(no_meta))["width"] == 4
+    assert (await index.meta_of(no_meta)).width == 4
 
 
 @pytest.mark.gen_test

@@ -8,9 +8,10 @@ import random
 import pytest
 
 from casimg.app import connect_redis
-from casimg.index import Index, KeySpace
+from casimg.embedded import COMPACT_HASH_ENTRIES, EmbeddedRedis
+from casimg.index import BlobMeta, Index, KeySpace
 
-META = '{"size":3,"content_type":"image/png","width":1,"height":1}'
+META = BlobMeta(size=3, content_type="image/png", width=1, height=1).encode()
 
 
 def digest(n: int) -> str:
@@ -119,3 +120,30 @@ async def test_concurrent_stores_of_one_url_count_one_reference(index):
     outcomes = await asyncio.gather(*(index.store("http://same", digest(1), META) for _ in range(20)))
     assert sorted(o.outcome for o in outcomes).count("stored") == 1
     assert await index.refs_of(digest(1)) == 1
+
+
+@pytest.mark.gen_test
+async def test_metadata_goes_to_its_bucket_and_round_trips(index):
+    meta = BlobMeta(size=123_456, content_type="image/webp", width=640, height=480)
+    await index.store("http://a/1", "abc" + "0" * 61, meta.encode())
+    assert await index.redis.hget(index.keys.meta("abc"), "abc" + "0" * 61) == "123456 640 480 image/webp"
+    assert await index.meta_of("abc" + "0" * 61) == meta
+    assert (await index.page(0, 10)).images[0].content_type == "image/webp"
+
+
+@pytest.mark.gen_test
+async def test_a_full_metadata_bucket_keeps_the_compact_encoding_on_the_embedded_redis(tmp_path):
+    embedded = EmbeddedRedis(tmp_path / "data")
+    embedded.start()
+    client = connect_redis(embedded.url, 4)
+    try:
+        index = Index(client, KeySpace())
+        meta = BlobMeta(size=150_000, content_type="image/jpeg", width=1024, height=768).encode()
+        # digest(n) all share the bucket "000": fill it to the size the layout is made for.
+        for n in range(COMPACT_HASH_ENTRIES):
+            await index.ensure_meta(digest(n), meta)
+        assert await client.hlen(index.keys.meta("000")) == COMPACT_HASH_ENTRIES
+        assert await client.object("encoding", index.keys.meta("000")) in ("ziplist", "listpack")
+    finally:
+        await client.aclose()
+        embedded.stop()

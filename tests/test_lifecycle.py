@@ -21,12 +21,12 @@ import pytest
 from casimg.app import connect_redis
 from casimg.blobs import BlobStore
 from casimg.fsck import sweep
-from casimg.index import Index, KeySpace
+from casimg.index import BlobMeta, Index, KeySpace
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
 
 BYTES = b"the same image bytes at two URLs"
 DIGEST = hashlib.sha256(BYTES).hexdigest()
-META = '{"size":32,"content_type":"image/png","width":1,"height":1}'
+META = BlobMeta(size=32, content_type="image/png", width=1, height=1).encode()
 
 
 class Stepped:

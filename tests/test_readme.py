@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import glob
 import inspect
+import json
 import re
 import shlex
 import socket
 import subprocess
 import time
+from urllib.parse import quote
 
 import pytest
 import redis
 
-from casimg.embedded import EmbeddedRedis, find_redis_server
+from casimg.embedded import COMPACT_HASH_ENTRIES, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
 from tests.procs import ROOT, Server, free_port
 
@@ -121,6 +123,7 @@ def test_each_documented_command_answers_as_documented_on_the_embedded_redis(ser
         "https://example.com/a.jpg": url,
         "*example.com*": f"*{origin.host}:{origin.port}/img/*",
         "<sha256>": digest,
+        "casimg:meta:abc": f"casimg:meta:{digest[:3]}",
         "<job_id>": server.job["job_id"],
     }
     embedded = [c for c in commands() if c.startswith("$CLI -s ")]
@@ -130,6 +133,12 @@ def test_each_documented_command_answers_as_documented_on_the_embedded_redis(ser
     scan = answers.pop("HSCAN casimg:urls")
     assert scan == ["0", url, digest]  # the pattern matches the one /img/ URL, and the scan is complete
     assert answers.pop("HGET casimg:refs") == ["1"]
+    status, body, _ = server.call("GET", "/api/image?url=" + quote(url, safe=""))
+    listed = next(image for image in json.loads(server.call("GET", "/api/images")[1]) if image["url"] == url)
+    assert status == 200 and listed["size"] == len(body)
+    assert answers.pop("HGET casimg:meta:abc") == [
+        f"{listed['size']} {listed['width']} {listed['height']} {listed['content_type']}"
+    ]
     job = answers.pop("HGETALL casimg:job:<job_id>")
     fields = dict(zip(job[::2], job[1::2], strict=True))
     assert (fields["status"], fields["total"], fields["stored"], fields["failed"]) == ("done", "4", "3", "1")
@@ -187,4 +196,5 @@ def test_redis_conf_is_the_production_config_the_readme_promises():
     assert conf["appendonly"] == "yes" and conf["appendfsync"] in ("everysec", "always")
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["save"] == '""'  # the AOF is the persistence; no RDB snapshots beside it
+    assert int(conf["hash-max-ziplist-entries"]) == COMPACT_HASH_ENTRIES  # as the embedded Redis runs
     assert "config/redis.conf" in (ROOT / "README.md").read_text()
