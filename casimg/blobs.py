@@ -36,6 +36,7 @@ temp file, an unreferenced blob or a trash file, which ``casimg fsck --repair`` 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -98,13 +99,15 @@ class BlobStore:
         try:
             os.link(tmp, target)
         except FileExistsError:
-            return
+            pass  # linked by another store, which may not have made it durable yet: the fsync below does
         except FileNotFoundError:
+            # The first blob under a new ab/cd: the new directories must reach the disk before the index
+            # counts the blob, or a power loss could take them, and the blob, with it. Rare: 65,536 times.
             target.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            _fsync_dir(target.parent.parent)
+            _fsync_dir(self.root)
+            with contextlib.suppress(FileExistsError):
                 os.link(tmp, target)
-            except FileExistsError:
-                return
         _fsync_dir(target.parent)
 
     def ensure_present(self, tmp: Path, digest: str) -> bool:
