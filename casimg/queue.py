@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -69,6 +69,7 @@ class Entry:
     job_id: str
     position: int
     url: str
+    deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
 
 
 @dataclass
@@ -201,13 +202,13 @@ class JobQueue:
             pending = await self.redis.xpending_range(
                 self.keys.queue, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
             )
-            ids = [item["message_id"] for item in pending]
-            if ids:
+            delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending}
+            if delivered:
                 for entry_id, fields in await self.redis.xclaim(
-                    self.keys.queue, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=ids
+                    self.keys.queue, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
                 ):
                     if fields:
-                        claimed.append(_entry(entry_id, fields))
+                        claimed.append(replace(_entry(entry_id, fields), deliveries=delivered[entry_id] + 1))
             if len(claimed) >= count:
                 break
         return claimed
@@ -215,9 +216,9 @@ class JobQueue:
     async def count_by_status(self) -> dict[str, int]:
         """How many unexpired jobs are queued, running and done.
 
-        Jobs are found with SCAN (never KEYS): the keyspace holds a few keys per job and a fixed handful
-        besides, since URLs, refs and metadata are each one hash, so this stays cheap however many images
-        are stored.
+        Jobs are found with SCAN (never KEYS): the keyspace holds a few keys per job and a fixed number
+        besides (URLs and refs are each one hash, metadata 4,096 small ones), so this stays cheap however
+        many images are stored.
         """
         counts = {"queued": 0, "running": 0, "done": 0}
         pattern = _glob_escape(self.keys.job("")) + "*"

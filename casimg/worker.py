@@ -35,6 +35,9 @@ log = logging.getLogger("casimg.worker")
 
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
 MAX_ATTEMPTS = 3  # one download plus two retries of a transient failure
+# A URL whose processing ended with its worker this many times fails instead of going to the next one: a
+# file that crashes the process (a decoder bug, say) must not take down every worker in turn, for ever.
+MAX_DELIVERIES = 5
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full jitter
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
@@ -192,6 +195,9 @@ class Worker:
                 await asyncio.sleep(REDIS_RETRY)
 
     async def _attempt_all(self, entry: Entry) -> None:
+        if entry.deliveries > MAX_DELIVERIES:
+            await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
+            return
         known = await self.index.digest_of(entry.url)
         if known is not None:
             await self.index.complete(
@@ -207,17 +213,20 @@ class Worker:
                 outcome = await self._download_and_store(entry, attempt)
             except DownloadFailed as failure:
                 if failure.permanent or attempt >= MAX_ATTEMPTS or self._stopping.is_set():
-                    _log_outcome("failed", entry.url, attempt, failure.reason)
-                    await self.index.complete(
-                        entry.job_id, entry.position, entry.entry_id,
-                        {"status": "failed", "error": failure.reason, "attempts": attempt}, "failed",
-                    )
-                    self.on_outcome("failed", failure.reason)
+                    await self._fail(entry, failure.reason, attempt)
                     return
                 await asyncio.sleep(self._backoff(attempt, failure.retry_after))
                 continue
             _log_outcome(outcome, entry.url, attempt)
             return
+
+    async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
+        _log_outcome("failed", entry.url, attempts, reason)
+        await self.index.complete(
+            entry.job_id, entry.position, entry.entry_id,
+            {"status": "failed", "error": reason, "attempts": attempts}, "failed",
+        )
+        self.on_outcome("failed", reason)
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None) -> float:

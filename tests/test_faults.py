@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote
 import pytest
 
 from casimg.embedded import EmbeddedRedis
+from casimg.worker import MAX_DELIVERIES
 from tests.conftest import RedisProcess
 from tests.procs import (
     JOB_TIMEOUT,
@@ -96,6 +97,38 @@ def assert_all_stored(server: Server, job_id: str, urls: list[str]) -> dict[str,
     assert not failed, failed[:5]
     assert_retrievable(server, urls)
     return final
+
+
+def test_a_url_whose_worker_dies_every_time_fails_after_max_deliveries(data_dir, procs, origin):
+    """A URL that ends its worker each time (killed mid-download here, as a crashing decoder would) fails
+    with a reason after MAX_DELIVERIES, instead of taking every worker down in turn for ever."""
+    env = {**ENV, "CASIMG_WORKER_HEARTBEAT": "1"}  # a dead worker's entries are taken over within a second
+    server = procs.server(data_dir, "--no-workers", env=env)
+    job_id = submit(server, [origin.url("/slow")])  # trickles for a minute: always mid-download when killed
+    client = embedded_client(data_dir)
+    for delivery in range(1, MAX_DELIVERIES + 1):
+        worker = procs.worker(data_dir, env=server.env, name=f"worker-{delivery}")
+        deadline = time.monotonic() + 30
+        while True:
+            holders = [c for c in client.xinfo_consumers(f"{PREFIX}queue", "workers") if c["pending"]]
+            if holders and f"-{worker.pid}-" in holders[0]["name"]:
+                break
+            assert time.monotonic() < deadline, f"worker {delivery} never took the entry: {holders}"
+            time.sleep(0.1)
+        [pending] = client.xpending_range(f"{PREFIX}queue", "workers", min="-", max="+", count=10)
+        assert pending["times_delivered"] == delivery
+        worker.kill()
+        worker.wait()
+    assert job(server, job_id)["done"] == 0
+
+    last = procs.worker(data_dir, env=server.env, name="worker-last")
+    [result] = settle(server, job_id)["results"]
+    assert result["status"] == "failed"
+    assert result["error"] == f"abandoned: {MAX_DELIVERIES} workers stopped while on it"
+    assert_nothing_grows(client)
+    last.send_signal(signal.SIGTERM)
+    assert last.wait(SHUTDOWN_BOUND + 5) == 0
+    assert server.terminate() == 0
 
 
 @pytest.mark.parametrize("appendfsync", ["everysec", "always"])
