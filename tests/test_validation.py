@@ -125,3 +125,56 @@ def test_structure_mode_walks_progressive_jpegs_and_allows_bytes_after_the_end_m
     for cut in range(progressive.index(b"\xff\xda"), len(progressive) - 1, len(progressive) // 20):
         with pytest.raises(InvalidImage, match="truncated or corrupt"):
             validate_image(written(tmp_path, progressive[:cut]), **LIMITS)
+
+
+# -- WebP in structure mode is read from its headers, not through Pillow's decoder ------------------
+
+def webp_variants() -> dict[str, bytes]:
+    """Lossy (VP8), lossless (VP8L), with alpha (VP8X + ALPH) and animated (VP8X + ANMF) WebP files."""
+    picture = Image.open(io.BytesIO(image_bytes(16, "png", (90, 60)))).convert("RGB")
+    with_alpha = picture.convert("RGBA")
+    with_alpha.putalpha(128)
+    frames = [picture.rotate(angle) for angle in (0, 90, 180)]
+    out = {}
+    for name, image, options in [
+        ("lossy", picture, {"quality": 70}),
+        ("lossless", picture, {"lossless": True}),
+        ("alpha", with_alpha, {"quality": 70}),
+        ("animated", frames[0], {"save_all": True, "append_images": frames[1:], "duration": 100}),
+    ]:
+        buffer = io.BytesIO()
+        image.save(buffer, "WEBP", **options)
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("variant", ["lossy", "lossless", "alpha", "animated"])
+def test_webp_headers_give_what_pillow_reads(variant):
+    data = webp_variants()[variant]
+    with Image.open(io.BytesIO(data)) as image:
+        expected = ("WEBP", "image/webp", *image.size, getattr(image, "n_frames", 1))
+    info = validate_image(data, **LIMITS)
+    assert (info.format, info.content_type, info.width, info.height, info.frames) == expected
+    assert info.frames == (3 if variant == "animated" else 1)
+    for cut in (len(data) // 3, len(data) - 3):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(data[:cut], **LIMITS)
+
+
+def test_webp_pixel_bomb_and_frame_limit_are_read_from_the_headers():
+    lossy = webp_variants()["lossy"]
+    # The VP8 frame header holds 14-bit dimensions at bytes 26-29 of the file: claim 16383 x 16383.
+    bomb = lossy[:26] + (16383).to_bytes(2, "little") * 2 + lossy[30:]
+    with pytest.raises(InvalidImage, match=r"too many pixels \(16383x16383 over 1000000\)"):
+        validate_image(bomb, max_pixels=1_000_000)
+    with pytest.raises(InvalidImage, match=r"too many frames \(3 over 2\)"):
+        validate_image(webp_variants()["animated"], max_pixels=10**6, max_frames=2)
+
+
+def test_a_webp_without_an_image_header_is_not_an_image():
+    lossy = webp_variants()["lossy"]
+    renamed = lossy[:12] + b"JUNK" + lossy[16:]
+    with pytest.raises(InvalidImage, match="not an image"):
+        validate_image(renamed, **LIMITS)
+    with pytest.raises(InvalidImage, match="format WEBP not allowed"):
+        validate_image(lossy, max_pixels=10**6, allowed_formats={"JPEG"})
