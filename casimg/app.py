@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ REDIS_SOCKET_TIMEOUT = 10.0
 REDIS_POOL_WAIT = 5.0  # seconds a request waits for a free Redis connection before a 503
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 MALLOC_ARENAS = 2  # see limit_malloc_arenas
+BLOCKING_THREADS = 32  # the blocking pool of each process (see open_services)
 
 
 def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.URLSpec]:
@@ -130,6 +132,10 @@ def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
 async def open_services(settings: Settings, redis_url: str, with_worker: bool) -> Services:
     """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker."""
     # Each in-flight download holds a connection only briefly, but requests and workers share the pool.
+    # Blocking file work (blob reads, the downloads' validate-write-link step) waits on the disk far
+    # more than it computes; asyncio's default of cores + 4 threads left downloads queueing for a thread.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
     blobs = BlobStore(settings.data_dir)

@@ -1,9 +1,11 @@
 """The download path: one aiohttp session, its limits and timeouts, redirects, and the address guard.
 
-``Fetcher.fetch(url)`` streams one image to ``<data-dir>/tmp/dl-*.part`` while it computes the SHA-256,
-and either returns the fsynced file or raises ``DownloadFailed`` with a short reason for the job's
-results ("HTTP 404", "timeout", "blocked address (127.0.0.2 is loopback)", ...) and whether the failure
-is worth retrying.
+``Fetcher.fetch(url)`` returns one image's body, or raises ``DownloadFailed`` with a short reason for the
+job's results ("HTTP 404", "timeout", "blocked address (127.0.0.2 is loopback)", ...) and whether the
+failure is worth retrying. A body of up to ``IN_MEMORY`` bytes (nearly every image) is handed over in
+memory, so that hashing, validating and writing it take one trip to a worker thread; a larger one
+streams to ``<data-dir>/tmp/dl-*.part``, hashed as it is written, so memory per download stays bounded.
+Neither is durable yet: the blob store makes it so before the index counts it (blobs.py).
 
 The address guard (server-side request forgery): casimg must not be made to fetch from the machine it
 runs on or from the networks behind it. Every address is checked where it is *used*, in two places:
@@ -26,7 +28,6 @@ import hashlib
 import ipaddress
 import os
 import socket
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
 from casimg import __version__
+from casimg.blobs import open_temp
 from casimg.errors import DownloadFailed
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -50,10 +52,9 @@ USER_AGENT = f"casimg/{__version__}"
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_CHUNK = 64 * 1024
-# Chunks are gathered in memory up to this size, then hashed and written in one trip to a thread:
-# most images arrive in a single write, and memory per download stays bounded.
-WRITE_BATCH = 512 * 1024
-TEMP_PREFIX, TEMP_SUFFIX = "dl-", ".part"
+# A body up to this size stays in memory; past it, chunks go to a temp file in pieces of this size, each
+# hashed and written in one trip to a thread. 64 downloads in flight hold at most 32 MiB.
+IN_MEMORY = 512 * 1024
 
 # Every range a download must not reach, with the name used in the failure reason. Anything else that
 # Python does not call global (is_global) is refused as "non-public" after these.
@@ -170,11 +171,16 @@ class GuardedResolver(AbstractResolver):
 
 @dataclass(frozen=True)
 class Downloaded:
-    """A complete download: an fsynced temp file, its SHA-256 and its size."""
+    """A complete body: its bytes in `data`, or, when it was too large to hold, a temp file at `path`."""
 
-    path: Path
-    sha256: str
     size: int
+    data: bytes | None = None
+    path: Path | None = None
+    sha256: str | None = None  # of the temp file's bytes, computed as they were written
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 class _TempSink:
@@ -188,18 +194,16 @@ class _TempSink:
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
-            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=self.tmp_dir)
-            self._fd, self.path = fd, Path(name)
+            self._fd, self.path = open_temp(self.tmp_dir)
         self._hash.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
 
     def finish(self, data: bytes) -> str:
-        """Write the last bytes, make the file durable, close it; returns the hex SHA-256."""
+        """Write the last bytes and close the file; returns the hex SHA-256."""
         self.write(data)
         assert self._fd is not None
-        os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         return self._hash.hexdigest()
@@ -333,9 +337,14 @@ class Fetcher:
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
 
     async def _save(self, response: aiohttp.ClientResponse) -> Downloaded:
-        """Stream the body to a temp file, hashing as it goes; cut off past max_bytes whatever was declared."""
+        """Read the body, in memory while it is small; cut off past max_bytes whatever was declared."""
+        declared = response.content_length
+        if declared is not None and declared <= IN_MEMORY and "Content-Encoding" not in response.headers:
+            # The parser stops at the declared length, so the cut-off needs no chunk loop: one read.
+            data = await response.read()
+            return Downloaded(len(data), data=data)
         loop = asyncio.get_running_loop()
-        sink = _TempSink(self.tmp_dir)
+        sink: _TempSink | None = None
         pending: list[bytes] = []
         pending_bytes = size = 0
         try:
@@ -345,16 +354,21 @@ class Fetcher:
                     raise DownloadFailed(f"too large (over {self.max_bytes} bytes)")
                 pending.append(chunk)
                 pending_bytes += len(chunk)
-                if pending_bytes >= WRITE_BATCH:
+                if pending_bytes > IN_MEMORY:
+                    sink = sink or _TempSink(self.tmp_dir)
                     await loop.run_in_executor(None, sink.write, b"".join(pending))
                     pending.clear()
                     pending_bytes = 0
-            digest = await loop.run_in_executor(None, partial(sink.finish, b"".join(pending)))
+            body = b"".join(pending)
+            if sink is None:
+                return Downloaded(size, data=body)
+            digest = await loop.run_in_executor(None, partial(sink.finish, body))
         except BaseException:
-            sink.abort()
+            if sink is not None:
+                sink.abort()
             raise
         assert sink.path is not None
-        return Downloaded(sink.path, digest, size)
+        return Downloaded(size, path=sink.path, sha256=digest)
 
 
 def _check_status(response: aiohttp.ClientResponse) -> None:

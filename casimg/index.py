@@ -406,6 +406,10 @@ class Index:
     async def digest_of(self, url: str) -> str | None:
         return await self.redis.hget(self.keys.urls, url)
 
+    async def digests_of(self, urls: list[str]) -> list[str | None]:
+        """The digest of each URL, None where it is not indexed; one round trip."""
+        return list(await self.redis.hmget(self.keys.urls, urls)) if urls else []
+
     async def refs_of(self, digest: str) -> int:
         return int(await self.redis.hget(self.keys.refs, digest) or 0)
 

@@ -42,23 +42,49 @@ async def store_blob(
     pause: Pause = _no_pause,
     **job: Any,
 ) -> StoreOutcome:
-    """Index `url` -> `digest` with its bytes, already fsynced in `tmp`; `tmp` is consumed.
+    """Index `url` -> `digest` with its bytes in `tmp`, steps 1-4; `tmp` is consumed.
 
     `job` (job_id, position, entry_id, attempts) finishes the URL's queue entry in the same Redis step.
     """
     try:
         await _io(blobs.link_in, tmp, digest)
-        await pause("linked")
+    except BaseException:
+        await _io(blobs.discard, tmp)
+        raise
+    await pause("linked")
+    return await index_linked_blob(blobs, index, tmp, url, digest, meta, pause=pause, **job)
+
+
+async def index_linked_blob(
+    blobs: BlobStore,
+    index: Index,
+    tmp: Path,
+    url: str,
+    digest: str,
+    meta: str,
+    *,
+    pause: Pause = _no_pause,
+    **job: Any,
+) -> StoreOutcome:
+    """Steps 2-4, for bytes that step 1 already linked in and made durable; `tmp` is consumed.
+
+    Downloads come in here: they do step 1 in the same trip to a thread as validation, and make many
+    blobs durable with one flush (blobs.FlushGroup).
+    """
+    settled = False
+    try:
         outcome = await index.store(url, digest, meta, **job)
         await pause("indexed")
         if outcome.outcome == "stored":
-            await _io(blobs.ensure_present, tmp, digest)
+            settled = True
+            await _io(blobs.settle, tmp, digest)
         else:
             # The URL was indexed by someone else meanwhile; our link may have made an unreferenced blob.
             await remove_if_unreferenced(blobs, index, digest)
         return outcome
     finally:
-        await _io(blobs.discard, tmp)
+        if not settled:
+            await _io(blobs.discard, tmp)
 
 
 async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import os
 import stat
+import threading
 
 import pytest
 
-from casimg.blobs import BlobStore, is_digest
+from casimg import blobs as blobs_module
+from casimg.blobs import BlobStore, FlushGroup, is_digest, sync_filesystem
 
 
 @pytest.fixture
@@ -97,3 +101,103 @@ def test_leftovers_name_trash_digests(blobs):
 def test_hash_file_matches_hashlib(blobs):
     tmp, digest = _temp(blobs, os.urandom(3 * 1024 * 1024 + 5))
     assert blobs.hash_file(tmp) == digest
+
+
+def test_write_temp_holds_the_bytes_and_names_their_digest(blobs):
+    data = b"some image bytes" * 1000
+    tmp, digest = blobs.write_temp(data)
+    assert tmp.parent == blobs.tmp_dir and tmp.name.startswith("dl-") and tmp.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    blobs.link_in(tmp, digest, sync=False)
+    assert blobs.read(digest) == data and os.stat(tmp).st_ino == os.stat(blobs.blob_path(digest)).st_ino
+
+
+def test_settle_relinks_a_blob_a_delete_moved_away_and_removes_the_temp_name(blobs):
+    tmp, digest = blobs.write_temp(b"shared bytes")
+    blobs.link_in(tmp, digest)
+    trash = blobs.move_to_trash(digest)  # a delete of the last reference, between store steps 1 and 3
+    assert not blobs.exists(digest)
+    assert blobs.settle(tmp, digest) is True
+    assert blobs.read(digest) == b"shared bytes" and not tmp.exists()
+    blobs.discard(trash)
+    tmp2, _ = blobs.write_temp(b"shared bytes")
+    blobs.link_in(tmp2, digest)
+    assert blobs.settle(tmp2, digest) is False and not tmp2.exists()
+
+
+# -- FlushGroup: one syncfs for many stores ---------------------------------------------------------
+
+class CountedSync:
+    """Wraps the real sync_filesystem: counts the flushes, and can hold one in the thread until told."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, held: bool = False) -> None:
+        self.calls = 0
+        self.held = held
+        self.permits = threading.Semaphore(0)  # with `held`, each flush waits for one
+        self.entered = threading.Semaphore(0)
+        self.fail_with: OSError | None = None
+        real = blobs_module.sync_filesystem
+
+        def counted(directory):
+            self.calls += 1
+            self.entered.release()
+            if self.held:
+                assert self.permits.acquire(timeout=10)
+            if self.fail_with is not None:
+                raise self.fail_with
+            real(directory)
+
+        monkeypatch.setattr(blobs_module, "sync_filesystem", counted)
+
+
+@pytest.mark.gen_test
+async def test_concurrent_flushes_share_one_syncfs(blobs, monkeypatch):
+    sync = CountedSync(monkeypatch)
+    group = FlushGroup(blobs.root)
+    try:
+        await asyncio.gather(*(group.flush() for _ in range(50)))
+    finally:
+        group.close()
+    # The first caller starts a flush at once; the 49 that arrive while it runs all wait for one more.
+    assert sync.calls <= 2
+
+
+@pytest.mark.gen_test
+async def test_a_flush_asked_for_while_one_runs_waits_for_the_next(blobs, monkeypatch):
+    sync = CountedSync(monkeypatch, held=True)
+    group = FlushGroup(blobs.root)
+    loop = asyncio.get_running_loop()
+    try:
+        first = asyncio.ensure_future(group.flush())
+        assert await loop.run_in_executor(None, sync.entered.acquire, True, 10)
+        # This caller's bytes may have been written after the running flush looked: it needs its own.
+        second = asyncio.ensure_future(group.flush())
+        sync.permits.release()
+        await first
+        assert await loop.run_in_executor(None, sync.entered.acquire, True, 10)  # the next one began
+        assert sync.calls == 2 and not second.done()
+        sync.permits.release()
+        await second
+        assert sync.calls == 2
+    finally:
+        group.close()
+
+
+@pytest.mark.gen_test
+async def test_a_failed_flush_fails_every_caller_waiting_for_it(blobs, monkeypatch):
+    sync = CountedSync(monkeypatch)
+    sync.fail_with = OSError(errno.EIO, "Input/output error")
+    group = FlushGroup(blobs.root)
+    try:
+        results = await asyncio.gather(*(group.flush() for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(result, OSError) and result.errno == errno.EIO for result in results)
+        sync.fail_with = None
+        await group.flush()  # the group goes on once the disk does
+    finally:
+        group.close()
+
+
+def test_sync_filesystem_reports_a_directory_it_cannot_open(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        sync_filesystem(tmp_path / "missing")
+    sync_filesystem(tmp_path)  # a real syncfs(2) returns without error

@@ -126,27 +126,33 @@ def leftovers(tmp_path: Path) -> list[str]:
 # -- downloads ------------------------------------------------------------------------------------
 
 @pytest.mark.gen_test
-async def test_download_lands_in_tmp_with_its_digest_and_size(tmp_path, origin):
+async def test_a_small_body_is_kept_in_memory_and_touches_no_disk(tmp_path, origin):
     fetcher = await started(tmp_path)
     try:
         got = await fetcher.fetch(origin.url("/img/7.png"))
+        unsized = await fetcher.fetch(origin.url("/big?bytes=300000&chunked=1"))  # no Content-Length
     finally:
         await fetcher.close()
     expected = image_bytes(7, "png")
-    assert got.path.read_bytes() == expected
-    assert got.sha256 == hashlib.sha256(expected).hexdigest() and got.size == len(expected)
-    assert got.path.parent == tmp_path / "tmp" and got.path.name.startswith("dl-")
+    assert (got.data, got.size, got.path) == (expected, len(expected), None)
+    assert unsized.data is not None and len(unsized.data) == unsized.size == 300_000
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.gen_test
-async def test_large_body_is_written_in_batches_and_hashed_whole(tmp_path, origin):
+@pytest.mark.parametrize("chunked", ["", "&chunked=1"])
+async def test_a_large_body_streams_to_a_temp_file_hashed_whole(tmp_path, origin, chunked):
     fetcher = await started(tmp_path, max_bytes=3_000_000)
     try:
-        got = await fetcher.fetch(origin.url("/big?bytes=2500000&chunked=1"))
+        got = await fetcher.fetch(origin.url("/big?bytes=2500000" + chunked))
     finally:
         await fetcher.close()
+    assert got.data is None and got.path is not None
     data = got.path.read_bytes()
     assert len(data) == got.size == 2_500_000 and hashlib.sha256(data).hexdigest() == got.sha256
+    assert got.path.parent == tmp_path / "tmp" and got.path.name.startswith("dl-")
+    got.discard()
+    assert leftovers(tmp_path) == []
 
 
 @pytest.mark.gen_test
@@ -171,7 +177,15 @@ async def test_limits_and_origin_failures_have_clear_reasons_and_leave_no_temp_f
         kept = await fetcher.fetch(origin.url("/redirect/5"))
     finally:
         await fetcher.close()
-    assert leftovers(tmp_path) == [kept.path.name]  # the one success; every failure cleaned up after itself
+    assert kept.data is not None
+    # A body cut off after it began to stream to a temp file leaves nothing behind either.
+    fetcher = await started(tmp_path, max_bytes=1_000_000)
+    try:
+        streamed = await failure(fetcher, origin.url("/big?bytes=1500000&chunked=1"))
+    finally:
+        await fetcher.close()
+    assert streamed.reason == "too large (over 1000000 bytes)"
+    assert leftovers(tmp_path) == []  # every failure cleaned up after itself
 
 
 @pytest.mark.gen_test

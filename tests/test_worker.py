@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 
 import pytest
 
+from casimg import blobs as blobs_module
 from casimg.app import open_services
-from casimg.worker import Worker
+from casimg.worker import STORE_DEPTH, Worker
+from tests.conftest import make_settings
 
 
 async def outcome(api, url: str) -> dict:
@@ -102,4 +105,48 @@ async def test_a_worker_stopped_right_after_it_starts_stops(settings):
             await asyncio.wait_for(worker.stop(grace=1), timeout=10)
             assert all(task.done() for task in (worker._heart, worker._runner))
     finally:
+        await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_storing_falls_behind(
+    tmp_path, redis_server, origin, monkeypatch
+):
+    """A download gives its slot back once its body is in; the bodies waiting to be stored stay bounded.
+
+    With the disk flush held, stores cannot finish: 2 slots x STORE_DEPTH bodies are being stored and
+    2 more wait for a place, holding their slots, so 2 + 4 downloads happen and then no more.
+    """
+    release = threading.Event()
+    real = blobs_module.sync_filesystem
+    monkeypatch.setattr(blobs_module, "sync_filesystem", lambda directory: (release.wait(30), real(directory)))
+    settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, per_host_concurrency=2)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    assert services.worker is not None
+    paths = [f"/img/{912_000 + n}.jpg" for n in range(10)]
+    before = sum(origin.hits[path] for path in paths)  # the origin is shared by the whole session
+    try:
+        services.worker.start()
+        job_id, _ = await services.queue.submit([origin.url(path) for path in paths])
+        expected = 2 + STORE_DEPTH * 2
+
+        def fetched() -> int:
+            return sum(origin.hits[path] for path in paths) - before
+
+        for _ in range(200):
+            if fetched() >= expected:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # time for any download that should not happen
+        assert fetched() == expected
+        assert services.worker.busy == expected
+        release.set()
+        for _ in range(200):
+            job = await services.queue.get(job_id)
+            if job.status == "done":
+                break
+            await asyncio.sleep(0.05)
+        assert (job.status, job.stored, fetched()) == ("done", len(paths), len(paths))
+    finally:
+        release.set()
         await services.close()
