@@ -19,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from casimg.batching import ScriptBatcher
 from casimg.validation import ImageInfo
 
 MICROS = 1_000_000
@@ -351,6 +352,7 @@ class Index:
     def __init__(self, redis: aioredis.Redis, keys: KeySpace) -> None:
         self.redis = redis
         self.keys = keys
+        self._batcher = ScriptBatcher(redis)
         self._store = redis.register_script(STORE_LUA)
         self._complete = redis.register_script(COMPLETE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
@@ -372,11 +374,11 @@ class Index:
     ) -> StoreOutcome:
         """Store step 2 (blobs.py): index the URL and, atomically with it, finish its queue entry."""
         k = self.keys
-        outcome, stored_digest, prior = await self._store(
-            keys=[k.urls, k.refs, meta_key(k, digest), k.order, k.clock, k.job(job_id), k.job_results(job_id),
-                  k.queue],
-            args=[url, digest, meta, time.time_ns() // 1000, entry_id, QUEUE_GROUP,
-                  "" if position is None else str(position), attempts, now_iso()],
+        outcome, stored_digest, prior = await self._batcher.call(
+            self._store,
+            [k.urls, k.refs, meta_key(k, digest), k.order, k.clock, k.job(job_id), k.job_results(job_id), k.queue],
+            [url, digest, meta, time.time_ns() // 1000, entry_id, QUEUE_GROUP,
+             "" if position is None else str(position), attempts, now_iso()],
         )
         return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
 

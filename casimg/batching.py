@@ -1,0 +1,76 @@
+"""Redis script calls made during one turn of the event loop, sent to Redis as one pipeline.
+
+A download worker finishes its stores in bursts: one disk flush (blobs.FlushGroup) lets dozens of them
+go on at once, and each then makes one Lua call. Sent one by one, every call pays redis-py's own cost (a
+connection from the pool, the retry wrapper, a write and a read), which py-spy put at an eighth of the
+ingest's CPU. ``ScriptBatcher.call`` queues the call and sends everything queued in the same turn of
+the loop in one pipeline: one connection, one write, one read for all of them.
+
+Each call is still its own Lua script run, atomic on its own; the pipeline is not a transaction (nothing
+needs the calls to be atomic together), and one call's error is that caller's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
+
+
+class ScriptBatcher:
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self._queued: list[Call] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((script, keys, args, answer))
+        if len(self._queued) == 1:
+            # After the callbacks already due in this turn, so the stores they resume join the batch.
+            loop.call_soon(self._send)
+        return await answer
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        task = asyncio.ensure_future(self._run(batch))
+        self._sending.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._sending.discard)
+
+    async def _run(self, batch: list[Call]) -> None:
+        try:
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
+                results: list[Any] = [await script(keys=keys, args=args)]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for script, keys, args, _ in batch:
+                        pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:  # Redis away: every caller gets the error, and retries as it would
+            for *_, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (script, keys, args, answer), result in zip(batch, results, strict=True):
+            if isinstance(result, NoScriptError):
+                # Redis lost its script cache (a restart): the plain call loads the script and runs it.
+                try:
+                    result = await script(keys=keys, args=args)
+                except Exception as exc:  # handed to the caller, who sees it raised
+                    result = exc
+            if answer.done():  # the caller was cancelled
+                continue
+            if isinstance(result, Exception):
+                answer.set_exception(result)
+            else:
+                answer.set_result(result)
