@@ -17,7 +17,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
-from casimg.embedded import COMPACT_HASH_ENTRIES, EmbeddedRedis, find_redis_server
+from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
 from tests.procs import ROOT, Server, free_port
 
@@ -197,4 +197,5 @@ def test_redis_conf_is_the_production_config_the_readme_promises():
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["save"] == '""'  # the AOF is the persistence; no RDB snapshots beside it
     assert int(conf["hash-max-ziplist-entries"]) == COMPACT_HASH_ENTRIES  # as the embedded Redis runs
+    assert int(conf["hash-max-ziplist-value"]) == COMPACT_HASH_VALUE
     assert "config/redis.conf" in (ROOT / "README.md").read_text()
