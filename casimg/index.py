@@ -553,6 +553,11 @@ class Index:
         value = await self.redis.hget(url_key(self.keys, url), url)
         return value[:64] if value else None
 
+    async def digests_of(self, urls: list[str]) -> list[str | None]:
+        """digest_of for each URL, in one round trip."""
+        values = await self._hget_each((url_key(self.keys, url), url) for url in urls)
+        return [value[:64] if value else None for value in values]
+
     async def refs_of(self, digest: str) -> int:
         record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))
         return parse_record(record)[0] if record else 0

@@ -105,6 +105,14 @@ async def test_lookup_returns_metadata_and_stored_at_in_ms(index):
 
 
 @pytest.mark.gen_test
+async def test_digests_of_answers_a_batch_in_order(index):
+    await index.store("http://a/1", digest(1), META)
+    await index.store("http://a/3", digest(3), META)
+    assert await index.digests_of(["http://a/3", "http://a/2", "http://a/1"]) == [digest(3), None, digest(1)]
+    assert await index.digests_of([]) == []
+
+
+@pytest.mark.gen_test
 async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
     await index.store("http://a/1", digest(1), "")
     await index.store("http://a/2", digest(1), "")
