@@ -153,7 +153,7 @@ end
 # The first 64 hex digits of h -> their 32 raw bytes, a blob record's field. Eight 32-bit words through
 # Redis's bundled struct library: measured three times cheaper than 32 single bytes through string.char,
 # and this runs on the lookup path.
-_UNHEX_LUA = """
+UNHEX_LUA = """
 local function unhex(h)
   return struct.pack('>I4I4I4I4I4I4I4I4', """ + ", ".join(
     f"tonumber(string.sub(h, {i}, {i + 7}), 16)" for i in range(1, 64, 8)) + """)
@@ -161,7 +161,7 @@ end
 """
 
 # A blob record: "<refs>" or "<refs> <metadata>". parse(nil) is a record with no references.
-_RECORD_LUA = """
+RECORD_LUA = """
 local function parse(rec)
   if not rec then return 0, '' end
   local refs, rest = string.match(rec, '^(%d+) ?(.*)$')
@@ -186,7 +186,7 @@ end
 
 # KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue
 # ARGV: url digest meta now_ms entry group field attempts now_iso
-STORE_LUA = _COMPLETE_LUA + _UNHEX_LUA + _RECORD_LUA + """
+STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + RECORD_LUA + """
 local url, digest = ARGV[1], ARGV[2]
 local old = redis.call('HGET', KEYS[1], url)
 local outcome, prior
@@ -217,7 +217,7 @@ return 1
 
 # KEYS: url-bucket-of-url count     ARGV: url blob_prefix  ->  {digest, references left} or nil
 # At 0 references the record keeps its metadata until drop_meta_if_unreferenced (delete step 3).
-RELEASE_LUA = _UNHEX_LUA + _RECORD_LUA + """
+RELEASE_LUA = UNHEX_LUA + RECORD_LUA + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return nil end
 local digest = string.sub(value, 1, 64)
@@ -236,14 +236,14 @@ return {digest, left}
 """
 
 # KEYS: blob-bucket-of-digest     ARGV: raw digest  ->  references (the record dropped when 0)
-DROP_META_LUA = _RECORD_LUA + """
+DROP_META_LUA = RECORD_LUA + """
 local refs = parse(redis.call('HGET', KEYS[1], ARGV[1]))
 if refs == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return refs
 """
 
 # KEYS: blob-bucket-of-digest     ARGV: raw digest, meta  ->  1 if the metadata was missing and is set now
-ENSURE_META_LUA = _RECORD_LUA + """
+ENSURE_META_LUA = RECORD_LUA + """
 local rec = redis.call('HGET', KEYS[1], ARGV[1])
 if not rec then return 0 end
 local refs, rest = parse(rec)
@@ -253,7 +253,7 @@ return 1
 """
 
 # KEYS: url-bucket-of-url     ARGV: url blob_prefix  ->  {"<digest> <stored_at>", record or ''} or nil
-LOOKUP_LUA = _UNHEX_LUA + """
+LOOKUP_LUA = UNHEX_LUA + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return nil end
 local digest = string.sub(value, 1, 64)
@@ -266,7 +266,7 @@ return {value, redis.call('HGET', ARGV[2] .. string.sub(digest, 1, 3), unhex(dig
 # A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
 # Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
 # EXISTS: a small index is mostly empty buckets, and a page of one went from 7.7 to 1.7 ms that way.
-PAGE_LUA = _UNHEX_LUA + _HEX_LUA + """
+PAGE_LUA = UNHEX_LUA + _HEX_LUA + """
 local url_prefix, blob_prefix, cursor, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local out, taken, prev, last = {0}, 0, nil, nil
 local first = 0
@@ -312,7 +312,7 @@ return out
 # KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
 # Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
 # points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
-REPAIR_LUA = _UNHEX_LUA + _RECORD_LUA + _BUCKET_LUA + """
+REPAIR_LUA = UNHEX_LUA + RECORD_LUA + _BUCKET_LUA + """
 local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
 local url_prefix, blob_prefix = ARGV[1], ARGV[2]
 local fixes, counts, urls = {}, {}, 0
