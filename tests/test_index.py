@@ -183,22 +183,26 @@ async def test_repair_recounts_moves_misplaced_urls_and_fixes_the_counts(index):
     await index.store("http://a/1", digest(1), META)
     await index.store("http://a/2", digest(1), META)
     await index.store("http://a/3", digest(2), META)
+    await index.store("http://a/4", digest(4), META)
     await index.redis.hset(blob_key(k, digest(1)), bytes.fromhex(digest(1)), "5 " + META)  # wrong count
     await index.redis.hset(blob_key(k, digest(3)), bytes.fromhex(digest(3)), "1")  # no URL points at it
     await index.redis.hdel(blob_key(k, digest(2)), bytes.fromhex(digest(2)))  # a referenced record lost
     wrong = "000" if url_bucket("http://ghost") != "000" else "001"
     await index.redis.hset(k.url(wrong), "http://ghost", f"{digest(2)} 1")  # a URL in the wrong bucket
     await index.redis.hset(k.count, mapping={"urls": 9, "blobs": 9})
+    await index.redis.hdel(k.blob("000"), bytes.fromhex(digest(4)))  # a record in another bucket than its own
+    await index.redis.hset(k.blob("fff"), bytes.fromhex(digest(4)), "1 " + META)
     snap = await index.snapshot()
-    assert snap.misplaced == {"http://ghost": wrong}
+    assert (snap.misplaced, snap.stray) == ({"http://ghost": wrong}, {digest(4): "fff"})
     fixes = await index.repair()
-    assert len(fixes) == 5, fixes
+    assert len(fixes) == 6, fixes
     snap = await index.snapshot()
     assert snap.misplaced == {} and snap.stray == {}
-    assert snap.refs == {digest(1): 2, digest(2): 2}
-    assert snap.counts == {"urls": 4, "blobs": 2}
+    assert snap.refs == {digest(1): 2, digest(2): 2, digest(4): 1}
+    assert snap.counts == {"urls": 5, "blobs": 3}
     assert (await index.lookup("http://ghost")).sha256 == digest(2)
     assert await index.meta_of(digest(2)) is None  # the lost record comes back without metadata (fsck rebuilds it)
+    assert await index.meta_of(digest(4)) == BlobMeta.decode(META)  # the moved one keeps it
     assert await index.repair() == []
 
 
