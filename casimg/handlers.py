@@ -45,7 +45,7 @@ BLOB_CACHE = "private, max-age=31536000, immutable"  # bytes named by their hash
 IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
-CURSOR_RE = re.compile(rf"^[0-9a-f]{{{CURSOR_DIGITS}}}$")
+CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Query parameters never written to a log, should a client put a credential there (casimg never reads them).
@@ -253,7 +253,7 @@ class ImagesHandler(BaseHandler):
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
         cursor = self.get_query_argument("cursor", None)
-        if cursor is not None and not CURSOR_RE.match(cursor):
+        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
             raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
                                     "gives it; leave it out to start from the first page")
         index = self.services.index
