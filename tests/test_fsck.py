@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 
 import pytest
-from PIL import Image
 
-from casimg.app import connect_redis
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, KeySpace, blob_key, url_bucket
+from casimg.index import BlobMeta, Index, blob_key, url_bucket
 from casimg.lifecycle import store_blob
-
-
-def png(seed: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (4, 3), (seed, 0, 0)).save(out, "PNG")
-    return out.getvalue()
-
-
-@pytest.fixture
-def world(io_loop, redis_server, tmp_path):
-    client = connect_redis(redis_server.url, 8)
-    blobs = BlobStore(tmp_path)
-    blobs.create_dirs()
-    yield blobs, Index(client, KeySpace(f"fsck-{os.urandom(4).hex()}:"))
-    io_loop.run_sync(client.aclose)
+from tests.conftest import png
 
 
 async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
-import os
 from dataclasses import dataclass
 
 import pytest
-from PIL import Image
 
 from casimg.app import connect_redis, open_services
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index, KeySpace
 from casimg.migrate import OldKeySpace, migrate, move_batch
-from tests.conftest import make_settings
+from tests.conftest import make_settings, png
 
 CONTENTS = 250
 URLS = 700  # more URLs than contents: some contents have several URLs
@@ -31,21 +28,6 @@ class OldEntry:
     url: str
     digest: str
     stored_at_us: int | None  # None: no score in the old listing (an old index fsck had not repaired)
-
-
-def png(seed: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (4, 3), (seed % 256, seed // 256, 0)).save(out, "PNG")
-    return out.getvalue()
-
-
-@pytest.fixture
-def world(io_loop, redis_server, tmp_path):
-    client = connect_redis(redis_server.url, 8)
-    blobs = BlobStore(tmp_path)
-    blobs.create_dirs()
-    yield blobs, Index(client, KeySpace(f"migrate-{os.urandom(4).hex()}:"))
-    io_loop.run_sync(client.aclose)
 
 
 async def write_old_index(index: Index, blobs: BlobStore) -> tuple[list[OldEntry], str]:
