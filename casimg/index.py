@@ -596,8 +596,8 @@ class Index:
         return bool(await self._ensure_meta(keys=[blob_key(k, digest)], args=[bytes.fromhex(digest), meta]))
 
     async def page(self, cursor: str | None, limit: int) -> Page:
-        """Images after the cursor in SHA-1-of-URL order. A URL present throughout a walk is seen once:
-        its place in the order never changes, whatever else is added or deleted."""
+        """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
+        URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
         reply = await self._page(args=[k.url(""), k.blob(""), cursor or "", limit])
         images = [_image(reply[i], reply[i + 1], reply[i + 2]) for i in range(1, len(reply), 3)]
