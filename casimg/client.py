@@ -188,7 +188,8 @@ class Client:
             time.sleep(poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic())))
 
     def images(self, limit: int = 100) -> Iterator[Image]:
-        """Every stored image, oldest first, fetched a page of `limit` at a time (following Link: rel=next)."""
+        """Every stored image, in the index's order (by the SHA-1 of the URL, so not by time), fetched a page of
+        `limit` at a time (following Link: rel=next). Each image present throughout comes exactly once."""
         path: str | None = f"/api/images?{urlencode({'limit': limit})}"
         while path is not None:
             response = self.request("GET", path)

@@ -25,9 +25,12 @@ from casimg.errors import ConfigError, DataDirBusy
 
 START_TIMEOUT = 20.0  # seconds for redis-server to load its append-only file and answer PING
 STOP_TIMEOUT = 20.0
-# Hashes up to this many entries keep Redis's compact encoding; the index's metadata buckets are sized
-# for it (index.META_BUCKET_DIGITS). config/redis.conf sets the same for an external Redis.
+# Hashes up to this many entries, none longer than COMPACT_HASH_VALUE bytes, keep Redis's compact
+# encoding, at a third of the memory of a plain hash; the index's buckets (index.py) are sized for it. The
+# value limit is for buckets whose fields are URLs: at Redis's default of 64 bytes every one of them would
+# be a plain hash. config/redis.conf sets the same for an external Redis.
 COMPACT_HASH_ENTRIES = 512
+COMPACT_HASH_VALUE = 1024
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 
@@ -134,6 +137,7 @@ class EmbeddedRedis:
             "--appendfsync", self.appendfsync,
             "--save", "",
             "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
+            "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE),
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
             "--pidfile", str(self.dir / "redis.pid"),

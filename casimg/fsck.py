@@ -1,8 +1,10 @@
 """`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
 
 The invariant: every indexed URL has its blob on disk, every reference count equals the number of
-URLs pointing at its digest, every referenced digest has metadata, the listing holds exactly the
-indexed URLs, and every blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
+URLs pointing at its digest, every referenced digest has metadata, no record with references is
+pointed at by no URL, the count hash holds the numbers of URLs and of referenced contents, every URL
+and record sits in the bucket its hash names (lookups look nowhere else), and every blob's bytes hash
+to its name. Breaking any of these is a *problem* (exit 1).
 What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
 server: the index is read in one MULTI, and anything that looks wrong between disk and index is
 checked again live before it is reported, since a store or delete may have happened in between.
@@ -17,7 +19,7 @@ from functools import partial
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import Index, encode_meta
+from casimg.index import Index, encode_meta, url_bucket
 from casimg.lifecycle import remove_if_unreferenced
 from casimg.validation import validate_image
 
@@ -43,25 +45,30 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
     report = Report()
     if repair:
         report.repaired += await _repair(index, blobs, tmp_grace)
-    urls, refs, meta, listed = await index.snapshot()
-    counts = Counter(urls.values())
+    snap = await index.snapshot()
+    counts = Counter(snap.urls.values())
     on_disk = set(await _io(lambda: list(blobs.iter_digests())))
 
-    for url, digest in urls.items():
+    for url, digest in snap.urls.items():
         if digest not in on_disk and not await _io(blobs.exists, digest) and await index.digest_of(url) == digest:
             report.problems.append(f"missing blob {digest} for URL {url}")
+    for url, bucket in snap.misplaced.items():
+        report.problems.append(f"URL {url} is in bucket {bucket}, not in {url_bucket(url)} where lookups look")
+    for digest, bucket in snap.stray.items():
+        report.problems.append(f"the record of {digest} is in bucket {bucket}, not in its own")
     for digest, count in counts.items():
-        if refs.get(digest, 0) != count:
-            report.problems.append(f"refs[{digest}] is {refs.get(digest, 0)}, but {count} URL(s) point at it")
-        if digest not in meta:
+        refs = snap.refs.get(digest, 0)
+        if refs != count:
+            report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) point at it")
+        if digest not in snap.meta:
             report.problems.append(f"no metadata for referenced blob {digest}")
-    for digest, count in refs.items():
-        if digest not in counts:
-            report.problems.append(f"refs[{digest}] is {count}, but no URL points at it")
-    for url in set(urls) - listed:
-        report.problems.append(f"URL {url} is indexed but not in the listing")
-    for url in listed - set(urls):
-        report.problems.append(f"URL {url} is in the listing but not indexed")
+    for digest, refs in snap.refs.items():
+        if refs > 0 and digest not in counts:
+            report.problems.append(f"refs[{digest}] is {refs}, but no URL points at it")
+    referenced = sum(1 for refs in snap.refs.values() if refs > 0)
+    for name, actual in (("urls", len(snap.urls)), ("blobs", referenced)):
+        if snap.counts[name] != actual:
+            report.problems.append(f"count {name} is {snap.counts[name]}, but the index holds {actual}")
 
     for digest in sorted(on_disk):
         try:
@@ -81,15 +88,15 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
 
 
 async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
-    """Fix what is safe: counts and listing, missing metadata, trash, orphans, stale temp files."""
+    """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
-    urls, _, meta, _ = await index.snapshot()
-    for digest in set(urls.values()) - meta.keys():
+    snap = await index.snapshot()
+    for digest in set(snap.urls.values()) - snap.meta.keys():
         if await _io(blobs.exists, digest):
             info = await _io(partial(validate_image, blobs.blob_path(digest), max_pixels=2**62))
             size = (await _io(blobs.blob_path(digest).stat)).st_size
-            await index.ensure_meta(digest, encode_meta(size, info))
-            done.append(f"rebuilt metadata of {digest}")
+            if await index.ensure_meta(digest, encode_meta(size, info)):
+                done.append(f"rebuilt metadata of {digest}")
     return done + await sweep(index, blobs, tmp_grace)
 
 

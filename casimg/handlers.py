@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
-from casimg.index import MICROS, ImageRecord
+from casimg.index import CURSOR_DIGITS, MILLIS, ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -46,6 +46,7 @@ BLOB_CACHE = "private, max-age=31536000, immutable"  # bytes named by their hash
 IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
 RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Query parameters never written to a log, should a client put a credential there (casimg never reads them).
@@ -253,7 +254,10 @@ class ImagesHandler(BaseHandler):
 
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
-        cursor = self.query_int("cursor", 0, 0, 2**62)
+        cursor = self.get_query_argument("cursor", None)
+        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
+                                    "gives it; leave it out to start from the first page")
         index = self.services.index
         page, total = await asyncio.gather(index.page(cursor, limit), index.count())
         self.set_header("X-Total-Count", str(total))
@@ -330,9 +334,9 @@ class JobHandler(BaseHandler):
 
 
 @functools.lru_cache(maxsize=4096)
-def _http_date(stored_at_us: int) -> str:
+def _http_date(stored_at_ms: int) -> str:
     """Last-Modified for a stored_at; cached, as the same images are asked for again and again."""
-    return format_datetime(datetime.fromtimestamp(stored_at_us / MICROS, tz=UTC), usegmt=True)
+    return format_datetime(datetime.fromtimestamp(stored_at_ms / MILLIS, tz=UTC), usegmt=True)
 
 
 class _BytesHandler(BaseHandler):
@@ -341,8 +345,8 @@ class _BytesHandler(BaseHandler):
     async def send_blob(self, image: ImageRecord, cache_control: str, include_body: bool) -> None:
         size = image.size
         self.set_header("ETag", f'"{image.sha256}"')
-        if image.stored_at_us:
-            self.set_header("Last-Modified", _http_date(image.stored_at_us))
+        if image.stored_at_ms:
+            self.set_header("Last-Modified", _http_date(image.stored_at_ms))
         self.set_header("Cache-Control", cache_control)
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("Content-Type", image.content_type)
@@ -459,7 +463,7 @@ class BlobHandler(_BytesHandler):
             raise errors.NotFound(f"no blob {digest}")
         image = ImageRecord(
             url="", sha256=digest, size=meta.size, content_type=meta.content_type,
-            width=meta.width, height=meta.height, stored_at_us=0,
+            width=meta.width, height=meta.height, stored_at_ms=0,
         )
         await self.send_blob(image, BLOB_CACHE, include_body)
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from casimg.index import CURSOR_DIGITS
+
 VERSION = "0.1.0"
 
 
@@ -131,10 +133,12 @@ def openapi_document() -> dict[str, Any]:
                                       "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/api/images": {
                 "get": {
-                    "summary": "List stored images, oldest first, paginated with Link: rel=next",
+                    "summary": "List stored images in the index's order (by the SHA-1 of the URL), paginated with "
+                               "Link: rel=next",
                     "parameters": [
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "integer", "minimum": 0},
+                        {"name": "cursor", "in": "query",
+                         "schema": {"type": "string", "pattern": f"^[0-9a-f]{{{CURSOR_DIGITS}}}$"},
                          "description": "Opaque; take it from the Link header"},
                     ],
                     "responses": {

@@ -55,11 +55,9 @@ def human_bytes(size: float) -> str:
 
 
 async def index_sizes(index: Index) -> tuple[int, int]:
-    """(URLs, distinct contents), read in one round trip."""
-    async with index.redis.pipeline(transaction=False) as pipe:
-        pipe.hlen(index.keys.urls).hlen(index.keys.refs)
-        urls, blobs = await pipe.execute()
-    return int(urls), int(blobs)
+    """(URLs, distinct contents), from the count hash the index keeps exact."""
+    urls, blobs = await index.redis.hmget(index.keys.count, ["urls", "blobs"])
+    return int(urls or 0), int(blobs or 0)
 
 
 async def collect(index: Index, queue: JobQueue, blobs: BlobStore) -> Stats:

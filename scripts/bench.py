@@ -315,13 +315,14 @@ def run_origin(port: int, images: str) -> None:
 
 def start_redis(procs: Procs, directory: Path, persistent: bool) -> tuple[subprocess.Popen[bytes], str]:
     """A redis-server like casimg's embedded one (AOF, everysec) or, for the listing fill, without AOF."""
-    from casimg.embedded import COMPACT_HASH_ENTRIES, find_redis_server
+    from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, find_redis_server
 
     directory.mkdir(parents=True, exist_ok=True)
     sock = directory / "redis.sock"
     args = [find_redis_server(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
             "--dir", str(directory), "--save", "", "--appendonly", "yes" if persistent else "no",
-            "--appendfsync", "everysec", "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES)]
+            "--appendfsync", "everysec", "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
+            "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE)]
     proc = procs.start(args, directory / "redis.log")
     client = redis.Redis(unix_socket_path=str(sock))
     deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -549,7 +550,7 @@ def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: 
 
 
 def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
-    """The floor of the stack: one Redis HGET and one file read (in a thread), nothing else."""
+    """The floor of the stack: one Redis HGET (of the URL's bucket) and one file read (in a thread), nothing else."""
     import redis.asyncio as aioredis
     import tornado.httpserver
     import tornado.netutil
@@ -564,11 +565,17 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
         with open(path, "rb") as handle:
             return handle.read()
 
+    from casimg.index import KeySpace, url_key
+
+    keys = KeySpace()
+
     class Bare(tornado.web.RequestHandler):
         async def get(self) -> None:
-            digest = await self.application.settings["redis"].hget("casimg:urls", self.get_query_argument("url"))
-            if digest is None:
+            url = self.get_query_argument("url")
+            value = await self.application.settings["redis"].hget(url_key(keys, url), url)
+            if value is None:
                 raise tornado.web.HTTPError(404)
+            digest = value[:64]  # "<sha256 hex> <stored_at>"
             path = f"{blob_root}/{digest[0:2]}/{digest[2:4]}/{digest}"
             self.write(await asyncio.get_running_loop().run_in_executor(None, read, path))
 
@@ -655,6 +662,34 @@ def measure_listing(server: Casimg, expected: int) -> tuple[float, float, float]
 
 def redis_used_memory(redis_url: str) -> int:
     return int(redis.Redis.from_url(redis_url).info("memory")["used_memory"])
+
+
+def indexed_urls(redis_url: str) -> dict[str, str]:
+    """URL -> digest for every indexed URL, read bucket by bucket."""
+    from casimg.index import BUCKETS, KeySpace
+
+    keys, client = KeySpace(), redis.Redis.from_url(redis_url, decode_responses=True)
+    with client.pipeline(transaction=False) as pipe:
+        for bucket in BUCKETS:
+            pipe.hgetall(keys.url(bucket))
+        buckets = pipe.execute()
+    client.close()
+    return {url: value[:64] for entries in buckets for url, value in entries.items()}
+
+
+def index_memory(redis_url: str, size: int) -> dict[str, float]:
+    """Bytes per URL of the URL buckets and of the blob buckets, and bytes of the count hash (MEMORY USAGE)."""
+    from casimg.index import BUCKETS, KeySpace
+
+    keys, client = KeySpace(), redis.Redis.from_url(redis_url)
+    with client.pipeline(transaction=False) as pipe:
+        for bucket in BUCKETS:
+            pipe.memory_usage(keys.url(bucket), samples=0).memory_usage(keys.blob(bucket), samples=0)
+        pipe.memory_usage(keys.count, samples=0)
+        *buckets, count = pipe.execute()
+    client.close()
+    return {"url": sum(int(n or 0) for n in buckets[0::2]) / size,
+            "blob": sum(int(n or 0) for n in buckets[1::2]) / size, "count": int(count or 0)}
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -753,7 +788,7 @@ def run(args: argparse.Namespace) -> str:
             # 3. Retrieval, against the images of run 1.
             retrieval: dict[str, WrkResult] = {}
             process_counts = [args.processes] + ([args.multi] if args.multi > args.processes else [])
-            stored = redis.Redis.from_url(redis1, decode_responses=True).hgetall("casimg:urls")
+            stored = indexed_urls(redis1)
             sample = random.Random(3).sample(sorted(stored), min(len(stored), args.retrieval_urls))
             if shutil.which("wrk"):
                 image_paths = ["/api/image?url=" + urllib.parse.quote(u, safe="") for u in sample]
@@ -840,12 +875,7 @@ def run(args: argparse.Namespace) -> str:
                 log(f"  filled in {time.monotonic() - fill_started:.0f} s")
                 filled = size
                 per_url = (redis_used_memory(redis3) - base_memory) / size
-                client3 = redis.Redis.from_url(redis3)
-                breakdown = {name: int(client3.memory_usage(f"casimg:{name}", samples=1000) or 0) / size
-                             for name in ("urls", "order", "refs")}
-                breakdown["meta"] = sum(int(client3.memory_usage(key) or 0)
-                                        for key in client3.scan_iter("casimg:meta:*", count=1000)) / size
-                client3.close()
+                breakdown = index_memory(redis3, size)
                 lister = start_casimg(procs, work / f"data-list-{size}", redis3, workers=False)
                 first, first_1000, walk = measure_listing(lister, size)
                 procs.stop(lister.proc)
@@ -925,11 +955,11 @@ def run(args: argparse.Namespace) -> str:
     lines.append("Redis filled through `Index.store` (one digest and metadata per URL, URLs of "
                  f"{LIST_URL_LENGTH} characters), read over HTTP.\n")
     lines.append("| indexed URLs | first page (limit 100) p50 ms | first page limit=1000 p50 ms | "
-                 "full walk limit=1000 s | walk µs per URL | Redis bytes per URL | of which urls / order / "
-                 "meta / refs (MEMORY USAGE, sampled) |")
+                 "full walk limit=1000 s | walk µs per URL | Redis bytes per URL | of which url / blob buckets, "
+                 "and the count hash in bytes (MEMORY USAGE) |")
     lines.append("|---|---|---|---|---|---|---|")
     for size, first, first_1000, walk, per_url, parts in listing:
-        split = " / ".join(f"{parts[name]:.0f}" for name in ("urls", "order", "meta", "refs"))
+        split = f"{parts['url']:.0f} / {parts['blob']:.0f}, {parts['count']:.0f} B"
         lines.append(f"| {size:,} | {first:.2f} | {first_1000:.1f} | {walk:.1f} | {walk / size * 1e6:.1f} | "
                      f"{per_url:.0f} | {split} |")
     if listing:

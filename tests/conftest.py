@@ -6,8 +6,10 @@ key prefix, so tests never see each other's keys and nothing needs flushing.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import os
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,10 +19,13 @@ from typing import Any
 import pytest
 import redis
 import tornado.httpclient
+from PIL import Image
 
-from casimg.app import Services, make_app, open_services
+from casimg.app import Services, connect_redis, make_app, open_services
+from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
 from casimg.embedded import find_redis_server
+from casimg.index import Index, KeySpace
 from casimg.keys import Scope
 from tests.origin import Origin
 
@@ -76,6 +81,23 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 def origin() -> Iterator[Origin]:
     with Origin() as server:
         yield server
+
+
+@pytest.fixture
+def world(io_loop: Any, redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[BlobStore, Index]]:
+    """A blob store in the test's temp dir and an index under a key prefix of its own."""
+    client = connect_redis(redis_server.url, 8)
+    blobs = BlobStore(tmp_path)
+    blobs.create_dirs()
+    yield blobs, Index(client, KeySpace(f"world-{os.urandom(4).hex()}:"))
+    io_loop.run_sync(client.aclose)
+
+
+def png(seed: int) -> bytes:
+    """A small PNG whose bytes differ for each seed below 65,536."""
+    out = io.BytesIO()
+    Image.new("RGB", (4, 3), (seed % 256, seed // 256, 0)).save(out, "PNG")
+    return out.getvalue()
 
 
 @pytest.fixture

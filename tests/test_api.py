@@ -331,9 +331,13 @@ async def test_listing_pages_with_link_and_total(api, origin):
 
 
 @pytest.mark.gen_test
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=-1"])
+@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=-1", "cursor=1764612345123456",
+                                   "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor="])
 async def test_bad_listing_parameters_are_400(api, query):
-    assert problem(await api("GET", f"/api/images?{query}"))["status"] == 400
+    body = problem(await api("GET", f"/api/images?{query}"))
+    assert body["status"] == 400
+    if query.startswith("cursor"):
+        assert "cursor must be 40 lowercase hex digits" in body["detail"]
 
 
 @pytest.mark.gen_test

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from casimg.embedded import EmbeddedRedis
+from casimg.index import url_bucket
 from tests.procs import ROOT, Server, casimg, free_port
 
 
@@ -39,7 +40,7 @@ def test_serve_with_embedded_redis_curl_flow_and_restart_persistence(data_dir, o
         client = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"), decode_responses=True)
         assert client.config_get("port")["port"] == "0"  # a unix socket only, no TCP port
         assert client.config_get("appendonly")["appendonly"] == "yes"
-        assert client.hget("casimg:urls", url) == job["results"][0]["sha256"]
+        assert client.hget(f"casimg:url:{url_bucket(url)}", url).split()[0] == job["results"][0]["sha256"]
         client.close()
     finally:
         assert server.terminate() == 0

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 
 import pytest
-from PIL import Image
 
-from casimg.app import connect_redis
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, KeySpace, meta_key
+from casimg.index import BlobMeta, Index, blob_key, url_bucket
 from casimg.lifecycle import store_blob
-
-
-def png(seed: int) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (4, 3), (seed, 0, 0)).save(out, "PNG")
-    return out.getvalue()
-
-
-@pytest.fixture
-def world(io_loop, redis_server, tmp_path):
-    client = connect_redis(redis_server.url, 8)
-    blobs = BlobStore(tmp_path)
-    blobs.create_dirs()
-    yield blobs, Index(client, KeySpace(f"fsck-{os.urandom(4).hex()}:"))
-    io_loop.run_sync(client.aclose)
+from tests.conftest import png
 
 
 async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
@@ -56,8 +39,10 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     await put(blobs, index, "http://a/2", png(1))
     lost = await put(blobs, index, "http://a/3", png(2))
     no_meta = await put(blobs, index, "http://a/4", png(3))
-    await index.redis.hset(index.keys.refs, shared, 7)
-    await index.redis.hdel(meta_key(index.keys, no_meta), no_meta)
+    shared_record = await index.redis.hget(blob_key(index.keys, shared), bytes.fromhex(shared))
+    await index.redis.hset(blob_key(index.keys, shared), bytes.fromhex(shared), "7 " + shared_record.split(" ", 1)[1])
+    await index.redis.hset(blob_key(index.keys, no_meta), bytes.fromhex(no_meta), "1")
+    await index.redis.hset(index.keys.count, "urls", 3)
     os.rename(blobs.blob_path(lost), blobs.trash_dir / f"{lost}.crashed")  # a delete died after its move
     os.utime(blobs.trash_dir / f"{lost}.crashed", (0, 0))
     orphan_tmp = blobs.tmp_dir / "dl-old.part"
@@ -72,6 +57,7 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     assert f"refs[{shared}] is 7, but 2 URL(s)" in text
     assert f"missing blob {lost}" in text
     assert f"no metadata for referenced blob {no_meta}" in text
+    assert "count urls is 3, but the index holds 4" in text
     notes = "\n".join(report.notes)
     assert f"orphan blob {orphan}" in notes and "trash file" in notes and "stale temp file dl-old.part" in notes
 
@@ -82,6 +68,24 @@ async def test_problems_are_reported_and_repair_mends_what_is_safe(world):
     assert not blobs.exists(orphan)
     assert await index.refs_of(shared) == 2
     assert (await index.meta_of(no_meta)).width == 4
+    assert await index.count() == 4
+
+
+@pytest.mark.gen_test
+async def test_a_url_outside_its_bucket_is_a_problem_repair_moves_it_back(world):
+    blobs, index = world
+    digest = await put(blobs, index, "http://a/1", png(1))
+    right = index.keys.url(url_bucket("http://a/1"))
+    wrong = index.keys.url("000" if url_bucket("http://a/1") != "000" else "001")
+    value = await index.redis.hget(right, "http://a/1")
+    await index.redis.hdel(right, "http://a/1")
+    await index.redis.hset(wrong, "http://a/1", value)
+    assert await index.lookup("http://a/1") is None
+
+    report = await fsck(index, blobs)
+    assert [p for p in report.problems if p.startswith("URL http://a/1 is in bucket")], report.problems
+    assert (await fsck(index, blobs, repair=True)).ok
+    assert (await index.lookup("http://a/1")).sha256 == digest
 
 
 @pytest.mark.gen_test

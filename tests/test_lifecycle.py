@@ -87,16 +87,17 @@ async def _temp_with_bytes(blobs: BlobStore) -> Path:
 
 
 async def assert_invariant(blobs: BlobStore, index: Index) -> None:
-    urls, refs, meta, listed = await index.snapshot()
-    counts = Counter(urls.values())
-    for url, digest in urls.items():
+    snap = await index.snapshot()
+    counts = Counter(snap.urls.values())
+    for url, digest in snap.urls.items():
         assert blobs.exists(digest), f"{url} is indexed but its blob is gone"
-        assert digest in meta
-    assert dict(counts) == refs
-    assert set(urls) == listed
+        assert digest in snap.meta
+    assert dict(counts) == snap.refs  # a finished delete leaves no record at 0 references behind
+    assert snap.counts == {"urls": len(snap.urls), "blobs": len(counts)}
+    assert snap.misplaced == {} and snap.stray == {}
     assert list(blobs.trash_dir.iterdir()) == [] and list(blobs.tmp_dir.iterdir()) == []
-    if not urls:
-        assert not blobs.exists(DIGEST) or refs.get(DIGEST, 0) == 0
+    if not snap.urls:
+        assert not blobs.exists(DIGEST) or snap.refs.get(DIGEST, 0) == 0
 
 
 @pytest.mark.gen_test(timeout=60)

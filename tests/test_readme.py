@@ -12,18 +12,21 @@ import shlex
 import socket
 import subprocess
 import time
+from datetime import datetime
 from urllib.parse import quote
 
 import pytest
 import redis
 
-from casimg.embedded import COMPACT_HASH_ENTRIES, EmbeddedRedis, find_redis_server
+from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
 from tests.procs import ROOT, Server, free_port
 
 SECTION = "## Inspecting the index with redis-cli"
 TYPES = {"hash": "hash", "sorted set": "zset", "string": "string", "stream": "stream", "list": "list"}
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
+# What a documented command line asks for: its Redis command and key, e.g. "HGET casimg:url".
+ASKS_RE = re.compile(r"\b(HGETALL|HGET|HSCAN|XINFO GROUPS) \"?(casimg:[a-z-]+)")
 
 
 def section() -> str:
@@ -108,8 +111,8 @@ def test_every_key_a_server_writes_is_in_the_table_with_its_type(server):
 def run_cli(line: str, replacements: dict[str, str]) -> str:
     for old, new in replacements.items():
         line = line.replace(old, new)
-    argv = shlex.split(line)
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    # Through bash, as an operator runs them: the lines use command substitution, pipes and here-strings.
+    result = subprocess.run(["bash", "-c", "set -o pipefail; " + line], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "ERR" not in result.stdout, f"{line}: {result.stdout} {result.stderr}"
     assert result.stdout.strip(), f"{line} printed nothing"
     return result.stdout
@@ -123,26 +126,29 @@ def test_each_documented_command_answers_as_documented_on_the_embedded_redis(ser
         "https://example.com/a.jpg": url,
         "*example.com*": f"*{origin.host}:{origin.port}/img/*",
         "<sha256>": digest,
-        "casimg:meta:abc": f"casimg:meta:{digest[:3]}",
         "<job_id>": server.job["job_id"],
     }
-    embedded = [c for c in commands() if c.startswith("$CLI -s ")]
-    answers = {" ".join(shlex.split(c)[3:5]): run_cli(c, replacements).splitlines() for c in embedded}
-    assert answers.pop("HLEN casimg:urls") == ["3"]
-    assert answers.pop("HGET casimg:urls") == [digest]
-    scan = answers.pop("HSCAN casimg:urls")
-    assert scan == ["0", url, digest]  # the pattern matches the one /img/ URL, and the scan is complete
-    assert answers.pop("HGET casimg:refs") == ["1"]
+    embedded = [c for c in commands() if "data/redis/redis.sock" in c]
+    answers = {}
+    for line in embedded:
+        asks = ASKS_RE.search(line)
+        assert asks, f"{line}: which Redis command does it document?"
+        answers[" ".join(asks.groups())] = run_cli(line, replacements).splitlines()
+    counts = answers.pop("HGETALL casimg:count")
+    assert dict(zip(counts[::2], counts[1::2], strict=True)) == {"urls": "3", "blobs": "2"}  # two URLs share one
     status, body, _ = server.call("GET", "/api/image?url=" + quote(url, safe=""))
     listed = next(image for image in json.loads(server.call("GET", "/api/images")[1]) if image["url"] == url)
     assert status == 200 and listed["size"] == len(body)
-    assert answers.pop("HGET casimg:meta:abc") == [
-        f"{listed['size']} {listed['width']} {listed['height']} {listed['content_type']}"
+    stored_ms = round(datetime.fromisoformat(listed["stored_at"].replace("Z", "+00:00")).timestamp() * 1000)
+    assert answers.pop("HGET casimg:url") == [f"{digest} {stored_ms}"]
+    assert answers.pop("HSCAN casimg:url") == [url, f"{digest} {stored_ms}"]  # the pattern matches the /img/ URL
+    assert answers.pop("HGET casimg:blob") == [
+        f"1 {listed['size']} {listed['width']} {listed['height']} {listed['content_type']}"
     ]
-    job = answers.pop("HGETALL casimg:job:<job_id>")
+    job = answers.pop("HGETALL casimg:job")
     fields = dict(zip(job[::2], job[1::2], strict=True))
     assert (fields["status"], fields["total"], fields["stored"], fields["failed"]) == ("done", "4", "3", "1")
-    groups = answers.pop("XINFO GROUPS")
+    groups = answers.pop("XINFO GROUPS casimg:queue")
     assert groups[groups.index("name") + 1] == "workers" and groups[groups.index("pending") + 1] == "0"
     assert not answers, f"documented commands this test does not check yet: {sorted(answers)}"
 
@@ -197,4 +203,5 @@ def test_redis_conf_is_the_production_config_the_readme_promises():
     assert conf["maxmemory-policy"] == "noeviction"
     assert conf["save"] == '""'  # the AOF is the persistence; no RDB snapshots beside it
     assert int(conf["hash-max-ziplist-entries"]) == COMPACT_HASH_ENTRIES  # as the embedded Redis runs
+    assert int(conf["hash-max-ziplist-value"]) == COMPACT_HASH_VALUE
     assert "config/redis.conf" in (ROOT / "README.md").read_text()
