@@ -6,6 +6,10 @@ connection from the pool, the retry wrapper, a write and a read), which py-spy p
 ingest's CPU. ``ScriptBatcher.call`` queues the call and sends everything queued in the same turn of
 the loop in one pipeline: one connection, one write, one read for all of them.
 
+GET /api/image's lookups go the same way: under load, one turn of the loop reads several requests, and
+their lookups share a pipeline (measured side by side with wrk at 64 connections: 714 against 608
+requests/s, with the bare HGET handler at 757).
+
 Each call is still its own Lua script run, atomic on its own; the pipeline is not a transaction (nothing
 needs the calls to be atomic together), and one call's error is that caller's alone.
 """

@@ -576,8 +576,9 @@ class Index:
             return await pipe.execute()
 
     async def lookup(self, url: str) -> ImageRecord | None:
+        """The record of `url`, or None; one Lua call, sent with the other lookups of its loop turn."""
         k = self.keys
-        reply = await self._lookup(keys=[url_key(k, url)], args=[url, k.blob("")])
+        reply = await self._batcher.call(self._lookup, [url_key(k, url)], [url, k.blob("")])
         if reply is None:
             return None
         return _image(url, reply[0], reply[1])
