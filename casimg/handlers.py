@@ -258,9 +258,8 @@ class ImagesHandler(BaseHandler):
         if cursor is not None and not CURSOR_RE.fullmatch(cursor):
             raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
                                     "gives it; leave it out to start from the first page")
-        index = self.services.index
-        page, total = await asyncio.gather(index.page(cursor, limit), index.count())
-        self.set_header("X-Total-Count", str(total))
+        page = await self.services.index.page(cursor, limit)
+        self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
             base = f"{self.request.protocol}://{self.request.host}{self.request.path}"

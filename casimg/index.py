@@ -260,15 +260,15 @@ if not value then return nil end
 return {value, redis.call('HGET', ARGV[2] .. string.sub(value, 1, 3), unhex(value)) or ''}
 """
 
-# KEYS: none (it walks the URL buckets)     ARGV: url_prefix blob_prefix cursor limit (at least 1)
-#   ->  {more, url, "<digest> <stored_at>", record or '', ...}
+# KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix blob_prefix cursor limit (at least 1)
+#   ->  {more, urls indexed, url, "<digest> <stored_at>", record or '', ...}
 # Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
 # A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
 # Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
 # EXISTS: a small index is mostly empty buckets, and the first page of 10 URLs went from 7.7 to 3.5 ms.
 PAGE_LUA = UNHEX_LUA + _HEX_LUA + """
 local url_prefix, blob_prefix, cursor, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out, taken, prev, last = {0}, 0, nil, nil
+local out, taken, prev, last = {0, tonumber(redis.call('HGET', KEYS[1], 'urls') or '0')}, 0, nil, nil
 local first = 0
 if cursor ~= '' then first = tonumber(string.sub(cursor, 1, 3), 16) end
 for group = math.floor(first / 16), 255 do
@@ -404,7 +404,7 @@ class ImageRecord:
             "content_type": self.content_type,
             "width": self.width,
             "height": self.height,
-            "stored_at": iso(self.stored_at),
+            "stored_at": iso_ms(self.stored_at_ms),
         }
 
 
@@ -419,6 +419,7 @@ class StoreOutcome:
 class Page:
     images: list[ImageRecord]
     next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
+    total: int  # URLs indexed, read in the same step as the page
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,14 @@ class Snapshot:
 
 def iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def iso_ms(ms: int) -> str:
+    """iso() of a time in ms since the epoch, without a datetime: a listing page formats a thousand."""
+    seconds, millis = divmod(ms, MILLIS)
+    t = time.gmtime(seconds)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+            f".{millis:03d}000Z")
 
 
 def now_iso() -> str:
@@ -480,17 +489,9 @@ def parse_record(record: str | bytes) -> tuple[int, str]:
 
 def _image(url: str, value: str, record: str) -> ImageRecord:
     digest, _, stored_at = value.partition(" ")
-    meta = parse_record(record)[1] if record else ""
+    meta = record.partition(" ")[2] if record else ""
     known = BlobMeta.decode(meta) if meta else UNKNOWN_META
-    return ImageRecord(
-        url=url,
-        sha256=digest,
-        size=known.size,
-        content_type=known.content_type,
-        width=known.width,
-        height=known.height,
-        stored_at_ms=int(stored_at or 0),
-    )
+    return ImageRecord(url, digest, known.size, known.content_type, known.width, known.height, int(stored_at or 0))
 
 
 class Index:
@@ -603,11 +604,11 @@ class Index:
         """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
-        reply = await self._page(args=[k.url(""), k.blob(""), cursor or "", limit])
-        images = [_image(reply[i], reply[i + 1], reply[i + 2]) for i in range(1, len(reply), 3)]
+        reply = await self._page(keys=[k.count], args=[k.url(""), k.blob(""), cursor or "", limit])
+        images = [_image(reply[i], reply[i + 1], reply[i + 2]) for i in range(2, len(reply), 3)]
         more = bool(int(reply[0]))
         last = images[-1].url if more and images else None
-        return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None)
+        return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

@@ -7,12 +7,13 @@ import hashlib
 import itertools
 import random
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from casimg.app import connect_redis
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
-from casimg.index import BlobMeta, Index, KeySpace, blob_key, url_bucket, url_key
+from casimg.index import BlobMeta, Index, KeySpace, blob_key, iso, iso_ms, url_bucket, url_key
 
 META = BlobMeta(size=3, content_type="image/png", width=1, height=1).encode()
 
@@ -243,3 +244,8 @@ async def test_full_buckets_of_long_urls_keep_the_compact_encoding_on_the_embedd
     finally:
         await client.aclose()
         embedded.stop()
+
+
+@pytest.mark.parametrize("ms", [0, 999, 1_764_612_345_123, 1_764_612_345_999, 4_102_444_800_000])
+def test_iso_ms_is_iso_of_the_same_moment(ms):
+    assert iso_ms(ms) == iso(datetime.fromtimestamp(ms / 1000, tz=UTC))
