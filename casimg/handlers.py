@@ -264,7 +264,7 @@ class ImagesHandler(BaseHandler):
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
             base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
             self.set_header("Link", f'<{base}?{query}>; rel="next"')
-        self.write_json([image.as_json() for image in page.images])
+        self.write_json(page.images)
 
     async def post(self) -> None:
         urls = self._parse_urls(bytes(self._body))
