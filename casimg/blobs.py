@@ -26,10 +26,9 @@ store of bytes with digest d, in ``tmp`` (``write_temp``):
   4. ``discard(tmp)``. (``settle`` is 3 and 4 in one call.)
 
 delete of the last reference to d:
-  1. (Redis) remove the URL and decrement refs[d]; go on only when it reached 0.
+  1. (Redis) remove the URL and decrement refs[d] (its record goes at 0); go on only when it reached 0.
   2. ``move_to_trash(d)``.
-  3. (Redis) read refs[d]; above 0 means a store came in between: ``restore_from_trash``; otherwise
-     drop d's metadata.
+  3. (Redis) read refs[d]; above 0 means a store came in between: ``restore_from_trash``.
   4. ``discard(trash)``.
 
 Whatever the order of the two, the file exists once a store has finished. A crash leaves at worst a

@@ -1,7 +1,7 @@
 """`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
 
 The invariant: every indexed URL has its blob on disk, every reference count equals the number of
-URLs pointing at its digest, every referenced digest has metadata, no record with references is
+URLs pointing at its digest, every URL carries its content's metadata, no record with references is
 pointed at by no URL, the count hash holds the numbers of URLs and of referenced contents, every URL
 and record sits in the bucket its hash names (lookups look nowhere else), and every blob's bytes hash
 to its name. Breaking any of these is a *problem* (exit 1).
@@ -19,9 +19,9 @@ from functools import partial
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import Index, encode_meta, url_bucket
-from casimg.lifecycle import remove_if_unreferenced
-from casimg.validation import validate_image
+from casimg.errors import InvalidImage
+from casimg.index import Index, url_bucket
+from casimg.lifecycle import describe, remove_if_unreferenced
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
 
@@ -60,8 +60,8 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         refs = snap.refs.get(digest, 0)
         if refs != count:
             report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) point at it")
-        if digest not in snap.meta:
-            report.problems.append(f"no metadata for referenced blob {digest}")
+    for url in sorted(snap.bare):
+        report.problems.append(f"no metadata for URL {url}")
     for digest, refs in snap.refs.items():
         if refs > 0 and digest not in counts:
             report.problems.append(f"refs[{digest}] is {refs}, but no URL points at it")
@@ -91,12 +91,16 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
     """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
     snap = await index.snapshot()
-    for digest in set(snap.urls.values()) - snap.meta.keys():
-        if await _io(blobs.exists, digest):
-            info = await _io(partial(validate_image, blobs.blob_path(digest), max_pixels=2**62))
-            size = (await _io(blobs.blob_path(digest).stat)).st_size
-            if await index.ensure_meta(digest, encode_meta(size, info)):
-                done.append(f"rebuilt metadata of {digest}")
+    described: dict[str, str] = {}  # digest -> encoded metadata, each blob read once
+    for url in sorted(snap.bare):
+        digest = snap.urls[url]
+        if digest not in described:
+            try:
+                described[digest] = (await _io(describe, blobs, digest)).encode()
+            except (FileNotFoundError, InvalidImage):
+                continue  # a missing or damaged blob, which the check reports
+        if await index.ensure_meta(url, digest, described[digest]):
+            done.append(f"rebuilt metadata of {url}")
     return done + await sweep(index, blobs, tmp_grace)
 
 

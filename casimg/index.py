@@ -1,22 +1,25 @@
-"""The Redis index: URL -> digest and stored_at, per-content reference counts and metadata, listing.
+"""The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
 Every Redis key casimg writes is named by ``KeySpace``; the README's key table mirrors it. The index
 lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding, which is what
 holds it under 250 bytes per URL:
 
-- ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms>", the bucket named by the first 3 hex digits of
-  the URL's SHA-1. The listing walks these buckets in order, so it is ordered by that SHA-1.
-- ``blob:{bucket}``: the 32 raw bytes of a SHA-256 -> "<refs> <size> <width> <height> <content_type>"
-  (just "<refs>" while the metadata is missing), the bucket named by the digest's first 3 hex digits.
-  Raw rather than hex fields save a third of the bucket's memory.
+- ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
+  "<sha256 hex> <stored_at ms>" while the metadata is missing), the bucket named by the first 3 hex
+  digits of the URL's SHA-1. The listing walks these buckets in order, so it is ordered by that SHA-1.
+  A lookup or a listing row is this one value: the metadata describes the bytes, which never change
+  under a digest, so each URL keeps its own copy rather than a second read of the content's record.
+- ``blob:{bucket}``: the 32 raw bytes of a SHA-256 -> its reference count, the bucket named by the
+  digest's first 3 hex digits. Raw rather than hex fields save a third of the bucket's memory; a
+  content with no references has no record.
 - ``count``: the number of URLs and of referenced contents, so totals need no scan.
 
 Each change that touches more than one key is a single Lua script, so the index never shows half a change:
 
-- ``store``: point a URL at a digest, count the reference, keep the metadata, bump the counts and, in the
+- ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
   same step, record the outcome in its job (see queue.py).
 - ``release``: remove a URL and its reference; the caller then runs the blob delete steps (blobs.py)
-  when the count reached zero, and ``drop_meta_if_unreferenced`` to finish.
+  when the count reached zero.
 
 The scripts build the bucket names a digest or URL leads to from the prefixes in their ARGV, as KeySpace
 does (the bucket is known only once the script has read the digest). A single Redis, which is what
@@ -59,12 +62,12 @@ class KeySpace:
     prefix: str = "casimg:"
 
     def url(self, bucket: str) -> str:
-        """hash: URL -> "<sha256 hex> <stored_at in ms>", for the URLs whose SHA-1 starts with `bucket`."""
+        """hash: URL -> "<sha256 hex> <stored_at in ms> <size> <width> <height> <content_type>" (the last
+        four missing while the metadata is), for the URLs whose SHA-1 starts with `bucket`."""
         return f"{self.prefix}url:{bucket}"
 
     def blob(self, bucket: str) -> str:
-        """hash: raw 32-byte SHA-256 -> "<refs> <size> <width> <height> <content_type>" (or "<refs>" while
-        the metadata is missing), for the digests whose hex starts with `bucket`."""
+        """hash: raw 32-byte SHA-256 -> references (> 0), for the digests whose hex starts with `bucket`."""
         return f"{self.prefix}blob:{bucket}"
 
     @property
@@ -163,19 +166,6 @@ local function unhex(h)
 end
 """
 
-# A blob record: "<refs>" or "<refs> <metadata>". parse(nil) is a record with no references.
-RECORD_LUA = """
-local function parse(rec)
-  if not rec then return 0, '' end
-  local refs, rest = string.match(rec, '^(%d+) ?(.*)$')
-  return tonumber(refs), rest
-end
-local function record(refs, rest)
-  if rest == '' then return tostring(refs) end
-  return refs .. ' ' .. rest
-end
-"""
-
 _HEX_LUA = """
 local HEX = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f'}
 """
@@ -189,18 +179,17 @@ end
 
 # KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue
 # ARGV: url digest meta now_ms entry group field attempts now_iso
-STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + RECORD_LUA + """
+STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + """
 local url, digest = ARGV[1], ARGV[2]
 local old = redis.call('HGET', KEYS[1], url)
 local outcome, prior
 if old then
   outcome, digest, prior = 'exists', string.sub(old, 1, 64), -1
 else
-  local raw, rest = unhex(digest), nil
-  prior, rest = parse(redis.call('HGET', KEYS[2], raw))
-  if rest == '' then rest = ARGV[3] end
-  redis.call('HSET', KEYS[2], raw, record(prior + 1, rest))
-  redis.call('HSET', KEYS[1], url, digest .. ' ' .. ARGV[4])
+  prior = redis.call('HINCRBY', KEYS[2], unhex(digest), 1) - 1
+  local value = digest .. ' ' .. ARGV[4]
+  if ARGV[3] ~= '' then value = value .. ' ' .. ARGV[3] end
+  redis.call('HSET', KEYS[1], url, value)
   redis.call('HINCRBY', KEYS[3], 'urls', 1)
   if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
   outcome = 'stored'
@@ -219,57 +208,47 @@ return 1
 """
 
 # KEYS: url-bucket-of-url count     ARGV: url blob_prefix  ->  {digest, references left} or nil
-# At 0 references the record keeps its metadata until drop_meta_if_unreferenced (delete step 3).
-RELEASE_LUA = UNHEX_LUA + RECORD_LUA + """
+# The record goes with the last reference: delete step 3 then reads 0 unless a store counted one since.
+RELEASE_LUA = UNHEX_LUA + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return nil end
 local digest = string.sub(value, 1, 64)
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'urls', -1)
 local key, raw = ARGV[2] .. string.sub(digest, 1, 3), unhex(digest)
-local refs, rest = parse(redis.call('HGET', key, raw))
-local left = math.max(refs - 1, 0)
-if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
-if left == 0 and rest == '' then
+local refs = tonumber(redis.call('HGET', key, raw) or '0')
+if refs > 1 then
+  redis.call('HINCRBY', key, raw, -1)
+else
   redis.call('HDEL', key, raw)
-elseif refs > 0 then
-  redis.call('HSET', key, raw, record(left, rest))
+  if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
 end
-return {digest, left}
+return {digest, math.max(refs - 1, 0)}
 """
 
-# KEYS: blob-bucket-of-digest     ARGV: raw digest  ->  references (the record dropped when 0)
-DROP_META_LUA = RECORD_LUA + """
-local refs = parse(redis.call('HGET', KEYS[1], ARGV[1]))
-if refs == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return refs
-"""
-
-# KEYS: blob-bucket-of-digest     ARGV: raw digest, meta  ->  1 if the metadata was missing and is set now
-ENSURE_META_LUA = RECORD_LUA + """
-local rec = redis.call('HGET', KEYS[1], ARGV[1])
-if not rec then return 0 end
-local refs, rest = parse(rec)
-if rest ~= '' then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], record(refs, ARGV[2]))
+# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest without metadata
+# and has it now
+ENSURE_META_LUA = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value or string.sub(value, 1, 64) ~= ARGV[2] or string.find(value, ' ', 67, true) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], value .. ' ' .. ARGV[3])
 return 1
 """
 
-# KEYS: url-bucket-of-url     ARGV: url blob_prefix  ->  {"<digest> <stored_at>", record or ''} or nil
-LOOKUP_LUA = UNHEX_LUA + """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return nil end
-return {value, redis.call('HGET', ARGV[2] .. string.sub(value, 1, 3), unhex(value)) or ''}
+# KEYS: url-bucket-of-url     ARGV: url  ->  the URL's value or nil. A plain HGET, as a script so that the
+# ScriptBatcher sends it in one pipeline with the other lookups of its loop turn.
+LOOKUP_LUA = """
+return redis.call('HGET', KEYS[1], ARGV[1])
 """
 
-# KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix blob_prefix cursor limit (at least 1)
-#   ->  {more, urls indexed, url, "<digest> <stored_at>", record or '', ...}
+# KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix cursor limit (at least 1)
+#   ->  {more, urls indexed, url, value, url, value, ...}
 # Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
 # A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
 # Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
 # EXISTS: a small index is mostly empty buckets, and the first page of 10 URLs went from 7.7 to 3.5 ms.
-PAGE_LUA = UNHEX_LUA + _HEX_LUA + """
-local url_prefix, blob_prefix, cursor, limit = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+PAGE_LUA = _HEX_LUA + """
+local url_prefix, cursor, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out, taken, prev, last = {0, tonumber(redis.call('HGET', KEYS[1], 'urls') or '0')}, 0, nil, nil
 local first = 0
 if cursor ~= '' then first = tonumber(string.sub(cursor, 1, 3), 16) end
@@ -299,10 +278,8 @@ for group = math.floor(first / 16), 255 do
           end
         end
         local i = at[sortkey]
-        local value = flat[i + 1]
         out[#out + 1] = flat[i]
-        out[#out + 1] = value
-        out[#out + 1] = redis.call('HGET', blob_prefix .. string.sub(value, 1, 3), unhex(value)) or ''
+        out[#out + 1] = flat[i + 1]
         taken, prev = taken + 1, sortkey
       end
     end
@@ -314,7 +291,7 @@ return out
 # KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
 # Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
 # points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
-REPAIR_LUA = UNHEX_LUA + RECORD_LUA + _BUCKET_LUA + """
+REPAIR_LUA = UNHEX_LUA + _BUCKET_LUA + """
 local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
 local url_prefix, blob_prefix = ARGV[1], ARGV[2]
 local fixes, counts, urls = {}, {}, 0
@@ -348,19 +325,19 @@ for b = 0, 4095 do
   local flat = redis.call('HGETALL', key)
   for i = 1, #flat, 2 do
     local digest = tohex(flat[i])
-    local refs, rest = parse(flat[i + 1])
+    local refs = tonumber(flat[i + 1]) or 0
     local want = counts[digest] or 0
     if want == 0 then
       redis.call('HDEL', key, flat[i])
       fixes[#fixes + 1] = 'dropped the record of ' .. digest .. ' (refs ' .. refs .. '): no URL points at it'
     elseif string.sub(digest, 1, 3) ~= bucket_name(b) then
       redis.call('HDEL', key, flat[i])
-      stray[digest] = rest
+      stray[digest] = true
       fixes[#fixes + 1] = 'took the record of ' .. digest .. ' out of bucket ' .. bucket_name(b) .. ', not its own'
     else
       recorded[digest] = true
       if want ~= refs then
-        redis.call('HSET', key, flat[i], record(want, rest))
+        redis.call('HSET', key, flat[i], want)
         fixes[#fixes + 1] = 'refs of ' .. digest .. ': ' .. refs .. ' -> ' .. want
       end
     end
@@ -369,7 +346,7 @@ end
 local blobs = 0
 for digest, n in pairs(counts) do
   if not recorded[digest] then
-    redis.call('HSET', blob_prefix .. string.sub(digest, 1, 3), unhex(digest), record(n, stray[digest] or ''))
+    redis.call('HSET', blob_prefix .. string.sub(digest, 1, 3), unhex(digest), n)
     if not stray[digest] then fixes[#fixes + 1] = 'refs of ' .. digest .. ': 0 -> ' .. n .. ' (no record)' end
   end
   blobs = blobs + 1
@@ -439,7 +416,7 @@ class Snapshot:
     urls: dict[str, str]  # URL -> digest (where a URL sits in two buckets, the entry in its own bucket)
     misplaced: dict[str, str]  # URL -> the bucket it sits in, which is not the one its SHA-1 names
     refs: dict[str, int]  # digest -> references, from the records in their own bucket
-    meta: dict[str, str]  # digest -> "size width height content_type", for those records that have it
+    bare: set[str]  # the URLs whose value lacks the metadata
     stray: dict[str, str]  # digest -> the bucket its record sits in, which is not its own
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
 
@@ -472,7 +449,8 @@ def now_ms() -> int:
 
 @dataclass(frozen=True)
 class BlobMeta:
-    """What the index keeps about one content, stored as the string "size width height content_type"."""
+    """What the index keeps about one content, in the value of each URL that points at it, as the string
+    "size width height content_type"."""
 
     size: int
     content_type: str
@@ -488,7 +466,7 @@ class BlobMeta:
         return cls(size=int(size), content_type=content_type, width=int(width), height=int(height))
 
 
-# What a record shows while its metadata is missing (fsck reports that, and --repair rebuilds it).
+# What a URL shows while its metadata is missing (fsck reports that, and --repair rebuilds it).
 UNKNOWN_META = BlobMeta(size=0, content_type="application/octet-stream", width=0, height=0)
 
 
@@ -496,22 +474,19 @@ def encode_meta(size: int, info: ImageInfo) -> str:
     return BlobMeta(size=size, content_type=info.content_type, width=info.width, height=info.height).encode()
 
 
-def parse_record(record: str | bytes) -> tuple[int, str]:
-    """(references, encoded metadata or "") of a blob record "<refs> <size> <width> <height> <type>"."""
-    text = record.decode() if isinstance(record, bytes) else record
-    refs, _, meta = text.partition(" ")
-    return int(refs), meta
+def has_meta(value: str) -> bool:
+    """Whether a URL's value carries its metadata: a space after "<sha256 hex> <stored_at>"."""
+    return value.find(" ", 66) != -1
 
 
-def _fields(url: str, value: str, record: str) -> tuple[str, str, int, str, int, int, int]:
-    """ImageRecord's fields from a URL bucket's value and its blob record ("" when missing)."""
-    digest, _, stored_at = value.partition(" ")
-    meta = record.partition(" ")[2]
-    if not meta:
+def _fields(url: str, value: str) -> tuple[str, str, int, str, int, int, int]:
+    """ImageRecord's fields from a URL's value "<sha256 hex> <stored_at> <size> <width> <height> <type>"."""
+    parts = value.split(" ", 5)  # BlobMeta.encode's order after the digest and time, without a BlobMeta
+    if len(parts) < 6:
         known = UNKNOWN_META
-        return url, digest, known.size, known.content_type, known.width, known.height, int(stored_at or 0)
-    size, width, height, content_type = meta.split(" ", 3)  # BlobMeta.encode's order, without a BlobMeta
-    return url, digest, int(size), content_type, int(width), int(height), int(stored_at or 0)
+        return url, parts[0], known.size, known.content_type, known.width, known.height, int(parts[1])
+    digest, stored_at, size, width, height, content_type = parts
+    return url, digest, int(size), content_type, int(width), int(height), int(stored_at)
 
 
 class Index:
@@ -522,7 +497,6 @@ class Index:
         self._store = redis.register_script(STORE_LUA)
         self._complete = redis.register_script(COMPLETE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
-        self._drop_meta = redis.register_script(DROP_META_LUA)
         self._ensure_meta = redis.register_script(ENSURE_META_LUA)
         self._lookup = redis.register_script(LOOKUP_LUA)
         self._page = redis.register_script(PAGE_LUA)
@@ -568,10 +542,6 @@ class Index:
             return None
         return reply[0], int(reply[1])
 
-    async def drop_meta_if_unreferenced(self, digest: str) -> int:
-        """Delete step 3: the references a digest has now; its whole record goes when that is 0."""
-        return int(await self._drop_meta(keys=[blob_key(self.keys, digest)], args=[bytes.fromhex(digest)]))
-
     async def digest_of(self, url: str) -> str | None:
         value = await self.redis.hget(url_key(self.keys, url), url)
         return value[:64] if value else None
@@ -583,11 +553,11 @@ class Index:
 
     async def refs_of(self, digest: str) -> int:
         record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))
-        return parse_record(record)[0] if record else 0
+        return int(record) if record else 0
 
     async def refs_many(self, digests: list[str]) -> list[int]:
         records = await self._hget_each((blob_key(self.keys, d), bytes.fromhex(d)) for d in digests)
-        return [parse_record(record)[0] if record else 0 for record in records]
+        return [int(record) if record else 0 for record in records]
 
     async def _hget_each(self, pairs: Iterable[tuple[str, str | bytes]]) -> list[Any]:
         """HGET key field for each pair, pipelined: the pairs lie in different buckets."""
@@ -597,35 +567,20 @@ class Index:
             return await pipe.execute()
 
     async def lookup(self, url: str) -> ImageRecord | None:
-        """The record of `url`, or None; one Lua call, sent with the other lookups of its loop turn."""
-        k = self.keys
-        reply = await self._batcher.call(self._lookup, [url_key(k, url)], [url, k.blob("")])
-        if reply is None:
-            return None
-        return ImageRecord._make(_fields(url, reply[0], reply[1]))
+        """The record of `url`, or None; one HGET, sent with the other lookups of its loop turn."""
+        value = await self._batcher.call(self._lookup, [url_key(self.keys, url)], [url])
+        return None if value is None else ImageRecord._make(_fields(url, value))
 
-    async def meta_of(self, digest: str) -> BlobMeta | None:
-        """The metadata of a referenced digest; None when it has no record, no references or no metadata."""
-        record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))
-        if not record:
-            return None
-        refs, meta = parse_record(record)
-        return BlobMeta.decode(meta) if refs > 0 and meta else None
-
-    async def ensure_meta(self, digest: str, meta: str) -> bool:
-        """Set a digest's metadata if its record lacks it (references kept). True if it was set.
-
-        A digest without a record has no references, and nothing to describe: it is left without one.
-        """
-        k = self.keys
-        return bool(await self._ensure_meta(keys=[blob_key(k, digest)], args=[bytes.fromhex(digest), meta]))
+    async def ensure_meta(self, url: str, digest: str, meta: str) -> bool:
+        """Give `url` its metadata if it points at `digest` and lacks it. True if it was set."""
+        return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
 
     async def page(self, cursor: str | None, limit: int) -> Page:
         """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
-        reply = await self._page(keys=[k.count], args=[k.url(""), k.blob(""), cursor or "", limit])
-        images = [image_json(*_fields(reply[i], reply[i + 1], reply[i + 2])) for i in range(2, len(reply), 3)]
+        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
+        images = [image_json(*_fields(reply[i], reply[i + 1])) for i in range(2, len(reply), 2)]
         more = bool(int(reply[0]))
         last = images[-1]["url"] if more and images else None
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
@@ -656,25 +611,25 @@ class Index:
                 *buckets, counts = await pipe.execute()
         finally:
             await raw.aclose()
-        snap = Snapshot(urls={}, misplaced={}, refs={}, meta={}, stray={},
+        snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={},
                         counts={"urls": 0, "blobs": 0} | {f.decode(): int(n) for f, n in counts.items()})
         for bucket, entries in zip(BUCKETS, buckets[:len(BUCKETS)], strict=True):
-            for field, value in entries.items():
-                url = field.decode()
+            for field, raw_value in entries.items():
+                url, value = field.decode(), raw_value.decode()
                 if url_bucket(url) == bucket:
-                    snap.urls[url] = value.decode()[:64]
+                    snap.urls[url] = value[:64]
                 else:
                     snap.misplaced[url] = bucket
-                    snap.urls.setdefault(url, value.decode()[:64])
+                    snap.urls.setdefault(url, value[:64])
+                if not has_meta(value):
+                    snap.bare.add(url)
         for bucket, entries in zip(BUCKETS, buckets[len(BUCKETS):], strict=True):
             for field, record in entries.items():
                 digest = field.hex()
                 if digest[:BUCKET_DIGITS] != bucket:
                     snap.stray[digest] = bucket
                     continue
-                snap.refs[digest], meta = parse_record(record)
-                if meta:
-                    snap.meta[digest] = meta
+                snap.refs[digest] = int(record) if record.isdigit() else 0  # fsck reports a damaged count
         return snap
 
     async def repair(self) -> list[str]:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import Index, StoreOutcome
+from casimg.index import BlobMeta, Index, StoreOutcome
+from casimg.validation import validate_image
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -113,10 +114,19 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
         return False
     await pause("trashed")
     try:
-        if await index.drop_meta_if_unreferenced(digest) > 0:
+        if await index.refs_of(digest) > 0:
             if trash is not None:
                 await _io(blobs.restore_from_trash, trash, digest)
             return False
         return True
     finally:
         await _io(blobs.discard, trash)
+
+
+def describe(blobs: BlobStore, digest: str) -> BlobMeta:
+    """The metadata of a stored blob, read again from its file (it was valid when stored, so no limits
+    apply). FileNotFoundError when the blob is not on disk, InvalidImage when its bytes are damaged.
+    Blocking: run it in a thread."""
+    path = blobs.blob_path(digest)
+    info = validate_image(path, max_pixels=2**62, max_frames=2**31)
+    return BlobMeta(size=path.stat().st_size, content_type=info.content_type, width=info.width, height=info.height)

@@ -6,8 +6,8 @@ references), ``meta:{3 hex}`` (digest -> "size width height content_type") and `
 
 ``migrate`` runs in app.open_services, so before a server, a worker or a command (fsck, stats) uses the
 index. It walks the old URL hash with HSCAN and moves it a batch at a time. Each batch is one Lua call
-that, for each URL still in the old hash, writes the URL's new entry (stored_at from the old score),
-counts its reference in the new blob record (created with the old metadata where there is some), bumps
+that, for each URL still in the old hash, writes the URL's new entry (stored_at from the old score, and
+the old metadata of its digest where there is some), counts its reference in the new blob record, bumps
 the counts, and removes the old entries. A URL is moved by whichever call finds it first, so processes
 starting together, or one killed at any point, move each URL exactly once. Once the old URL hash is
 gone, the other old keys are deleted in one command. Stop every casimg 0.1 process before the upgrade:
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from casimg.index import BUCKETS, RECORD_LUA, UNHEX_LUA, Index, now_ms
+from casimg.index import BUCKETS, UNHEX_LUA, Index, now_ms
 
 log = logging.getLogger("casimg.migrate")
 
@@ -61,7 +61,7 @@ class OldKeySpace:
 
 
 # KEYS: old_urls old_order count     ARGV: url_prefix blob_prefix old_meta_prefix now_ms url...  ->  moved
-MIGRATE_LUA = UNHEX_LUA + RECORD_LUA + f"""
+MIGRATE_LUA = UNHEX_LUA + f"""
 local moved = 0
 for i = 5, #ARGV do
   local url = ARGV[i]
@@ -73,11 +73,10 @@ for i = 5, #ARGV do
       local score = redis.call('ZSCORE', KEYS[2], url)
       local stamp = ARGV[4]
       if score then stamp = string.format('%.0f', math.floor(tonumber(score) / {US_PER_MS})) end
+      local meta = redis.call('HGET', ARGV[3] .. string.sub(digest, 1, 3), digest)
+      if meta then stamp = stamp .. ' ' .. meta end
       redis.call('HSET', key, url, digest .. ' ' .. stamp)
-      local blob, raw = ARGV[2] .. string.sub(digest, 1, 3), unhex(digest)
-      local refs, rest = parse(redis.call('HGET', blob, raw))
-      if rest == '' then rest = redis.call('HGET', ARGV[3] .. string.sub(digest, 1, 3), digest) or '' end
-      redis.call('HSET', blob, raw, record(refs + 1, rest))
+      local refs = redis.call('HINCRBY', ARGV[2] .. string.sub(digest, 1, 3), unhex(digest), 1) - 1
       redis.call('HINCRBY', KEYS[3], 'urls', 1)
       if refs == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
       moved = moved + 1

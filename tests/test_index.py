@@ -61,36 +61,34 @@ async def test_store_counts_references_and_reports_dedup(index):
     assert (second.outcome, second.deduplicated) == ("stored", True)
     assert (again.outcome, again.sha256) == ("exists", digest(1))
     assert await index.refs_of(digest(1)) == 2
-    assert await record_of(index, digest(1)) == "2 " + META
+    assert await record_of(index, digest(1)) == "2"
     value = await index.redis.hget(index.keys.url(url_bucket("http://a/1")), "http://a/1")
-    assert value.split(" ")[0] == digest(1)
+    stored_at = (await index.lookup("http://a/1")).stored_at_ms
+    assert value == f"{digest(1)} {stored_at} {META}"
     assert await index.redis.hgetall(index.keys.count) == {"urls": "2", "blobs": "1"}
 
 
 @pytest.mark.gen_test
-async def test_release_drops_the_reference_and_metadata_last(index):
+async def test_release_drops_the_reference_and_the_record_with_the_last(index):
     await index.store("http://a/1", digest(1), META)
     await index.store("http://a/2", digest(1), META)
     assert await index.release("http://a/1") == (digest(1), 1)
-    assert await index.drop_meta_if_unreferenced(digest(1)) == 1
-    assert await index.meta_of(digest(1)) is not None
+    assert await record_of(index, digest(1)) == "1"
+    assert await index.redis.hgetall(index.keys.count) == {"urls": "1", "blobs": "1"}
     assert await index.release("http://a/2") == (digest(1), 0)
-    # Between delete steps 1 and 3 the record keeps its metadata with no references, and counts no more.
-    assert await record_of(index, digest(1)) == "0 " + META
-    assert await index.meta_of(digest(1)) is None
+    assert await record_of(index, digest(1)) is None  # delete step 3 reads 0 references
+    assert await index.refs_of(digest(1)) == 0
     assert await index.redis.hgetall(index.keys.count) == {"urls": "0", "blobs": "0"}
-    assert await index.drop_meta_if_unreferenced(digest(1)) == 0
-    assert await record_of(index, digest(1)) is None
     assert await index.release("http://a/2") is None
 
 
 @pytest.mark.gen_test
-async def test_a_store_between_release_and_drop_keeps_the_record(index):
+async def test_a_store_after_the_last_release_counts_from_zero(index):
     await index.store("http://a/1", digest(1), META)
     await index.release("http://a/1")
-    assert (await index.store("http://a/2", digest(1), "")).deduplicated is False
-    assert await index.drop_meta_if_unreferenced(digest(1)) == 1
-    assert await index.meta_of(digest(1)) == BlobMeta.decode(META)  # the kept metadata serves the new URL
+    assert (await index.store("http://a/2", digest(1), META)).deduplicated is False
+    assert await index.refs_of(digest(1)) == 1
+    assert (await index.lookup("http://a/2")).size == 3  # the metadata comes with the URL
     assert await index.redis.hgetall(index.keys.count) == {"urls": "1", "blobs": "1"}
 
 
@@ -118,12 +116,16 @@ async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
     await index.store("http://a/1", digest(1), "")
     await index.store("http://a/2", digest(1), "")
     assert await record_of(index, digest(1)) == "2"
-    assert await index.meta_of(digest(1)) is None
-    assert await index.ensure_meta(digest(1), META) is True
-    assert await index.ensure_meta(digest(1), BlobMeta(9, "image/gif", 9, 9).encode()) is False
-    assert await record_of(index, digest(1)) == "2 " + META
-    assert await index.ensure_meta(digest(5), META) is False  # no references: nothing to describe
-    assert await record_of(index, digest(5)) is None
+    assert (await index.lookup("http://a/1")).content_type == "application/octet-stream"
+    assert (await index.snapshot()).bare == {"http://a/1", "http://a/2"}
+    assert await index.ensure_meta("http://a/1", digest(1), META) is True
+    assert await index.ensure_meta("http://a/1", digest(1), BlobMeta(9, "image/gif", 9, 9).encode()) is False
+    assert await index.ensure_meta("http://a/2", digest(2), META) is False  # it points elsewhere now
+    assert await index.ensure_meta("http://a/none", digest(1), META) is False
+    record = await index.lookup("http://a/1")
+    assert (record.sha256, record.size, record.content_type) == (digest(1), 3, "image/png")
+    assert (await index.snapshot()).bare == {"http://a/2"}
+    assert await record_of(index, digest(1)) == "2"
 
 
 @pytest.mark.gen_test
@@ -185,14 +187,14 @@ async def test_repair_recounts_moves_misplaced_urls_and_fixes_the_counts(index):
     await index.store("http://a/2", digest(1), META)
     await index.store("http://a/3", digest(2), META)
     await index.store("http://a/4", digest(4), META)
-    await index.redis.hset(blob_key(k, digest(1)), bytes.fromhex(digest(1)), "5 " + META)  # wrong count
+    await index.redis.hset(blob_key(k, digest(1)), bytes.fromhex(digest(1)), "5")  # wrong count
     await index.redis.hset(blob_key(k, digest(3)), bytes.fromhex(digest(3)), "1")  # no URL points at it
     await index.redis.hdel(blob_key(k, digest(2)), bytes.fromhex(digest(2)))  # a referenced record lost
     wrong = "000" if url_bucket("http://ghost") != "000" else "001"
     await index.redis.hset(k.url(wrong), "http://ghost", f"{digest(2)} 1")  # a URL in the wrong bucket
     await index.redis.hset(k.count, mapping={"urls": 9, "blobs": 9})
     await index.redis.hdel(k.blob("000"), bytes.fromhex(digest(4)))  # a record in another bucket than its own
-    await index.redis.hset(k.blob("fff"), bytes.fromhex(digest(4)), "1 " + META)
+    await index.redis.hset(k.blob("fff"), bytes.fromhex(digest(4)), "1")
     snap = await index.snapshot()
     assert (snap.misplaced, snap.stray) == ({"http://ghost": wrong}, {digest(4): "fff"})
     fixes = await index.repair()
@@ -202,8 +204,7 @@ async def test_repair_recounts_moves_misplaced_urls_and_fixes_the_counts(index):
     assert snap.refs == {digest(1): 2, digest(2): 2, digest(4): 1}
     assert snap.counts == {"urls": 5, "blobs": 3}
     assert (await index.lookup("http://ghost")).sha256 == digest(2)
-    assert await index.meta_of(digest(2)) is None  # the lost record comes back without metadata (fsck rebuilds it)
-    assert await index.meta_of(digest(4)) == BlobMeta.decode(META)  # the moved one keeps it
+    assert (await index.lookup("http://a/4")).content_type == "image/png"  # the URL keeps its metadata
     assert await index.repair() == []
 
 
@@ -216,12 +217,13 @@ async def test_concurrent_stores_of_one_url_count_one_reference(index):
 
 
 @pytest.mark.gen_test
-async def test_metadata_goes_to_its_bucket_under_the_raw_digest_and_round_trips(index):
+async def test_the_count_goes_to_its_bucket_under_the_raw_digest_and_the_metadata_round_trips(index):
     meta = BlobMeta(size=123_456, content_type="image/webp", width=640, height=480)
     of = "abc" + "0" * 61
     await index.store("http://a/1", of, meta.encode())
-    assert await index.redis.hget(index.keys.blob("abc"), bytes.fromhex(of)) == "1 123456 640 480 image/webp"
-    assert await index.meta_of(of) == meta
+    assert await index.redis.hget(index.keys.blob("abc"), bytes.fromhex(of)) == "1"
+    record = await index.lookup("http://a/1")
+    assert BlobMeta(record.size, record.content_type, record.width, record.height) == meta
     assert (await index.page(None, 10)).images[0]["content_type"] == "image/webp"
 
 
