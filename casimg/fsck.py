@@ -90,6 +90,7 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
 async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
     """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
+    done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
     snap = await index.snapshot()
     described: dict[str, str] = {}  # digest -> encoded metadata, each blob read once
     for url in sorted(snap.bare):
@@ -101,7 +102,7 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
                 continue  # a missing or damaged blob, which the check reports
         if await index.ensure_meta(url, digest, described[digest]):
             done.append(f"rebuilt metadata of {url}")
-    return done + await sweep(index, blobs, tmp_grace)
+    return done
 
 
 async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:

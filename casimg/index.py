@@ -213,10 +213,12 @@ RELEASE_LUA = UNHEX_LUA + """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return nil end
 local digest = string.sub(value, 1, 64)
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'urls', -1)
 local key, raw = ARGV[2] .. string.sub(digest, 1, 3), unhex(digest)
 local refs = tonumber(redis.call('HGET', key, raw) or '0')
+-- Checked before any write: Redis keeps the writes of a script that fails halfway.
+if not refs then return redis.error_reply('the record of ' .. digest .. ' is not a count: run casimg fsck --repair') end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'urls', -1)
 if refs > 1 then
   redis.call('HINCRBY', key, raw, -1)
 else

@@ -217,7 +217,7 @@ class JobQueue:
         """How many unexpired jobs are queued, running and done.
 
         Jobs are found with SCAN (never KEYS): the keyspace holds a few keys per job and a fixed number
-        besides (URLs and refs are each one hash, metadata 4,096 small ones), so this stays cheap however
+        besides (the index's 2 x 4,096 buckets and its count hash), so this stays cheap however
         many images are stored.
         """
         counts = {"queued": 0, "running": 0, "done": 0}

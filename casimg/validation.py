@@ -115,6 +115,24 @@ def validate_image(
     return ImageInfo(format=fmt, content_type=_content_type(fmt), width=width, height=height, frames=frames)
 
 
+def content_type_of(path: Path | str) -> str:
+    """The content type of a stored image from its header, without reading or checking the rest: what
+    GET /api/blobs/{digest} sends, which knows only the bytes. application/octet-stream for a format
+    Pillow does not know, and above Pillow's own pixel guard (twice Image.MAX_IMAGE_PIXELS)."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return "image/webp"  # Pillow's WebP open would decode the whole canvas
+        handle.seek(0)
+        try:
+            with Image.open(handle) as image:
+                fmt = "JPEG" if image.format == "MPO" else image.format or ""
+        except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                EOFError, IndexError, TypeError, struct.error):
+            return "application/octet-stream"
+    return _content_type(fmt)
+
+
 def _read(path: Path | str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()

@@ -157,6 +157,8 @@ async def test_every_supported_format_is_stored_with_metadata(api, origin):
         assert got.headers["Content-Type"] == content_type
         assert hashlib.sha256(got.body).hexdigest() == image["sha256"] == by_url(job)[url]["sha256"]
         assert int(got.headers["Content-Length"]) == image["size"] == len(got.body)
+        blob = await api("GET", f"/api/blobs/{image['sha256']}")  # the type read from the file's header
+        assert (blob.headers["Content-Type"], blob.body) == (content_type, got.body)
 
 
 @pytest.mark.gen_test
@@ -288,7 +290,29 @@ async def test_get_image_headers_conditional_and_ranges(api, origin):
 
     blob = await api("GET", f"/api/blobs/{digest}")
     assert blob.code == 200 and blob.body == full.body and "immutable" in blob.headers["Cache-Control"]
+    assert (blob.headers["Content-Type"], int(blob.headers["Content-Length"])) == ("image/jpeg", size)
+    blob_head = await api("HEAD", f"/api/blobs/{digest}")
+    assert blob_head.code == 200 and blob_head.body == b"" and int(blob_head.headers["Content-Length"]) == size
+    assert (await api("GET", f"/api/blobs/{digest}", headers={"If-None-Match": f'"{digest}"'})).code == 304
+    blob_part = await api("GET", f"/api/blobs/{digest}", headers={"Range": "bytes=10-19"})
+    assert blob_part.code == 206 and blob_part.body == full.body[10:20]
     assert (await api("GET", "/api/blobs/" + "0" * 64)).code == 404
+
+
+@pytest.mark.gen_test
+async def test_a_blob_whose_bytes_are_damaged_or_gone_by_digest(api, origin, services):
+    job = await submit(api, [origin.url("/img/41.jpg"), origin.url("/img/42.png")])
+    damaged, gone = (result["sha256"] for result in job["results"])
+    path = services.blobs.blob_path(damaged)
+    path.chmod(0o644)
+    path.write_bytes(path.read_bytes()[:-40])  # the scans cut short: the header still names a JPEG
+    blob = await api("GET", f"/api/blobs/{damaged}")
+    assert (blob.code, blob.headers["Content-Type"], blob.body) == (200, "image/jpeg", path.read_bytes())
+    path.write_bytes(b"no longer an image")
+    assert (await api("GET", f"/api/blobs/{damaged}")).headers["Content-Type"] == "application/octet-stream"
+    services.blobs.blob_path(gone).unlink()
+    missing = await api("GET", f"/api/blobs/{gone}")
+    assert missing.code == 404 and "fsck" in problem(missing)["detail"]
 
 
 @pytest.mark.gen_test

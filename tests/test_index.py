@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 
 import pytest
+from redis.exceptions import ResponseError
 
 from casimg.app import connect_redis
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
@@ -83,6 +84,16 @@ async def test_release_drops_the_reference_and_the_record_with_the_last(index):
 
 
 @pytest.mark.gen_test
+async def test_release_with_a_damaged_record_changes_nothing(index):
+    await index.store("http://a/1", digest(1), META)
+    await index.redis.hset(blob_key(index.keys, digest(1)), bytes.fromhex(digest(1)), "2 3 1 1 image/png")
+    with pytest.raises(ResponseError, match="fsck --repair"):
+        await index.release("http://a/1")
+    assert await index.digest_of("http://a/1") == digest(1)
+    assert await index.redis.hgetall(index.keys.count) == {"urls": "1", "blobs": "1"}
+
+
+@pytest.mark.gen_test
 async def test_a_store_after_the_last_release_counts_from_zero(index):
     await index.store("http://a/1", digest(1), META)
     await index.release("http://a/1")
@@ -120,7 +131,7 @@ async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
     assert (await index.snapshot()).bare == {"http://a/1", "http://a/2"}
     assert await index.ensure_meta("http://a/1", digest(1), META) is True
     assert await index.ensure_meta("http://a/1", digest(1), BlobMeta(9, "image/gif", 9, 9).encode()) is False
-    assert await index.ensure_meta("http://a/2", digest(2), META) is False  # it points elsewhere now
+    assert await index.ensure_meta("http://a/2", digest(2), META) is False  # it points at digest(1)
     assert await index.ensure_meta("http://a/none", digest(1), META) is False
     record = await index.lookup("http://a/1")
     assert (record.sha256, record.size, record.content_type) == (digest(1), 3, "image/png")

@@ -72,7 +72,11 @@ async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], 
             assert record.stored_at_ms == entry.stored_at_us // 1000
         else:
             assert record.stored_at_ms > 0  # the time of the move
-        assert record.content_type == ("application/octet-stream" if entry.digest == lost_meta else "image/png")
+        if entry.digest == lost_meta:
+            assert record.content_type == "application/octet-stream"
+        else:
+            assert (record.content_type, record.width, record.height, record.size) == (
+                "image/png", 4, 3, len(blobs.read(entry.digest)))
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 100)
