@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,24 @@ from casimg.stats import collect
 EXIT_USAGE = 2
 
 
-class JsonFormatter(logging.Formatter):
+class Formatter(logging.Formatter):
+    """logging's Formatter with the time of each record formatted once per second: the access log
+    writes a line per request, and strftime consults the time zone on every call."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second, stamp = self._second
+        if int(record.created) != second:
+            second = int(record.created)
+            stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = (second, stamp)  # one assignment: threads that log see a matching pair
+        return self.default_msec_format % (stamp, record.msecs)
+
+
+class JsonFormatter(Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
                  "message": record.getMessage()}
@@ -34,11 +52,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(log_format: str) -> None:
+    # Neither format names the calling function, thread or process, so records skip looking them up
+    # (the logging HOWTO's "Optimization"; findCaller walks the stack on every record).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

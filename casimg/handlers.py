@@ -17,7 +17,7 @@ from email.utils import format_datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import orjson
 import tornado.web
@@ -189,10 +189,18 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def _loggable_uri(path: str, query: str) -> str:
     if not query:
         return path
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(name.lower() in SECRET_PARAMS for name, _ in pairs):
-        query = urlencode([(name, "REDACTED" if name.lower() in SECRET_PARAMS else value) for name, value in pairs])
+    if any(_is_secret(part.partition("=")[0]) for part in query.split("&")):
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(name, "REDACTED" if _is_secret(name) else value) for name, value in pairs])
     return f"{path}?{query}"
+
+
+def _is_secret(name: str) -> bool:
+    """Whether a query parameter's name (raw or decoded) is one that carries a credential. Only the
+    names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
+    if "%" in name or "+" in name:
+        name = unquote_plus(name)
+    return name.lower() in SECRET_PARAMS
 
 
 class MetricsHandler(BaseHandler):

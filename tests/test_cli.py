@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from casimg.cli import Formatter
 from casimg.embedded import EmbeddedRedis
 from casimg.index import url_bucket
 from tests.procs import ROOT, Server, casimg, free_port
@@ -169,3 +171,12 @@ def test_serve_processes_share_the_port_with_their_workers_and_stop_together(dat
         assert server.terminate() == 0
     assert not EmbeddedRedis(data_dir).alive()
     assert server.output().count("stopped") == 2
+
+
+@pytest.mark.parametrize("created", [0.0, 0.999, 86_399.5, 1_764_630_000.25, 1_764_630_001.0])
+def test_the_log_formatter_writes_the_time_as_loggings_own_does(created):
+    ours, logging_own = Formatter("%(asctime)s %(message)s"), logging.Formatter("%(asctime)s %(message)s")
+    for at in (created, created + 0.5, created):  # the cached second, the next one, and back
+        record = logging.LogRecord("casimg.access", logging.INFO, __file__, 1, "GET /", None, None)
+        record.created, record.msecs = at, int((at - int(at)) * 1000)
+        assert ours.format(record) == logging_own.format(record)

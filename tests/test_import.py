@@ -94,8 +94,11 @@ def run_import(*args: str, stdin: str | None = None, timeout: float = 180) -> su
 
 
 def start_import(*args: str) -> subprocess.Popen[str]:
+    # SIGINT as from a terminal: under a shell's background job (`... &`) the tests inherit it ignored,
+    # and Python leaves an ignored SIGINT ignored, so the interrupt tests would never interrupt.
     return subprocess.Popen([sys.executable, "-m", "casimg", "import", *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def summary(output: str) -> tuple[int, int, int, int]:

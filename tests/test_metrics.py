@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from casimg.embedded import EmbeddedRedis
+from casimg.handlers import _loggable_uri
 from casimg.keys import Scope
 from casimg.metrics import reason_label
 from tests.conftest import make_settings
@@ -249,3 +250,14 @@ def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_p
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
+
+
+@pytest.mark.parametrize(("query", "logged_as"), [
+    ("url=http%3A%2F%2Fa%2Fb.jpg%3Ftoken%3Dx", "url=http%3A%2F%2Fa%2Fb.jpg%3Ftoken%3Dx"),  # a value, not a name
+    ("token=abc&limit=5", "token=REDACTED&limit=5"),
+    ("%74oken=abc", "token=REDACTED"),  # a name percent-encoded is still the name
+    ("API_KEY=abc", "API_KEY=REDACTED"),
+    ("limit=5&cursor", "limit=5&cursor"),
+])
+def test_the_access_log_masks_credential_parameters_by_name(query, logged_as):
+    assert _loggable_uri("/api/images", query) == f"/api/images?{logged_as}"
