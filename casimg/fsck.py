@@ -20,8 +20,9 @@ from typing import Any
 
 from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
-from casimg.index import Index, url_bucket
-from casimg.lifecycle import describe, remove_if_unreferenced
+from casimg.index import Index, encode_meta, url_bucket
+from casimg.lifecycle import remove_if_unreferenced
+from casimg.validation import validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
 
@@ -97,12 +98,19 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
         digest = snap.urls[url]
         if digest not in described:
             try:
-                described[digest] = (await _io(describe, blobs, digest)).encode()
+                described[digest] = await _io(_meta_from_file, blobs, digest)
             except (FileNotFoundError, InvalidImage):
                 continue  # a missing or damaged blob, which the check reports
         if await index.ensure_meta(url, digest, described[digest]):
             done.append(f"rebuilt metadata of {url}")
     return done
+
+
+def _meta_from_file(blobs: BlobStore, digest: str) -> str:
+    """A stored blob's encoded metadata, read again from its file (it was valid when stored, so no limits
+    apply). FileNotFoundError when it is not on disk, InvalidImage when its bytes are damaged."""
+    path = blobs.blob_path(digest)
+    return encode_meta(path.stat().st_size, validate_image(path, max_pixels=2**62, max_frames=2**31))
 
 
 async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:

@@ -374,10 +374,6 @@ class ImageRecord(NamedTuple):
     height: int
     stored_at_ms: int
 
-    @property
-    def stored_at(self) -> datetime:
-        return datetime.fromtimestamp(self.stored_at_ms / MILLIS, tz=UTC)
-
     def as_json(self) -> dict[str, Any]:
         return image_json(*self)
 
@@ -461,11 +457,6 @@ class BlobMeta:
 
     def encode(self) -> str:
         return f"{self.size} {self.width} {self.height} {self.content_type}"
-
-    @classmethod
-    def decode(cls, raw: str) -> BlobMeta:
-        size, width, height, content_type = raw.split(" ", 3)
-        return cls(size=int(size), content_type=content_type, width=int(width), height=int(height))
 
 
 # What a URL shows while its metadata is missing (fsck reports that, and --repair rebuilds it).

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import BlobMeta, Index, StoreOutcome
-from casimg.validation import validate_image
+from casimg.index import Index, StoreOutcome
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -122,11 +121,3 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
     finally:
         await _io(blobs.discard, trash)
 
-
-def describe(blobs: BlobStore, digest: str) -> BlobMeta:
-    """The metadata of a stored blob, read again from its file (it was valid when stored, so no limits
-    apply). FileNotFoundError when the blob is not on disk, InvalidImage when its bytes are damaged.
-    Blocking: run it in a thread."""
-    path = blobs.blob_path(digest)
-    info = validate_image(path, max_pixels=2**62, max_frames=2**31)
-    return BlobMeta(size=path.stat().st_size, content_type=info.content_type, width=info.width, height=info.height)

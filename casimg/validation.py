@@ -77,21 +77,17 @@ def validate_image(
     None accepts any format Pillow reads.
     """
     data = source if isinstance(source, bytes) else _read(source)
-    if mode == "structure" and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if mode == "structure" and _is_webp(data):
         return _check_webp(data, max_pixels, allowed_formats, max_frames)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format or "unknown"
-            if fmt == "MPO":
-                # Pillow names a JPEG with extra pictures (a phone's depth map, a preview) MPO; it is
-                # a JPEG to every browser and is stored and served as one.
-                fmt = "JPEG"
+            fmt = _format_of(image)
             _check_allowed(fmt, allowed_formats)
             width, height = image.size
             _check_pixels(width, height, max_pixels)
             frames = getattr(image, "n_frames", 1)
             _check_frames(frames, max_frames)
-            if mode == "structure" and fmt in ("JPEG", "PNG", "WEBP"):
+            if mode == "structure" and fmt in ("JPEG", "PNG"):
                 if fmt == "PNG":
                     image.seek(0)
                     image.verify()  # every chunk's CRC, up to IEND
@@ -120,17 +116,26 @@ def content_type_of(path: Path | str) -> str:
     GET /api/blobs/{digest} sends, which knows only the bytes. application/octet-stream for a format
     Pillow does not know, and above Pillow's own pixel guard (twice Image.MAX_IMAGE_PIXELS)."""
     with open(path, "rb") as handle:
-        head = handle.read(12)
-        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        if _is_webp(handle.read(12)):
             return "image/webp"  # Pillow's WebP open would decode the whole canvas
         handle.seek(0)
         try:
             with Image.open(handle) as image:
-                fmt = "JPEG" if image.format == "MPO" else image.format or ""
+                fmt = _format_of(image)
         except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError,
                 EOFError, IndexError, TypeError, struct.error):
             return "application/octet-stream"
     return _content_type(fmt)
+
+
+def _is_webp(head: bytes) -> bool:
+    return head[:4] == b"RIFF" and head[8:12] == b"WEBP"
+
+
+def _format_of(image: Image.Image) -> str:
+    # Pillow names a JPEG with extra pictures (a phone's depth map, a preview) MPO; it is a JPEG to every
+    # browser and is stored and served as one.
+    return "JPEG" if image.format == "MPO" else image.format or "unknown"
 
 
 def _read(path: Path | str) -> bytes:
@@ -165,14 +170,12 @@ def _short(exc: BaseException) -> str:
 
 
 def _check_structure(fmt: str, data: bytes) -> None:
-    """Raise unless the file's structure runs complete to its end (see the module docstring)."""
+    """Raise unless a JPEG's or PNG's structure runs complete to its end (see the module docstring)."""
     if fmt == "PNG":
         if data.rfind(_PNG_IEND) < 0:  # verify stops at IEND's type and never reads its CRC
             raise _truncated("no complete IEND chunk")
-    elif fmt == "JPEG":
-        _check_jpeg(data)
     else:
-        _riff_chunks(data)
+        _check_jpeg(data)
 
 
 def _check_gif_trailer(data: bytes) -> None:
