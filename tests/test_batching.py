@@ -35,45 +35,39 @@ def key(request) -> str:
     return f"test-batching:{request.node.name}"
 
 
-@pytest.mark.gen_test
-async def test_calls_made_in_one_loop_turn_are_sent_together_and_answered_in_order(redis_server, key):
+@pytest.fixture
+def client(io_loop, redis_server):
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    yield client
+    io_loop.run_sync(client.aclose)
+
+
+@pytest.mark.gen_test
+async def test_calls_made_in_one_loop_turn_are_sent_together_and_answered_in_order(client, key):
     batcher = Spied(client)
     script = client.register_script(ADD_LUA)
-    try:
-        results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in range(1, 21)))
-        assert batcher.batches == [20]
-        assert results == [sum(range(1, n + 1)) for n in range(1, 21)]  # each call saw the ones before it
-        assert await batcher.call(script, [key], [1]) == 211 and batcher.batches == [20, 1]
-    finally:
-        await client.aclose()
+    results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in range(1, 21)))
+    assert batcher.batches == [20]
+    assert results == [sum(range(1, n + 1)) for n in range(1, 21)]  # each call saw the ones before it
+    assert await batcher.call(script, [key], [1]) == 211 and batcher.batches == [20, 1]
 
 
 @pytest.mark.gen_test
-async def test_one_call_failing_fails_only_its_caller(redis_server, key):
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+async def test_one_call_failing_fails_only_its_caller(client, key):
     batcher = ScriptBatcher(client)
     script = client.register_script(ADD_LUA)
-    try:
-        results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in (5, -1, 7)),
-                                       return_exceptions=True)
-        assert results[0] == 5 and results[2] == 12
-        assert isinstance(results[1], ResponseError) and "negative amount" in str(results[1])
-    finally:
-        await client.aclose()
+    results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in (5, -1, 7)), return_exceptions=True)
+    assert results[0] == 5 and results[2] == 12
+    assert isinstance(results[1], ResponseError) and "negative amount" in str(results[1])
 
 
 @pytest.mark.gen_test
-async def test_a_script_cache_lost_by_redis_is_loaded_again(redis_server, key):
-    client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+async def test_a_script_cache_lost_by_redis_is_loaded_again(client, key):
     batcher = ScriptBatcher(client)
     script = client.register_script(ADD_LUA)
-    try:
-        assert await batcher.call(script, [key], [1]) == 1
-        await client.script_flush()  # what a restarted Redis looks like to its clients
-        assert await asyncio.gather(batcher.call(script, [key], [1]), batcher.call(script, [key], [1])) == [2, 3]
-    finally:
-        await client.aclose()
+    assert await batcher.call(script, [key], [1]) == 1
+    await client.script_flush()  # what a restarted Redis looks like to its clients
+    assert await asyncio.gather(batcher.call(script, [key], [1]), batcher.call(script, [key], [1])) == [2, 3]
 
 
 @pytest.mark.gen_test
