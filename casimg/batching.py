@@ -1,4 +1,5 @@
-"""Redis script calls made during one turn of the event loop, sent to Redis as one pipeline.
+"""Calls made during one turn of the event loop, sent together: Redis scripts as one pipeline
+(``ScriptBatcher``), blocking file calls as one trip to a thread (``ThreadBatcher``).
 
 A download worker finishes its stores in bursts: one disk flush (blobs.FlushGroup) lets dozens of them
 go on at once, and each then makes one Lua call. Sent one by one, every call pays redis-py's own cost (a
@@ -17,6 +18,8 @@ needs the calls to be atomic together), and one call's error is that caller's al
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -78,3 +81,68 @@ class ScriptBatcher:
                 answer.set_exception(result)
             else:
                 answer.set_result(result)
+
+
+Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+
+
+class ThreadBatcher:
+    """Blocking calls made during one turn of the loop, run one after the other in one trip to a thread.
+
+    Each trip to a thread costs a hand-off of the GIL both ways, which py-spy put at a tenth of the
+    ingest's CPU. Short calls that many tasks make at the same moment, such as the last file step of
+    the stores that one Redis pipeline answered, need one trip between them, not one each.
+
+    Like ``ScriptBatcher``, one call's exception is that caller's alone. The calls run in order, so a
+    long one delays the rest of its batch: this is for calls of a few system calls each.
+    """
+
+    def __init__(self, executor: Executor | None = None) -> None:
+        self.executor = executor  # None: the loop's default executor
+        self._queued: list[Blocking] = []
+
+    async def call(self, func: Callable[..., Any], *args: Any) -> Any:
+        """What ``func(*args)`` returns, run in a thread with the other calls of this loop turn."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((func, args, answer))
+        if len(self._queued) == 1:
+            loop.call_soon(self._send)
+        return await answer
+
+    def _send(self) -> None:
+        batch, self._queued = self._queued, []
+        try:
+            running = asyncio.get_running_loop().run_in_executor(self.executor, _run_each, batch)
+        except RuntimeError as exc:  # the executor is shut down: nothing of the batch ran
+            for *_, answer in batch:
+                if not answer.done():
+                    answer.set_exception(exc)
+            return
+
+        def answer_all(done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
+            if done.cancelled():  # the executor dropped the trip before it ran
+                for *_, answer in batch:
+                    answer.cancel()
+                return
+            # _run_each catches every call's exception: each caller gets its own outcome.
+            for (*_, answer), (ok, value) in zip(batch, done.result(), strict=True):
+                if answer.done():  # the caller was cancelled
+                    continue
+                if ok:
+                    answer.set_result(value)
+                else:
+                    answer.set_exception(value)
+
+        running.add_done_callback(answer_all)
+
+
+def _run_each(batch: list[Blocking]) -> list[tuple[bool, Any]]:
+    """In the thread: every call of the batch, each with its own outcome (True, result) or (False, error)."""
+    outcomes: list[tuple[bool, Any]] = []
+    for func, args, _ in batch:
+        try:
+            outcomes.append((True, func(*args)))
+        except Exception as exc:
+            outcomes.append((False, exc))
+    return outcomes

@@ -21,6 +21,8 @@ from casimg.index import Index, StoreOutcome
 log = logging.getLogger("casimg.lifecycle")
 
 Pause = Callable[[str], Awaitable[None]]
+# Runs a blocking file call off the event loop: ``await run(func, *args)`` returns ``func(*args)``.
+Run = Callable[..., Awaitable[Any]]
 
 
 async def _no_pause(step: str) -> None:
@@ -64,12 +66,14 @@ async def index_linked_blob(
     meta: str,
     *,
     pause: Pause = _no_pause,
+    run: Run = _io,
     **job: Any,
 ) -> StoreOutcome:
     """Steps 2-4, for bytes that step 1 already linked in and made durable; `tmp` is consumed.
 
-    Downloads come in here: they do step 1 in the same trip to a thread as validation, and make many
-    blobs durable with one flush (blobs.FlushGroup).
+    Downloads come in here: they do step 1 in the same trip to a thread as validation, make many blobs
+    durable with one flush (blobs.FlushGroup), and pass a `run` that settles many with one trip
+    (batching.ThreadBatcher).
     """
     settled = False
     try:
@@ -77,14 +81,14 @@ async def index_linked_blob(
         await pause("indexed")
         if outcome.outcome == "stored":
             settled = True
-            await _io(blobs.settle, tmp, digest)
+            await run(blobs.settle, tmp, digest)
         else:
             # The URL was indexed by someone else meanwhile; our link may have made an unreferenced blob.
             await remove_if_unreferenced(blobs, index, digest)
         return outcome
     finally:
         if not settled:
-            await _io(blobs.discard, tmp)
+            await run(blobs.discard, tmp)
 
 
 async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:

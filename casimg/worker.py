@@ -10,8 +10,9 @@ downloads of the next ones instead of holding their connection slot:
 1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
    linked in (one trip to a thread), made durable together (one ``FlushGroup`` flush for all of them),
-   and indexed. A download takes its store place before it gives its slot back, so when storing falls
-   behind, downloading waits, and the bytes held in memory stay bounded.
+   indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread for
+   them). A download takes its store place before it gives its slot back, so when storing falls behind,
+   downloading waits, and the bytes held in memory stay bounded.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from casimg.batching import ThreadBatcher
 from casimg.blobs import BlobStore, FlushGroup
 from casimg.config import Settings
 from casimg.errors import DownloadFailed
@@ -92,6 +95,10 @@ class Worker:
         self.blobs = blobs
         self.fetcher = fetcher
         self.flusher = FlushGroup(blobs.root)
+        # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
+        # a thread of its own: behind the blocking pool's validations, it would hold their store places.
+        self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
+        self._settler = ThreadBatcher(self._settle_thread)
         self._allowed_formats = frozenset(f.upper() for f in settings.allowed_formats)
         self.name = consumer_name()
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
@@ -136,6 +143,7 @@ class Worker:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
         self.flusher.close()
+        self._settle_thread.shutdown(wait=False)
 
     @property
     def busy(self) -> int:
@@ -306,7 +314,8 @@ class Worker:
             raise
         outcome = await index_linked_blob(
             self.blobs, self.index, tmp, entry.url, digest, encode_meta(downloaded.size, info),
-            job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id, attempts=attempt,
+            run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
+            attempts=attempt,
         )
         kind = "deduplicated" if outcome.deduplicated else outcome.outcome
         if kind == "stored":

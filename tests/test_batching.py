@@ -1,15 +1,18 @@
-"""ScriptBatcher against a real redis-server: calls of one loop turn go out as one pipeline."""
+"""The batchers: ScriptBatcher against a real redis-server (calls of one loop turn go out as one
+pipeline), ThreadBatcher with real threads (blocking calls of one loop turn go in one trip)."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from casimg.batching import ScriptBatcher
+from casimg.batching import ScriptBatcher, ThreadBatcher
 
 # KEYS: counter     ARGV: amount  ->  the counter after adding; an error reply for a negative amount
 ADD_LUA = """
@@ -80,3 +83,62 @@ async def test_every_caller_of_a_batch_sees_redis_being_away(tmp_path):
         assert all(isinstance(result, RedisConnectionError) for result in results), results
     finally:
         await client.aclose()
+
+
+class CountingPool(ThreadPoolExecutor):
+    """A one-thread executor that counts the trips it is given."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.trips = 0
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.trips += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def pool():
+    pool = CountingPool()
+    yield pool
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.gen_test
+async def test_blocking_calls_of_one_loop_turn_share_one_trip_to_a_thread_and_run_in_order(pool):
+    batcher = ThreadBatcher(pool)
+    ran: list[tuple[int, int]] = []  # (call, thread)
+
+    def step(number: int) -> int:
+        ran.append((number, threading.get_ident()))
+        return number * 10
+
+    results = await asyncio.gather(*(batcher.call(step, n) for n in range(12)))
+    assert results == [n * 10 for n in range(12)]
+    assert [number for number, _ in ran] == list(range(12))
+    assert pool.trips == 1
+    assert {thread for _, thread in ran} != {threading.get_ident()}  # not on the event loop's thread
+    assert await batcher.call(step, 99) == 990 and pool.trips == 2  # a later turn: a trip of its own
+
+
+@pytest.mark.gen_test
+async def test_one_blocking_call_failing_fails_only_its_caller(pool):
+    batcher = ThreadBatcher(pool)
+
+    def divide(a: int, b: int) -> float:
+        return a / b
+
+    results = await asyncio.gather(batcher.call(divide, 1, 2), batcher.call(divide, 1, 0),
+                                   batcher.call(divide, 3, 4), return_exceptions=True)
+    assert results[0] == 0.5 and results[2] == 0.75
+    assert isinstance(results[1], ZeroDivisionError)
+    assert pool.trips == 1
+
+
+@pytest.mark.gen_test
+async def test_callers_are_told_when_the_thread_is_gone(pool):
+    batcher = ThreadBatcher(pool)
+    pool.shutdown(wait=True)
+    results = await asyncio.wait_for(asyncio.gather(batcher.call(abs, -1), batcher.call(abs, -2),
+                                                    return_exceptions=True), 5)
+    assert all(isinstance(result, RuntimeError) for result in results), results
