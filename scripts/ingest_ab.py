@@ -1,0 +1,131 @@
+"""Ingest, side by side: this checkout's casimg against another checkout's, in interleaved rounds.
+
+    git worktree add ../casimg-before HEAD~1          # the code to compare against
+    python scripts/ingest_ab.py --other ../casimg-before
+    python scripts/ingest_ab.py --other ../casimg-before --rounds 4 --workspace /dev/shm
+
+What a change to the ingest path did, when one run of scripts/bench.py cannot tell: a single ingest
+moves 10-40% from run to run on a shared machine, more than most changes gain. Here the limit (the
+plain aiohttp fetch-and-write of bench.py) runs first and after every round. Each round runs both
+casimgs, "this" and "other", alternating which goes first. Each casimg gets a fresh Redis and data
+directory, and reports its images/s and CPU per image (its process and the processes it forked).
+
+Nothing is deleted until the end: on an ext4 without a journal, files created soon after thousands
+were deleted cost several times as much (see bench.file_creation_cost). `--workspace /dev/shm` takes
+the disk out altogether (no durability cost, no inode allocator), which leaves the CPU a change saves.
+Only loopback addresses are used. Prints a markdown table; writes nothing to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # bench.py re-executes under the project's venv when needed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and of every process it forked (casimg serve --processes)."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(cpu_seconds(int(child)) for child in children)
+
+
+def one_ingest(procs: bench.Procs, work: Path, label: str, checkout: Path, urls: list[str],
+               sizes: dict[str, int], processes: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of one ingest of `urls` by `checkout`'s casimg, on its own Redis and
+    data directory."""
+    # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH, and run whichever
+    # casimg/ the script was started beside.
+    environment = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+    redis_proc, redis_url = bench.start_redis(procs, work / f"redis-{label}", persistent=True)
+    server = bench.start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
+                                extra_env=environment)
+    before = cpu_seconds(server.proc.pid)
+    result = bench.casimg_ingest(server, redis_url, urls, sizes)
+    cpu_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
+    procs.stop(server.proc)
+    procs.stop(redis_proc)
+    if result.stored != len(urls):
+        sys.exit(f"{label}: {result.stored} of {len(urls)} stored, failures: {result.failures}")
+    os.sync()
+    return result.per_second, cpu_ms
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--other", required=True, help="the other checkout (its casimg/ is what it runs)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of both casimgs (default 3)")
+    parser.add_argument("--images", type=int, default=5000, help="distinct images (default 5000)")
+    parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
+    parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
+    parser.add_argument("--cache", default=str(bench.ROOT / ".bench-cache"), help="where the images are kept")
+    args = parser.parse_args()
+    other = Path(args.other).resolve()
+    if not (other / "casimg" / "__init__.py").exists():
+        sys.exit(f"{other} has no casimg/ package")
+
+    checkouts = {"this": bench.ROOT, "other": other}
+    cache = Path(args.cache) / f"images-v1-{args.images}"
+    files = bench.make_images(cache, args.images)
+    procs = bench.Procs()
+    work = Path(tempfile.mkdtemp(prefix="casimg-ab-", dir=args.workspace))
+    work.chmod(0o755)
+    rates: dict[str, list[float]] = {"this": [], "other": []}
+    cpu: dict[str, list[float]] = {"this": [], "other": []}
+    limits: list[float] = []
+    try:
+        images = work / "images"
+        images.symlink_to(cache.resolve())
+        cache.resolve().chmod(0o755)
+        port, origin = bench.start_origin(procs, work, images)
+        urls = [f"http://{bench.HOSTS[n % len(bench.HOSTS)]}:{port}/img/{name}" for n, (name, _) in enumerate(files)]
+        sizes = {url: size for url, (_, size) in zip(urls, files, strict=True)}
+        bench.log(f"origin: {origin}; workspace {work}; creating a file: {bench.file_creation_cost(work):.0f} µs")
+
+        def limit() -> None:
+            out = work / f"plain-{len(limits)}"
+            out.mkdir()
+            limits.append(asyncio.run(bench.plain_fetch(urls, out)).per_second)
+            os.sync()
+            bench.log(f"limit: {limits[-1]:.0f} images/s")
+
+        limit()
+        for round_number in range(args.rounds):
+            order = ("this", "other") if round_number % 2 == 0 else ("other", "this")
+            for label in order:
+                rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}", checkouts[label], urls, sizes,
+                                          args.processes)
+                rates[label].append(rate)
+                cpu[label].append(cpu_ms)
+                bench.log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
+            limit()
+    finally:
+        procs.stop_all()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+    limit_mean = statistics.mean(limits)
+    print(f"\n{args.images:,} images, {args.rounds} rounds, casimg processes {args.processes}, "
+          f"limit {limit_mean:.0f} images/s (runs: {', '.join(f'{x:.0f}' for x in limits)})\n")
+    print("| casimg | images/s per round | mean | of the limit | CPU ms per image |")
+    print("|---|---|---|---|---|")
+    for label, path in checkouts.items():
+        mean = statistics.mean(rates[label])
+        print(f"| {label} ({path}) | {', '.join(f'{x:.0f}' for x in rates[label])} | {mean:.0f} | "
+              f"{mean / limit_mean:.2f} | {statistics.mean(cpu[label]):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
