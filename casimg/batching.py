@@ -123,9 +123,10 @@ class ThreadBatcher:
             return
 
         def answer_all(done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
-            if done.cancelled():  # the executor dropped the trip before it ran
+            if done.cancelled():  # the executor dropped the trip before it ran; the callers were not cancelled
                 for *_, answer in batch:
-                    answer.cancel()
+                    if not answer.done():
+                        answer.set_exception(RuntimeError("the thread's work was dropped before it ran"))
                 return
             # _run_each catches each call's exception, so each caller gets its own outcome; only an
             # error outside the calls (the trip itself failing) goes to all of them.

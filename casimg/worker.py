@@ -143,7 +143,9 @@ class Worker:
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
         self.flusher.close()
-        self._settle_thread.shutdown(wait=False)
+        # A task cancelled above may have handed its settle to the thread already: let it finish (a few
+        # system calls each). `serve --processes` children end with os._exit, which joins no thread.
+        await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
 
     @property
     def busy(self) -> int:

@@ -7,8 +7,10 @@
 What a change to the ingest path did, when one run of scripts/bench.py cannot tell: a single ingest
 moves 10-40% from run to run on a shared machine, more than most changes gain. Here the limit (the
 plain aiohttp fetch-and-write of bench.py) runs first and after every round. Each round runs both
-casimgs, "this" and "other", alternating which goes first. Each casimg gets a fresh Redis and data
+casimgs twice, "this" and "other", in the order this-other-other-this, so that a drift over the
+round (the file system filling up, say) weighs on both alike. Each casimg gets a fresh Redis and data
 directory, and reports its images/s and CPU per image (its process and the processes it forked).
+Both run on this checkout's .venv: the comparison is of the casimg code, not of dependencies.
 
 Nothing is deleted until the end: on an ext4 without a journal, files created soon after thousands
 were deleted cost several times as much (see bench.file_creation_cost). `--workspace /dev/shm` takes
@@ -67,7 +69,8 @@ def one_ingest(procs: bench.Procs, work: Path, label: str, checkout: Path, urls:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", required=True, help="the other checkout (its casimg/ is what it runs)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of both casimgs (default 3)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of this-other-other-this, the limit after each (default 2)")
     parser.add_argument("--images", type=int, default=5000, help="distinct images (default 5000)")
     parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
     parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
@@ -104,10 +107,9 @@ def main() -> None:
 
         limit()
         for round_number in range(args.rounds):
-            order = ("this", "other") if round_number % 2 == 0 else ("other", "this")
-            for label in order:
-                rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}", checkouts[label], urls, sizes,
-                                          args.processes)
+            for turn, label in enumerate(("this", "other", "other", "this")):
+                rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
+                                          sizes, args.processes)
                 rates[label].append(rate)
                 cpu[label].append(cpu_ms)
                 bench.log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")

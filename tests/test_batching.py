@@ -136,6 +136,31 @@ async def test_one_blocking_call_failing_fails_only_its_caller(pool):
 
 
 @pytest.mark.gen_test
+async def test_a_cancelled_caller_leaves_the_rest_of_its_batch_answered(pool):
+    batcher = ThreadBatcher(pool)
+    ran: list[int] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def step(number: int) -> int:
+        if number == 0:
+            started.set()
+            release.wait(5)  # holds the trip until the cancel below has landed
+        ran.append(number)
+        return number
+
+    callers = [asyncio.ensure_future(batcher.call(step, n)) for n in range(3)]
+    await asyncio.sleep(0)  # the batch goes to the thread
+    await asyncio.to_thread(started.wait, 5)
+    callers[1].cancel()
+    release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert results[0] == 0 and results[2] == 2
+    assert isinstance(results[1], asyncio.CancelledError)
+    assert ran == [0, 1, 2]  # the cancelled call had been handed over, so it ran: only its answer is dropped
+
+
+@pytest.mark.gen_test
 async def test_callers_are_told_when_the_thread_is_gone(pool):
     batcher = ThreadBatcher(pool)
     pool.shutdown(wait=True)
