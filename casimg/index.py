@@ -364,7 +364,8 @@ return fixes
 
 
 class ImageRecord(NamedTuple):
-    """One indexed URL with its content's metadata. A named tuple: a listing page builds a thousand."""
+    """One indexed URL with its content's metadata, as a lookup returns it (a listing page builds its
+    rows' JSON straight from the reply, with image_json)."""
 
     url: str
     sha256: str
@@ -373,9 +374,6 @@ class ImageRecord(NamedTuple):
     width: int
     height: int
     stored_at_ms: int
-
-    def as_json(self) -> dict[str, Any]:
-        return image_json(*self)
 
 
 def image_json(

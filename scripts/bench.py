@@ -709,8 +709,9 @@ def index_memory(redis_url: str, size: int) -> dict[str, float]:
 # -- the run ----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="casimg-bench-"))
+def workspace(keep: bool, prefix: str = "casimg-bench-", directory: str | None = None) -> Iterator[Path]:
+    """A temp directory for a run (in `directory`, default TMPDIR), removed at the end unless `keep`."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=directory))
     work.chmod(0o755)
     try:
         yield work

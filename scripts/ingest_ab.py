@@ -24,9 +24,7 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -84,39 +82,38 @@ def main() -> None:
     cache = Path(args.cache) / f"images-v1-{args.images}"
     files = bench.make_images(cache, args.images)
     procs = bench.Procs()
-    work = Path(tempfile.mkdtemp(prefix="casimg-ab-", dir=args.workspace))
-    work.chmod(0o755)
     rates: dict[str, list[float]] = {"this": [], "other": []}
     cpu: dict[str, list[float]] = {"this": [], "other": []}
     limits: list[float] = []
-    try:
-        images = work / "images"
-        images.symlink_to(cache.resolve())
-        cache.resolve().chmod(0o755)
-        port, origin = bench.start_origin(procs, work, images)
-        urls = [f"http://{bench.HOSTS[n % len(bench.HOSTS)]}:{port}/img/{name}" for n, (name, _) in enumerate(files)]
-        sizes = {url: size for url, (_, size) in zip(urls, files, strict=True)}
-        bench.log(f"origin: {origin}; workspace {work}; creating a file: {bench.file_creation_cost(work):.0f} µs")
+    with bench.workspace(False, "casimg-ab-", args.workspace) as work:
+        try:
+            images = work / "images"
+            images.symlink_to(cache.resolve())
+            cache.resolve().chmod(0o755)
+            port, origin = bench.start_origin(procs, work, images)
+            hosts = bench.HOSTS
+            urls = [f"http://{hosts[n % len(hosts)]}:{port}/img/{name}" for n, (name, _) in enumerate(files)]
+            sizes = {url: size for url, (_, size) in zip(urls, files, strict=True)}
+            bench.log(f"origin: {origin}; workspace {work}; creating a file: {bench.file_creation_cost(work):.0f} µs")
 
-        def limit() -> None:
-            out = work / f"plain-{len(limits)}"
-            out.mkdir()
-            limits.append(asyncio.run(bench.plain_fetch(urls, out)).per_second)
-            os.sync()
-            bench.log(f"limit: {limits[-1]:.0f} images/s")
+            def limit() -> None:
+                out = work / f"plain-{len(limits)}"
+                out.mkdir()
+                limits.append(asyncio.run(bench.plain_fetch(urls, out)).per_second)
+                os.sync()
+                bench.log(f"limit: {limits[-1]:.0f} images/s")
 
-        limit()
-        for round_number in range(args.rounds):
-            for turn, label in enumerate(("this", "other", "other", "this")):
-                rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
-                                          sizes, args.processes)
-                rates[label].append(rate)
-                cpu[label].append(cpu_ms)
-                bench.log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
             limit()
-    finally:
-        procs.stop_all()
-        subprocess.run(["rm", "-rf", str(work)], check=False)
+            for round_number in range(args.rounds):
+                for turn, label in enumerate(("this", "other", "other", "this")):
+                    rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
+                                              sizes, args.processes)
+                    rates[label].append(rate)
+                    cpu[label].append(cpu_ms)
+                    bench.log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
+                limit()
+        finally:
+            procs.stop_all()
 
     limit_mean = statistics.mean(limits)
     print(f"\n{args.images:,} images, {args.rounds} rounds, casimg processes {args.processes}, "
