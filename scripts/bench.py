@@ -410,16 +410,18 @@ class IngestResult:
         return self.bytes / self.seconds / 1e6
 
 
-async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
-    """The limit: aiohttp fetch and write to a file, same concurrency, no validation, hash or index."""
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+async def fetch_and_keep(urls: list[str], out_dir: Path, keep=write_file, flusher=None) -> IngestResult:
+    """Fetch every URL with aiohttp at casimg's concurrency, and hand each body to `keep(path, body)` in
+    a thread; with a `flusher` (blobs.FlushGroup), wait for its flush after that, as a blob does."""
     connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST)
     loop = asyncio.get_running_loop()
     total = 0
     slots = asyncio.Semaphore(CONCURRENCY)
-
-    def write(path: Path, data: bytes) -> None:
-        with open(path, "wb") as handle:
-            handle.write(data)
 
     async def one(session: aiohttp.ClientSession, number: int, url: str) -> None:
         nonlocal total
@@ -427,12 +429,19 @@ async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
             response.raise_for_status()
             data = await response.read()
         total += len(data)
-        await loop.run_in_executor(None, write, out_dir / f"{number}.bin", data)
+        await loop.run_in_executor(None, keep, out_dir / f"{number}.bin", data)
+        if flusher is not None:
+            await flusher.flush()
 
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one(session, number, url) for number, url in enumerate(urls)))
     return IngestResult(time.monotonic() - started, len(urls), total)
+
+
+async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
+    """The limit: aiohttp fetch and write to a file, same concurrency, no validation, hash or index."""
+    return await fetch_and_keep(urls, out_dir)
 
 
 async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
@@ -449,35 +458,18 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
 
     defaults = Settings()
     allowed = frozenset(f.upper() for f in defaults.allowed_formats)
-    connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST)
-    loop = asyncio.get_running_loop()
-    flusher = FlushGroup(out_dir)
-    total = 0
-    slots = asyncio.Semaphore(CONCURRENCY)
 
     def keep(path: Path, data: bytes) -> None:
         validate_image(data, max_pixels=defaults.max_pixels, allowed_formats=allowed,
                        max_frames=defaults.max_frames, mode=defaults.validation)
         hashlib.sha256(data).digest()
-        with open(path, "wb") as handle:
-            handle.write(data)
+        write_file(path, data)
 
-    async def one(session: aiohttp.ClientSession, number: int, url: str) -> None:
-        nonlocal total
-        async with slots, session.get(url) as response:
-            response.raise_for_status()
-            data = await response.read()
-        total += len(data)
-        await loop.run_in_executor(None, keep, out_dir / f"{number}.bin", data)
-        await flusher.flush()
-
-    started = time.monotonic()
+    flusher = FlushGroup(out_dir)
     try:
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await asyncio.gather(*(one(session, number, url) for number, url in enumerate(urls)))
+        return await fetch_and_keep(urls, out_dir, keep, flusher)
     finally:
         flusher.close()
-    return IngestResult(time.monotonic() - started, len(urls), total)
 
 
 def mean_result(runs: list[IngestResult]) -> IngestResult:
