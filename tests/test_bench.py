@@ -1,17 +1,22 @@
 """The benchmark's two ingest references (scripts/bench.py), against the real origin.
 
 The limit and the required work are what casimg's ingest is measured against, so each must do what
-its row in BENCHMARKS.md says: the limit keeps any body, the required work only a valid image.
+its row in BENCHMARKS.md says: the limit keeps any body as it came; the required work validates each
+with casimg's settings, hashes it and waits for a flush before it counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from casimg import blobs, validation
+from casimg.config import load_settings
 from casimg.errors import InvalidImage
 from tests.origin import Origin, image_bytes
 
@@ -30,10 +35,43 @@ def test_a_reference_keeps_every_body(fetch, origin: Origin, tmp_path: Path) -> 
     assert sorted(path.read_bytes() for path in tmp_path.glob("*.bin")) == sorted(bodies)
 
 
-def test_the_required_work_validates_as_casimg_does(origin: Origin, tmp_path: Path) -> None:
+def test_the_required_work_does_what_a_blob_needs(origin: Origin, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every body: validated with casimg's settings, hashed, and flushed before it counts."""
+    checked: list[dict[str, Any]] = []
+    hashed: list[bytes] = []
+    flushes = 0
+    real_validate, real_flush, real_sha256 = validation.validate_image, blobs.FlushGroup.flush, hashlib.sha256
+
+    def validate(data: bytes, **options: Any) -> validation.ImageInfo:
+        checked.append(options)
+        return real_validate(data, **options)
+
+    async def flush(self: blobs.FlushGroup) -> None:
+        nonlocal flushes
+        await real_flush(self)
+        flushes += 1
+
+    def sha256(data: bytes = b"") -> Any:
+        hashed.append(data)
+        return real_sha256(data)
+
+    monkeypatch.setattr(validation, "validate_image", validate)
+    monkeypatch.setattr(blobs.FlushGroup, "flush", flush)
+    monkeypatch.setattr(bench.hashlib, "sha256", sha256)
+    asyncio.run(bench.required_work_fetch([origin.url(path) for path in URLS], tmp_path))
+
+    settings = load_settings()
+    assert checked == [{"max_pixels": settings.max_pixels, "allowed_formats": frozenset(settings.allowed_formats),
+                        "max_frames": settings.max_frames, "mode": settings.validation}] * len(URLS)
+    assert sorted(hashed) == sorted(path.read_bytes() for path in tmp_path.glob("*.bin"))
+    assert flushes == len(URLS)
+
+
+def test_the_required_work_refuses_what_casimg_refuses(origin: Origin, tmp_path: Path) -> None:
     urls = [origin.url("/img/1.jpg"), origin.url("/truncated.jpg")]
     (tmp_path / "limit").mkdir()
     (tmp_path / "required").mkdir()
-    asyncio.run(bench.plain_fetch(urls, tmp_path / "limit"))  # the limit takes the half JPEG
+    assert asyncio.run(bench.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
     with pytest.raises(InvalidImage, match="truncated"):
         asyncio.run(bench.required_work_fetch(urls, tmp_path / "required"))
