@@ -1085,7 +1085,7 @@ def run(args: argparse.Namespace) -> str:
     lines.append("## 4-5. Listing and memory\n")
     lines.append("Redis filled through `Index.store` (one digest and metadata per URL, URLs of "
                  f"{LIST_URL_LENGTH} characters), read over HTTP on one kept-alive connection (beside it, the first "
-                 "page with a new connection for each request, as runs before 2026-12-02 03:40 measured it).\n")
+                 "page with a new connection for each request, as earlier runs measured it).\n")
     lines.append("| indexed URLs | first page (limit 100) p50 ms | the same, a new connection each | "
                  "first page limit=1000 p50 ms | full walk limit=1000 s | walk µs per URL | Redis bytes per URL | "
                  "of which url / blob buckets, and the count hash in bytes (MEMORY USAGE) |")
