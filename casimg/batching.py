@@ -26,27 +26,60 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]
+Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # a queued script call
+Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # a queued blocking call
 
 
-class ScriptBatcher:
+class _TurnBatcher:
+    """What both batchers share: calls queued during one turn of the loop, sent together by ``_send``."""
+
+    def __init__(self) -> None:
+        self._queued: list[Any] = []  # (what to call..., the caller's future)
+
+    async def _join(self, *call: Any) -> Any:
+        """Queue `call` with the others of this loop turn; what ``_send`` answers for it."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Any] = loop.create_future()
+        self._queued.append((*call, answer))
+        if len(self._queued) == 1:
+            # After the callbacks already due in this turn, so the tasks they resume join the batch.
+            loop.call_soon(self._send_queued)
+        return await answer
+
+    def _send_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        self._send(batch)
+
+    def _send(self, batch: list[Any]) -> None:
+        raise NotImplementedError
+
+
+def _answer(answer: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    """Give a caller its result (ok) or its exception, unless it was cancelled meanwhile."""
+    if answer.done():
+        return
+    if ok:
+        answer.set_result(value)
+    else:
+        answer.set_exception(value)
+
+
+def _fail_all(batch: list[Any], error: BaseException) -> None:
+    for *_, answer in batch:
+        _answer(answer, False, error)
+
+
+class ScriptBatcher(_TurnBatcher):
     def __init__(self, redis: aioredis.Redis) -> None:
+        super().__init__()
         self.redis = redis
-        self._queued: list[Call] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((script, keys, args, answer))
-        if len(self._queued) == 1:
-            # After the callbacks already due in this turn, so the stores they resume join the batch.
-            loop.call_soon(self._send)
-        return await answer
+        return await self._join(script, keys, args)
 
-    def _send(self) -> None:
-        batch, self._queued = self._queued, []
+    def _send(self, batch: list[Call]) -> None:
         task = asyncio.ensure_future(self._run(batch))
         self._sending.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._sending.discard)
@@ -62,9 +95,7 @@ class ScriptBatcher:
                         pipe.evalsha(script.sha, len(keys), *keys, *args)
                     results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # Redis away: every caller gets the error, and retries as it would
-            for *_, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
+            _fail_all(batch, exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -75,18 +106,10 @@ class ScriptBatcher:
                     result = await script(keys=keys, args=args)
                 except Exception as exc:  # handed to the caller, who sees it raised
                     result = exc
-            if answer.done():  # the caller was cancelled
-                continue
-            if isinstance(result, Exception):
-                answer.set_exception(result)
-            else:
-                answer.set_result(result)
+            _answer(answer, not isinstance(result, Exception), result)
 
 
-Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
-
-
-class ThreadBatcher:
+class ThreadBatcher(_TurnBatcher):
     """Blocking calls made during one turn of the loop, run one after the other in one trip to a thread.
 
     Each trip to a thread costs a hand-off of the GIL both ways. Short calls that many tasks make at
@@ -100,45 +123,30 @@ class ThreadBatcher:
     """
 
     def __init__(self, executor: Executor | None = None) -> None:
+        super().__init__()
         self.executor = executor  # None: the loop's default executor
-        self._queued: list[Blocking] = []
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         """What ``func(*args)`` returns, run in a thread with the other calls of this loop turn."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[Any] = loop.create_future()
-        self._queued.append((func, args, answer))
-        if len(self._queued) == 1:
-            loop.call_soon(self._send)
-        return await answer
+        return await self._join(func, args)
 
-    def _send(self) -> None:
-        batch, self._queued = self._queued, []
+    def _send(self, batch: list[Blocking]) -> None:
         try:
             running = asyncio.get_running_loop().run_in_executor(self.executor, _run_each, batch)
         except RuntimeError as exc:  # the executor is shut down: nothing of the batch ran
-            for *_, answer in batch:
-                if not answer.done():
-                    answer.set_exception(exc)
+            _fail_all(batch, exc)
             return
 
         def answer_all(done: asyncio.Future[list[tuple[bool, Any]]]) -> None:
             if done.cancelled():  # the executor dropped the trip before it ran; the callers were not cancelled
-                for *_, answer in batch:
-                    if not answer.done():
-                        answer.set_exception(RuntimeError("the thread's work was dropped before it ran"))
+                _fail_all(batch, RuntimeError("the thread's work was dropped before it ran"))
                 return
             # _run_each catches each call's exception, so each caller gets its own outcome; only an
             # error outside the calls (the trip itself failing) goes to all of them.
             error = done.exception()
             outcomes = done.result() if error is None else [(False, error)] * len(batch)
             for (*_, answer), (ok, value) in zip(batch, outcomes, strict=True):
-                if answer.done():  # the caller was cancelled
-                    continue
-                if ok:
-                    answer.set_result(value)
-                else:
-                    answer.set_exception(value)
+                _answer(answer, ok, value)
 
         running.add_done_callback(answer_all)
 

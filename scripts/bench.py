@@ -41,7 +41,6 @@ import contextlib
 import hashlib
 import http.client
 import io
-import itertools
 import json
 import os
 import random
@@ -454,6 +453,19 @@ async def fetch_and_keep(urls: list[str], out_dir: Path, keep=write_file, flushe
     return IngestResult(time.monotonic() - started, len(urls), total)
 
 
+def serve_image_set(procs: Procs, work: Path, cache: Path) -> tuple[int, str]:
+    """The origin (start_origin) serving the image set in `cache` under /img/; (port, kind)."""
+    images = work / "images"
+    images.symlink_to(cache.resolve())
+    cache.resolve().chmod(0o755)
+    return start_origin(procs, work, images)
+
+
+def image_url(port: int, number: int, name: str, prefix: str = "img") -> str:
+    """The URL of image `name` of the set, the `number`th URL spread over the origin's HOSTS."""
+    return f"http://{HOSTS[number % len(HOSTS)]}:{port}/{prefix}/{name}"
+
+
 async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
     """The limit: aiohttp fetch and write to a file, same concurrency, no validation, hash or index."""
     return await fetch_and_keep(urls, out_dir)
@@ -486,6 +498,20 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
         return await fetch_and_keep(urls, out_dir, keep, flusher)
     finally:
         flusher.close()
+
+
+def reference_run(work: Path, urls: list[str], fetch=plain_fetch) -> IngestResult:
+    """One run of the limit (plain_fetch) or of another reference, into a new directory under `work`."""
+    # Each run keeps its files until the workspace goes at the end: on an ext4 without a journal, files
+    # created soon after thousands were deleted cost several times as much (the inode allocator steps
+    # over recently freed inodes one by one), and deleting the limit's files between runs slowed
+    # whatever wrote next, casimg or the limit.
+    out = Path(tempfile.mkdtemp(prefix="plain-", dir=work))
+    result = asyncio.run(fetch(urls, out))
+    # Untimed: the limit leaves its bytes in the page cache, and casimg, which makes its blobs durable
+    # before indexing them (syncfs), would otherwise pay for writing them out.
+    os.sync()
+    return result
 
 
 def mean_result(runs: list[IngestResult]) -> IngestResult:
@@ -753,9 +779,10 @@ def measure_listing(server: Casimg, expected: int) -> ListingTimes:
         while target:
             body, link = get(target)
             seen += len(json.loads(body))
-            # The Link header holds an absolute URL; the connection wants its path and query.
-            target = urllib.parse.urlsplit(re.match(r"<([^>]+)>", link).group(1))._replace(
-                scheme="", netloc="").geturl() if link else None  # type: ignore[union-attr]
+            target = None
+            if link:  # an absolute URL; the connection wants its path and query
+                parts = urllib.parse.urlsplit(re.match(r"<([^>]+)>", link).group(1))  # type: ignore[union-attr]
+                target = f"{parts.path}?{parts.query}"
         walk = time.perf_counter() - started
     finally:
         connection.close()
@@ -833,14 +860,11 @@ def run(args: argparse.Namespace) -> str:
     sizes_by_name = dict(files)
     with workspace(args.keep) as work:
         try:
-            images = work / "images"
-            images.symlink_to(cache.resolve())
-            cache.resolve().chmod(0o755)
-            origin_port, origin_kind = start_origin(procs, work, images)
+            origin_port, origin_kind = serve_image_set(procs, work, cache)
             log(f"origin: {origin_kind} on port {origin_port}")
 
             def url_of(number: int, name: str, prefix: str = "img") -> str:
-                return f"http://{HOSTS[number % len(HOSTS)]}:{origin_port}/{prefix}/{name}"
+                return image_url(origin_port, number, name, prefix)
 
             urls = [url_of(n, name) for n, (name, _) in enumerate(files)]
             sizes = {url_of(n, name): size for n, (name, size) in enumerate(files)}
@@ -858,31 +882,15 @@ def run(args: argparse.Namespace) -> str:
             log(f"  creating a file in the workspace: {create_us:.0f} µs")
 
             # 1. Ingest, distinct images: the limit, then casimg.
-            limit_runs = itertools.count()
-
-            def limit_run(these: list[str], fetch=plain_fetch) -> IngestResult:
-                """One run of the limit, or with fetch=required_work_fetch of the required work."""
-                # Each run keeps its files until the workspace goes at the end: on an ext4 without a
-                # journal, files created soon after thousands were deleted cost several times as much
-                # (the inode allocator steps over recently freed inodes one by one), and deleting the
-                # limit's files between runs slowed whatever wrote next, casimg or the limit.
-                out = work / f"plain-{next(limit_runs)}"
-                out.mkdir()
-                result = asyncio.run(fetch(these, out))
-                # Untimed: the limit leaves its bytes in the page cache, and casimg, which makes its blobs
-                # durable before indexing them (syncfs), would otherwise pay for writing them out.
-                os.sync()
-                return result
-
             # The references take seconds and move with the machine's load: they run before and after
             # casimg, in mirrored order (limit, required work, casimg, required work, limit), after one
             # untimed fetch that brings the origin's files into the page cache.
             log("1. ingest: warming the origin up (untimed)")
-            limit_run(urls)
+            reference_run(work, urls)
             log("1. ingest: plain aiohttp fetch-and-write (the limit)")
-            limits = [limit_run(urls)]
+            limits = [reference_run(work, urls)]
             log("1. ingest: the limit with casimg's required work (validation, SHA-256, syncfs)")
-            required = [limit_run(urls, required_work_fetch)]
+            required = [reference_run(work, urls, required_work_fetch)]
             _, redis1 = start_redis(procs, work / "redis1", persistent=True)
             log("1. ingest: casimg")
             server = start_casimg(procs, work / "data1", redis1, processes=args.processes)
@@ -890,9 +898,9 @@ def run(args: argparse.Namespace) -> str:
             ingest = casimg_ingest(server, redis1, urls, sizes)
             rss = service_rss_kib(server.proc)
             log("1. ingest: the required work again")
-            required.append(limit_run(urls, required_work_fetch))
+            required.append(reference_run(work, urls, required_work_fetch))
             log("1. ingest: the limit again")
-            limits.append(limit_run(urls))
+            limits.append(reference_run(work, urls))
             limit = mean_result(limits)
             required_work = mean_result(required)
             if ingest.failed:
@@ -975,14 +983,14 @@ def run(args: argparse.Namespace) -> str:
 
             # 2. Ingest with half the URLs pointing at duplicate content.
             log("2. ingest with duplicates: the limit")
-            limits_dup = [limit_run(dup_urls)]
+            limits_dup = [reference_run(work, dup_urls)]
             _, redis2 = start_redis(procs, work / "redis2", persistent=True)
             log("2. ingest with duplicates: casimg")
             server2 = start_casimg(procs, work / "data2", redis2, processes=args.processes)
             ingest_dup = casimg_ingest(server2, redis2, dup_urls, sizes)
             procs.stop(server2.proc)
             log("2. ingest with duplicates: the limit again")
-            limits_dup.append(limit_run(dup_urls))
+            limits_dup.append(reference_run(work, dup_urls))
             limit_dup = mean_result(limits_dup)
 
             # 4 and 5. Listing and Redis memory.

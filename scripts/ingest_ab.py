@@ -21,7 +21,6 @@ Only loopback addresses are used. Prints a markdown table; writes nothing to the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -87,20 +86,13 @@ def main() -> None:
     limits: list[float] = []
     with bench.workspace(False, "casimg-ab-", args.workspace) as work:
         try:
-            images = work / "images"
-            images.symlink_to(cache.resolve())
-            cache.resolve().chmod(0o755)
-            port, origin = bench.start_origin(procs, work, images)
-            hosts = bench.HOSTS
-            urls = [f"http://{hosts[n % len(hosts)]}:{port}/img/{name}" for n, (name, _) in enumerate(files)]
+            port, origin = bench.serve_image_set(procs, work, cache)
+            urls = [bench.image_url(port, n, name) for n, (name, _) in enumerate(files)]
             sizes = {url: size for url, (_, size) in zip(urls, files, strict=True)}
             bench.log(f"origin: {origin}; workspace {work}; creating a file: {bench.file_creation_cost(work):.0f} µs")
 
             def limit() -> None:
-                out = work / f"plain-{len(limits)}"
-                out.mkdir()
-                limits.append(asyncio.run(bench.plain_fetch(urls, out)).per_second)
-                os.sync()
+                limits.append(bench.reference_run(work, urls).per_second)
                 bench.log(f"limit: {limits[-1]:.0f} images/s")
 
             limit()
