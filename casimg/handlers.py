@@ -49,7 +49,10 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
-RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+# Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
+# whose ValueError was a 500). 18 digits is an exabyte.
+RANGE_DIGITS = 18
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Query parameters never written to a log, should a client put a credential there (casimg never reads them).
 SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password"})
@@ -307,6 +310,12 @@ class ImagesHandler(BaseHandler):
         for position, url in enumerate(urls):
             if not isinstance(url, str):
                 raise errors.BadRequest(f'"image_urls"[{position}] is not a string')
+            if not url.isascii():
+                try:
+                    url.encode()
+                except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON allows it, UTF-8 and Redis do not
+                    detail = f'"image_urls"[{position}] is not valid Unicode (a lone surrogate)'
+                    raise errors.BadRequest(detail) from None
         return urls
 
     def _wait_seconds(self) -> float:
@@ -416,17 +425,29 @@ class _BytesHandler(BaseHandler):
         match = RANGE_RE.match(header.strip())
         if not match or match.groups() == ("", ""):
             return None  # several ranges or another unit: the whole body is a valid answer
-        first, last = match.groups()
-        if first and last and int(last) < int(first):
+        first, last = (_range_bound(digits) for digits in match.groups())
+        if first is not None and last is not None and last < first:
             return None  # not a valid range (RFC 9110 14.1.1): ignore the header, send everything
-        if first == "":
-            start, end = max(0, size - int(last)), size
+        if first is None:
+            assert last is not None
+            start, end = max(0, size - last), size
         else:
-            start = int(first)
-            end = min(size, int(last) + 1) if last else size
+            start = first
+            end = min(size, last + 1) if last is not None else size
         if start >= size or start >= end:
             raise errors.RangeNotSatisfiable(size)
+        if (start, end) == (0, size):
+            return None  # the whole file: a 200, as tornado's StaticFileHandler answers
         return start, end
+
+
+def _range_bound(digits: str) -> int | None:
+    """A Range bound's value (None where absent); one of more than RANGE_DIGITS digits counts as 10**18,
+    which is past any file, so that a bound of thousands of digits is answered like any other too large."""
+    if not digits:
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
 class ImageHandler(_BytesHandler):

@@ -96,6 +96,8 @@ async def test_revoked_key_is_refused(api, services):
     ('{"image_urls": "http://a/b.jpg"}', "list"),
     ('{"image_urls": []}', "empty"),
     ('{"image_urls": ["http://a/b.jpg", 3]}', "[1] is not a string"),
+    ('{"image_urls": ["http://a/\\ud800.jpg"]}', "[0] is not valid Unicode"),
+    ('{"image_urls": ["http://a/b.jpg", "\\udfff"]}', "[1] is not valid Unicode"),
     ("[" * 100_000 + "]" * 100_000, "must be JSON"),
 ])
 async def test_bad_submit_bodies_are_400(api, body, fragment):
@@ -287,6 +289,15 @@ async def test_get_image_headers_conditional_and_ranges(api, origin):
     assert beyond.code == 416 and beyond.headers["Content-Range"] == f"bytes */{size}"
     several = await api("GET", path, headers={"Range": "bytes=0-1,5-6"})
     assert several.code == 200 and several.body == full.body
+    # Bounds of thousands of digits (past int()'s digit limit) are bounds past the end, not a 500.
+    huge = "9" * 5000
+    whole = await api("GET", path, headers={"Range": f"bytes=0-{huge}"})
+    assert whole.code == 200 and whole.body == full.body
+    assert (await api("GET", path, headers={"Range": f"bytes=-{huge}"})).body == full.body
+    past = await api("GET", path, headers={"Range": f"bytes={huge}-"})
+    assert past.code == 416 and past.headers["Content-Range"] == f"bytes */{size}"
+    padded = await api("GET", path, headers={"Range": f"bytes={'0' * 5000}10-19"})
+    assert padded.code == 206 and padded.body == full.body[10:20]
 
     blob = await api("GET", f"/api/blobs/{digest}")
     assert blob.code == 200 and blob.body == full.body and "immutable" in blob.headers["Cache-Control"]
