@@ -274,9 +274,11 @@ class ImagesHandler(BaseHandler):
         page = await self.services.index.page(cursor, limit)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
+            # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
+            # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
+            # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
-            base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
-            self.set_header("Link", f'<{base}?{query}>; rel="next"')
+            self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json(page.images)
 
     async def post(self) -> None:

@@ -38,6 +38,11 @@ IMAGE_HEADERS = {
     "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes'},
     "Content-Length": {"schema": {"type": "integer"}},
 }
+# The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
+# of the request, so it keeps that URL's scheme, host and path (a proxy's prefix included).
+LINK_PATTERN = f'^<\\?limit=[0-9]+&cursor=[0-9a-f]{{{CURSOR_DIGITS}}}>; rel="next"$'
+LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
+             "to resolve against the URL of this request (it never names a scheme, host or path)")
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
@@ -144,7 +149,8 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
-                                            "Link": {"schema": {"type": "string"}}}},
+                                            "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
+                                                     "description": LINK_TEXT}}},
                         "400": _problem("Bad limit or cursor"),
                         **AUTH_ERRORS,
                     },
