@@ -28,8 +28,10 @@ from casimg import errors
 from casimg.index import CURSOR_DIGITS, MILLIS, ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
+from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
+from casimg.queue import Limits
 from casimg.validation import content_type_of
 
 if TYPE_CHECKING:
@@ -122,7 +124,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if status >= 500 and status != 503:
             super().log_exception(typ, value, tb)
         elif status == 503:
-            log.warning("%s %s: %s", self.request.method, self.request.path, type(value).__name__)
+            log.warning("%s %s: %s", self.request.method, clip(self.request.path), type(value).__name__)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -178,7 +180,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         services.metrics.observe_request(route, method_label, status, seconds)
     api_key: ApiKey | None = getattr(handler, "api_key", None)
     key_name = api_key.name if api_key is not None else "-"
-    target = _loggable_uri(request.path, request.query)
+    target = clip(_loggable_uri(request.path, request.query))
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if access_log.isEnabledFor(level):
         access_log.log(
@@ -285,7 +287,10 @@ class ImagesHandler(BaseHandler):
         urls = self._parse_urls(bytes(self._body))
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
-        job_id, total = await self.services.queue.submit(urls, key_id, self.services.settings.max_jobs_in_flight)
+        settings = self.services.settings
+        limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
+                        max_url_length=settings.max_url_length)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)

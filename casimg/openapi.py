@@ -76,6 +76,7 @@ def openapi_document() -> dict[str, Any]:
                                    "status": {"type": "integer"}, "detail": {"type": "string"}},
                 },
                 "Submit": {
+                    # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
                     "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
@@ -167,9 +168,12 @@ def openapi_document() -> dict[str, Any]:
                         "202": _json("Accepted (or, with wait, not finished yet)",
                                      {"oneOf": [_ref("Accepted"), _ref("Job")]}),
                         "400": _problem("The body is not what is described"),
-                        "413": _problem("Too many URLs or too large a body"),
+                        "413": _problem("Too many URLs, too large a body, or more bytes of URLs than the key "
+                                        "may have in unfinished jobs (CASIMG_MAX_QUEUED_BYTES)"),
                         **AUTH_ERRORS,
-                        "429": _problem("Over the request rate, or the key has too many unfinished jobs"),
+                        "429": _problem("Over the request rate, or the key's unfinished jobs are too many "
+                                        "(CASIMG_MAX_JOBS_IN_FLIGHT) or hold too many bytes of URLs "
+                                        "(CASIMG_MAX_QUEUED_BYTES); retry after Retry-After seconds"),
                     },
                 },
             },

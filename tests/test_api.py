@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urljoin
+from urllib.parse import quote, urlencode, urljoin
 
 import pytest
 
@@ -123,6 +124,34 @@ async def test_bad_wait_is_400(api):
 
 
 # -- submit and jobs ----------------------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_url_too_long_fails_in_its_job_and_redis_keeps_only_a_prefix(api, origin, services):
+    """Not a request error (an import must not abort on it); the job keeps its first 2,048 characters. Five
+    such URLs of 15 million characters took Redis from 1.8 to 122 MB when the job kept them whole."""
+    long_url = origin.url("/img/1.jpg?") + "x" * 15_000_000
+    redis = services.redis
+    before = (await redis.info("memory"))["used_memory"]
+    job = await submit(api, [origin.url("/img/30.jpg"), long_url])
+    grown = (await redis.info("memory"))["used_memory"] - before
+    assert grown < 1_000_000, f"Redis grew by {grown} bytes"
+    assert (job["stored"], job["failed"]) == (1, 1)
+    cut = job["results"][1]
+    assert (cut["status"], cut["error"]) == ("failed", "URL too long")
+    assert cut["url"].startswith(long_url[:2048]) and len(cut["url"]) < 2100
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_log_lines_cut_long_urls(api, origin, caplog):
+    url = origin.url("/status/404?") + "x" * 8000  # as long as a URL may be
+    with caplog.at_level(logging.INFO):
+        job = await submit(api, [url])
+        assert job["results"][0]["error"] == "HTTP 404"
+        assert (await api("GET", "/api/image?" + urlencode({"url": url}))).code == 404
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("x" * 100 in line and "failed" in line for line in lines)  # the worker's line
+    assert any("x" * 100 in line and "GET /api/image" in line for line in lines)  # the access log's
+    assert max(len(line) for line in lines) < 1000
 
 @pytest.mark.gen_test
 async def test_submit_answers_202_with_location_and_the_job_completes(api, origin):
