@@ -186,12 +186,12 @@ def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], set[int]]:
     return kept, too_long
 
 
-def _chunks(urls: list[str]) -> Iterator[tuple[int, list[str]]]:
-    """(position of the first, URLs) in runs of at most STAGE_URLS URLs and about STEP_BYTES bytes."""
+def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:
+    """(position of the first, URLs) in runs of at most `most` URLs and about STEP_BYTES bytes."""
     first, size = 0, 0
     for position, url in enumerate(urls):
         size += len(url)
-        if position + 1 - first >= STAGE_URLS or size >= STEP_BYTES:
+        if position + 1 - first >= most or size >= STEP_BYTES:
             yield first, urls[first:position + 1]
             first, size = position + 1, 0
     if first < len(urls):
@@ -237,7 +237,10 @@ class JobQueue:
         job_id = secrets.token_hex(12)
         await self._stage(job_id, kept, too_long)
         await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(too_long), size=size)
-        while not await self.enqueue_step(job_id):
+        # Each step asks for exactly the URLs it will take: the list is read in Redis by the step.
+        for _, chunk in _chunks(kept, ENQUEUE_URLS):
+            await self.enqueue_step(job_id, len(chunk))
+        while not await self.enqueue_step(job_id):  # only if the steps above met a concurrent resumer
             pass
         return job_id, len(distinct)
 
@@ -279,12 +282,13 @@ class JobQueue:
                 retry_after=IN_FLIGHT_RETRY)
         raise Unavailable("the job's URL list expired before it was complete; submit it again")
 
-    async def enqueue_step(self, job_id: str) -> bool:
-        """Step 3, once: entries for the next URLs of a published job. True when all have theirs."""
+    async def enqueue_step(self, job_id: str, most: int = ENQUEUE_URLS) -> bool:
+        """Step 3, once: entries for the next URLs (`most` at most) of a published job. True when all
+        have theirs."""
         k = self.keys
         return bool(await self._enqueue(
             keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing],
-            args=[job_id, ENQUEUE_URLS, STEP_BYTES],
+            args=[job_id, most, STEP_BYTES],
         ))
 
     async def resume_enqueuing(self, older_than: float = RESUME_AFTER) -> int:
