@@ -166,6 +166,7 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
                               for n in range(args.flooders)]
                     submits = [submit for future in floods for submit in future.result()]
                 stop.set()
+                samples = [future.result() for future in readers]  # before SLOWLOG GET, a call of its own
                 slow = client.slowlog_get(SLOWLOG_LENGTH)
                 durations = [entry["duration"] / 1000 for entry in slow]
                 call_p99, longest = statistics.quantiles(durations, n=100)[98], max(durations)
@@ -175,14 +176,14 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
                               f"{client.execute_command('LATENCY', 'LATEST')}")
                 for entry in sorted(slow, key=lambda entry: -entry["duration"])[:args.show_slow]:
                     bench.log(f"{label} {phase}: {entry['duration']} us {entry['command'][:80]!r}")
-                for name, future in zip(("A (parses the submits)", "B (another process)"), readers, strict=True):
-                    p50, p90, p99, top = percentiles(future.result())
+                for name, taken in zip(("A (parses the submits)", "B (another process)"), samples, strict=True):
+                    p50, p90, p99, top = percentiles(taken)
                     refused = sum(1 for status, _ in submits if status != 202)
                     flood_text = "none"
                     if submits:
                         flood_text = (f"{len(submits)} x 16.6 MB, {statistics.mean(s for _, s in submits):.1f} s "
                                       f"each" + (f" ({refused} not 202)" if refused else ""))
-                    rows.append(f"| {label} | {flood_text} | {name} | {len(future.result())} | {p50:.1f} | "
+                    rows.append(f"| {label} | {flood_text} | {name} | {len(taken)} | {p50:.1f} | "
                                 f"{p90:.1f} | {p99:.1f} | {top:.0f} | {len(durations)} | {call_p99:.2f} | "
                                 f"{longest:.1f} | {over_10} |")
                 bench.log(f"{label} {phase}: done")
