@@ -1120,6 +1120,15 @@ def run(args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kept_sections(old: str, new: str) -> str:
+    """The "## " sections of the file before that this run does not write: other scripts' measurements
+    (scripts/submit_flood.py's, say), kept at the end rather than lost."""
+    written = set(re.findall(r"^## .*$", new, re.MULTILINE))
+    sections = re.split(r"^(?=## )", old, flags=re.MULTILINE)[1:]
+    kept = [section for section in sections if section.splitlines()[0] not in written]
+    return "".join("\n" + section.rstrip("\n") + "\n" for section in kept)
+
+
 def platform_line() -> str:
     model = ""
     try:
@@ -1160,7 +1169,8 @@ def main() -> None:
     args.listing = sorted(int(n) for n in args.listing.split(",") if n.strip())
     table = run(args)
     print(table)
-    Path(args.output).write_text(table)
+    output = Path(args.output)
+    Path(args.output).write_text(table + kept_sections(output.read_text() if output.exists() else "", table))
     log(f"wrote {args.output}")
 
 
