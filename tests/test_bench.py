@@ -1,4 +1,4 @@
-"""The benchmark's two ingest references (scripts/bench.py), against the real origin.
+"""The benchmark's two ingest references (bench/references.py), against the real origin.
 
 The limit and the required work are what casimg's ingest is measured against, so each must do what
 its row in BENCHMARKS.md says: the limit keeps any body as it came; the required work validates each
@@ -9,24 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import references
 from casimg import blobs, validation
 from casimg.config import load_settings
 from casimg.errors import InvalidImage
 from tests.origin import Origin, image_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import bench
-
 URLS = ["/img/1.jpg", "/img/2.png", "/img/3.webp", "/img/4.gif"]
 
 
-@pytest.mark.parametrize("fetch", [bench.plain_fetch, bench.required_work_fetch])
+@pytest.mark.parametrize("fetch", [references.plain_fetch, references.required_work_fetch])
 def test_a_reference_keeps_every_body(fetch, origin: Origin, tmp_path: Path) -> None:
     result = asyncio.run(fetch([origin.url(path) for path in URLS], tmp_path))
     bodies = [image_bytes(n, path.rsplit(".", 1)[1]) for n, path in enumerate(URLS, 1)]
@@ -58,8 +55,8 @@ def test_the_required_work_does_what_a_blob_needs(origin: Origin, tmp_path: Path
 
     monkeypatch.setattr(validation, "validate_image", validate)
     monkeypatch.setattr(blobs.FlushGroup, "flush", flush)
-    monkeypatch.setattr(bench.hashlib, "sha256", sha256)
-    asyncio.run(bench.required_work_fetch([origin.url(path) for path in URLS], tmp_path))
+    monkeypatch.setattr(references.hashlib, "sha256", sha256)
+    asyncio.run(references.required_work_fetch([origin.url(path) for path in URLS], tmp_path))
 
     settings = load_settings()
     assert checked == [{"max_pixels": settings.max_pixels, "allowed_formats": frozenset(settings.allowed_formats),
@@ -72,6 +69,6 @@ def test_the_required_work_refuses_what_casimg_refuses(origin: Origin, tmp_path:
     urls = [origin.url("/img/1.jpg"), origin.url("/truncated.jpg")]
     (tmp_path / "limit").mkdir()
     (tmp_path / "required").mkdir()
-    assert asyncio.run(bench.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
+    assert asyncio.run(references.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
     with pytest.raises(InvalidImage, match="truncated"):
-        asyncio.run(bench.required_work_fetch(urls, tmp_path / "required"))
+        asyncio.run(references.required_work_fetch(urls, tmp_path / "required"))
