@@ -1,5 +1,7 @@
 """The docs stay true.
 
+- README.md, "First session with curl": each command, run with curl against a real server, answers as the
+  session's comments say.
 - docs/operations.md, "Inspecting the index with redis-cli": its key table is casimg's key space, every key
   a real server writes is in it with the documented type, and each documented redis-cli command, run
   against a real server (the embedded one, and an external Redis set up with config/redis.conf), answers
@@ -17,6 +19,7 @@ import inspect
 import json
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,7 +32,7 @@ import redis
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
-from tests.procs import ROOT, Server, free_port
+from tests.procs import ROOT, Server, expected_bytes, free_port
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 SECTION = "## Inspecting the index with redis-cli"
@@ -252,3 +255,55 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
         if fragment:
             headings = {anchor(h) for h in HEADING_RE.findall(linked.read_text())}
             assert fragment in headings, f"{page.name}: {target}: no such heading in {linked.name}"
+
+
+CURL_SECTION = "## First session with curl"
+
+
+def curl_session() -> tuple[str, list[str]]:
+    """(the key line, the session's commands with continuation lines joined and comments left out)."""
+    body = (ROOT / "README.md").read_text().split(CURL_SECTION, 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", body, re.DOTALL)
+    assert block, "no sh block in the README's curl session"
+    lines = [line.strip() for line in block.group(1).replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert commands[0].startswith("KEY="), "the session starts by reading the admin key"
+    return commands[0], commands[1:]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readme_curl_session_answers_as_it_says(tmp_path, origin):
+    key_line, commands = curl_session()
+    server = Server(tmp_path / "data")
+    first, second = origin.url("/img/700.jpg"), origin.url("/img/701.png")
+    replacements = {"localhost:9000": f"127.0.0.1:{server.port}", "data/admin.key": str(server.data_dir / "admin.key"),
+                    "https://example.com/a.jpg": first, "https://example.com/b.png": second}
+
+    def run(command: str) -> str:
+        for old, new in replacements.items():
+            command = command.replace(old, new)
+        result = subprocess.run(["bash", "-c", f"set -e; {key_line}; {command}"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        return result.stdout
+
+    try:
+        submit, poll, listing, fetch, delete = commands
+        job = json.loads(run(submit))
+        assert (job["status"], job["total"]) == ("queued", 2) and set(job) == {"job_id", "status", "total"}
+        replacements["5f0c..."] = job["job_id"]
+        deadline = time.monotonic() + 60
+        while (polled := json.loads(run(poll)))["status"] != "done":
+            assert polled["job_id"] == job["job_id"] and time.monotonic() < deadline, polled
+            time.sleep(0.1)
+        assert [r["status"] for r in polled["results"]] == ["stored", "stored"], polled
+        head, _, page = run(listing).replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 200") and "X-Total-Count: 2" in head
+        assert {image["url"] for image in json.loads(page)} == {first, second}
+        assert run(fetch) == "" and (tmp_path / "a.jpg").read_bytes() == expected_bytes(first)
+        assert run(delete) == ""
+        assert server.call("GET", "/api/image?url=" + quote(first, safe=""))[0] == 404
+    finally:
+        assert server.terminate() == 0
+        if EmbeddedRedis(server.data_dir).alive():
+            EmbeddedRedis(server.data_dir).stop()
