@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from casimg import app, importer
@@ -20,6 +21,9 @@ from casimg.keys import KeyStore, Scope
 from casimg.stats import collect
 
 EXIT_USAGE = 2
+# The width --help is rendered at for docs/cli.md: fixed, so the page does not follow the terminal of
+# whoever regenerates it.
+REFERENCE_WIDTH = 100
 
 
 class Formatter(logging.Formatter):
@@ -122,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
                                description=importer.DESCRIPTION)
     importer.add_arguments(bulk)
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """`parser` and every subcommand's parser under it, depth first, in the order they were added."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def cli_reference() -> str:
+    """The --help of `casimg` and of each subcommand, as markdown, for docs/cli.md.
+
+    The settings that `casimg --help` lists after the commands are left out: docs/settings.md has them.
+    """
+    sections = []
+    for parser in _parsers(build_parser()):
+        parser.epilog = None
+        parser.formatter_class = functools.partial(parser.formatter_class, width=REFERENCE_WIDTH)
+        sections.append(f"### `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(sections)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

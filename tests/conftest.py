@@ -169,3 +169,15 @@ def problem(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
     assert body["status"] == response.code
     assert body["title"] and body["detail"]
     return body
+
+
+def eventually(condition: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.05) -> Any:
+    """Wait for `condition()` to be truthy and return it; fail naming `what` after `timeout` seconds.
+
+    For waits on something a test can observe: a fixed sleep is either too short on a loaded machine
+    or longer than needed everywhere else."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"still waiting after {timeout:.0f} s: {what}"
+        time.sleep(every)
+    return result

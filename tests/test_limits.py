@@ -4,11 +4,12 @@ request sizes, and the service staying responsive to other clients while it is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
@@ -116,6 +117,27 @@ async def test_oversized_and_deeply_nested_bodies_are_refused(api):
     nested = '{"image_urls": ' + "[" * 5000 + "]" * 5000 + "}"
     deep = await api("POST", "/api/images", body=nested, headers={"Content-Type": "application/json"})
     assert deep.code == 400
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_chunked_body_past_the_limit_is_cut_off_while_it_streams(http_server, base_url, admin_key, settings):
+    """A chunked body declares no length, so the limit must hold while it streams: the server stops
+    reading and drops the connection, rather than buffering whatever a client keeps sending."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(base_url).port)
+    writer.write(b"POST /api/images HTTP/1.1\r\nHost: casimg\r\nX-API-Key: %s\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % admin_key.encode())
+    piece = b" " * 4096
+    with contextlib.suppress(ConnectionError):
+        for _ in range(settings.max_body_bytes // len(piece) + 2):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+    # Nothing more is sent, and the body never ends: only the limit can end this exchange.
+    try:
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    except ConnectionResetError:
+        answer = b""
+    assert not answer.startswith(b"HTTP/1.1 2"), answer[:200]
+    writer.close()
 
 
 @pytest.mark.gen_test(timeout=90)
