@@ -1,4 +1,4 @@
-"""The benchmark's two ingest references (bench/references.py), against the real origin.
+"""The benchmark's two ingest references (bench/references.py), against the real origin, and its command.
 
 The limit and the required work are what casimg's ingest is measured against, so each must do what
 its row in BENCHMARKS.md says: the limit keeps any body as it came; the required work validates each
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import references
+from bench.procs import ROOT
 from casimg import blobs, validation
 from casimg.config import load_settings
 from casimg.errors import InvalidImage
@@ -72,3 +75,12 @@ def test_the_required_work_refuses_what_casimg_refuses(origin: Origin, tmp_path:
     assert asyncio.run(references.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
     with pytest.raises(InvalidImage, match="truncated"):
         asyncio.run(references.required_work_fetch(urls, tmp_path / "required"))
+
+
+def test_python_m_bench_imports_every_scenario_and_keeps_its_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--images", "--listing", "--duration", "--connections", "--retrieval-urls", "--processes",
+                   "--multi", "--repeat", "--cache", "--output", "--keep"):
+        assert option in result.stdout, option
