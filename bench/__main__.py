@@ -28,9 +28,9 @@ except ModuleNotFoundError as missing:  # a python without the project installed
 
 
 def run(args: argparse.Namespace) -> str:
-    """Every scenario, in an order that leaves each the machine as the one before found it: the ingest
-    first, on a fresh file system; retrieval against what it stored; the duplicates; the listing last,
-    on a Redis of its own."""
+    """Every scenario in one run: the ingest first, into a fresh workspace; retrieval against the images
+    it stored, while its server still runs; the ingest with duplicates; the listing last, on a Redis of
+    its own. Returns the markdown table."""
     procs = Procs()
     load_before = os.getloadavg()[0]
     started_at = datetime.now(UTC)

@@ -100,6 +100,7 @@ class Distinct:
 
 def distinct(procs: Procs, work: Path, urls: list[str], sizes: dict[str, int], processes: int,
              multi: int) -> Distinct:
+    """Scenario 1 with `processes` casimg processes, and again with `multi` when that is more."""
     # The references take seconds and move with the machine's load: they run before and after casimg,
     # in mirrored order (limit, required work, casimg, required work, limit), after one untimed fetch
     # that brings the origin's files into the page cache.
