@@ -20,7 +20,7 @@ try:
     from bench.origin import image_urls, run_origin, serve_image_set
     from bench.procs import ROOT, Procs
     from bench.references import run_bare
-    from bench.report import Results, render
+    from bench.report import Results, render, splice
     from bench.retrieval import retrieval
 except ModuleNotFoundError as missing:  # a python without the project installed
     sys.exit(f"python -m bench needs {missing.name}: run it with the project's venv, `.venv/bin/python -m bench` "
@@ -97,7 +97,8 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     table = run(args)
     print(table)
-    Path(args.output).write_text(table)
+    output = Path(args.output)
+    output.write_text(splice(output.read_text() if output.exists() else "", table))
     log(f"wrote {args.output}")
 
 

@@ -1,5 +1,6 @@
 """The run's markdown: what ran where, each scenario's table beside its references, and the verdicts
-against casimg's targets. It is printed and written to BENCHMARKS.md."""
+against casimg's targets. It is printed and written into BENCHMARKS.md between ``BEGIN`` and ``END``;
+the hand-written sections around them (readings, other measurements) stay as they are."""
 
 from __future__ import annotations
 
@@ -17,6 +18,20 @@ from bench.listing import LIST_URL_LENGTH, ListingRow
 from bench.origin import CONCURRENCY, PER_HOST
 from bench.references import IngestResult
 from bench.retrieval import Retrieval
+
+BEGIN = "<!-- bench: the tables below are written by `python -m bench`; edit outside them -->"
+END = "<!-- bench: end of the generated tables -->"
+
+
+def splice(document: str, table: str) -> str:
+    """`document` with its generated part replaced by `table`; a document without one gets it on top."""
+    generated = f"{BEGIN}\n{table.strip()}\n{END}\n"
+    start, end = document.find(BEGIN), document.find(END)
+    if start < 0 or end < start:
+        return generated + ("\n" + document if document.strip() else "")
+    rest = document[end + len(END):].lstrip("\n")
+    return document[:start] + generated + ("\n" + rest if rest else "")
+
 
 RETRIEVAL_NAMES = {"casimg": "casimg GET /api/image", "bare": "bare Tornado: one HGET + one file read (floor)",
                    "nginx": "nginx static, same blob files (physical limit)",

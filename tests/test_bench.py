@@ -18,6 +18,7 @@ import pytest
 
 from bench import references
 from bench.procs import ROOT
+from bench.report import BEGIN, END, splice
 from casimg import blobs, validation
 from casimg.config import load_settings
 from casimg.errors import InvalidImage
@@ -84,3 +85,13 @@ def test_python_m_bench_imports_every_scenario_and_keeps_its_options() -> None:
     for option in ("--images", "--listing", "--duration", "--connections", "--retrieval-urls", "--processes",
                    "--multi", "--repeat", "--cache", "--output", "--keep"):
         assert option in result.stdout, option
+
+
+def test_a_run_replaces_only_its_own_tables_in_benchmarks_md() -> None:
+    document = f"{BEGIN}\n# old tables\n{END}\n\n## Validation worst cases\nhand-written\n"
+    spliced = splice(document, "# new tables\n")
+    assert spliced == f"{BEGIN}\n# new tables\n{END}\n\n## Validation worst cases\nhand-written\n"
+    assert splice("", "# first\n") == f"{BEGIN}\n# first\n{END}\n"
+    assert splice("## kept\n", "# first\n") == f"{BEGIN}\n# first\n{END}\n\n## kept\n"
+    checked_in = (ROOT / "BENCHMARKS.md").read_text()
+    assert checked_in.count(BEGIN) == checked_in.count(END) == 1
