@@ -179,6 +179,6 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
         server.add_sockets(sockets)
         await asyncio.Event().wait()
 
-    from casimg.app import run_loop
+    from casimg.runtime import run_loop
 
     run_loop(main())  # the same event loop casimg runs on (uvloop when installed): the same stack

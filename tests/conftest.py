@@ -22,11 +22,12 @@ import tornado.httpclient
 from PIL import Image
 
 from bench.procs import start_redis_server
-from casimg.app import Services, connect_redis, make_app, open_services
+from casimg.app import make_app
 from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
 from casimg.index import Index, KeySpace
 from casimg.keys import Scope
+from casimg.services import Services, connect_redis, open_services
 from tests.origin import Origin
 
 _prefixes = itertools.count()
@@ -133,7 +134,7 @@ def app(settings: Settings, services: Services) -> Any:
 
 @pytest.fixture
 def admin_key(io_loop: Any, services: Services) -> str:
-    return io_loop.run_sync(lambda: services.keys.create("test-admin", Scope.admin))
+    return io_loop.run_sync(lambda: services.api_keys.create("test-admin", Scope.admin))
 
 
 Api = Callable[..., Awaitable[tornado.httpclient.HTTPResponse]]
