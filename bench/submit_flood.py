@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Read latency while clients flood casimg with submits of the largest size it accepts.
 
     git worktree add ../casimg-before <commit>      # the code to compare against (optional)
-    python scripts/submit_flood.py --other ../casimg-before
+    .venv/bin/python -m bench.submit_flood --other ../casimg-before
 
 For each checkout (this one, then --other if given) on a fresh redis-server (AOF on, as the embedded
 one) and data directory: one image is stored through `casimg serve`, then two `casimg serve
@@ -36,8 +35,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # bench.py re-executes under the project's venv when needed
+from bench import log, workspace
+from bench.procs import ROOT, Procs
+from bench.report import platform_line
+from bench.stack import start_casimg, start_redis
 
 URLS_PER_SUBMIT = 10_000  # CASIMG_MAX_URLS_PER_REQUEST
 URL_CHARACTERS = 1_660  # 10,000 of them, JSON-quoted, stay under CASIMG_MAX_BODY_BYTES (16 MiB)
@@ -126,15 +127,15 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
     """This checkout's rows of the table."""
     import redis
 
-    procs = bench.Procs()
+    procs = Procs()
     # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH.
     code = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1", "CASIMG_MAX_JOBS_IN_FLIGHT": "100000",
             "CASIMG_MAX_QUEUED_BYTES": "0"}
     origin, image_url = start_origin()
     try:
-        _, redis_url = bench.start_redis(procs, work / f"redis-{label}", persistent=True)
+        _, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
         data = work / f"data-{label}"
-        storing = bench.start_casimg(procs, data, redis_url, extra_env=code)
+        storing = start_casimg(procs, data, redis_url, extra_env=code)
         request = http.client.HTTPConnection("127.0.0.1", storing.port, timeout=60)
         request.request("POST", "/api/images?wait=30", body=json.dumps({"image_urls": [image_url]}),
                         headers={"X-API-Key": storing.key, "Content-Type": "application/json"})
@@ -142,8 +143,8 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
         if stored.get("stored") != 1:
             raise RuntimeError(f"the image was not stored: {stored}")
         procs.stop(storing.proc)
-        a = bench.start_casimg(procs, data, redis_url, workers=False, extra_env=code)
-        b = bench.start_casimg(procs, data, redis_url, workers=False, extra_env=code)
+        a = start_casimg(procs, data, redis_url, workers=False, extra_env=code)
+        b = start_casimg(procs, data, redis_url, workers=False, extra_env=code)
         client = redis.Redis.from_url(redis_url)
         rows: list[str] = []
         with ProcessPoolExecutor(max_workers=2 + args.flooders) as pool:
@@ -172,10 +173,10 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
                 call_p99, longest = statistics.quantiles(durations, n=100)[98], max(durations)
                 over_10 = sum(1 for duration in durations if duration > 10)
                 if args.show_slow:
-                    bench.log(f"{label} {phase}: latency events over 10 ms (event, time, latest ms, max ms): "
+                    log(f"{label} {phase}: latency events over 10 ms (event, time, latest ms, max ms): "
                               f"{client.execute_command('LATENCY', 'LATEST')}")
                 for entry in sorted(slow, key=lambda entry: -entry["duration"])[:args.show_slow]:
-                    bench.log(f"{label} {phase}: {entry['duration']} us {entry['command'][:80]!r}")
+                    log(f"{label} {phase}: {entry['duration']} us {entry['command'][:80]!r}")
                 for name, taken in zip(("A (parses the submits)", "B (another process)"), samples, strict=True):
                     p50, p90, p99, top = percentiles(taken)
                     refused = sum(1 for status, _ in submits if status != 202)
@@ -186,7 +187,7 @@ def run_one(label: str, checkout: Path, work: Path, args: argparse.Namespace) ->
                     rows.append(f"| {label} | {flood_text} | {name} | {len(taken)} | {p50:.1f} | "
                                 f"{p90:.1f} | {p99:.1f} | {top:.0f} | {len(durations)} | {call_p99:.2f} | "
                                 f"{longest:.1f} | {over_10} |")
-                bench.log(f"{label} {phase}: done")
+                log(f"{label} {phase}: done")
             manager.shutdown()
         return rows
     finally:
@@ -206,14 +207,14 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data)")
     parser.add_argument("--show-slow", type=int, default=0, help="log this many of the slowest Redis calls")
     args = parser.parse_args()
-    runs = [(args.label, bench.ROOT)]
+    runs = [(args.label, ROOT)]
     if args.other:
         runs.append((args.other_label, Path(args.other).resolve()))
     rows: list[str] = []
-    with bench.workspace(args.keep, prefix="casimg-flood-") as work:
+    with workspace(args.keep, prefix="casimg-flood-") as work:
         for label, checkout in runs:
             rows += run_one(label, checkout, work, args)
-    print(f"{os.cpu_count()} cores, {bench.platform_line()}, {time.strftime('%Y-%m-%d')}\n")
+    print(f"{os.cpu_count()} cores, {platform_line()}, {time.strftime('%Y-%m-%d')}\n")
     print("| code | submits during the reads | reader | reads | p50 ms | p90 ms | p99 ms | max ms | "
           "Redis calls | their p99 ms | longest ms | calls over 10 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
