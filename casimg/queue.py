@@ -208,6 +208,7 @@ class JobQueue:
         self.keys = keys
         self.job_ttl = max(1, int(job_ttl))
         self.staging_ttl_ms = max(1, int(staging_ttl * 1000))
+        self.resume_after = RESUME_AFTER
         self._publish = redis.register_script(PUBLISH_LUA)
         self._enqueue = redis.register_script(ENQUEUE_LUA)
 
@@ -291,10 +292,11 @@ class JobQueue:
             args=[job_id, most, STEP_BYTES],
         ))
 
-    async def resume_enqueuing(self, older_than: float = RESUME_AFTER) -> int:
-        """Finish the enqueue of jobs published more than `older_than` seconds ago whose submitter stopped
-        before it was done (a crash); returns how many were finished."""
-        cutoff = time.time_ns() // 1_000_000 - int(older_than * 1000)
+    async def resume_enqueuing(self, older_than: float | None = None) -> int:
+        """Finish the enqueue of jobs published more than `older_than` seconds ago (default
+        `resume_after`) whose submitter stopped before it was done (a crash); returns how many."""
+        wait = self.resume_after if older_than is None else older_than
+        cutoff = time.time_ns() // 1_000_000 - int(wait * 1000)
         abandoned = await self.redis.zrangebyscore(self.keys.enqueuing, "-inf", cutoff, start=0, num=RESUME_BATCH)
         for job_id in abandoned:
             while not await self.enqueue_step(job_id):
