@@ -61,9 +61,16 @@ class Settings:
     download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")
     per_host_concurrency: int = _setting(8, "Downloads in flight at once to one origin host, per worker process.")
     max_redirects: int = _setting(5, "Most redirects followed for one URL.")
-    max_url_length: int = _setting(8192, "Longest URL accepted, in characters.")
+    max_url_length: int = _setting(
+        8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
+        "keeps its first 2,048 characters)."
+    )
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
+    max_queued_bytes: int = _setting(
+        64 * MIB, "Most bytes of URLs one API key may have in unfinished jobs; past it POST /api/images answers 429 "
+        "(413 for one job larger than this). 0: no limit."
+    )
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
     processes: int = _setting(
         1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
@@ -163,7 +170,7 @@ def _check(settings: Settings) -> Settings:
                  "max_jobs_in_flight", "rate_burst"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
-    for name in ("rate_limit", "auth_failure_limit"):
+    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
     if settings.sweep_interval > 0 and settings.tmp_grace <= settings.fetch_timeout:

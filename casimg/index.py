@@ -101,6 +101,11 @@ class KeySpace:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
 
+    @property
+    def enqueuing(self) -> str:
+        """sorted set: published jobs whose queue entries are still being added, scored by publish time in ms."""
+        return self.prefix + "enqueuing"
+
     def inflight(self, key_id: str) -> str:
         """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""
         return f"{self.prefix}inflight:{key_id}"

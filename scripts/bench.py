@@ -779,10 +779,9 @@ def measure_listing(server: Casimg, expected: int) -> ListingTimes:
         while target:
             body, link = get(target)
             seen += len(json.loads(body))
-            target = None
-            if link:  # an absolute URL; the connection wants its path and query
-                parts = urllib.parse.urlsplit(re.match(r"<([^>]+)>", link).group(1))  # type: ignore[union-attr]
-                target = f"{parts.path}?{parts.query}"
+            # A reference to resolve against the page asked for (a query-only one, from casimg).
+            reference = re.match(r"<([^>]+)>", link).group(1) if link else None  # type: ignore[union-attr]
+            target = urllib.parse.urljoin(target, reference) if reference else None
         walk = time.perf_counter() - started
     finally:
         connection.close()

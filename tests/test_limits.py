@@ -24,7 +24,8 @@ from tests.origin import Origin
 @pytest.fixture
 def settings(tmp_path, redis_server):
     return make_settings(tmp_path / "data", redis_server.url, rate_limit=5, rate_burst=10, auth_failure_limit=3,
-                         max_jobs_in_flight=2, max_body_bytes=20_000, max_image_bytes=1_000_000)
+                         max_jobs_in_flight=2, max_body_bytes=20_000, max_image_bytes=1_000_000,
+                         max_queued_bytes=3_000)
 
 
 @pytest.fixture
@@ -199,3 +200,17 @@ async def test_keys_never_reach_logs_or_error_bodies(api, admin_key, caplog):
     logged = "\n".join(record.getMessage() for record in caplog.records)
     assert "/api/images" in logged  # the requests were logged...
     assert admin_key not in logged and wrong not in logged  # ...without their keys
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_url_bytes_of_unfinished_jobs_per_key_are_bounded(api, services, origin):
+    slow = origin.url("/slow?") + "p" * 1900  # about 1,950 bytes, unfinished for seconds
+    assert (await api("POST", "/api/images", json_body={"image_urls": [slow]})).code == 202
+    refused = await api("POST", "/api/images", json_body={"image_urls": [slow + "2"]})
+    assert refused.code == 429 and refused.headers["Retry-After"] == "5"
+    assert "CASIMG_MAX_QUEUED_BYTES allows 3000" in problem(refused)["detail"]
+    alone = await api("POST", "/api/images", json_body={"image_urls": [slow + "a", slow + "b"]})
+    assert alone.code == 413  # larger than the limit by itself: waiting would not help
+    assert "CASIMG_MAX_QUEUED_BYTES allows 3000" in problem(alone)["detail"]
+    writer = await services.keys.create("writer", Scope.write)  # another key has bytes of its own
+    assert (await api("POST", "/api/images", key=writer, json_body={"image_urls": [slow + "w"]})).code == 202
