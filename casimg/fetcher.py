@@ -44,6 +44,7 @@ from yarl import URL
 from casimg import __version__
 from casimg.blobs import open_temp
 from casimg.errors import DownloadFailed
+from casimg.userinfo import CREDENTIALS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -328,6 +329,10 @@ class Fetcher:
             reason = self.guard.refusal(url.host)
             if reason is not None:
                 raise DownloadFailed(reason)
+        # Submitted URLs with credentials are refused at submit (queue.py); this catches redirects to one,
+        # and entries queued before that check, so aiohttp never sends a URL's userinfo as Basic auth.
+        if url.raw_user is not None or url.raw_password is not None:
+            raise DownloadFailed(CREDENTIALS)
 
     async def _follow(self, url: URL) -> Downloaded:
         assert self._session is not None, "Fetcher.start() was not called"

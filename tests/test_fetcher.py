@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -238,6 +239,19 @@ async def test_urls_that_cannot_be_fetched_are_refused_before_any_connection(tmp
             assert failed.permanent
     finally:
         await fetcher.close()
+
+
+@pytest.mark.gen_test
+async def test_urls_and_redirects_with_credentials_are_refused_without_sending_them(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    target = f"http://user:secret@127.0.0.1:{origin.port}/flaky/credentials?fail=0"
+    try:
+        assert (await failure(fetcher, target)).reason == "credentials in URL"
+        redirected = await failure(fetcher, origin.url("/redirect-to?url=" + quote(target, safe="")))
+        assert redirected.reason == "credentials in URL" and redirected.permanent
+    finally:
+        await fetcher.close()
+    assert origin.hits["flaky:credentials"] == 0
 
 
 @pytest.mark.gen_test
