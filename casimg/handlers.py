@@ -56,8 +56,12 @@ RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # whose ValueError was a 500). 18 digits is an exabyte.
 RANGE_DIGITS = 18
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
-# Query parameters never written to a log, should a client put a credential there (casimg never reads them).
-SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password"})
+# Query parameters whose values are never written to a log, should a client put a credential there (casimg
+# never reads them): a name that, lowercased and without separators, holds one of SECRET_WORDS (key,
+# api_key, x-api-key, api-key, apiKey, access_token, client_secret, X-Amz-Signature, ...) or is one of
+# SECRET_NAMES. A list of names would miss the next spelling; a harmless parameter masked costs nothing.
+SECRET_WORDS = ("key", "token", "secret", "passw", "pwd", "auth", "signature", "credential", "session", "cookie")
+SECRET_NAMES = frozenset({"sig", "pass", "jwt", "sid"})
 UNMATCHED = "unmatched"  # the route label of requests no route matched: their paths must not become labels
 
 
@@ -205,7 +209,8 @@ def _is_secret(name: str) -> bool:
     names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
     if "%" in name or "+" in name:
         name = unquote_plus(name)
-    return name.lower() in SECRET_PARAMS
+    folded = "".join(c for c in name.lower() if c.isalnum())
+    return folded in SECRET_NAMES or any(word in folded for word in SECRET_WORDS)
 
 
 class MetricsHandler(BaseHandler):
