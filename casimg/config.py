@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the defaults below < an optional TOML file (``--config``) < ``CASIMG_*``
 environment variables < command-line flags. Every setting is declared once, in ``Settings``, with
-its default and its help text; the README's settings table and the CLI flags come from here.
+its default and its help text; the settings reference (docs/settings.md, written by
+``settings_reference`` through scripts/gen_docs.py) and the CLI's settings epilog come from here.
 """
 
 from __future__ import annotations
@@ -228,3 +229,46 @@ def describe() -> list[tuple[str, str, str]]:
             default = ",".join(default)
         rows.append((ENV_PREFIX + name.upper(), str(default), field.metadata["help"]))
     return rows
+
+
+# How a setting's type reads in the reference: what an operator writes, not the Python annotation.
+TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Path": "path",
+              "tuple[str, ...]": "list"}
+SETTINGS_PAGE_HEAD = """\
+# Settings
+
+<!-- Generated from casimg/config.py by `python scripts/gen_docs.py`: edit the help in Settings, not this page.
+tests/test_docs.py fails when this page and Settings disagree. -->
+
+Each setting is taken, lowest first, from its default < a TOML file (`--config`, see
+[config/casimg.example.toml](../config/casimg.example.toml)) < its `CASIMG_*` environment variable <
+a command-line flag, where there is one ([cli.md](cli.md)). A list is a TOML array, or a comma-separated
+string in the environment; a boolean is `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`).
+
+| setting | environment | type | default | meaning |
+|---|---|---|---|---|
+"""
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _reference_default(default: Any) -> str:
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    if isinstance(default, Path) and not default.is_absolute():
+        default = f"./{default}"
+    return f"`{default}`" if str(default) else "*empty*"
+
+
+def settings_reference() -> str:
+    """docs/settings.md: one row per setting (name, environment variable, type, default, help)."""
+    rows = [
+        f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {TYPE_NAMES.get(str(field.type), field.type)} "
+        f"| {_reference_default(field.default)} | {_markdown_cell(field.metadata['help'])} |"
+        for name, field in FIELDS.items()
+    ]
+    return SETTINGS_PAGE_HEAD + "\n".join(rows) + "\n"

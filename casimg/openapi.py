@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from casimg import __version__
 from casimg.index import CURSOR_DIGITS
-
-VERSION = "0.1.0"
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -61,7 +60,7 @@ def openapi_document() -> dict[str, Any]:
     job_response = _json("The job and one result per distinct URL", _ref("Job"))
     return {
         "openapi": "3.1.0",
-        "info": {"title": "casimg", "version": VERSION,
+        "info": {"title": "casimg", "version": __version__,
                  "description": "Download images by URL, store each distinct content once, fetch them back by URL."},
         "components": {
             "securitySchemes": {

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from casimg.errors import DownloadFailed
-from casimg.fetcher import AddressGuard, Fetcher, parse_address, retry_after_seconds
+from casimg.fetcher import AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
 from tests.origin import Origin, image_bytes
 
 # -- the address classifier (no traffic) ----------------------------------------------------------
@@ -59,7 +59,6 @@ def test_allow_networks_opens_exactly_the_listed_networks():
     assert "loopback" in (guard.refusal("127.0.0.2") or "")
     assert "loopback" in (guard.refusal("::1") or "")
     assert "private" in (guard.refusal("192.168.0.1") or "")
-    assert "private" in (guard.refusal("11.0.0.1") or "private")  # public: allowed, so no reason
     assert guard.refusal("11.0.0.1") is None
 
 
@@ -366,3 +365,64 @@ async def test_dns_rebinding_gets_nowhere(tmp_path, origin, forbidden):
     assert resolver.lookups["rebind.test"] == 2
     assert failed.reason == "blocked address (127.0.0.2 is loopback)"
     assert sum(forbidden.hits.values()) == 0
+
+
+# -- what the earlier checks hide ------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_the_socket_factory_refuses_blocked_addresses_itself(tmp_path):
+    """The last check before connect(): every case the URL and resolver checks see is stopped earlier, so
+    it is called here directly, with what aiohttp would hand it for a name that resolved to each address."""
+    fetcher = await started(tmp_path)
+    try:
+        for address, family in (("127.0.0.2", socket.AF_INET), ("::1", socket.AF_INET6),
+                                ("169.254.169.254", socket.AF_INET), ("::ffff:10.0.0.1", socket.AF_INET6)):
+            with pytest.raises(BlockedAddress) as refused:
+                fetcher._socket_factory((family, socket.SOCK_STREAM, 0, "", (address, 80)))
+            assert refused.value.reason.startswith("blocked address"), address
+        allowed = fetcher._socket_factory((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", 80)))
+        assert allowed.family == socket.AF_INET
+        allowed.close()
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.gen_test
+async def test_proxy_settings_in_the_environment_are_ignored(tmp_path, origin, monkeypatch):
+    """A proxy would make the connection for casimg, out of the address guard's reach."""
+    with Origin() as proxy:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("NO_PROXY", "")
+        fetcher = await started(tmp_path)
+        try:
+            got = await fetcher.fetch(origin.url("/img/77.jpg"))
+        finally:
+            await fetcher.close()
+        assert got.data == image_bytes(77) and sum(proxy.hits.values()) == 0
+
+
+@pytest.mark.gen_test
+async def test_every_redirect_hop_gets_the_scheme_check(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    try:
+        for target, reason in (("ftp://127.0.0.1/a.jpg", "unsupported scheme 'ftp'"),
+                               ("file:///etc/passwd", "unsupported scheme 'file'"),
+                               ("gopher://127.0.0.1:70/_x", "unsupported scheme 'gopher'")):
+            failed = await failure(fetcher, origin.url(f"/redirect-to?url={target}"))
+            assert (failed.reason, failed.permanent) == (reason, True), target
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_one_timeout_covers_the_whole_redirect_chain(tmp_path, origin):
+    """Each hop answers within the timeout, the chain does not: a per-request timeout would let an origin
+    hold a download for max_redirects times as long."""
+    fetcher = await started(tmp_path, total_timeout=2.0)
+    try:
+        assert (await fetcher.fetch(origin.url("/redirect/4?delay=0.1"))).size > 0
+        failed = await failure(fetcher, origin.url("/redirect/4?delay=0.7"))  # 5 answers of 0.7 s each
+        assert (failed.reason, failed.permanent) == ("timeout", False)
+    finally:
+        await fetcher.close()

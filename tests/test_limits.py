@@ -4,19 +4,20 @@ request sizes, and the service staying responsive to other clients while it is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import pytest
 
-from casimg.app import connect_redis
 from casimg.errors import TooManyRequests
 from casimg.index import KeySpace
 from casimg.keys import Scope
 from casimg.limits import AuthFailures, RateLimiter
+from casimg.services import connect_redis
 from tests.conftest import make_settings, problem
 from tests.origin import Origin
 
@@ -37,7 +38,7 @@ def bystander():
 
 @pytest.mark.gen_test
 async def test_rate_limit_per_key_answers_429_with_retry_after_and_spares_other_keys(api, services):
-    other = await services.keys.create("other", Scope.read)
+    other = await services.api_keys.create("other", Scope.read)
     codes = [(await api("GET", "/api/images")).code for _ in range(25)]
     assert codes[:10] == [200] * 10  # the burst
     assert 429 in codes
@@ -146,7 +147,7 @@ async def test_unfinished_jobs_per_key_are_bounded(api, services, origin):
     refused = await api("POST", "/api/images", json_body={"image_urls": [origin.url("/img/1.jpg")]})
     assert refused.code == 429 and refused.headers["Retry-After"] == "5"
     assert "2 unfinished jobs" in problem(refused)["detail"]
-    writer = await services.keys.create("writer", Scope.write)
+    writer = await services.api_keys.create("writer", Scope.write)
     assert (await api("POST", "/api/images", key=writer, json_body={"image_urls": ["http://x/y"]})).code == 202
 
 
@@ -160,6 +161,27 @@ async def test_oversized_and_deeply_nested_bodies_are_refused(api):
     assert deep.code == 400
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_chunked_body_past_the_limit_is_cut_off_while_it_streams(http_server, base_url, admin_key, settings):
+    """A chunked body declares no length, so the limit must hold while it streams: the server stops
+    reading and drops the connection, rather than buffering whatever a client keeps sending."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", urlsplit(base_url).port)
+    writer.write(b"POST /api/images HTTP/1.1\r\nHost: casimg\r\nX-API-Key: %s\r\n"
+                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" % admin_key.encode())
+    piece = b" " * 4096
+    with contextlib.suppress(ConnectionError):
+        for _ in range(settings.max_body_bytes // len(piece) + 2):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+    # Nothing more is sent, and the body never ends: only the limit can end this exchange.
+    try:
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    except ConnectionResetError:
+        answer = b""
+    assert not answer.startswith(b"HTTP/1.1 2"), answer[:200]
+    writer.close()
+
+
 @pytest.mark.gen_test(timeout=90)
 async def test_the_service_answers_others_while_it_is_attacked(api, services, origin, bystander):
     attack = [origin.url(f"/slow?{i}") for i in range(12)] + [
@@ -169,7 +191,7 @@ async def test_the_service_answers_others_while_it_is_attacked(api, services, or
     attacked = await api("POST", "/api/images", json_body={"image_urls": attack})
     assert attacked.code == 202
     job_path = attacked.headers["Location"]
-    victim = await services.keys.create("victim", Scope.write)
+    victim = await services.api_keys.create("victim", Scope.write)
     url = bystander.url("/img/77.png")
     served = await api("POST", "/api/images?wait=30", key=victim, json_body={"image_urls": [url]})
     assert served.code == 200 and json.loads(served.body)["stored"] == 1

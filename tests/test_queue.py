@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from casimg.app import connect_redis
 from casimg.errors import NotFound, TooLarge, TooManyRequests
 from casimg.index import Index, KeySpace
 from casimg.queue import KEPT_URL, JobQueue, Limits
+from casimg.services import connect_redis
 
 
 @pytest.fixture
