@@ -234,5 +234,5 @@ async def test_the_url_bytes_of_unfinished_jobs_per_key_are_bounded(api, service
     alone = await api("POST", "/api/images", json_body={"image_urls": [slow + "a", slow + "b"]})
     assert alone.code == 413  # larger than the limit by itself: waiting would not help
     assert "CASIMG_MAX_QUEUED_BYTES allows 3000" in problem(alone)["detail"]
-    writer = await services.keys.create("writer", Scope.write)  # another key has bytes of its own
+    writer = await services.api_keys.create("writer", Scope.write)  # another key has bytes of its own
     assert (await api("POST", "/api/images", key=writer, json_body={"image_urls": [slow + "w"]})).code == 202
