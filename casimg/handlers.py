@@ -123,10 +123,18 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         status, _, _ = _status_of(value) if value else (500, "", None)
-        if status >= 500 and status != 503:
-            super().log_exception(typ, value, tb)
-        elif status == 503:
+        if status == 503:
             log.warning("%s %s: %s", self.request.method, clip(self.request.path), type(value).__name__)
+        elif status >= 500 and isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)  # its line names the request by _request_summary
+        elif status >= 500:
+            # Not tornado's own line: it repeats the raw request target, key-like parameters and all.
+            log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    def _request_summary(self) -> str:
+        """The request as error lines name it: the target as the access log writes it."""
+        target = clip(_loggable_uri(self.request.path, self.request.query))
+        return f"{self.request.method} {target} ({self.request.remote_ip})"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -14,9 +14,11 @@ import time
 from urllib.parse import quote
 
 import pytest
+import tornado.web
 
 from casimg.cli import Formatter, JsonFormatter
 from casimg.embedded import EmbeddedRedis
+from casimg.handlers import BaseHandler, log_request
 from casimg.logtext import loggable
 from tests.procs import Server
 
@@ -72,6 +74,30 @@ def test_a_json_record_holds_the_same_cleaned_message_and_fields():
     assert "hunter2" not in line
     # The traceback keeps its lines (JSON escapes the line breaks); within each, the same escapes.
     assert entry["exc"].startswith("Traceback") and entry["exc"].endswith("?a=\\r\n" + FORGED)
+
+
+class Failing(BaseHandler):
+    """A handler with a bug: its unexpected exception is logged by BaseHandler, as any handler's is."""
+
+    def get(self) -> None:
+        raise RuntimeError("a bug")
+
+
+@pytest.fixture
+def app(services):
+    return tornado.web.Application([(r"/fails", Failing, {"services": services, "route": "/fails"})],
+                                   log_function=log_request)
+
+
+@pytest.mark.gen_test
+async def test_an_uncaught_exceptions_line_masks_key_like_parameters(http_client, base_url, caplog):
+    with caplog.at_level(logging.ERROR):
+        answer = await http_client.fetch(base_url + "/fails?x-api-key=SECRET1&api_key=SECRET2&limit=5",
+                                          raise_error=False)
+    assert answer.code == 500
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert "/fails?x-api-key=REDACTED&api_key=REDACTED&limit=5" in logged and "a bug" in caplog.text
+    assert "SECRET" not in caplog.text
 
 
 # -- a real server's log --------------------------------------------------------------------------------
