@@ -28,6 +28,7 @@ service runs ``render`` through casimg/render_pool.py, in worker processes with 
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +40,9 @@ from casimg.variants import ALPHA_FORMATS, CONTENT_TYPES, Layout, SourceInfo, Va
 
 Source = bytes | Path | str  # the original's bytes, or the path of its blob file
 
+# The render's own estimate (render_max_memory) decides what is too big; Pillow's warning between its
+# limit and twice it would only add noise. Above twice it Image.open still refuses (a RenderOverBudget).
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 OPEN_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF")  # never hand stored bytes to other decoders
 DRAFT_GAP = 2.0  # JPEG DCT scaling stops at >= 2x the output, so Lanczos still has detail to filter
 # resize(reducing_gap=3): reduce() by whole factors while at least 3x the output remains, then Lanczos;
