@@ -105,6 +105,8 @@ def test_a_spec_gives_back_the_parameters_that_make_it():
 def test_no_variant_parameters_means_the_original_and_other_parameters_are_not_looked_at():
     assert POLICY.parse({"url": "https://example.com/a.jpg", "wait": "3"}) is None
     assert POLICY.parse({"url": "x", "w": "5"}) == VariantSpec(w=5)
+    assert POLICY.parse({"w": "5", "fit": "cover", "enlarge": "1"}) == VariantSpec(w=5, enlarge=True)
+    assert POLICY.parse({"format": "png", "enlarge": "1"}) == VariantSpec(format="png")  # nothing to enlarge
 
 
 def test_an_unresolved_spec_names_nothing():
