@@ -18,8 +18,9 @@ reference's bit layout and rounding, and uses two facts to stay cheap in pure Py
   in C over a row of bytes), then the row results onto the vertical ones.
 
 Transparency follows the reference: pixels are composited over the image's own average colour (from
-Pillow's premultiplied "RGBa" bands, which are linear in alpha too). Measured cost (a 1-Mpx JPEG:
-draft decode at 1/8, thumbnail to 100 px, hash) is in BENCHMARKS.md, "Variants: render cost".
+Pillow's premultiplied "RGBa" bands, which are linear in alpha too). On opaque images the bytes equal
+those of the PyPI package's straightforward encoder (checked when this was written). Measured cost (a
+1-Mpx JPEG: draft decode at 1/8, thumbnail to 32 px, hash) is in BENCHMARKS.md, "Variants: render cost".
 """
 
 from __future__ import annotations
