@@ -61,8 +61,9 @@ TRANSPOSE = {
 }
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 WORK_BANDS = 4  # RGBA, the widest working mode, for the estimate
-# AVIF speed 8 encodes a 256-px thumbnail in a few ms where the default (6) takes ten times as long
-# for a few percent fewer bytes; one thread per encode, since the pool's processes fill the cores.
+# AVIF speed 8: a 256-px photo thumbnail in 33 ms of CPU and 4,472 bytes, against 128 ms and 4,213 at
+# libavif's default 6, 53 ms and 4,194 at 7, 8 ms and 5,817 at 9. One thread per encode: the pool's
+# processes already fill the cores.
 AVIF_OPTIONS = {"speed": 8, "max_threads": 1}
 WEBP_METHOD = 4  # libwebp's default effort; 6 is ~2x slower for ~3% fewer bytes
 SRGB = ImageCms.createProfile("sRGB")
