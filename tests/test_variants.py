@@ -367,6 +367,8 @@ def sources() -> dict[str, bytes]:
     rgba.putpixel((63, 47), (0, 0, 0, 0))
     return {
         "JPEG": encode(picture, "JPEG", quality=95),
+        "JPEG-CMYK": encode(picture.convert("CMYK"), "JPEG", quality=95),
+        "JPEG-grey": encode(picture.convert("L").point(lambda v: 255 if v < 100 else v), "JPEG", quality=95),
         "PNG": encode(picture, "PNG"),
         "PNG-RGBA": encode(rgba, "PNG"),
         "PNG-P": encode(picture.convert("P"), "PNG", transparency=0),
@@ -384,8 +386,10 @@ def test_each_input_format_to_each_output_format(source_name, fmt):
     im = decode(out.data)
     assert im.format == fmt.upper() and out.content_type == f"image/{fmt}"
     assert im.size == (32, 24) == (out.width, out.height)
-    if source_name != "PNG-16":
+    if source_name not in ("PNG-16", "JPEG-grey"):
         assert close(im.convert("RGB").getpixel((3, 3)), RED, 60)
+    elif source_name == "PNG-16":  # 30000 of 65535, not clipped to white
+        assert close(im.convert("RGB").getpixel((3, 3)), (117, 117, 117), 8)
     assert "exif" not in im.info and "icc_profile" not in im.info and "xmp" not in im.info
 
 
@@ -407,6 +411,49 @@ def test_variants_carry_no_metadata():
         for marker in (b"CameraMaker", b"secret", b"Exif\x00"):
             assert marker not in out.data, (fmt, marker)
         assert close(im.convert("RGB").getpixel((3, 3)), RED, 60)  # colours survive the sRGB conversion
+
+
+def _s15(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def _xyz(x: float, y: float, z: float) -> bytes:
+    return b"XYZ \0\0\0\0" + _s15(x) + _s15(y) + _s15(z)
+
+
+def swapped_primaries_profile() -> bytes:
+    """An ICC v2 RGB display profile whose red primary is sRGB's green and whose green is sRGB's red."""
+    red, green, blue = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)  # D50
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, 0x0233) + b"\0\0"  # gamma 2.2
+    tags = [(b"wtpt", _xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", _xyz(*green)), (b"gXYZ", _xyz(*red)),
+            (b"bXYZ", _xyz(*blue)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = b"", b""
+    for signature, data in tags:
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + b"lcms" + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+              + bytes(12) + b"acsp" + bytes(28) + _s15(0.9642) + _s15(1.0) + _s15(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp", "avif"])
+def test_an_embedded_colour_profile_is_converted_to_srgb_and_dropped(fmt):
+    """Stored red under a profile whose red is green looks green: so must the variant, untagged."""
+    data = encode(Image.new("RGB", (40, 40), RED), "PNG", icc_profile=swapped_primaries_profile())
+    out = decode(variant(data, w="20", format=fmt).data)
+    assert "icc_profile" not in out.info
+    assert close(out.convert("RGB").getpixel((10, 10)), GREEN, 50)
+
+
+def test_a_blob_file_renders_as_its_bytes(tmp_path):
+    data = stored_with_orientation(quadrants(80, 40), 6)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    spec = POLICY.resolve(POLICY.parse({"w": "40", "format": "webp"}), probe(path))
+    assert probe(path) == probe(data)
+    assert render(path, spec, max_memory=BUDGET) == render(data, spec, max_memory=BUDGET)
+    assert ph.placeholder(path) == ph.placeholder(str(path)) == ph.placeholder(data)
 
 
 def test_transparency_flattens_onto_bg_in_jpeg_and_stays_in_png():
