@@ -112,6 +112,10 @@ class RenderPool:
                     raise Unavailable("the render pool is not running")
                 try:
                     future = executor.submit(function, *args)
+                except (concurrent.futures.process.BrokenProcessPool, RuntimeError):
+                    self._recycle(executor)  # broken, or shut down by another render's recycle
+                    continue
+                try:
                     return await asyncio.wait_for(asyncio.wrap_future(future), limit)
                 except TimeoutError:
                     self._recycle(executor)
@@ -121,8 +125,8 @@ class RenderPool:
                     # out-of-memory killer): once more on a fresh pool, then give up.
                     self._recycle(executor)
                     if attempt == 2:
-                        raise Unavailable("the render worker died") from None
-        raise AssertionError("unreachable")
+                        break
+        raise Unavailable("the render worker died")
 
     async def render(self, source: Source, spec: VariantSpec, *, time_limit: float | None = None) -> Rendered:
         return await self.run(_render_in_worker, source, spec, self.max_memory, self.max_frames, time_limit=time_limit)

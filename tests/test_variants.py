@@ -20,7 +20,15 @@ from PIL import Image, ImageCms, ImageDraw
 
 from casimg import placeholder as ph
 from casimg.config import load_settings
-from casimg.errors import BadRequest, BadVariant, ConfigError, RenderOverBudget, RenderTimeout, Unrenderable
+from casimg.errors import (
+    BadRequest,
+    BadVariant,
+    ConfigError,
+    RenderOverBudget,
+    RenderTimeout,
+    Unavailable,
+    Unrenderable,
+)
 from casimg.render import TRANSPOSE, probe, render
 from casimg.render_pool import RenderPool
 from casimg.variants import SourceInfo, VariantPolicy, VariantSpec, layout, parse_presets
@@ -720,3 +728,22 @@ def test_placeholder_of_a_transparent_image_keeps_its_alpha():
 def test_the_encoder_refuses_what_the_format_cannot_hold():
     with pytest.raises(ValueError, match="100x100"):
         ph.encode(Image.new("RGB", (101, 10)))
+
+
+def test_a_worker_that_dies_is_replaced_and_its_render_answers_unavailable():
+    """A worker killed from outside (as the kernel's out-of-memory killer would) breaks the pool: the
+    work is tried once more on a new pool, then refused as Unavailable (a 503); the pool goes on."""
+    async def scenario():
+        pool = RenderPool(1, 60.0, max_memory=BUDGET)
+        pool.start()
+        try:
+            with pytest.raises(Unavailable, match="died"):
+                await pool.run(os._exit, 1)
+            assert pool.restarts == 2
+            assert len(await pool.placeholder(encode(quadrants(), "PNG"))) > 20
+        finally:
+            pool.close()
+        with pytest.raises(Unavailable, match="not running"):
+            await pool.placeholder(b"")
+
+    asyncio.run(scenario())
