@@ -10,14 +10,14 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any
 
-from casimg import app, importer
+from casimg import importer, runtime
 from casimg.config import Settings, describe, load_settings
 from casimg.embedded import EmbeddedRedis
 from casimg.errors import BadRequest, CasimgError, NotFound
 from casimg.fsck import fsck
-from casimg.keys import KeyStore, Scope
+from casimg.keys import Scope
+from casimg.services import Services, open_services, redis_for
 from casimg.stats import collect
 
 EXIT_USAGE = 2
@@ -155,21 +155,21 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides={n: getattr(args, n, None) for n in names})
 
 
-def _with_redis(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
+def _with_redis(settings: Settings, body: Callable[[Services], Awaitable[int]]) -> int:
     """Run `body(services)` against the configured or embedded Redis, for the short commands."""
     async def run(url: str) -> int:
-        services = await app.open_services(settings, url, with_worker=False)
+        services = await open_services(settings, url, with_worker=False)
         try:
             return await body(services)
         finally:
             await services.close()
 
-    with app.redis_for(settings, own_data_dir=False) as url:
+    with redis_for(settings, own_data_dir=False) as url:
         return asyncio.run(run(url))
 
 
-async def _keys(args: argparse.Namespace, services: Any) -> int:
-    store: KeyStore = services.keys
+async def _keys(args: argparse.Namespace, services: Services) -> int:
+    store = services.api_keys
     if args.keys_command == "create":
         key = await store.create(args.name, Scope[args.scope])
         print(f"created key {args.name!r} with scope {args.scope}; it is shown only now:")
@@ -184,14 +184,14 @@ async def _keys(args: argparse.Namespace, services: Any) -> int:
     return 0
 
 
-async def _stats(args: argparse.Namespace, services: Any) -> int:
+async def _stats(args: argparse.Namespace, services: Services) -> int:
     found = await collect(services.index, services.queue, services.blobs)
     print(json.dumps(found.as_json()) if args.json else "\n".join(found.lines()))
     return 0
 
 
-async def _fsck(args: argparse.Namespace, services: Any) -> int:
-    settings: Settings = services.settings
+async def _fsck(args: argparse.Namespace, services: Services) -> int:
+    settings = services.settings
     report = await fsck(services.index, services.blobs, repair=args.repair, tmp_grace=settings.tmp_grace)
     for line in report.repaired:
         print(f"repaired: {line}")
@@ -213,16 +213,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         setup_logging(settings.log_format)
         if args.command == "serve":
-            with app.redis_for(settings, own_data_dir=True) as url:
+            with redis_for(settings, own_data_dir=True) as url:
                 if settings.processes > 1:
-                    return app.serve_processes(settings, url)
-                app.run_loop(app.serve(settings, url))
+                    return runtime.serve_processes(settings, url)
+                runtime.run_loop(runtime.serve(settings, url))
             return 0
         if args.command == "worker":
             if not settings.redis_url and not EmbeddedRedis(settings.data_dir).alive():
                 raise CasimgError(f"no Redis: start `casimg serve --data-dir {settings.data_dir}` "
                                   "or pass --redis-url")
-            app.run_loop(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
+            runtime.run_loop(runtime.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
             return 0
         if args.command == "keys":
             return _with_redis(settings, lambda services: _keys(args, services))

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import orjson
@@ -30,10 +30,8 @@ from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
+from casimg.services import Services
 from casimg.validation import content_type_of
-
-if TYPE_CHECKING:
-    from casimg.app import Services
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -93,7 +91,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if needed is None:
             return
         try:
-            self.api_key = await self.services.keys.authenticate(self._presented_key(), needed)
+            self.api_key = await self.services.api_keys.authenticate(self._presented_key(), needed)
         except errors.Unauthorized:
             await self.services.auth_failures.record(self.request.remote_ip or "unknown")
             raise
@@ -208,7 +206,7 @@ class MetricsHandler(BaseHandler):
 
     async def prepare(self) -> None:
         if self.services.settings.metrics_require_key:
-            self.api_key = await self.services.keys.authenticate(self._presented_key(), Scope.read)
+            self.api_key = await self.services.api_keys.authenticate(self._presented_key(), Scope.read)
 
     async def get(self) -> None:
         metrics = self.services.metrics

@@ -75,8 +75,8 @@ async def test_token_and_bearer_headers_work_like_x_api_key(api, admin_key):
 
 @pytest.mark.gen_test
 async def test_scopes(api, services, origin):
-    read_key = await services.keys.create("reader", Scope.read)
-    write_key = await services.keys.create("writer", Scope.write)
+    read_key = await services.api_keys.create("reader", Scope.read)
+    write_key = await services.api_keys.create("writer", Scope.write)
     body = {"image_urls": [origin.url("/img/1.jpg")]}
     assert (await api("GET", "/api/images", key=read_key)).code == 200
     denied = await api("POST", "/api/images", key=read_key, json_body=body)
@@ -89,9 +89,9 @@ async def test_scopes(api, services, origin):
 
 @pytest.mark.gen_test
 async def test_revoked_key_is_refused(api, services):
-    key = await services.keys.create("temp", Scope.read)
+    key = await services.api_keys.create("temp", Scope.read)
     assert (await api("GET", "/api/images", key=key)).code == 200
-    await services.keys.revoke("temp")
+    await services.api_keys.revoke("temp")
     assert (await api("GET", "/api/images", key=key)).code == 401
 
 

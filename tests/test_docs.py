@@ -20,7 +20,6 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from bench.procs import start, stop, wait_port
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
 from tests.procs import ROOT, Server, expected_bytes, free_port
@@ -173,20 +173,10 @@ def test_the_external_redis_command_against_a_redis_run_with_config_redis_conf(t
     assert re.search(r"^dir /var/lib/redis$", conf, re.MULTILINE)
     # Redis changes to `dir` while it reads the file, so the directory is replaced in a copy, not overridden.
     (tmp_path / "redis.conf").write_text(re.sub(r"^dir .*$", f"dir {redis_dir}", conf, flags=re.MULTILINE))
-    external = subprocess.Popen(
-        [find_redis_server(), str(tmp_path / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1",
-         "--logfile", str(redis_dir / "redis.log")], stdin=subprocess.DEVNULL)
+    external = start([find_redis_server(), str(tmp_path / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1"],
+                     redis_dir / "redis.log", lambda process: wait_port(port, process))
     server = None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert external.poll() is None, (redis_dir / "redis.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server with config/redis.conf did not start"
-                time.sleep(0.05)
         client = redis.Redis(port=port, decode_responses=True)
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
@@ -201,8 +191,7 @@ def test_the_external_redis_command_against_a_redis_run_with_config_redis_conf(t
     finally:
         if server is not None:
             assert server.terminate() == 0
-        external.terminate()
-        external.wait(20)
+        stop(external)
 
 
 def test_redis_conf_is_the_production_config_the_docs_promise():

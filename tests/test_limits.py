@@ -13,11 +13,11 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
-from casimg.app import connect_redis
 from casimg.errors import TooManyRequests
 from casimg.index import KeySpace
 from casimg.keys import Scope
 from casimg.limits import AuthFailures, RateLimiter
+from casimg.services import connect_redis
 from tests.conftest import make_settings, problem
 from tests.origin import Origin
 
@@ -37,7 +37,7 @@ def bystander():
 
 @pytest.mark.gen_test
 async def test_rate_limit_per_key_answers_429_with_retry_after_and_spares_other_keys(api, services):
-    other = await services.keys.create("other", Scope.read)
+    other = await services.api_keys.create("other", Scope.read)
     codes = [(await api("GET", "/api/images")).code for _ in range(25)]
     assert codes[:10] == [200] * 10  # the burst
     assert 429 in codes
@@ -105,7 +105,7 @@ async def test_unfinished_jobs_per_key_are_bounded(api, services, origin):
     refused = await api("POST", "/api/images", json_body={"image_urls": [origin.url("/img/1.jpg")]})
     assert refused.code == 429 and refused.headers["Retry-After"] == "5"
     assert "2 unfinished jobs" in problem(refused)["detail"]
-    writer = await services.keys.create("writer", Scope.write)
+    writer = await services.api_keys.create("writer", Scope.write)
     assert (await api("POST", "/api/images", key=writer, json_body={"image_urls": ["http://x/y"]})).code == 202
 
 
@@ -149,7 +149,7 @@ async def test_the_service_answers_others_while_it_is_attacked(api, services, or
     attacked = await api("POST", "/api/images", json_body={"image_urls": attack})
     assert attacked.code == 202
     job_path = attacked.headers["Location"]
-    victim = await services.keys.create("victim", Scope.write)
+    victim = await services.api_keys.create("victim", Scope.write)
     url = bystander.url("/img/77.png")
     served = await api("POST", "/api/images?wait=30", key=victim, json_body={"image_urls": [url]})
     assert served.code == 200 and json.loads(served.body)["stored"] == 1

@@ -122,7 +122,7 @@ async def test_queue_depth_and_running_jobs_are_seen_while_downloads_wait(api, o
 @pytest.mark.parametrize("settings", [{"metrics_require_key": True}], indirect=True)
 async def test_metrics_can_require_a_key(api, services):
     assert (await api("GET", "/metrics", key=None)).code == 401
-    reader = await services.keys.create("scraper", Scope.read)
+    reader = await services.api_keys.create("scraper", Scope.read)
     assert "casimg_http_requests_total" in str(await scrape(api, key=reader))
 
 

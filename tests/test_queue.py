@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from casimg.app import connect_redis
 from casimg.errors import NotFound
 from casimg.index import Index, KeySpace
 from casimg.queue import JobQueue
+from casimg.services import connect_redis
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from casimg import blobs as blobs_module
-from casimg.app import open_services
+from casimg.services import open_services
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
 

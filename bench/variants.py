@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What a variant costs the renderer alone (no HTTP, no Redis, no storage): a standalone measurement.
 
-    .venv/bin/python scripts/variants_bench.py                 # prints the markdown tables
-    .venv/bin/python scripts/variants_bench.py --runs 60 --pool-renders 80
+    .venv/bin/python -m bench.variants                 # prints the markdown tables
+    .venv/bin/python -m bench.variants --runs 60 --pool-renders 80
 
 - Render latency, in this process on one core: a 12-megapixel JPEG (4000x3000, photo-like: noise over
   gradients and shapes, lightly blurred) to a 256-pixel WebP thumbnail, with JPEG DCT scaling (draft)
@@ -12,8 +12,10 @@
 - Placeholder cost per image: a 1-megapixel JPEG through casimg.placeholder (1/8 draft decode,
   32-px thumbnail, ThumbHash), p50 and p99.
 
-Each function takes its inputs and returns figures, so a benchmark package can import them; nothing is
-written to disk. The images are made here with Pillow from a fixed seed.
+Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
+hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
+scenario of the main run can call them later; nothing is written to disk. The images are made here with
+Pillow from a fixed seed.
 """
 
 from __future__ import annotations
@@ -25,15 +27,8 @@ import os
 import platform
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-try:
-    import casimg  # noqa: F401
-except ImportError:  # run from a checkout without installing: use the package beside this script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import PIL
 from PIL import Image, ImageDraw, ImageFilter
@@ -140,7 +135,7 @@ def main() -> None:
 
     print(f"Renderer only (no HTTP, Redis or storage). {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, Pillow {PIL.__version__}; load "
-          f"average {load_before:.2f} before, {load_after:.2f} after. `python scripts/variants_bench.py "
+          f"average {load_before:.2f} before, {load_after:.2f} after. `python -m bench.variants "
           f"--runs {args.runs} --workers {args.workers} --pool-renders {args.pool_renders}`.\n")
     print(f"Source: a 4000x3000 JPEG (quality 90, {len(twelve) / 1e6:.1f} MB), photo-like. Latency in one "
           f"process, {args.runs} renders a case:\n")
