@@ -10,6 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from casimg import importer, runtime
 from casimg.config import Settings, describe, load_settings
@@ -17,6 +18,7 @@ from casimg.embedded import EmbeddedRedis
 from casimg.errors import BadRequest, CasimgError, NotFound
 from casimg.fsck import fsck
 from casimg.keys import Scope
+from casimg.logtext import loggable, loggable_lines
 from casimg.services import Services, open_services, redis_for
 from casimg.stats import collect
 
@@ -27,10 +29,24 @@ REFERENCE_WIDTH = 100
 
 
 class Formatter(logging.Formatter):
-    """logging's Formatter with the time of each record formatted once per second: the access log
-    writes a line per request, and strftime consults the time zone on every call."""
+    """logging's Formatter with every record made safe to log (logtext.loggable: control characters
+    escaped, credentials in URLs cut out), whoever logged it; and the time of each record formatted once
+    per second: the access log writes a line per request, and strftime consults the time zone on every
+    call."""
 
     _second: tuple[int, str] = (-1, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = loggable(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for more in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if more:
+                line += "\n" + loggable_lines(more)  # indented: no line of it can pass for a record's
+        return line
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
@@ -44,14 +60,18 @@ class Formatter(logging.Formatter):
 
 
 class JsonFormatter(Formatter):
+    """One JSON object a line. The message and every string field are cleaned as in the text format, so
+    both formats say the same; json.dumps escapes what is left (non-ASCII)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname,
+                                 "logger": record.name, "message": loggable(record.getMessage())}
         fields = getattr(record, "fields", None)  # a request or a download outcome, as separate fields
         if isinstance(fields, dict):
-            entry.update({name: value for name, value in fields.items() if name not in entry})
+            entry.update({name: loggable(value) if isinstance(value, str) else value
+                          for name, value in fields.items() if name not in entry})
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = loggable_lines(self.formatException(record.exc_info), indent="")
         return json.dumps(entry)
 
 

@@ -115,6 +115,30 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    variants: str = _setting(
+        "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
+        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
+    )
+    variant_presets: str = _setting(
+        "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "
+        "format:auto' (';' between presets), or in TOML a table of such strings or of parameter tables."
+    )
+    variant_max_side: int = _setting(4096, "Largest width or height of a variant, in pixels; past it a 400.")
+    variant_max_pixels: int = _setting(
+        4096 * 4096, "Largest width x height of a variant's output; past it a 400 naming this limit."
+    )
+    variants_per_original: int = _setting(100, "Most variants kept of one original; past it a new one is a 400.")
+    render_workers: int = _setting(
+        2, "Processes rendering variants, per casimg process; renders past them wait their turn."
+    )
+    render_timeout: float = _setting(
+        20.0, "Seconds one render may take; past it the render is abandoned (its worker killed) and answers 503."
+    )
+    render_max_memory: int = _setting(
+        512 * MIB, "Bytes one render may decode into, estimated from the image header before decoding "
+        "(width x height x bands, after JPEG DCT scaling); past it the variant answers 422."
+    )
+
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
@@ -144,6 +168,10 @@ def _cast(name: str, raw: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if isinstance(raw, Mapping):
+            if name != "variant_presets":
+                raise ValueError("expected a single value, not a table")
+            return _presets_text(raw)
         if kind == "Path":
             return Path(raw).expanduser()
         if kind.startswith("tuple"):
@@ -152,6 +180,20 @@ def _cast(name: str, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Setting {name!r}: cannot use {raw!r} ({exc})") from None
+
+
+def _presets_text(table: Mapping[str, Any]) -> str:
+    """A TOML table of presets, each a 'w:256 fit:cover' string or a {w = 256, fit = "cover"} table, as the
+    environment's 'name=w:256 fit:cover; ...' form, which casimg.variants parses and checks."""
+    entries = []
+    for preset, body in table.items():
+        if isinstance(body, Mapping):
+            body = " ".join(f"{key}:{str(value).lower() if isinstance(value, bool) else value}"
+                            for key, value in body.items())
+        elif not isinstance(body, str):
+            raise ValueError(f"preset {preset!r} must be a string or a table")
+        entries.append(f"{preset}={body}")
+    return "; ".join(entries)
 
 
 def _check(settings: Settings) -> Settings:
@@ -164,11 +206,16 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
     if settings.validation not in ("structure", "decode"):
         raise ConfigError("Setting 'validation' must be 'structure' or 'decode'")
+    if settings.variants not in ("on", "presets", "off"):
+        raise ConfigError("Setting 'variants' must be 'on', 'presets' or 'off'")
+    if settings.render_timeout <= 0:
+        raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
                  "per_host_concurrency", "max_urls_per_request", "max_body_bytes", "max_url_length",
-                 "max_jobs_in_flight", "rate_burst"):
+                 "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
+                 "variants_per_original", "render_workers", "render_max_memory"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
     for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes"):

@@ -54,8 +54,12 @@ RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # whose ValueError was a 500). 18 digits is an exabyte.
 RANGE_DIGITS = 18
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
-# Query parameters never written to a log, should a client put a credential there (casimg never reads them).
-SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password"})
+# Query parameters whose values are never written to a log, should a client put a credential there (casimg
+# never reads them): a name that, lowercased and without separators, holds one of SECRET_WORDS (key,
+# api_key, x-api-key, api-key, apiKey, access_token, client_secret, X-Amz-Signature, ...) or is one of
+# SECRET_NAMES. A list of names would miss the next spelling; a harmless parameter masked costs nothing.
+SECRET_WORDS = ("key", "token", "secret", "passw", "pwd", "auth", "signature", "credential", "session", "cookie")
+SECRET_NAMES = frozenset({"sig", "pass", "jwt", "sid"})
 UNMATCHED = "unmatched"  # the route label of requests no route matched: their paths must not become labels
 
 
@@ -119,10 +123,18 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         status, _, _ = _status_of(value) if value else (500, "", None)
-        if status >= 500 and status != 503:
-            super().log_exception(typ, value, tb)
-        elif status == 503:
+        if status == 503:
             log.warning("%s %s: %s", self.request.method, clip(self.request.path), type(value).__name__)
+        elif status >= 500 and isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)  # its line names the request by _request_summary
+        elif status >= 500:
+            # Not tornado's own line: it repeats the raw request target, key-like parameters and all.
+            log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    def _request_summary(self) -> str:
+        """The request as error lines name it: the target as the access log writes it."""
+        target = clip(_loggable_uri(self.request.path, self.request.query))
+        return f"{self.request.method} {target} ({self.request.remote_ip})"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -203,7 +215,8 @@ def _is_secret(name: str) -> bool:
     names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
     if "%" in name or "+" in name:
         name = unquote_plus(name)
-    return name.lower() in SECRET_PARAMS
+    folded = "".join(c for c in name.lower() if c.isalnum())
+    return folded in SECRET_NAMES or any(word in folded for word in SECRET_WORDS)
 
 
 class MetricsHandler(BaseHandler):

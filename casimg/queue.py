@@ -19,8 +19,10 @@ more than about ``STEP_BYTES`` of URLs:
    cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
    set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
 
-A URL longer than the longest accepted is not a request error: the job keeps its first ``KEPT_URL``
-characters and a marker, and its result is ``failed: URL too long`` from the start.
+A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
+may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
+marker (``failed: URL too long``); a URL with credentials (``http://user:secret@host/``) keeps the URL
+with its userinfo replaced by ``***`` (``failed: credentials in URL``), so the secret never reaches Redis.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from redis.exceptions import ResponseError
 
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.index import QUEUE_GROUP, KeySpace, now_iso
+from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait
 # URL bytes one Redis call writes or reads at most, and URLs (an XADD from Lua costs about 12 us of Redis's
@@ -175,15 +178,26 @@ class Limits:
     max_url_length: int = 1 << 62  # characters; a longer URL fails with TOO_LONG
 
 
-def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], set[int]]:
-    """The URLs as the job keeps them, and the positions of those too long to download: each of those is
-    cut to its first KEPT_URL characters (and max_length at most) and a marker saying how long it was."""
-    kept, too_long = list(urls), set()
+def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], dict[int, str]]:
+    """The URLs as the job keeps them, and the positions of those that fail from the start, with why.
+
+    A URL with credentials keeps the rest of itself (userinfo.without_userinfo); one too long to download
+    is cut to its first KEPT_URL characters (and max_length at most) and a marker saying how long it was.
+    The userinfo goes first, so that a cut never keeps a secret.
+    """
+    kept, failed = list(urls), {}
     for position, url in enumerate(urls):
+        if has_userinfo(url):
+            kept[position] = without_userinfo(url)
+            failed[position] = CREDENTIALS
         if len(url) > max_length:
-            kept[position] = f"{url[:min(KEPT_URL, max_length)]}... [cut: {len(url)} characters]"
-            too_long.add(position)
-    return kept, too_long
+            kept[position] = f"{kept[position][:min(KEPT_URL, max_length)]}... [cut: {len(url)} characters]"
+            failed.setdefault(position, TOO_LONG)
+    return kept, failed
+
+
+def _failure(reason: str) -> str:
+    return json.dumps({"status": "failed", "error": reason, "attempts": 0}, separators=(",", ":"))
 
 
 def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:
@@ -230,14 +244,14 @@ class JobQueue:
         """
         limits = limits or Limits()
         distinct = list(dict.fromkeys(urls))
-        kept, too_long = _kept_urls(distinct, limits.max_url_length)
+        kept, failed = _kept_urls(distinct, limits.max_url_length)
         size = sum(len(url.encode()) for url in kept)
         if key_id and 0 < limits.max_bytes < size:
             raise TooLarge(f"the URLs of this job are {size} bytes; CASIMG_MAX_QUEUED_BYTES allows "
                            f"{limits.max_bytes} bytes of URLs in a key's unfinished jobs")
         job_id = secrets.token_hex(12)
-        await self._stage(job_id, kept, too_long)
-        await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(too_long), size=size)
+        await self._stage(job_id, kept, failed)
+        await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(failed), size=size)
         # Each step asks for exactly the URLs it will take: the list is read in Redis by the step.
         for _, chunk in _chunks(kept, ENQUEUE_URLS):
             await self.enqueue_step(job_id, len(chunk))
@@ -245,15 +259,16 @@ class JobQueue:
             pass
         return job_id, len(distinct)
 
-    async def _stage(self, job_id: str, urls: list[str], too_long: set[int]) -> None:
-        """Step 1: the URL list (and the results of too long URLs), a chunk per call, with a short TTL."""
+    async def _stage(self, job_id: str, urls: list[str], failed: dict[int, str]) -> None:
+        """Step 1: the URL list (and the results of the URLs failed from the start), a chunk per call, with
+        a short TTL."""
         k = self.keys
-        failed = json.dumps({"status": "failed", "error": TOO_LONG, "attempts": 0}, separators=(",", ":"))
         for first, chunk in _chunks(urls):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(k.job_urls(job_id), *chunk)
                 pipe.pexpire(k.job_urls(job_id), self.staging_ttl_ms)
-                results = {str(pos): failed for pos in range(first, first + len(chunk)) if pos in too_long}
+                results = {str(pos): _failure(failed[pos]) for pos in range(first, first + len(chunk))
+                           if pos in failed}
                 if results:
                     pipe.hset(k.job_results(job_id), mapping=results)
                     pipe.pexpire(k.job_results(job_id), self.staging_ttl_ms)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -35,6 +36,10 @@ from tests.origin import Origin, image_bytes
     ("ff02::1", "multicast"), ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"),
     ("198.18.0.1", "benchmarking"), ("192.0.2.1", "documentation"), ("2001:db8::1", "documentation"),
     ("2002:7f00:1::", "6to4"),
+    # IPv4-compatible, IPv4-translated and local-use NAT64 are blocked whole, whatever IPv4 address is inside
+    ("::a9fe:a9fe", "IPv4-compatible"), ("[::169.254.169.254]", "IPv4-compatible"), ("::808:808", "IPv4-compatible"),
+    ("::ffff:0:a9fe:a9fe", "IPv4-translated"), ("::ffff:0:808:808", "IPv4-translated"),
+    ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"), ("64:ff9b:1:ffff:ffff::808:808", "local-use NAT64"),
 ])
 def test_guard_refuses_every_non_public_address_in_every_spelling(host, kind):
     reason = AddressGuard().refusal(host)
@@ -55,6 +60,14 @@ def test_allow_networks_opens_exactly_the_listed_networks():
     assert "loopback" in (guard.refusal("::1") or "")
     assert "private" in (guard.refusal("192.168.0.1") or "")
     assert guard.refusal("11.0.0.1") is None
+
+
+def test_allow_networks_opens_the_ipv4_in_ipv6_forms_blocked_whole_only_by_their_own_prefix():
+    assert "NAT64" in (AddressGuard(["169.254.0.0/16"]).refusal("64:ff9b:1::a9fe:a9fe") or "")
+    guard = AddressGuard(["64:ff9b:1::/48", "::ffff:0:0:0/96"])
+    assert guard.refusal("64:ff9b:1::a9fe:a9fe") is None
+    assert guard.refusal("::ffff:0:a9fe:a9fe") is None
+    assert "IPv4-compatible" in (guard.refusal("::a9fe:a9fe") or "")
 
 
 def test_parse_address_reads_what_a_resolver_would_and_leaves_names_alone():
@@ -228,6 +241,19 @@ async def test_urls_that_cannot_be_fetched_are_refused_before_any_connection(tmp
 
 
 @pytest.mark.gen_test
+async def test_urls_and_redirects_with_credentials_are_refused_without_sending_them(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    target = f"http://user:secret@127.0.0.1:{origin.port}/flaky/credentials?fail=0"
+    try:
+        assert (await failure(fetcher, target)).reason == "credentials in URL"
+        redirected = await failure(fetcher, origin.url("/redirect-to?url=" + quote(target, safe="")))
+        assert redirected.reason == "credentials in URL" and redirected.permanent
+    finally:
+        await fetcher.close()
+    assert origin.hits["flaky:credentials"] == 0
+
+
+@pytest.mark.gen_test
 async def test_closed_port_is_a_transient_connection_failure(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -274,6 +300,30 @@ async def test_forbidden_hosts_in_every_spelling_are_refused_without_connecting(
     finally:
         await fetcher.close()
     assert sum(forbidden.hits.values()) == 0 and sum(forbidden6.hits.values()) == 0
+
+
+IPV4_IN_IPV6 = ["::a9fe:a9fe", "::ffff:0:a9fe:a9fe", "64:ff9b:1::a9fe:a9fe"]
+
+
+@pytest.mark.gen_test
+async def test_ipv4_in_ipv6_forms_are_refused_before_connecting(tmp_path, origin):
+    """IPv4-compatible, IPv4-translated and local-use NAT64 addresses, as literals, as DNS answers and as
+    redirect targets. A "blocked address" reason comes only from the guard, which runs before a socket is
+    made: nothing is sent to them."""
+    fetcher = await started(tmp_path, resolver=ScriptedResolver({"v4in6.test": [IPV4_IN_IPV6]}))
+    # Asserted first, so that a guard letting them through fails here, before any packet could be sent.
+    assert all(fetcher.guard.refusal(host) for host in IPV4_IN_IPV6)
+    urls = [f"http://[{host}]:80/latest/meta-data/" for host in IPV4_IN_IPV6]
+    urls += [origin.url(f"/redirect-to?url=http://[{host}]:80/") for host in IPV4_IN_IPV6]
+    try:
+        for url in urls:
+            failed = await failure(fetcher, url)
+            assert failed.reason.startswith("blocked address ("), (url, failed.reason)
+            assert failed.permanent, url
+        by_name = await failure(fetcher, "http://v4in6.test/latest/meta-data/")
+        assert by_name.reason == "blocked address (::a9fe:a9fe is IPv4-compatible)"
+    finally:
+        await fetcher.close()
 
 
 @pytest.mark.gen_test

@@ -94,6 +94,36 @@ async def test_too_long_urls_fail_at_once_and_the_job_keeps_a_bounded_prefix(par
 
 
 @pytest.mark.gen_test
+async def test_urls_with_credentials_fail_at_once_and_their_secret_never_reaches_redis(parts, redis_server):
+    queue, _ = parts
+    secret = "hunter2-" + "s" * 16
+    urls = ["http://a/1", f"http://user:{secret}@a/2?x=1", f"https://{secret}@a/3",
+            f"http://u:{secret}@a/" + "x" * 9000]
+    job_id, total = await queue.submit(urls, limits=Limits(max_url_length=8192))
+    assert total == 4
+    job = await queue.get(job_id)
+    assert (job.status, job.done, job.failed) == ("queued", 3, 3)
+    assert [(r["url"], r["status"], r.get("error")) for r in job.results[:3]] == [
+        ("http://a/1", "pending", None),
+        ("http://***@a/2?x=1", "failed", "credentials in URL"),
+        ("https://***@a/3", "failed", "credentials in URL"),
+    ]
+    # Both reasons hold for the last; the cut keeps no userinfo either.
+    assert job.results[3]["error"] == "credentials in URL" and job.results[3]["url"].startswith("http://***@a/xxx")
+    assert [e.url for e in await queue.read("w", 10, 100)] == ["http://a/1"]
+    client = redis_server.client()
+    try:
+        for key in client.scan_iter(match=queue.keys.prefix + "*"):
+            kind = client.type(key)
+            dump = {"list": lambda k: client.lrange(k, 0, -1), "hash": client.hgetall, "string": client.get,
+                    "stream": lambda k: client.xrange(k), "zset": lambda k: client.zrange(k, 0, -1),
+                    "set": client.smembers}[kind](key)
+            assert secret not in repr(dump), key
+    finally:
+        client.close()
+
+
+@pytest.mark.gen_test
 async def test_the_bytes_of_a_keys_unfinished_jobs_are_bounded(parts):
     queue, index = parts
     limits = Limits(max_in_flight=100, max_bytes=1000)
@@ -145,7 +175,7 @@ async def test_staged_chunks_of_an_unpublished_job_are_invisible_and_expire(redi
     try:
         await queue.ensure_group()
         urls = [f"http://a/{n}/" + "x" * 1000 for n in range(1000)]
-        await queue._stage("ab" * 12, urls, {3})  # the process dies here: never published
+        await queue._stage("ab" * 12, urls, {3: "URL too long"})  # the process dies here: never published
         assert await client.llen(keys.job_urls("ab" * 12)) == 1000
         with pytest.raises(NotFound):
             await queue.get("ab" * 12)
@@ -164,7 +194,7 @@ async def test_a_job_published_but_not_fully_enqueued_is_finished_once_by_a_work
     queue, _ = parts
     urls = [f"http://a/{n}/" + "x" * 1000 for n in range(2000)]
     job_id = "cd" * 12
-    await queue._stage(job_id, urls, set())
+    await queue._stage(job_id, urls, {})
     await queue._publish_or_refuse(job_id, "k", Limits(), total=len(urls), failed=0, size=0)
     assert await queue.enqueue_step(job_id) is False  # one step, then the process dies
     partly = await queue.redis.xlen(queue.keys.queue)

@@ -165,7 +165,7 @@ async def test_a_worker_finishes_queueing_a_job_whose_submitter_died(services, o
     queue.resume_after = 0  # 30 s in service: a submitter may still be at it
     urls = [origin.url(f"/img/{913_000 + n}.png") for n in range(5)]
     job_id = "ef" * 12
-    await queue._stage(job_id, urls, set())
+    await queue._stage(job_id, urls, {})
     await queue._publish_or_refuse(job_id, "", Limits(), total=len(urls), failed=0, size=0)
     await queue.enqueue_step(job_id, 2)  # and no more
     for _ in range(300):
