@@ -4,6 +4,7 @@ metrics port and the log formats."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -333,6 +334,32 @@ def test_a_scrape_counts_every_process_of_the_host_and_a_restart_neither_loses_n
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(15) == 0
     assert not list(shared.glob("gauge_livesum_*.db")), "a stopped process's in-flight gauge must go"
+
+
+def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_files(tmp_path, origin, procs):
+    """A worker killed with -9 cannot remove its in-flight gauge: the next scrape does. The directory of an
+    earlier boot goes when a process joins, unless a process still holds a slot in it."""
+    data_dir = tmp_path / "data"
+    gone = data_dir / METRICS_DIR / "an-earlier-boot"
+    held = data_dir / METRICS_DIR / "another-host"
+    for directory in (gone, held):
+        directory.mkdir(parents=True)
+        (directory / "slot-0.lock").touch()
+        (directory / "counter_0.db").write_bytes(b"\0" * 16)
+    with open(held / "slot-0.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a process of that host would
+        server = procs.server(data_dir, "--no-workers")
+        assert not gone.exists() and (held / "counter_0.db").exists()
+    worker = procs.worker(data_dir, env=server.env)
+    urls = [origin.url(f"/img/{n}.jpg?delay=60") for n in range(520, 523)]
+    assert server.call("POST", "/api/images", {"image_urls": urls})[0] == 202
+    in_flight = sample("casimg_downloads_in_flight")
+    assert scrape_until(server, {in_flight: 3})[in_flight] == 3  # published by the worker
+    worker.kill()
+    worker.wait()
+    assert scrape_until(server, {in_flight: 0})[in_flight] == 0
+    shared = data_dir / METRICS_DIR / host_id()
+    assert sorted(p.name for p in shared.glob("gauge_livesum_*.db")) == ["gauge_livesum_0.db"]  # the server's
 
 
 @pytest.mark.parametrize(("query", "logged_as"), [
