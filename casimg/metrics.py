@@ -51,6 +51,7 @@ from typing import Protocol
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from casimg import stats
@@ -68,6 +69,7 @@ REASON_CUT = re.compile(r" \(|: | '|\"")  # what follows is a detail (a size, a 
 REASON_MAX = 40
 PUBLISH_INTERVAL = 1.0  # seconds: how old another process's in-flight count may be in a scrape
 METRICS_DIR = "metrics"  # under the data dir
+SHARED_FILES = ("counter", "histogram", "gauge_livesum")  # the kinds of file a process writes (see SharedDir)
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # the same for every process (and container) of one boot
 
 prometheus_client.disable_created_metrics()  # the *_created series double the output and nobody reads them
@@ -272,6 +274,9 @@ class SharedDir:
         path.mkdir(parents=True, exist_ok=True)
         _remove_earlier_boots(root, path)
         slot, fd = _claim_slot(path)
+        # Every file now, not at the first count of its kind, so a process that answers already has them all.
+        for kind in SHARED_FILES:
+            MmapedDict(str(path / f"{kind}_{slot}.db")).close()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
         name = str(slot)
         values.ValueClass = values.MultiProcessValue(lambda: name)
