@@ -1,0 +1,170 @@
+"""What the worst files cost validation: CPU seconds and memory over baseline, one fresh process each.
+
+    python scripts/validation_worst.py              # the hostile files, then normal images, both modes
+    python scripts/validation_worst.py --skip-normal --modes structure
+
+The hostile files are built in a temp dir, each the size of a real attack that fits under the default
+CASIMG_MAX_IMAGE_BYTES (50 MiB): a JPEG of 10 million empty COM segments after its SOI, a WebP of 6
+million empty RIFF chunks, a PNG of 2 million tEXt chunks after its IDAT, a GIF of 2 million frames.
+Each is validated from its path (as a large download is) by ``validate_image`` in a new Python process
+with the default settings; the process reports its CPU time and the growth of its peak RSS (VmHWM)
+over the RSS it had just before the call, with casimg and Pillow already imported. Normal images
+(1 Mpx photos-like pictures) are timed in this process with timeit, to show the walk's speed where it
+matters every day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import timeit
+import zlib
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+# Run in the child: validate one file and print what it cost, as JSON.
+# Peak RSS is read from VmHWM, which belongs to the new process image: ru_maxrss would start from the RSS of
+# the forked copy of this (large) process.
+CHILD = """
+import json, sys, time
+from casimg.config import Settings
+from casimg.errors import InvalidImage
+from casimg.validation import validate_image
+settings = Settings()
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+path, mode = sys.argv[1], sys.argv[2]
+before_rss = peak_kib()
+before_cpu = time.process_time()
+try:
+    info = validate_image(path, max_pixels=settings.max_pixels, allowed_formats=frozenset(settings.allowed_formats),
+                          max_frames=settings.max_frames, mode=mode)
+    outcome = f"accepted ({info.format}, {info.frames} frame(s))"
+except InvalidImage as refused:
+    outcome = f"refused: {refused.reason}"
+cpu = time.process_time() - before_cpu
+peak = peak_kib()
+print(json.dumps({"outcome": outcome, "cpu": cpu, "rss_kib": peak - before_rss}))
+"""
+
+
+def small_picture(fmt: str, size: tuple[int, int] = (64, 48), **options: object) -> bytes:
+    picture = Image.new("RGB", size, (200, 80, 40))
+    ImageDraw.Draw(picture).ellipse((4, 4, size[0] - 4, size[1] - 4), fill=(20, 120, 220))
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def hostile_jpeg(segments: int = 10_000_000) -> bytes:
+    """A real JPEG with `segments` empty comments (FF FE 00 02) between its SOI and the rest."""
+    real = small_picture("JPEG")
+    return real[:2] + b"\xff\xfe\x00\x02" * segments + real[2:]
+
+
+def hostile_webp(chunks: int = 6_000_000) -> bytes:
+    """A real lossy WebP followed by `chunks` empty chunks, the RIFF size covering them all."""
+    real = small_picture("WEBP", quality=70)
+    body = real[12:] + b"JUNK\x00\x00\x00\x00" * chunks
+    return b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WEBP" + body
+
+
+def hostile_png(chunks: int = 2_000_000) -> bytes:
+    """A real PNG with `chunks` tEXt chunks (each a one-letter key and no text) between IDAT and IEND."""
+    real = small_picture("PNG")
+    iend = real.rindex(b"IEND") - 4
+    return real[:iend] + png_chunk(b"tEXt", b"k\x00") * chunks + real[iend:]
+
+
+def hostile_gif(frames: int = 2_000_000) -> bytes:
+    """A GIF of `frames` one-pixel frames, each an image descriptor and a one-block LZW stream."""
+    header = b"GIF89a" + (1).to_bytes(2, "little") * 2 + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + b"\x00\x00" * 2 + b"\x01\x00" * 2 + b"\x00" + b"\x02\x02\x44\x01\x00"
+    return header + frame * frames + b"\x3b"
+
+
+HOSTILE = {
+    "JPEG, 10 million empty COM segments": ("worst.jpg", hostile_jpeg),
+    "WebP, 6 million empty RIFF chunks": ("worst.webp", hostile_webp),
+    "PNG, 2 million tEXt chunks after IDAT": ("worst.png", hostile_png),
+    "GIF, 2 million frames": ("worst.gif", hostile_gif),
+}
+
+
+def measure(path: Path, mode: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def normal_images() -> dict[str, bytes]:
+    """A 1 Mpx picture with edges and texture, saved as a camera or a web page would."""
+    picture = Image.effect_mandelbrot((1200, 850), (-2.0, -1.2, 1.0, 1.2), 200).convert("RGB")
+    picture = Image.merge("RGB", (picture.getchannel(0), picture.filter(ImageFilter.FIND_EDGES).getchannel(1),
+                                  Image.linear_gradient("L").resize(picture.size)))
+    out = {}
+    for name, fmt, options in [("JPEG", "JPEG", {"quality": 85}), ("PNG", "PNG", {}),
+                               ("WebP", "WEBP", {"quality": 80})]:
+        buffer = io.BytesIO()
+        picture.save(buffer, fmt, **options)
+        out[name] = buffer.getvalue()
+    return out
+
+
+def time_normal(mode: str) -> list[str]:
+    from casimg.config import Settings
+    from casimg.validation import validate_image
+
+    settings = Settings()
+    allowed = frozenset(settings.allowed_formats)
+    rows = []
+    for name, data in normal_images().items():
+        def once(data: bytes = data) -> None:
+            validate_image(data, max_pixels=settings.max_pixels, allowed_formats=allowed, mode=mode)
+        runs = 50 if mode == "structure" else 5
+        best = min(timeit.repeat(once, number=runs, repeat=5)) / runs
+        rows.append(f"| {name} | {len(data) / 1024:.0f} KB | {mode} | {best * 1000:.3f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="structure,decode", help="comma-separated validation modes")
+    parser.add_argument("--skip-normal", action="store_true", help="only the hostile files")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    print("| file | size MB | mode | outcome | CPU s | peak RSS over baseline MB | of the file size |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (name, build) in HOSTILE.items():
+            path = Path(tmp) / name
+            path.write_bytes(build())
+            size = path.stat().st_size
+            for mode in modes:
+                got = measure(path, mode)
+                extra = float(got["rss_kib"]) * 1024  # type: ignore[arg-type]
+                print(f"| {label} | {size / MIB:.1f} | {mode} | {got['outcome']} | {got['cpu']:.2f} | "
+                      f"{extra / MIB:.0f} | {extra / size:.2f}x |", flush=True)
+            path.unlink()
+    if not args.skip_normal:
+        print("\n| normal image | size | mode | ms per validation (best of 5) |")
+        print("|---|---|---|---|")
+        for mode in modes:
+            print("\n".join(time_normal(mode)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
