@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import io
+import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from casimg.errors import InvalidImage
-from casimg.validation import validate_image
+from casimg.validation import (
+    MAX_CHUNKS,
+    MAX_FILL_BYTES,
+    MAX_HEADER_BLOCKS,
+    MAX_HEADER_CHUNKS,
+    MAX_SEGMENTS,
+    validate_image,
+)
 from tests.origin import animated_gif, image_bytes, pixel_bomb
 
 ALLOWED = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
@@ -178,3 +188,76 @@ def test_a_webp_without_an_image_header_is_not_an_image():
         validate_image(renamed, **LIMITS)
     with pytest.raises(InvalidImage, match="format WEBP not allowed"):
         validate_image(lossy, max_pixels=10**6, allowed_formats={"JPEG"})
+
+
+# -- hostile structure: refused by casimg's own walk before Pillow reads it, in bounded time and memory -----
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import validation_worst as worst  # noqa: E402  (the generators of BENCHMARKS.md's worst cases)
+
+SECONDS = 5.0  # generous: the walks refuse each of these in milliseconds; before them it took seconds
+
+
+def costs(path: Path, **limits: object) -> tuple[str, float, int]:
+    """The refusal's reason, its CPU seconds, and the peak of Python's allocations in a second run (tracing
+    them slows every allocation down, so the time is taken without it)."""
+    def refusal() -> str:
+        with pytest.raises(InvalidImage) as refused:
+            validate_image(path, **{**LIMITS, "max_frames": 1000, **limits})
+        return refused.value.reason
+
+    started = time.process_time()
+    reason = refusal()
+    seconds = time.process_time() - started
+    tracemalloc.start()
+    try:
+        assert refusal() == reason
+        return reason, seconds, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("mode", ["structure", "decode"])
+@pytest.mark.parametrize(("build", "count", "reason"), [
+    (worst.hostile_jpeg, 200_000, f"too many segments (over {MAX_SEGMENTS})"),
+    (worst.hostile_webp, 200_000, f"too many chunks (over {MAX_CHUNKS})"),
+    (worst.hostile_png, 200_000, f"too many chunks (over {MAX_CHUNKS})"),
+    (worst.hostile_gif, 200_000, "too many frames (1001 over 1000)"),
+], ids=["jpeg-comments", "webp-chunks", "png-text-after-idat", "gif-frames"])
+def test_absurd_structure_is_refused_early_in_bounded_time_and_memory(tmp_path, mode, build, count, reason):
+    path = written(tmp_path, build(count))
+    got, seconds, peak = costs(path, mode=mode)
+    assert got == reason
+    assert seconds < SECONDS
+    # A large body is mapped, not read: the walk allocates a few headers, not a copy or a list per segment.
+    assert peak < path.stat().st_size / 10, f"{peak} bytes allocated for a {path.stat().st_size}-byte file"
+
+
+def test_every_cap_names_what_it_counted(tmp_path):
+    real_jpeg, real_gif = worst.small_picture("JPEG"), worst.small_picture("GIF")
+    fill = real_jpeg[:2] + b"\xff" * (MAX_FILL_BYTES + 1) + real_jpeg[2:]
+    assert costs(written(tmp_path, fill))[0] == f"too many fill bytes (over {MAX_FILL_BYTES})"
+    png = worst.small_picture("PNG")
+    first_idat = png.index(b"IDAT") - 4
+    text_first = png[:first_idat] + worst.png_chunk(b"tEXt", b"k\x00") * (MAX_HEADER_CHUNKS + 1) + png[first_idat:]
+    reason = f"too many chunks before the image data (over {MAX_HEADER_CHUNKS})"
+    assert costs(written(tmp_path, text_first))[0] == reason
+    screen = 13 + 3 * 2 ** ((real_gif[10] & 7) + 1)
+    comment = real_gif[:screen] + b"\x21\xfe" + b"\x01x" * MAX_HEADER_BLOCKS + b"\x00" + real_gif[screen:]
+    assert costs(written(tmp_path, comment))[0] == f"too many blocks before the first image (over {MAX_HEADER_BLOCKS})"
+    free_boxes = worst.small_picture("AVIF") + b"\x00\x00\x00\x08free" * MAX_CHUNKS
+    assert costs(written(tmp_path, free_boxes), allowed_formats={"AVIF"})[0] == f"too many boxes (over {MAX_CHUNKS})"
+
+
+def test_files_just_under_the_caps_are_accepted(tmp_path):
+    # The caps refuse absurd structure, not busy files: a JPEG with thousands of segments, a PNG with
+    # hundreds of text chunks before its image data and 90,000 after it are still images.
+    jpeg = written(tmp_path, worst.hostile_jpeg(MAX_SEGMENTS - 50), "a.jpg")
+    assert validate_image(jpeg, **LIMITS).format == "JPEG"
+    png = worst.small_picture("PNG")
+    first_idat = png.index(b"IDAT") - 4
+    busy = (png[:first_idat] + worst.png_chunk(b"tEXt", b"k\x00") * (MAX_HEADER_CHUNKS - 10) + png[first_idat:-12]
+            + worst.png_chunk(b"tEXt", b"k\x00") * 90_000 + png[-12:])
+    started = time.process_time()
+    assert validate_image(written(tmp_path, busy, "b.png"), **LIMITS).format == "PNG"
+    assert time.process_time() - started < SECONDS
