@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -261,3 +262,23 @@ def test_files_just_under_the_caps_are_accepted(tmp_path):
     started = time.process_time()
     assert validate_image(written(tmp_path, busy, "b.png"), **LIMITS).format == "PNG"
     assert time.process_time() - started < SECONDS
+
+
+# -- content types from casimg's own table; AVIF --------------------------------------------------------
+
+def test_a_fresh_process_stores_a_webp_as_image_webp(tmp_path):
+    # Pillow registers image/webp only once its WebP plugin is loaded, which the structure walk never
+    # does: in a fresh process (a freshly started server) the type must still be right.
+    path = written(tmp_path, webp_variants()["lossy"], "fresh.webp")
+    code = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "from casimg.validation import content_type_of, validate_image\n"
+        "print(Image.MIME.get('WEBP'))\n"  # the premise: Pillow has not registered it yet
+        "info = validate_image(sys.argv[1], max_pixels=10**6, allowed_formats={'WEBP'})\n"
+        "print(info.content_type, content_type_of(sys.argv[1]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split("\n")[:2] == ["None", "image/webp image/webp"]
+
