@@ -49,7 +49,7 @@ class Settings:
     max_pixels: int = _setting(50_000_000, "Largest width x height accepted (decompression-bomb guard).")
     max_frames: int = _setting(1000, "Most frames accepted in an animated image.")
     allowed_formats: tuple[str, ...] = _setting(
-        ("JPEG", "PNG", "GIF", "WEBP"), "Comma-separated Pillow format names that are stored."
+        ("JPEG", "PNG", "GIF", "WEBP", "AVIF"), "Comma-separated Pillow format names that are stored."
     )
     validation: str = _setting(
         "structure", "How downloads are checked: 'structure' (walk every JPEG segment and scan to its end marker, "

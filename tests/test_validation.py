@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from casimg.config import Settings
 from casimg.errors import InvalidImage
 from casimg.validation import (
     MAX_CHUNKS,
@@ -19,6 +20,7 @@ from casimg.validation import (
     MAX_HEADER_BLOCKS,
     MAX_HEADER_CHUNKS,
     MAX_SEGMENTS,
+    content_type_of,
     validate_image,
 )
 from tests.origin import animated_gif, image_bytes, pixel_bomb
@@ -282,3 +284,33 @@ def test_a_fresh_process_stores_a_webp_as_image_webp(tmp_path):
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.split("\n")[:2] == ["None", "image/webp image/webp"]
 
+
+def avif_variants() -> dict[str, bytes]:
+    picture = Image.open(io.BytesIO(image_bytes(17, "png", (90, 60)))).convert("RGB")
+    frames = [picture.rotate(angle) for angle in (0, 90, 180)]
+    out = {}
+    for name, options in [("still", {"quality": 60}),
+                          ("animated", {"save_all": True, "append_images": frames[1:], "duration": 100})]:
+        buffer = io.BytesIO()
+        (picture if name == "still" else frames[0]).save(buffer, "AVIF", **options)
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["structure", "decode"])
+def test_avif_is_accepted_by_default_and_checked(tmp_path, mode):
+    defaults = Settings()
+    assert "AVIF" in defaults.allowed_formats
+    limits = {"max_pixels": defaults.max_pixels, "allowed_formats": frozenset(defaults.allowed_formats), "mode": mode}
+    still, animated = avif_variants()["still"], avif_variants()["animated"]
+    info = validate_image(written(tmp_path, still), **limits)
+    assert (info.format, info.content_type, info.width, info.height, info.frames) == ("AVIF", "image/avif", 90, 60, 1)
+    assert content_type_of(written(tmp_path, still)) == "image/avif"
+    assert validate_image(animated, **limits).frames == 3
+    with pytest.raises(InvalidImage, match=r"too many frames \(3 over 2\)"):
+        validate_image(animated, **limits | {"max_frames": 2})
+    with pytest.raises(InvalidImage, match=r"too many pixels \(90x60 over 5000\)"):
+        validate_image(still, **limits | {"max_pixels": 5000})
+    for cut in (len(still) // 2, len(still) - 1):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(written(tmp_path, still[:cut]), **limits)
