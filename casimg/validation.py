@@ -119,6 +119,9 @@ _JPEG_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # markers without a length field
 GIF_TAIL = 64  # padding (NUL, CR, LF, space) allowed after a GIF's trailer
 _GIF_PADDING = b"\x00\r\n "
+# Files from this size on are mapped rather than read. Below it a read and a walk cost less (an 80 KB
+# file: 90 against 180 us); about 1 MB they cost the same, and above it the mapping also saves the copy.
+MAP_BYTES = 1024 * 1024
 HEAD_BYTES = 256  # enough to name any format, an AVIF's list of brands included
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHUNK_TYPE = re.compile(rb"\w{4}")  # what Pillow accepts as a chunk type (the standard says letters)
@@ -230,14 +233,15 @@ def _is_avif(head: bytes) -> bool:
 
 @contextmanager
 def _contents(source: bytes | Path | str) -> Iterator[tuple[Data, IO[bytes]]]:
-    """The bytes to walk and a stream for Pillow. A path is mapped, not read: the pages are the page
-    cache's, so a large body costs no copy, and the walks only touch each page once."""
+    """The bytes to walk and a stream for Pillow. A large file is mapped, not read: its pages are the page
+    cache's, where the download just wrote them, so it costs no copy; a small one is read once."""
     if isinstance(source, bytes):
         yield source, io.BytesIO(source)
         return
     with open(source, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:  # an empty file cannot be mapped
-            yield b"", handle
+        if os.fstat(handle.fileno()).st_size < MAP_BYTES:
+            data = handle.read()
+            yield data, io.BytesIO(data)
             return
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             yield mapped, handle
