@@ -1,16 +1,18 @@
 """What the worst files cost validation: CPU seconds and memory over baseline, one fresh process each.
 
-    python scripts/validation_worst.py              # the hostile files, then normal images, both modes
-    python scripts/validation_worst.py --skip-normal --modes structure
+    python scripts/validation_worst.py              # hostile files, files just under the caps, normal images
+    python scripts/validation_worst.py --modes structure --skip-normal
+    git worktree add /tmp/before <commit> && python scripts/validation_worst.py --code /tmp/before
 
 The hostile files are built in a temp dir, each the size of a real attack that fits under the default
 CASIMG_MAX_IMAGE_BYTES (50 MiB): a JPEG of 10 million empty COM segments after its SOI, a WebP of 6
 million empty RIFF chunks, a PNG of 2 million tEXt chunks after its IDAT, a GIF of 2 million frames.
-Each is validated from its path (as a large download is) by ``validate_image`` in a new Python process
-with the default settings; the process reports its CPU time and the growth of its peak RSS (VmHWM)
-over the RSS it had just before the call, with casimg and Pillow already imported. Normal images
-(1 Mpx photos-like pictures) are timed in this process with timeit, to show the walk's speed where it
-matters every day.
+Beside them, the costliest files that casimg's caps (casimg/validation.py) still let through. Each is
+validated from its path (as a large download is) by ``validate_image`` in a new Python process with the
+default settings; the process reports its CPU time and the growth of its peak RSS (VmHWM) over what it
+had just before the call, with casimg and Pillow already imported. Normal images (a 1 Mpx picture with
+edges and texture) are timed with timeit, in a new process too, from their bytes in memory.
+``--code`` runs the casimg of another checkout (its validation, its default settings).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import timeit
 import zlib
 from pathlib import Path
 
@@ -54,6 +55,29 @@ except InvalidImage as refused:
 cpu = time.process_time() - before_cpu
 peak = peak_kib()
 print(json.dumps({"outcome": outcome, "cpu": cpu, "rss_kib": peak - before_rss}))
+"""
+
+
+# Run in the child: time validate_image on the bytes of each file named, print one JSON line per file.
+TIMER = """
+import json, sys, timeit
+from pathlib import Path
+from casimg.config import Settings
+from casimg.validation import validate_image
+settings = Settings()
+mode = sys.argv[1]
+for name in sys.argv[2:]:
+    data = Path(name).read_bytes()
+    def once():
+        validate_image(data, max_pixels=settings.max_pixels, allowed_formats=frozenset(settings.allowed_formats),
+                       max_frames=settings.max_frames, mode=mode)
+    try:
+        once()
+    except Exception as refused:
+        print(json.dumps({"name": name, "error": str(refused)}))
+        continue
+    runs = 50 if mode == "structure" else 5
+    print(json.dumps({"name": name, "ms": min(timeit.repeat(once, number=runs, repeat=5)) / runs * 1000}))
 """
 
 
@@ -96,16 +120,37 @@ def hostile_gif(frames: int = 2_000_000) -> bytes:
     return header + frame * frames + b"\x3b"
 
 
+def dense_gif(frames: int, blocks_per_frame: int) -> bytes:
+    """A real one-frame GIF followed by `frames` - 1 one-pixel frames, each of `blocks_per_frame` one-byte
+    sub-blocks: the most blocks per byte (Pillow decodes only the first frame; the walk reads every block)."""
+    real = small_picture("GIF")
+    frame = b"\x2c" + b"\x00\x00" * 2 + b"\x01\x00" * 2 + b"\x00" + b"\x02" + b"\x01\x44" * blocks_per_frame + b"\x00"
+    return real[:-1] + frame * (frames - 1) + b"\x3b"
+
+
+def under_the_caps_png() -> bytes:
+    """990 text chunks before IDAT (Pillow's open reads those) and 99,000 after it: under both chunk caps."""
+    real = small_picture("PNG")
+    idat, iend = real.index(b"IDAT") - 4, real.rindex(b"IEND") - 4
+    text = png_chunk(b"tEXt", b"k\x00")
+    return real[:idat] + text * 990 + real[idat:iend] + text * 99_000 + real[iend:]
+
+
+# label -> (file name, builder); the first four are issue 13's, the rest the costliest the caps allow.
 HOSTILE = {
     "JPEG, 10 million empty COM segments": ("worst.jpg", hostile_jpeg),
     "WebP, 6 million empty RIFF chunks": ("worst.webp", hostile_webp),
     "PNG, 2 million tEXt chunks after IDAT": ("worst.png", hostile_png),
     "GIF, 2 million frames": ("worst.gif", hostile_gif),
+    "JPEG, 9,990 empty COM segments": ("under.jpg", lambda: hostile_jpeg(9_990)),
+    "WebP, 99,990 empty RIFF chunks": ("under.webp", lambda: hostile_webp(99_990)),
+    "PNG, 990 tEXt before IDAT, 99,000 after": ("under.png", under_the_caps_png),
+    "GIF, 1,000 frames of 990 one-byte sub-blocks": ("under.gif", lambda: dense_gif(1_000, 990)),
 }
 
 
-def measure(path: Path, mode: str) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], cwd=ROOT, check=True,
+def measure(code: Path, path: Path, mode: str) -> dict[str, object]:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], cwd=code, check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout)
 
@@ -117,26 +162,26 @@ def normal_images() -> dict[str, bytes]:
                                   Image.linear_gradient("L").resize(picture.size)))
     out = {}
     for name, fmt, options in [("JPEG", "JPEG", {"quality": 85}), ("PNG", "PNG", {}),
-                               ("WebP", "WEBP", {"quality": 80})]:
+                               ("WebP", "WEBP", {"quality": 80}), ("GIF", "GIF", {}),
+                               ("AVIF", "AVIF", {"quality": 60})]:
         buffer = io.BytesIO()
         picture.save(buffer, fmt, **options)
         out[name] = buffer.getvalue()
     return out
 
 
-def time_normal(mode: str) -> list[str]:
-    from casimg.config import Settings
-    from casimg.validation import validate_image
-
-    settings = Settings()
-    allowed = frozenset(settings.allowed_formats)
-    rows = []
+def time_normal(code: Path, tmp: Path, mode: str) -> list[str]:
+    paths = {}
     for name, data in normal_images().items():
-        def once(data: bytes = data) -> None:
-            validate_image(data, max_pixels=settings.max_pixels, allowed_formats=allowed, mode=mode)
-        runs = 50 if mode == "structure" else 5
-        best = min(timeit.repeat(once, number=runs, repeat=5)) / runs
-        rows.append(f"| {name} | {len(data) / 1024:.0f} KB | {mode} | {best * 1000:.3f} |")
+        paths[name] = tmp / f"normal.{name.lower()}"
+        paths[name].write_bytes(data)
+    out = subprocess.run([sys.executable, "-c", TIMER, mode, *map(str, paths.values())], cwd=code, check=True,
+                         capture_output=True, text=True)
+    rows = []
+    for (name, path), line in zip(paths.items(), out.stdout.splitlines(), strict=True):
+        got = json.loads(line)
+        cost = f"{got['ms']:.3f}" if "ms" in got else f"refused: {got['error']}"
+        rows.append(f"| {name} | {path.stat().st_size / 1024:.0f} KB | {mode} | {cost} |")
     return rows
 
 
@@ -144,6 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="structure,decode", help="comma-separated validation modes")
     parser.add_argument("--skip-normal", action="store_true", help="only the hostile files")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the casimg checkout to measure (default: this one)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     print("| file | size MB | mode | outcome | CPU s | peak RSS over baseline MB | of the file size |")
@@ -154,16 +200,16 @@ def main() -> None:
             path.write_bytes(build())
             size = path.stat().st_size
             for mode in modes:
-                got = measure(path, mode)
+                got = measure(args.code, path, mode)
                 extra = float(got["rss_kib"]) * 1024  # type: ignore[arg-type]
                 print(f"| {label} | {size / MIB:.1f} | {mode} | {got['outcome']} | {got['cpu']:.2f} | "
                       f"{extra / MIB:.0f} | {extra / size:.2f}x |", flush=True)
             path.unlink()
-    if not args.skip_normal:
-        print("\n| normal image | size | mode | ms per validation (best of 5) |")
-        print("|---|---|---|---|")
-        for mode in modes:
-            print("\n".join(time_normal(mode)), flush=True)
+        if not args.skip_normal:
+            print("\n| normal image | size | mode | ms per validation (best of 5) |")
+            print("|---|---|---|---|")
+            for mode in modes:
+                print("\n".join(time_normal(args.code, Path(tmp), mode)), flush=True)
 
 
 if __name__ == "__main__":
