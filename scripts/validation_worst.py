@@ -1,8 +1,9 @@
 """What the worst files cost validation: CPU seconds and memory over baseline, one fresh process each.
 
     python scripts/validation_worst.py              # hostile files, files just under the caps, normal images
-    python scripts/validation_worst.py --modes structure --skip-normal
+    python scripts/validation_worst.py --modes structure --only hostile
     git worktree add /tmp/before <commit> && python scripts/validation_worst.py --code /tmp/before
+    python scripts/validation_worst.py --only normal --against /tmp/before   # the two timed side by side
 
 The hostile files are built in a temp dir, each the size of a real attack that fits under the default
 CASIMG_MAX_IMAGE_BYTES (50 MiB): a JPEG of 10 million empty COM segments after its SOI, a WebP of 6
@@ -58,26 +59,38 @@ print(json.dumps({"outcome": outcome, "cpu": cpu, "rss_kib": peak - before_rss})
 """
 
 
-# Run in the child: time validate_image on the bytes of each file named, print one JSON line per file.
+# Run in the child: time validate_image on the bytes of each file named, print one JSON line per file. With
+# a second checkout (--against), its casimg/validation.py is loaded beside this one and the two are timed
+# in alternating rounds, so that a busy machine slows both alike.
 TIMER = """
-import json, sys, timeit
+import importlib.util, json, sys, timeit
 from pathlib import Path
 from casimg.config import Settings
-from casimg.validation import validate_image
+from casimg import validation
 settings = Settings()
-mode = sys.argv[1]
-for name in sys.argv[2:]:
+mode, against, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+modules = {"this": validation}
+if against:
+    spec = importlib.util.spec_from_file_location("against_validation", Path(against) / "casimg" / "validation.py")
+    modules["against"] = sys.modules["against_validation"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(modules["against"])
+allowed = frozenset(settings.allowed_formats)
+for name in names:
     data = Path(name).read_bytes()
-    def once():
-        validate_image(data, max_pixels=settings.max_pixels, allowed_formats=frozenset(settings.allowed_formats),
-                       max_frames=settings.max_frames, mode=mode)
-    try:
-        once()
-    except Exception as refused:
-        print(json.dumps({"name": name, "error": str(refused)}))
-        continue
-    runs = 50 if mode == "structure" else 5
-    print(json.dumps({"name": name, "ms": min(timeit.repeat(once, number=runs, repeat=5)) / runs * 1000}))
+    best = {}
+    for _ in range(5):
+        for key, module in modules.items():
+            def once():
+                module.validate_image(data, max_pixels=settings.max_pixels, allowed_formats=allowed,
+                                      max_frames=settings.max_frames, mode=mode)
+            try:
+                once()
+            except Exception as refused:
+                best[key] = str(refused)
+                continue
+            runs = 50 if mode == "structure" else 5
+            best[key] = min(best.get(key, float("inf")), timeit.timeit(once, number=runs) / runs * 1000)
+    print(json.dumps(best))
 """
 
 
@@ -170,32 +183,36 @@ def normal_images() -> dict[str, bytes]:
     return out
 
 
-def time_normal(code: Path, tmp: Path, mode: str) -> list[str]:
+def time_normal(code: Path, against: Path | None, tmp: Path, mode: str) -> list[str]:
     paths = {}
     for name, data in normal_images().items():
         paths[name] = tmp / f"normal.{name.lower()}"
         paths[name].write_bytes(data)
-    out = subprocess.run([sys.executable, "-c", TIMER, mode, *map(str, paths.values())], cwd=code, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", TIMER, mode, str(against or ""), *map(str, paths.values())],
+                         cwd=code, check=True, capture_output=True, text=True)
     rows = []
     for (name, path), line in zip(paths.items(), out.stdout.splitlines(), strict=True):
         got = json.loads(line)
-        cost = f"{got['ms']:.3f}" if "ms" in got else f"refused: {got['error']}"
-        rows.append(f"| {name} | {path.stat().st_size / 1024:.0f} KB | {mode} | {cost} |")
+        costs = [f"{got[key]:.3f}" if isinstance(got[key], float) else got[key]
+                 for key in ("against", "this") if key in got]
+        rows.append(f"| {name} | {path.stat().st_size / 1024:.0f} KB | {mode} | {' | '.join(costs)} |")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="structure,decode", help="comma-separated validation modes")
-    parser.add_argument("--skip-normal", action="store_true", help="only the hostile files")
+    parser.add_argument("--only", choices=("hostile", "normal"), help="only the hostile files, or only normal images")
     parser.add_argument("--code", type=Path, default=ROOT, help="the casimg checkout to measure (default: this one)")
+    parser.add_argument("--against", type=Path, help="another checkout whose validation normal images are also "
+                        "timed with, in alternating rounds (its column comes first)")
     args = parser.parse_args()
     modes = args.modes.split(",")
-    print("| file | size MB | mode | outcome | CPU s | peak RSS over baseline MB | of the file size |")
-    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for label, (name, build) in HOSTILE.items():
+        if args.only != "normal":
+            print("| file | size MB | mode | outcome | CPU s | peak RSS over baseline MB | of the file size |")
+            print("|---|---|---|---|---|---|---|")
+        for label, (name, build) in HOSTILE.items() if args.only != "normal" else ():
             path = Path(tmp) / name
             path.write_bytes(build())
             size = path.stat().st_size
@@ -205,11 +222,12 @@ def main() -> None:
                 print(f"| {label} | {size / MIB:.1f} | {mode} | {got['outcome']} | {got['cpu']:.2f} | "
                       f"{extra / MIB:.0f} | {extra / size:.2f}x |", flush=True)
             path.unlink()
-        if not args.skip_normal:
-            print("\n| normal image | size | mode | ms per validation (best of 5) |")
-            print("|---|---|---|---|")
+        if args.only != "hostile":
+            columns = ["--against, ms", "--code, ms"] if args.against else ["ms per validation"]
+            print(f"\n| normal image | size | mode | {' | '.join(columns)} (best of 5 rounds) |")
+            print("|---|---|---|" + "---|" * len(columns))
             for mode in modes:
-                print("\n".join(time_normal(args.code, Path(tmp), mode)), flush=True)
+                print("\n".join(time_normal(args.code, args.against, Path(tmp), mode)), flush=True)
 
 
 if __name__ == "__main__":
