@@ -40,6 +40,7 @@ from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
 from casimg.index import Index, encode_meta
 from casimg.lifecycle import index_linked_blob
+from casimg.logtext import clip
 from casimg.queue import Entry, JobQueue
 from casimg.validation import ImageInfo, validate_image
 
@@ -64,6 +65,7 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    url = clip(url)
     fields = {"event": "download", "outcome": outcome, "url": url, "attempts": attempts}
     if reason:
         fields["reason"] = reason
@@ -187,6 +189,7 @@ class Worker:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     entries = await self.queue.claim_from_dead(self.name, free)
+                    await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                 if not entries:
                     entries = await self.queue.read(self.name, free, READ_BLOCK_MS)
                 known = await self._indexed_already(entries)
@@ -241,7 +244,8 @@ class Worker:
                 except REDIS_ERRORS as exc:
                     if self._stopping.is_set():
                         return  # stays pending; the next worker takes it
-                    log.warning("redis unavailable while storing %s (%s); retrying", entry.url, type(exc).__name__)
+                    log.warning("redis unavailable while storing %s (%s); retrying", clip(entry.url),
+                                type(exc).__name__)
                     await asyncio.sleep(REDIS_RETRY)
         finally:
             slot.give_back()
