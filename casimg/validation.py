@@ -159,10 +159,12 @@ def validate_image(
     """
     with _contents(source) as (data, stream):
         fmt = format_of(data[:HEAD_BYTES])
-        if fmt is not None:
+        if fmt in _WALKS:
             _check_allowed(fmt, allowed_formats)
-        elif allowed_formats is not None:
-            raise InvalidImage("not an image")
+        elif allowed_formats is not None and set(allowed_formats) <= _WALKS.keys():
+            # Refused before any plugin opens it. Otherwise Pillow's open decides, as a signature may
+            # name the wrong plugin (a TGA passes CUR's check) and some plugins have no signature check.
+            raise InvalidImage(f"format {fmt} not allowed" if fmt else "not an image")
         try:
             if fmt == "WEBP":
                 info = _check_webp(data, max_pixels, max_frames)

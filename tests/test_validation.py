@@ -94,6 +94,17 @@ def test_formats_off_the_allowlist_are_refused_and_any_format_passes_without_one
     assert validate_image(path, max_pixels=10**9).content_type == "image/bmp"
 
 
+def test_an_allowed_format_outside_the_walks_is_read_by_pillow_and_typed_from_casimgs_table(tmp_path):
+    # TGA has no signature Pillow could check: it is read by trying to open it, and only if allowed.
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(6, "png", (40, 30)))).save(buffer, "TGA")
+    path = written(tmp_path, buffer.getvalue())
+    info = validate_image(path, max_pixels=10**6, allowed_formats={"JPEG", "TGA"})
+    assert (info.format, info.content_type, info.width) == ("TGA", "application/octet-stream", 40)
+    with pytest.raises(InvalidImage, match="not allowed"):  # named by the first signature that fits (CUR)
+        validate_image(path, **LIMITS)
+
+
 def test_animated_images_are_counted_against_the_frame_limit(tmp_path):
     assert validate_image(written(tmp_path, animated_gif(5)), **LIMITS).frames == 5
     with pytest.raises(InvalidImage, match=r"too many frames \(101 over 100\)"):
