@@ -187,11 +187,21 @@ def validate_image(
 
 
 def content_type_of(path: Path | str) -> str:
-    """The content type of a stored image from its first bytes, without reading or checking the rest:
-    what GET /api/blobs/{digest} sends, which knows only the bytes. application/octet-stream for a format
-    casimg does not know."""
+    """The content type of a stored image from its header, without reading or checking the rest: what
+    GET /api/blobs/{digest} sends, which knows only the bytes, and what fsck checks the index against.
+    A walked format is named from its signature; any other by Pillow's open, as validate_image names it.
+    application/octet-stream for a format casimg does not know."""
     with open(path, "rb") as handle:
-        return content_type_for(format_of(handle.read(HEAD_BYTES)))
+        fmt = format_of(handle.read(HEAD_BYTES))
+        if fmt in _WALKS:
+            return content_type_for(fmt)
+        handle.seek(0)
+        try:
+            with Image.open(handle) as image:
+                return content_type_for(_pillow_format(image))
+        except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                EOFError, IndexError, TypeError, struct.error):
+            return UNKNOWN_TYPE
 
 
 def content_type_for(fmt: str | None) -> str:

@@ -101,6 +101,8 @@ def test_an_allowed_format_outside_the_walks_is_read_by_pillow_and_typed_from_ca
     path = written(tmp_path, buffer.getvalue())
     info = validate_image(path, max_pixels=10**6, allowed_formats={"JPEG", "TGA"})
     assert (info.format, info.content_type, info.width) == ("TGA", "application/octet-stream", 40)
+    bmp = written(tmp_path, image_bytes(4, "bmp"), "b")
+    assert content_type_of(bmp) == validate_image(bmp, max_pixels=10**6).content_type == "image/bmp"
     with pytest.raises(InvalidImage, match="not allowed"):  # named by the first signature that fits (CUR)
         validate_image(path, **LIMITS)
 
