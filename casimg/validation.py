@@ -36,7 +36,7 @@ decode costs about 5 ms, the 1/8 draft decode about 3 ms, the structure walk abo
 about 7 ms against 0.2 ms for the CRC walk; a WebP decode 30-60 ms. On two cores the decode alone caps
 ingest at a few hundred images per second, below what the download path can fetch, hence the default.
 The worst files, and what they cost before and after the walks came first: BENCHMARKS.md, "Validation
-worst cases" (scripts/validation_worst.py).
+worst cases" (bench/validation_worst.py).
 
 Animated images have their frames counted against ``max_frames`` in both modes.
 

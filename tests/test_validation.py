@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bench import validation_worst as worst  # the generators of BENCHMARKS.md's worst cases
 from casimg.config import Settings
 from casimg.errors import InvalidImage
 from casimg.validation import (
@@ -209,8 +210,6 @@ def test_a_webp_without_an_image_header_is_not_an_image():
 
 # -- hostile structure: refused by casimg's own walk before Pillow reads it, in bounded time and memory -----
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import validation_worst as worst  # noqa: E402  (the generators of BENCHMARKS.md's worst cases)
 
 SECONDS = 5.0  # generous: the walks refuse each of these in milliseconds; before them it took seconds
 

@@ -1,9 +1,9 @@
 """What the worst files cost validation: CPU seconds and memory over baseline, one fresh process each.
 
-    python scripts/validation_worst.py              # hostile files, files just under the caps, normal images
-    python scripts/validation_worst.py --modes structure --only hostile
-    git worktree add /tmp/before <commit> && python scripts/validation_worst.py --code /tmp/before
-    python scripts/validation_worst.py --only normal --against /tmp/before   # the two timed side by side
+    .venv/bin/python -m bench.validation_worst              # hostile files, files just under the caps, normal images
+    .venv/bin/python -m bench.validation_worst --modes structure --only hostile
+    git worktree add /tmp/before <commit> && .venv/bin/python -m bench.validation_worst --code /tmp/before
+    .venv/bin/python -m bench.validation_worst --only normal --against /tmp/before   # the two timed side by side
 
 The hostile files are built in a temp dir, each the size of a real attack that fits under the default
 CASIMG_MAX_IMAGE_BYTES (50 MiB): a JPEG of 10 million empty COM segments after its SOI, a WebP of 6
