@@ -33,7 +33,7 @@ from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
 from casimg.services import Services
-from casimg.validation import content_type_of
+from casimg.validation import FORMATS, content_type_of
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -46,7 +46,7 @@ SEND_CHUNK = 512 * 1024  # larger images are sent in pieces so memory per respon
 IMAGE_CACHE = "private, no-cache"  # a URL may be deleted and stored again with other bytes: revalidate
 BLOB_CACHE = "private, max-age=31536000, immutable"  # bytes named by their hash never change
 IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
-EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
+EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
