@@ -60,6 +60,7 @@ from casimg.index import Index
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
+# The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Requests range from sub-millisecond image reads to POST ?wait=60.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -97,7 +98,7 @@ class Metrics:
     def __init__(self, shared: SharedDir | None = None) -> None:
         """Unshared: counts of this process in a registry of its own. Shared: counts in `shared`'s files,
         which this process must have joined (``Metrics.shared`` does both)."""
-        self.shared = shared
+        self.shared_dir = shared
         self.registry = CollectorRegistry()
         # Shared counters are read back from the files by the collector, never from a registry.
         r = None if shared else self.registry
@@ -132,7 +133,7 @@ class Metrics:
 
     def start_publishing(self, worker: Worker) -> None:
         """Keep this process's in-flight count in its file, for scrapes answered by another process."""
-        if self.shared is not None:
+        if self.shared_dir is not None:
             self._publisher = asyncio.create_task(self._publish(worker))
 
     async def _publish(self, worker: Worker) -> None:
@@ -146,8 +147,8 @@ class Metrics:
             self._publisher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._publisher
-        if self.shared is not None:
-            self.shared.leave()
+        if self.shared_dir is not None:
+            self.shared_dir.leave()
 
     # -- the hot path: no I/O ---------------------------------------------------------------------
 
@@ -177,8 +178,8 @@ class Metrics:
             return await asyncio.get_running_loop().run_in_executor(None, self._collect)
 
     def _collect(self) -> bytes:
-        if self.shared is not None:
-            self.shared.forget_dead()
+        if self.shared_dir is not None:
+            self.shared_dir.forget_dead()
         return prometheus_client.generate_latest(self.registry)
 
     async def _refresh(self, services: Scraped) -> None:
