@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
@@ -39,9 +37,6 @@ class Report:
         return not self.problems
 
 
-async def _io(func: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, partial(func, *args))
-
 
 async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
     report = Report()
@@ -49,10 +44,12 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         report.repaired += await _repair(index, blobs, tmp_grace)
     snap = await index.snapshot()
     counts = Counter(snap.urls.values())
-    on_disk = set(await _io(lambda: list(blobs.iter_digests())))
+    on_disk = set(await asyncio.to_thread(lambda: list(blobs.iter_digests())))
 
     for url, digest in snap.urls.items():
-        if digest not in on_disk and not await _io(blobs.exists, digest) and await index.digest_of(url) == digest:
+        # The listing of files and the index snapshot are moments apart: ask again before calling it missing.
+        missing = digest not in on_disk and not await asyncio.to_thread(blobs.exists, digest)
+        if missing and await index.digest_of(url) == digest:
             report.problems.append(f"missing blob {digest} for URL {url}")
     for url, bucket in snap.misplaced.items():
         report.problems.append(f"URL {url} is in bucket {bucket}, not in {url_bucket(url)} where lookups look")
@@ -75,9 +72,9 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
     types: dict[str, str] = {}  # digest -> the content type its bytes name, for the sound referenced blobs
     for digest in sorted(on_disk):
         try:
-            actual = await _io(blobs.hash_file, blobs.blob_path(digest))
+            actual = await asyncio.to_thread(blobs.hash_file, blobs.blob_path(digest))
             if actual == digest and digest in counts:
-                types[digest] = await _io(content_type_of, blobs.blob_path(digest))
+                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
         except FileNotFoundError:
             continue  # deleted while we looked
         if actual != digest:
@@ -88,7 +85,7 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         digest = snap.urls[url]
         if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
             report.problems.append(f"URL {url} records content type {recorded}, but its bytes are {types[digest]}")
-    for leftover in await _io(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
         if leftover.kind == "trash":
             report.notes.append(f"trash file {leftover.path.name} (an interrupted delete)")
         elif leftover.age > tmp_grace:
@@ -106,7 +103,7 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
         digest = snap.urls[url]
         if digest not in described:
             try:
-                described[digest] = await _io(_meta_from_file, blobs, digest)
+                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
             except (FileNotFoundError, InvalidImage):
                 continue  # a missing or damaged blob, which the check reports
         if await index.ensure_meta(url, digest, described[digest]):
@@ -125,14 +122,14 @@ async def _correct_types(
         digest = urls[url]
         if digest not in types:
             try:
-                types[digest] = await _io(content_type_of, blobs.blob_path(digest))
+                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
             except FileNotFoundError:
                 types[digest] = kind  # a missing blob, which the check reports
         if types[digest] == kind:
             continue
         if digest not in described:
             try:
-                described[digest] = await _io(_meta_from_file, blobs, digest)
+                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
             except (FileNotFoundError, InvalidImage):
                 continue
         if await index.correct_meta(url, digest, described[digest]):
@@ -161,15 +158,15 @@ async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
     blob back if a store references it meanwhile.
     """
     done = []
-    for leftover in await _io(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
         if leftover.kind == "trash" and leftover.digest:
-            if await index.refs_of(leftover.digest) > 0 and not await _io(blobs.exists, leftover.digest):
-                await _io(blobs.restore_from_trash, leftover.path, leftover.digest)
+            if await index.refs_of(leftover.digest) > 0 and not await asyncio.to_thread(blobs.exists, leftover.digest):
+                await asyncio.to_thread(blobs.restore_from_trash, leftover.path, leftover.digest)
                 done.append(f"restored blob {leftover.digest} from the trash")
         if leftover.age > grace:
-            await _io(blobs.discard, leftover.path)
+            await asyncio.to_thread(blobs.discard, leftover.path)
             done.append(f"removed {'trash' if leftover.kind == 'trash' else 'stale temp'} file {leftover.path.name}")
-    on_disk = await _io(lambda: list(blobs.iter_digests()))
+    on_disk = await asyncio.to_thread(lambda: list(blobs.iter_digests()))
     for start in range(0, len(on_disk), SWEEP_BATCH):
         batch = on_disk[start:start + SWEEP_BATCH]
         for digest, refs in zip(batch, await index.refs_many(batch), strict=True):

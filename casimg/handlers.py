@@ -118,7 +118,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_json(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        # orjson: a listing page of 1,000 images encodes in 0.25 ms against 3.1 ms with json.dumps.
+        # orjson: a listing page is encoded an order of magnitude faster than with json.dumps.
         self.finish(orjson.dumps(body))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

@@ -85,8 +85,8 @@ def limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas (MALLOC_ARENA_MAX=2), unless the environment chose a value.
 
     Each thread of the blocking pool that allocates a download's bytes gets its own arena, and freed
-    blocks stay resident in it: an ingest of 5,000 images (scripts/bench.py) left the service at 279
-    MiB RSS, 133 MiB with two arenas, at the same ingest rate (547 vs 560 images/s).
+    blocks stay resident in it: with two arenas an ingest leaves the service at half the RSS, at the
+    same rate (BENCHMARKS.md, "Figures behind design choices").
     """
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
@@ -100,8 +100,8 @@ def limit_malloc_arenas() -> None:
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on uvloop when it is installed (a dependency where it builds), else on asyncio's loop.
 
-    Measured with the retrieval harness behind the nginx front, where casimg's per-request work is all
-    that is left: 2,169 -> 2,752 requests/s; on the default deployment and on ingest it was even.
+    It pays where casimg's per-request work is all that is left, behind the nginx front; on the default
+    deployment and on ingest the two loops measured even (BENCHMARKS.md, "Figures behind design choices").
     """
     limit_malloc_arenas()
     try:

@@ -31,10 +31,9 @@ a file, and the decoder allocates and clears the whole canvas, 4 bytes per pixel
 asked of it (about 5 ms for a 4.5 Mpx picture, fifty times a JPEG's structure walk). The RIFF walk reads
 the same facts from the VP8, VP8L or VP8X header: the canvas size and, for animations, the frames.
 
-Measured on the benchmark's image set (scripts/bench.py, about 110 KB JPEG photos of 1 Mpx): a full JPEG
-decode costs about 5 ms, the 1/8 draft decode about 3 ms, the structure walk about 0.1 ms; a PNG decode
-about 7 ms against 0.2 ms for the CRC walk; a WebP decode 30-60 ms. On two cores the decode alone caps
-ingest at a few hundred images per second, below what the download path can fetch, hence the default.
+A decode costs tens of times the structure walk (JPEG, PNG) and hundreds of times for WebP; on two
+cores the decode alone would cap the ingest below what the download path fetches, hence the default
+(the figures: BENCHMARKS.md, "Figures behind design choices").
 The worst files, and what they cost before and after the walks came first: BENCHMARKS.md, "Validation
 worst cases" (bench/validation_worst.py).
 
