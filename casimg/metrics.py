@@ -11,8 +11,9 @@ long enough that walking takes at most ``DISK_WALK_DUTY`` of the time, and a scr
 
 Across processes (``Metrics.shared``): ``casimg serve --processes N`` and every ``casimg worker`` on the
 same data dir and host write their counters and histograms into one directory,
-``<data-dir>/metrics/<boot id>/``, with prometheus_client's multiprocess mode (one memory-mapped file per
-process and type), and a scrape of any of them sums the files. Chosen over one aggregated registry
+``/dev/shm/casimg-metrics-<hash of the data dir's path>/<boot id>/`` (``shared_root``), with
+prometheus_client's multiprocess mode (one memory-mapped file per process and type), and a scrape
+of any of them sums the files. Chosen over one aggregated registry
 (children sending counts to the parent, or to Redis) because the hot path stays a write to memory with
 no message and no I/O, a process killed with -9 keeps what it counted (the pages belong to the file),
 and a ``casimg worker``, which is nobody's child, joins by opening the directory.
@@ -39,10 +40,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import os
 import re
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,7 +72,10 @@ DISK_WALK_WAIT = 1.0  # seconds a scrape waits for a walk before answering with 
 REASON_CUT = re.compile(r" \(|: | '|\"")  # what follows is a detail (a size, a name) that would explode the labels
 REASON_MAX = 40
 PUBLISH_INTERVAL = 1.0  # seconds: how old another process's in-flight count may be in a scrape
-METRICS_DIR = "metrics"  # under the data dir
+# Where the shared files go: a memory file system first. Not the data dir: there a full or read-only blob
+# disk would take the counters down with it, and a process with it (a write to a memory-mapped page the
+# disk has no room for is a SIGBUS), and a read-only remount would fail while the files are open.
+RUNTIME_DIRS = (Path("/dev/shm"), Path(tempfile.gettempdir()))
 SHARED_FILES = ("counter", "histogram", "gauge_livesum")  # the kinds of file a process writes (see SharedDir)
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # the same for every process (and container) of one boot
 
@@ -252,10 +258,10 @@ class SharedDir:
 
     Drawn::
 
-        <data-dir>/metrics/<boot id>/slot-0.lock        flock held by the slot's process while it runs
-                                     counter_0.db        its counters (and those of earlier holders)
-                                     histogram_0.db
-                                     gauge_livesum_0.db  its downloads in flight; removed when it stops
+        <shared root>/<boot id>/slot-0.lock         flock held by the slot's process while it runs
+                                counter_0.db         its counters (and those of earlier holders)
+                                histogram_0.db
+                                gauge_livesum_0.db   its downloads in flight; removed when it stops
     """
 
     def __init__(self, path: Path, slot: int, lock_fd: int) -> None:
@@ -270,9 +276,9 @@ class SharedDir:
         Once per process: the mode is a setting of the prometheus_client module, which reads the
         directory from PROMETHEUS_MULTIPROC_DIR whenever it opens a file.
         """
-        root = Path(data_dir) / METRICS_DIR
+        root = shared_root(data_dir)
         path = root / host_id()
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         _remove_earlier_boots(root, path)
         slot, fd = _claim_slot(path)
         # Every file now, not at the first count of its kind, so a process that answers already has them all.
@@ -296,6 +302,13 @@ class SharedDir:
     def leave(self) -> None:
         mark_process_dead(self.slot, str(self.path))
         os.close(self._lock_fd)  # releases the flock: the next process to join may take the slot
+
+
+def shared_root(data_dir: str | Path) -> Path:
+    """The directory of the host's processes on `data_dir`, named by the data dir's real path."""
+    name = "casimg-metrics-" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    base = next((d for d in RUNTIME_DIRS if d.is_dir() and os.access(d, os.W_OK)), RUNTIME_DIRS[-1])
+    return base / name
 
 
 def host_id() -> str:

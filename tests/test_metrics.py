@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from casimg.embedded import EmbeddedRedis
 from casimg.handlers import _loggable_uri
 from casimg.keys import Scope
-from casimg.metrics import METRICS_DIR, host_id, reason_label
+from casimg.metrics import host_id, reason_label, shared_root
 from tests.conftest import make_settings
 from tests.origin import image_bytes
 from tests.procs import ROOT, Processes, Server, free_port, image_urls
@@ -327,7 +327,7 @@ def test_a_scrape_counts_every_process_of_the_host_and_a_restart_neither_loses_n
         samples = scrape_until(server, expected)
         assert {k: samples.get(k, 0.0) for k in expected} == expected
     # The new server processes took the slots the old ones left: a restart adds no file.
-    shared = data_dir / METRICS_DIR / host_id()
+    shared = shared_root(data_dir) / host_id()
     assert sorted(p.name for p in shared.glob("slot-*.lock")) == ["slot-0.lock", "slot-1.lock", "slot-2.lock"]
 
     assert server.terminate() == 0
@@ -340,8 +340,8 @@ def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_
     """A worker killed with -9 cannot remove its in-flight gauge: the next scrape does. The directory of an
     earlier boot goes when a process joins, unless a process still holds a slot in it."""
     data_dir = tmp_path / "data"
-    gone = data_dir / METRICS_DIR / "an-earlier-boot"
-    held = data_dir / METRICS_DIR / "another-host"
+    gone = shared_root(data_dir) / "an-earlier-boot"
+    held = shared_root(data_dir) / "another-host"
     for directory in (gone, held):
         directory.mkdir(parents=True)
         (directory / "slot-0.lock").touch()
@@ -358,7 +358,7 @@ def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_
     worker.kill()
     worker.wait()
     assert scrape_until(server, {in_flight: 0})[in_flight] == 0
-    shared = data_dir / METRICS_DIR / host_id()
+    shared = shared_root(data_dir) / host_id()
     assert sorted(p.name for p in shared.glob("gauge_livesum_*.db")) == ["gauge_livesum_0.db"]  # the server's
 
 
