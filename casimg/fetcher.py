@@ -28,7 +28,7 @@ import hashlib
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -112,7 +112,7 @@ def parse_address(host: str) -> IPAddress | None:
         pass
     try:
         return ipaddress.IPv4Address(socket.inet_aton(text))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL inside, which no resolver would read either
         return None
 
 
@@ -297,11 +297,7 @@ class Fetcher:
     def _check_url(self, url: str) -> URL:
         if len(url) > self.max_url_length:
             raise DownloadFailed(f"URL too long (over {self.max_url_length} characters)")
-        try:
-            target = URL(url)
-        except (ValueError, TypeError):
-            raise DownloadFailed("invalid URL") from None
-        return target
+        return _usable_url(lambda: URL(url), "invalid URL")
 
     def _check_hop(self, url: URL) -> None:
         """What can be refused from the URL alone, for the first URL and every redirect target."""
@@ -327,7 +323,7 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise DownloadFailed(f"HTTP {response.status} without Location")
-                    url = response.url.join(URL(location))
+                    url = _usable_url(partial(_join, response.url, location), "invalid redirect")
                     continue
                 _check_status(response)
                 declared = response.content_length
@@ -369,6 +365,29 @@ class Fetcher:
             raise
         assert sink.path is not None
         return Downloaded(size, path=sink.path, sha256=digest)
+
+
+def _join(base: URL, location: str) -> URL:
+    return base.join(URL(location))
+
+
+def _usable_url(build: Callable[[], URL], reason: str) -> URL:
+    """The URL `build` makes, if a request can be sent to it; else DownloadFailed(`reason`).
+
+    What an origin or a client writes in a URL is not trusted to parse: a port past 65535, an unclosed
+    IPv6 bracket or bytes that are not UTF-8 (aiohttp hands header bytes over as surrogates) make yarl
+    raise ValueError, and a host holding a control character (a NUL, say) parses but names nothing a
+    resolver would read. Either ends the URL with `reason` instead of escaping the download task.
+    """
+    try:
+        url = build()
+        host = url.raw_host or ""
+        host.encode("ascii")
+    except (ValueError, TypeError):  # UnicodeError is a ValueError
+        raise DownloadFailed(reason) from None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in host):
+        raise DownloadFailed(reason)
+    return url
 
 
 def _check_status(response: aiohttp.ClientResponse) -> None:

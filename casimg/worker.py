@@ -207,6 +207,11 @@ class Worker:
                 with contextlib.suppress(*REDIS_ERRORS, ResponseError):
                     await self.queue.ensure_group()
                 await asyncio.sleep(REDIS_RETRY)
+            except Exception:
+                # A defect here would end the reading for good while the heartbeat goes on saying this
+                # worker is alive: log it and read on.
+                log.exception("worker loop error; reading on in %.0f s", REDIS_RETRY)
+                await asyncio.sleep(REDIS_RETRY)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
         """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
@@ -219,7 +224,7 @@ class Worker:
             return []
         try:
             return await self.index.digests_of([entry.url for entry in entries])
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, ValueError):  # ValueError: a URL Redis cannot encode; its own task fails it
             return [UNCHECKED] * len(entries)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -243,8 +248,27 @@ class Worker:
                         return  # stays pending; the next worker takes it
                     log.warning("redis unavailable while storing %s (%s); retrying", entry.url, type(exc).__name__)
                     await asyncio.sleep(REDIS_RETRY)
+                except Exception as exc:
+                    # A defect met by this one URL (an input nobody foresaw): it fails with a reason and is
+                    # acknowledged, so its job ends and its key's in-flight count goes down, and the next
+                    # worker does not meet it again after a restart. Logged once, here, with its traceback.
+                    log.exception("unexpected error on %s", entry.url)
+                    slot.give_back()
+                    await self._fail_for_good(entry, f"internal error ({type(exc).__name__})")
+                    return
         finally:
             slot.give_back()
+
+    async def _fail_for_good(self, entry: Entry, reason: str) -> None:
+        """Record a failure, waiting out Redis outages; only a stopping worker leaves it pending."""
+        while True:
+            try:
+                await self._fail(entry, reason, 1)
+                return
+            except REDIS_ERRORS:
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(REDIS_RETRY)
 
     async def _attempt_all(self, entry: Entry, known: str | None, slot: _Slot) -> None:
         await slot.take()  # again, if a Redis outage sent a stored download back to the start
