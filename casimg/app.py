@@ -164,6 +164,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
             connect_timeout=settings.connect_timeout,
             max_connections=settings.download_concurrency,
             max_per_host=settings.per_host_concurrency,
+            max_per_domain=settings.per_domain_concurrency,
             max_redirects=settings.max_redirects,
             max_url_length=settings.max_url_length,
             allow_networks=settings.allow_networks,

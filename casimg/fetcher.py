@@ -19,6 +19,11 @@ runs on or from the networks behind it. Every address is checked where it is *us
 
 Redirects are followed here, not by aiohttp, so each hop gets the scheme check and the guard, and the
 whole chain shares one total timeout.
+
+Each hop also holds a place under two caps (scheduler.OriginCaps): one per resolved address, one per
+registrable domain. The address counted is the one connected to: the hop's name is resolved through
+``CachingResolver`` before the request, and aiohttp's connector asks the same cache, so both see the same
+answers (aiohttp's own per-host limit counts host:port, which eight ports of one machine get around).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from yarl import URL
 from casimg import __version__
 from casimg.blobs import open_temp
 from casimg.errors import DownloadFailed
+from casimg.scheduler import OriginCaps
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -87,6 +93,8 @@ BLOCKED_NETWORKS: list[tuple[IPNetwork, str]] = [
         ("ff00::/8", "multicast"),
     )
 ]
+DNS_CACHE_TTL = 10.0  # seconds an answer is reused, as aiohttp's own cache does by default
+DNS_CACHE_SIZE = 4096  # names remembered at most; the expired ones go first when it is full
 # IPv6 forms that carry an IPv4 address: the IPv4 address inside is what gets reached.
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
@@ -169,6 +177,37 @@ class GuardedResolver(AbstractResolver):
         await self.inner.close()
 
 
+class CachingResolver(AbstractResolver):
+    """Answers from `inner`, each reused for DNS_CACHE_TTL seconds.
+
+    The fetcher asks it for the address a hop will count under, and the connector asks it for the
+    addresses to connect to: one cache for both is what makes the address counted the one connected to.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self.inner = inner
+        self._answers: dict[tuple[str, int, int], tuple[float, list[ResolveResult]]] = {}
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        key = (host, port, int(family))
+        now = asyncio.get_running_loop().time()
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        answers = await self.inner.resolve(host, port, family)
+        if len(self._answers) >= DNS_CACHE_SIZE:
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            if len(self._answers) >= DNS_CACHE_SIZE:
+                self._answers.clear()
+        self._answers[key] = (now + DNS_CACHE_TTL, answers)
+        return answers
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 @dataclass(frozen=True)
 class Downloaded:
     """A complete body: its bytes in `data`, or, when it was too large to hold, a temp file at `path`."""
@@ -232,6 +271,7 @@ class Fetcher:
         max_url_length: int,
         allow_networks: Iterable[str] = (),
         resolver: AbstractResolver | None = None,
+        max_per_domain: int | None = None,
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.max_bytes = max_bytes
@@ -242,15 +282,18 @@ class Fetcher:
         self.max_redirects = max_redirects
         self.max_url_length = max_url_length
         self.guard = AddressGuard(allow_networks)
-        self._resolver = resolver
+        # Per address and per registrable domain; a domain's cap defaults to twice an address's.
+        self.caps = OriginCaps(max_per_host, max_per_domain or 2 * max_per_host)
+        self._resolver = CachingResolver(GuardedResolver(self.guard, resolver))
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         connector = aiohttp.TCPConnector(
             limit=self.max_connections,
-            limit_per_host=self.max_per_host,
-            resolver=GuardedResolver(self.guard, self._resolver),
+            limit_per_host=0,  # self.caps counts per address and per domain instead
+            resolver=self._resolver,
+            use_dns_cache=False,  # the CachingResolver is the cache, shared with self._address_of
             socket_factory=self._socket_factory,
         )
         self._session = aiohttp.ClientSession(
@@ -275,11 +318,11 @@ class Fetcher:
             raise BlockedAddress(reason)
         return socket.socket(family=family, type=kind, proto=proto)
 
-    async def fetch(self, url: str) -> Downloaded:
-        """Download `url` to an fsynced temp file, or raise DownloadFailed."""
+    async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
+        """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
         target = self._check_url(url)
         try:
-            async with asyncio.timeout(self.total_timeout):
+            async with asyncio.timeout(self.total_timeout if budget is None else budget):
                 return await self._follow(target)
         except TimeoutError:
             raise DownloadFailed("timeout", permanent=False) from None
@@ -315,22 +358,47 @@ class Fetcher:
                 raise DownloadFailed(reason)
 
     async def _follow(self, url: URL) -> Downloaded:
-        assert self._session is not None, "Fetcher.start() was not called"
         for _ in range(self.max_redirects + 1):
             self._check_hop(url)
-            async with self._session.get(url, allow_redirects=False) as response:
-                if response.status in REDIRECTS:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise DownloadFailed(f"HTTP {response.status} without Location")
-                    url = _usable_url(partial(_join, response.url, location), "invalid redirect")
-                    continue
-                _check_status(response)
-                declared = response.content_length
-                if declared is not None and declared > self.max_bytes:
-                    raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")
-                return await self._save(response)
+            address = await self._address_of(url)
+            async with self.caps.hold(url.raw_host or "", address):
+                hop = await self._hop(url)
+            if isinstance(hop, Downloaded):
+                return hop
+            url = hop
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
+
+    async def _hop(self, url: URL) -> Downloaded | URL:
+        """One request: the body, or the URL it redirects to."""
+        assert self._session is not None, "Fetcher.start() was not called"
+        async with self._session.get(url, allow_redirects=False) as response:
+            if response.status in REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise DownloadFailed(f"HTTP {response.status} without Location")
+                return _usable_url(partial(_join, response.url, location), "invalid redirect")
+            _check_status(response)
+            declared = response.content_length
+            if declared is not None and declared > self.max_bytes:
+                raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")
+            return await self._save(response)
+
+    async def _address_of(self, url: URL) -> str:
+        """The address a request to `url` connects to: the host itself if numeric, else the first
+        answer the guard allows, from the cache the connector reads too."""
+        host = url.raw_host or ""
+        numeric = parse_address(host)
+        if numeric is not None:
+            return str(numeric)
+        try:
+            answers = await self._resolver.resolve(host, url.port or 0, socket.AF_UNSPEC)
+        except BlockedAddress as blocked:
+            raise DownloadFailed(blocked.reason) from None
+        except OSError as exc:
+            raise _resolve_failure(exc) from None
+        if not answers:
+            raise DownloadFailed("host not found")
+        return str(answers[0]["host"])
 
     async def _save(self, response: aiohttp.ClientResponse) -> Downloaded:
         """Read the body, in memory while it is small; cut off past max_bytes whatever was declared."""
@@ -418,7 +486,10 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _connect_failure(exc: aiohttp.ClientConnectorError) -> DownloadFailed:
-    cause = exc.os_error
+    return _resolve_failure(exc.os_error)
+
+
+def _resolve_failure(cause: OSError) -> DownloadFailed:
     if isinstance(cause, BlockedAddress):
         return DownloadFailed(cause.reason)
     if isinstance(cause, socket.gaierror):
