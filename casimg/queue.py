@@ -1,11 +1,20 @@
 """Durable jobs: submit, read, claim, complete, and take over after a crash.
 
 A job is written to Redis in one Lua step before its 202 goes out: its status hash, its URL list, and one
-entry per distinct URL in the queue stream. Workers read the stream through one consumer group, so
-any number of processes on any number of machines share the work. An entry leaves the stream only in
-the same Lua step that records its outcome (index.py ``complete``), so a crash at any moment leaves it
-pending, never lost. Each worker keeps a heartbeat key alive; a worker whose heartbeat has expired is
-dead, and any live worker claims its pending entries.
+entry per distinct URL in the queue stream of the key that submitted it (``queue:{key_id}``; ``queue``
+for jobs sent without a key), whose id the same step marks busy in ``queue-owners``. Workers read
+every stream through one consumer group each, so any number of processes on any number of machines
+share the work, and each key's backlog waits in its own stream: how much a worker reads from which is
+decided by scheduler.FairSlots. An entry leaves its stream only in the same Lua step that records its
+outcome (index.py ``complete``), so a crash at any moment leaves it pending, never lost. Each worker keeps
+a heartbeat key alive; a worker whose heartbeat has expired is dead, and any live worker claims its
+pending entries, in every stream.
+
+``queue-owners`` scores each key +inf while its stream holds entries and, from the step that removes the
+last one (index.py ``complete``), the time it became empty. Workers read the streams of the keys busy or
+idle for less than ``OWNER_KEEP``: a client that comes back within the hour wakes a waiting worker at once
+(its stream is among those the worker blocks on), and a key seen for the first time in a while is found
+on the worker's next turn, a second later at most.
 """
 
 from __future__ import annotations
@@ -20,14 +29,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from casimg.errors import NotFound, TooManyRequests
-from casimg.index import QUEUE_GROUP, KeySpace, now_iso
+from casimg.index import QUEUE_GROUP, KeySpace, now_iso, queue_stream
 
 SUBMIT_CHUNK = 1000  # URLs per RPUSH inside the submit script (Lua's unpack has a stack limit)
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs is asked to wait
 
-# KEYS: job job_urls queue inflight
+# KEYS: job job_urls queue inflight queue_owners
 # ARGV: job_id ttl_ms created key_id max_in_flight job_key_prefix now_ms url...  ->  1 recorded, 0 refused
-# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts.
+# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts. A key's
+# stream and its consumer group are made with its first entry.
 SUBMIT_LUA = """
 local job_id, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
 if limit > 0 then
@@ -48,12 +58,17 @@ for start = first, #ARGV, CHUNK do
   redis.call('RPUSH', KEYS[2], unpack(ARGV, start, math.min(start + CHUNK - 1, #ARGV)))
 end
 redis.call('PEXPIRE', KEYS[2], ttl)
+if ARGV[4] ~= '' then
+  if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('XGROUP', 'CREATE', KEYS[3], 'GROUP', '0', 'MKSTREAM') end
+  redis.call('ZADD', KEYS[5], 'inf', ARGV[4])
+end
 for i = first, #ARGV do
   redis.call('XADD', KEYS[3], '*', 'job', job_id, 'pos', i - first, 'url', ARGV[i])
 end
 return 1
-""".replace("CHUNK", str(SUBMIT_CHUNK))
+""".replace("CHUNK", str(SUBMIT_CHUNK)).replace("'GROUP'", f"'{QUEUE_GROUP}'")
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
+OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
 
 
 def _glob_escape(text: str) -> str:
@@ -70,6 +85,7 @@ class Entry:
     position: int
     url: str
     deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
+    owner: str = ""  # the id of the API key that submitted it ("" for none): which stream it is in
 
 
 @dataclass
@@ -102,8 +118,8 @@ class Job:
         return body
 
 
-def _entry(entry_id: str, fields: dict[str, str]) -> Entry:
-    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"])
+def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
+    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
 
 
 class JobQueue:
@@ -131,7 +147,8 @@ class JobQueue:
         job_id = secrets.token_hex(12)
         k = self.keys
         admitted = await self._submit(
-            keys=[k.job(job_id), k.job_urls(job_id), k.queue, k.inflight(key_id or "-")],
+            keys=[k.job(job_id), k.job_urls(job_id), self.stream_of(key_id), k.inflight(key_id or "-"),
+                  k.queue_owners],
             args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, max_in_flight if key_id else 0,
                   k.job(""), time.time_ns() // 1_000_000, *distinct],
         )
@@ -176,11 +193,41 @@ class JobQueue:
 
     # -- workers --------------------------------------------------------------------------------
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            QUEUE_GROUP, consumer, {self.keys.queue: ">"}, count=count, block=block_ms
-        )
-        return [_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+    def stream_of(self, owner: str) -> str:
+        return queue_stream(self.keys, owner)
+
+    async def owners(self) -> list[str]:
+        """The keys with entries queued or idle for under OWNER_KEEP, sorted; "" (the keyless stream) first."""
+        since = time.time_ns() // 1_000_000 - int(OWNER_KEEP * 1000)
+        return ["", *sorted(await self.redis.zrangebyscore(self.keys.queue_owners, since, "+inf"))]
+
+    async def forget_idle_owners(self) -> None:
+        """Drop the keys idle for over OWNER_KEEP; one that submits meanwhile is scored +inf, so stays."""
+        since = time.time_ns() // 1_000_000 - int(OWNER_KEEP * 1000)
+        await self.redis.zremrangebyscore(self.keys.queue_owners, "-inf", f"({since}")
+
+    async def read(self, consumer: str, wanted: dict[str, int]) -> list[Entry]:
+        """Up to wanted[owner] new entries from each owner's stream, in one round trip, without waiting."""
+        if not wanted:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for owner, count in wanted.items():
+                pipe.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
+            replies = await pipe.execute()
+        return [entry for owner, reply in zip(wanted, replies, strict=True) for entry in self._entries(owner, reply)]
+
+    async def wait_for_entries(self, consumer: str, owners: list[str], block_ms: int) -> list[Entry]:
+        """At most one new entry from each of `owners`' streams, waiting up to `block_ms` for the first."""
+        streams = {self.stream_of(owner): ">" for owner in owners}
+        reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, streams, count=1, block=block_ms)
+        by_stream = {self.stream_of(owner): owner for owner in owners}
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            entries += self._entries(by_stream[stream], [[stream, items]])
+        return entries
+
+    def _entries(self, owner: str, reply: Any) -> list[Entry]:
+        return [_entry(entry_id, fields, owner) for _, entries in reply or [] for entry_id, fields in entries]
 
     async def heartbeat(self, consumer: str, ttl: float) -> None:
         await self.redis.set(self.keys.worker(consumer), now_iso(), px=max(1, int(ttl * 1000)))
@@ -190,25 +237,39 @@ class JobQueue:
         await self.redis.delete(self.keys.worker(consumer))
 
     async def claim_from_dead(self, consumer: str, count: int) -> list[Entry]:
-        """Move the pending entries of workers whose heartbeat expired to `consumer`."""
+        """Move up to `count` pending entries of workers whose heartbeat expired to `consumer`, from every
+        owner's stream."""
         claimed: list[Entry] = []
-        for info in await self.redis.xinfo_consumers(self.keys.queue, QUEUE_GROUP):
+        for owner in await self.owners():
+            if len(claimed) >= count:
+                break
+            claimed += await self._claim_stream(consumer, owner, count - len(claimed))
+        return claimed
+
+    async def _claim_stream(self, consumer: str, owner: str, count: int) -> list[Entry]:
+        stream = self.stream_of(owner)
+        claimed: list[Entry] = []
+        try:
+            consumers = await self.redis.xinfo_consumers(stream, QUEUE_GROUP)
+        except ResponseError:  # the stream or its group is gone (a Redis that lost its data): nothing to claim
+            return []
+        for info in consumers:
             name = info["name"]
             if name == consumer or await self.redis.exists(self.keys.worker(name)):
                 continue
             if info["pending"] == 0:
-                await self.redis.xgroup_delconsumer(self.keys.queue, QUEUE_GROUP, name)
+                await self.redis.xgroup_delconsumer(stream, QUEUE_GROUP, name)
                 continue
             pending = await self.redis.xpending_range(
-                self.keys.queue, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
+                stream, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
             )
             delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending}
             if delivered:
                 for entry_id, fields in await self.redis.xclaim(
-                    self.keys.queue, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
+                    stream, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
                 ):
                     if fields:
-                        claimed.append(replace(_entry(entry_id, fields), deliveries=delivered[entry_id] + 1))
+                        claimed.append(replace(_entry(entry_id, fields, owner), deliveries=delivered[entry_id] + 1))
             if len(claimed) >= count:
                 break
         return claimed
@@ -237,11 +298,16 @@ class JobQueue:
         return counts
 
     async def depth(self) -> dict[str, int]:
-        """Entries waiting to be read and entries read but not finished."""
-        try:
-            groups = await self.redis.xinfo_groups(self.keys.queue)
-        except ResponseError:
-            return {"waiting": 0, "in_progress": 0}
-        length = await self.redis.xlen(self.keys.queue)
-        pending = sum(int(g["pending"]) for g in groups if g["name"] == QUEUE_GROUP)
-        return {"waiting": max(0, length - pending), "in_progress": pending}
+        """Entries waiting to be read and entries read but not finished, over every owner's stream."""
+        waiting = in_progress = 0
+        for owner in await self.owners():
+            stream = self.stream_of(owner)
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            length = await self.redis.xlen(stream)
+            pending = sum(int(g["pending"]) for g in groups if g["name"] == QUEUE_GROUP)
+            waiting += max(0, length - pending)
+            in_progress += pending
+        return {"waiting": waiting, "in_progress": in_progress}

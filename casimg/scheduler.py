@@ -47,12 +47,17 @@ IPV6_ORIGIN_PREFIX = 64  # an IPv6 origin is counted by its /64: one site holds 
 
 
 class FairSlots:
-    """`total` download slots; each owner (an API key id, "" for none) takes and gives back its own."""
+    """`total` download slots; each owner (an API key id, "" for none) takes and gives back its own.
+
+    ``held`` counts the slots each owner holds, ``waiting`` its entries read but waiting for a slot (a
+    retry, or an entry claimed from a dead worker). An owner with neither is a newcomer.
+    """
 
     def __init__(self, total: int, reserve: int | None = None) -> None:
         self.total = total
         self.reserve = total // RESERVE_DIVISOR if reserve is None else reserve
         self.held: Counter[str] = Counter()
+        self.waiting: Counter[str] = Counter()
         self._in_use = 0
         self._turn = 0  # rotates the order in which owners with equal holdings are served
         self._waiters: list[asyncio.Future[None]] = []
@@ -72,8 +77,17 @@ class FairSlots:
         self._in_use += 1
         return True
 
+    def queue_up(self, owner: str) -> None:
+        """An entry of `owner` now waits for a slot (counted until ``take`` grants it or ``leave_queue``)."""
+        self.waiting[owner] += 1
+
+    def leave_queue(self, owner: str) -> None:
+        self.waiting[owner] -= 1
+        if self.waiting[owner] <= 0:
+            del self.waiting[owner]
+
     async def take(self, owner: str) -> None:
-        """A slot for `owner`, once the rules allow it (a retry, or an entry claimed from a dead worker)."""
+        """A slot for a queued-up entry of `owner`, once the rules allow it."""
         while not self.try_take(owner):
             await self.changed()
 
@@ -99,22 +113,26 @@ class FairSlots:
                 self._waiters.remove(waiter)
 
     def plan(self, owners: Sequence[str]) -> dict[str, int]:
-        """How many entries to read now from each owner's queue: each free slot to the owner holding
-        fewest (ties in turn), the reserve only to owners that hold none."""
+        """How many entries to read now from each owner's queue.
+
+        Each newcomer is asked for one entry, which the reserve is there to start. The free slots past
+        the reserve (and past the entries already waiting) go one by one to the other owners, to the one
+        holding fewest, ties in turn. Newcomers' entries are asked for on top: most of their queues are
+        empty, and counting them against the others would leave a busy key unread behind many idle ones.
+        """
         if not owners:
             return {}
         self._turn = (self._turn + 1) % len(owners)
         order = list(owners[self._turn:]) + list(owners[:self._turn])
-        counts = {owner: self.held[owner] for owner in order}
-        wanted: Counter[str] = Counter()
-        free = self.free
-        while free > 0:
-            owner = min(order, key=counts.__getitem__)  # the first of the fewest, in this turn's order
-            if counts[owner] > 0 and free <= self.reserve:
-                break
+        load = {owner: self.held[owner] + self.waiting[owner] for owner in order}
+        wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
+        busy = [owner for owner in order if load[owner] > 0]
+        spare = self.free - sum(self.waiting.values()) - self.reserve
+        while busy and spare > 0:
+            owner = min(busy, key=load.__getitem__)  # the first of the fewest, in this turn's order
             wanted[owner] += 1
-            counts[owner] += 1
-            free -= 1
+            load[owner] += 1
+            spare -= 1
         return dict(wanted)
 
 

@@ -41,6 +41,7 @@ from tests.procs import (
     image_urls,
     job,
     kill_tree,
+    queued,
     settle,
     submit,
     wait_for_progress,
@@ -83,7 +84,7 @@ def durable_state(data_dir: Path, job_id: str) -> tuple[int, int, int]:
     try:
         client = embedded_client(data_dir)
         state = client.hgetall(f"{PREFIX}job:{job_id}")
-        left = client.xlen(f"{PREFIX}queue")
+        left = queued(client)
         client.close()
     finally:
         embedded.stop()

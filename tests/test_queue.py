@@ -40,7 +40,7 @@ async def test_submit_keeps_distinct_urls_in_order_and_expires(parts):
 async def test_outcomes_count_once_and_finish_the_job(parts):
     queue, index = parts
     job_id, _ = await queue.submit(["http://a/1", "http://a/2"])
-    entries = await queue.read("w1", 10, 100)
+    entries = await queue.read("w1", {"": 10})
     assert [(e.position, e.url) for e in entries] == [(0, "http://a/1"), (1, "http://a/2")]
     failed = {"status": "failed", "error": "HTTP 404", "attempts": 1}
     await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")
@@ -61,7 +61,7 @@ async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
     await queue.submit(["http://a/1", "http://a/2", "http://a/3"])
     await queue.heartbeat("alive", 30)
     await queue.heartbeat("dying", 30)
-    taken = await queue.read("dying", 2, 100)
+    taken = await queue.read("dying", {"": 2})
     assert len(taken) == 2
     assert await queue.claim_from_dead("alive", 10) == []  # its heartbeat still runs
     await queue.retire("dying")

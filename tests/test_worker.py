@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 
 import pytest
 
@@ -15,6 +16,12 @@ from casimg.fetcher import Fetcher
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
 from tests.procs import Processes, settle, submit
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server, request):
+    """The conftest settings, with the overrides a test passes through indirect parametrization."""
+    return make_settings(tmp_path / "data", redis_server.url, **getattr(request, "param", {}))
 
 
 async def outcome(api, url: str) -> dict:
@@ -222,3 +229,33 @@ def test_hostile_urls_through_casimg_serve_end_their_jobs_and_free_the_key(tmp_p
     accepted = server.submit([origin.url("/img/913005.jpg")])  # 429 while the key is at its limit
     assert accepted["stored"] == 1, accepted
     assert "Traceback" not in server.output()
+
+
+# -- slots: not held while waiting to retry, bounded per URL -----------------------------------------
+
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("settings", [{"download_concurrency": 1}], indirect=True)
+async def test_no_slot_is_held_while_a_url_waits_to_be_retried(api, origin, services):
+    """One slot: a URL told to come back in 4 s must not keep the next URL waiting for those 4 s."""
+    slow_job = json.loads((await api("POST", "/api/images", json_body={
+        "image_urls": [origin.url("/flaky/later?fail=1&status=429&retry_after=4")]})).body)["job_id"]
+    for _ in range(200):  # its first attempt has been answered: it is waiting to retry
+        if origin.hits["flaky:later"] >= 1:
+            break
+        await asyncio.sleep(0.02)
+    other = await outcome(api, origin.url("/img/913010.jpg"))
+    assert other["status"] == "stored"
+    waiting = json.loads((await api("GET", f"/api/jobs/{slow_job}")).body)
+    assert waiting["status"] != "done", "the other URL waited for the retry"
+    assert origin.hits["flaky:later"] == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_url_that_times_out_gets_one_shorter_retry(api, origin, settings):
+    """A timeout is tried once more with what is left of 1.5 fetch timeouts, not twice more in full."""
+    started = time.monotonic()
+    result = await outcome(api, origin.url("/stall/always?fail=99&seconds=30"))
+    elapsed = time.monotonic() - started
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", "timeout", 2), result
+    assert origin.hits["stall:always"] == 2
+    assert elapsed < 3 * settings.fetch_timeout  # three full attempts took at least that
