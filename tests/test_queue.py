@@ -69,3 +69,42 @@ async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
     assert sorted(e.url for e in claimed) == sorted(e.url for e in taken)
     assert await queue.depth() == {"waiting": 1, "in_progress": 2}
     assert await queue.claim_from_dead("alive", 10) == []  # the dead consumer is gone now
+
+
+@pytest.mark.gen_test
+async def test_each_key_queues_apart_and_is_listed_while_it_has_entries(parts):
+    queue, index = parts
+    await queue.submit([f"http://a/{n}" for n in range(5)], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.submit(["http://c/1"])  # no key: the keyless stream
+    assert await queue.owners() == ["", "k1", "k2"]
+    assert await queue.redis.xlen(queue.keys.key_queue("k1")) == 5
+    # k2's one URL is read at once, behind nothing of k1's.
+    entries = await queue.read("w1", {"k2": 10, "": 10})
+    assert sorted((e.owner, e.url) for e in entries) == [("", "http://c/1"), ("k2", "http://b/1")]
+    assert await queue.depth() == {"waiting": 5, "in_progress": 2}
+    k2 = next(e for e in entries if e.owner == "k2")
+    await index.complete(k2.job_id, k2.position, k2.entry_id, {"status": "failed"}, "failed", owner="k2")
+    # Emptied: k2 is kept among the streams read (its client may come back), scored with the time.
+    assert await queue.redis.zscore(queue.keys.queue_owners, "k2") != float("inf")
+    assert await queue.redis.zscore(queue.keys.queue_owners, "k1") == float("inf")
+    await queue.redis.zadd(queue.keys.queue_owners, {"k2": 1})  # as if it had been idle for long
+    await queue.forget_idle_owners()
+    assert await queue.owners() == ["", "k1"]
+    await queue.submit(["http://b/2"], key_id="k2")
+    assert await queue.owners() == ["", "k1", "k2"]
+
+
+@pytest.mark.gen_test
+async def test_a_dead_workers_entries_are_claimed_from_every_keys_stream(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1", "http://a/2"], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.heartbeat("dying", 30)
+    taken = await queue.read("dying", {"k1": 2, "k2": 1})
+    assert len(taken) == 3
+    await queue.retire("dying")
+    claimed = await queue.claim_from_dead("alive", 10)
+    assert sorted((e.owner, e.url, e.deliveries) for e in claimed) == [
+        ("k1", "http://a/1", 2), ("k1", "http://a/2", 2), ("k2", "http://b/1", 2)]
+    assert await queue.depth() == {"waiting": 0, "in_progress": 3}
