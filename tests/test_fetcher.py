@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -387,3 +390,14 @@ def test_registrable_domains_come_from_the_shipped_public_suffix_list():
     assert registrable_domain("localhost") == "localhost"
     assert origin_address("2001:db8::1") == origin_address("2001:db8::2") == "2001:db8::/64"
     assert origin_address("::ffff:127.0.0.1") == "127.0.0.1"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare(1) is not installed")
+def test_the_public_suffix_list_is_read_with_no_network_at_all():
+    """In a network namespace of its own (no interface up), the list still loads: it ships in the package."""
+    code = ("from casimg.scheduler import registrable_domain as d; "
+            "assert d('a.b.example.co.uk') == 'example.co.uk', d('a.b.example.co.uk'); print('ok')")
+    result = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "Operation not permitted" in result.stderr:
+        pytest.skip("no permission to make a network namespace")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

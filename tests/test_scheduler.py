@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from casimg.keys import Scope
 from casimg.scheduler import FairSlots
 from tests.origin import Origin
 from tests.procs import Processes, casimg, submit
@@ -125,3 +126,26 @@ def test_a_slow_origin_flood_from_one_key_does_not_delay_another_keys_url(
           f"({flooding} of them started)")
     assert job["status"] == "done" and job["stored"] == 1, job
     assert delay < FAIR_BOUND
+
+
+JUNK = 5000  # URLs refused before any connection: each costs the worker a moment, not a download
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_one_keys_backlog_is_not_in_front_of_another_keys_url(api, services, origin):
+    """A backlog of junk from one key and one URL from another: the other URL does not wait its turn
+    behind the backlog (it used to: one FIFO stream for every key)."""
+    other = await services.keys.create("other", Scope.write)
+    junk = [f"http://127.0.0.2:9/junk/{n}" for n in range(JUNK)]
+    backlog = await api("POST", "/api/images", json_body={"image_urls": junk})
+    assert backlog.code == 202
+    backlog_path = backlog.headers["Location"]
+    started = time.monotonic()
+    url = origin.url("/img/915001.jpg")
+    served = await api("POST", "/api/images?wait=60", key=other, json_body={"image_urls": [url]})
+    delay = time.monotonic() - started
+    assert served.code == 200 and json.loads(served.body)["stored"] == 1
+    left = json.loads((await api("GET", backlog_path)).body)
+    print(f"\nthe other key's URL took {delay:.2f} s; {left['done']} of the {JUNK} junk URLs were done by then")
+    assert left["status"] != "done", "the backlog finished first: the test shows nothing"
+    assert left["done"] < JUNK * 0.9
