@@ -129,10 +129,11 @@ class JobQueue:
         self.job_ttl = max(1, int(job_ttl))
         self._submit = redis.register_script(SUBMIT_LUA)
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group once; reading from id 0 keeps entries added before."""
+    async def ensure_group(self, owner: str = "") -> None:
+        """Create an owner's stream and its consumer group once (the keyless one by default); reading from
+        id 0 keeps entries added before."""
         try:
-            await self.redis.xgroup_create(self.keys.queue, QUEUE_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream_of(owner), QUEUE_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -213,18 +214,36 @@ class JobQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for owner, count in wanted.items():
                 pipe.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
-            replies = await pipe.execute()
-        return [entry for owner, reply in zip(wanted, replies, strict=True) for entry in self._entries(owner, reply)]
+            replies = await pipe.execute(raise_on_error=False)
+        entries: list[Entry] = []
+        for owner, reply in zip(wanted, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                await self._regroup(owner, reply)
+            else:
+                entries += self._entries(owner, reply)
+        return entries
 
     async def wait_for_entries(self, consumer: str, owners: list[str], block_ms: int) -> list[Entry]:
         """At most one new entry from each of `owners`' streams, waiting up to `block_ms` for the first."""
         streams = {self.stream_of(owner): ">" for owner in owners}
-        reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, streams, count=1, block=block_ms)
+        try:
+            reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, streams, count=1, block=block_ms)
+        except ResponseError as exc:
+            for owner in owners:
+                await self._regroup(owner, exc)
+            return []
         by_stream = {self.stream_of(owner): owner for owner in owners}
         entries: list[Entry] = []
         for stream, items in reply or []:
             entries += self._entries(by_stream[stream], [[stream, items]])
         return entries
+
+    async def _regroup(self, owner: str, error: ResponseError) -> None:
+        """A stream whose group is gone (a Redis that lost its data, a hand-made key): make it again, so
+        that one broken stream never stops the reading of all the others."""
+        if "NOGROUP" not in str(error):
+            raise error
+        await self.ensure_group(owner)
 
     def _entries(self, owner: str, reply: Any) -> list[Entry]:
         return [_entry(entry_id, fields, owner) for _, entries in reply or [] for entry_id, fields in entries]

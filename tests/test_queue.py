@@ -108,3 +108,19 @@ async def test_a_dead_workers_entries_are_claimed_from_every_keys_stream(parts):
     assert sorted((e.owner, e.url, e.deliveries) for e in claimed) == [
         ("k1", "http://a/1", 2), ("k1", "http://a/2", 2), ("k2", "http://b/1", 2)]
     assert await queue.depth() == {"waiting": 0, "in_progress": 3}
+
+
+@pytest.mark.gen_test
+async def test_a_stream_that_lost_its_group_gets_it_back_and_blocks_no_other(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1"], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.redis.delete(queue.keys.key_queue("k1"))  # as a Redis that lost part of its data might
+    await queue.redis.xadd(queue.keys.key_queue("k1"), {"job": "j", "pos": "0", "url": "http://a/2"})
+    entries = await queue.read("w1", {"k1": 5, "k2": 5})
+    assert [e.url for e in entries] == ["http://b/1"]
+    assert [e.url for e in await queue.read("w1", {"k1": 5})] == ["http://a/2"]  # its group is back
+    await queue.redis.delete(queue.keys.key_queue("k2"))
+    assert await queue.wait_for_entries("w1", ["k2"], 10) == []
+    await queue.submit(["http://b/2"], key_id="k2")
+    assert [e.url for e in await queue.wait_for_entries("w1", ["k2"], 10)] == ["http://b/2"]
