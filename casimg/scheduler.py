@@ -66,6 +66,10 @@ class FairSlots:
     def free(self) -> int:
         return self.total - self._in_use
 
+    def load(self, owner: str) -> int:
+        """Slots `owner` holds plus its entries waiting for one: 0 for a newcomer."""
+        return self.held[owner] + self.waiting[owner]
+
     def may_take(self, owner: str) -> bool:
         """A free slot, and either none held by `owner` or more free slots than the reserve."""
         return self.free > 0 and (self.held[owner] == 0 or self.free > self.reserve)
@@ -124,7 +128,7 @@ class FairSlots:
             return {}
         self._turn = (self._turn + 1) % len(owners)
         order = list(owners[self._turn:]) + list(owners[:self._turn])
-        load = {owner: self.held[owner] + self.waiting[owner] for owner in order}
+        load = {owner: self.load(owner) for owner in order}
         wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
         busy = [owner for owner in order if load[owner] > 0]
         spare = self.free - sum(self.waiting.values()) - self.reserve

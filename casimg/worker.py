@@ -226,16 +226,19 @@ class Worker:
     async def _read_fairly(self) -> list[Entry]:
         """New entries, as many from each key's stream as FairSlots plans for it.
 
-        When no planned stream has anything, wait up to READ_BLOCK_MS for the first new entry of any of
-        them; a key that submits meanwhile is seen on the next turn, a second later at most.
+        When none of the planned streams has anything: if a key was left out for want of slots, wait for
+        a slot to come free (blocking on the streams instead would leave slots idle for up to a second
+        under a busy key); else wait up to READ_BLOCK_MS for the first new entry of any planned stream.
+        Either way, a key that submits meanwhile is seen on the next turn, a second later at most.
         """
-        wanted = self._slots.plan(await self.queue.owners())
-        if not wanted:
-            await self._slots.changed(READ_BLOCK_MS / 1000)
-            return []
+        owners = await self.queue.owners()
+        wanted = self._slots.plan(owners)
         entries = await self.queue.read(self.name, wanted)
         if entries:
             return entries
+        if not wanted or any(owner not in wanted for owner in owners if self._slots.load(owner)):
+            await self._slots.changed(READ_BLOCK_MS / 1000)
+            return []
         return await self.queue.wait_for_entries(self.name, list(wanted), READ_BLOCK_MS)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
