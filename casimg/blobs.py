@@ -14,7 +14,7 @@ The data directory, drawn once::
 ``blob_path`` is the only code that maps a digest to a path.
 
 Placing and removing blobs is lock-free against the Redis reference counts, and the steps are public
-so that tests can run them in any interleaving (``worker.store_blob`` and ``service.delete_url``
+so that tests can run them in any interleaving (``lifecycle.store_blob`` and ``lifecycle.delete_url``
 drive them in order):
 
 store of bytes with digest d, in ``tmp`` (``write_temp``):

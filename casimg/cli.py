@@ -4,29 +4,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-from casimg import app, importer
+from casimg import importer, runtime
 from casimg.config import Settings, describe, load_settings
 from casimg.embedded import EmbeddedRedis
 from casimg.errors import BadRequest, CasimgError, NotFound
 from casimg.fsck import fsck
-from casimg.keys import KeyStore, Scope
+from casimg.keys import Scope
+from casimg.logtext import loggable, loggable_lines
+from casimg.services import Services, open_services, redis_for
 from casimg.stats import collect
 
 EXIT_USAGE = 2
+# The width --help is rendered at for docs/cli.md: fixed, so the page does not follow the terminal of
+# whoever regenerates it.
+REFERENCE_WIDTH = 100
 
 
 class Formatter(logging.Formatter):
-    """logging's Formatter with the time of each record formatted once per second: the access log
-    writes a line per request, and strftime consults the time zone on every call."""
+    """logging's Formatter with every record made safe to log (logtext.loggable: control characters
+    escaped, credentials in URLs cut out), whoever logged it; and the time of each record formatted once
+    per second: the access log writes a line per request, and strftime consults the time zone on every
+    call."""
 
     _second: tuple[int, str] = (-1, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = loggable(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for more in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if more:
+                line += "\n" + loggable_lines(more)  # indented: no line of it can pass for a record's
+        return line
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         if datefmt is not None:
@@ -40,14 +60,18 @@ class Formatter(logging.Formatter):
 
 
 class JsonFormatter(Formatter):
+    """One JSON object a line. The message and every string field are cleaned as in the text format, so
+    both formats say the same; json.dumps escapes what is left (non-ASCII)."""
+
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
-                 "message": record.getMessage()}
+        entry: dict[str, Any] = {"time": self.formatTime(record), "level": record.levelname,
+                                 "logger": record.name, "message": loggable(record.getMessage())}
         fields = getattr(record, "fields", None)  # a request or a download outcome, as separate fields
         if isinstance(fields, dict):
-            entry.update({name: value for name, value in fields.items() if name not in entry})
+            entry.update({name: loggable(value) if isinstance(value, str) else value
+                          for name, value in fields.items() if name not in entry})
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = loggable_lines(self.formatException(record.exc_info), indent="")
         return json.dumps(entry)
 
 
@@ -124,26 +148,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """`parser` and every subcommand's parser under it, depth first, in the order they were added."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from _parsers(sub)
+
+
+def cli_reference() -> str:
+    """The --help of `casimg` and of each subcommand, as markdown, for docs/cli.md.
+
+    The settings that `casimg --help` lists after the commands are left out: docs/settings.md has them.
+    """
+    sections = []
+    for parser in _parsers(build_parser()):
+        parser.epilog = None
+        parser.formatter_class = functools.partial(parser.formatter_class, width=REFERENCE_WIDTH)
+        sections.append(f"### `{parser.prog}`\n\n```text\n{parser.format_help().rstrip()}\n```\n")
+    return "\n".join(sections)
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     names = ("data_dir", "redis_url", "log_format", "host", "port", "workers", "processes")
     return load_settings(args.config, overrides={n: getattr(args, n, None) for n in names})
 
 
-def _with_redis(settings: Settings, body: Callable[[Any], Awaitable[int]]) -> int:
+def _with_redis(settings: Settings, body: Callable[[Services], Awaitable[int]]) -> int:
     """Run `body(services)` against the configured or embedded Redis, for the short commands."""
     async def run(url: str) -> int:
-        services = await app.open_services(settings, url, with_worker=False)
+        services = await open_services(settings, url, with_worker=False)
         try:
             return await body(services)
         finally:
             await services.close()
 
-    with app.redis_for(settings, own_data_dir=False) as url:
+    with redis_for(settings, own_data_dir=False) as url:
         return asyncio.run(run(url))
 
 
-async def _keys(args: argparse.Namespace, services: Any) -> int:
-    store: KeyStore = services.keys
+async def _keys(args: argparse.Namespace, services: Services) -> int:
+    store = services.api_keys
     if args.keys_command == "create":
         key = await store.create(args.name, Scope[args.scope])
         print(f"created key {args.name!r} with scope {args.scope}; it is shown only now:")
@@ -158,14 +204,14 @@ async def _keys(args: argparse.Namespace, services: Any) -> int:
     return 0
 
 
-async def _stats(args: argparse.Namespace, services: Any) -> int:
+async def _stats(args: argparse.Namespace, services: Services) -> int:
     found = await collect(services.index, services.queue, services.blobs)
     print(json.dumps(found.as_json()) if args.json else "\n".join(found.lines()))
     return 0
 
 
-async def _fsck(args: argparse.Namespace, services: Any) -> int:
-    settings: Settings = services.settings
+async def _fsck(args: argparse.Namespace, services: Services) -> int:
+    settings = services.settings
     report = await fsck(services.index, services.blobs, repair=args.repair, tmp_grace=settings.tmp_grace)
     for line in report.repaired:
         print(f"repaired: {line}")
@@ -187,16 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _settings(args)
         setup_logging(settings.log_format)
         if args.command == "serve":
-            with app.redis_for(settings, own_data_dir=True) as url:
+            with redis_for(settings, own_data_dir=True) as url:
                 if settings.processes > 1:
-                    return app.serve_processes(settings, url)
-                app.run_loop(app.serve(settings, url))
+                    return runtime.serve_processes(settings, url)
+                runtime.run_loop(runtime.serve(settings, url))
             return 0
         if args.command == "worker":
             if not settings.redis_url and not EmbeddedRedis(settings.data_dir).alive():
                 raise CasimgError(f"no Redis: start `casimg serve --data-dir {settings.data_dir}` "
                                   "or pass --redis-url")
-            app.run_loop(app.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
+            runtime.run_loop(runtime.run_worker(settings, settings.redis_url or EmbeddedRedis(settings.data_dir).url))
             return 0
         if args.command == "keys":
             return _with_redis(settings, lambda services: _keys(args, services))

@@ -9,6 +9,10 @@
     data = client.image("https://example.com/a.jpg")
     client.delete("https://example.com/a.jpg")
 
+The key goes only to the origin (scheme, host and port) the client was created for: a Link or a path
+that names another origin raises ``ForeignOrigin`` before anything is sent, and a redirect to another
+origin is followed without the key.
+
 It is synchronous: a script reads top to bottom, and a caller that wants several requests in flight
 (``casimg import`` does) uses threads, one ``Client`` shared by all of them. 429, 502, 503, 504 and
 connection errors are retried with jittered exponential backoff (a server's ``Retry-After`` is honoured);
@@ -17,7 +21,8 @@ anything else raises at once. Every failure is a ``ClientError``:
 - ``ApiUnreachable``: no answer from the API (refused, DNS, timeout), after the retries;
 - ``AuthError``: the key is missing, unknown, revoked (401) or its scope too small (403);
 - ``NotFoundError``: no such image or job (404);
-- ``ApiError``: any other error answer; ``status``, ``title`` and ``detail`` come from its problem+json.
+- ``ApiError``: any other error answer; ``status``, ``title`` and ``detail`` come from its problem+json;
+- ``ForeignOrigin``: a request (a Link header's, say) would have sent the key to another origin.
 """
 
 from __future__ import annotations
@@ -32,12 +37,15 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin, urlsplit
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 DEFAULT_TIMEOUT = 60.0  # seconds for one HTTP exchange; a submit of 10,000 URLs stays well under it
 MAX_SERVER_WAIT = 60.0  # the API holds a POST ?wait= at most this long
 LINK_NEXT_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
+# Headers that carry the key: never sent to an origin other than the API's, on a redirect either.
+KEY_HEADERS = frozenset({"x-api-key", "authorization"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ClientError(Exception):
@@ -46,6 +54,10 @@ class ClientError(Exception):
 
 class ApiUnreachable(ClientError):
     """The API did not answer: connection refused, name not found, or a timeout, after the retries."""
+
+
+class ForeignOrigin(ClientError):
+    """A request would have gone, with the key, to an origin other than the API's; nothing was sent."""
 
 
 class ApiError(ClientError):
@@ -155,7 +167,9 @@ class Client:
         if not api.startswith(("http://", "https://")):
             raise ValueError(f"API address must start with http:// or https://, not {api!r}")
         self.api = api.rstrip("/")
+        self.origin = origin_of(self.api)
         self.key = key
+        self._opener = urllib.request.build_opener(_KeyKeepingRedirects(self.origin))
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -190,13 +204,15 @@ class Client:
     def images(self, limit: int = 100) -> Iterator[Image]:
         """Every stored image, in the index's order (by the SHA-1 of the URL, so not by time), fetched a page of
         `limit` at a time (following Link: rel=next). Each image present throughout comes exactly once."""
-        path: str | None = f"/api/images?{urlencode({'limit': limit})}"
-        while path is not None:
-            response = self.request("GET", path)
+        url: str | None = self.api + f"/api/images?{urlencode({'limit': limit})}"
+        while url is not None:
+            response = self.request("GET", url)
             for item in response.json():
                 yield Image.from_json(item)
             match = LINK_NEXT_RE.search(response.headers.get("link", ""))
-            path = match.group(1) if match else None
+            # A reference, resolved against the URL asked for (RFC 8288 3.2); request() refuses it if it
+            # leads to another origin.
+            url = urljoin(url, match.group(1)) if match else None
 
     def count(self) -> int:
         """How many URLs are stored (the X-Total-Count of the listing)."""
@@ -217,7 +233,7 @@ class Client:
     # -- HTTP -------------------------------------------------------------------------------------
 
     def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Response:
-        """One API call with retries; `path` may also be an absolute URL (a Link header's)."""
+        """One API call with retries; `path` may also be an absolute URL of the API's origin."""
         attempt = 0
         while True:
             attempt += 1
@@ -248,9 +264,12 @@ class Client:
             headers["Content-Type"] = "application/json"
         # An API behind a path prefix (https://host/casimg) keeps it: paths are appended, not resolved.
         url = path if path.startswith(("http://", "https://")) else self.api + path
+        if origin_of(url) != self.origin:
+            raise ForeignOrigin(f"refusing to send the API key to {_origin_text(url)}: this client is for "
+                                f"{_origin_text(self.api)}")
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
+            with self._opener.open(request, timeout=timeout) as answer:
                 return Response(answer.status, {k.lower(): v for k, v in answer.headers.items()}, answer.read())
         except urllib.error.HTTPError as answer:
             with answer:
@@ -258,6 +277,40 @@ class Client:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             cause = getattr(exc, "reason", exc)
             raise ApiUnreachable(f"no answer from {self.api}: {cause}") from None
+
+
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of an absolute URL, with the default port of http and https filled in."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:  # a port that is not a number: an origin no other URL shares
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _origin_text(url: str) -> str:
+    scheme, host, port = origin_of(url)
+    return f"{scheme}://{host}:{port}"
+
+
+class _KeyKeepingRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects as urllib does, but drops the key headers on a hop to another origin (urllib
+    copies every header but the body's to the redirected request)."""
+
+    def __init__(self, origin: tuple[str, str, int | None]) -> None:
+        self.origin = origin
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        follow = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if follow is not None and origin_of(follow.full_url) != self.origin:
+            for name in [name for name in follow.headers if name.lower() in KEY_HEADERS]:
+                del follow.headers[name]
+            for name in [name for name in follow.unredirected_hdrs if name.lower() in KEY_HEADERS]:
+                del follow.unredirected_hdrs[name]
+        return follow
 
 
 def _error_of(response: Response) -> ApiError:

@@ -2,7 +2,8 @@
 
 Precedence, lowest first: the defaults below < an optional TOML file (``--config``) < ``CASIMG_*``
 environment variables < command-line flags. Every setting is declared once, in ``Settings``, with
-its default and its help text; the README's settings table and the CLI flags come from here.
+its default and its help text; the settings reference (docs/settings.md, written by
+``settings_reference`` through scripts/gen_docs.py) and the CLI's settings epilog come from here.
 """
 
 from __future__ import annotations
@@ -71,9 +72,16 @@ class Settings:
         "process."
     )
     max_redirects: int = _setting(5, "Most redirects followed for one URL.")
-    max_url_length: int = _setting(8192, "Longest URL accepted, in characters.")
+    max_url_length: int = _setting(
+        8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
+        "keeps its first 2,048 characters)."
+    )
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
+    max_queued_bytes: int = _setting(
+        64 * MIB, "Most bytes of URLs one API key may have in unfinished jobs; past it POST /api/images answers 429 "
+        "(413 for one job larger than this). 0: no limit."
+    )
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
     processes: int = _setting(
         1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
@@ -117,6 +125,30 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    variants: str = _setting(
+        "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
+        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
+    )
+    variant_presets: str = _setting(
+        "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "
+        "format:auto' (';' between presets), or in TOML a table of such strings or of parameter tables."
+    )
+    variant_max_side: int = _setting(4096, "Largest width or height of a variant, in pixels; past it a 400.")
+    variant_max_pixels: int = _setting(
+        4096 * 4096, "Largest width x height of a variant's output; past it a 400 naming this limit."
+    )
+    variants_per_original: int = _setting(100, "Most variants kept of one original; past it a new one is a 400.")
+    render_workers: int = _setting(
+        2, "Processes rendering variants, per casimg process; renders past them wait their turn."
+    )
+    render_timeout: float = _setting(
+        20.0, "Seconds one render may take; past it the render is abandoned (its worker killed) and answers 503."
+    )
+    render_max_memory: int = _setting(
+        512 * MIB, "Bytes one render may decode into, estimated from the image header before decoding "
+        "(width x height x bands, after JPEG DCT scaling); past it the variant answers 422."
+    )
+
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
@@ -146,6 +178,10 @@ def _cast(name: str, raw: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if isinstance(raw, Mapping):
+            if name != "variant_presets":
+                raise ValueError("expected a single value, not a table")
+            return _presets_text(raw)
         if kind == "Path":
             return Path(raw).expanduser()
         if kind.startswith("tuple"):
@@ -154,6 +190,20 @@ def _cast(name: str, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Setting {name!r}: cannot use {raw!r} ({exc})") from None
+
+
+def _presets_text(table: Mapping[str, Any]) -> str:
+    """A TOML table of presets, each a 'w:256 fit:cover' string or a {w = 256, fit = "cover"} table, as the
+    environment's 'name=w:256 fit:cover; ...' form, which casimg.variants parses and checks."""
+    entries = []
+    for preset, body in table.items():
+        if isinstance(body, Mapping):
+            body = " ".join(f"{key}:{str(value).lower() if isinstance(value, bool) else value}"
+                            for key, value in body.items())
+        elif not isinstance(body, str):
+            raise ValueError(f"preset {preset!r} must be a string or a table")
+        entries.append(f"{preset}={body}")
+    return "; ".join(entries)
 
 
 def _check(settings: Settings) -> Settings:
@@ -166,14 +216,19 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'appendfsync' must be 'everysec' or 'always'")
     if settings.validation not in ("structure", "decode"):
         raise ConfigError("Setting 'validation' must be 'structure' or 'decode'")
+    if settings.variants not in ("on", "presets", "off"):
+        raise ConfigError("Setting 'variants' must be 'on', 'presets' or 'off'")
+    if settings.render_timeout <= 0:
+        raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
                  "per_host_concurrency", "per_domain_concurrency", "max_urls_per_request", "max_body_bytes",
-                 "max_url_length", "max_jobs_in_flight", "rate_burst"):
+                 "max_url_length", "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
+                 "variants_per_original", "render_workers", "render_max_memory"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
-    for name in ("rate_limit", "auth_failure_limit"):
+    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
     if settings.sweep_interval > 0 and settings.tmp_grace <= settings.fetch_timeout:
@@ -231,3 +286,46 @@ def describe() -> list[tuple[str, str, str]]:
             default = ",".join(default)
         rows.append((ENV_PREFIX + name.upper(), str(default), field.metadata["help"]))
     return rows
+
+
+# How a setting's type reads in the reference: what an operator writes, not the Python annotation.
+TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "Path": "path",
+              "tuple[str, ...]": "list"}
+SETTINGS_PAGE_HEAD = """\
+# Settings
+
+<!-- Generated from casimg/config.py by `python scripts/gen_docs.py`: edit the help in Settings, not this page.
+tests/test_docs.py fails when this page and Settings disagree. -->
+
+Each setting is taken, lowest first, from its default < a TOML file (`--config`, see
+[config/casimg.example.toml](../config/casimg.example.toml)) < its `CASIMG_*` environment variable <
+a command-line flag, where there is one ([cli.md](cli.md)). A list is a TOML array, or a comma-separated
+string in the environment; a boolean is `true` or `false` (also `1`/`0`, `yes`/`no`, `on`/`off`).
+
+| setting | environment | type | default | meaning |
+|---|---|---|---|---|
+"""
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def _reference_default(default: Any) -> str:
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    if isinstance(default, Path) and not default.is_absolute():
+        default = f"./{default}"
+    return f"`{default}`" if str(default) else "*empty*"
+
+
+def settings_reference() -> str:
+    """docs/settings.md: one row per setting (name, environment variable, type, default, help)."""
+    rows = [
+        f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {TYPE_NAMES.get(str(field.type), field.type)} "
+        f"| {_reference_default(field.default)} | {_markdown_cell(field.metadata['help'])} |"
+        for name, field in FIELDS.items()
+    ]
+    return SETTINGS_PAGE_HEAD + "\n".join(rows) + "\n"

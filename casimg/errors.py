@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CasimgError(Exception):
     """Base of every error casimg raises on purpose."""
@@ -76,3 +78,38 @@ class DownloadFailed(CasimgError):
 
 class InvalidImage(DownloadFailed):
     """The bytes arrived but are not an acceptable image (not an image, truncated, too many pixels...)."""
+
+
+class BadVariant(BadRequest):
+    """A variant parameter (w, h, fit, format, ...) is unusable or over a limit; `parameter` names it."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(message)
+        self.parameter = parameter
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # raised in render workers: must pickle
+        return (type(self), (self.parameter, str(self)))
+
+
+class Unrenderable(CasimgError):
+    """A stored image cannot be made into the variant asked for (it does not decode, or is too big to)."""
+
+
+class RenderOverBudget(Unrenderable):
+    """Decoding and resizing would need more memory than `budget` bytes (the estimate, read from the header)."""
+
+    def __init__(self, message: str, *, estimate: int, budget: int) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+        self.budget = budget
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in render workers: must pickle
+        return (_over_budget, (str(self), self.estimate, self.budget))
+
+
+def _over_budget(message: str, estimate: int, budget: int) -> RenderOverBudget:
+    return RenderOverBudget(message, estimate=estimate, budget=budget)
+
+
+class RenderTimeout(Unavailable):
+    """A render ran past its time and was abandoned (its worker process killed); retrying may succeed."""

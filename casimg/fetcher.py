@@ -50,6 +50,7 @@ from casimg import __version__
 from casimg.blobs import open_temp
 from casimg.errors import DownloadFailed
 from casimg.scheduler import OriginCaps
+from casimg.userinfo import CREDENTIALS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -83,6 +84,10 @@ BLOCKED_NETWORKS: list[tuple[IPNetwork, str]] = [
         ("240.0.0.0/4", "reserved"),
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
+        # IPv6 forms holding an IPv4 address that are refused whole, not unwrapped (see NAT64 below).
+        ("::/96", "IPv4-compatible"),
+        ("::ffff:0:0:0/96", "IPv4-translated"),
+        ("64:ff9b:1::/48", "local-use NAT64"),
         ("100::/64", "discard"),
         ("2001::/23", "reserved"),
         ("2001:db8::/32", "documentation"),
@@ -95,7 +100,14 @@ BLOCKED_NETWORKS: list[tuple[IPNetwork, str]] = [
 ]
 DNS_CACHE_TTL = 10.0  # seconds an answer is reused, as aiohttp's own cache does by default
 DNS_CACHE_SIZE = 4096  # names remembered at most; the expired ones go first when it is full
-# IPv6 forms that carry an IPv4 address: the IPv4 address inside is what gets reached.
+# IPv6 forms that carry an IPv4 address, where the IPv4 address inside is what gets reached and so is the
+# one classified. Only the two forms whose inside is fixed by standard are unwrapped: IPv4-mapped (the
+# kernel's own dual-stack spelling) and the well-known NAT64 prefix (RFC 6052: the last 32 bits). The
+# other forms are blocked whole, above: IPv4-compatible (::/96, deprecated by RFC 4291) and
+# IPv4-translated (::ffff:0:0:0/96, RFC 2765) have no public use, so unwrapping them could only let
+# through what some local tunnel or translator makes of them; the local-use NAT64 prefix (64:ff9b:1::/48,
+# RFC 8215) puts the IPv4 address where the local operator chose, often in front of private IPv4 space.
+# An operator who runs such a translator opens its prefix with CASIMG_ALLOW_NETWORKS.
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
@@ -356,6 +368,10 @@ class Fetcher:
             reason = self.guard.refusal(url.host)
             if reason is not None:
                 raise DownloadFailed(reason)
+        # Submitted URLs with credentials are refused at submit (queue.py); this catches redirects to one,
+        # and entries queued before that check, so aiohttp never sends a URL's userinfo as Basic auth.
+        if url.raw_user is not None or url.raw_password is not None:
+            raise DownloadFailed(CREDENTIALS)
 
     async def _follow(self, url: URL) -> Downloaded:
         for _ in range(self.max_redirects + 1):

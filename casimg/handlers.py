@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import orjson
@@ -28,12 +28,12 @@ from casimg import errors
 from casimg.index import CURSOR_DIGITS, MILLIS, ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
+from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
+from casimg.queue import Limits
+from casimg.services import Services
 from casimg.validation import content_type_of
-
-if TYPE_CHECKING:
-    from casimg.app import Services
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -49,10 +49,17 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
-RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+# Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
+# whose ValueError was a 500). 18 digits is an exabyte.
+RANGE_DIGITS = 18
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
-# Query parameters never written to a log, should a client put a credential there (casimg never reads them).
-SECRET_PARAMS = frozenset({"key", "api_key", "apikey", "token", "access_token", "password"})
+# Query parameters whose values are never written to a log, should a client put a credential there (casimg
+# never reads them): a name that, lowercased and without separators, holds one of SECRET_WORDS (key,
+# api_key, x-api-key, api-key, apiKey, access_token, client_secret, X-Amz-Signature, ...) or is one of
+# SECRET_NAMES. A list of names would miss the next spelling; a harmless parameter masked costs nothing.
+SECRET_WORDS = ("key", "token", "secret", "passw", "pwd", "auth", "signature", "credential", "session", "cookie")
+SECRET_NAMES = frozenset({"sig", "pass", "jwt", "sid"})
 UNMATCHED = "unmatched"  # the route label of requests no route matched: their paths must not become labels
 
 
@@ -93,7 +100,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if needed is None:
             return
         try:
-            self.api_key = await self.services.keys.authenticate(self._presented_key(), needed)
+            self.api_key = await self.services.api_keys.authenticate(self._presented_key(), needed)
         except errors.Unauthorized:
             await self.services.auth_failures.record(self.request.remote_ip or "unknown")
             raise
@@ -116,10 +123,18 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         status, _, _ = _status_of(value) if value else (500, "", None)
-        if status >= 500 and status != 503:
-            super().log_exception(typ, value, tb)
-        elif status == 503:
-            log.warning("%s %s: %s", self.request.method, self.request.path, type(value).__name__)
+        if status == 503:
+            log.warning("%s %s: %s", self.request.method, clip(self.request.path), type(value).__name__)
+        elif status >= 500 and isinstance(value, tornado.web.HTTPError):
+            super().log_exception(typ, value, tb)  # its line names the request by _request_summary
+        elif status >= 500:
+            # Not tornado's own line: it repeats the raw request target, key-like parameters and all.
+            log.error("uncaught exception in %s", self._request_summary(), exc_info=(typ, value, tb))
+
+    def _request_summary(self) -> str:
+        """The request as error lines name it: the target as the access log writes it."""
+        target = clip(_loggable_uri(self.request.path, self.request.query))
+        return f"{self.request.method} {target} ({self.request.remote_ip})"
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -175,7 +190,7 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         services.metrics.observe_request(route, method_label, status, seconds)
     api_key: ApiKey | None = getattr(handler, "api_key", None)
     key_name = api_key.name if api_key is not None else "-"
-    target = _loggable_uri(request.path, request.query)
+    target = clip(_loggable_uri(request.path, request.query))
     level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
     if access_log.isEnabledFor(level):
         access_log.log(
@@ -200,7 +215,8 @@ def _is_secret(name: str) -> bool:
     names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
     if "%" in name or "+" in name:
         name = unquote_plus(name)
-    return name.lower() in SECRET_PARAMS
+    folded = "".join(c for c in name.lower() if c.isalnum())
+    return folded in SECRET_NAMES or any(word in folded for word in SECRET_WORDS)
 
 
 class MetricsHandler(BaseHandler):
@@ -208,7 +224,7 @@ class MetricsHandler(BaseHandler):
 
     async def prepare(self) -> None:
         if self.services.settings.metrics_require_key:
-            self.api_key = await self.services.keys.authenticate(self._presented_key(), Scope.read)
+            self.api_key = await self.services.api_keys.authenticate(self._presented_key(), Scope.read)
 
     async def get(self) -> None:
         metrics = self.services.metrics
@@ -271,16 +287,21 @@ class ImagesHandler(BaseHandler):
         page = await self.services.index.page(cursor, limit)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
+            # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
+            # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
+            # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
-            base = f"{self.request.protocol}://{self.request.host}{self.request.path}"
-            self.set_header("Link", f'<{base}?{query}>; rel="next"')
+            self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json(page.images)
 
     async def post(self) -> None:
         urls = self._parse_urls(bytes(self._body))
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
-        job_id, total = await self.services.queue.submit(urls, key_id, self.services.settings.max_jobs_in_flight)
+        settings = self.services.settings
+        limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
+                        max_url_length=settings.max_url_length)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)
@@ -307,6 +328,12 @@ class ImagesHandler(BaseHandler):
         for position, url in enumerate(urls):
             if not isinstance(url, str):
                 raise errors.BadRequest(f'"image_urls"[{position}] is not a string')
+            if not url.isascii():
+                try:
+                    url.encode()
+                except UnicodeEncodeError:  # a lone surrogate ("\ud800"): JSON allows it, UTF-8 and Redis do not
+                    detail = f'"image_urls"[{position}] is not valid Unicode (a lone surrogate)'
+                    raise errors.BadRequest(detail) from None
         return urls
 
     def _wait_seconds(self) -> float:
@@ -416,17 +443,29 @@ class _BytesHandler(BaseHandler):
         match = RANGE_RE.match(header.strip())
         if not match or match.groups() == ("", ""):
             return None  # several ranges or another unit: the whole body is a valid answer
-        first, last = match.groups()
-        if first and last and int(last) < int(first):
+        first, last = (_range_bound(digits) for digits in match.groups())
+        if first is not None and last is not None and last < first:
             return None  # not a valid range (RFC 9110 14.1.1): ignore the header, send everything
-        if first == "":
-            start, end = max(0, size - int(last)), size
+        if first is None:
+            assert last is not None
+            start, end = max(0, size - last), size
         else:
-            start = int(first)
-            end = min(size, int(last) + 1) if last else size
+            start = first
+            end = min(size, last + 1) if last is not None else size
         if start >= size or start >= end:
             raise errors.RangeNotSatisfiable(size)
+        if (start, end) == (0, size):
+            return None  # the whole file: a 200, as tornado's StaticFileHandler answers
         return start, end
+
+
+def _range_bound(digits: str) -> int | None:
+    """A Range bound's value (None where absent); one of more than RANGE_DIGITS digits counts as 10**18,
+    which is past any file, so that a bound of thousands of digits is answered like any other too large."""
+    if not digits:
+        return None
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
 class ImageHandler(_BytesHandler):

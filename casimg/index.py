@@ -1,8 +1,8 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
-Every Redis key casimg writes is named by ``KeySpace``; the README's key table mirrors it. The index
-lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding, which is what
-holds it under 250 bytes per URL:
+Every Redis key casimg writes is named by ``KeySpace``; the key table in docs/operations.md mirrors it.
+The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
+which is what holds it under 250 bytes per URL:
 
 - ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
   "<sha256 hex> <stored_at ms>" while the metadata is missing), the bucket named by the first 3 hex
@@ -111,6 +111,11 @@ class KeySpace:
     def sweep_lock(self) -> str:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
+
+    @property
+    def enqueuing(self) -> str:
+        """sorted set: published jobs whose queue entries are still being added, scored by publish time in ms."""
+        return self.prefix + "enqueuing"
 
     def inflight(self, key_id: str) -> str:
         """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""

@@ -17,16 +17,16 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from casimg import stats
 from casimg.blobs import BlobStore
-
-if TYPE_CHECKING:
-    from casimg.app import Services
+from casimg.index import Index
+from casimg.queue import JobQueue
+from casimg.worker import Worker
 
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,6 +47,15 @@ def reason_label(reason: str) -> str:
     corrupt image"; "HTTP 404" stays.
     """
     return REASON_CUT.split(reason, maxsplit=1)[0][:REASON_MAX]
+
+
+class Scraped(Protocol):
+    """What a scrape reads besides the counters: the services of the process (services.Services)."""
+
+    index: Index
+    queue: JobQueue
+    blobs: BlobStore
+    worker: Worker | None
 
 
 class Metrics:
@@ -99,12 +108,12 @@ class Metrics:
 
     # -- a scrape ---------------------------------------------------------------------------------
 
-    async def render(self, services: Services) -> bytes:
+    async def render(self, services: Scraped) -> bytes:
         async with self._scrape_lock:
             await self._refresh(services)
             return prometheus_client.generate_latest(self.registry)
 
-    async def _refresh(self, services: Services) -> None:
+    async def _refresh(self, services: Scraped) -> None:
         urls, contents = await stats.index_sizes(services.index)
         depth = await services.queue.depth()
         jobs = await services.queue.count_by_status()
@@ -117,7 +126,7 @@ class Metrics:
         self.in_flight.set(services.worker.busy if services.worker is not None else 0)
         await self._refresh_usage(services)
 
-    async def _refresh_usage(self, services: Services) -> None:
+    async def _refresh_usage(self, services: Scraped) -> None:
         """Walk the blob tree when the last walk is old enough; a walk still running is left to finish."""
         if self._walk is None and time.monotonic() >= self._next_walk:
             self._walk = asyncio.get_running_loop().run_in_executor(None, _timed_usage, services.blobs)

@@ -4,7 +4,7 @@ casimg 0.1 kept the index in five keys, named here by ``OldKeySpace`` and read n
 ``urls`` (URL -> hex digest), ``order`` (URL scored by stored_at in µs), ``refs`` (digest ->
 references), ``meta:{3 hex}`` (digest -> "size width height content_type") and ``clock``.
 
-``migrate`` runs in app.open_services, so before a server, a worker or a command (fsck, stats) uses the
+``migrate`` runs in services.open_services, so before a server, a worker or a command (fsck, stats) uses the
 index. It walks the old URL hash with HSCAN and moves it a batch at a time. Each batch is one Lua call
 that, for each URL still in the old hash, writes the URL's new entry (stored_at from the old score, and
 the old metadata of its digest where there is some), counts its reference in the new blob record, bumps

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from casimg import __version__
 from casimg.index import CURSOR_DIGITS
-
-VERSION = "0.1.0"
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -38,6 +37,11 @@ IMAGE_HEADERS = {
     "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes'},
     "Content-Length": {"schema": {"type": "integer"}},
 }
+# The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
+# of the request, so it keeps that URL's scheme, host and path (a proxy's prefix included).
+LINK_PATTERN = f'^<\\?limit=[0-9]+&cursor=[0-9a-f]{{{CURSOR_DIGITS}}}>; rel="next"$'
+LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
+             "to resolve against the URL of this request (it never names a scheme, host or path)")
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
@@ -56,7 +60,7 @@ def openapi_document() -> dict[str, Any]:
     job_response = _json("The job and one result per distinct URL", _ref("Job"))
     return {
         "openapi": "3.1.0",
-        "info": {"title": "casimg", "version": VERSION,
+        "info": {"title": "casimg", "version": __version__,
                  "description": "Download images by URL, store each distinct content once, fetch them back by URL."},
         "components": {
             "securitySchemes": {
@@ -71,6 +75,7 @@ def openapi_document() -> dict[str, Any]:
                                    "status": {"type": "integer"}, "detail": {"type": "string"}},
                 },
                 "Submit": {
+                    # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
                     "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
@@ -144,7 +149,8 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
-                                            "Link": {"schema": {"type": "string"}}}},
+                                            "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
+                                                     "description": LINK_TEXT}}},
                         "400": _problem("Bad limit or cursor"),
                         **AUTH_ERRORS,
                     },
@@ -161,9 +167,12 @@ def openapi_document() -> dict[str, Any]:
                         "202": _json("Accepted (or, with wait, not finished yet)",
                                      {"oneOf": [_ref("Accepted"), _ref("Job")]}),
                         "400": _problem("The body is not what is described"),
-                        "413": _problem("Too many URLs or too large a body"),
+                        "413": _problem("Too many URLs, too large a body, or more bytes of URLs than the key "
+                                        "may have in unfinished jobs (CASIMG_MAX_QUEUED_BYTES)"),
                         **AUTH_ERRORS,
-                        "429": _problem("Over the request rate, or the key has too many unfinished jobs"),
+                        "429": _problem("Over the request rate, or the key's unfinished jobs are too many "
+                                        "(CASIMG_MAX_JOBS_IN_FLIGHT) or hold too many bytes of URLs "
+                                        "(CASIMG_MAX_QUEUED_BYTES); retry after Retry-After seconds"),
                     },
                 },
             },

@@ -1,20 +1,38 @@
 """Durable jobs: submit, read, claim, complete, and take over after a crash.
 
-A job is written to Redis in one Lua step before its 202 goes out: its status hash, its URL list, and one
-entry per distinct URL in the queue stream of the key that submitted it (``queue:{key_id}``; ``queue``
-for jobs sent without a key), whose id the same step marks busy in ``queue-owners``. Workers read
-every stream through one consumer group each, so any number of processes on any number of machines
-share the work, and each key's backlog waits in its own stream: how much a worker reads from which is
-decided by scheduler.FairSlots. An entry leaves its stream only in the same Lua step that records its
-outcome (index.py ``complete``), so a crash at any moment leaves it pending, never lost. Each worker keeps
-a heartbeat key alive; a worker whose heartbeat has expired is dead, and any live worker claims its
-pending entries, in every stream.
+A job is recorded in Redis before its 202 goes out: its status hash, its URL list, and one entry per
+distinct URL in the queue stream. Workers read the stream through one consumer group, so any number of
+processes on any number of machines share the work. An entry leaves the stream only in the same Lua step
+that records its outcome (index.py ``complete``), so a crash at any moment leaves it pending, never lost.
+Each worker keeps a heartbeat key alive; a worker whose heartbeat has expired is dead, and any live
+worker claims its pending entries.
 
-``queue-owners`` scores each key +inf while its stream holds entries and, from the step that removes the
-last one (index.py ``complete``), the time it became empty. Workers read the streams of the keys busy or
-idle for less than ``OWNER_KEEP``: a client that comes back within the hour wakes a waiting worker at once
-(its stream is among those the worker blocks on), and a key seen for the first time in a while is found
-on the worker's next turn, a second later at most.
+Each API key's entries wait in a stream of their own (``queue:{key_id}``; ``queue`` holds those of jobs
+sent without a key, and those queued before keys had streams), so one key's backlog is never in front of
+another key's entries; how much a worker reads from which stream is decided by scheduler.FairSlots.
+``queue-owners`` scores each key +inf while its stream holds entries (from the enqueue step that adds
+some) and, from the step that removes the last one (index.py ``complete``), the time it became empty.
+Workers read the streams of the keys busy or idle for less than ``OWNER_KEEP``, and claim dead workers'
+entries from each: a client that comes back within the hour wakes a waiting worker at once (its stream
+is among those the worker blocks on), and a key seen for the first time in a while is found on the
+worker's next turn, a second later at most.
+
+A submit of 10,000 long URLs is megabytes, and Redis serves no one else while one call runs: recorded in
+one Lua call it held every reader for over half a second. So a job is recorded in short steps, none of
+more than about ``STEP_BYTES`` of URLs:
+
+1. stage: the URL list, ``STEP_BYTES`` at a time, with a short TTL (``STAGING_TTL``). Nothing reads it
+   yet: no job hash names it, and its id is known to no one else. A crash here leaves chunks that expire.
+2. publish: one small Lua step checks the key's unfinished jobs and bytes, writes the job hash, gives
+   the list the job's TTL, and adds the job to the ``enqueuing`` set. All of it, or none.
+3. enqueue: stream entries, ``STEP_BYTES`` of URLs at a time, each step moving the job's ``enqueued``
+   cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
+   set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
+
+A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
+may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
+marker (``failed: URL too long``); a URL with credentials (``http://user:secret@host/``) keeps the URL
+with its userinfo replaced by ``***`` (``failed: credentials in URL``), so the secret never reaches Redis.
 """
 
 from __future__ import annotations
@@ -22,51 +40,106 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from casimg.errors import NotFound, TooManyRequests
+from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.index import QUEUE_GROUP, KeySpace, now_iso, queue_stream
+from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
-SUBMIT_CHUNK = 1000  # URLs per RPUSH inside the submit script (Lua's unpack has a stack limit)
-IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs is asked to wait
+IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait
+# URL bytes one Redis call writes or reads at most, and URLs (an XADD from Lua costs about 12 us of Redis's
+# time, a URL of an RPUSH far less): about 2 ms a call on an idle machine at most, so a reader waits no
+# longer than that behind a submit (BENCHMARKS.md, "Read latency under a submit flood").
+STEP_BYTES = 64 * 1024
+STAGE_URLS = 1000
+ENQUEUE_URLS = 200
+STAGING_TTL = 600  # seconds unpublished chunks live; each chunk written renews it
+RESUME_AFTER = 30.0  # seconds after publishing that an unfinished enqueue counts as abandoned
+RESUME_BATCH = 10  # abandoned enqueues a worker finishes per look
+KEPT_URL = 2048  # characters of a too long URL the job keeps, to show which one it was
+TOO_LONG = "URL too long"
 
-# KEYS: job job_urls queue inflight queue_owners
-# ARGV: job_id ttl_ms created key_id max_in_flight job_key_prefix now_ms url...  ->  1 recorded, 0 refused
-# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts. A key's
-# stream and its consumer group are made with its first entry.
-SUBMIT_LUA = """
-local job_id, ttl, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[5])
-if limit > 0 then
-  local ids = redis.call('ZRANGE', KEYS[4], 0, -1)
+# KEYS: job urls results inflight enqueuing
+# ARGV: job_id ttl_ms created key_id max_in_flight job_prefix now_ms total failed bytes max_bytes
+#   ->  {1, 0} published; {0, jobs} too many unfinished jobs; {2, bytes held} over the bytes; {-1, 0} the
+#       staged list is not whole (it expired)
+# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts.
+PUBLISH_LUA = """
+local job_id, ttl = ARGV[1], tonumber(ARGV[2])
+local limit, total, failed = tonumber(ARGV[5]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local bytes, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
+if redis.call('LLEN', KEYS[2]) ~= total then return {-1, 0} end
+local open = failed < total
+if ARGV[4] ~= '' and open then
+  local ids, held = redis.call('ZRANGE', KEYS[4], 0, -1), 0
   for i = 1, #ids do
-    local status = redis.call('HGET', ARGV[6] .. ids[i], 'status')
-    if not status or status == 'done' then redis.call('ZREM', KEYS[4], ids[i]) end
+    local info = redis.call('HMGET', ARGV[6] .. ids[i], 'status', 'bytes')
+    if not info[1] or info[1] == 'done' then
+      redis.call('ZREM', KEYS[4], ids[i])
+    else
+      held = held + (tonumber(info[2]) or 0)
+    end
   end
-  if redis.call('ZCARD', KEYS[4]) >= limit then return 0 end
+  local jobs = redis.call('ZCARD', KEYS[4])
+  if limit > 0 and jobs >= limit then return {0, jobs} end
+  if max_bytes > 0 and held + bytes > max_bytes then return {2, held} end
   redis.call('ZADD', KEYS[4], ARGV[7], job_id)
   redis.call('PEXPIRE', KEYS[4], ttl)
 end
-local first, total = 8, #ARGV - 7
-redis.call('HSET', KEYS[1], 'status', 'queued', 'total', total, 'done', 0, 'stored', 0, 'existed', 0,
-           'failed', 0, 'created', ARGV[3], 'key', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', open and 'queued' or 'done', 'total', total, 'done', failed, 'stored', 0,
+           'existed', 0, 'failed', failed, 'created', ARGV[3], 'key', ARGV[4], 'bytes', bytes, 'enqueued', 0)
+if not open then redis.call('HSET', KEYS[1], 'finished', ARGV[3]) end
 redis.call('PEXPIRE', KEYS[1], ttl)
-for start = first, #ARGV, CHUNK do
-  redis.call('RPUSH', KEYS[2], unpack(ARGV, start, math.min(start + CHUNK - 1, #ARGV)))
-end
 redis.call('PEXPIRE', KEYS[2], ttl)
-if ARGV[4] ~= '' then
-  if redis.call('EXISTS', KEYS[3]) == 0 then redis.call('XGROUP', 'CREATE', KEYS[3], 'GROUP', '0', 'MKSTREAM') end
-  redis.call('ZADD', KEYS[5], 'inf', ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ttl)
+if open then redis.call('ZADD', KEYS[5], ARGV[7], job_id) end
+return {1, 0}
+"""
+
+# KEYS: job urls results queue enqueuing queue_owners
+# ARGV: job_id max_urls max_bytes key_queue_prefix  ->  1 all enqueued, 0 more to do
+# The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
+# cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
+# The entries go to the stream of the key that submitted the job (its name built from the prefix, as
+# KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
+ENQUEUE_LUA = """
+local job_id = ARGV[1]
+local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key')
+local cursor, total, owner = tonumber(info[1]), tonumber(info[2]), info[3] or ''
+local queue = KEYS[4]
+if owner ~= '' then
+  queue = ARGV[4] .. owner
+  if redis.call('EXISTS', queue) == 0 then redis.call('XGROUP', 'CREATE', queue, 'GROUP', '0', 'MKSTREAM') end
 end
-for i = first, #ARGV do
-  redis.call('XADD', KEYS[3], '*', 'job', job_id, 'pos', i - first, 'url', ARGV[i])
+if not cursor or not total or cursor >= total then
+  redis.call('ZREM', KEYS[5], job_id)
+  return 1
 end
-return 1
-""".replace("CHUNK", str(SUBMIT_CHUNK)).replace("'GROUP'", f"'{QUEUE_GROUP}'")
+local urls = redis.call('LRANGE', KEYS[2], cursor, cursor + tonumber(ARGV[2]) - 1)
+local budget, taken, added = tonumber(ARGV[3]), 0, 0
+for i = 1, #urls do
+  if taken > 0 and budget <= 0 then break end
+  local pos = cursor + i - 1
+  if redis.call('HEXISTS', KEYS[3], pos) == 0 then
+    redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    added = added + 1
+  end
+  budget, taken = budget - #urls[i], taken + 1
+end
+if added > 0 and owner ~= '' then redis.call('ZADD', KEYS[6], 'inf', owner) end
+cursor = cursor + taken
+redis.call('HSET', KEYS[1], 'enqueued', cursor)
+if cursor >= total or taken == 0 then
+  redis.call('ZREM', KEYS[5], job_id)
+  return 1
+end
+return 0
+""".replace("'GROUP'", f"'{QUEUE_GROUP}'")
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
 OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
 
@@ -118,16 +191,61 @@ class Job:
         return body
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one submit may add: 0 (or the defaults) turns a limit off."""
+
+    max_in_flight: int = 0  # unfinished jobs of the key
+    max_bytes: int = 0  # bytes of URLs in the key's unfinished jobs
+    max_url_length: int = 1 << 62  # characters; a longer URL fails with TOO_LONG
+
+
+def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], dict[int, str]]:
+    """The URLs as the job keeps them, and the positions of those that fail from the start, with why.
+
+    A URL with credentials keeps the rest of itself (userinfo.without_userinfo); one too long to download
+    is cut to its first KEPT_URL characters (and max_length at most) and a marker saying how long it was.
+    The userinfo goes first, so that a cut never keeps a secret.
+    """
+    kept, failed = list(urls), {}
+    for position, url in enumerate(urls):
+        if has_userinfo(url):
+            kept[position] = without_userinfo(url)
+            failed[position] = CREDENTIALS
+        if len(url) > max_length:
+            kept[position] = f"{kept[position][:min(KEPT_URL, max_length)]}... [cut: {len(url)} characters]"
+            failed.setdefault(position, TOO_LONG)
+    return kept, failed
+
+
+def _failure(reason: str) -> str:
+    return json.dumps({"status": "failed", "error": reason, "attempts": 0}, separators=(",", ":"))
+
+
+def _chunks(urls: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(position of the first, URLs) in runs of at most STAGE_URLS URLs and about STEP_BYTES bytes."""
+    first, size = 0, 0
+    for position, url in enumerate(urls):
+        size += len(url)
+        if position + 1 - first >= STAGE_URLS or size >= STEP_BYTES:
+            yield first, urls[first:position + 1]
+            first, size = position + 1, 0
+    if first < len(urls):
+        yield first, urls[first:]
+
+
 def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
     return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
 
 
 class JobQueue:
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace, job_ttl: float) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, job_ttl: float, staging_ttl: float = STAGING_TTL) -> None:
         self.redis = redis
         self.keys = keys
         self.job_ttl = max(1, int(job_ttl))
-        self._submit = redis.register_script(SUBMIT_LUA)
+        self.staging_ttl_ms = max(1, int(staging_ttl * 1000))
+        self._publish = redis.register_script(PUBLISH_LUA)
+        self._enqueue = redis.register_script(ENQUEUE_LUA)
 
     async def ensure_group(self, owner: str = "") -> None:
         """Create an owner's stream and its consumer group once (the keyless one by default); reading from
@@ -138,42 +256,108 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, urls: list[str], key_id: str = "", max_in_flight: int = 0) -> tuple[str, int]:
-        """Record a job durably; returns (job_id, number of distinct URLs).
+    async def submit(self, urls: list[str], key_id: str = "", limits: Limits | None = None) -> tuple[str, int]:
+        """Record a job durably (stage, publish, enqueue: see the module's docstring); returns
+        (job_id, number of distinct URLs).
 
-        With `max_in_flight`, the job is refused (TooManyRequests) while `key_id` has that many
-        unfinished jobs; the check and the recording are one atomic step.
+        With `limits`, the job is refused while `key_id` has too many unfinished jobs (TooManyRequests)
+        or URL bytes in them (TooManyRequests, or TooLarge for a job larger than the limit by itself);
+        the check and the publishing are one atomic step.
         """
+        limits = limits or Limits()
         distinct = list(dict.fromkeys(urls))
+        kept, failed = _kept_urls(distinct, limits.max_url_length)
+        size = sum(len(url.encode()) for url in kept)
+        if key_id and 0 < limits.max_bytes < size:
+            raise TooLarge(f"the URLs of this job are {size} bytes; CASIMG_MAX_QUEUED_BYTES allows "
+                           f"{limits.max_bytes} bytes of URLs in a key's unfinished jobs")
         job_id = secrets.token_hex(12)
-        k = self.keys
-        admitted = await self._submit(
-            keys=[k.job(job_id), k.job_urls(job_id), self.stream_of(key_id), k.inflight(key_id or "-"),
-                  k.queue_owners],
-            args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, max_in_flight if key_id else 0,
-                  k.job(""), time.time_ns() // 1_000_000, *distinct],
-        )
-        if not admitted:
-            raise TooManyRequests(
-                f"this key has {max_in_flight} unfinished jobs; submit more when some are done",
-                retry_after=IN_FLIGHT_RETRY,
-            )
+        await self._stage(job_id, kept, failed)
+        await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(failed), size=size)
+        while not await self.enqueue_step(job_id):
+            pass
         return job_id, len(distinct)
+
+    async def _stage(self, job_id: str, urls: list[str], failed: dict[int, str]) -> None:
+        """Step 1: the URL list (and the results of the URLs failed from the start), a chunk per call, with
+        a short TTL."""
+        k = self.keys
+        for first, chunk in _chunks(urls):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(k.job_urls(job_id), *chunk)
+                pipe.pexpire(k.job_urls(job_id), self.staging_ttl_ms)
+                results = {str(pos): _failure(failed[pos]) for pos in range(first, first + len(chunk))
+                           if pos in failed}
+                if results:
+                    pipe.hset(k.job_results(job_id), mapping=results)
+                    pipe.pexpire(k.job_results(job_id), self.staging_ttl_ms)
+                await pipe.execute()
+
+    async def _publish_or_refuse(self, job_id: str, key_id: str, limits: Limits, *, total: int, failed: int,
+                                 size: int) -> None:
+        """Step 2: one small atomic step, the admission and the job's appearance."""
+        k = self.keys
+        code, held = await self._publish(
+            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.inflight(key_id or "-"),
+                  k.enqueuing],
+            args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, limits.max_in_flight if key_id else 0,
+                  k.job(""), time.time_ns() // 1_000_000, total, failed, size, limits.max_bytes if key_id else 0],
+        )
+        if code == 1:
+            return
+        await self.redis.delete(k.job_urls(job_id), k.job_results(job_id))
+        if code == 0:
+            raise TooManyRequests(
+                f"this key has {held} unfinished jobs (CASIMG_MAX_JOBS_IN_FLIGHT is {limits.max_in_flight}); "
+                "submit more when some are done", retry_after=IN_FLIGHT_RETRY)
+        if code == 2:
+            raise TooManyRequests(
+                f"this key's unfinished jobs hold {held} bytes of URLs and this one {size} more; "
+                f"CASIMG_MAX_QUEUED_BYTES allows {limits.max_bytes}; submit more when some are done",
+                retry_after=IN_FLIGHT_RETRY)
+        raise Unavailable("the job's URL list expired before it was complete; submit it again")
+
+    async def enqueue_step(self, job_id: str) -> bool:
+        """Step 3, once: entries for the next URLs of a published job. True when all have theirs."""
+        k = self.keys
+        return bool(await self._enqueue(
+            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners],
+            args=[job_id, ENQUEUE_URLS, STEP_BYTES, k.key_queue("")],
+        ))
+
+    async def resume_enqueuing(self, older_than: float = RESUME_AFTER) -> int:
+        """Finish the enqueue of jobs published more than `older_than` seconds ago whose submitter stopped
+        before it was done (a crash); returns how many were finished."""
+        cutoff = time.time_ns() // 1_000_000 - int(older_than * 1000)
+        abandoned = await self.redis.zrangebyscore(self.keys.enqueuing, "-inf", cutoff, start=0, num=RESUME_BATCH)
+        for job_id in abandoned:
+            while not await self.enqueue_step(job_id):
+                pass
+        return len(abandoned)
 
     async def status(self, job_id: str) -> str | None:
         return await self.redis.hget(self.keys.job(job_id), "status")
 
     async def get(self, job_id: str, with_results: bool = True) -> Job:
         k = self.keys
+        urls: list[str] | None = None
+        if with_results:
+            total, size = await self.redis.hmget(k.job(job_id), "total", "bytes")
+            if total is not None and int(size or 0) > STEP_BYTES:
+                # The list never changes once published: read in steps, so no one call holds Redis long.
+                urls = await self._read_urls(job_id, int(total), int(size))
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(k.job(job_id))
             if with_results:
-                pipe.lrange(k.job_urls(job_id), 0, -1)
+                if urls is None:
+                    pipe.lrange(k.job_urls(job_id), 0, -1)
                 pipe.hgetall(k.job_results(job_id))
             replies = await pipe.execute()
         info = replies[0]
         if not info:
             raise NotFound(f"no job {job_id!r} (unknown, or expired)")
+        if with_results and urls is None:
+            urls = replies.pop(1)
         job = Job(
             job_id=job_id,
             status=info["status"],
@@ -186,11 +370,19 @@ class JobQueue:
             finished=info.get("finished"),
         )
         if with_results:
-            urls, results = replies[1], replies[2]
+            assert urls is not None
+            results = replies[1]
             for position, url in enumerate(urls):
                 raw = results.get(str(position))
                 job.results.append({"url": url, **json.loads(raw)} if raw else {"url": url, "status": "pending"})
         return job
+
+    async def _read_urls(self, job_id: str, total: int, size: int) -> list[str]:
+        step = max(1, total * STEP_BYTES // size)
+        urls: list[str] = []
+        for first in range(0, total, step):
+            urls += await self.redis.lrange(self.keys.job_urls(job_id), first, first + step - 1)
+        return urls
 
     # -- workers --------------------------------------------------------------------------------
 

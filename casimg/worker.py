@@ -43,6 +43,7 @@ from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
 from casimg.index import Index, encode_meta
 from casimg.lifecycle import index_linked_blob
+from casimg.logtext import clip
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.validation import ImageInfo, validate_image
@@ -74,6 +75,7 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    url = clip(url)
     fields = {"event": "download", "outcome": outcome, "url": url, "attempts": attempts}
     if reason:
         fields["reason"] = reason
@@ -197,6 +199,7 @@ class Worker:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     await self.queue.forget_idle_owners()
                     entries = await self.queue.claim_from_dead(self.name, self._slots.free)
+                    await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                 if not entries:
                     entries = await self._read_fairly()
                 known = await self._indexed_already(entries)
@@ -274,13 +277,14 @@ class Worker:
                 except REDIS_ERRORS as exc:
                     if self._stopping.is_set():
                         return  # stays pending; the next worker takes it
-                    log.warning("redis unavailable while storing %s (%s); retrying", entry.url, type(exc).__name__)
+                    log.warning("redis unavailable while storing %s (%s); retrying", clip(entry.url),
+                                type(exc).__name__)
                     await asyncio.sleep(REDIS_RETRY)
                 except Exception as exc:
                     # A defect met by this one URL (an input nobody foresaw): it fails with a reason and is
                     # acknowledged, so its job ends and its key's in-flight count goes down, and the next
                     # worker does not meet it again after a restart. Logged once, here, with its traceback.
-                    log.exception("unexpected error on %s", entry.url)
+                    log.exception("unexpected error on %s", clip(entry.url))
                     slot.give_back()
                     await self._fail_for_good(entry, f"internal error ({type(exc).__name__})")
                     return

@@ -21,12 +21,13 @@ import redis
 import tornado.httpclient
 from PIL import Image
 
-from casimg.app import Services, connect_redis, make_app, open_services
+from bench.procs import start_redis_server
+from casimg.app import make_app
 from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
-from casimg.embedded import find_redis_server
 from casimg.index import Index, KeySpace
 from casimg.keys import Scope
+from casimg.services import Services, connect_redis, open_services
 from tests.origin import Origin
 
 _prefixes = itertools.count()
@@ -45,20 +46,8 @@ class RedisProcess:
         return f"unix://{self.socket}"
 
     def start(self) -> RedisProcess:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [find_redis_server(), "--port", "0", "--unixsocket", str(self.socket), "--dir", str(self.dir),
-             "--appendonly", "yes", "--save", "", "--logfile", str(self.dir / "redis.log")],
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                if redis.Redis(unix_socket_path=str(self.socket)).ping():
-                    return self
-            except (redis.ConnectionError, FileNotFoundError):
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
+        self.process = start_redis_server(self.dir, "--appendonly", "yes")
+        return self
 
     def stop(self) -> None:
         if self.process is not None:
@@ -145,7 +134,7 @@ def app(settings: Settings, services: Services) -> Any:
 
 @pytest.fixture
 def admin_key(io_loop: Any, services: Services) -> str:
-    return io_loop.run_sync(lambda: services.keys.create("test-admin", Scope.admin))
+    return io_loop.run_sync(lambda: services.api_keys.create("test-admin", Scope.admin))
 
 
 Api = Callable[..., Awaitable[tornado.httpclient.HTTPResponse]]
@@ -181,3 +170,15 @@ def problem(response: tornado.httpclient.HTTPResponse) -> dict[str, Any]:
     assert body["status"] == response.code
     assert body["title"] and body["detail"]
     return body
+
+
+def eventually(condition: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.05) -> Any:
+    """Wait for `condition()` to be truthy and return it; fail naming `what` after `timeout` seconds.
+
+    For waits on something a test can observe: a fixed sleep is either too short on a loaded machine
+    or longer than needed everywhere else."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"still waiting after {timeout:.0f} s: {what}"
+        time.sleep(every)
+    return result

@@ -19,7 +19,7 @@ Paths:
   /big?bytes=N             N bytes; ``&chunked=1`` sends them without a Content-Length
   /slow                    headers, then a byte every 100 ms for up to a minute
   /loop                    redirects to itself
-  /redirect/N              a chain of N redirects ending at an image
+  /redirect/N              a chain of N redirects ending at an image (``?delay=S``: each hop waits S seconds)
   /redirect-to?url=U       one redirect to U
   /redirect-raw?hex=H      one redirect whose Location is the bytes H (hex), written as they are: bytes
                            that are not UTF-8, or no valid URL at all
@@ -137,7 +137,11 @@ class _Handler(BaseHTTPRequestHandler):
             return self.redirect(path)
         if head == "redirect" and len(segments) == 2 and segments[1].isdigit():
             left = int(segments[1])
-            return self.redirect(f"/redirect/{left - 1}") if left > 0 else \
+            suffix = ""
+            if "delay" in query:
+                self.server.stopping.wait(float(query["delay"]))
+                suffix = f"?delay={query['delay']}"
+            return self.redirect(f"/redirect/{left - 1}{suffix}") if left > 0 else \
                 self.send(200, image_bytes(123_456), "image/jpeg")
         if head == "redirect-to":
             return self.redirect(query["url"])

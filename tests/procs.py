@@ -4,6 +4,7 @@ bytes right, fsck clean, nothing left to grow).
 
 Everything here starts real `casimg serve` / `casimg worker` / `redis-server` processes and talks to
 them over loopback HTTP or a unix socket; ``Processes`` ends, by pid, whatever a test left running.
+Starting a process and waiting until it answers is bench/procs.py's, which the benchmark shares.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,16 +24,8 @@ from urllib.parse import quote, urlsplit
 
 import redis
 
+from bench.procs import ROOT, free_port, spawn, start_serve, status_kib
 from tests.origin import image_bytes
-
-ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def casimg(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -52,25 +44,9 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2", **(env or {})}
-        # A file, not a pipe: a pipe nobody reads would block the server once its buffer is full.
         self.log = data_dir.parent / f"serve-{self.port}.log"
-        with open(self.log, "w") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "casimg", "serve", "--data-dir", str(data_dir), "--port", str(self.port),
-                 *extra],
-                cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited {self.process.returncode}: {self.output()}")
-            try:
-                urllib.request.urlopen(self.base + "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("serve did not answer /healthz")
+        self.process = start_serve(["--data-dir", str(data_dir), "--port", str(self.port), *extra], self.port,
+                                   self.log, env=self.env, cwd=ROOT)
         self.key = (data_dir / "admin.key").read_text().strip()
 
     def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
@@ -124,12 +100,8 @@ class Processes:
 
     def worker(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None,
                name: str = "worker") -> subprocess.Popen[bytes]:
-        log = open(data_dir.parent / f"{name}.log", "w")  # a file, not a pipe: nobody reads a pipe
-        process = subprocess.Popen(
-            [sys.executable, "-m", "casimg", "worker", "--data-dir", str(data_dir), *extra], cwd=ROOT,
-            env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
+        process = spawn([sys.executable, "-m", "casimg", "worker", "--data-dir", str(data_dir), *extra],
+                        data_dir.parent / f"{name}.log", env, cwd=ROOT)
         self.started.append(process)
         return process
 
@@ -178,10 +150,9 @@ def embedded_client(data_dir: Path) -> redis.Redis:
 
 def peak_rss_kib(pid: int) -> int:
     """VmHWM: the most resident memory the process has had, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmHWM for pid {pid}")
+    peak = status_kib(pid, "VmHWM")
+    assert peak, f"no VmHWM for pid {pid}"
+    return peak
 
 
 # -- URLs of the origin and the bytes they must give back ---------------------------------------------

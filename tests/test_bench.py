@@ -1,4 +1,4 @@
-"""The benchmark's two ingest references (scripts/bench.py), against the real origin.
+"""The benchmark's two ingest references (bench/references.py), against the real origin, and its command.
 
 The limit and the required work are what casimg's ingest is measured against, so each must do what
 its row in BENCHMARKS.md says: the limit keeps any body as it came; the required work validates each
@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench import references
+from bench.procs import ROOT
+from bench.report import BEGIN, END, splice
 from casimg import blobs, validation
 from casimg.config import load_settings
 from casimg.errors import InvalidImage
 from tests.origin import Origin, image_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import bench
-
 URLS = ["/img/1.jpg", "/img/2.png", "/img/3.webp", "/img/4.gif"]
 
 
-@pytest.mark.parametrize("fetch", [bench.plain_fetch, bench.required_work_fetch])
+@pytest.mark.parametrize("fetch", [references.plain_fetch, references.required_work_fetch])
 def test_a_reference_keeps_every_body(fetch, origin: Origin, tmp_path: Path) -> None:
     result = asyncio.run(fetch([origin.url(path) for path in URLS], tmp_path))
     bodies = [image_bytes(n, path.rsplit(".", 1)[1]) for n, path in enumerate(URLS, 1)]
@@ -58,8 +59,8 @@ def test_the_required_work_does_what_a_blob_needs(origin: Origin, tmp_path: Path
 
     monkeypatch.setattr(validation, "validate_image", validate)
     monkeypatch.setattr(blobs.FlushGroup, "flush", flush)
-    monkeypatch.setattr(bench.hashlib, "sha256", sha256)
-    asyncio.run(bench.required_work_fetch([origin.url(path) for path in URLS], tmp_path))
+    monkeypatch.setattr(references.hashlib, "sha256", sha256)
+    asyncio.run(references.required_work_fetch([origin.url(path) for path in URLS], tmp_path))
 
     settings = load_settings()
     assert checked == [{"max_pixels": settings.max_pixels, "allowed_formats": frozenset(settings.allowed_formats),
@@ -72,6 +73,25 @@ def test_the_required_work_refuses_what_casimg_refuses(origin: Origin, tmp_path:
     urls = [origin.url("/img/1.jpg"), origin.url("/truncated.jpg")]
     (tmp_path / "limit").mkdir()
     (tmp_path / "required").mkdir()
-    assert asyncio.run(bench.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
+    assert asyncio.run(references.plain_fetch(urls, tmp_path / "limit")).images == 2  # the limit keeps the half JPEG
     with pytest.raises(InvalidImage, match="truncated"):
-        asyncio.run(bench.required_work_fetch(urls, tmp_path / "required"))
+        asyncio.run(references.required_work_fetch(urls, tmp_path / "required"))
+
+
+def test_python_m_bench_imports_every_scenario_and_keeps_its_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--images", "--listing", "--duration", "--connections", "--retrieval-urls", "--processes",
+                   "--multi", "--repeat", "--cache", "--output", "--keep"):
+        assert option in result.stdout, option
+
+
+def test_a_run_replaces_only_its_own_tables_in_benchmarks_md() -> None:
+    document = f"{BEGIN}\n# old tables\n{END}\n\n## Validation worst cases\nhand-written\n"
+    spliced = splice(document, "# new tables\n")
+    assert spliced == f"{BEGIN}\n# new tables\n{END}\n\n## Validation worst cases\nhand-written\n"
+    assert splice("", "# first\n") == f"{BEGIN}\n# first\n{END}\n"
+    assert splice("## kept\n", "# first\n") == f"{BEGIN}\n# first\n{END}\n\n## kept\n"
+    checked_in = (ROOT / "BENCHMARKS.md").read_text()
+    assert checked_in.count(BEGIN) == checked_in.count(END) == 1

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,6 +17,7 @@ import redis
 from casimg.cli import Formatter
 from casimg.embedded import EmbeddedRedis
 from casimg.index import url_bucket
+from tests.conftest import eventually
 from tests.procs import ROOT, Server, casimg, free_port
 
 
@@ -65,7 +65,7 @@ def test_second_server_on_a_live_data_dir_is_refused_and_touches_nothing(data_di
     try:
         before = sorted(p.name for p in data_dir.rglob("*"))
         second = casimg("serve", "--data-dir", str(data_dir), "--port", str(free_port()), check=False)
-        assert second.returncode != 0
+        assert second.returncode == 2
         assert "in use by another casimg server" in second.stderr
         assert sorted(p.name for p in data_dir.rglob("*")) == before
         assert server.call("GET", "/api/images")[0] == 200
@@ -84,7 +84,7 @@ def test_restart_after_kill_9_adopts_a_surviving_redis_or_starts_a_fresh_one(dat
     redis_pid = int((data_dir / "redis" / "redis.pid").read_text())
     adopted.kill()
     os.kill(redis_pid, signal.SIGKILL)  # now the whole tree is gone; a stale socket file stays
-    time.sleep(0.2)
+    eventually(lambda: not Path(f"/proc/{redis_pid}").exists(), "the killed redis-server to be reaped")
     fresh = Server(data_dir)
     try:
         assert fresh.call("GET", f"/api/image?url={quote(url, safe='')}")[0] == 200
@@ -102,8 +102,8 @@ def test_keys_commands_work_beside_a_running_server(data_dir):
         listed = casimg("keys", "list", "--data-dir", str(data_dir)).stdout
         assert "ci" in listed and "admin" in listed and key not in listed
         casimg("keys", "revoke", "ci", "--data-dir", str(data_dir))
-        time.sleep(2.1)  # the per-process key cache (CASIMG_KEY_CACHE_TTL) runs out
-        assert server.call("GET", "/api/images", key=key)[0] == 401
+        # Refused once the per-process key cache (CASIMG_KEY_CACHE_TTL) runs out.
+        eventually(lambda: server.call("GET", "/api/images", key=key)[0] == 401, "the revoked key refused", 15)
         assert casimg("keys", "revoke", "ci", "--data-dir", str(data_dir), check=False).returncode == 1
     finally:
         assert server.terminate() == 0

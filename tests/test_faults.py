@@ -26,7 +26,7 @@ import pytest
 
 from casimg.embedded import EmbeddedRedis
 from casimg.worker import MAX_DELIVERIES
-from tests.conftest import RedisProcess
+from tests.conftest import RedisProcess, eventually
 from tests.procs import (
     JOB_TIMEOUT,
     PREFIX,
@@ -549,7 +549,10 @@ def test_worker_goes_on_when_redis_comes_back_without_its_data(tmp_path, data_di
                 subprocess.run(["rm", "-rf", str(path)], check=True)
         external.start()
         assert external.client().dbsize() == 0
-        time.sleep(3)  # the worker polls a queue that is gone
+        # The worker notices the queue is gone and recreates its consumer group, without any restart.
+        watcher = external.client()
+        eventually(lambda: watcher.exists(f"{PREFIX}queue"), "the worker to recreate the queue group")
+        watcher.close()
         assert server.terminate() == 0
         server = procs.server(data_dir, *args, env=env)  # the operator restarts the server: the key is back
 

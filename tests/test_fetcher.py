@@ -19,12 +19,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from casimg.errors import DownloadFailed
-from casimg.fetcher import AddressGuard, Fetcher, parse_address, retry_after_seconds
+from casimg.fetcher import AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
 from casimg.scheduler import origin_address, registrable_domain
 from tests.origin import Origin, image_bytes
 
@@ -41,6 +42,10 @@ from tests.origin import Origin, image_bytes
     ("ff02::1", "multicast"), ("240.0.0.1", "reserved"), ("255.255.255.255", "reserved"),
     ("198.18.0.1", "benchmarking"), ("192.0.2.1", "documentation"), ("2001:db8::1", "documentation"),
     ("2002:7f00:1::", "6to4"),
+    # IPv4-compatible, IPv4-translated and local-use NAT64 are blocked whole, whatever IPv4 address is inside
+    ("::a9fe:a9fe", "IPv4-compatible"), ("[::169.254.169.254]", "IPv4-compatible"), ("::808:808", "IPv4-compatible"),
+    ("::ffff:0:a9fe:a9fe", "IPv4-translated"), ("::ffff:0:808:808", "IPv4-translated"),
+    ("64:ff9b:1::a9fe:a9fe", "local-use NAT64"), ("64:ff9b:1:ffff:ffff::808:808", "local-use NAT64"),
 ])
 def test_guard_refuses_every_non_public_address_in_every_spelling(host, kind):
     reason = AddressGuard().refusal(host)
@@ -60,8 +65,15 @@ def test_allow_networks_opens_exactly_the_listed_networks():
     assert "loopback" in (guard.refusal("127.0.0.2") or "")
     assert "loopback" in (guard.refusal("::1") or "")
     assert "private" in (guard.refusal("192.168.0.1") or "")
-    assert "private" in (guard.refusal("11.0.0.1") or "private")  # public: allowed, so no reason
     assert guard.refusal("11.0.0.1") is None
+
+
+def test_allow_networks_opens_the_ipv4_in_ipv6_forms_blocked_whole_only_by_their_own_prefix():
+    assert "NAT64" in (AddressGuard(["169.254.0.0/16"]).refusal("64:ff9b:1::a9fe:a9fe") or "")
+    guard = AddressGuard(["64:ff9b:1::/48", "::ffff:0:0:0/96"])
+    assert guard.refusal("64:ff9b:1::a9fe:a9fe") is None
+    assert guard.refusal("::ffff:0:a9fe:a9fe") is None
+    assert "IPv4-compatible" in (guard.refusal("::a9fe:a9fe") or "")
 
 
 def test_parse_address_reads_what_a_resolver_would_and_leaves_names_alone():
@@ -235,6 +247,19 @@ async def test_urls_that_cannot_be_fetched_are_refused_before_any_connection(tmp
 
 
 @pytest.mark.gen_test
+async def test_urls_and_redirects_with_credentials_are_refused_without_sending_them(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    target = f"http://user:secret@127.0.0.1:{origin.port}/flaky/credentials?fail=0"
+    try:
+        assert (await failure(fetcher, target)).reason == "credentials in URL"
+        redirected = await failure(fetcher, origin.url("/redirect-to?url=" + quote(target, safe="")))
+        assert redirected.reason == "credentials in URL" and redirected.permanent
+    finally:
+        await fetcher.close()
+    assert origin.hits["flaky:credentials"] == 0
+
+
+@pytest.mark.gen_test
 async def test_closed_port_is_a_transient_connection_failure(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -281,6 +306,30 @@ async def test_forbidden_hosts_in_every_spelling_are_refused_without_connecting(
     finally:
         await fetcher.close()
     assert sum(forbidden.hits.values()) == 0 and sum(forbidden6.hits.values()) == 0
+
+
+IPV4_IN_IPV6 = ["::a9fe:a9fe", "::ffff:0:a9fe:a9fe", "64:ff9b:1::a9fe:a9fe"]
+
+
+@pytest.mark.gen_test
+async def test_ipv4_in_ipv6_forms_are_refused_before_connecting(tmp_path, origin):
+    """IPv4-compatible, IPv4-translated and local-use NAT64 addresses, as literals, as DNS answers and as
+    redirect targets. A "blocked address" reason comes only from the guard, which runs before a socket is
+    made: nothing is sent to them."""
+    fetcher = await started(tmp_path, resolver=ScriptedResolver({"v4in6.test": [IPV4_IN_IPV6]}))
+    # Asserted first, so that a guard letting them through fails here, before any packet could be sent.
+    assert all(fetcher.guard.refusal(host) for host in IPV4_IN_IPV6)
+    urls = [f"http://[{host}]:80/latest/meta-data/" for host in IPV4_IN_IPV6]
+    urls += [origin.url(f"/redirect-to?url=http://[{host}]:80/") for host in IPV4_IN_IPV6]
+    try:
+        for url in urls:
+            failed = await failure(fetcher, url)
+            assert failed.reason.startswith("blocked address ("), (url, failed.reason)
+            assert failed.permanent, url
+        by_name = await failure(fetcher, "http://v4in6.test/latest/meta-data/")
+        assert by_name.reason == "blocked address (::a9fe:a9fe is IPv4-compatible)"
+    finally:
+        await fetcher.close()
 
 
 @pytest.mark.gen_test
@@ -401,3 +450,64 @@ def test_the_public_suffix_list_is_read_with_no_network_at_all():
     if result.returncode != 0 and "Operation not permitted" in result.stderr:
         pytest.skip("no permission to make a network namespace")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# -- what the earlier checks hide ------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_the_socket_factory_refuses_blocked_addresses_itself(tmp_path):
+    """The last check before connect(): every case the URL and resolver checks see is stopped earlier, so
+    it is called here directly, with what aiohttp would hand it for a name that resolved to each address."""
+    fetcher = await started(tmp_path)
+    try:
+        for address, family in (("127.0.0.2", socket.AF_INET), ("::1", socket.AF_INET6),
+                                ("169.254.169.254", socket.AF_INET), ("::ffff:10.0.0.1", socket.AF_INET6)):
+            with pytest.raises(BlockedAddress) as refused:
+                fetcher._socket_factory((family, socket.SOCK_STREAM, 0, "", (address, 80)))
+            assert refused.value.reason.startswith("blocked address"), address
+        allowed = fetcher._socket_factory((socket.AF_INET, socket.SOCK_STREAM, 0, "", ("127.0.0.1", 80)))
+        assert allowed.family == socket.AF_INET
+        allowed.close()
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.gen_test
+async def test_proxy_settings_in_the_environment_are_ignored(tmp_path, origin, monkeypatch):
+    """A proxy would make the connection for casimg, out of the address guard's reach."""
+    with Origin() as proxy:
+        for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.setenv("NO_PROXY", "")
+        fetcher = await started(tmp_path)
+        try:
+            got = await fetcher.fetch(origin.url("/img/77.jpg"))
+        finally:
+            await fetcher.close()
+        assert got.data == image_bytes(77) and sum(proxy.hits.values()) == 0
+
+
+@pytest.mark.gen_test
+async def test_every_redirect_hop_gets_the_scheme_check(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    try:
+        for target, reason in (("ftp://127.0.0.1/a.jpg", "unsupported scheme 'ftp'"),
+                               ("file:///etc/passwd", "unsupported scheme 'file'"),
+                               ("gopher://127.0.0.1:70/_x", "unsupported scheme 'gopher'")):
+            failed = await failure(fetcher, origin.url(f"/redirect-to?url={target}"))
+            assert (failed.reason, failed.permanent) == (reason, True), target
+    finally:
+        await fetcher.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_one_timeout_covers_the_whole_redirect_chain(tmp_path, origin):
+    """Each hop answers within the timeout, the chain does not: a per-request timeout would let an origin
+    hold a download for max_redirects times as long."""
+    fetcher = await started(tmp_path, total_timeout=2.0)
+    try:
+        assert (await fetcher.fetch(origin.url("/redirect/4?delay=0.1"))).size > 0
+        failed = await failure(fetcher, origin.url("/redirect/4?delay=0.7"))  # 5 answers of 0.7 s each
+        assert (failed.reason, failed.permanent) == ("timeout", False)
+    finally:
+        await fetcher.close()

@@ -8,10 +8,10 @@ import stat
 
 import pytest
 
-from casimg.app import bootstrap_admin_key, connect_redis
 from casimg.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from casimg.index import KeySpace
 from casimg.keys import KEY_RE, KeyStore, Scope, split_key
+from casimg.services import bootstrap_admin_key, connect_redis
 from tests.conftest import make_settings
 
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from casimg.app import connect_redis
 from casimg.blobs import BlobStore
 from casimg.fsck import sweep
 from casimg.index import BlobMeta, Index, KeySpace
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
+from casimg.services import connect_redis
 
 BYTES = b"the same image bytes at two URLs"
 DIGEST = hashlib.sha256(BYTES).hexdigest()

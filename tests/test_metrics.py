@@ -122,7 +122,7 @@ async def test_queue_depth_and_running_jobs_are_seen_while_downloads_wait(api, o
 @pytest.mark.parametrize("settings", [{"metrics_require_key": True}], indirect=True)
 async def test_metrics_can_require_a_key(api, services):
     assert (await api("GET", "/metrics", key=None)).code == 401
-    reader = await services.keys.create("scraper", Scope.read)
+    reader = await services.api_keys.create("scraper", Scope.read)
     assert "casimg_http_requests_total" in str(await scrape(api, key=reader))
 
 
@@ -257,6 +257,11 @@ def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_p
     ("token=abc&limit=5", "token=REDACTED&limit=5"),
     ("%74oken=abc", "token=REDACTED"),  # a name percent-encoded is still the name
     ("API_KEY=abc", "API_KEY=REDACTED"),
+    *[(f"{name}=abc&limit=5", f"{name}=REDACTED&limit=5") for name in (
+        "key", "x-api-key", "X-API-Key", "api-key", "apikey", "apiKey", "x_api_key", "access_token", "auth",
+        "Authorization", "client_secret", "password", "X-Amz-Signature", "sig", "session_id", "refresh-token")],
+    ("x%2Dapi%2Dkey=abc", "x-api-key=REDACTED"),
+    ("url=http%3A%2F%2Fh%2F&wait=5&cursor=ab", "url=http%3A%2F%2Fh%2F&wait=5&cursor=ab"),  # casimg's own
     ("limit=5&cursor", "limit=5&cursor"),
 ])
 def test_the_access_log_masks_credential_parameters_by_name(query, logged_as):

@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from casimg.app import connect_redis, open_services
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index, KeySpace
 from casimg.migrate import OldKeySpace, migrate, move_batch
+from casimg.services import connect_redis, open_services
 from tests.conftest import make_settings, png
 
 CONTENTS = 250

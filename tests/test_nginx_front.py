@@ -5,22 +5,16 @@ when one is installed (skipped otherwise)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from bench.procs import free_port, nginx_front_config, start_nginx, stop
 from casimg.config import Settings
 from tests.conftest import RedisProcess, make_settings, problem
 from tests.origin import image_bytes
-
-ROOT = Path(__file__).resolve().parent.parent
-FRONT_BEGIN, FRONT_END = "# -- casimg front begins --", "# -- casimg front ends --"
 
 
 @pytest.fixture
@@ -57,53 +51,19 @@ async def test_get_answers_with_x_accel_redirect_and_casimg_headers(api, origin)
     assert blob.headers["X-Accel-Redirect"].endswith(digest)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def nginx_front(tmp_path: Path, base_url: str, settings: Settings):
     """A real nginx running config/nginx.conf's front, with only its three marked lines replaced."""
-    binary = shutil.which("nginx")
-    if binary is None:
+    if shutil.which("nginx") is None:
         pytest.skip("nginx is not installed (apt-get install nginx)")
-    prefix = tmp_path / "nginx"
-    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (prefix / sub).mkdir(parents=True)
-    port = _free_port()
-    casimg_port = base_url.rsplit(":", 1)[1]
-    shipped = (ROOT / "config" / "nginx.conf").read_text()
-    front = shipped[shipped.index(FRONT_BEGIN):shipped.index(FRONT_END)]
-    front = (front.replace("server 127.0.0.1:9000;", f"server 127.0.0.1:{casimg_port};")
-             .replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{port};")
-             .replace("/var/lib/casimg/blobs/", f"{settings.data_dir.resolve() / 'blobs'}/"))
-    temp_paths = "".join(f"{kind}_temp_path {prefix / sub};\n"
-                         for kind, sub in (("client_body", "body"), ("proxy", "proxy"), ("fastcgi", "fastcgi"),
-                                           ("uwsgi", "uwsgi"), ("scgi", "scgi")))
-    # As root, nginx's workers would run as nobody, who cannot read a private temp directory.
-    user = "user root root;\n" if os.geteuid() == 0 else ""
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"{user}daemon off;\nworker_processes 1;\npid {prefix / 'nginx.pid'};\n"
-                    f"error_log {prefix / 'error.log'} warn;\nevents {{ worker_connections 256; }}\n"
-                    f"http {{\naccess_log off;\nsendfile on;\n{temp_paths}{front}\n}}\n")
-    process = subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf)], stdin=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                output = process.stderr.read().decode() if process.stderr else ""
-                raise RuntimeError(f"nginx did not start: {output}") from None
-            time.sleep(0.05)
+    port = free_port()
+    casimg_port = int(base_url.rsplit(":", 1)[1])
+    # Ready once it accepts connections: an HTTP request would wait on casimg, which serves in the
+    # test's IOLoop and so not before the test runs.
+    servers = nginx_front_config(casimg_port, port, settings.data_dir.resolve() / "blobs")
+    process = start_nginx(tmp_path / "nginx", servers, [port])
     yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(10)
+    stop(process)
 
 
 @pytest.mark.gen_test

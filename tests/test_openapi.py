@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from importlib.metadata import version
 
+import casimg
 from casimg.app import routes
 from casimg.openapi import openapi_document
 
@@ -33,3 +35,7 @@ def test_every_operation_documents_its_responses_and_errors_use_problem_json():
             for status, response in operation["responses"].items():
                 if status.startswith(("4", "5")):
                     assert "application/problem+json" in response["content"], f"{method} {path} {status}"
+
+
+def test_one_version_number_for_the_package_and_the_api_document():
+    assert version("casimg") == casimg.__version__ == openapi_document()["info"]["version"]

@@ -135,7 +135,7 @@ JUNK = 5000  # URLs refused before any connection: each costs the worker a momen
 async def test_one_keys_backlog_is_not_in_front_of_another_keys_url(api, services, origin):
     """A backlog of junk from one key and one URL from another: the other URL does not wait its turn
     behind the backlog (it used to: one FIFO stream for every key)."""
-    other = await services.keys.create("other", Scope.write)
+    other = await services.api_keys.create("other", Scope.write)
     junk = [f"http://127.0.0.2:9/junk/{n}" for n in range(JUNK)]
     backlog = await api("POST", "/api/images", json_body={"image_urls": junk})
     assert backlog.code == 202

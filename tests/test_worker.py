@@ -11,8 +11,8 @@ import time
 import pytest
 
 from casimg import blobs as blobs_module
-from casimg.app import open_services
 from casimg.fetcher import Fetcher
+from casimg.services import open_services
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
 from tests.procs import Processes, settle, submit
@@ -143,13 +143,18 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
         def fetched() -> int:
             return sum(origin.hits[path] for path in paths) - before
 
-        for _ in range(200):
-            if fetched() >= expected:
+        worker = services.worker
+
+        def saturated() -> bool:
+            """Every store place taken and both slots held by bodies waiting for one: no download can start."""
+            return worker._storing.locked() and worker._downloading == 2 and worker.busy == expected
+
+        for _ in range(400):
+            if fetched() >= expected and saturated():
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # time for any download that should not happen
+        assert saturated(), (worker.busy, worker._downloading)
         assert fetched() == expected
-        assert services.worker.busy == expected
         release.set()
         for _ in range(200):
             job = await services.queue.get(job_id)

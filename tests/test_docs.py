@@ -1,6 +1,16 @@
-"""README's "Inspecting the index with redis-cli" stays true: its key table is casimg's key space, every key a
-real server writes is in it with the documented type, and each documented redis-cli command, run against
-a real server (the embedded one, and an external Redis set up with config/redis.conf), answers as it says."""
+"""The docs stay true.
+
+- README.md, "First session with curl": each command, run with curl against a real server, answers as the
+  session's comments say.
+- docs/operations.md, "Inspecting the index with redis-cli": its key table is casimg's key space, every key
+  a real server writes is in it with the documented type, and each documented redis-cli command, run
+  against a real server (the embedded one, and an external Redis set up with config/redis.conf), answers
+  as it says.
+- The generated pages (docs/settings.md, the reference in docs/cli.md) are what scripts/gen_docs.py
+  writes from the code today.
+- The README stays a short front page that links every page in docs/, and every relative link in the
+  docs leads to a file and heading that exist.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +19,9 @@ import inspect
 import json
 import re
 import shlex
-import socket
+import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime
 from urllib.parse import quote
@@ -18,10 +29,12 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from bench.procs import start, stop, wait_port
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
 from casimg.index import KeySpace
-from tests.procs import ROOT, Server, free_port
+from tests.procs import ROOT, Server, expected_bytes, free_port
 
+OPERATIONS = ROOT / "docs" / "operations.md"
 SECTION = "## Inspecting the index with redis-cli"
 TYPES = {"hash": "hash", "sorted set": "zset", "set": "set", "string": "string", "stream": "stream", "list": "list"}
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
@@ -30,9 +43,9 @@ ASKS_RE = re.compile(r"\b(HGETALL|HGET|HSCAN|XINFO GROUPS) \"?(casimg:[a-z-]+)")
 
 
 def section() -> str:
-    readme = (ROOT / "README.md").read_text()
-    assert SECTION in readme
-    body = readme.split(SECTION, 1)[1]
+    page = OPERATIONS.read_text()
+    assert SECTION in page
+    body = page.split(SECTION, 1)[1]
     return body.split("\n## ", 1)[0]
 
 
@@ -50,7 +63,7 @@ def commands() -> list[str]:
 
 
 def documented_keys(prefix: str = "casimg:") -> set[str]:
-    """Every key KeySpace builds, with its arguments as README writes them: job:{id}, worker:{name}."""
+    """Every key KeySpace builds, with its arguments as the key table writes them: job:{id}, worker:{name}."""
     space, names = KeySpace(prefix), set()
     for name, member in inspect.getmembers(KeySpace):
         if name.startswith("_") or name == "prefix":
@@ -73,7 +86,7 @@ def cli_path() -> str:
     line = next(c for c in commands() if c.startswith("CLI="))
     pattern = shlex.split(line.split("=", 1)[1])[0]
     found = glob.glob(str(ROOT / pattern))
-    assert found, f"the README's redis-cli path {pattern} does not exist in this checkout"
+    assert found, f"the documented redis-cli path {pattern} does not exist in this checkout"
     return found[0]
 
 
@@ -98,13 +111,13 @@ def test_every_key_a_server_writes_is_in_the_table_with_its_type(server):
     seen = set()
     for key in client.scan_iter(count=1000):
         matches = [documented for pattern, documented in table.items() if pattern.match(key)]
-        assert len(matches) == 1, f"{key} is not (exactly once) in README's key table"
+        assert len(matches) == 1, f"{key} is not (exactly once) in the key table of docs/operations.md"
         pattern, kind = matches[0]
         seen.add(pattern)
         assert client.type(key) == TYPES[kind.removesuffix(" with TTL")], key
         assert (client.pttl(key) > 0) == kind.endswith("with TTL") or pattern.startswith("casimg:job"), key
     client.close()
-    transient = {"casimg:sweep-lock"}  # held only while a sweep runs
+    transient = {"casimg:sweep-lock", "casimg:enqueuing"}  # held only while a sweep runs, a job is queued
     assert set(key_table()) - transient <= seen
 
 
@@ -160,20 +173,10 @@ def test_the_external_redis_command_against_a_redis_run_with_config_redis_conf(t
     assert re.search(r"^dir /var/lib/redis$", conf, re.MULTILINE)
     # Redis changes to `dir` while it reads the file, so the directory is replaced in a copy, not overridden.
     (tmp_path / "redis.conf").write_text(re.sub(r"^dir .*$", f"dir {redis_dir}", conf, flags=re.MULTILINE))
-    external = subprocess.Popen(
-        [find_redis_server(), str(tmp_path / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1",
-         "--logfile", str(redis_dir / "redis.log")], stdin=subprocess.DEVNULL)
+    external = start([find_redis_server(), str(tmp_path / "redis.conf"), "--port", str(port), "--bind", "127.0.0.1"],
+                     redis_dir / "redis.log", lambda process: wait_port(port, process))
     server = None
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert external.poll() is None, (redis_dir / "redis.log").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "redis-server with config/redis.conf did not start"
-                time.sleep(0.05)
         client = redis.Redis(port=port, decode_responses=True)
         assert client.config_get("appendonly")["appendonly"] == "yes"
         assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
@@ -188,11 +191,10 @@ def test_the_external_redis_command_against_a_redis_run_with_config_redis_conf(t
     finally:
         if server is not None:
             assert server.terminate() == 0
-        external.terminate()
-        external.wait(20)
+        stop(external)
 
 
-def test_redis_conf_is_the_production_config_the_readme_promises():
+def test_redis_conf_is_the_production_config_the_docs_promise():
     conf = {}
     for line in (ROOT / "config" / "redis.conf").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
@@ -203,4 +205,94 @@ def test_redis_conf_is_the_production_config_the_readme_promises():
     assert conf["save"] == '""'  # the AOF is the persistence; no RDB snapshots beside it
     assert int(conf["hash-max-ziplist-entries"]) == COMPACT_HASH_ENTRIES  # as the embedded Redis runs
     assert int(conf["hash-max-ziplist-value"]) == COMPACT_HASH_VALUE
-    assert "config/redis.conf" in (ROOT / "README.md").read_text()
+    assert "config/redis.conf" in OPERATIONS.read_text()
+
+
+README_LIMIT = 8 * 1024  # the front page: what a newcomer needs first; the rest belongs in docs/
+LINK_RE = re.compile(r"\]\(([^)\s]+)\)")
+HEADING_RE = re.compile(r"^#+ (.+)$", re.MULTILINE)
+PAGES = [ROOT / "README.md", ROOT / "SECURITY.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_the_generated_pages_are_what_gen_docs_writes_today():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) < README_LIMIT, "README.md has grown past 8 KB: move the detail into docs/"
+    linked = set(LINK_RE.findall(readme))
+    for page in (ROOT / "docs").glob("*.md"):
+        assert f"docs/{page.name}" in linked, f"README.md does not link docs/{page.name}"
+
+
+def anchor(heading: str) -> str:
+    """The fragment GitHub gives a heading: lower case, punctuation dropped, spaces to dashes."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
+    for target in LINK_RE.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s) and mailto links are not this repository's
+        path, _, fragment = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.exists(), f"{page.name}: {target} leads nowhere"
+        if fragment:
+            headings = {anchor(h) for h in HEADING_RE.findall(linked.read_text())}
+            assert fragment in headings, f"{page.name}: {target}: no such heading in {linked.name}"
+
+
+CURL_SECTION = "## First session with curl"
+
+
+def curl_session() -> tuple[str, list[str]]:
+    """(the key line, the session's commands with continuation lines joined and comments left out)."""
+    body = (ROOT / "README.md").read_text().split(CURL_SECTION, 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", body, re.DOTALL)
+    assert block, "no sh block in the README's curl session"
+    lines = [line.strip() for line in block.group(1).replace("\\\n", " ").splitlines()]
+    commands = [line for line in lines if line and not line.startswith("#")]
+    assert commands[0].startswith("KEY="), "the session starts by reading the admin key"
+    return commands[0], commands[1:]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_readme_curl_session_answers_as_it_says(tmp_path, origin):
+    key_line, commands = curl_session()
+    server = Server(tmp_path / "data")
+    first, second = origin.url("/img/700.jpg"), origin.url("/img/701.png")
+    replacements = {"localhost:9000": f"127.0.0.1:{server.port}", "data/admin.key": str(server.data_dir / "admin.key"),
+                    "https://example.com/a.jpg": first, "https://example.com/b.png": second}
+
+    def run(command: str) -> str:
+        for old, new in replacements.items():
+            command = command.replace(old, new)
+        result = subprocess.run(["bash", "-c", f"set -e; {key_line}; {command}"], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        return result.stdout
+
+    try:
+        submit, poll, listing, fetch, delete = commands
+        job = json.loads(run(submit))
+        assert (job["status"], job["total"]) == ("queued", 2) and set(job) == {"job_id", "status", "total"}
+        replacements["5f0c..."] = job["job_id"]
+        deadline = time.monotonic() + 60
+        while (polled := json.loads(run(poll)))["status"] != "done":
+            assert polled["job_id"] == job["job_id"] and time.monotonic() < deadline, polled
+            time.sleep(0.1)
+        assert [r["status"] for r in polled["results"]] == ["stored", "stored"], polled
+        head, _, page = run(listing).replace("\r\n", "\n").partition("\n\n")
+        assert head.startswith("HTTP/1.1 200") and "X-Total-Count: 2" in head
+        assert {image["url"] for image in json.loads(page)} == {first, second}
+        assert run(fetch) == "" and (tmp_path / "a.jpg").read_bytes() == expected_bytes(first)
+        assert run(delete) == ""
+        assert server.call("GET", "/api/image?url=" + quote(first, safe=""))[0] == 404
+    finally:
+        assert server.terminate() == 0
+        if EmbeddedRedis(server.data_dir).alive():
+            EmbeddedRedis(server.data_dir).stop()

@@ -1,20 +1,21 @@
 """Ingest, side by side: this checkout's casimg against another checkout's, in interleaved rounds.
 
     git worktree add ../casimg-before HEAD~1          # the code to compare against
-    python scripts/ingest_ab.py --other ../casimg-before
-    python scripts/ingest_ab.py --other ../casimg-before --rounds 4 --workspace /dev/shm
+    .venv/bin/python -m bench.ingest_ab --other ../casimg-before
+    .venv/bin/python -m bench.ingest_ab --other ../casimg-before --rounds 4 --workspace /dev/shm
 
-What a change to the ingest path did, when one run of scripts/bench.py cannot tell: a single ingest
-moves 10-40% from run to run on a shared machine, more than most changes gain. Here the limit (the
-plain aiohttp fetch-and-write of bench.py) runs first and after every round. Each round runs both
-casimgs twice, "this" and "other", in the order this-other-other-this, so that a drift over the
-round (the file system filling up, say) weighs on both alike. Each casimg gets a fresh Redis and data
+What a change to the ingest path did, when one run of the benchmark (`python -m bench`) cannot tell: a
+single ingest moves 10-40% from run to run on a shared machine, more than most changes gain. Here the
+limit (the plain aiohttp fetch-and-write of bench.references) runs first and after every round. Each
+round runs both casimgs twice, "this" and "other", in the order this-other-other-this, so that a drift
+over the round (the file system filling up, say) weighs on both alike. Each casimg gets a fresh Redis and data
 directory, and reports its images/s and CPU per image (its process and the processes it forked).
 Both run on this checkout's .venv: the comparison is of the casimg code, not of dependencies.
 
 Nothing is deleted until the end: on an ext4 without a journal, files created soon after thousands
-were deleted cost several times as much (see bench.file_creation_cost). `--workspace /dev/shm` takes
-the disk out altogether (no durability cost, no inode allocator), which leaves the CPU a change saves.
+were deleted cost several times as much (see bench.ingest.file_creation_cost). `--workspace /dev/shm`
+takes the disk out altogether (no durability cost, no inode allocator), which leaves the CPU a change
+saves.
 Only loopback addresses are used. Prints a markdown table; writes nothing to the repository.
 """
 
@@ -26,8 +27,13 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # bench.py re-executes under the project's venv when needed
+from bench import log, workspace
+from bench.corpus import make_images, set_directory
+from bench.ingest import casimg_ingest, file_creation_cost
+from bench.origin import image_urls, serve_image_set
+from bench.procs import ROOT, Procs
+from bench.references import reference_run
+from bench.stack import start_casimg, start_redis
 
 
 def cpu_seconds(pid: int) -> float:
@@ -42,18 +48,18 @@ def cpu_seconds(pid: int) -> float:
     return total + sum(cpu_seconds(int(child)) for child in children)
 
 
-def one_ingest(procs: bench.Procs, work: Path, label: str, checkout: Path, urls: list[str],
+def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],
                sizes: dict[str, int], processes: int) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one ingest of `urls` by `checkout`'s casimg, on its own Redis and
     data directory."""
     # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH, and run whichever
     # casimg/ the script was started beside.
     environment = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
-    redis_proc, redis_url = bench.start_redis(procs, work / f"redis-{label}", persistent=True)
-    server = bench.start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
+    redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
+    server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
                                 extra_env=environment)
     before = cpu_seconds(server.proc.pid)
-    result = bench.casimg_ingest(server, redis_url, urls, sizes)
+    result = casimg_ingest(server, redis_url, urls, sizes)
     cpu_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
     procs.stop(server.proc)
     procs.stop(redis_proc)
@@ -64,36 +70,36 @@ def one_ingest(procs: bench.Procs, work: Path, label: str, checkout: Path, urls:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest_ab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", required=True, help="the other checkout (its casimg/ is what it runs)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="rounds of this-other-other-this, the limit after each (default 2)")
     parser.add_argument("--images", type=int, default=5000, help="distinct images (default 5000)")
     parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
     parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
-    parser.add_argument("--cache", default=str(bench.ROOT / ".bench-cache"), help="where the images are kept")
+    parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the images are kept")
     args = parser.parse_args()
     other = Path(args.other).resolve()
     if not (other / "casimg" / "__init__.py").exists():
         sys.exit(f"{other} has no casimg/ package")
 
-    checkouts = {"this": bench.ROOT, "other": other}
-    cache = Path(args.cache) / f"images-v1-{args.images}"
-    files = bench.make_images(cache, args.images)
-    procs = bench.Procs()
+    checkouts = {"this": ROOT, "other": other}
+    cache = set_directory(Path(args.cache), args.images)
+    files = make_images(cache, args.images)
+    procs = Procs()
     rates: dict[str, list[float]] = {"this": [], "other": []}
     cpu: dict[str, list[float]] = {"this": [], "other": []}
     limits: list[float] = []
-    with bench.workspace(False, "casimg-ab-", args.workspace) as work:
+    with workspace(False, "casimg-ab-", args.workspace) as work:
         try:
-            port, origin = bench.serve_image_set(procs, work, cache)
-            urls = [bench.image_url(port, n, name) for n, (name, _) in enumerate(files)]
-            sizes = {url: size for url, (_, size) in zip(urls, files, strict=True)}
-            bench.log(f"origin: {origin}; workspace {work}; creating a file: {bench.file_creation_cost(work):.0f} µs")
+            port, origin = serve_image_set(procs, work, cache)
+            urls, _, sizes = image_urls(port, files)
+            log(f"origin: {origin}; workspace {work}; creating a file: {file_creation_cost(work):.0f} µs")
 
             def limit() -> None:
-                limits.append(bench.reference_run(work, urls).per_second)
-                bench.log(f"limit: {limits[-1]:.0f} images/s")
+                limits.append(reference_run(work, urls).per_second)
+                log(f"limit: {limits[-1]:.0f} images/s")
 
             limit()
             for round_number in range(args.rounds):
@@ -102,7 +108,7 @@ def main() -> None:
                                               sizes, args.processes)
                     rates[label].append(rate)
                     cpu[label].append(cpu_ms)
-                    bench.log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
+                    log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
                 limit()
         finally:
             procs.stop_all()

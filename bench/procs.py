@@ -1,0 +1,251 @@
+"""Child processes, for the benchmark and the end-to-end tests alike: a free port, a process started
+with its output in a file, waiting until it answers (a port, HTTP, a Redis PING), and stopping it by
+its own id.
+
+casimg is imported only to look up the redis-server binary it runs, inside the one function that needs
+it, so tests/procs.py and every bench module import this without a cycle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT = 30.0  # seconds a child may take to answer; generous for a loaded 2-core machine
+STOP_TIMEOUT = 20.0  # seconds a child may take to exit after SIGTERM before it gets SIGKILL
+LOG_TAIL = 2000  # characters of a child's log quoted when it fails to start
+# config/nginx.conf marks the part of its http block that is the casimg front, for the bench and the test.
+FRONT_BEGIN, FRONT_END = "# -- casimg front begins --", "# -- casimg front ends --"
+
+Popen = subprocess.Popen[bytes]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(args: Sequence[str], log_path: Path, env: dict[str, str] | None = None, *, cwd: Path | None = None,
+          new_session: bool = False) -> Popen:
+    """`args` started with stdout and stderr appended to `log_path`: a file, not a pipe, since a pipe
+    nobody reads blocks the child once its buffer is full. `env` adds to this process's environment; a
+    `new_session` child leads its own process group, which `stop` signals whole (a forking server's
+    children go with it)."""
+    with open(log_path, "ab") as log:  # the child holds its own descriptor
+        return subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=new_session)
+
+
+def start(args: Sequence[str], log_path: Path, ready: Callable[[Popen], None], *,
+          env: dict[str, str] | None = None, cwd: Path | None = None, new_session: bool = False) -> Popen:
+    """`spawn`, then `ready(process)`, which returns once the child serves. A child that does not get
+    there is killed, and the error quotes the end of its log, so no caller tracks a process it never got."""
+    process = spawn(args, log_path, env, cwd=cwd, new_session=new_session)
+    try:
+        ready(process)
+    except BaseException as exc:
+        stop(process, signal.SIGKILL)
+        if not isinstance(exc, Exception):
+            raise
+        tail = log_path.read_text(errors="replace")[-LOG_TAIL:] if log_path.exists() else ""
+        raise RuntimeError(f"{exc}; the end of {log_path}:\n{tail}") from exc
+    return process
+
+
+def stop(process: Popen, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> None:
+    """Signal the child (its whole process group when it leads one), wait, and SIGKILL what outlives
+    `timeout`."""
+
+    def send(signal_number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal_number)
+            else:
+                process.send_signal(signal_number)
+
+    if process.poll() is None:
+        send(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            send(signal.SIGKILL)
+            process.wait()
+
+
+class Procs:
+    """The children of a run, each in its own session, stopped (by their own ids) when it ends."""
+
+    def __init__(self) -> None:
+        self.children: list[Popen] = []
+
+    def add(self, process: Popen) -> Popen:
+        self.children.append(process)
+        return process
+
+    def start(self, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> Popen:
+        """A child in the repository (where `python -m bench` finds the bench package) and its own session."""
+        return self.add(spawn(args, log_path, env, cwd=ROOT, new_session=True))
+
+    def stop(self, process: Popen, sig: int = signal.SIGTERM) -> None:
+        stop(process, sig)
+        if process in self.children:
+            self.children.remove(process)
+
+    def stop_all(self) -> None:
+        for process in reversed(list(self.children)):
+            self.stop(process)
+
+
+# -- waiting until a child serves -------------------------------------------------------------------
+
+def _wait(check: Callable[[], bool], what: str, process: Popen | None, timeout: float) -> None:
+    """Poll `check` until it holds; fail when `process` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the child exited {process.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout:.0f} s for {what}")
+        time.sleep(0.05)
+
+
+def wait_port(port: int, process: Popen | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until 127.0.0.1:`port` accepts a connection (nothing is sent: what answers there may not be up)."""
+
+    def accepts() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    _wait(accepts, f"port {port} to accept", process, timeout)
+
+
+def wait_http(url: str, process: Popen | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until `url` answers over HTTP, with any status."""
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    _wait(answers, f"{url} to answer", process, timeout)
+
+
+def wait_redis(socket_path: Path, process: Popen | None = None, timeout: float = STARTUP_TIMEOUT) -> None:
+    """Until the Redis on `socket_path` answers PING."""
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=2)
+
+    def answers() -> bool:
+        try:
+            return bool(client.ping())
+        except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
+            return False
+
+    try:
+        _wait(answers, f"redis on {socket_path} to answer PING", process, timeout)
+    finally:
+        client.close()
+
+
+# -- the servers both start -------------------------------------------------------------------------
+
+def start_redis_server(directory: Path, *options: str, new_session: bool = False) -> Popen:
+    """A redis-server (casimg's own, as `casimg serve` finds it) on the unix socket directory/redis.sock,
+    with no TCP port and no RDB snapshots, keeping its files and log in `directory`; `options` are
+    further redis-server options. Returns once it answers PING."""
+    from casimg.embedded import find_redis_server
+
+    directory.mkdir(parents=True, exist_ok=True)
+    sock = directory / "redis.sock"
+    args = [find_redis_server(), "--port", "0", "--unixsocket", str(sock), "--dir", str(directory), "--save", "",
+            *options]
+    return start(args, directory / "redis.log", lambda process: wait_redis(sock, process), new_session=new_session)
+
+
+def start_serve(args: Sequence[str], port: int, log_path: Path, *, env: dict[str, str] | None = None,
+                cwd: Path | None = None, new_session: bool = False) -> Popen:
+    """`python -m casimg serve ARGS`, returned once it answers /healthz on 127.0.0.1:`port`."""
+    return start([sys.executable, "-m", "casimg", "serve", *args], log_path,
+                 lambda process: wait_http(f"http://127.0.0.1:{port}/healthz", process),
+                 env=env, cwd=cwd, new_session=new_session)
+
+
+NGINX_MAIN = """
+worker_processes {workers};
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+{user}
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  {servers}
+}}
+"""
+
+
+def nginx_front_config(casimg_port: int, listen_port: int, blob_dir: Path) -> str:
+    """config/nginx.conf's casimg front (between its markers), with only its three site lines replaced:
+    the casimg upstream, the port clients connect to, and the blob directory."""
+    shipped = (ROOT / "config" / "nginx.conf").read_text()
+    front = shipped[shipped.index(FRONT_BEGIN):shipped.index(FRONT_END)]
+    return (front.replace("server 127.0.0.1:9000;", f"server 127.0.0.1:{casimg_port};")
+            .replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{listen_port};")
+            .replace("/var/lib/casimg/blobs/", f"{blob_dir}/"))
+
+
+def start_nginx(prefix: Path, servers: str, ports: Sequence[int], workers: int = 1, *,
+                new_session: bool = False) -> Popen:
+    """nginx with `servers` in its http block, its files under `prefix`; returned once every port of
+    `ports` accepts connections."""
+    for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    # As root, nginx's workers would run as nobody, who cannot read a private temp directory.
+    user = "user root root;" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(NGINX_MAIN.format(prefix=prefix, servers=servers, user=user, workers=workers))
+
+    def ready(process: Popen) -> None:
+        for port in ports:
+            wait_port(port, process)
+
+    return start([shutil.which("nginx") or "nginx", "-p", str(prefix), "-c", str(conf)], prefix / "out.log", ready,
+                 new_session=new_session)
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/PID/status in KiB (VmRSS: resident now; VmHWM: the most it has been), or
+    0 when the process has none (a kernel thread)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0

@@ -1,0 +1,184 @@
+"""What casimg is measured against, in the same run: for the ingest, the limit (a plain aiohttp
+fetch-and-write) and the required work (the limit plus what casimg cannot skip for a body); for
+retrieval, the bare handler (one Redis HGET and one file read)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.origin import CONCURRENCY, PER_HOST
+
+
+@dataclass
+class IngestResult:
+    seconds: float
+    images: int
+    bytes: int
+    stored: int = 0
+    existed: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+Fetch = Callable[[list[str], Path], Coroutine[Any, Any, IngestResult]]
+
+
+def write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+async def fetch_and_keep(urls: list[str], out_dir: Path, keep: Callable[[Path, bytes], None] = write_file,
+                         flusher: Any = None) -> IngestResult:
+    """Fetch every URL with aiohttp at casimg's concurrency, and hand each body to `keep(path, body)` in
+    a thread; with a `flusher` (blobs.FlushGroup), wait for its flush after that, as a blob does.
+
+    Bodies being kept are bounded as casimg's worker bounds its stores (STORE_DEPTH places per download
+    slot, taken before the slot is given back), so a reference holds no more in memory, and batches no
+    more into one flush, than casimg may.
+    """
+    from casimg.worker import STORE_DEPTH
+
+    connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST)
+    loop = asyncio.get_running_loop()
+    total = 0
+    slots = asyncio.Semaphore(CONCURRENCY)
+    storing = asyncio.Semaphore(STORE_DEPTH * CONCURRENCY)
+
+    async def one(session: aiohttp.ClientSession, number: int, url: str) -> None:
+        nonlocal total
+        async with slots:
+            async with session.get(url) as response:
+                response.raise_for_status()
+                data = await response.read()
+            await storing.acquire()
+        try:
+            total += len(data)
+            await loop.run_in_executor(None, keep, out_dir / f"{number}.bin", data)
+            if flusher is not None:
+                await flusher.flush()
+        finally:
+            storing.release()
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one(session, number, url) for number, url in enumerate(urls)))
+    return IngestResult(time.monotonic() - started, len(urls), total)
+
+
+async def plain_fetch(urls: list[str], out_dir: Path) -> IngestResult:
+    """The limit: aiohttp fetch and write to a file, same concurrency, no validation, hash or index."""
+    return await fetch_and_keep(urls, out_dir)
+
+
+async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
+    """The limit plus what casimg cannot skip: its validation, SHA-256, and durable bytes.
+
+    Each body goes to a thread once to be validated (casimg's settings: CASIMG_VALIDATION and the
+    limits), hashed and written, then waits for a shared syncfs (casimg's FlushGroup) as a blob does
+    before it is indexed. No index, queue, temp name, content-named link or log. It runs in one process
+    on the limit's event loop and thread pool, so its ratio to the limit is what the required work
+    costs there; what is left between it and casimg is casimg's own overhead.
+    """
+    from casimg.blobs import FlushGroup
+    from casimg.config import load_settings
+    from casimg.validation import validate_image
+
+    defaults = load_settings()
+    allowed = frozenset(f.upper() for f in defaults.allowed_formats)
+
+    def keep(path: Path, data: bytes) -> None:
+        validate_image(data, max_pixels=defaults.max_pixels, allowed_formats=allowed,
+                       max_frames=defaults.max_frames, mode=defaults.validation)
+        hashlib.sha256(data).digest()
+        write_file(path, data)
+
+    flusher = FlushGroup(out_dir)
+    try:
+        return await fetch_and_keep(urls, out_dir, keep, flusher)
+    finally:
+        flusher.close()
+
+
+def reference_run(work: Path, urls: list[str], fetch: Fetch = plain_fetch) -> IngestResult:
+    """One run of the limit (plain_fetch) or of another reference, into a new directory under `work`."""
+    # Each run keeps its files until the workspace goes at the end: on an ext4 without a journal, files
+    # created soon after thousands were deleted cost several times as much (the inode allocator steps
+    # over recently freed inodes one by one), and deleting the limit's files between runs slowed
+    # whatever wrote next, casimg or the limit.
+    out = Path(tempfile.mkdtemp(prefix="plain-", dir=work))
+    result = asyncio.run(fetch(urls, out))
+    # Untimed: the limit leaves its bytes in the page cache, and casimg, which makes its blobs durable
+    # before indexing them (syncfs), would otherwise pay for writing them out.
+    os.sync()
+    return result
+
+
+def mean_result(runs: list[IngestResult]) -> IngestResult:
+    """One result whose rate is the mean rate of `runs` (each of the same URLs)."""
+    rate = statistics.mean(run.per_second for run in runs)
+    return IngestResult(runs[0].images / rate, runs[0].images, runs[0].bytes,
+                        failures=[f"{run.per_second:.0f}" for run in runs])
+
+
+def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
+    """The floor of the stack: one Redis HGET (of the URL's bucket) and one file read (in a thread),
+    nothing else; in the process `python -m bench _bare` starts."""
+    import redis.asyncio as aioredis
+    import tornado.httpserver
+    import tornado.netutil
+    import tornado.process
+    import tornado.web
+
+    sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", reuse_port=True)
+    if processes > 1:
+        tornado.process.fork_processes(processes)
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as handle:
+            return handle.read()
+
+    from casimg.index import KeySpace, url_key
+
+    keys = KeySpace()
+
+    class Bare(tornado.web.RequestHandler):
+        async def get(self) -> None:
+            url = self.get_query_argument("url")
+            value = await self.application.settings["redis"].hget(url_key(keys, url), url)
+            if value is None:
+                raise tornado.web.HTTPError(404)
+            digest = value[:64]  # "<sha256 hex> <stored_at>"
+            path = f"{blob_root}/{digest[0:2]}/{digest[2:4]}/{digest}"
+            self.write(await asyncio.get_running_loop().run_in_executor(None, read, path))
+
+    async def main() -> None:
+        client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=128, decode_responses=True))
+        app = tornado.web.Application([(r"/api/image", Bare), (r"/healthz", Bare)], redis=client)
+        server = tornado.httpserver.HTTPServer(app)
+        server.add_sockets(sockets)
+        await asyncio.Event().wait()
+
+    from casimg.runtime import run_loop
+
+    run_loop(main())  # the same event loop casimg runs on (uvloop when installed): the same stack

@@ -1,0 +1,163 @@
+"""The services of one casimg process: the open Redis, the index, the queue, the API keys, the blob
+store, the limits and, in a process that downloads, the fetcher and the worker. They are opened in
+``open_services`` and closed in ``Services.close``; handlers, workers and commands reach them only
+through a ``Services``.
+
+``redis_for`` says which Redis a process uses: the configured one, or the data directory's embedded one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from casimg.blobs import BlobStore
+from casimg.config import Settings
+from casimg.embedded import DataDirLock, EmbeddedRedis
+from casimg.fetcher import Fetcher
+from casimg.index import Index, KeySpace
+from casimg.keys import KeyStore, Scope
+from casimg.limits import AuthFailures, RateLimiter
+from casimg.metrics import Metrics
+from casimg.migrate import migrate
+from casimg.queue import JobQueue
+from casimg.worker import Worker
+
+log = logging.getLogger("casimg")
+
+REDIS_CONNECT_TIMEOUT = 2.0  # a Redis that is down must turn into a quick 503, not a hung request
+REDIS_SOCKET_TIMEOUT = 10.0
+REDIS_POOL_WAIT = 5.0  # seconds a request waits for a free Redis connection before a 503
+BLOCKING_THREADS = 32  # the blocking pool of each process (see open_services)
+
+
+@dataclass
+class Services:
+    """Everything a handler or worker needs, created once per process and closed at stop."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    index: Index
+    queue: JobQueue
+    api_keys: KeyStore
+    blobs: BlobStore
+    rate: RateLimiter
+    auth_failures: AuthFailures
+    fetcher: Fetcher | None = None
+    worker: Worker | None = None
+    metrics: Metrics | None = None
+
+    async def close(self) -> None:
+        if self.worker is not None:
+            await self.worker.stop(self.settings.shutdown_grace)
+        if self.fetcher is not None:
+            await self.fetcher.close()
+        await self.redis.aclose()
+
+
+def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=REDIS_POOL_WAIT,
+        decode_responses=True,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+        socket_timeout=REDIS_SOCKET_TIMEOUT,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def open_services(settings: Settings, redis_url: str, with_worker: bool) -> Services:
+    """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker."""
+    # Each in-flight download holds a connection only briefly, but requests and workers share the pool.
+    # Blocking file work (blob reads, the downloads' validate-write-link step) waits on the disk far
+    # more than it computes; asyncio's default of cores + 4 threads left downloads queueing for a thread.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
+    client = connect_redis(redis_url, settings.download_concurrency + 64)
+    keyspace = KeySpace(settings.key_prefix)
+    blobs = BlobStore(settings.data_dir)
+    services = Services(
+        settings=settings,
+        redis=client,
+        index=Index(client, keyspace),
+        queue=JobQueue(client, keyspace, settings.job_ttl),
+        api_keys=KeyStore(client, keyspace, settings.key_cache_ttl),
+        blobs=blobs,
+        rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
+        auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
+        metrics=Metrics(),
+    )
+    # Every process makes sure of the directories it may write: a delete renames into trash/, and a
+    # missing trash/ would leave the blob in place.
+    blobs.create_dirs()
+    await services.queue.ensure_group()
+    await migrate(services.index)  # an index of casimg 0.1 moves to the current layout before any use
+    if with_worker:
+        services.fetcher = Fetcher(
+            tmp_dir=blobs.tmp_dir,
+            max_bytes=settings.max_image_bytes,
+            total_timeout=settings.fetch_timeout,
+            connect_timeout=settings.connect_timeout,
+            max_connections=settings.download_concurrency,
+            max_per_host=settings.per_host_concurrency,
+            max_per_domain=settings.per_domain_concurrency,
+            max_redirects=settings.max_redirects,
+            max_url_length=settings.max_url_length,
+            allow_networks=settings.allow_networks,
+        )
+        await services.fetcher.start()
+        metrics = services.metrics
+        services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes)
+    return services
+
+
+async def bootstrap_admin_key(settings: Settings, keys: KeyStore) -> None:
+    """On the first start with no keys, register an admin key, so the API is usable and never open."""
+    if settings.bootstrap_key:
+        if await keys.create("admin", Scope.admin, key=settings.bootstrap_key, only_if_empty=True):
+            log.info("registered the bootstrap key from CASIMG_BOOTSTRAP_KEY as admin key 'admin'")
+        return
+    key = await keys.create("admin", Scope.admin, only_if_empty=True)
+    if key is None:
+        return
+    path = Path(settings.data_dir) / "admin.key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key + "\n")
+    os.chmod(path, 0o600)
+    log.info("created the first admin API key; it is in %s (mode 0600)", path.resolve())
+
+
+@contextlib.contextmanager
+def redis_for(settings: Settings, own_data_dir: bool) -> Iterator[str]:
+    """The Redis URL to use: the configured one, or the data dir's embedded Redis, started if needed.
+
+    own_data_dir: this process is `casimg serve` and takes the data dir's lock (then it also stops the
+    embedded Redis on exit). Other commands use a running server's Redis, or start one just for
+    themselves when no server owns the data dir.
+    """
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    embedded = EmbeddedRedis(settings.data_dir, settings.redis_server, settings.appendfsync)
+    lock = DataDirLock(settings.data_dir)
+    if not own_data_dir and embedded.alive():
+        yield embedded.url
+        return
+    with lock:
+        how = embedded.start()
+        log.info("embedded redis %s at %s", how, embedded.socket)
+        try:
+            yield embedded.url
+        finally:
+            embedded.stop()
