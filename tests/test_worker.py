@@ -147,13 +147,13 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
 
         def saturated() -> bool:
             """Every store place taken and both slots held by bodies waiting for one: no download can start."""
-            return worker._storing.locked() and worker._downloading == 2 and worker.busy == expected
+            return worker._storing.locked() and worker._slots.free == 0 and worker.busy == expected
 
         for _ in range(400):
             if fetched() >= expected and saturated():
                 break
             await asyncio.sleep(0.05)
-        assert saturated(), (worker.busy, worker._downloading)
+        assert saturated(), (worker.busy, worker._slots.free)
         assert fetched() == expected
         release.set()
         for _ in range(200):
