@@ -111,7 +111,8 @@ class FairSlots:
         self._waiters.append(waiter)
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter, within)
+                async with asyncio.timeout(within):
+                    await waiter
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)

@@ -51,6 +51,12 @@ from casimg.validation import ImageInfo, validate_image
 log = logging.getLogger("casimg.worker")
 
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
+# A busy worker reuses the list of keys with queued entries for this long, and looks into the queues of
+# keys holding no slot (newcomers) at most this often while its other slots are all taken: a round trip
+# on every slot given back cost the ingest of a single key a quarter of its rate. A new key waits that
+# much longer for its first read, a fraction of a second.
+OWNERS_REFRESH = 0.5
+PROBE_INTERVAL = 0.1
 MAX_ATTEMPTS = 3  # one download plus two retries of a transient failure
 # A URL whose processing ended with its worker this many times fails instead of going to the next one: a
 # file that crashes the process (a decoder bug, say) must not take down every worker in turn, for ever.
@@ -117,6 +123,9 @@ class Worker:
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
         self._slots = FairSlots(settings.download_concurrency)
+        self._owners: list[str] = [""]
+        self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
+        self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
         self._storing = asyncio.Semaphore(STORE_DEPTH * settings.download_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -234,14 +243,23 @@ class Worker:
         under a busy key); else wait up to READ_BLOCK_MS for the first new entry of any planned stream.
         Either way, a key that submits meanwhile is seen on the next turn, a second later at most.
         """
-        owners = await self.queue.owners()
+        now = time.monotonic()
+        if now - self._owners_read >= OWNERS_REFRESH:
+            self._owners, self._owners_read = await self.queue.owners(), now
+        owners = self._owners
         wanted = self._slots.plan(owners)
+        if not any(self._slots.load(owner) for owner in wanted):  # newcomers only
+            if now - self._probed < PROBE_INTERVAL:
+                await self._slots.changed(PROBE_INTERVAL - (now - self._probed))
+                return []
+            self._probed = now
         entries = await self.queue.read(self.name, wanted)
         if entries:
             return entries
         if not wanted or any(owner not in wanted for owner in owners if self._slots.load(owner)):
             await self._slots.changed(READ_BLOCK_MS / 1000)
             return []
+        self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
         return await self.queue.wait_for_entries(self.name, list(wanted), READ_BLOCK_MS)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
