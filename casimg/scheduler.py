@@ -8,7 +8,7 @@ Three bounds stand between one client's URLs and everyone else's downloads:
   ties taken in turn. The last ``reserve`` free slots go only to keys that hold none: downloads cannot
   be taken away once started, so without a reserve a key whose 64 URLs trickle a byte every few seconds
   would hold every slot until its fetches time out, and a newcomer's first URL would wait for that.
-  With the reserve, a key's first URL starts within a read of the queue (about a second), whatever
+  With the reserve, a key's first URL starts within a look at the queues (under a second), whatever
   the others hold; further slots come back to it as soon as any download ends.
 - **Per resolved address** (``OriginCaps``): at most ``per_address`` downloads at once to one IP
   address (IPv6: one /64, which one origin usually holds whole), however many host names or ports lead

@@ -252,10 +252,12 @@ class Worker:
             self._owners, self._owners_read = await self.queue.owners(), now
         owners = self._owners
         wanted = self._slots.plan(owners)
-        if not any(self._slots.load(owner) for owner in wanted):  # newcomers only
-            if now - self._probed < PROBE_INTERVAL:
+        if now - self._probed < PROBE_INTERVAL:  # the newcomers' queues were looked into a moment ago
+            wanted = {owner: count for owner, count in wanted.items() if self._slots.load(owner)}
+            if not wanted:
                 await self._slots.changed(PROBE_INTERVAL - (now - self._probed))
                 return []
+        else:
             self._probed = now
         entries = await self.queue.read(self.name, wanted)
         if entries:
