@@ -106,7 +106,11 @@ class FairSlots:
                 waiter.set_result(None)
 
     async def changed(self, within: float | None = None) -> None:
-        """Return once a slot is given back, or after `within` seconds."""
+        """Return once a slot is given back, or after `within` seconds.
+
+        After a slot comes back, the callbacks already due in this turn of the event loop run first: the
+        downloads ending together give their slots back together, and the reader plans once for all.
+        """
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -116,6 +120,7 @@ class FairSlots:
         finally:
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
+        await asyncio.sleep(0)
 
     def plan(self, owners: Sequence[str]) -> dict[str, int]:
         """How many entries to read now from each owner's queue.
