@@ -190,11 +190,12 @@ class OriginCaps:
         each other's bound.
         """
         domain = registrable_domain(host)
-        async with contextlib.AsyncExitStack() as stack:
-            if domain is not None:
-                await stack.enter_async_context(self.domains.hold(domain))
-            await stack.enter_async_context(self.addresses.hold(origin_address(address)))
-            yield
+        if domain is None:
+            async with self.addresses.hold(origin_address(address)):
+                yield
+        else:
+            async with self.domains.hold(domain), self.addresses.hold(origin_address(address)):
+                yield
 
 
 def origin_address(address: str) -> str:
