@@ -8,8 +8,8 @@ ingest's CPU. ``ScriptBatcher.call`` queues the call and sends everything queued
 the loop in one pipeline: one connection, one write, one read for all of them.
 
 GET /api/image's lookups go the same way: under load, one turn of the loop reads several requests, and
-their lookups share a pipeline (measured side by side with wrk at 64 connections: 714 against 608
-requests/s, with the bare HGET handler at 757).
+their lookups share a pipeline (the gain measured with wrk: BENCHMARKS.md, "Figures behind design
+choices").
 
 Each call is still its own Lua script run, atomic on its own; the pipeline is not a transaction (nothing
 needs the calls to be atomic together), and one call's error is that caller's alone.
@@ -114,9 +114,8 @@ class ThreadBatcher(_TurnBatcher):
 
     Each trip to a thread costs a hand-off of the GIL both ways. Short calls that many tasks make at
     the same moment, such as the last file step of the stores that one Redis pipeline answered, need
-    one trip between them, not one each: for the ingest's settle step that is 250 trips for 5,000
-    images in place of 5,000, and 443 -> 488 images/s side by side on tmpfs (scripts/bench.py's
-    ingest, CPU 2.50 -> 2.28 ms per image).
+    one trip between them, not one each: for the ingest's settle step, one trip for the twenty or so
+    stores of a loop turn (the gain: BENCHMARKS.md, "Figures behind design choices").
 
     Like ``ScriptBatcher``, one call's exception is that caller's alone. The calls run in order, so a
     long one delays the rest of its batch: this is for calls of a few system calls each.

@@ -50,12 +50,12 @@ class Settings:
     max_pixels: int = _setting(50_000_000, "Largest width x height accepted (decompression-bomb guard).")
     max_frames: int = _setting(1000, "Most frames accepted in an animated image.")
     allowed_formats: tuple[str, ...] = _setting(
-        ("JPEG", "PNG", "GIF", "WEBP"), "Comma-separated Pillow format names that are stored."
+        ("JPEG", "PNG", "GIF", "WEBP", "AVIF"), "Comma-separated Pillow format names that are stored."
     )
     validation: str = _setting(
         "structure", "How downloads are checked: 'structure' (walk every JPEG segment and scan to its end marker, "
-        "every PNG chunk CRC, the WebP RIFF sizes: refuses non-images and truncated files) or 'decode' (also "
-        "decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
+        "every PNG chunk CRC, every GIF block, the WebP RIFF and AVIF box sizes: refuses non-images and "
+        "truncated files) or 'decode' (also decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
     )
     fetch_timeout: float = _setting(
         60.0, "Total seconds one download attempt may take, redirects included; a URL's attempts together get "

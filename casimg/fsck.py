@@ -1,10 +1,11 @@
 """`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
 
 The invariant: every indexed URL has its blob on disk, every reference count equals the number of
-URLs pointing at its digest, every URL carries its content's metadata, no record with references is
-pointed at by no URL, the count hash holds the numbers of URLs and of referenced contents, every URL
-and record sits in the bucket its hash names (lookups look nowhere else), and every blob's bytes hash
-to its name. Breaking any of these is a *problem* (exit 1).
+URLs pointing at its digest, every URL carries its content's metadata, with the content type its bytes
+name (an earlier casimg recorded a WebP as application/octet-stream on a fresh server), no record
+with references is pointed at by no URL, the count hash holds the numbers of URLs and of referenced
+contents, every URL and record sits in the bucket its hash names (lookups look nowhere else), and
+every blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
 What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
 server: the index is read in one MULTI, and anything that looks wrong between disk and index is
 checked again live before it is reported, since a store or delete may have happened in between.
@@ -15,14 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
 from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
 from casimg.index import Index, encode_meta, url_bucket
 from casimg.lifecycle import remove_if_unreferenced
-from casimg.validation import validate_image
+from casimg.validation import content_type_of, validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
 
@@ -38,9 +37,6 @@ class Report:
         return not self.problems
 
 
-async def _io(func: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, partial(func, *args))
-
 
 async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
     report = Report()
@@ -48,10 +44,12 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         report.repaired += await _repair(index, blobs, tmp_grace)
     snap = await index.snapshot()
     counts = Counter(snap.urls.values())
-    on_disk = set(await _io(lambda: list(blobs.iter_digests())))
+    on_disk = set(await asyncio.to_thread(lambda: list(blobs.iter_digests())))
 
     for url, digest in snap.urls.items():
-        if digest not in on_disk and not await _io(blobs.exists, digest) and await index.digest_of(url) == digest:
+        # The listing of files and the index snapshot are moments apart: ask again before calling it missing.
+        missing = digest not in on_disk and not await asyncio.to_thread(blobs.exists, digest)
+        if missing and await index.digest_of(url) == digest:
             report.problems.append(f"missing blob {digest} for URL {url}")
     for url, bucket in snap.misplaced.items():
         report.problems.append(f"URL {url} is in bucket {bucket}, not in {url_bucket(url)} where lookups look")
@@ -71,16 +69,23 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         if snap.counts[name] != actual:
             report.problems.append(f"count {name} is {snap.counts[name]}, but the index holds {actual}")
 
+    types: dict[str, str] = {}  # digest -> the content type its bytes name, for the sound referenced blobs
     for digest in sorted(on_disk):
         try:
-            actual = await _io(blobs.hash_file, blobs.blob_path(digest))
+            actual = await asyncio.to_thread(blobs.hash_file, blobs.blob_path(digest))
+            if actual == digest and digest in counts:
+                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
         except FileNotFoundError:
             continue  # deleted while we looked
         if actual != digest:
             report.problems.append(f"damaged blob {digest}: its bytes hash to {actual}")
         elif digest not in counts and await index.refs_of(digest) == 0:
             report.notes.append(f"orphan blob {digest} (no URL points at it)")
-    for leftover in await _io(lambda: list(blobs.leftovers())):
+    for url, recorded in sorted(snap.types.items()):
+        digest = snap.urls[url]
+        if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
+            report.problems.append(f"URL {url} records content type {recorded}, but its bytes are {types[digest]}")
+    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
         if leftover.kind == "trash":
             report.notes.append(f"trash file {leftover.path.name} (an interrupted delete)")
         elif leftover.age > tmp_grace:
@@ -98,12 +103,44 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
         digest = snap.urls[url]
         if digest not in described:
             try:
-                described[digest] = await _io(_meta_from_file, blobs, digest)
+                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
             except (FileNotFoundError, InvalidImage):
                 continue  # a missing or damaged blob, which the check reports
         if await index.ensure_meta(url, digest, described[digest]):
             done.append(f"rebuilt metadata of {url}")
+    done += await _correct_types(index, blobs, snap.urls, snap.types, described)
     return done
+
+
+async def _correct_types(
+    index: Index, blobs: BlobStore, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
+) -> list[str]:
+    """Rewrite the metadata of URLs whose recorded content type is not the one their blob's bytes name,
+    from the blob itself (`described`: digest -> encoded metadata, shared with the caller)."""
+    done, types = [], {}  # types: digest -> the content type its bytes name, each blob read once
+    for url, kind in sorted(recorded.items()):
+        digest = urls[url]
+        if digest not in types:
+            try:
+                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
+            except FileNotFoundError:
+                types[digest] = kind  # a missing blob, which the check reports
+        if types[digest] == kind:
+            continue
+        if digest not in described:
+            try:
+                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
+            except (FileNotFoundError, InvalidImage):
+                continue
+        if await index.correct_meta(url, digest, described[digest]):
+            done.append(f"corrected the content type of {url}: {kind} -> {types[digest]}")
+    return done
+
+
+async def _recorded_type(index: Index, url: str, digest: str) -> str | None:
+    """The content type `url` records now, if it still points at `digest` (the snapshot may be stale)."""
+    record = await index.lookup(url)
+    return record.content_type if record is not None and record.sha256 == digest else None
 
 
 def _meta_from_file(blobs: BlobStore, digest: str) -> str:
@@ -121,15 +158,15 @@ async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
     blob back if a store references it meanwhile.
     """
     done = []
-    for leftover in await _io(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
         if leftover.kind == "trash" and leftover.digest:
-            if await index.refs_of(leftover.digest) > 0 and not await _io(blobs.exists, leftover.digest):
-                await _io(blobs.restore_from_trash, leftover.path, leftover.digest)
+            if await index.refs_of(leftover.digest) > 0 and not await asyncio.to_thread(blobs.exists, leftover.digest):
+                await asyncio.to_thread(blobs.restore_from_trash, leftover.path, leftover.digest)
                 done.append(f"restored blob {leftover.digest} from the trash")
         if leftover.age > grace:
-            await _io(blobs.discard, leftover.path)
+            await asyncio.to_thread(blobs.discard, leftover.path)
             done.append(f"removed {'trash' if leftover.kind == 'trash' else 'stale temp'} file {leftover.path.name}")
-    on_disk = await _io(lambda: list(blobs.iter_digests()))
+    on_disk = await asyncio.to_thread(lambda: list(blobs.iter_digests()))
     for start in range(0, len(on_disk), SWEEP_BATCH):
         batch = on_disk[start:start + SWEEP_BATCH]
         for digest, refs in zip(batch, await index.refs_many(batch), strict=True):

@@ -33,7 +33,7 @@ from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
 from casimg.services import Services
-from casimg.validation import content_type_of
+from casimg.validation import FORMATS, content_type_of
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -46,7 +46,7 @@ SEND_CHUNK = 512 * 1024  # larger images are sent in pieces so memory per respon
 IMAGE_CACHE = "private, no-cache"  # a URL may be deleted and stored again with other bytes: revalidate
 BLOB_CACHE = "private, max-age=31536000, immutable"  # bytes named by their hash never change
 IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
-EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
+EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
@@ -118,7 +118,7 @@ class BaseHandler(tornado.web.RequestHandler):
     def write_json(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        # orjson: a listing page of 1,000 images encodes in 0.25 ms against 3.1 ms with json.dumps.
+        # orjson: a listing page is encoded an order of magnitude faster than with json.dumps.
         self.finish(orjson.dumps(body))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:

@@ -261,6 +261,17 @@ redis.call('HSET', KEYS[1], ARGV[1], value .. ' ' .. ARGV[3])
 return 1
 """
 
+# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest with other metadata
+# (or none) and has `meta` now, its stored_at kept: fsck's correction of a record written wrong
+CORRECT_META_LUA = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value or string.sub(value, 1, 64) ~= ARGV[2] then return 0 end
+local head = string.match(value, '^%S+ %S+')
+if not head or value == head .. ' ' .. ARGV[3] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], head .. ' ' .. ARGV[3])
+return 1
+"""
+
 # KEYS: url-bucket-of-url     ARGV: url  ->  the URL's value or nil. A plain HGET, as a script so that the
 # ScriptBatcher sends it in one pipeline with the other lookups of its loop turn.
 LOOKUP_LUA = """
@@ -437,6 +448,7 @@ class Snapshot:
     misplaced: dict[str, str]  # URL -> the bucket it sits in, which is not the one its SHA-1 names
     refs: dict[str, int]  # digest -> references, from the records in their own bucket
     bare: set[str]  # the URLs whose value lacks the metadata
+    types: dict[str, str]  # URL -> the content type its metadata records (for the URLs that have it)
     stray: dict[str, str]  # digest -> the bucket its record sits in, which is not its own
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
 
@@ -513,6 +525,7 @@ class Index:
         self._complete = redis.register_script(COMPLETE_LUA)
         self._release = redis.register_script(RELEASE_LUA)
         self._ensure_meta = redis.register_script(ENSURE_META_LUA)
+        self._correct_meta = redis.register_script(CORRECT_META_LUA)
         self._lookup = redis.register_script(LOOKUP_LUA)
         self._page = redis.register_script(PAGE_LUA)
         self._repair = redis.register_script(REPAIR_LUA)
@@ -594,6 +607,11 @@ class Index:
         """Give `url` its metadata if it points at `digest` and lacks it. True if it was set."""
         return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
 
+    async def correct_meta(self, url: str, digest: str, meta: str) -> bool:
+        """Give `url` the metadata `meta`, replacing what it holds, if it points at `digest`. True if it
+        changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
+        return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
+
     async def page(self, cursor: str | None, limit: int) -> Page:
         """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
@@ -630,8 +648,9 @@ class Index:
                 *buckets, counts = await pipe.execute()
         finally:
             await raw.aclose()
-        snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={},
+        snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={}, types={},
                         counts={"urls": 0, "blobs": 0} | {f.decode(): int(n) for f, n in counts.items()})
+        seen_types: dict[str, str] = {}
         for bucket, entries in zip(BUCKETS, buckets[:len(BUCKETS)], strict=True):
             for field, raw_value in entries.items():
                 url, value = field.decode(), raw_value.decode()
@@ -642,6 +661,9 @@ class Index:
                     snap.urls.setdefault(url, value[:64])
                 if not has_meta(value):
                     snap.bare.add(url)
+                elif url_bucket(url) == bucket or url not in snap.types:  # as for urls: its own bucket wins
+                    recorded = value.rsplit(" ", 1)[1]  # BlobMeta.encode puts the content type last
+                    snap.types[url] = seen_types.setdefault(recorded, recorded)  # one string per type
         for bucket, entries in zip(BUCKETS, buckets[len(BUCKETS):], strict=True):
             for field, record in entries.items():
                 digest = field.hex()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,6 @@ Run = Callable[..., Awaitable[Any]]
 async def _no_pause(step: str) -> None:
     return None
 
-
-async def _io(func: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, partial(func, *args))
 
 
 async def store_blob(
@@ -49,9 +45,9 @@ async def store_blob(
     `job` (job_id, position, entry_id, attempts) finishes the URL's queue entry in the same Redis step.
     """
     try:
-        await _io(blobs.link_in, tmp, digest)
+        await asyncio.to_thread(blobs.link_in, tmp, digest)
     except BaseException:
-        await _io(blobs.discard, tmp)
+        await asyncio.to_thread(blobs.discard, tmp)
         raise
     await pause("linked")
     return await index_linked_blob(blobs, index, tmp, url, digest, meta, pause=pause, **job)
@@ -66,7 +62,7 @@ async def index_linked_blob(
     meta: str,
     *,
     pause: Pause = _no_pause,
-    run: Run = _io,
+    run: Run = asyncio.to_thread,
     **job: Any,
 ) -> StoreOutcome:
     """Steps 2-4, for bytes that step 1 already linked in and made durable; `tmp` is consumed.
@@ -109,7 +105,7 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
         return False
     await pause("checked")
     try:
-        trash = await _io(blobs.move_to_trash, digest)
+        trash = await asyncio.to_thread(blobs.move_to_trash, digest)
     except OSError as exc:
         # The blob directory is read-only or failing. The URL is already out of the index, so its delete
         # has happened; the bytes stay as an unreferenced blob, which the sweep or fsck --repair removes.
@@ -119,9 +115,9 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
     try:
         if await index.refs_of(digest) > 0:
             if trash is not None:
-                await _io(blobs.restore_from_trash, trash, digest)
+                await asyncio.to_thread(blobs.restore_from_trash, trash, digest)
             return False
         return True
     finally:
-        await _io(blobs.discard, trash)
+        await asyncio.to_thread(blobs.discard, trash)
 

@@ -1,26 +1,58 @@
-"""Prometheus metrics for one casimg process, served at GET /metrics.
+"""Prometheus metrics, served at GET /metrics: for every casimg process of a host at once under
+``casimg serve`` and ``casimg worker``, for one process elsewhere (the tests' in-process apps).
 
 Counters are bumped where things happen: once per HTTP request (handlers.log_request) and once per
 download outcome (the worker's hooks), with no Redis call. Gauges that need Redis or the disk (queue
-depth, jobs by status, index sizes, blob store size) are computed only when /metrics is scraped, so the
-hot path pays nothing for them. The blob store size comes from a walk of the blob tree in a thread; on a
-large store that takes seconds, so a walk is reused long enough that walking takes at most
-``DISK_WALK_DUTY`` of the time, and a scrape waits at most ``DISK_WALK_WAIT`` for one (then it answers
-with the previous walk's figures).
+depth, jobs by status, index sizes, blob store size) describe the service, not a process: the process
+that answers a scrape computes them then, so the hot path pays nothing for them. The blob store size
+comes from a walk of the blob tree in a thread; on a large store that takes seconds, so a walk is reused
+long enough that walking takes at most ``DISK_WALK_DUTY`` of the time, and a scrape waits at most
+``DISK_WALK_WAIT`` for one (then it answers with the previous walk's figures).
 
-Each process has its own registry (not prometheus_client's global one), so several apps in one process,
-as in the tests, never mix their counts.
+Across processes (``Metrics.shared``): ``casimg serve --processes N`` and every ``casimg worker`` on the
+same data dir and host write their counters and histograms into one directory,
+``<data-dir>/metrics/<boot id>/``, with prometheus_client's multiprocess mode (one memory-mapped file per
+process and type), and a scrape of any of them sums the files. Chosen over one aggregated registry
+(children sending counts to the parent, or to Redis) because the hot path stays a write to memory with
+no message and no I/O, a process killed with -9 keeps what it counted (the pages belong to the file),
+and a ``casimg worker``, which is nobody's child, joins by opening the directory.
+
+Files are named by slot, not by pid: a process claims the lowest free slot (an flock on
+``slot-N.lock``, held for its life and released by the kernel however it ends) and carries on that
+slot's counts where its last holder left them. So the directory holds at most as many slots as
+processes ever ran at once on the host; restarts add no file, lose no count and count nothing twice:
+totals run from the host's boot and never go back. The directory is per boot id: processes of another
+host on a shared data dir (a worker elsewhere) keep their own, which their own /metrics serves, and a
+reboot starts again from zero, which Prometheus reads as a counter reset. When a process joins, the
+directories of earlier boots that no process holds a slot in are removed.
+
+The one per-process gauge, downloads in flight, is in mode ``livesum``: each process publishes its
+count every ``PUBLISH_INTERVAL``, and the gauge file of a slot whose holder is gone is removed
+(``mark_process_dead``) by the holder as it stops, or after a crash by the next scrape.
+
+Unshared, each ``Metrics`` has its own registry (not prometheus_client's global one), so several apps
+in one process, as in the tests, never mix their counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
+import os
 import re
+import shutil
+import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from casimg import stats
 from casimg.blobs import BlobStore
@@ -36,6 +68,10 @@ DISK_WALK_DUTY = 0.1  # share of the time at most spent walking the blob tree: a
 DISK_WALK_WAIT = 1.0  # seconds a scrape waits for a walk before answering with the last one's figures
 REASON_CUT = re.compile(r" \(|: | '|\"")  # what follows is a detail (a size, a name) that would explode the labels
 REASON_MAX = 40
+PUBLISH_INTERVAL = 1.0  # seconds: how old another process's in-flight count may be in a scrape
+METRICS_DIR = "metrics"  # under the data dir
+SHARED_FILES = ("counter", "histogram", "gauge_livesum")  # the kinds of file a process writes (see SharedDir)
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # the same for every process (and container) of one boot
 
 prometheus_client.disable_created_metrics()  # the *_created series double the output and nobody reads them
 
@@ -59,33 +95,60 @@ class Scraped(Protocol):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, shared: SharedDir | None = None) -> None:
+        """Unshared: counts of this process in a registry of its own. Shared: counts in `shared`'s files,
+        which this process must have joined (``Metrics.shared`` does both)."""
+        self.shared_dir = shared
         self.registry = CollectorRegistry()
-        r = self.registry
+        # Shared counters are read back from the files by the collector, never from a registry.
+        r = None if shared else self.registry
         self.requests = Counter("casimg_http_requests", "HTTP requests answered, by route, method and status",
                                 ["route", "method", "status"], registry=r)
         self.latency = Histogram("casimg_http_request_duration_seconds", "Time to answer an HTTP request",
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.downloads = Counter(
-            "casimg_downloads", "URLs finished by the workers of this process, by outcome "
+            "casimg_downloads", "URLs finished by the workers, by outcome "
             "(stored, deduplicated, exists, failed) and failure reason", ["outcome", "reason"], registry=r)
         self.downloaded_bytes = Counter("casimg_downloaded_bytes", "Bytes received from origins", registry=r)
         self.stored_bytes = Counter("casimg_stored_bytes", "Bytes of new content written to the blob store",
                                     registry=r)
         self.dedup_hits = Counter("casimg_dedup_hits", "New URLs whose content was stored already", registry=r)
-        self.queue = Gauge("casimg_queue_entries", "Queue entries waiting to be read or in progress",
-                           ["state"], registry=r)
-        self.jobs = Gauge("casimg_jobs", "Unexpired jobs by status", ["status"], registry=r)
-        self.in_flight = Gauge("casimg_downloads_in_flight", "Downloads running in this process", registry=r)
-        self.urls = Gauge("casimg_urls", "URLs in the index", registry=r)
-        self.blobs = Gauge("casimg_blobs", "Distinct contents referenced by the index", registry=r)
-        self.store_bytes = Gauge("casimg_blob_store_bytes", "Bytes of the files in the blob store", registry=r)
-        self.store_files = Gauge("casimg_blob_store_files", "Files in the blob store", registry=r)
+        self.in_flight = Gauge("casimg_downloads_in_flight", "Downloads running", registry=r,
+                               multiprocess_mode="livesum")
+        self.scraped = ScrapedGauges()
+        self.registry.register(self.scraped)
+        if shared is not None:
+            MultiProcessCollector(self.registry, str(shared.path))
         # labels() takes a lock and builds a tuple: look each combination up once.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._next_walk = 0.0
         self._walk: asyncio.Future[tuple[int, int, float]] | None = None
         self._scrape_lock = asyncio.Lock()
+        self._publisher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def shared(cls, data_dir: str | Path) -> Metrics:
+        """Metrics counted with every other process of this host on `data_dir` (see the module's docstring)."""
+        return cls(SharedDir.join(data_dir))
+
+    def start_publishing(self, worker: Worker) -> None:
+        """Keep this process's in-flight count in its file, for scrapes answered by another process."""
+        if self.shared_dir is not None:
+            self._publisher = asyncio.create_task(self._publish(worker))
+
+    async def _publish(self, worker: Worker) -> None:
+        while True:
+            self.in_flight.set(worker.busy)
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+    async def close(self) -> None:
+        """At stop, after the worker: this process's in-flight gauge goes, its slot is free."""
+        if self._publisher is not None:
+            self._publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._publisher
+        if self.shared_dir is not None:
+            self.shared_dir.leave()
 
     # -- the hot path: no I/O ---------------------------------------------------------------------
 
@@ -111,18 +174,20 @@ class Metrics:
     async def render(self, services: Scraped) -> bytes:
         async with self._scrape_lock:
             await self._refresh(services)
-            return prometheus_client.generate_latest(self.registry)
+            # Reading the other processes' files is disk work: off the loop.
+            return await asyncio.get_running_loop().run_in_executor(None, self._collect)
+
+    def _collect(self) -> bytes:
+        if self.shared_dir is not None:
+            self.shared_dir.forget_dead()
+        return prometheus_client.generate_latest(self.registry)
 
     async def _refresh(self, services: Scraped) -> None:
         urls, contents = await stats.index_sizes(services.index)
-        depth = await services.queue.depth()
-        jobs = await services.queue.count_by_status()
-        self.urls.set(urls)
-        self.blobs.set(contents)
-        for state, count in depth.items():
-            self.queue.labels(state).set(count)
-        for status, count in jobs.items():
-            self.jobs.labels(status).set(count)
+        self.scraped.values["urls"] = urls
+        self.scraped.values["blobs"] = contents
+        self.scraped.queue = await services.queue.depth()
+        self.scraped.jobs = await services.queue.count_by_status()
         self.in_flight.set(services.worker.busy if services.worker is not None else 0)
         await self._refresh_usage(services)
 
@@ -142,11 +207,142 @@ class Metrics:
             self._next_walk = time.monotonic() + DISK_WALK_WAIT / DISK_WALK_DUTY
             return
         self._next_walk = time.monotonic() + took / DISK_WALK_DUTY
-        self.store_files.set(files)
-        self.store_bytes.set(size)
+        self.scraped.values["blob_store_files"] = files
+        self.scraped.values["blob_store_bytes"] = size
 
 
 def _timed_usage(blobs: BlobStore) -> tuple[int, int, float]:
     started = time.monotonic()
     files, size = blobs.usage()
     return files, size, time.monotonic() - started
+
+
+class ScrapedGauges:
+    """The gauges of the whole service, read from Redis and the disk by the process answering a scrape;
+    never written to the shared files, so several processes never add them up."""
+
+    HELP = {
+        "urls": "URLs in the index",
+        "blobs": "Distinct contents referenced by the index",
+        "blob_store_bytes": "Bytes of the files in the blob store",
+        "blob_store_files": "Files in the blob store",
+    }
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = dict.fromkeys(self.HELP, 0)
+        self.queue: dict[str, int] = {}
+        self.jobs: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        queue = GaugeMetricFamily("casimg_queue_entries", "Queue entries waiting to be read or in progress",
+                                  labels=["state"])
+        for state, count in self.queue.items():
+            queue.add_metric([state], count)
+        jobs = GaugeMetricFamily("casimg_jobs", "Unexpired jobs by status", labels=["status"])
+        for status, count in self.jobs.items():
+            jobs.add_metric([status], count)
+        yield queue
+        yield jobs
+        for name, text in self.HELP.items():
+            yield GaugeMetricFamily("casimg_" + name, text, value=self.values[name])
+
+
+class SharedDir:
+    """The directory the casimg processes of one host count into, and this process's slot in it.
+
+    Drawn::
+
+        <data-dir>/metrics/<boot id>/slot-0.lock        flock held by the slot's process while it runs
+                                     counter_0.db        its counters (and those of earlier holders)
+                                     histogram_0.db
+                                     gauge_livesum_0.db  its downloads in flight; removed when it stops
+    """
+
+    def __init__(self, path: Path, slot: int, lock_fd: int) -> None:
+        self.path = path
+        self.slot = slot
+        self._lock_fd = lock_fd
+
+    @classmethod
+    def join(cls, data_dir: str | Path) -> SharedDir:
+        """Claim a slot and switch prometheus_client to multiprocess mode for this process.
+
+        Once per process: the mode is a setting of the prometheus_client module, which reads the
+        directory from PROMETHEUS_MULTIPROC_DIR whenever it opens a file.
+        """
+        root = Path(data_dir) / METRICS_DIR
+        path = root / host_id()
+        path.mkdir(parents=True, exist_ok=True)
+        _remove_earlier_boots(root, path)
+        slot, fd = _claim_slot(path)
+        # Every file now, not at the first count of its kind, so a process that answers already has them all.
+        for kind in SHARED_FILES:
+            MmapedDict(str(path / f"{kind}_{slot}.db")).close()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+        name = str(slot)
+        values.ValueClass = values.MultiProcessValue(lambda: name)
+        return cls(path, slot, fd)
+
+    def forget_dead(self) -> None:
+        """Remove the in-flight gauges of slots whose process is gone (killed before it could)."""
+        for lock in self.path.glob("slot-*.lock"):
+            slot = int(lock.stem.removeprefix("slot-"))
+            if slot == self.slot:
+                continue
+            with _slot_if_free(lock) as free:
+                if free:
+                    mark_process_dead(slot, str(self.path))
+
+    def leave(self) -> None:
+        mark_process_dead(self.slot, str(self.path))
+        os.close(self._lock_fd)  # releases the flock: the next process to join may take the slot
+
+
+def host_id() -> str:
+    """The kernel's boot id (one per host and boot, containers included); the host name where there is none."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _claim_slot(path: Path) -> tuple[int, int]:
+    slot = 0
+    while True:
+        fd = os.open(path / f"slot-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            slot += 1
+            continue
+        return slot, fd
+
+
+@contextlib.contextmanager
+def _slot_if_free(lock: Path) -> Iterator[bool]:
+    """Hold the slot's lock for the block if no process holds it (True), else do nothing (False)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def _remove_earlier_boots(root: Path, current: Path) -> None:
+    """The directories of other boot ids with no slot held: the host rebooted since they were written."""
+    for other in root.iterdir():
+        if other == current or not other.is_dir():
+            continue
+        with contextlib.ExitStack() as held:
+            if all(held.enter_context(_slot_if_free(lock)) for lock in other.glob("slot-*.lock")):
+                shutil.rmtree(other, ignore_errors=True)

@@ -31,6 +31,10 @@ AUTH_ERRORS = {
                     "retry after Retry-After seconds"),
     "503": _problem("Redis or the blob directory is unavailable; retry after Retry-After seconds"),
 }
+RANGE_PARAM = {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+               "description": "One byte range, bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX: a 206 of that part "
+                              "(a 200 when it is the whole), a 416 when it starts past the end. Anything else is "
+                              "ignored (a 200)."}
 URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
              "description": "The image's original URL, exactly as it was submitted"}
 IMAGE_HEADERS = {
@@ -184,9 +188,9 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "/api/image": {
-                "get": {"summary": "The bytes stored for a URL", "parameters": [URL_PARAM],
+                "get": {"summary": "The bytes stored for a URL", "parameters": [URL_PARAM, RANGE_PARAM],
                         "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
-                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM],
+                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM],
                          "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
@@ -195,11 +199,11 @@ def openapi_document() -> dict[str, Any]:
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",
                         "parameters": [{"name": "digest", "in": "path", "required": True,
-                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM],
                         "responses": _bytes_responses("private, max-age=31536000, immutable")},
                 "head": {"summary": "The headers of GET",
                          "parameters": [{"name": "digest", "in": "path", "required": True,
-                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}],
+                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM],
                          "responses": _bytes_responses("private, max-age=31536000, immutable")},
             },
         },

@@ -222,12 +222,12 @@ def _failure(reason: str) -> str:
     return json.dumps({"status": "failed", "error": reason, "attempts": 0}, separators=(",", ":"))
 
 
-def _chunks(urls: list[str]) -> Iterator[tuple[int, list[str]]]:
-    """(position of the first, URLs) in runs of at most STAGE_URLS URLs and about STEP_BYTES bytes."""
+def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:
+    """(position of the first, URLs) in runs of at most `most` URLs and about STEP_BYTES bytes."""
     first, size = 0, 0
     for position, url in enumerate(urls):
         size += len(url)
-        if position + 1 - first >= STAGE_URLS or size >= STEP_BYTES:
+        if position + 1 - first >= most or size >= STEP_BYTES:
             yield first, urls[first:position + 1]
             first, size = position + 1, 0
     if first < len(urls):
@@ -244,6 +244,7 @@ class JobQueue:
         self.keys = keys
         self.job_ttl = max(1, int(job_ttl))
         self.staging_ttl_ms = max(1, int(staging_ttl * 1000))
+        self.resume_after = RESUME_AFTER
         self._publish = redis.register_script(PUBLISH_LUA)
         self._enqueue = redis.register_script(ENQUEUE_LUA)
 
@@ -274,7 +275,10 @@ class JobQueue:
         job_id = secrets.token_hex(12)
         await self._stage(job_id, kept, failed)
         await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(failed), size=size)
-        while not await self.enqueue_step(job_id):
+        # Each step asks for exactly the URLs it will take: the list is read in Redis by the step.
+        for _, chunk in _chunks(kept, ENQUEUE_URLS):
+            await self.enqueue_step(job_id, len(chunk))
+        while not await self.enqueue_step(job_id):  # only if the steps above met a concurrent resumer
             pass
         return job_id, len(distinct)
 
@@ -317,18 +321,20 @@ class JobQueue:
                 retry_after=IN_FLIGHT_RETRY)
         raise Unavailable("the job's URL list expired before it was complete; submit it again")
 
-    async def enqueue_step(self, job_id: str) -> bool:
-        """Step 3, once: entries for the next URLs of a published job. True when all have theirs."""
+    async def enqueue_step(self, job_id: str, most: int = ENQUEUE_URLS) -> bool:
+        """Step 3, once: entries for the next URLs (`most` at most) of a published job. True when all
+        have theirs."""
         k = self.keys
         return bool(await self._enqueue(
             keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners],
-            args=[job_id, ENQUEUE_URLS, STEP_BYTES, k.key_queue("")],
+            args=[job_id, most, STEP_BYTES, k.key_queue("")],
         ))
 
-    async def resume_enqueuing(self, older_than: float = RESUME_AFTER) -> int:
-        """Finish the enqueue of jobs published more than `older_than` seconds ago whose submitter stopped
-        before it was done (a crash); returns how many were finished."""
-        cutoff = time.time_ns() // 1_000_000 - int(older_than * 1000)
+    async def resume_enqueuing(self, older_than: float | None = None) -> int:
+        """Finish the enqueue of jobs published more than `older_than` seconds ago (default
+        `resume_after`) whose submitter stopped before it was done (a crash); returns how many."""
+        wait = self.resume_after if older_than is None else older_than
+        cutoff = time.time_ns() // 1_000_000 - int(wait * 1000)
         abandoned = await self.redis.zrangebyscore(self.keys.enqueuing, "-inf", cutoff, start=0, num=RESUME_BATCH)
         for job_id in abandoned:
             while not await self.enqueue_step(job_id):

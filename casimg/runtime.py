@@ -21,6 +21,7 @@ import tornado.netutil
 
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
+from casimg.metrics import Metrics
 from casimg.services import Services, bootstrap_admin_key, open_services
 
 log = logging.getLogger("casimg")
@@ -39,7 +40,8 @@ async def serve(
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
     """
-    services = await open_services(settings, redis_url, with_worker=settings.workers)
+    metrics = Metrics.shared(settings.data_dir)
+    services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
     await bootstrap_admin_key(settings, services.api_keys)
     server = tornado.httpserver.HTTPServer(
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
@@ -51,6 +53,7 @@ async def serve(
     metrics_server = _metrics_listener(settings, services, metrics_sockets)
     if services.worker is not None:
         services.worker.start()
+        metrics.start_publishing(services.worker)
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     await _until_signalled()
     log.info("stopping: no new connections; finishing in-flight downloads")
@@ -58,6 +61,7 @@ async def serve(
     if metrics_server is not None:
         metrics_server.stop()
     await services.close()
+    await metrics.close()
     await server.close_all_connections()
     log.info("stopped")
 
@@ -81,8 +85,8 @@ def limit_malloc_arenas() -> None:
     """Cap glibc's malloc arenas (MALLOC_ARENA_MAX=2), unless the environment chose a value.
 
     Each thread of the blocking pool that allocates a download's bytes gets its own arena, and freed
-    blocks stay resident in it: an ingest of 5,000 images (scripts/bench.py) left the service at 279
-    MiB RSS, 133 MiB with two arenas, at the same ingest rate (547 vs 560 images/s).
+    blocks stay resident in it: with two arenas an ingest leaves the service at half the RSS, at the
+    same rate (BENCHMARKS.md, "Figures behind design choices").
     """
     if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
         return
@@ -96,8 +100,8 @@ def limit_malloc_arenas() -> None:
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run `main` on uvloop when it is installed (a dependency where it builds), else on asyncio's loop.
 
-    Measured with the retrieval harness behind the nginx front, where casimg's per-request work is all
-    that is left: 2,169 -> 2,752 requests/s; on the default deployment and on ingest it was even.
+    It pays where casimg's per-request work is all that is left, behind the nginx front; on the default
+    deployment and on ingest the two loops measured even (BENCHMARKS.md, "Figures behind design choices").
     """
     limit_malloc_arenas()
     try:
@@ -115,7 +119,7 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
     so a supervisor sees the failure. Returns the exit status.
     """
     sockets = tornado.netutil.bind_sockets(settings.port, settings.host)
-    # Each process has its own counters, so a scrape of a shared metrics port sees one process's share.
+    # Every process counts into the data dir's shared metrics, so any of them may answer a scrape.
     metrics_sockets = (tornado.netutil.bind_sockets(settings.metrics_port, settings.host)
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
@@ -171,16 +175,19 @@ async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
 
 async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
-    services = await open_services(settings, redis_url, with_worker=True)
+    # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
+    metrics = Metrics.shared(settings.data_dir)
+    services = await open_services(settings, redis_url, with_worker=True, metrics=metrics)
     assert services.worker is not None
-    # A worker's download counters live in the worker: it serves its own /metrics.
     metrics_server = _metrics_listener(settings, services)
     services.worker.start()
+    metrics.start_publishing(services.worker)
     log.info("casimg worker %s running", services.worker.name)
     await _until_signalled()
     if metrics_server is not None:
         metrics_server.stop()
     await services.close()
+    await metrics.close()
 
 
 async def _until_signalled() -> None:

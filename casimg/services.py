@@ -75,8 +75,13 @@ def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
-async def open_services(settings: Settings, redis_url: str, with_worker: bool) -> Services:
-    """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker."""
+async def open_services(settings: Settings, redis_url: str, with_worker: bool,
+                        metrics: Metrics | None = None) -> Services:
+    """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker.
+
+    metrics: where the process counts (``Metrics.shared`` in ``casimg serve`` and ``worker``); by default
+    counts of its own.
+    """
     # Each in-flight download holds a connection only briefly, but requests and workers share the pool.
     # Blocking file work (blob reads, the downloads' validate-write-link step) waits on the disk far
     # more than it computes; asyncio's default of cores + 4 threads left downloads queueing for a thread.
@@ -94,7 +99,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool) -
         blobs=blobs,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
-        metrics=Metrics(),
+        metrics=metrics or Metrics(),
     )
     # Every process makes sure of the directories it may write: a delete renames into trash/, and a
     # missing trash/ would leave the blob in place.

@@ -4,7 +4,7 @@ It runs in a thread of the test process (``with Origin() as origin: origin.url("
 counts the hits on each path in ``origin.hits``, so tests can tell whether casimg fetched something.
 
 Paths:
-  /img/N.EXT               an image generated from N (jpg, png, gif, webp, bmp); distinct N, distinct bytes
+  /img/N.EXT               an image generated from N (jpg, png, gif, webp, avif, bmp); distinct N, distinct bytes
                            (any query is ignored, so /img/N.jpg?copy=K is another URL for the same bytes;
                            ``?delay=S`` waits S seconds before answering, to keep an import in flight)
   /dup/NAME.jpg            the same bytes whatever NAME is
@@ -44,7 +44,7 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image, ImageDraw
 
 FORMATS = {"jpg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "gif": ("GIF", "image/gif"),
-           "webp": ("WEBP", "image/webp"), "bmp": ("BMP", "image/bmp")}
+           "webp": ("WEBP", "image/webp"), "avif": ("AVIF", "image/avif"), "bmp": ("BMP", "image/bmp")}
 SLOW_LIMIT = 60.0  # seconds /slow keeps trickling before it gives up on its own
 
 

@@ -183,10 +183,11 @@ async def test_submit_answers_202_with_location_and_the_job_completes(api, origi
 
 @pytest.mark.gen_test
 async def test_every_supported_format_is_stored_with_metadata(api, origin):
-    urls = {fmt: origin.url(f"/img/20.{ext}") for fmt, ext in
-            (("image/jpeg", "jpg"), ("image/png", "png"), ("image/gif", "gif"), ("image/webp", "webp"))}
+    extensions = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp",
+                  "image/avif": "avif"}
+    urls = {fmt: origin.url(f"/img/20.{ext}") for fmt, ext in extensions.items()}
     job = await submit(api, list(urls.values()))
-    assert job["stored"] == 4, job
+    assert job["stored"] == 5, job
     listing = {image["url"]: image for image in json.loads((await api("GET", "/api/images")).body)}
     for content_type, url in urls.items():
         image = listing[url]
@@ -196,6 +197,7 @@ async def test_every_supported_format_is_stored_with_metadata(api, origin):
         got = await api("GET", f"/api/image?url={quote(url, safe='')}")
         assert got.code == 200
         assert got.headers["Content-Type"] == content_type
+        assert got.headers["Content-Disposition"].endswith(f'.{extensions[content_type]}"')
         assert hashlib.sha256(got.body).hexdigest() == image["sha256"] == by_url(job)[url]["sha256"]
         assert int(got.headers["Content-Length"]) == image["size"] == len(got.body)
         blob = await api("GET", f"/api/blobs/{image['sha256']}")  # the type read from the file's header

@@ -12,6 +12,7 @@ from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index, blob_key, url_bucket
 from casimg.lifecycle import store_blob
 from tests.conftest import png
+from tests.origin import image_bytes
 
 
 async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
@@ -98,3 +99,29 @@ async def test_damaged_blob_is_a_problem_repair_cannot_hide(world):
     path.write_bytes(b"bit rot")
     report = await fsck(index, blobs, repair=True)
     assert [p for p in report.problems if p.startswith(f"damaged blob {digest}")]
+
+
+@pytest.mark.gen_test
+async def test_a_record_with_the_wrong_content_type_is_a_problem_repair_corrects(world):
+    # What casimg wrote for a WebP on a fresh server, before the type came from its own format table.
+    blobs, index = world
+    webp = image_bytes(7, "webp", (30, 20))
+    tmp = blobs.tmp_dir / "dl-webp.part"
+    tmp.write_bytes(webp)
+    digest = hashlib.sha256(webp).hexdigest()
+    wrong = BlobMeta(size=len(webp), content_type="application/octet-stream", width=30, height=20).encode()
+    await store_blob(blobs, index, tmp, "http://a/w", digest, wrong)
+    await put(blobs, index, "http://a/p", png(1))  # a right record, left alone
+    stored_at = (await index.lookup("http://a/w")).stored_at_ms
+
+    report = await fsck(index, blobs)
+    assert report.problems == [
+        "URL http://a/w records content type application/octet-stream, but its bytes are image/webp"]
+    repaired = await fsck(index, blobs, repair=True)
+    assert repaired.ok, repaired.problems
+    assert repaired.repaired == ["corrected the content type of http://a/w: application/octet-stream -> image/webp"]
+    record = await index.lookup("http://a/w")
+    assert (record.content_type, record.width, record.height, record.size, record.stored_at_ms) == (
+        "image/webp", 30, 20, len(webp), stored_at)
+    assert (await index.lookup("http://a/p")).content_type == "image/png"
+    assert (await fsck(index, blobs, repair=True)).repaired == []

@@ -140,6 +140,24 @@ async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
 
 
 @pytest.mark.gen_test
+async def test_correct_meta_replaces_a_records_metadata_only_where_the_url_still_holds_that_digest(index):
+    await index.store("http://a/1", digest(1), BlobMeta(3, "application/octet-stream", 4, 3).encode())
+    await index.store("http://a/2", digest(2), "")
+    stored_at = (await index.lookup("http://a/1")).stored_at_ms
+    assert (await index.snapshot()).types == {"http://a/1": "application/octet-stream"}
+    webp = BlobMeta(3, "image/webp", 4, 3).encode()
+    assert await index.correct_meta("http://a/1", digest(2), webp) is False  # it points at digest(1)
+    assert await index.correct_meta("http://a/1", digest(1), webp) is True
+    assert await index.correct_meta("http://a/1", digest(1), webp) is False  # already so
+    assert await index.correct_meta("http://a/none", digest(1), webp) is False
+    record = await index.lookup("http://a/1")
+    assert (record.content_type, record.size, record.stored_at_ms) == ("image/webp", 3, stored_at)
+    assert await index.correct_meta("http://a/2", digest(2), webp) is True  # none before
+    assert (await index.snapshot()).types == {"http://a/1": "image/webp", "http://a/2": "image/webp"}
+    assert await record_of(index, digest(1)) == "1"
+
+
+@pytest.mark.gen_test
 async def test_listing_is_in_sha1_order_of_the_url_and_pages_follow_it(index):
     urls = [f"http://a/{n}" for n in range(50)] + urls_in_bucket("abc", 12)
     for n, url in enumerate(urls):

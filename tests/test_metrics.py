@@ -4,6 +4,7 @@ metrics port and the log formats."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
@@ -21,10 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from casimg.embedded import EmbeddedRedis
 from casimg.handlers import _loggable_uri
 from casimg.keys import Scope
-from casimg.metrics import reason_label
+from casimg.metrics import METRICS_DIR, host_id, reason_label
 from tests.conftest import make_settings
 from tests.origin import image_bytes
-from tests.procs import ROOT, Server, free_port
+from tests.procs import ROOT, Processes, Server, free_port, image_urls
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -250,6 +251,115 @@ def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_p
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
+
+
+@pytest.fixture
+def procs():
+    tracked = Processes()
+    yield tracked
+    tracked.cleanup()
+
+
+def scrape_until(server: Server, expected: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> Samples:
+    """A scrape once it shows `expected`: a request is counted just after its answer is sent."""
+    deadline = time.monotonic() + 15
+    while True:
+        status, body, _ = server.call("GET", "/metrics")
+        assert status == 200
+        samples = parse(body)
+        if all(samples.get(k, 0.0) == v for k, v in expected.items()) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
+def expected_counts(posts: int, gets: int, stored: int, downloaded: int) -> dict:
+    return {
+        sample("casimg_http_requests_total", route="/api/images", method="POST", status="200"): posts,
+        sample("casimg_http_request_duration_seconds_count", route="/api/images", method="POST"): posts,
+        sample("casimg_http_request_duration_seconds_bucket", route="/api/images", method="POST", le="+Inf"): posts,
+        sample("casimg_http_requests_total", route="/api/image", method="GET", status="200"): gets,
+        sample("casimg_downloads_total", outcome="stored", reason=""): stored,
+        sample("casimg_downloaded_bytes_total"): downloaded,
+        sample("casimg_downloads_in_flight"): 0,
+        sample("casimg_urls"): stored,
+    }
+
+
+def drive(server: Server, urls: list[str], per_post: int) -> tuple[int, int]:
+    """Submit `urls` a few at a time and read each back: (POSTs, GETs) answered with 200."""
+    for n in range(0, len(urls), per_post):
+        assert server.submit(urls[n:n + per_post])["stored"] == len(urls[n:n + per_post])
+    for url in urls:
+        assert server.call("GET", "/api/image?url=" + quote(url, safe=""))[0] == 200
+    return -(-len(urls) // per_post), len(urls)
+
+
+def test_a_scrape_counts_every_process_of_the_host_and_a_restart_neither_loses_nor_doubles(
+        tmp_path, origin, redis_server, procs):
+    """serve --processes 2 and a worker on one data dir: whichever process answers, a scrape reports the
+    totals of all three. After serve restarts (the worker and Redis stay) the totals carry on from where
+    they were: nothing counted before is lost or counted again."""
+    data_dir = tmp_path / "data"
+    env = {"CASIMG_KEY_PREFIX": f"metrics-{os.getpid()}:", "CASIMG_RATE_LIMIT": "0"}
+    redis = ("--redis-url", redis_server.url)
+    server = procs.server(data_dir, "--processes", "2", *redis, env=env)
+    worker = procs.worker(data_dir, *redis, env=server.env)
+    first = image_urls(origin, 12, start=500, query="metrics")
+    posts, gets = drive(server, first, per_post=2)
+    size = sum(len(image_bytes(n)) for n in range(500, 512))
+    expected = expected_counts(posts, gets, stored=12, downloaded=size)
+    for _ in range(6):  # any of the two server processes may answer each one
+        samples = scrape_until(server, expected)
+        assert {k: samples.get(k, 0.0) for k in expected} == expected
+
+    assert server.terminate() == 0
+    # The worker alone downloads now: its counts must reach the new server's scrape.
+    server = procs.server(data_dir, "--processes", "2", "--no-workers", *redis, env=env)
+    second = image_urls(origin, 4, start=512, query="metrics")
+    more_posts, more_gets = drive(server, second, per_post=1)
+    size += sum(len(image_bytes(n)) for n in range(512, 516))
+    expected = expected_counts(posts + more_posts, gets + more_gets, stored=16, downloaded=size)
+    for _ in range(6):
+        samples = scrape_until(server, expected)
+        assert {k: samples.get(k, 0.0) for k in expected} == expected
+    # The new server processes took the slots the old ones left: a restart adds no file.
+    shared = data_dir / METRICS_DIR / host_id()
+    assert sorted(p.name for p in shared.glob("slot-*.lock")) == ["slot-0.lock", "slot-1.lock", "slot-2.lock"]
+
+    assert server.terminate() == 0
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+    assert not list(shared.glob("gauge_livesum_*.db")), "a stopped process's in-flight gauge must go"
+
+
+def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_files(tmp_path, origin, procs):
+    """A worker killed with -9 cannot remove its in-flight gauge: the next scrape does. The directory of an
+    earlier boot goes when a process joins, unless a process still holds a slot in it."""
+    data_dir = tmp_path / "data"
+    gone = data_dir / METRICS_DIR / "an-earlier-boot"
+    held = data_dir / METRICS_DIR / "another-host"
+    for directory in (gone, held):
+        directory.mkdir(parents=True)
+        (directory / "slot-0.lock").touch()
+        (directory / "counter_0.db").write_bytes(b"\0" * 16)
+    with open(held / "slot-0.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a process of that host would
+        server = procs.server(data_dir, "--no-workers")
+        assert not gone.exists() and (held / "counter_0.db").exists()
+    worker = procs.worker(data_dir, env=server.env)
+    urls = [origin.url(f"/img/{n}.jpg?delay=60") for n in range(520, 523)]
+    assert server.call("POST", "/api/images", {"image_urls": urls})[0] == 202
+    in_flight = sample("casimg_downloads_in_flight")
+    assert scrape_until(server, {in_flight: 3})[in_flight] == 3  # published by the worker
+    worker.kill()
+    worker.wait()
+    assert scrape_until(server, {in_flight: 0})[in_flight] == 0
+    shared = data_dir / METRICS_DIR / host_id()
+    assert sorted(p.name for p in shared.glob("gauge_livesum_*.db")) == ["gauge_livesum_0.db"]  # the server's
 
 
 @pytest.mark.parametrize(("query", "logged_as"), [

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from bench import validation_worst as worst  # the generators of BENCHMARKS.md's worst cases
+from casimg.config import Settings
 from casimg.errors import InvalidImage
-from casimg.validation import validate_image
+from casimg.validation import (
+    MAP_BYTES,
+    MAX_CHUNKS,
+    MAX_FILL_BYTES,
+    MAX_HEADER_BLOCKS,
+    MAX_HEADER_CHUNKS,
+    MAX_SEGMENTS,
+    content_type_of,
+    validate_image,
+)
 from tests.origin import animated_gif, image_bytes, pixel_bomb
 
 ALLOWED = frozenset({"JPEG", "PNG", "GIF", "WEBP"})
@@ -78,6 +93,19 @@ def test_formats_off_the_allowlist_are_refused_and_any_format_passes_without_one
     with pytest.raises(InvalidImage, match="format BMP not allowed"):
         validate_image(path, **LIMITS)
     assert validate_image(path, max_pixels=10**9).content_type == "image/bmp"
+
+
+def test_an_allowed_format_outside_the_walks_is_read_by_pillow_and_typed_from_casimgs_table(tmp_path):
+    # TGA has no signature Pillow could check: it is read by trying to open it, and only if allowed.
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(6, "png", (40, 30)))).save(buffer, "TGA")
+    path = written(tmp_path, buffer.getvalue())
+    info = validate_image(path, max_pixels=10**6, allowed_formats={"JPEG", "TGA"})
+    assert (info.format, info.content_type, info.width) == ("TGA", "application/octet-stream", 40)
+    bmp = written(tmp_path, image_bytes(4, "bmp"), "b")
+    assert content_type_of(bmp) == validate_image(bmp, max_pixels=10**6).content_type == "image/bmp"
+    with pytest.raises(InvalidImage, match="not allowed"):  # named by the first signature that fits (CUR)
+        validate_image(path, **LIMITS)
 
 
 def test_animated_images_are_counted_against_the_frame_limit(tmp_path):
@@ -178,3 +206,134 @@ def test_a_webp_without_an_image_header_is_not_an_image():
         validate_image(renamed, **LIMITS)
     with pytest.raises(InvalidImage, match="format WEBP not allowed"):
         validate_image(lossy, max_pixels=10**6, allowed_formats={"JPEG"})
+
+
+# -- hostile structure: refused by casimg's own walk before Pillow reads it, in bounded time and memory -----
+
+
+SECONDS = 5.0  # generous: the walks refuse each of these in milliseconds; before them it took seconds
+
+
+def costs(path: Path, **limits: object) -> tuple[str, float, int]:
+    """The refusal's reason, its CPU seconds, and the peak of Python's allocations in a second run (tracing
+    them slows every allocation down, so the time is taken without it)."""
+    def refusal() -> str:
+        with pytest.raises(InvalidImage) as refused:
+            validate_image(path, **{**LIMITS, "max_frames": 1000, **limits})
+        return refused.value.reason
+
+    started = time.process_time()
+    reason = refusal()
+    seconds = time.process_time() - started
+    tracemalloc.start()
+    try:
+        assert refusal() == reason
+        return reason, seconds, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("mode", ["structure", "decode"])
+@pytest.mark.parametrize(("build", "count", "reason"), [
+    (worst.hostile_jpeg, 300_000, f"too many segments (over {MAX_SEGMENTS})"),
+    (worst.hostile_webp, 200_000, f"too many chunks (over {MAX_CHUNKS})"),
+    (worst.hostile_png, 200_000, f"too many chunks (over {MAX_CHUNKS})"),
+    (worst.hostile_gif, 200_000, "too many frames (1001 over 1000)"),
+], ids=["jpeg-comments", "webp-chunks", "png-text-after-idat", "gif-frames"])
+def test_absurd_structure_is_refused_early_in_bounded_time_and_memory(tmp_path, mode, build, count, reason):
+    path = written(tmp_path, build(count))
+    assert path.stat().st_size > MAP_BYTES
+    got, seconds, peak = costs(path, mode=mode)
+    assert got == reason
+    assert seconds < SECONDS
+    # A body over MAP_BYTES is mapped, not read: the walk allocates a few headers, no copy, no list per item.
+    assert peak < path.stat().st_size / 10, f"{peak} bytes allocated for a {path.stat().st_size}-byte file"
+
+
+def test_every_cap_names_what_it_counted(tmp_path):
+    real_jpeg, real_gif = worst.small_picture("JPEG"), worst.small_picture("GIF")
+    fill = real_jpeg[:2] + b"\xff" * (MAX_FILL_BYTES + 1) + real_jpeg[2:]
+    assert costs(written(tmp_path, fill))[0] == f"too many fill bytes (over {MAX_FILL_BYTES})"
+    png = worst.small_picture("PNG")
+    first_idat = png.index(b"IDAT") - 4
+    text_first = png[:first_idat] + worst.png_chunk(b"tEXt", b"k\x00") * (MAX_HEADER_CHUNKS + 1) + png[first_idat:]
+    reason = f"too many chunks before the image data (over {MAX_HEADER_CHUNKS})"
+    assert costs(written(tmp_path, text_first))[0] == reason
+    screen = 13 + 3 * 2 ** ((real_gif[10] & 7) + 1)
+    comment = real_gif[:screen] + b"\x21\xfe" + b"\x01x" * MAX_HEADER_BLOCKS + b"\x00" + real_gif[screen:]
+    assert costs(written(tmp_path, comment))[0] == f"too many blocks before the first image (over {MAX_HEADER_BLOCKS})"
+    free_boxes = worst.small_picture("AVIF") + b"\x00\x00\x00\x08free" * MAX_CHUNKS
+    assert costs(written(tmp_path, free_boxes), allowed_formats={"AVIF"})[0] == f"too many boxes (over {MAX_CHUNKS})"
+
+
+def test_files_just_under_the_caps_are_accepted(tmp_path):
+    # The caps refuse absurd structure, not busy files: a JPEG with thousands of segments, a PNG with
+    # hundreds of text chunks before its image data and 90,000 after it are still images.
+    jpeg = written(tmp_path, worst.hostile_jpeg(MAX_SEGMENTS - 50), "a.jpg")
+    assert validate_image(jpeg, **LIMITS).format == "JPEG"
+    png = worst.small_picture("PNG")
+    first_idat = png.index(b"IDAT") - 4
+    busy = (png[:first_idat] + worst.png_chunk(b"tEXt", b"k\x00") * (MAX_HEADER_CHUNKS - 10) + png[first_idat:-12]
+            + worst.png_chunk(b"tEXt", b"k\x00") * 90_000 + png[-12:])
+    started = time.process_time()
+    assert validate_image(written(tmp_path, busy, "b.png"), **LIMITS).format == "PNG"
+    assert time.process_time() - started < SECONDS
+
+
+# -- content types from casimg's own table; AVIF --------------------------------------------------------
+
+def test_a_fresh_process_stores_a_webp_as_image_webp(tmp_path):
+    # Pillow registers image/webp only once its WebP plugin is loaded, which the structure walk never
+    # does: in a fresh process (a freshly started server) the type must still be right.
+    path = written(tmp_path, webp_variants()["lossy"], "fresh.webp")
+    code = (
+        "import sys\n"
+        "from PIL import Image\n"
+        "from casimg.validation import content_type_of, validate_image\n"
+        "print(Image.MIME.get('WEBP'))\n"  # the premise: Pillow has not registered it yet
+        "info = validate_image(sys.argv[1], max_pixels=10**6, allowed_formats={'WEBP'})\n"
+        "print(info.content_type, content_type_of(sys.argv[1]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split("\n")[:2] == ["None", "image/webp image/webp"]
+
+
+def avif_variants() -> dict[str, bytes]:
+    picture = Image.open(io.BytesIO(image_bytes(17, "png", (90, 60)))).convert("RGB")
+    frames = [picture.rotate(angle) for angle in (0, 90, 180)]
+    out = {}
+    for name, options in [("still", {"quality": 60}),
+                          ("animated", {"save_all": True, "append_images": frames[1:], "duration": 100})]:
+        buffer = io.BytesIO()
+        (picture if name == "still" else frames[0]).save(buffer, "AVIF", **options)
+        out[name] = buffer.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["structure", "decode"])
+def test_avif_is_accepted_by_default_and_checked(tmp_path, mode):
+    defaults = Settings()
+    assert "AVIF" in defaults.allowed_formats
+    limits = {"max_pixels": defaults.max_pixels, "allowed_formats": frozenset(defaults.allowed_formats), "mode": mode}
+    still, animated = avif_variants()["still"], avif_variants()["animated"]
+    info = validate_image(written(tmp_path, still), **limits)
+    assert (info.format, info.content_type, info.width, info.height, info.frames) == ("AVIF", "image/avif", 90, 60, 1)
+    assert content_type_of(written(tmp_path, still)) == "image/avif"
+    assert validate_image(animated, **limits).frames == 3
+    with pytest.raises(InvalidImage, match=r"too many frames \(3 over 2\)"):
+        validate_image(animated, **limits | {"max_frames": 2})
+    with pytest.raises(InvalidImage, match=r"too many pixels \(90x60 over 5000\)"):
+        validate_image(still, **limits | {"max_pixels": 5000})
+    for cut in (len(still) // 2, len(still) - 1):
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(written(tmp_path, still[:cut]), **limits)
+    # The AV1 data cut short with its box's size rewritten to match: the boxes add up, and only a decode
+    # follows the item's extent into the missing bytes (structure mode's known blind spot).
+    mdat = still.rindex(b"mdat") - 4
+    rewritten = still[:mdat] + (20).to_bytes(4, "big") + still[mdat + 4:mdat + 20]
+    if mode == "decode":
+        with pytest.raises(InvalidImage, match="truncated or corrupt"):
+            validate_image(rewritten, **limits)
+    else:
+        assert validate_image(rewritten, **limits).width == 90

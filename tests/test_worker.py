@@ -12,6 +12,7 @@ import pytest
 
 from casimg import blobs as blobs_module
 from casimg.fetcher import Fetcher
+from casimg.queue import Limits
 from casimg.services import open_services
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
@@ -264,3 +265,21 @@ async def test_a_url_that_times_out_gets_one_shorter_retry(api, origin, settings
     assert (result["status"], result["error"], result["attempts"]) == ("failed", "timeout", 2), result
     assert origin.hits["stall:always"] == 2
     assert elapsed < 3 * settings.fetch_timeout  # three full attempts took at least that
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_worker_finishes_queueing_a_job_whose_submitter_died(services, origin):
+    """Published, then the submitting process died before queueing the rest: a worker queues it."""
+    queue = services.queue
+    queue.resume_after = 0  # 30 s in service: a submitter may still be at it
+    urls = [origin.url(f"/img/{913_000 + n}.png") for n in range(5)]
+    job_id = "ef" * 12
+    await queue._stage(job_id, urls, {})
+    await queue._publish_or_refuse(job_id, "", Limits(), total=len(urls), failed=0, size=0)
+    await queue.enqueue_step(job_id, 2)  # and no more
+    for _ in range(300):
+        job = await queue.get(job_id)
+        if job.status == "done":
+            break
+        await asyncio.sleep(0.1)
+    assert (job.status, job.stored) == ("done", 5)
