@@ -57,10 +57,20 @@ class Settings:
         "every PNG chunk CRC, every GIF block, the WebP RIFF and AVIF box sizes: refuses non-images and "
         "truncated files) or 'decode' (also decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
     )
-    fetch_timeout: float = _setting(60.0, "Total seconds one download may take, redirects included.")
+    fetch_timeout: float = _setting(
+        60.0, "Total seconds one download attempt may take, redirects included; a URL's attempts together get "
+        "at most 1.5x this."
+    )
     connect_timeout: float = _setting(10.0, "Seconds to wait for a TCP (and TLS) connection to an origin.")
     download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")
-    per_host_concurrency: int = _setting(8, "Downloads in flight at once to one origin host, per worker process.")
+    per_host_concurrency: int = _setting(
+        8, "Downloads in flight at once to one origin address (an IPv6 /64), whatever its names and ports, per "
+        "worker process."
+    )
+    per_domain_concurrency: int = _setting(
+        16, "Downloads in flight at once to the hosts of one registrable domain (public-suffix list), per worker "
+        "process."
+    )
     max_redirects: int = _setting(5, "Most redirects followed for one URL.")
     max_url_length: int = _setting(
         8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
@@ -213,8 +223,8 @@ def _check(settings: Settings) -> Settings:
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
-                 "per_host_concurrency", "max_urls_per_request", "max_body_bytes", "max_url_length",
-                 "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
+                 "per_host_concurrency", "per_domain_concurrency", "max_urls_per_request", "max_body_bytes",
+                 "max_url_length", "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
                  "variants_per_original", "render_workers", "render_max_memory"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")

@@ -19,6 +19,11 @@ runs on or from the networks behind it. Every address is checked where it is *us
 
 Redirects are followed here, not by aiohttp, so each hop gets the scheme check and the guard, and the
 whole chain shares one total timeout.
+
+Each hop also holds a place under two caps (scheduler.OriginCaps): one per resolved address, one per
+registrable domain. The address counted is the one connected to: the hop's name is resolved through
+``CachingResolver`` before the request, and aiohttp's connector asks the same cache, so both see the same
+answers (aiohttp's own per-host limit counts host:port, which eight ports of one machine get around).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import hashlib
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -44,6 +49,7 @@ from yarl import URL
 from casimg import __version__
 from casimg.blobs import open_temp
 from casimg.errors import DownloadFailed
+from casimg.scheduler import OriginCaps
 from casimg.userinfo import CREDENTIALS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -92,6 +98,8 @@ BLOCKED_NETWORKS: list[tuple[IPNetwork, str]] = [
         ("ff00::/8", "multicast"),
     )
 ]
+DNS_CACHE_TTL = 10.0  # seconds an answer is reused, as aiohttp's own cache does by default
+DNS_CACHE_SIZE = 4096  # names remembered at most; the expired ones go first when it is full
 # IPv6 forms that carry an IPv4 address, where the IPv4 address inside is what gets reached and so is the
 # one classified. Only the two forms whose inside is fixed by standard are unwrapped: IPv4-mapped (the
 # kernel's own dual-stack spelling) and the well-known NAT64 prefix (RFC 6052: the last 32 bits). The
@@ -124,7 +132,7 @@ def parse_address(host: str) -> IPAddress | None:
         pass
     try:
         return ipaddress.IPv4Address(socket.inet_aton(text))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL inside, which no resolver would read either
         return None
 
 
@@ -176,6 +184,37 @@ class GuardedResolver(AbstractResolver):
         if answers and not allowed:
             raise BlockedAddress(self.guard.refusal(answers[0]["host"]) or "blocked address")
         return allowed
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class CachingResolver(AbstractResolver):
+    """Answers from `inner`, each reused for DNS_CACHE_TTL seconds.
+
+    The fetcher asks it for the address a hop will count under, and the connector asks it for the
+    addresses to connect to: one cache for both is what makes the address counted the one connected to.
+    """
+
+    def __init__(self, inner: AbstractResolver) -> None:
+        self.inner = inner
+        self._answers: dict[tuple[str, int, int], tuple[float, list[ResolveResult]]] = {}
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        key = (host, port, int(family))
+        now = asyncio.get_running_loop().time()
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        answers = await self.inner.resolve(host, port, family)
+        if len(self._answers) >= DNS_CACHE_SIZE:
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+            if len(self._answers) >= DNS_CACHE_SIZE:
+                self._answers.clear()
+        self._answers[key] = (now + DNS_CACHE_TTL, answers)
+        return answers
 
     async def close(self) -> None:
         await self.inner.close()
@@ -244,6 +283,7 @@ class Fetcher:
         max_url_length: int,
         allow_networks: Iterable[str] = (),
         resolver: AbstractResolver | None = None,
+        max_per_domain: int | None = None,
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.max_bytes = max_bytes
@@ -254,15 +294,18 @@ class Fetcher:
         self.max_redirects = max_redirects
         self.max_url_length = max_url_length
         self.guard = AddressGuard(allow_networks)
-        self._resolver = resolver
+        # Per address and per registrable domain; a domain's cap defaults to twice an address's.
+        self.caps = OriginCaps(max_per_host, max_per_domain or 2 * max_per_host)
+        self._resolver = CachingResolver(GuardedResolver(self.guard, resolver))
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         connector = aiohttp.TCPConnector(
             limit=self.max_connections,
-            limit_per_host=self.max_per_host,
-            resolver=GuardedResolver(self.guard, self._resolver),
+            limit_per_host=0,  # self.caps counts per address and per domain instead
+            resolver=self._resolver,
+            use_dns_cache=False,  # the CachingResolver is the cache, shared with self._address_of
             socket_factory=self._socket_factory,
         )
         self._session = aiohttp.ClientSession(
@@ -287,11 +330,11 @@ class Fetcher:
             raise BlockedAddress(reason)
         return socket.socket(family=family, type=kind, proto=proto)
 
-    async def fetch(self, url: str) -> Downloaded:
-        """Download `url` to an fsynced temp file, or raise DownloadFailed."""
+    async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
+        """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
         target = self._check_url(url)
         try:
-            async with asyncio.timeout(self.total_timeout):
+            async with asyncio.timeout(self.total_timeout if budget is None else budget):
                 return await self._follow(target)
         except TimeoutError:
             raise DownloadFailed("timeout", permanent=False) from None
@@ -309,11 +352,7 @@ class Fetcher:
     def _check_url(self, url: str) -> URL:
         if len(url) > self.max_url_length:
             raise DownloadFailed(f"URL too long (over {self.max_url_length} characters)")
-        try:
-            target = URL(url)
-        except (ValueError, TypeError):
-            raise DownloadFailed("invalid URL") from None
-        return target
+        return _usable_url(lambda: URL(url), "invalid URL")
 
     def _check_hop(self, url: URL) -> None:
         """What can be refused from the URL alone, for the first URL and every redirect target."""
@@ -335,22 +374,47 @@ class Fetcher:
             raise DownloadFailed(CREDENTIALS)
 
     async def _follow(self, url: URL) -> Downloaded:
-        assert self._session is not None, "Fetcher.start() was not called"
         for _ in range(self.max_redirects + 1):
             self._check_hop(url)
-            async with self._session.get(url, allow_redirects=False) as response:
-                if response.status in REDIRECTS:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise DownloadFailed(f"HTTP {response.status} without Location")
-                    url = response.url.join(URL(location))
-                    continue
-                _check_status(response)
-                declared = response.content_length
-                if declared is not None and declared > self.max_bytes:
-                    raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")
-                return await self._save(response)
+            address = await self._address_of(url)
+            async with self.caps.hold(url.raw_host or "", address):
+                hop = await self._hop(url)
+            if isinstance(hop, Downloaded):
+                return hop
+            url = hop
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
+
+    async def _hop(self, url: URL) -> Downloaded | URL:
+        """One request: the body, or the URL it redirects to."""
+        assert self._session is not None, "Fetcher.start() was not called"
+        async with self._session.get(url, allow_redirects=False) as response:
+            if response.status in REDIRECTS:
+                location = response.headers.get("Location")
+                if not location:
+                    raise DownloadFailed(f"HTTP {response.status} without Location")
+                return _usable_url(partial(_join, response.url, location), "invalid redirect")
+            _check_status(response)
+            declared = response.content_length
+            if declared is not None and declared > self.max_bytes:
+                raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")
+            return await self._save(response)
+
+    async def _address_of(self, url: URL) -> str:
+        """The address a request to `url` connects to: the host itself if numeric, else the first
+        answer the guard allows, from the cache the connector reads too."""
+        host = url.raw_host or ""
+        numeric = parse_address(host)
+        if numeric is not None:
+            return str(numeric)
+        try:
+            answers = await self._resolver.resolve(host, url.port or 0, socket.AF_UNSPEC)
+        except BlockedAddress as blocked:
+            raise DownloadFailed(blocked.reason) from None
+        except OSError as exc:
+            raise _resolve_failure(exc) from None
+        if not answers:
+            raise DownloadFailed("host not found")
+        return str(answers[0]["host"])
 
     async def _save(self, response: aiohttp.ClientResponse) -> Downloaded:
         """Read the body, in memory while it is small; cut off past max_bytes whatever was declared."""
@@ -387,6 +451,29 @@ class Fetcher:
         return Downloaded(size, path=sink.path, sha256=digest)
 
 
+def _join(base: URL, location: str) -> URL:
+    return base.join(URL(location))
+
+
+def _usable_url(build: Callable[[], URL], reason: str) -> URL:
+    """The URL `build` makes, if a request can be sent to it; else DownloadFailed(`reason`).
+
+    What an origin or a client writes in a URL is not trusted to parse: a port past 65535, an unclosed
+    IPv6 bracket or bytes that are not UTF-8 (aiohttp hands header bytes over as surrogates) make yarl
+    raise ValueError, and a host holding a control character (a NUL, say) parses but names nothing a
+    resolver would read. Either ends the URL with `reason` instead of escaping the download task.
+    """
+    try:
+        url = build()
+        host = url.raw_host or ""
+        host.encode("ascii")
+    except (ValueError, TypeError):  # UnicodeError is a ValueError
+        raise DownloadFailed(reason) from None
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in host):
+        raise DownloadFailed(reason)
+    return url
+
+
 def _check_status(response: aiohttp.ClientResponse) -> None:
     status = response.status
     if status == 200:
@@ -415,7 +502,10 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def _connect_failure(exc: aiohttp.ClientConnectorError) -> DownloadFailed:
-    cause = exc.os_error
+    return _resolve_failure(exc.os_error)
+
+
+def _resolve_failure(cause: OSError) -> DownloadFailed:
     if isinstance(cause, BlockedAddress):
         return DownloadFailed(cause.reason)
     if isinstance(cause, socket.gaierror):

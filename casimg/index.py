@@ -77,8 +77,19 @@ class KeySpace:
 
     @property
     def queue(self) -> str:
-        """stream: one entry per URL to download; read by the consumer group ``QUEUE_GROUP``."""
+        """stream: one entry per URL to download, for jobs submitted without an API key (and those
+        queued before each key had a stream of its own); read by the consumer group ``QUEUE_GROUP``."""
         return self.prefix + "queue"
+
+    def key_queue(self, key_id: str) -> str:
+        """stream: one entry per URL to download, for the jobs of one API key; group ``QUEUE_GROUP``."""
+        return f"{self.prefix}queue:{key_id}"
+
+    @property
+    def queue_owners(self) -> str:
+        """sorted set: API key id -> +inf while its queue stream holds entries, else the time in ms it
+        became empty (dropped an hour after, see queue.OWNER_KEEP)."""
+        return self.prefix + "queue-owners"
 
     def job(self, job_id: str) -> str:
         """hash: a job's status, counters and times."""
@@ -127,6 +138,11 @@ class KeySpace:
 QUEUE_GROUP = "workers"
 
 
+def queue_stream(keys: KeySpace, owner: str) -> str:
+    """The queue stream of one API key's entries; the keyless stream for ""."""
+    return keys.key_queue(owner) if owner else keys.queue
+
+
 def url_bucket(url: str) -> str:
     """The bucket of a URL: the first hex digits of the SHA-1 of its UTF-8 bytes (Lua's redis.sha1hex)."""
     return hashlib.sha1(url.encode()).hexdigest()[:BUCKET_DIGITS]
@@ -141,12 +157,15 @@ def blob_key(keys: KeySpace, digest: str) -> str:
 
 
 # Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
-# remove the queue entry. A job key that has expired still gets its entry acknowledged.
+# remove the queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner
+# (an API key id, '' for the keyless stream) is scored in the owners set with the time its stream became
+# empty, in the step that empties it; the submit script scores it +inf while its stream holds entries.
 _COMPLETE_LUA = """
-local function complete(job, results, queue, group, entry, field, result, counter)
+local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms)
   if entry ~= '' then
     redis.call('XACK', queue, group, entry)
     redis.call('XDEL', queue, entry)
+    if owner ~= '' and redis.call('XLEN', queue) == 0 then redis.call('ZADD', owners, now_ms, owner) end
   end
   if field == '' or redis.call('EXISTS', job) == 0 then return end
   if redis.call('HSETNX', results, field, result) == 0 then return end
@@ -182,8 +201,8 @@ local function bucket_name(n)
 end
 """
 
-# KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue
-# ARGV: url digest meta now_ms entry group field attempts now_iso
+# KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners
+# ARGV: url digest meta now_ms entry group field attempts owner now_iso
 STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + """
 local url, digest = ARGV[1], ARGV[2]
 local old = redis.call('HGET', KEYS[1], url)
@@ -202,13 +221,13 @@ end
 local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8])}
 if outcome == 'stored' and prior > 0 then result.deduplicated = true end
 complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed')
+         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4])
 return {outcome, digest, prior}
 """
 
-# KEYS: job results queue     ARGV: entry group field result_json counter now_iso
+# KEYS: job results queue queue-owners     ARGV: entry group field result_json counter owner now_ms now_iso
 COMPLETE_LUA = _COMPLETE_LUA + """
-complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5])
+complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5], KEYS[4], ARGV[6], ARGV[7])
 return 1
 """
 
@@ -521,26 +540,30 @@ class Index:
         position: int | None = None,
         entry_id: str = "",
         attempts: int = 1,
+        owner: str = "",
     ) -> StoreOutcome:
-        """Store step 2 (blobs.py): index the URL and, atomically with it, finish its queue entry."""
+        """Store step 2 (blobs.py): index the URL and, atomically with it, finish its entry in the queue
+        stream of `owner` (the API key that sent it; the keyless stream if empty)."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
-            [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id), k.queue],
+            [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
+             queue_stream(k, owner), k.queue_owners],
             [url, digest, meta, now_ms(), entry_id, QUEUE_GROUP, "" if position is None else str(position),
-             attempts, now_iso()],
+             attempts, owner, now_iso()],
         )
         return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
 
     async def complete(
-        self, job_id: str, position: int, entry_id: str, result: dict[str, Any], counter: str
+        self, job_id: str, position: int, entry_id: str, result: dict[str, Any], counter: str, owner: str = ""
     ) -> None:
-        """Record an outcome that did not change the index (failed, or already present)."""
+        """Record an outcome that did not change the index (failed, or already present); the entry leaves
+        the queue stream of `owner` (the keyless stream if empty)."""
         k = self.keys
         await self._complete(
-            keys=[k.job(job_id), k.job_results(job_id), k.queue],
+            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
             args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")), counter,
-                  now_iso()],
+                  owner, now_ms(), now_iso()],
         )
 
     async def release(self, url: str) -> tuple[str, int] | None:

@@ -7,6 +7,16 @@ that records its outcome (index.py ``complete``), so a crash at any moment leave
 Each worker keeps a heartbeat key alive; a worker whose heartbeat has expired is dead, and any live
 worker claims its pending entries.
 
+Each API key's entries wait in a stream of their own (``queue:{key_id}``; ``queue`` holds those of jobs
+sent without a key, and those queued before keys had streams), so one key's backlog is never in front of
+another key's entries; how much a worker reads from which stream is decided by scheduler.FairSlots.
+``queue-owners`` scores each key +inf while its stream holds entries (from the enqueue step that adds
+some) and, from the step that removes the last one (index.py ``complete``), the time it became empty.
+Workers read the streams of the keys busy or idle for less than ``OWNER_KEEP``, and claim dead workers'
+entries from each: a client that comes back within the hour wakes a waiting worker at once (its stream
+is among those the worker blocks on), and a key seen for the first time in a while is found on the
+worker's next look at the list (half a second at most when busy, a fifth when idle: worker.py).
+
 A submit of 10,000 long URLs is megabytes, and Redis serves no one else while one call runs: recorded in
 one Lua call it held every reader for over half a second. So a job is recorded in short steps, none of
 more than about ``STEP_BYTES`` of URLs:
@@ -38,7 +48,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
-from casimg.index import QUEUE_GROUP, KeySpace, now_iso
+from casimg.index import QUEUE_GROUP, KeySpace, now_iso, queue_stream
 from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait
@@ -91,27 +101,37 @@ if open then redis.call('ZADD', KEYS[5], ARGV[7], job_id) end
 return {1, 0}
 """
 
-# KEYS: job urls results queue enqueuing     ARGV: job_id max_urls max_bytes  ->  1 all enqueued, 0 more to do
+# KEYS: job urls results queue enqueuing queue_owners
+# ARGV: job_id max_urls max_bytes key_queue_prefix  ->  1 all enqueued, 0 more to do
 # The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
 # cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
+# The entries go to the stream of the key that submitted the job (its name built from the prefix, as
+# KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
 ENQUEUE_LUA = """
 local job_id = ARGV[1]
-local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total')
-local cursor, total = tonumber(info[1]), tonumber(info[2])
+local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key')
+local cursor, total, owner = tonumber(info[1]), tonumber(info[2]), info[3] or ''
+local queue = KEYS[4]
+if owner ~= '' then
+  queue = ARGV[4] .. owner
+  if redis.call('EXISTS', queue) == 0 then redis.call('XGROUP', 'CREATE', queue, 'GROUP', '0', 'MKSTREAM') end
+end
 if not cursor or not total or cursor >= total then
   redis.call('ZREM', KEYS[5], job_id)
   return 1
 end
 local urls = redis.call('LRANGE', KEYS[2], cursor, cursor + tonumber(ARGV[2]) - 1)
-local budget, taken = tonumber(ARGV[3]), 0
+local budget, taken, added = tonumber(ARGV[3]), 0, 0
 for i = 1, #urls do
   if taken > 0 and budget <= 0 then break end
   local pos = cursor + i - 1
   if redis.call('HEXISTS', KEYS[3], pos) == 0 then
-    redis.call('XADD', KEYS[4], '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    added = added + 1
   end
   budget, taken = budget - #urls[i], taken + 1
 end
+if added > 0 and owner ~= '' then redis.call('ZADD', KEYS[6], 'inf', owner) end
 cursor = cursor + taken
 redis.call('HSET', KEYS[1], 'enqueued', cursor)
 if cursor >= total or taken == 0 then
@@ -119,8 +139,9 @@ if cursor >= total or taken == 0 then
   return 1
 end
 return 0
-"""
+""".replace("'GROUP'", f"'{QUEUE_GROUP}'")
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
+OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
 
 
 def _glob_escape(text: str) -> str:
@@ -137,6 +158,7 @@ class Entry:
     position: int
     url: str
     deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
+    owner: str = ""  # the id of the API key that submitted it ("" for none): which stream it is in
 
 
 @dataclass
@@ -212,8 +234,8 @@ def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list
         yield first, urls[first:]
 
 
-def _entry(entry_id: str, fields: dict[str, str]) -> Entry:
-    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"])
+def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
+    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
 
 
 class JobQueue:
@@ -226,10 +248,11 @@ class JobQueue:
         self._publish = redis.register_script(PUBLISH_LUA)
         self._enqueue = redis.register_script(ENQUEUE_LUA)
 
-    async def ensure_group(self) -> None:
-        """Create the stream and its consumer group once; reading from id 0 keeps entries added before."""
+    async def ensure_group(self, owner: str = "") -> None:
+        """Create an owner's stream and its consumer group once (the keyless one by default); reading from
+        id 0 keeps entries added before."""
         try:
-            await self.redis.xgroup_create(self.keys.queue, QUEUE_GROUP, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.stream_of(owner), QUEUE_GROUP, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -303,8 +326,8 @@ class JobQueue:
         have theirs."""
         k = self.keys
         return bool(await self._enqueue(
-            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing],
-            args=[job_id, most, STEP_BYTES],
+            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners],
+            args=[job_id, most, STEP_BYTES, k.key_queue("")],
         ))
 
     async def resume_enqueuing(self, older_than: float | None = None) -> int:
@@ -369,11 +392,67 @@ class JobQueue:
 
     # -- workers --------------------------------------------------------------------------------
 
-    async def read(self, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            QUEUE_GROUP, consumer, {self.keys.queue: ">"}, count=count, block=block_ms
-        )
-        return [_entry(entry_id, fields) for _, entries in reply or [] for entry_id, fields in entries]
+    def stream_of(self, owner: str) -> str:
+        return queue_stream(self.keys, owner)
+
+    async def owners(self) -> list[str]:
+        """The keys with entries queued or idle for under OWNER_KEEP, sorted; "" (the keyless stream) first."""
+        since = time.time_ns() // 1_000_000 - int(OWNER_KEEP * 1000)
+        return ["", *sorted(await self.redis.zrangebyscore(self.keys.queue_owners, since, "+inf"))]
+
+    async def forget_idle_owners(self) -> None:
+        """Drop the keys idle for over OWNER_KEEP; one that submits meanwhile is scored +inf, so stays."""
+        since = time.time_ns() // 1_000_000 - int(OWNER_KEEP * 1000)
+        await self.redis.zremrangebyscore(self.keys.queue_owners, "-inf", f"({since}")
+
+    async def read(self, consumer: str, wanted: dict[str, int]) -> list[Entry]:
+        """Up to wanted[owner] new entries from each owner's stream, in one round trip, without waiting."""
+        if not wanted:
+            return []
+        if len(wanted) == 1:  # the usual case under load, one busy key: a pipeline costs more CPU than a call
+            [(owner, count)] = wanted.items()
+            try:
+                reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
+            except ResponseError as exc:
+                await self._regroup(owner, exc)
+                return []
+            return self._entries(owner, reply)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for owner, count in wanted.items():
+                pipe.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
+            replies = await pipe.execute(raise_on_error=False)
+        entries: list[Entry] = []
+        for owner, reply in zip(wanted, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                await self._regroup(owner, reply)
+            else:
+                entries += self._entries(owner, reply)
+        return entries
+
+    async def wait_for_entries(self, consumer: str, owners: list[str], block_ms: int) -> list[Entry]:
+        """At most one new entry from each of `owners`' streams, waiting up to `block_ms` for the first."""
+        streams = {self.stream_of(owner): ">" for owner in owners}
+        try:
+            reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, streams, count=1, block=block_ms)
+        except ResponseError as exc:
+            for owner in owners:
+                await self._regroup(owner, exc)
+            return []
+        by_stream = {self.stream_of(owner): owner for owner in owners}
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            entries += self._entries(by_stream[stream], [[stream, items]])
+        return entries
+
+    async def _regroup(self, owner: str, error: ResponseError) -> None:
+        """A stream whose group is gone (a Redis that lost its data, a hand-made key): make it again, so
+        that one broken stream never stops the reading of all the others."""
+        if "NOGROUP" not in str(error):
+            raise error
+        await self.ensure_group(owner)
+
+    def _entries(self, owner: str, reply: Any) -> list[Entry]:
+        return [_entry(entry_id, fields, owner) for _, entries in reply or [] for entry_id, fields in entries]
 
     async def heartbeat(self, consumer: str, ttl: float) -> None:
         await self.redis.set(self.keys.worker(consumer), now_iso(), px=max(1, int(ttl * 1000)))
@@ -383,25 +462,39 @@ class JobQueue:
         await self.redis.delete(self.keys.worker(consumer))
 
     async def claim_from_dead(self, consumer: str, count: int) -> list[Entry]:
-        """Move the pending entries of workers whose heartbeat expired to `consumer`."""
+        """Move up to `count` pending entries of workers whose heartbeat expired to `consumer`, from every
+        owner's stream."""
         claimed: list[Entry] = []
-        for info in await self.redis.xinfo_consumers(self.keys.queue, QUEUE_GROUP):
+        for owner in await self.owners():
+            if len(claimed) >= count:
+                break
+            claimed += await self._claim_stream(consumer, owner, count - len(claimed))
+        return claimed
+
+    async def _claim_stream(self, consumer: str, owner: str, count: int) -> list[Entry]:
+        stream = self.stream_of(owner)
+        claimed: list[Entry] = []
+        try:
+            consumers = await self.redis.xinfo_consumers(stream, QUEUE_GROUP)
+        except ResponseError:  # the stream or its group is gone (a Redis that lost its data): nothing to claim
+            return []
+        for info in consumers:
             name = info["name"]
             if name == consumer or await self.redis.exists(self.keys.worker(name)):
                 continue
             if info["pending"] == 0:
-                await self.redis.xgroup_delconsumer(self.keys.queue, QUEUE_GROUP, name)
+                await self.redis.xgroup_delconsumer(stream, QUEUE_GROUP, name)
                 continue
             pending = await self.redis.xpending_range(
-                self.keys.queue, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
+                stream, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
             )
             delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending}
             if delivered:
                 for entry_id, fields in await self.redis.xclaim(
-                    self.keys.queue, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
+                    stream, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
                 ):
                     if fields:
-                        claimed.append(replace(_entry(entry_id, fields), deliveries=delivered[entry_id] + 1))
+                        claimed.append(replace(_entry(entry_id, fields, owner), deliveries=delivered[entry_id] + 1))
             if len(claimed) >= count:
                 break
         return claimed
@@ -430,11 +523,16 @@ class JobQueue:
         return counts
 
     async def depth(self) -> dict[str, int]:
-        """Entries waiting to be read and entries read but not finished."""
-        try:
-            groups = await self.redis.xinfo_groups(self.keys.queue)
-        except ResponseError:
-            return {"waiting": 0, "in_progress": 0}
-        length = await self.redis.xlen(self.keys.queue)
-        pending = sum(int(g["pending"]) for g in groups if g["name"] == QUEUE_GROUP)
-        return {"waiting": max(0, length - pending), "in_progress": pending}
+        """Entries waiting to be read and entries read but not finished, over every owner's stream."""
+        waiting = in_progress = 0
+        for owner in await self.owners():
+            stream = self.stream_of(owner)
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            length = await self.redis.xlen(stream)
+            pending = sum(int(g["pending"]) for g in groups if g["name"] == QUEUE_GROUP)
+            waiting += max(0, length - pending)
+            in_progress += pending
+        return {"waiting": waiting, "in_progress": in_progress}

@@ -7,7 +7,10 @@ same Redis and blob directory).
 An entry goes through two stages, each with its own bound, so that storing one image overlaps the
 downloads of the next ones instead of holding their connection slot:
 
-1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in;
+1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in, but
+   not while the URL waits to be retried. Slots are shared between API keys by scheduler.FairSlots: the
+   worker reads from each key's stream only what that key may take, so one key's backlog or slow URLs
+   cannot keep another key's first URL waiting for more than about a queue read;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
    linked in (one trip to a thread), made durable together (one ``FlushGroup`` flush for all of them),
    indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread for
@@ -42,11 +45,22 @@ from casimg.index import Index, encode_meta
 from casimg.lifecycle import index_linked_blob
 from casimg.logtext import clip
 from casimg.queue import Entry, JobQueue
+from casimg.scheduler import FairSlots
 from casimg.validation import ImageInfo, validate_image
 
 log = logging.getLogger("casimg.worker")
 
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
+# An idle worker blocks on the queues of the keys it knows; a key it does not know yet (the first job of a
+# key in an hour) is looked for between two such waits, so they are kept short: a new key's first entry
+# waited up to READ_BLOCK_MS, a fifth of a 2,000-image ingest. Five round trips a second when idle.
+IDLE_BLOCK_MS = 200
+# A busy worker reuses the list of keys with queued entries for this long, and looks into the queues of
+# keys holding no slot (newcomers) at most this often while its other slots are all taken: a round trip
+# on every slot given back cost the ingest of a single key a quarter of its rate. A new key waits that
+# much longer for its first read, a fraction of a second.
+OWNERS_REFRESH = 0.5
+PROBE_INTERVAL = 0.1
 MAX_ATTEMPTS = 3  # one download plus two retries of a transient failure
 # A URL whose processing ended with its worker this many times fails instead of going to the next one: a
 # file that crashes the process (a decoder bug, say) must not take down every worker in turn, for ever.
@@ -55,6 +69,12 @@ MAX_DELIVERIES = 5
 # Redis step, several times a download's own time on a fast origin: with one place per slot, the stores
 # in progress would cap the ingest at a few hundred images a second.
 STORE_DEPTH = 2
+# A URL's attempts together may download for this many times the fetch timeout. One timeout is often a
+# passing stall (a server restarting, a lost connection), so it is worth one more try, but a second full
+# timeout would hold a slot twice as long as the operator set: a URL that timed out once is tried again
+# with what is left, half a fetch timeout at most. A quick transient failure (a 503 in milliseconds)
+# leaves nearly all of it. Slot time per URL is bounded by RETRY_BUDGET x fetch_timeout in total.
+RETRY_BUDGET = 1.5
 RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full jitter
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
@@ -106,8 +126,10 @@ class Worker:
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
-        self._slots = asyncio.Semaphore(settings.download_concurrency)
-        self._downloading = 0  # slots held
+        self._slots = FairSlots(settings.download_concurrency)
+        self._owners: list[str] = [""]
+        self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
+        self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
         self._storing = asyncio.Semaphore(STORE_DEPTH * settings.download_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -182,20 +204,21 @@ class Worker:
         next_claim = 0.0
         while not self._stopping.is_set():
             try:
-                await self._slots.acquire()
-                self._slots.release()
-                free = self.settings.download_concurrency - self._downloading
+                if self._slots.free == 0:
+                    await self._slots.changed(READ_BLOCK_MS / 1000)
+                    continue
                 entries: list[Entry] = []
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
-                    entries = await self.queue.claim_from_dead(self.name, free)
+                    await self.queue.forget_idle_owners()
+                    entries = await self.queue.claim_from_dead(self.name, self._slots.free)
                     await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                 if not entries:
-                    entries = await self.queue.read(self.name, free, READ_BLOCK_MS)
+                    entries = await self._read_fairly()
                 known = await self._indexed_already(entries)
                 for entry, digest in zip(entries, known, strict=True):
-                    slot = _Slot(self)
-                    await slot.take()
+                    slot = _Slot(self._slots, entry.owner)
+                    slot.try_take()  # planned for, as a rule; else (a claimed entry) it waits in its task
                     task = asyncio.ensure_future(self._process(entry, digest, slot))
                     self._tasks.add(task)
                     task.add_done_callback(self._finished)
@@ -210,6 +233,40 @@ class Worker:
                 with contextlib.suppress(*REDIS_ERRORS, ResponseError):
                     await self.queue.ensure_group()
                 await asyncio.sleep(REDIS_RETRY)
+            except Exception:
+                # A defect here would end the reading for good while the heartbeat goes on saying this
+                # worker is alive: log it and read on.
+                log.exception("worker loop error; reading on in %.0f s", REDIS_RETRY)
+                await asyncio.sleep(REDIS_RETRY)
+
+    async def _read_fairly(self) -> list[Entry]:
+        """New entries, as many from each key's stream as FairSlots plans for it.
+
+        When none of the planned streams has anything: if a key was left out for want of slots, wait for
+        a slot to come free (blocking on the streams instead would leave slots idle for up to a second
+        under a busy key); else wait up to IDLE_BLOCK_MS for the first new entry of any planned stream.
+        A key that submits meanwhile is seen on the next turn.
+        """
+        now = time.monotonic()
+        if now - self._owners_read >= OWNERS_REFRESH:
+            self._owners, self._owners_read = await self.queue.owners(), now
+        owners = self._owners
+        wanted = self._slots.plan(owners)
+        if now - self._probed < PROBE_INTERVAL:  # the newcomers' queues were looked into a moment ago
+            wanted = {owner: count for owner, count in wanted.items() if self._slots.load(owner)}
+            if not wanted:
+                await self._slots.changed(PROBE_INTERVAL - (now - self._probed))
+                return []
+        else:
+            self._probed = now
+        entries = await self.queue.read(self.name, wanted)
+        if entries:
+            return entries
+        if not wanted or any(owner not in wanted for owner in owners if self._slots.load(owner)):
+            await self._slots.changed(READ_BLOCK_MS / 1000)
+            return []
+        self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
+        return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
         """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
@@ -222,7 +279,7 @@ class Worker:
             return []
         try:
             return await self.index.digests_of([entry.url for entry in entries])
-        except REDIS_ERRORS:
+        except (*REDIS_ERRORS, ValueError):  # ValueError: a URL Redis cannot encode; its own task fails it
             return [UNCHECKED] * len(entries)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -247,11 +304,30 @@ class Worker:
                     log.warning("redis unavailable while storing %s (%s); retrying", clip(entry.url),
                                 type(exc).__name__)
                     await asyncio.sleep(REDIS_RETRY)
+                except Exception as exc:
+                    # A defect met by this one URL (an input nobody foresaw): it fails with a reason and is
+                    # acknowledged, so its job ends and its key's in-flight count goes down, and the next
+                    # worker does not meet it again after a restart. Logged once, here, with its traceback.
+                    log.exception("unexpected error on %s", clip(entry.url))
+                    slot.give_back()
+                    await self._fail_for_good(entry, f"internal error ({type(exc).__name__})")
+                    return
         finally:
             slot.give_back()
 
+    async def _fail_for_good(self, entry: Entry, reason: str) -> None:
+        """Record a failure, waiting out Redis outages; only a stopping worker leaves it pending."""
+        while True:
+            try:
+                await self._fail(entry, reason, 1)
+                return
+            except REDIS_ERRORS:
+                if self._stopping.is_set():
+                    return
+                await asyncio.sleep(REDIS_RETRY)
+
     async def _attempt_all(self, entry: Entry, known: str | None, slot: _Slot) -> None:
-        await slot.take()  # again, if a Redis outage sent a stored download back to the start
+        await slot.take()  # if none was free at the read, or a Redis outage sent a download back to the start
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
@@ -259,21 +335,29 @@ class Worker:
             known = await self.index.digest_of(entry.url)
         if known is not None:
             await self.index.complete(
-                entry.job_id, entry.position, entry.entry_id, {"status": "exists", "sha256": known}, "existed"
+                entry.job_id, entry.position, entry.entry_id, {"status": "exists", "sha256": known}, "existed",
+                owner=entry.owner,
             )
             _log_outcome("exists", entry.url, 0)
             self.on_outcome("exists", "")
             return
         attempt = 0
+        budget = RETRY_BUDGET * self.settings.fetch_timeout  # seconds of download left over all attempts
         while True:
             attempt += 1
+            await slot.take()
+            started = time.monotonic()
             try:
-                downloaded = await self.fetcher.fetch(entry.url)
+                downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout))
             except DownloadFailed as failure:
-                if failure.permanent or attempt >= MAX_ATTEMPTS or self._stopping.is_set():
+                budget -= time.monotonic() - started
+                if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0 or self._stopping.is_set():
                     await self._fail(entry, failure.reason, attempt)
                     return
-                await asyncio.sleep(self._backoff(attempt, failure.retry_after))
+                slot.give_back()  # no slot is held while waiting to retry: others download meanwhile
+                if not await self._sleep_unless_stopping(self._backoff(attempt, failure.retry_after)):
+                    await self._fail(entry, failure.reason, attempt)
+                    return
                 continue
             break
         self.on_bytes("downloaded", downloaded.size)
@@ -290,7 +374,7 @@ class Worker:
         _log_outcome("failed", entry.url, attempts, reason)
         await self.index.complete(
             entry.job_id, entry.position, entry.entry_id,
-            {"status": "failed", "error": reason, "attempts": attempts}, "failed",
+            {"status": "failed", "error": reason, "attempts": attempts}, "failed", owner=entry.owner,
         )
         self.on_outcome("failed", reason)
 
@@ -321,7 +405,7 @@ class Worker:
         outcome = await index_linked_blob(
             self.blobs, self.index, tmp, entry.url, digest, encode_meta(downloaded.size, info),
             run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
-            attempts=attempt,
+            attempts=attempt, owner=entry.owner,
         )
         kind = "deduplicated" if outcome.deduplicated else outcome.outcome
         if kind == "stored":
@@ -356,20 +440,37 @@ class Worker:
 
 
 class _Slot:
-    """One download slot of a worker, held by an entry's task from the queue read until its body is in."""
+    """One download slot of a worker, held by an entry's task while it downloads, for the key that sent it."""
 
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
+    def __init__(self, slots: FairSlots, owner: str) -> None:
+        self._slots = slots
+        self._owner = owner
         self._held = False
+        self._queued = False
+
+    def try_take(self) -> None:
+        """Take a slot now if the rules allow, else queue up for one (``take`` waits for it)."""
+        if not self._held:
+            self._held = self._slots.try_take(self._owner)
+        if not self._held and not self._queued:
+            self._slots.queue_up(self._owner)
+            self._queued = True
 
     async def take(self) -> None:
         if not self._held:
-            await self._worker._slots.acquire()
-            self._held = True
-            self._worker._downloading += 1
+            self.try_take()
+            if not self._held:
+                await self._slots.take(self._owner)
+                self._held = True
+        self._unqueue()
 
     def give_back(self) -> None:
+        self._unqueue()
         if self._held:
             self._held = False
-            self._worker._downloading -= 1
-            self._worker._slots.release()
+            self._slots.give_back(self._owner)
+
+    def _unqueue(self) -> None:
+        if self._queued:
+            self._queued = False
+            self._slots.leave_queue(self._owner)

@@ -21,6 +21,9 @@ Paths:
   /loop                    redirects to itself
   /redirect/N              a chain of N redirects ending at an image (``?delay=S``: each hop waits S seconds)
   /redirect-to?url=U       one redirect to U
+  /redirect-raw?hex=H      one redirect whose Location is the bytes H (hex), written as they are: bytes
+                           that are not UTF-8, or no valid URL at all
+  /trickle/KEY?seconds=S   headers, then a byte every S seconds (default 5) for up to a minute
 """
 
 from __future__ import annotations
@@ -142,6 +145,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send(200, image_bytes(123_456), "image/jpeg")
         if head == "redirect-to":
             return self.redirect(query["url"])
+        if head == "redirect-raw":
+            return self.send_raw(b"HTTP/1.1 302 Found\r\nLocation: " + bytes.fromhex(query["hex"]) +
+                                 b"\r\nContent-Length: 0\r\n\r\n")
+        if head == "trickle" and len(segments) == 2:
+            return self.send_slow(float(query.get("seconds", "5")))
         self.send(404, b"not found", "text/plain")
 
     def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
@@ -182,7 +190,12 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def send_slow(self) -> None:
+    def send_raw(self, response: bytes) -> None:
+        """A whole response written byte for byte: what http.server would refuse to spell."""
+        self.wfile.write(response)
+        self.close_connection = True
+
+    def send_slow(self, interval: float = 0.1) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "image/jpeg")
         self.send_header("Transfer-Encoding", "chunked")
@@ -192,7 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             while time.monotonic() < deadline and not self.server.stopping.is_set():
                 self.wfile.write(b"1\r\n\0\r\n")
                 self.wfile.flush()
-                time.sleep(0.1)
+                self.server.stopping.wait(interval)
         except (BrokenPipeError, ConnectionResetError):
             pass
         self.close_connection = True

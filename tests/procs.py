@@ -231,19 +231,33 @@ def assert_fsck_clean(data_dir: Path, *extra: str, env: dict[str, str] | None = 
     return result.stdout
 
 
+def queue_streams(client: redis.Redis, prefix: str = PREFIX) -> list[str]:
+    """The keyless queue stream and every API key's."""
+    return [prefix + "queue", *sorted(client.scan_iter(prefix + "queue:*", count=1000))]
+
+
+def queued(client: redis.Redis, prefix: str = PREFIX) -> int:
+    """Entries left in every queue stream, waiting or in progress."""
+    return sum(client.xlen(stream) for stream in queue_streams(client, prefix))
+
+
 def assert_nothing_grows(client: redis.Redis, prefix: str = PREFIX) -> None:
     """Once every job is done: the queue stream is empty, nothing is pending, job and worker keys expire,
     and the consumer group holds only live workers (a live worker removes a dead one's consumer)."""
     deadline = time.monotonic() + 30
+    streams = queue_streams(client, prefix)
     while True:
-        consumers = [c["name"] for c in client.xinfo_consumers(prefix + "queue", "workers")]
+        consumers = [c["name"] for stream in streams for c in client.xinfo_consumers(stream, "workers")]
         dead = [name for name in consumers if not client.exists(prefix + "worker:" + name)]
         if not dead or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert not dead, f"consumers of dead workers stay in the group: {dead}"
-    assert client.xlen(prefix + "queue") == 0
-    assert client.xpending(prefix + "queue", "workers")["pending"] == 0
+    for stream in streams:
+        assert client.xlen(stream) == 0, stream
+        assert client.xpending(stream, "workers")["pending"] == 0, stream
+    busy = client.zrangebyscore(prefix + "queue-owners", "+inf", "+inf")
+    assert not busy, f"keys still marked as having queued entries: {busy}"
     jobs = list(client.scan_iter(prefix + "job:*", count=1000))
     assert jobs, "expected job keys"
     for key in [*jobs, *client.scan_iter(prefix + "worker:*")]:

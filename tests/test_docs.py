@@ -36,7 +36,7 @@ from tests.procs import ROOT, Server, expected_bytes, free_port
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 SECTION = "## Inspecting the index with redis-cli"
-TYPES = {"hash": "hash", "sorted set": "zset", "string": "string", "stream": "stream", "list": "list"}
+TYPES = {"hash": "hash", "sorted set": "zset", "set": "set", "string": "string", "stream": "stream", "list": "list"}
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
 # What a documented command line asks for: its Redis command and key, e.g. "HGET casimg:url".
 ASKS_RE = re.compile(r"\b(HGETALL|HGET|HSCAN|XINFO GROUPS) \"?(casimg:[a-z-]+)")

@@ -41,6 +41,8 @@ from tests.procs import (
     image_urls,
     job,
     kill_tree,
+    queue_streams,
+    queued,
     settle,
     submit,
     wait_for_progress,
@@ -83,7 +85,7 @@ def durable_state(data_dir: Path, job_id: str) -> tuple[int, int, int]:
     try:
         client = embedded_client(data_dir)
         state = client.hgetall(f"{PREFIX}job:{job_id}")
-        left = client.xlen(f"{PREFIX}queue")
+        left = queued(client)
         client.close()
     finally:
         embedded.stop()
@@ -110,12 +112,13 @@ def test_a_url_whose_worker_dies_every_time_fails_after_max_deliveries(data_dir,
         worker = procs.worker(data_dir, env=server.env, name=f"worker-{delivery}")
         deadline = time.monotonic() + 30
         while True:
-            holders = [c for c in client.xinfo_consumers(f"{PREFIX}queue", "workers") if c["pending"]]
-            if holders and f"-{worker.pid}-" in holders[0]["name"]:
+            holders = [(stream, c) for stream in queue_streams(client)
+                       for c in client.xinfo_consumers(stream, "workers") if c["pending"]]
+            if holders and f"-{worker.pid}-" in holders[0][1]["name"]:
                 break
             assert time.monotonic() < deadline, f"worker {delivery} never took the entry: {holders}"
             time.sleep(0.1)
-        [pending] = client.xpending_range(f"{PREFIX}queue", "workers", min="-", max="+", count=10)
+        [pending] = client.xpending_range(holders[0][0], "workers", min="-", max="+", count=10)
         assert pending["times_delivered"] == delivery
         worker.kill()
         worker.wait()
@@ -164,7 +167,7 @@ def test_kill_9_of_the_worker_mid_import_a_second_worker_takes_over(data_dir, pr
     first.wait()
 
     client = embedded_client(data_dir)
-    orphaned = sum(c["pending"] for c in client.xinfo_consumers(f"{PREFIX}queue", "workers"))
+    orphaned = sum(c["pending"] for stream in queue_streams(client) for c in client.xinfo_consumers(stream, "workers"))
     assert orphaned > 0, "the killed worker held no entries: the takeover would not be tested"
     assert job(server, job_id)["done"] < IMPORT
 

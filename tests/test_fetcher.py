@@ -8,8 +8,13 @@ ranges beyond loopback are covered on the address classifier itself, which sends
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import shutil
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -21,6 +26,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from casimg.errors import DownloadFailed
 from casimg.fetcher import AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
+from casimg.scheduler import origin_address, registrable_domain
 from tests.origin import Origin, image_bytes
 
 # -- the address classifier (no traffic) ----------------------------------------------------------
@@ -365,6 +371,85 @@ async def test_dns_rebinding_gets_nowhere(tmp_path, origin, forbidden):
     assert resolver.lookups["rebind.test"] == 2
     assert failed.reason == "blocked address (127.0.0.2 is loopback)"
     assert sum(forbidden.hits.values()) == 0
+
+
+# -- caps per address and per registrable domain ----------------------------------------------------
+
+async def timed_batch(fetcher: Fetcher, urls: list[str]) -> tuple[float, int]:
+    """Seconds to fetch `urls` at once, and the most downloads seen in flight to 127.0.0.1."""
+    peak = 0
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, fetcher.caps.addresses.in_use("127.0.0.1"))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.ensure_future(watch())
+    started = time.monotonic()
+    try:
+        results = await asyncio.gather(*(fetcher.fetch(url) for url in urls))
+    finally:
+        done.set()
+        await watcher
+    assert all(result.size > 0 for result in results)
+    return time.monotonic() - started, peak
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_per_host_cap_counts_the_address_whatever_the_port(tmp_path):
+    """Three ports of one address are one origin: 6 one-second downloads at 2 at a time take 3 rounds."""
+    with Origin() as a, Origin() as b, Origin() as c:
+        fetcher = await started(tmp_path, max_per_host=2, max_connections=16, total_timeout=30.0)
+        try:
+            urls = [origin.url(f"/img/{914_000 + n}.jpg?delay=1") for n, origin in enumerate([a, b, c] * 2)]
+            elapsed, peak = await timed_batch(fetcher, urls)
+        finally:
+            await fetcher.close()
+    print(f"6 downloads over 3 ports, 2 per address: {elapsed:.2f} s, peak {peak}")
+    assert peak <= 2
+    assert elapsed >= 2.9  # by host:port (aiohttp's limit_per_host) all 6 ran at once: about 1 s
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_per_domain_cap_counts_every_name_of_a_registrable_domain(tmp_path):
+    """a.example.com and b.example.com on two addresses are one domain: with 2 per domain, 4 one-second
+    downloads take 2 rounds, though each address would allow 4."""
+    with Origin("127.0.0.3") as a, Origin("127.0.0.4") as b:
+        resolver = ScriptedResolver({"a.example.com": [["127.0.0.3"]], "b.example.com": [["127.0.0.4"]]})
+        fetcher = await started(tmp_path, resolver=resolver, max_per_host=4, max_per_domain=2, max_connections=16,
+                                total_timeout=30.0, allow_networks=["127.0.0.3/32", "127.0.0.4/32"])
+        try:
+            urls = [f"http://{name}.example.com:{origin.port}/img/{914_100 + n}.jpg?delay=1"
+                    for n, (name, origin) in enumerate([("a", a), ("b", b)] * 2)]
+            elapsed, _ = await timed_batch(fetcher, urls)
+            assert fetcher.caps.domains.in_use("example.com") == 0
+        finally:
+            await fetcher.close()
+    print(f"4 downloads over 2 names of one domain, 2 per domain: {elapsed:.2f} s")
+    assert elapsed >= 1.9
+    assert resolver.lookups == {"a.example.com": 1, "b.example.com": 1}  # one cache for the cap and the connector
+
+
+def test_registrable_domains_come_from_the_shipped_public_suffix_list():
+    assert registrable_domain("a.b.example.co.uk") == "example.co.uk"
+    assert registrable_domain("x.github.io") == "x.github.io"  # a private suffix: each site its own
+    assert registrable_domain("127.0.0.1") is None and registrable_domain("[::1]") is None
+    assert registrable_domain("localhost") == "localhost"
+    assert origin_address("2001:db8::1") == origin_address("2001:db8::2") == "2001:db8::/64"
+    assert origin_address("::ffff:127.0.0.1") == "127.0.0.1"
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare(1) is not installed")
+def test_the_public_suffix_list_is_read_with_no_network_at_all():
+    """In a network namespace of its own (no interface up), the list still loads: it ships in the package."""
+    code = ("from casimg.scheduler import registrable_domain as d; "
+            "assert d('a.b.example.co.uk') == 'example.co.uk', d('a.b.example.co.uk'); print('ok')")
+    result = subprocess.run(["unshare", "-n", sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "Operation not permitted" in result.stderr:
+        pytest.skip("no permission to make a network namespace")
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 # -- what the earlier checks hide ------------------------------------------------------------------

@@ -42,7 +42,7 @@ async def test_submit_keeps_distinct_urls_in_order_and_expires(parts):
 async def test_outcomes_count_once_and_finish_the_job(parts):
     queue, index = parts
     job_id, _ = await queue.submit(["http://a/1", "http://a/2"])
-    entries = await queue.read("w1", 10, 100)
+    entries = await queue.read("w1", {"": 10})
     assert [(e.position, e.url) for e in entries] == [(0, "http://a/1"), (1, "http://a/2")]
     failed = {"status": "failed", "error": "HTTP 404", "attempts": 1}
     await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")
@@ -63,7 +63,7 @@ async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
     await queue.submit(["http://a/1", "http://a/2", "http://a/3"])
     await queue.heartbeat("alive", 30)
     await queue.heartbeat("dying", 30)
-    taken = await queue.read("dying", 2, 100)
+    taken = await queue.read("dying", {"": 2})
     assert len(taken) == 2
     assert await queue.claim_from_dead("alive", 10) == []  # its heartbeat still runs
     await queue.retire("dying")
@@ -71,6 +71,61 @@ async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
     assert sorted(e.url for e in claimed) == sorted(e.url for e in taken)
     assert await queue.depth() == {"waiting": 1, "in_progress": 2}
     assert await queue.claim_from_dead("alive", 10) == []  # the dead consumer is gone now
+
+
+@pytest.mark.gen_test
+async def test_each_key_queues_apart_and_is_listed_while_it_has_entries(parts):
+    queue, index = parts
+    await queue.submit([f"http://a/{n}" for n in range(5)], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.submit(["http://c/1"])  # no key: the keyless stream
+    assert await queue.owners() == ["", "k1", "k2"]
+    assert await queue.redis.xlen(queue.keys.key_queue("k1")) == 5
+    # k2's one URL is read at once, behind nothing of k1's.
+    entries = await queue.read("w1", {"k2": 10, "": 10})
+    assert sorted((e.owner, e.url) for e in entries) == [("", "http://c/1"), ("k2", "http://b/1")]
+    assert await queue.depth() == {"waiting": 5, "in_progress": 2}
+    k2 = next(e for e in entries if e.owner == "k2")
+    await index.complete(k2.job_id, k2.position, k2.entry_id, {"status": "failed"}, "failed", owner="k2")
+    # Emptied: k2 is kept among the streams read (its client may come back), scored with the time.
+    assert await queue.redis.zscore(queue.keys.queue_owners, "k2") != float("inf")
+    assert await queue.redis.zscore(queue.keys.queue_owners, "k1") == float("inf")
+    await queue.redis.zadd(queue.keys.queue_owners, {"k2": 1})  # as if it had been idle for long
+    await queue.forget_idle_owners()
+    assert await queue.owners() == ["", "k1"]
+    await queue.submit(["http://b/2"], key_id="k2")
+    assert await queue.owners() == ["", "k1", "k2"]
+
+
+@pytest.mark.gen_test
+async def test_a_dead_workers_entries_are_claimed_from_every_keys_stream(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1", "http://a/2"], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.heartbeat("dying", 30)
+    taken = await queue.read("dying", {"k1": 2, "k2": 1})
+    assert len(taken) == 3
+    await queue.retire("dying")
+    claimed = await queue.claim_from_dead("alive", 10)
+    assert sorted((e.owner, e.url, e.deliveries) for e in claimed) == [
+        ("k1", "http://a/1", 2), ("k1", "http://a/2", 2), ("k2", "http://b/1", 2)]
+    assert await queue.depth() == {"waiting": 0, "in_progress": 3}
+
+
+@pytest.mark.gen_test
+async def test_a_stream_that_lost_its_group_gets_it_back_and_blocks_no_other(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1"], key_id="k1")
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.redis.delete(queue.keys.key_queue("k1"))  # as a Redis that lost part of its data might
+    await queue.redis.xadd(queue.keys.key_queue("k1"), {"job": "j", "pos": "0", "url": "http://a/2"})
+    entries = await queue.read("w1", {"k1": 5, "k2": 5})
+    assert [e.url for e in entries] == ["http://b/1"]
+    assert [e.url for e in await queue.read("w1", {"k1": 5})] == ["http://a/2"]  # its group is back
+    await queue.redis.delete(queue.keys.key_queue("k2"))
+    assert await queue.wait_for_entries("w1", ["k2"], 10) == []
+    await queue.submit(["http://b/2"], key_id="k2")
+    assert [e.url for e in await queue.wait_for_entries("w1", ["k2"], 10)] == ["http://b/2"]
 
 
 # -- recording large jobs in short steps --------------------------------------------------------------
@@ -87,7 +142,7 @@ async def test_too_long_urls_fail_at_once_and_the_job_keeps_a_bounded_prefix(par
     assert cut["status"] == "failed" and cut["error"] == "URL too long"
     assert cut["url"].startswith(long_url[:KEPT_URL]) and len(cut["url"]) < KEPT_URL + 50
     assert "100009 characters" in cut["url"]
-    assert [e.url for e in await queue.read("w", 10, 100)] == ["http://a/1"]  # no entry for the long one
+    assert [e.url for e in await queue.read("w", {"": 10})] == ["http://a/1"]  # no entry for the long one
     only_long, _ = await queue.submit([long_url + "y", long_url + "z"], limits=Limits(max_url_length=8192))
     finished = await queue.get(only_long)
     assert (finished.status, finished.failed) == ("done", 2) and finished.finished
@@ -110,7 +165,7 @@ async def test_urls_with_credentials_fail_at_once_and_their_secret_never_reaches
     ]
     # Both reasons hold for the last; the cut keeps no userinfo either.
     assert job.results[3]["error"] == "credentials in URL" and job.results[3]["url"].startswith("http://***@a/xxx")
-    assert [e.url for e in await queue.read("w", 10, 100)] == ["http://a/1"]
+    assert [e.url for e in await queue.read("w", {"": 10})] == ["http://a/1"]
     client = redis_server.client()
     try:
         for key in client.scan_iter(match=queue.keys.prefix + "*"):
@@ -133,8 +188,9 @@ async def test_the_bytes_of_a_keys_unfinished_jobs_are_bounded(parts):
     with pytest.raises(TooLarge, match="1209 bytes; CASIMG_MAX_QUEUED_BYTES allows 1000"):
         await queue.submit(["http://a/" + "3" * 1200], "k", limits)
     assert (await queue.submit(["http://a/" + "4" * 591], "other", limits))[0]  # another key has its own bytes
-    entry = next(e for e in await queue.read("w", 10, 100) if e.job_id == first)
-    await index.complete(first, 0, entry.entry_id, {"status": "failed", "error": "x", "attempts": 1}, "failed")
+    entry = next(e for e in await queue.read("w", {"k": 10}) if e.job_id == first)
+    await index.complete(first, 0, entry.entry_id, {"status": "failed", "error": "x", "attempts": 1}, "failed",
+                         owner="k")
     assert (await queue.submit(["http://a/" + "2" * 591], "k", limits))[0]  # the first job is done now
     # A refused job leaves nothing behind: only the three admitted jobs have keys.
     jobs = {key for key in await queue.redis.keys(queue.keys.job("*")) if key.count(":") == 2}
@@ -197,12 +253,12 @@ async def test_a_job_published_but_not_fully_enqueued_is_finished_once_by_a_work
     await queue._stage(job_id, urls, {})
     await queue._publish_or_refuse(job_id, "k", Limits(), total=len(urls), failed=0, size=0)
     assert await queue.enqueue_step(job_id) is False  # one step, then the process dies
-    partly = await queue.redis.xlen(queue.keys.queue)
+    partly = await queue.redis.xlen(queue.keys.key_queue("k"))
     assert 0 < partly < len(urls)
     assert (await queue.get(job_id)).status == "queued"
     assert await queue.resume_enqueuing() == 0  # not yet abandoned: its submitter may still be at it
     # Two workers resume it at once: every URL gets exactly one entry.
     await asyncio.gather(queue.resume_enqueuing(older_than=0), queue.resume_enqueuing(older_than=0))
-    entries = await queue.read("w", 5000, 100)
+    entries = await queue.read("w", {"k": 5000})
     assert sorted(e.position for e in entries) == list(range(len(urls)))
     assert await queue.redis.zcard(queue.keys.enqueuing) == 0

@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
+import time
 
 import pytest
 
 from casimg import blobs as blobs_module
+from casimg.fetcher import Fetcher
 from casimg.queue import Limits
 from casimg.services import open_services
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
+from tests.procs import Processes, settle, submit
+
+
+@pytest.fixture
+def settings(tmp_path, redis_server, request):
+    """The conftest settings, with the overrides a test passes through indirect parametrization."""
+    return make_settings(tmp_path / "data", redis_server.url, **getattr(request, "param", {}))
 
 
 async def outcome(api, url: str) -> dict:
@@ -138,13 +148,13 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
 
         def saturated() -> bool:
             """Every store place taken and both slots held by bodies waiting for one: no download can start."""
-            return worker._storing.locked() and worker._downloading == 2 and worker.busy == expected
+            return worker._storing.locked() and worker._slots.free == 0 and worker.busy == expected
 
         for _ in range(400):
             if fetched() >= expected and saturated():
                 break
             await asyncio.sleep(0.05)
-        assert saturated(), (worker.busy, worker._downloading)
+        assert saturated(), (worker.busy, worker._slots.free)
         assert fetched() == expected
         release.set()
         for _ in range(200):
@@ -156,6 +166,105 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
     finally:
         release.set()
         await services.close()
+
+
+# -- hostile URLs end their entry -----------------------------------------------------------------
+
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("location", [b"http://x:99999/", b"http://[::1", b"http://\xff\xfe.example/img.jpg",
+                                      b"http://h\xc3(.example/"])
+async def test_an_invalid_redirect_location_fails_the_url_and_the_worker_goes_on(api, origin, location):
+    url = origin.url(f"/redirect-raw?hex={location.hex()}")
+    result = await outcome(api, url)
+    assert (result["status"], result["error"]) == ("failed", "invalid redirect"), result
+    assert (await outcome(api, origin.url("/img/913001.jpg")))["status"] == "stored"
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_nul_in_the_host_fails_the_url_as_invalid(api, origin):
+    result = await outcome(api, f"http://127.0.0.2\u0000:{origin.port}/img/1.jpg")
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", "invalid URL", 1), result
+    assert (await outcome(api, origin.url("/img/913002.jpg")))["status"] == "stored"
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_unexpected_error_fails_the_url_once_logged_and_the_worker_goes_on(
+    api, origin, services, monkeypatch, caplog
+):
+    """Fault injection: a defect nobody foresaw, met by one URL, in the download path."""
+    real = Fetcher._check_hop
+
+    def defective(self: Fetcher, url) -> None:
+        if "defect" in str(url):
+            raise RuntimeError("a defect")
+        real(self, url)
+
+    monkeypatch.setattr(Fetcher, "_check_hop", defective)
+    with caplog.at_level(logging.ERROR, logger="casimg.worker"):
+        result = await outcome(api, origin.url("/img/913003.jpg?defect"))
+    assert (result["status"], result["error"]) == ("failed", "internal error (RuntimeError)"), result
+    tracebacks = [r for r in caplog.records if r.exc_info and "913003" in r.getMessage()]
+    assert len(tracebacks) == 1
+    assert await services.queue.depth() == {"waiting": 0, "in_progress": 0}
+    assert (await outcome(api, origin.url("/img/913004.jpg")))["status"] == "stored"
+
+
+@pytest.fixture
+def procs():
+    tracked = Processes()
+    yield tracked
+    tracked.cleanup()
+
+
+@pytest.mark.slow
+def test_hostile_urls_through_casimg_serve_end_their_jobs_and_free_the_key(tmp_path, procs, origin):
+    """End to end: jobs of URLs that used to kill their download task finish, and the key that sent them
+    is not left at its in-flight limit (it used to answer 429 for the whole job TTL)."""
+    limit = 3
+    server = procs.server(tmp_path / "data", env={"CASIMG_MAX_JOBS_IN_FLIGHT": str(limit), "CASIMG_RATE_LIMIT": "0"})
+    locations = [b"http://x:99999/", b"http://\xff\xfe.example/"]
+    hostile = {
+        **{origin.url(f"/redirect-raw?hex={location.hex()}"): "invalid redirect" for location in locations},
+        f"http://127.0.0.2\u0000:{origin.port}/": "invalid URL",
+    }
+    jobs = {submit(server, [url]): reason for url, reason in hostile.items()}
+    assert len(jobs) == limit
+    for job_id, reason in jobs.items():
+        finished = settle(server, job_id, timeout=30)
+        assert finished["results"][0]["error"] == reason, finished
+    accepted = server.submit([origin.url("/img/913005.jpg")])  # 429 while the key is at its limit
+    assert accepted["stored"] == 1, accepted
+    assert "Traceback" not in server.output()
+
+
+# -- slots: not held while waiting to retry, bounded per URL -----------------------------------------
+
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("settings", [{"download_concurrency": 1}], indirect=True)
+async def test_no_slot_is_held_while_a_url_waits_to_be_retried(api, origin, services):
+    """One slot: a URL told to come back in 4 s must not keep the next URL waiting for those 4 s."""
+    slow_job = json.loads((await api("POST", "/api/images", json_body={
+        "image_urls": [origin.url("/flaky/later?fail=1&status=429&retry_after=4")]})).body)["job_id"]
+    for _ in range(200):  # its first attempt has been answered: it is waiting to retry
+        if origin.hits["flaky:later"] >= 1:
+            break
+        await asyncio.sleep(0.02)
+    other = await outcome(api, origin.url("/img/913010.jpg"))
+    assert other["status"] == "stored"
+    waiting = json.loads((await api("GET", f"/api/jobs/{slow_job}")).body)
+    assert waiting["status"] != "done", "the other URL waited for the retry"
+    assert origin.hits["flaky:later"] == 1
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_url_that_times_out_gets_one_shorter_retry(api, origin, settings):
+    """A timeout is tried once more with what is left of 1.5 fetch timeouts, not twice more in full."""
+    started = time.monotonic()
+    result = await outcome(api, origin.url("/stall/always?fail=99&seconds=30"))
+    elapsed = time.monotonic() - started
+    assert (result["status"], result["error"], result["attempts"]) == ("failed", "timeout", 2), result
+    assert origin.hits["stall:always"] == 2
+    assert elapsed < 3 * settings.fetch_timeout  # three full attempts took at least that
 
 
 @pytest.mark.gen_test(timeout=60)

@@ -1,0 +1,233 @@
+"""Who downloads next: a worker's download slots shared between API keys, and caps per origin.
+
+Three bounds stand between one client's URLs and everyone else's downloads:
+
+- **Per key** (``FairSlots``). Each key's URLs wait in a Redis stream of their own (queue.py), so a
+  backlog of one key is never in front of another key's entries. A worker reads from those streams
+  only as many entries as it has slots to give, handing each free slot to the key that holds fewest,
+  ties taken in turn. The last ``reserve`` free slots go only to keys that hold none: downloads cannot
+  be taken away once started, so without a reserve a key whose 64 URLs trickle a byte every few seconds
+  would hold every slot until its fetches time out, and a newcomer's first URL would wait for that.
+  With the reserve, a key's first URL starts within a look at the queues (under a second), whatever
+  the others hold; further slots come back to it as soon as any download ends.
+- **Per resolved address** (``OriginCaps``): at most ``per_address`` downloads at once to one IP
+  address (IPv6: one /64, which one origin usually holds whole), however many host names or ports lead
+  there, so eight ports of one machine count as one origin.
+- **Per registrable domain** (``OriginCaps``): at most ``per_domain`` downloads at once to the names
+  under one registrable domain (``a.example.co.uk`` and ``b.example.co.uk`` are ``example.co.uk``), from
+  the public-suffix list shipped inside the ``publicsuffixlist`` package; nothing is downloaded at run
+  time. A name the list does not know counts as its own domain; a numeric host has only its address.
+
+Both caps are per worker process. A slot is given back while a URL waits to be retried (see
+worker.py), so a key's backoff never holds anyone's slot.
+
+Politeness (per-origin request rates and cool-downs after 429/503) is meant to slot in here: it is a
+third origin bound, keyed like ``OriginCaps`` by registrable domain and address, but shared by every
+process (a Redis token bucket) rather than counted in one. An origin that is cooling down or out of
+tokens should hold no download slot while it waits: the worker would then put such entries aside
+(still pending under its name, so a crash loses nothing) and plan its reads past them, the same way
+``FairSlots.plan`` already passes over keys that cannot take a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from functools import lru_cache
+
+from publicsuffixlist import PublicSuffixList
+
+# The share of a worker's download slots kept for keys that hold none: 1/8 (8 of the default 64).
+# Larger, the ingest of a lone key loses more slots; smaller, fewer newcomers at once start at once.
+RESERVE_DIVISOR = 8
+IPV6_ORIGIN_PREFIX = 64  # an IPv6 origin is counted by its /64: one site holds a whole /64 as a rule
+
+
+class FairSlots:
+    """`total` download slots; each owner (an API key id, "" for none) takes and gives back its own.
+
+    ``held`` counts the slots each owner holds, ``waiting`` its entries read but waiting for a slot (a
+    retry, or an entry claimed from a dead worker). An owner with neither is a newcomer.
+    """
+
+    def __init__(self, total: int, reserve: int | None = None) -> None:
+        self.total = total
+        self.reserve = total // RESERVE_DIVISOR if reserve is None else reserve
+        self.held: Counter[str] = Counter()
+        self.waiting: Counter[str] = Counter()
+        self._in_use = 0
+        self._turn = 0  # rotates the order in which owners with equal holdings are served
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def free(self) -> int:
+        return self.total - self._in_use
+
+    def load(self, owner: str) -> int:
+        """Slots `owner` holds plus its entries waiting for one: 0 for a newcomer."""
+        return self.held[owner] + self.waiting[owner]
+
+    def may_take(self, owner: str) -> bool:
+        """A free slot, and either none held by `owner` or more free slots than the reserve."""
+        return self.free > 0 and (self.held[owner] == 0 or self.free > self.reserve)
+
+    def try_take(self, owner: str) -> bool:
+        if not self.may_take(owner):
+            return False
+        self.held[owner] += 1
+        self._in_use += 1
+        return True
+
+    def queue_up(self, owner: str) -> None:
+        """An entry of `owner` now waits for a slot (counted until ``take`` grants it or ``leave_queue``)."""
+        self.waiting[owner] += 1
+
+    def leave_queue(self, owner: str) -> None:
+        self.waiting[owner] -= 1
+        if self.waiting[owner] <= 0:
+            del self.waiting[owner]
+
+    async def take(self, owner: str) -> None:
+        """A slot for a queued-up entry of `owner`, once the rules allow it."""
+        while not self.try_take(owner):
+            await self.changed()
+
+    def give_back(self, owner: str) -> None:
+        self.held[owner] -= 1
+        if self.held[owner] <= 0:
+            del self.held[owner]
+        self._in_use -= 1
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self, within: float | None = None) -> None:
+        """Return once a slot is given back, or after `within` seconds.
+
+        After a slot comes back, the callbacks already due in this turn of the event loop run first: the
+        downloads ending together give their slots back together, and the reader plans once for all.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    await waiter
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+        await asyncio.sleep(0)
+
+    def plan(self, owners: Sequence[str]) -> dict[str, int]:
+        """How many entries to read now from each owner's queue.
+
+        Each newcomer is asked for one entry, which the reserve is there to start. The free slots past
+        the reserve (and past the entries already waiting) go one by one to the other owners, to the one
+        holding fewest, ties in turn. Newcomers' entries are asked for on top: most of their queues are
+        empty, and counting them against the others would leave a busy key unread behind many idle ones.
+        """
+        if not owners:
+            return {}
+        self._turn = (self._turn + 1) % len(owners)
+        order = list(owners[self._turn:]) + list(owners[:self._turn])
+        load = {owner: self.load(owner) for owner in order}
+        wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
+        busy = [owner for owner in order if load[owner] > 0]
+        spare = self.free - sum(self.waiting.values()) - self.reserve
+        while busy and spare > 0:
+            owner = min(busy, key=load.__getitem__)  # the first of the fewest, in this turn's order
+            wanted[owner] += 1
+            load[owner] += 1
+            spare -= 1
+        return dict(wanted)
+
+
+class _Limit:
+    """At most `limit` holders at once per name; a name's semaphore lives only while it is in use."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._gates: dict[str, asyncio.Semaphore] = {}
+        self._users: Counter[str] = Counter()  # holding or waiting
+        self._holding: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        gate = self._gates.setdefault(name, asyncio.Semaphore(self.limit))
+        self._users[name] += 1
+        try:
+            async with gate:
+                self._holding[name] += 1
+                try:
+                    yield
+                finally:
+                    self._holding[name] -= 1
+        finally:
+            self._users[name] -= 1
+            if self._users[name] == 0:
+                del self._users[name], self._gates[name], self._holding[name]
+
+    def in_use(self, name: str) -> int:
+        return self._holding[name]
+
+
+class OriginCaps:
+    """Downloads in flight per resolved address and per registrable domain, in one process."""
+
+    def __init__(self, per_address: int, per_domain: int) -> None:
+        self.addresses = _Limit(per_address)
+        self.domains = _Limit(per_domain)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str, address: str) -> AsyncIterator[None]:
+        """Held around one request to `host` (as written in the URL), connected at `address`.
+
+        The domain first, then the address, always in that order, so two downloads never wait on
+        each other's bound.
+        """
+        domain = registrable_domain(host)
+        if domain is None:
+            async with self.addresses.hold(origin_address(address)):
+                yield
+        else:
+            async with self.domains.hold(domain), self.addresses.hold(origin_address(address)):
+                yield
+
+
+def origin_address(address: str) -> str:
+    """The name an address is counted under: itself, an IPv4 inside IPv6 as IPv4, IPv6 by its /64."""
+    try:
+        parsed = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{parsed}/{IPV6_ORIGIN_PREFIX}", strict=False))
+    return str(parsed)
+
+
+@lru_cache(maxsize=1)
+def _suffixes() -> PublicSuffixList:
+    return PublicSuffixList()  # the list file inside the package: no network, read once
+
+
+@lru_cache(maxsize=4096)
+def registrable_domain(host: str) -> str | None:
+    """The registrable domain of a host name (eTLD+1); the name itself if the list does not make one;
+    None for a numeric host, which is counted by its address alone."""
+    name = host.strip("[]").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+        return None
+    except ValueError:
+        pass
+    try:
+        domain = _suffixes().privatesuffix(name)
+    except (ValueError, UnicodeError):
+        domain = None
+    return domain or name

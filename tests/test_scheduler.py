@@ -1,0 +1,151 @@
+"""Fair download slots between API keys: the plan on its own, then end to end through `casimg serve`
+with one key flooding slow-origin URLs while another key sends one URL."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from casimg.keys import Scope
+from casimg.scheduler import FairSlots
+from tests.origin import Origin
+from tests.procs import Processes, casimg, submit
+
+
+def test_a_lone_key_gets_every_slot_but_the_reserve():
+    slots = FairSlots(64)
+    assert slots.reserve == 8
+    assert slots.plan(["a"]) == {"a": 1}  # a newcomer: one entry, to find out whether it has any
+    assert slots.try_take("a")
+    assert slots.plan(["a"]) == {"a": 63 - 8}
+    for _ in range(55):
+        assert slots.try_take("a")
+    assert not slots.may_take("a") and slots.free == 8
+    assert slots.plan(["a"]) == {}
+
+
+def test_a_newcomer_takes_a_reserved_slot_and_freed_slots_go_to_whoever_holds_fewest():
+    slots = FairSlots(16, reserve=2)
+    for _ in range(14):
+        assert slots.try_take("flood")
+    assert slots.plan(["flood", "new"]) == {"new": 1}
+    assert slots.try_take("new") and slots.try_take("other")  # two newcomers fill the reserve
+    assert slots.free == 0 and not slots.may_take("third")
+    for _ in range(4):
+        slots.give_back("flood")
+    # 4 free, 2 past the reserve: both to "new" and "other" (1 held each) before "flood" (10 held).
+    assert slots.plan(["flood", "new", "other"]) == {"new": 1, "other": 1}
+
+
+def test_entries_waiting_for_a_slot_count_against_their_key():
+    slots = FairSlots(8, reserve=0)
+    slots.queue_up("a")
+    # "a" is not a newcomer, and its waiting entry will take one of the 8 free slots: 7 are left to plan.
+    assert slots.plan(["a", "b"]) == {"a": 7, "b": 1}
+    slots.leave_queue("a")
+    assert slots.waiting == {}
+
+
+def test_a_busy_key_is_read_however_many_idle_keys_there_are():
+    slots = FairSlots(64)
+    assert slots.try_take("busy")
+    idle = [f"idle{n}" for n in range(200)]
+    wanted = slots.plan(["busy", *idle])
+    assert wanted["busy"] == 63 - 8 and all(wanted[name] == 1 for name in idle)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+FLOOD_PORTS = 8  # the flood's URLs are spread over 8 ports of one address, as the attack was
+FLOOD_URLS = 128  # two jobs of 64 URLs that trickle a byte every 5 s
+FETCH_TIMEOUT = 20  # seconds; the flood would hold slots for minutes (128 URLs, 8 at a time per address)
+FAIR_BOUND = 15.0  # seconds the other key's URL may take; measured about 1-2 s
+MEASURE_LIMIT = 300.0  # seconds the test keeps waiting, so a regression reports its real delay
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    tracked = Processes()
+    yield tracked
+    tracked.cleanup()
+
+
+@pytest.fixture
+def flood_origins() -> Iterator[list[Origin]]:
+    origins = [Origin() for _ in range(FLOOD_PORTS)]
+    for origin in origins:
+        origin.__enter__()
+    yield origins
+    for origin in origins:
+        origin.__exit__()
+
+
+@pytest.fixture
+def bystander() -> Iterator[Origin]:
+    """The other key's origin, on an address of its own (127.0.0.3)."""
+    with Origin("127.0.0.3") as server:
+        yield server
+
+
+@pytest.mark.slow
+def test_a_slow_origin_flood_from_one_key_does_not_delay_another_keys_url(
+    tmp_path: Path, procs: Processes, flood_origins: list[Origin], bystander: Origin
+):
+    data_dir = tmp_path / "data"
+    server = procs.server(data_dir, env={
+        "CASIMG_ALLOW_NETWORKS": "127.0.0.1/32,127.0.0.3/32", "CASIMG_RATE_LIMIT": "0",
+        "CASIMG_FETCH_TIMEOUT": str(FETCH_TIMEOUT),
+    })
+    other_key = casimg("keys", "create", "--name", "other", "--scope", "write",
+                       "--data-dir", str(data_dir)).stdout.strip().splitlines()[-1]
+    flood = [flood_origins[n % FLOOD_PORTS].url(f"/trickle/{n}?seconds=5") for n in range(FLOOD_URLS)]
+    for start in range(0, FLOOD_URLS, 64):
+        submit(server, flood[start:start + 64])
+    deadline = time.monotonic() + 60
+    while sum(o.hits[p] for o in flood_origins for p in o.hits if p.startswith("/trickle/")) < 8:
+        assert time.monotonic() < deadline, "the flood never started"
+        time.sleep(0.05)
+
+    started = time.monotonic()
+    status, body, _ = server.call("POST", "/api/images", {"image_urls": [bystander.url("/img/915000.jpg")]},
+                                  key=other_key)
+    assert status == 202, body
+    job_path = f"/api/jobs/{json.loads(body)['job_id']}"
+    while time.monotonic() - started < MEASURE_LIMIT:
+        job = json.loads(server.call("GET", job_path, key=other_key)[1])
+        if job["status"] == "done":
+            break
+        time.sleep(0.05)
+    delay = time.monotonic() - started
+    flooding = sum(o.hits[p] for o in flood_origins for p in o.hits if p.startswith("/trickle/"))
+    print(f"\nthe other key's URL finished in {delay:.2f} s under a flood of {FLOOD_URLS} trickling URLs "
+          f"({flooding} of them started)")
+    assert job["status"] == "done" and job["stored"] == 1, job
+    assert delay < FAIR_BOUND
+
+
+JUNK = 5000  # URLs refused before any connection: each costs the worker a moment, not a download
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_one_keys_backlog_is_not_in_front_of_another_keys_url(api, services, origin):
+    """A backlog of junk from one key and one URL from another: the other URL does not wait its turn
+    behind the backlog (it used to: one FIFO stream for every key)."""
+    other = await services.api_keys.create("other", Scope.write)
+    junk = [f"http://127.0.0.2:9/junk/{n}" for n in range(JUNK)]
+    backlog = await api("POST", "/api/images", json_body={"image_urls": junk})
+    assert backlog.code == 202
+    backlog_path = backlog.headers["Location"]
+    started = time.monotonic()
+    url = origin.url("/img/915001.jpg")
+    served = await api("POST", "/api/images?wait=60", key=other, json_body={"image_urls": [url]})
+    delay = time.monotonic() - started
+    assert served.code == 200 and json.loads(served.body)["stored"] == 1
+    left = json.loads((await api("GET", backlog_path)).body)
+    print(f"\nthe other key's URL took {delay:.2f} s; {left['done']} of the {JUNK} junk URLs were done by then")
+    assert left["status"] != "done", "the backlog finished first: the test shows nothing"
+    assert left["done"] < JUNK * 0.9
