@@ -39,7 +39,7 @@ SECTION = "## Inspecting the index with redis-cli"
 TYPES = {"hash": "hash", "sorted set": "zset", "set": "set", "string": "string", "stream": "stream", "list": "list"}
 PLACEHOLDER_RE = re.compile(r"\{(\w+)\}")
 # What a documented command line asks for: its Redis command and key, e.g. "HGET casimg:url".
-ASKS_RE = re.compile(r"\b(HGETALL|HGET|HSCAN|XINFO GROUPS) \"?(casimg:[a-z-]+)")
+ASKS_RE = re.compile(r"\b(HGETALL|HGET|HSCAN|XINFO GROUPS|ZRANGE) \"?(casimg:[a-z-]+)")
 
 
 def section() -> str:
@@ -162,6 +162,8 @@ def test_each_documented_command_answers_as_documented_on_the_embedded_redis(ser
     assert (fields["status"], fields["total"], fields["stored"], fields["failed"]) == ("done", "4", "3", "1")
     groups = answers.pop("XINFO GROUPS casimg:queue")
     assert groups[groups.index("name") + 1] == "workers" and groups[groups.index("pending") + 1] == "0"
+    owners = answers.pop("ZRANGE casimg:queue-owners")  # the job's key, its queue empty again: not inf
+    assert owners[0] == server.key.split("_")[1] and float(owners[1]) > 0 and owners[1] != "inf"
     assert not answers, f"documented commands this test does not check yet: {sorted(answers)}"
 
 
