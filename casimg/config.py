@@ -16,9 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from casimg import __version__
 from casimg.errors import ConfigError
 
 MIB = 1024 * 1024
+DEFAULT_USER_AGENT = f"casimg/{__version__} (+set CASIMG_USER_AGENT to add a contact)"
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -72,6 +74,10 @@ class Settings:
         "process."
     )
     max_redirects: int = _setting(5, "Most redirects followed for one URL.")
+    user_agent: str = _setting(
+        DEFAULT_USER_AGENT, "User-Agent of every download and robots.txt fetch: name casimg and a contact for "
+        "the origins' owners, e.g. 'casimg/0.1.0 (+https://example.org/bot; ops@example.org)'."
+    )
     max_url_length: int = _setting(
         8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
         "keeps its first 2,048 characters)."

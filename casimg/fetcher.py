@@ -46,8 +46,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from casimg import __version__
 from casimg.blobs import open_temp
+from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.scheduler import OriginCaps
 from casimg.userinfo import CREDENTIALS
@@ -55,7 +55,6 @@ from casimg.userinfo import CREDENTIALS
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-USER_AGENT = f"casimg/{__version__}"
 SCHEMES = ("http", "https")
 REDIRECTS = (301, 302, 303, 307, 308)
 READ_CHUNK = 64 * 1024
@@ -284,6 +283,7 @@ class Fetcher:
         allow_networks: Iterable[str] = (),
         resolver: AbstractResolver | None = None,
         max_per_domain: int | None = None,
+        user_agent: str = DEFAULT_USER_AGENT,
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.max_bytes = max_bytes
@@ -293,6 +293,7 @@ class Fetcher:
         self.max_per_host = max_per_host
         self.max_redirects = max_redirects
         self.max_url_length = max_url_length
+        self.user_agent = user_agent
         self.guard = AddressGuard(allow_networks)
         # Per address and per registrable domain; a domain's cap defaults to twice an address's.
         self.caps = OriginCaps(max_per_host, max_per_domain or 2 * max_per_host)
@@ -313,7 +314,7 @@ class Fetcher:
             # The total limit is applied around the whole redirect chain in fetch(); sock_read ends a
             # body that stalls (a body that trickles forever is ended by the total).
             timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout, sock_read=self.total_timeout),
-            headers={"User-Agent": USER_AGENT, "Accept": "image/*, */*;q=0.5"},
+            headers={"User-Agent": self.user_agent, "Accept": "image/*, */*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
             trust_env=False,  # no proxy from the environment: it would get around the address guard
         )

@@ -118,6 +118,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             max_redirects=settings.max_redirects,
             max_url_length=settings.max_url_length,
             allow_networks=settings.allow_networks,
+            user_agent=settings.user_agent,
         )
         await services.fetcher.start()
         metrics = services.metrics

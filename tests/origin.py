@@ -1,7 +1,8 @@
 """A real HTTP origin on 127.0.0.1 for the download path: generated images and hostile cases.
 
 It runs in a thread of the test process (``with Origin() as origin: origin.url("/img/1.jpg")``) and
-counts the hits on each path in ``origin.hits``, so tests can tell whether casimg fetched something.
+counts the hits on each path in ``origin.hits``, so tests can tell whether casimg fetched something
+(``origin.agents`` keeps the User-Agent of each path's last request).
 
 Paths:
   /img/N.EXT               an image generated from N (jpg, png, gif, webp, avif, bmp); distinct N, distinct bytes
@@ -92,6 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
         self.server.origin.count(path)
+        self.server.origin.agents[path] = self.headers.get("User-Agent", "")
         segments = path.strip("/").split("/")
         head = segments[0]
         if head == "img" and len(segments) == 2 and "." in segments[1]:
@@ -237,6 +239,7 @@ class Origin:
         self.host = host
         self.port = self.server.server_address[1]
         self.hits: Counter[str] = Counter()
+        self.agents: dict[str, str] = {}  # path -> the User-Agent of its last request
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)
 

@@ -24,6 +24,7 @@ from urllib.parse import quote
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from casimg import __version__
 from casimg.errors import DownloadFailed
 from casimg.fetcher import AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
 from casimg.scheduler import origin_address, registrable_domain
@@ -511,3 +512,19 @@ async def test_one_timeout_covers_the_whole_redirect_chain(tmp_path, origin):
         assert (failed.reason, failed.permanent) == ("timeout", False)
     finally:
         await fetcher.close()
+
+
+# -- politeness -------------------------------------------------------------------------------------
+
+@pytest.mark.gen_test
+async def test_downloads_say_who_they_are_in_the_user_agent(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    named = await started(tmp_path, user_agent="casimg/0.1.0 (+https://example.org/bot)")
+    try:
+        await fetcher.fetch(origin.url("/img/31.png"))
+        assert origin.agents["/img/31.png"] == f"casimg/{__version__} (+set CASIMG_USER_AGENT to add a contact)"
+        await named.fetch(origin.url("/img/32.png"))
+        assert origin.agents["/img/32.png"] == "casimg/0.1.0 (+https://example.org/bot)"
+    finally:
+        await fetcher.close()
+        await named.close()
