@@ -82,6 +82,10 @@ class Settings:
         8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
         "keeps its first 2,048 characters)."
     )
+    opt_out_tags: tuple[str, ...] = _setting(
+        ("noimageindex", "noai", "noimageai"), "Comma-separated X-Robots-Tag directives (for all robots or for "
+        "'casimg:') that fail a download with 'opted out' and keep nothing; empty turns the check off."
+    )
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
     max_queued_bytes: int = _setting(

@@ -49,6 +49,7 @@ from yarl import URL
 from casimg.blobs import open_temp
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
+from casimg.politeness import opted_out
 from casimg.scheduler import OriginCaps
 from casimg.userinfo import CREDENTIALS
 
@@ -284,6 +285,7 @@ class Fetcher:
         resolver: AbstractResolver | None = None,
         max_per_domain: int | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
+        opt_out_tags: Iterable[str] = (),
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.max_bytes = max_bytes
@@ -294,6 +296,7 @@ class Fetcher:
         self.max_redirects = max_redirects
         self.max_url_length = max_url_length
         self.user_agent = user_agent
+        self.opt_out_tags = tuple(opt_out_tags)
         self.guard = AddressGuard(allow_networks)
         # Per address and per registrable domain; a domain's cap defaults to twice an address's.
         self.caps = OriginCaps(max_per_host, max_per_domain or 2 * max_per_host)
@@ -395,6 +398,9 @@ class Fetcher:
                     raise DownloadFailed(f"HTTP {response.status} without Location")
                 return _usable_url(partial(_join, response.url, location), "invalid redirect")
             _check_status(response)
+            refused = opted_out(response.headers.getall("X-Robots-Tag", ()), self.opt_out_tags)
+            if refused is not None:  # before the body is read: nothing of it is kept
+                raise DownloadFailed(f"opted out (X-Robots-Tag: {refused})")
             declared = response.content_length
             if declared is not None and declared > self.max_bytes:
                 raise DownloadFailed(f"too large ({declared} bytes, over {self.max_bytes})")

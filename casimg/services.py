@@ -119,6 +119,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             max_url_length=settings.max_url_length,
             allow_networks=settings.allow_networks,
             user_agent=settings.user_agent,
+            opt_out_tags=settings.opt_out_tags,
         )
         await services.fetcher.start()
         metrics = services.metrics

@@ -8,6 +8,7 @@ Paths:
   /img/N.EXT               an image generated from N (jpg, png, gif, webp, avif, bmp); distinct N, distinct bytes
                            (any query is ignored, so /img/N.jpg?copy=K is another URL for the same bytes;
                            ``?delay=S`` waits S seconds before answering, to keep an import in flight)
+  /tagged/N.jpg?tag=V      an image sent with one X-Robots-Tag header per ``tag`` value
   /dup/NAME.jpg            the same bytes whatever NAME is
   /animated.gif?frames=N   an animated GIF of N frames
   /status/CODE             that status (``?retry_after=S`` adds Retry-After)
@@ -102,6 +103,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if "delay" in query:
                     self.server.stopping.wait(float(query["delay"]))
                 return self.send(200, image_bytes(int(stem), ext), FORMATS[ext][1])
+        if head == "tagged" and len(segments) == 2:  # /tagged/N.jpg?tag=V&tag=W: an image with X-Robots-Tag V, W
+            tags = parse_qs(parts.query).get("tag", [])
+            return self.send(200, image_bytes(int(segments[1].split(".")[0])), "image/jpeg",
+                             headers=[("X-Robots-Tag", tag) for tag in tags])
         if head == "dup":
             return self.send(200, image_bytes(999_999), "image/jpeg")
         if head == "animated.gif":
@@ -154,12 +159,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send_slow(float(query.get("seconds", "5")))
         self.send(404, b"not found", "text/plain")
 
-    def send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+    def send(self, status: int, body: bytes, content_type: str,
+             headers: dict[str, str] | list[tuple[str, str]] | None = None) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
-            for name, value in (headers or {}).items():
+            for name, value in (headers.items() if isinstance(headers, dict) else headers or []):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)

@@ -528,3 +528,29 @@ async def test_downloads_say_who_they_are_in_the_user_agent(tmp_path, origin):
     finally:
         await fetcher.close()
         await named.close()
+
+
+@pytest.mark.gen_test
+async def test_an_opt_out_in_x_robots_tag_fails_the_download_and_keeps_nothing(tmp_path, origin):
+    fetcher = await started(tmp_path, opt_out_tags=("noimageindex", "noai", "noimageai"))
+    try:
+        for tags, refused in ((["noai"], "noai"), (["noindex, NoImageIndex"], "noimageindex"),
+                              (["googlebot: noindex", "casimg: noimageai"], "noimageai")):
+            query = "&".join(f"tag={quote(tag)}" for tag in tags)
+            assert (await failure(fetcher, origin.url(f"/tagged/40.jpg?{query}"))).reason == \
+                f"opted out (X-Robots-Tag: {refused})"
+        # Another robot's opt-out, and directives that are not opt-outs, leave the download alone.
+        for query in ("tag=otherbot%3A+noai", "tag=noindex%2C+nofollow", "tag=unavailable_after%3A+25+Jun+2030"):
+            assert (await fetcher.fetch(origin.url(f"/tagged/41.jpg?{query}"))).size > 0
+    finally:
+        await fetcher.close()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.gen_test
+async def test_with_no_opt_out_tags_the_header_is_not_looked_at(tmp_path, origin):
+    fetcher = await started(tmp_path)
+    try:
+        assert (await fetcher.fetch(origin.url("/tagged/42.jpg?tag=noai"))).size > 0
+    finally:
+        await fetcher.close()
