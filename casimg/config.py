@@ -82,6 +82,14 @@ class Settings:
         8192, "Longest URL downloaded, in characters; a longer one fails in its job with 'URL too long' (the job "
         "keeps its first 2,048 characters)."
     )
+    robots_txt: bool = _setting(
+        True, "Obey each origin's robots.txt (RFC 9309) for the token 'casimg': a disallowed URL fails with "
+        "'disallowed by robots.txt'."
+    )
+    robots_ttl: float = _setting(
+        3600.0, "Seconds an origin's robots.txt is kept in Redis for every process before it is fetched again "
+        "(an unreachable one: at most 300)."
+    )
     opt_out_tags: tuple[str, ...] = _setting(
         ("noimageindex", "noai", "noimageai"), "Comma-separated X-Robots-Tag directives (for all robots or for "
         "'casimg:') that fail a download with 'opted out' and keep nothing; empty turns the check off."

@@ -49,7 +49,7 @@ from yarl import URL
 from casimg.blobs import open_temp
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
-from casimg.politeness import opted_out
+from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
 from casimg.scheduler import OriginCaps
 from casimg.userinfo import CREDENTIALS
 
@@ -286,6 +286,7 @@ class Fetcher:
         max_per_domain: int | None = None,
         user_agent: str = DEFAULT_USER_AGENT,
         opt_out_tags: Iterable[str] = (),
+        robots_timeout: float = ROBOTS_TIMEOUT,
     ) -> None:
         self.tmp_dir = Path(tmp_dir)
         self.max_bytes = max_bytes
@@ -297,9 +298,11 @@ class Fetcher:
         self.max_url_length = max_url_length
         self.user_agent = user_agent
         self.opt_out_tags = tuple(opt_out_tags)
+        self.robots_timeout = robots_timeout
         self.guard = AddressGuard(allow_networks)
         # Per address and per registrable domain; a domain's cap defaults to twice an address's.
         self.caps = OriginCaps(max_per_host, max_per_domain or 2 * max_per_host)
+        self.robots: Robots | None = None  # set by the owner of the Redis connection, when robots.txt is obeyed
         self._resolver = CachingResolver(GuardedResolver(self.guard, resolver))
         self._session: aiohttp.ClientSession | None = None
 
@@ -380,6 +383,10 @@ class Fetcher:
     async def _follow(self, url: URL) -> Downloaded:
         for _ in range(self.max_redirects + 1):
             self._check_hop(url)
+            if self.robots is not None:
+                refusal = await self.robots.refusal(url)
+                if refusal is not None:
+                    raise DownloadFailed(refusal)
             address = await self._address_of(url)
             async with self.caps.hold(url.raw_host or "", address):
                 hop = await self._hop(url)
@@ -387,6 +394,41 @@ class Fetcher:
                 return hop
             url = hop
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
+
+    async def fetch_robots(self, url: str) -> RobotsFile:
+        """An origin's robots.txt at `url`, through the guard and the caps like any download (RFC 9309)."""
+        try:
+            async with asyncio.timeout(self.robots_timeout):
+                return await self._follow_robots(_usable_url(lambda: URL(url), "invalid URL"))
+        except DownloadFailed as failed:
+            return RobotsFile("unreachable", failed.reason)
+        except TimeoutError:
+            return RobotsFile("unreachable", "timeout")
+        except aiohttp.ClientError as exc:
+            return RobotsFile("unreachable", f"connection failed ({type(exc).__name__})")
+
+    async def _follow_robots(self, url: URL) -> RobotsFile:
+        assert self._session is not None, "Fetcher.start() was not called"
+        for _ in range(ROBOTS_REDIRECTS + 1):
+            self._check_hop(url)
+            address = await self._address_of(url)
+            async with self.caps.hold(url.raw_host or "", address), \
+                    self._session.get(url, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status in REDIRECTS and location:
+                    url = _usable_url(partial(_join, response.url, location), "invalid redirect")
+                    continue
+                if 200 <= response.status < 300:
+                    body = bytearray()
+                    async for chunk in response.content.iter_chunked(READ_CHUNK):
+                        body += chunk
+                        if len(body) >= ROBOTS_MAX_BYTES:
+                            break
+                    return RobotsFile("rules", bytes(body[:ROBOTS_MAX_BYTES]).decode("utf-8", "replace"))
+                if 400 <= response.status < 500:
+                    return RobotsFile("allow")
+                return RobotsFile("unreachable", f"HTTP {response.status}")
+        return RobotsFile("allow")  # RFC 9309 2.3.1.2: past five redirects, the file may count as unavailable
 
     async def _hop(self, url: URL) -> Downloaded | URL:
         """One request: the body, or the URL it redirects to."""

@@ -28,6 +28,7 @@ from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
 from casimg.metrics import Metrics
 from casimg.migrate import migrate
+from casimg.politeness import Robots
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
@@ -121,6 +122,8 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             user_agent=settings.user_agent,
             opt_out_tags=settings.opt_out_tags,
         )
+        if settings.robots_txt:
+            services.fetcher.robots = Robots(client, keyspace, services.fetcher.fetch_robots, settings.robots_ttl)
         await services.fetcher.start()
         metrics = services.metrics
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,

@@ -8,6 +8,7 @@ Paths:
   /img/N.EXT               an image generated from N (jpg, png, gif, webp, avif, bmp); distinct N, distinct bytes
                            (any query is ignored, so /img/N.jpg?copy=K is another URL for the same bytes;
                            ``?delay=S`` waits S seconds before answering, to keep an import in flight)
+  /robots.txt              ``origin.robots_txt`` (a 404 while None), see ``Origin`` for its status and delay
   /tagged/N.jpg?tag=V      an image sent with one X-Robots-Tag header per ``tag`` value
   /dup/NAME.jpg            the same bytes whatever NAME is
   /animated.gif?frames=N   an animated GIF of N frames
@@ -103,6 +104,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if "delay" in query:
                     self.server.stopping.wait(float(query["delay"]))
                 return self.send(200, image_bytes(int(stem), ext), FORMATS[ext][1])
+        if path == "/robots.txt":
+            origin = self.server.origin
+            if origin.robots_stall:
+                self.server.stopping.wait(origin.robots_stall)
+            if origin.robots_txt is None:
+                return self.send(origin.robots_status or 404, b"no robots.txt", "text/plain")
+            return self.send(origin.robots_status or 200, origin.robots_txt.encode(), "text/plain")
         if head == "tagged" and len(segments) == 2:  # /tagged/N.jpg?tag=V&tag=W: an image with X-Robots-Tag V, W
             tags = parse_qs(parts.query).get("tag", [])
             return self.send(200, image_bytes(int(segments[1].split(".")[0])), "image/jpeg",
@@ -245,6 +253,10 @@ class Origin:
         self.host = host
         self.port = self.server.server_address[1]
         self.hits: Counter[str] = Counter()
+        # /robots.txt: these rules (None: a 404), with this status if set, after this many seconds.
+        self.robots_txt: str | None = None
+        self.robots_status = 0
+        self.robots_stall = 0.0
         self.agents: dict[str, str] = {}  # path -> the User-Agent of its last request
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)
