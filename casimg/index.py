@@ -38,7 +38,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
-from urllib.parse import quote
 
 import redis.asyncio as aioredis
 
@@ -127,13 +126,13 @@ class KeySpace:
         return f"{self.prefix}rate:{key_id}"
 
     def robots(self, origin: str) -> str:
-        """string with a TTL: an origin's robots.txt as politeness.RobotsFile.encode() gives it. The origin
-        (scheme://host[:port]) is percent-encoded whole, so the key holds no ':' of its own."""
-        return f"{self.prefix}robots:{quote(origin, safe='')}"
+        """string with a TTL: an origin's robots.txt as politeness.RobotsFile.encode() gives it. `origin` is
+        scheme://host[:port] percent-encoded whole (politeness.origin_name), so it holds no ':'."""
+        return f"{self.prefix}robots:{origin}"
 
     def robots_claim(self, origin: str) -> str:
         """string with a TTL: held by the process fetching an origin's robots.txt, so only it does."""
-        return f"{self.prefix}robots-claim:{quote(origin, safe='')}"
+        return f"{self.prefix}robots-claim:{origin}"
 
     def auth_failures(self, address: str) -> str:
         """string with a 60 s TTL: 401 answers given to one client address in the current minute."""

@@ -23,6 +23,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from protego import Protego
@@ -127,7 +128,7 @@ class Robots:
         return await asyncio.shield(loading)
 
     async def _load(self, origin: str) -> Verdict:
-        key = self.keys.robots(origin)
+        key = self.keys.robots(quote(origin, safe=""))
         raw = await self.redis.get(key)
         if raw is None:
             raw = await self._fetch_once(origin, key)
@@ -143,7 +144,7 @@ class Robots:
     async def _fetch_once(self, origin: str, key: str) -> str:
         """The file, fetched by this process if it claims the origin first, else by the claimant."""
         claim_ms = int((self.fetch_timeout + 1) * 1000)
-        if not await self.redis.set(self.keys.robots_claim(origin), "1", nx=True, px=claim_ms):
+        if not await self.redis.set(self.keys.robots_claim(quote(origin, safe="")), "1", nx=True, px=claim_ms):
             deadline = time.monotonic() + claim_ms / 1000
             while time.monotonic() < deadline:
                 await asyncio.sleep(ROBOTS_POLL)
