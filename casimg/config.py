@@ -90,6 +90,18 @@ class Settings:
         3600.0, "Seconds an origin's robots.txt is kept in Redis for every process before it is fetched again "
         "(an unreachable one: at most 300)."
     )
+    origin_rate: float = _setting(
+        10.0, "Requests per second to one origin (a registrable domain, or the address of a numeric host) from "
+        "every casimg process together (a token bucket in Redis); 0 turns it off."
+    )
+    origin_burst: int = _setting(10, "Requests one origin may get at once above its rate (the bucket's size).")
+    origin_backoff: float = _setting(
+        1.0, "Seconds a whole origin cools down after a 429 or 503 (for every process; doubled at each one in a "
+        "row, half of it random, at least its Retry-After); 0 turns cool-downs off."
+    )
+    origin_backoff_max: float = _setting(
+        300.0, "Longest cool-down of one origin, in seconds, Retry-After included."
+    )
     opt_out_tags: tuple[str, ...] = _setting(
         ("noimageindex", "noai", "noimageai"), "Comma-separated X-Robots-Tag directives (for all robots or for "
         "'casimg:') that fail a download with 'opted out' and keep nothing; empty turns the check off."

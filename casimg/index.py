@@ -134,6 +134,19 @@ class KeySpace:
         """string with a TTL: held by the process fetching an origin's robots.txt, so only it does."""
         return f"{self.prefix}robots-claim:{origin}"
 
+    def origin_rate(self, origin: str) -> str:
+        """hash with a TTL: one origin's request-rate token bucket, {tokens, ts}. `origin` is a registrable
+        domain or an address, percent-encoded (politeness.OriginPace)."""
+        return f"{self.prefix}origin-rate:{origin}"
+
+    def origin_cool(self, origin: str) -> str:
+        """string with a TTL: present while an origin cools down after a 429 or 503; holds the streak."""
+        return f"{self.prefix}origin-cool:{origin}"
+
+    def origin_backoff(self, origin: str) -> str:
+        """string with a TTL: an origin's cool-downs in a row, forgotten after a quiet spell."""
+        return f"{self.prefix}origin-backoff:{origin}"
+
     def auth_failures(self, address: str) -> str:
         """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
         return f"{self.prefix}authfail:{address}"

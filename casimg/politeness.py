@@ -12,14 +12,32 @@
   to claim ``KeySpace.robots_claim`` fetches while the others wait for its answer in Redis (up to the
   fetch's time limit, after which they fetch themselves). A parsed file is reused in the process for
   ``ROBOTS_LOCAL_TTL`` seconds without asking Redis.
+- **A request rate per origin** (``OriginPace``), shared by every process: a token bucket in Redis per
+  origin (``KeySpace.origin_rate``; limits.TAKE_LUA, the API keys' bucket), refilled at ``origin_rate``
+  requests a second up to ``origin_burst``. An origin is a registrable domain (scheduler.
+  registrable_domain: ``a.example.co.uk`` and ``b.example.co.uk`` share one bucket), or for a numeric
+  host its address (an IPv6 /64). A name is not resolved to count its address too: that would cost a
+  lookup before the token, and the per-address cap of scheduler.OriginCaps bounds it per process.
+  Only the URL's first request is paced; redirects it follows are not.
+- **Cool-downs** (``OriginPace.cool``): a 429 or 503 makes the whole origin wait, in every process
+  (``KeySpace.origin_cool``, a key with a TTL, checked by the same script that takes a token). The wait
+  doubles at each cool-down in a row (``KeySpace.origin_backoff`` counts them, forgotten after a quiet
+  spell), half of it random so that workers do not come back together, from ``origin_backoff`` up to
+  ``origin_backoff_max``, and never shorter than the origin's Retry-After (within the same ceiling).
+  The 429s of requests that were in flight when a cool-down began do not lengthen it.
 - **Opt-out headers** (``opted_out``): an ``X-Robots-Tag`` naming one of the refused directives
   (``noimageindex``, ``noai``, ``noimageai`` by default), for every robot or for casimg's token, fails the
   download before its body is read.
+
+A URL waiting for its origin holds no download slot (worker.py puts it aside), so other keys and other
+origins download meanwhile; in one process a single waiter per origin asks Redis, the others queue
+behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +48,8 @@ from protego import Protego
 from yarl import URL
 
 from casimg.index import KeySpace
+from casimg.limits import TAKE_LUA
+from casimg.scheduler import origin_address, registrable_domain
 
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: a parser must read at least the first 500 KiB; the rest is cut
 ROBOTS_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five consecutive redirects
@@ -41,6 +61,32 @@ ROBOTS_UNREACHABLE_TTL = 300.0
 ROBOTS_LOCAL_TTL = 60.0  # seconds a process reuses a parsed file before looking in Redis again
 ROBOTS_LOCAL_SIZE = 4096  # origins whose parsed file a process keeps at most
 ROBOTS_POLL = 0.1  # seconds between looks in Redis while another process fetches an origin's file
+# KEYS: cool-down, bucket   ARGV: rate burst 1  ->  {1, 0} when a token was taken, else {0, ms to wait}
+PACE_LUA = """
+local cooling = redis.call('PTTL', KEYS[1])
+if cooling > 0 then return {0, cooling} end
+""" + TAKE_LUA.replace("KEYS[1]", "KEYS[2]")
+
+# KEYS: cool-down, streak   ARGV: first_ms ceiling_ms retry_after_ms jitter (0 to 1) STREAK_MEMORY
+#   ->  ms the origin cools for
+COOL_LUA = """
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then return left end
+local streak = redis.call('INCR', KEYS[2])
+local first, ceiling = tonumber(ARGV[1]), tonumber(ARGV[2])
+local wait = math.min(ceiling, first * 2 ^ (streak - 1))
+wait = math.floor(wait / 2 + wait / 2 * tonumber(ARGV[4]))
+wait = math.max(1, wait, math.min(ceiling, tonumber(ARGV[3])))
+redis.call('SET', KEYS[1], streak, 'PX', wait)
+redis.call('PEXPIRE', KEYS[2], wait * tonumber(ARGV[5]))
+return wait
+"""
+# A streak of cool-downs is forgotten once the origin has gone this many times its last cool-down without
+# another: a 429 right after a cool-down doubles the next one, one an hour later starts again from the first.
+STREAK_MEMORY = 4
+COOLING_STATUSES = frozenset({429, 503})
+PACE_POLL_SLACK = 0.005  # seconds added to each wait for a token, so the retry finds the token there
+
 ROBOTS_TOKEN = "casimg"  # the product token matched against robots.txt groups and X-Robots-Tag prefixes
 # X-Robots-Tag directives that carry a value after a colon: their colon is not a user-agent prefix.
 VALUED_DIRECTIVES = frozenset({"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"})
@@ -164,3 +210,72 @@ def _verdict_of(found: RobotsFile) -> Verdict:
     if found.kind == "allow" or not found.text.strip():
         return None
     return Protego.parse(found.text)
+
+
+class OriginPace:
+    """The request rate and the cool-downs of every origin, shared through Redis (see the module docstring)."""
+
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, rate: float, burst: int, backoff: float,
+                 backoff_max: float) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.backoff = backoff
+        self.backoff_max = max(backoff, backoff_max)
+        self._take = redis.register_script(PACE_LUA)
+        self._cool = redis.register_script(COOL_LUA)
+        self._queues: dict[str, asyncio.Lock] = {}
+        self._queued: dict[str, int] = {}
+
+    async def try_now(self, origin: str) -> float:
+        """0 when `origin` may be asked now (its token is taken), else the seconds to wait first."""
+        name = quote(origin, safe="")
+        if self.rate <= 0:
+            if self.backoff <= 0:
+                return 0.0
+            return max(0, int(await self.redis.pttl(self.keys.origin_cool(name)))) / 1000
+        _, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
+                                      args=[self.rate, self.burst, 1])
+        return int(wait_ms) / 1000
+
+    async def turn(self, origin: str, sleep: Callable[[float], Awaitable[bool]]) -> bool:
+        """Wait until `origin` may be asked, its token taken; False if `sleep` said to stop meanwhile.
+
+        The waiters of one origin in this process queue up, and only the first asks Redis.
+        """
+        queue = self._queues.setdefault(origin, asyncio.Lock())
+        self._queued[origin] = self._queued.get(origin, 0) + 1
+        try:
+            async with queue:
+                while (wait := await self.try_now(origin)) > 0:
+                    if not await sleep(wait + PACE_POLL_SLACK):
+                        return False
+                return True
+        finally:
+            self._queued[origin] -= 1
+            if self._queued[origin] == 0:
+                del self._queued[origin], self._queues[origin]
+
+    async def cool(self, origin: str, retry_after: float | None) -> float:
+        """Start `origin`'s cool-down after a 429 or 503 (unless one is on); the seconds it lasts."""
+        if self.backoff <= 0:
+            return 0.0
+        name = quote(origin, safe="")
+        wait_ms = await self._cool(
+            keys=[self.keys.origin_cool(name), self.keys.origin_backoff(name)],
+            args=[int(self.backoff * 1000), int(self.backoff_max * 1000), int((retry_after or 0) * 1000),
+                  random.random(), STREAK_MEMORY],
+        )
+        return int(wait_ms) / 1000
+
+
+def origin_of(url: str) -> str | None:
+    """The origin a URL is paced under: its registrable domain, or its address for a numeric host."""
+    try:
+        host = URL(url).raw_host
+    except (ValueError, TypeError):
+        return None
+    if not host:
+        return None
+    return registrable_domain(host) or origin_address(host)

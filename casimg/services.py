@@ -28,7 +28,7 @@ from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
 from casimg.metrics import Metrics
 from casimg.migrate import migrate
-from casimg.politeness import Robots
+from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
 from casimg.worker import Worker
 
@@ -126,8 +126,12 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             services.fetcher.robots = Robots(client, keyspace, services.fetcher.fetch_robots, settings.robots_ttl)
         await services.fetcher.start()
         metrics = services.metrics
+        pace = None
+        if settings.origin_rate > 0 or settings.origin_backoff > 0:
+            pace = OriginPace(client, keyspace, settings.origin_rate, settings.origin_burst,
+                              settings.origin_backoff, settings.origin_backoff_max)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
-                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes)
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace)
     return services
 
 

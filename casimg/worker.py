@@ -44,6 +44,7 @@ from casimg.fsck import sweep
 from casimg.index import Index, encode_meta
 from casimg.lifecycle import index_linked_blob
 from casimg.logtext import clip
+from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.validation import ImageInfo, validate_image
@@ -81,6 +82,11 @@ HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep lo
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 UNCHECKED = ""  # an entry's `known` digest when the batch lookup failed: its task asks again itself
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+# Entries that may wait for their origin's rate or cool-down without a slot, per slot: enough that a
+# paced origin's backlog does not keep the slots from other origins, few enough to bound the entries
+# read ahead (each waits as a task, pending under this worker's name).
+ASIDE_PER_SLOT = 4
+COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
 def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
@@ -110,6 +116,7 @@ class Worker:
         fetcher: Fetcher,
         on_outcome: Callable[[str, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
+        pace: OriginPace | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -127,6 +134,8 @@ class Worker:
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
         self._slots = FairSlots(settings.download_concurrency)
+        self.pace = pace
+        self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
         self._owners: list[str] = [""]
         self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
         self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
@@ -298,6 +307,8 @@ class Worker:
                 try:
                     await self._attempt_all(entry, known, slot)
                     return
+                except _Stopped:
+                    return  # stays pending; the next worker takes it
                 except REDIS_ERRORS as exc:
                     if self._stopping.is_set():
                         return  # stays pending; the next worker takes it
@@ -346,15 +357,19 @@ class Worker:
         while True:
             attempt += 1
             await slot.take()
+            await self._wait_for_origin(entry.url, slot)
             started = time.monotonic()
             try:
                 downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout))
             except DownloadFailed as failure:
                 budget -= time.monotonic() - started
+                cooled = await self._cool_origin(entry.url, failure)
                 if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0 or self._stopping.is_set():
                     await self._fail(entry, failure.reason, attempt)
                     return
                 slot.give_back()  # no slot is held while waiting to retry: others download meanwhile
+                if cooled:
+                    continue  # the next attempt waits for the origin's cool-down, put aside
                 if not await self._sleep_unless_stopping(self._backoff(attempt, failure.retry_after)):
                     await self._fail(entry, failure.reason, attempt)
                     return
@@ -369,6 +384,36 @@ class Worker:
                 await self._fail(entry, failure.reason, attempt)
                 return
         _log_outcome(outcome, entry.url, attempt)
+
+    async def _wait_for_origin(self, url: str, slot: _Slot) -> None:
+        """Return once `url`'s origin may be asked (its rate and cool-down, politeness.OriginPace).
+
+        While it waits, the entry gives its slot back (it stays pending under this worker's name), so
+        other keys and origins download meanwhile; past ASIDE_PER_SLOT x download_concurrency entries
+        put aside, a further one waits holding its slot, which bounds how far the reader runs ahead.
+        """
+        origin = origin_of(url) if self.pace is not None else None
+        if self.pace is None or origin is None or await self.pace.try_now(origin) <= 0:
+            return
+        aside = self._aside < ASIDE_PER_SLOT * self.settings.download_concurrency
+        if aside:
+            slot.give_back()
+            self._aside += 1
+        try:
+            went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
+        finally:
+            if aside:
+                self._aside -= 1
+        if not went_on:
+            raise _Stopped
+        await slot.take()
+
+    async def _cool_origin(self, url: str, failure: DownloadFailed) -> bool:
+        """After a 429 or 503, cool the URL's whole origin down for every worker; True if it now cools."""
+        if self.pace is None or failure.reason not in COOLING_REASONS:
+            return False
+        origin = origin_of(url)
+        return origin is not None and await self.pace.cool(origin, failure.retry_after) > 0
 
     async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
         _log_outcome("failed", entry.url, attempts, reason)
@@ -437,6 +482,10 @@ class Worker:
             self.blobs.discard(tmp)
             raise
         return tmp, digest, info
+
+
+class _Stopped(Exception):
+    """The worker stopped while an entry waited for its origin: the entry stays pending."""
 
 
 class _Slot:

@@ -106,6 +106,8 @@ def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
         "worker_heartbeat": 2,
         "shutdown_grace": 2,
         "key_cache_ttl": 0,
+        # Tests download hundreds of images from the one local origin; tests/test_politeness.py sets a rate.
+        "origin_rate": 0,
     }
     values.update(overrides)
     return load_settings(environ={}, overrides=values)

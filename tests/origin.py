@@ -96,6 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = parts.path, {k: v[0] for k, v in parse_qs(parts.query).items()}
         self.server.origin.count(path)
         self.server.origin.agents[path] = self.headers.get("User-Agent", "")
+        self.server.origin.requests.append((time.monotonic(), path))
         segments = path.strip("/").split("/")
         head = segments[0]
         if head == "img" and len(segments) == 2 and "." in segments[1]:
@@ -257,6 +258,7 @@ class Origin:
         self.robots_txt: str | None = None
         self.robots_status = 0
         self.robots_stall = 0.0
+        self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path) of every request, in order
         self.agents: dict[str, str] = {}  # path -> the User-Agent of its last request
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)

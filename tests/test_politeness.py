@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from casimg.config import Settings
 from casimg.errors import DownloadFailed
 from casimg.fetcher import Fetcher
 from casimg.index import KeySpace
 from casimg.politeness import Robots, opted_out
-from casimg.services import connect_redis
+from casimg.queue import Job, JobQueue
+from casimg.services import Services, connect_redis, open_services
+from tests.conftest import make_settings
 from tests.origin import Origin
 from tests.test_fetcher import started
 
@@ -108,3 +112,85 @@ async def test_an_unreachable_robots_txt_disallows_the_origin_for_a_while(tmp_pa
                 ["disallowed by robots.txt (robots.txt unreachable: timeout)"]
         assert failing.hits["/robots.txt"] == stalling.hits["/robots.txt"] == 1
         assert failing.hits["/img/9.jpg"] == stalling.hits["/img/9.jpg"] == 0
+
+
+# -- the rate and cool-downs of an origin, for every worker ----------------------------------------
+
+@contextlib.asynccontextmanager
+async def workers(settings: Settings, count: int) -> AsyncIterator[list[Services]]:
+    """`count` download workers on one Redis, as `count` casimg processes would be."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    built: list[Services] = []
+    try:
+        for _ in range(count):
+            built.append(await open_services(settings, settings.redis_url, with_worker=True))
+            assert built[-1].worker is not None
+            built[-1].worker.start()
+        yield built
+    finally:
+        for services in built:
+            await services.close()
+
+
+async def finished(queue: JobQueue, job_id: str, within: float = 60.0) -> Job:
+    deadline = time.monotonic() + within
+    while (job := await queue.get(job_id)).status != "done":
+        assert time.monotonic() < deadline, f"job {job_id} not done within {within} s"
+        await asyncio.sleep(0.05)
+    return job
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_an_origins_rate_holds_across_two_workers(tmp_path, redis_server):
+    rate, count = 4, 24
+    settings = make_settings(tmp_path / "data", redis_server.url, origin_rate=rate, origin_burst=1,
+                             download_concurrency=8)
+    with Origin() as origin:
+        async with workers(settings, 2) as (first, _):
+            job_id, _ = await first.queue.submit([origin.url(f"/img/{n}.jpg") for n in range(600, 600 + count)])
+            job = await finished(first.queue, job_id)
+        assert job.stored == count
+        times = [at for at, path in origin.requests if path.startswith("/img/")]
+    # In any one second: the rate, plus the burst, plus slack for a loaded machine.
+    busiest = max(sum(1 for other in times if start <= other < start + 1) for start in times)
+    assert busiest <= rate + 1 + 2, busiest
+    assert times[-1] - times[0] >= (count - 1) / rate * 0.8
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_url_waiting_for_its_origin_holds_no_slot(tmp_path, redis_server):
+    settings = make_settings(tmp_path / "data", redis_server.url, origin_rate=1, origin_burst=1,
+                             download_concurrency=4)
+    with Origin() as origin:
+        paced = [origin.url(f"/img/{n}.jpg") for n in range(700, 712)]  # 127.0.0.1: 12 s at 1 a second
+        other = f"http://localhost:{origin.port}/img/799.jpg"  # another origin (a name), the same server
+        async with workers(settings, 1) as (services,):
+            slow_job, _ = await services.queue.submit(paced)
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            quick_job, _ = await services.queue.submit([other])
+            quick = await finished(services.queue, quick_job, within=30)
+            took = time.monotonic() - started
+            assert (await services.queue.get(slow_job)).status != "done"
+    assert quick.stored == 1
+    assert took < 4.0, took  # holding the slots, it would wait behind the paced URLs for about 8 s
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_429_storm_cools_the_whole_origin_down_for_every_worker(tmp_path, redis_server):
+    settings = make_settings(tmp_path / "data", redis_server.url, origin_backoff=1.0, download_concurrency=4)
+    with Origin() as origin:
+        urls = [origin.url(f"/flaky/storm{n}?fail=1&status=429&retry_after=2") for n in range(8)]
+        async with workers(settings, 2) as (first, _):
+            job_id, _ = await first.queue.submit(urls)
+            await asyncio.sleep(1.0)
+            cooling = await first.queue.get(job_id)
+            job = await finished(first.queue, job_id)
+        hits = [at for at, path in origin.requests if path.startswith("/flaky/")]
+    assert cooling.done < len(urls)  # the cooling URLs are pending, not failed
+    assert job.stored == len(urls) and all(result["attempts"] == 2 for result in job.results)
+    # The first 429 cools the origin for its Retry-After (2 s): only what was in flight then reaches it.
+    first_wave = [at for at in hits if at < hits[0] + 1.5]
+    assert len(first_wave) <= 2 * settings.download_concurrency
+    assert len(first_wave) < len(urls), "every URL reached the origin before it cooled down"
+    assert not [at for at in hits if hits[0] + 0.5 < at < hits[0] + 1.8]

@@ -242,14 +242,17 @@ def test_hostile_urls_through_casimg_serve_end_their_jobs_and_free_the_key(tmp_p
 @pytest.mark.gen_test(timeout=90)
 @pytest.mark.parametrize("settings", [{"download_concurrency": 1}], indirect=True)
 async def test_no_slot_is_held_while_a_url_waits_to_be_retried(api, origin, services):
-    """One slot: a URL told to come back in 4 s must not keep the next URL waiting for those 4 s."""
+    """One slot: a URL told to come back in 4 s must not keep the next URL waiting for those 4 s.
+
+    The next URL is on another origin (a name for the same server): the 429 cools its own origin down.
+    """
     slow_job = json.loads((await api("POST", "/api/images", json_body={
         "image_urls": [origin.url("/flaky/later?fail=1&status=429&retry_after=4")]})).body)["job_id"]
     for _ in range(200):  # its first attempt has been answered: it is waiting to retry
         if origin.hits["flaky:later"] >= 1:
             break
         await asyncio.sleep(0.02)
-    other = await outcome(api, origin.url("/img/913010.jpg"))
+    other = await outcome(api, f"http://localhost:{origin.port}/img/913010.jpg")
     assert other["status"] == "stored"
     waiting = json.loads((await api("GET", f"/api/jobs/{slow_job}")).body)
     assert waiting["status"] != "done", "the other URL waited for the retry"
