@@ -43,7 +43,9 @@ class Server:
         self.data_dir = data_dir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2", **(env or {})}
+        # CASIMG_ORIGIN_RATE 0: tests fetch hundreds of images from one local origin (as conftest.make_settings)
+        self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2",
+                    "CASIMG_ORIGIN_RATE": "0", **(env or {})}
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.process = start_serve(["--data-dir", str(data_dir), "--port", str(self.port), *extra], self.port,
                                    self.log, env=self.env, cwd=ROOT)
@@ -101,7 +103,7 @@ class Processes:
     def worker(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None,
                name: str = "worker") -> subprocess.Popen[bytes]:
         process = spawn([sys.executable, "-m", "casimg", "worker", "--data-dir", str(data_dir), *extra],
-                        data_dir.parent / f"{name}.log", env, cwd=ROOT)
+                        data_dir.parent / f"{name}.log", {"CASIMG_ORIGIN_RATE": "0", **(env or {})}, cwd=ROOT)
         self.started.append(process)
         return process
 
