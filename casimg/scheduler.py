@@ -21,12 +21,11 @@ Three bounds stand between one client's URLs and everyone else's downloads:
 Both caps are per worker process. A slot is given back while a URL waits to be retried (see
 worker.py), so a key's backoff never holds anyone's slot.
 
-Politeness (per-origin request rates and cool-downs after 429/503) is meant to slot in here: it is a
-third origin bound, keyed like ``OriginCaps`` by registrable domain and address, but shared by every
-process (a Redis token bucket) rather than counted in one. An origin that is cooling down or out of
-tokens should hold no download slot while it waits: the worker would then put such entries aside
-(still pending under its name, so a crash loses nothing) and plan its reads past them, the same way
-``FairSlots.plan`` already passes over keys that cannot take a slot.
+Politeness (politeness.py) adds a third origin bound, keyed by registrable domain (or a numeric host's
+address) like ``OriginCaps`` but shared by every process: a request rate per origin (a Redis token
+bucket) and cool-downs after 429/503. An entry whose origin is out of tokens or cooling holds no download
+slot while it waits: the worker gives its slot back (the entry stays pending under its name, so a crash
+loses nothing) and reads on for other keys and origins, up to a bound on the entries put aside.
 """
 
 from __future__ import annotations
