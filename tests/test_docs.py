@@ -94,7 +94,7 @@ def cli_path() -> str:
 def server(tmp_path_factory, origin):
     """A server that has stored, deduplicated and failed URLs, with a job to look at."""
     data_dir = tmp_path_factory.mktemp("readme") / "data"
-    running = Server(data_dir)
+    running = Server(data_dir, env={"CASIMG_ORIGIN_RATE": "10"})  # the default, which tests/procs.py turns off
     running.urls = [origin.url("/img/500.jpg"), origin.url("/dup/one.jpg"), origin.url("/dup/two.jpg")]
     running.job = running.submit([*running.urls, origin.url("/status/404")])
     assert running.call("GET", "/api/images", key="casimg_000000000000_" + "x" * 43)[0] == 401  # an authfail key
