@@ -60,7 +60,7 @@ return {n, redis.call('TTL', KEYS[1])}
 
 
 @dataclass
-class _Lease:
+class Lease:
     """Tokens of one key held by this process: spendable until `expiry` (time.monotonic())."""
 
     left: int = 0
@@ -81,7 +81,7 @@ class RateLimiter:
         self.rate = rate
         self.burst = burst
         self.lease_size = max(1, min(burst, math.ceil(rate * LEASE_SECONDS)))
-        self._leases: dict[str, _Lease] = {}
+        self._leases: dict[str, Lease] = {}
         # key id -> the one lease request in flight for it: None when Redis granted tokens, else the
         # milliseconds until one is there
         self._asking: dict[str, asyncio.Task[int | None]] = {}
@@ -121,7 +121,7 @@ class RateLimiter:
                 del self._leases[key_id]
             return int(wait_ms)
         if lease is None or lease.expiry <= now:
-            self._leases[key_id] = _Lease(int(granted), now + LEASE_SECONDS)
+            self._leases[key_id] = Lease(int(granted), now + LEASE_SECONDS)
         else:
             lease.left += int(granted)
             lease.expiry = now + LEASE_SECONDS

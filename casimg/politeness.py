@@ -37,6 +37,7 @@ behind it.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -48,7 +49,7 @@ from protego import Protego
 from yarl import URL
 
 from casimg.index import KeySpace
-from casimg.limits import TAKE_LUA
+from casimg.limits import LEASE_SECONDS, TAKE_LUA, Lease
 from casimg.scheduler import origin_address, registrable_domain
 
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: a parser must read at least the first 500 KiB; the rest is cut
@@ -61,7 +62,7 @@ ROBOTS_UNREACHABLE_TTL = 300.0
 ROBOTS_LOCAL_TTL = 60.0  # seconds a process reuses a parsed file before looking in Redis again
 ROBOTS_LOCAL_SIZE = 4096  # origins whose parsed file a process keeps at most
 ROBOTS_POLL = 0.1  # seconds between looks in Redis while another process fetches an origin's file
-# KEYS: cool-down, bucket   ARGV: rate burst 1  ->  {1, 0} when a token was taken, else {0, ms to wait}
+# KEYS: cool-down, bucket   ARGV: rate burst want  ->  {tokens taken, 0}, else {0, ms to wait}
 PACE_LUA = """
 local cooling = redis.call('PTTL', KEYS[1])
 if cooling > 0 then return {0, cooling} end
@@ -85,6 +86,7 @@ return wait
 # another: a 429 right after a cool-down doubles the next one, one an hour later starts again from the first.
 STREAK_MEMORY = 4
 COOLING_STATUSES = frozenset({429, 503})
+LEASES_KEPT = 4096  # origins whose lease a process keeps at most; past it they are all dropped
 PACE_POLL_SLACK = 0.005  # seconds added to each wait for a token, so the retry finds the token there
 
 ROBOTS_TOKEN = "casimg"  # the product token matched against robots.txt groups and X-Robots-Tag prefixes
@@ -226,6 +228,11 @@ class OriginPace:
         self._take = redis.register_script(PACE_LUA)
         self._cool = redis.register_script(COOL_LUA)
         self._queues: dict[str, asyncio.Lock] = {}
+        # As limits.RateLimiter does: a process takes LEASE_SECONDS of a fast origin's rate per trip to Redis
+        # (one token at a time below 20 a second), so an origin allowing hundreds a second costs no round
+        # trip per URL; the rate then holds give or take one lease per process.
+        self.lease_size = max(1, min(self.burst, math.ceil(rate * LEASE_SECONDS)))
+        self._leases: dict[str, Lease] = {}
         self._queued: dict[str, int] = {}
 
     async def try_now(self, origin: str) -> float:
@@ -235,9 +242,17 @@ class OriginPace:
             if self.backoff <= 0:
                 return 0.0
             return max(0, int(await self.redis.pttl(self.keys.origin_cool(name)))) / 1000
-        _, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
-                                      args=[self.rate, self.burst, 1])
-        return int(wait_ms) / 1000
+        lease = self._leases.get(origin)
+        if lease is not None and lease.spend():
+            return 0.0
+        granted, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
+                                            args=[self.rate, self.burst, self.lease_size])
+        if not granted:
+            return int(wait_ms) / 1000
+        if len(self._leases) >= LEASES_KEPT:
+            self._leases.clear()
+        self._leases[origin] = Lease(int(granted) - 1, time.monotonic() + LEASE_SECONDS)
+        return 0.0
 
     async def turn(self, origin: str, sleep: Callable[[float], Awaitable[bool]]) -> bool:
         """Wait until `origin` may be asked, its token taken; False if `sleep` said to stop meanwhile.
@@ -262,6 +277,7 @@ class OriginPace:
         if self.backoff <= 0:
             return 0.0
         name = quote(origin, safe="")
+        self._leases.pop(origin, None)
         wait_ms = await self._cool(
             keys=[self.keys.origin_cool(name), self.keys.origin_backoff(name)],
             args=[int(self.backoff * 1000), int(self.backoff_max * 1000), int((retry_after or 0) * 1000),
