@@ -38,7 +38,8 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
     """Index URLs start..stop-1 through casimg's Index.store, each with its own digest and metadata."""
     import redis.asyncio as aioredis
 
-    from casimg.index import BlobMeta, Index, KeySpace
+    from casimg.index import BlobMeta, Index
+    from casimg.schema import KeySpace
     from casimg.services import connect_redis
 
     client: aioredis.Redis = connect_redis(redis_url, FILL_IN_FLIGHT + 8)

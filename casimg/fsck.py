@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
-from casimg.index import Index, encode_meta, url_bucket
+from casimg.index import Index, encode_meta
 from casimg.lifecycle import remove_if_unreferenced
+from casimg.schema import url_bucket
 from casimg.validation import content_type_of, validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans

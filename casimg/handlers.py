@@ -25,13 +25,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
-from casimg.index import CURSOR_DIGITS, MILLIS, ImageRecord
+from casimg.index import MILLIS, ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
+from casimg.schema import CURSOR_DIGITS
 from casimg.services import Services
 from casimg.validation import FORMATS, content_type_of
 

@@ -1,6 +1,6 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
-Every Redis key casimg writes is named by ``KeySpace``; the key table in docs/operations.md mirrors it.
+Every Redis key casimg writes is named by ``KeySpace`` (schema.py).
 The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
 which is what holds it under 250 bytes per URL:
 
@@ -42,120 +42,11 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from casimg.batching import ScriptBatcher
+from casimg.schema import BUCKET_DIGITS, BUCKETS, QUEUE_GROUP, KeySpace, blob_key, queue_stream, url_bucket, url_key
 from casimg.validation import ImageInfo
 
 MILLIS = 1000
 DAY = 86_400  # seconds
-# Buckets are named by 3 hex digits: 4,096 of them. At 1,000,000 URLs that is about 244 entries each,
-# under the 512 that keep a hash compact (embedded.COMPACT_HASH_ENTRIES); past about 2 million URLs or
-# contents Redis converts the fuller buckets to plain hashes, which only costs memory. The Lua below
-# (bucket_name, the 0..4095 walks) is written for 3 digits.
-BUCKET_DIGITS = 3
-BUCKETS = [f"{n:03x}" for n in range(16**BUCKET_DIGITS)]
-CURSOR_DIGITS = 40  # a listing cursor is the SHA-1 (hex) of the last URL of the page before
-
-
-@dataclass(frozen=True)
-class KeySpace:
-    """The name of every Redis key casimg uses, all built here from one prefix."""
-
-    prefix: str = "casimg:"
-
-    def url(self, bucket: str) -> str:
-        """hash: URL -> "<sha256 hex> <stored_at in ms> <size> <width> <height> <content_type>" (the last
-        four missing while the metadata is), for the URLs whose SHA-1 starts with `bucket`."""
-        return f"{self.prefix}url:{bucket}"
-
-    def blob(self, bucket: str) -> str:
-        """hash: raw 32-byte SHA-256 -> references (> 0), for the digests whose hex starts with `bucket`."""
-        return f"{self.prefix}blob:{bucket}"
-
-    @property
-    def count(self) -> str:
-        """hash: ``urls`` (URLs indexed) and ``blobs`` (contents with refs > 0), kept by the index scripts."""
-        return self.prefix + "count"
-
-    @property
-    def queue(self) -> str:
-        """stream: one entry per URL to download, for jobs submitted without an API key (and those
-        queued before each key had a stream of its own); read by the consumer group ``QUEUE_GROUP``."""
-        return self.prefix + "queue"
-
-    def key_queue(self, key_id: str) -> str:
-        """stream: one entry per URL to download, for the jobs of one API key; group ``QUEUE_GROUP``."""
-        return f"{self.prefix}queue:{key_id}"
-
-    @property
-    def queue_owners(self) -> str:
-        """sorted set: API key id -> +inf while its queue stream holds entries, else the time in ms it
-        became empty (dropped an hour after, see queue.OWNER_KEEP)."""
-        return self.prefix + "queue-owners"
-
-    def job(self, job_id: str) -> str:
-        """hash: a job's status, counters and times."""
-        return f"{self.prefix}job:{job_id}"
-
-    def job_urls(self, job_id: str) -> str:
-        """list: the job's distinct URLs in submission order."""
-        return f"{self.prefix}job:{job_id}:urls"
-
-    def job_results(self, job_id: str) -> str:
-        """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
-        return f"{self.prefix}job:{job_id}:results"
-
-    def worker(self, name: str) -> str:
-        """string with a TTL: present while the named worker is alive."""
-        return f"{self.prefix}worker:{name}"
-
-    @property
-    def sweep_lock(self) -> str:
-        """string with a TTL: held by the worker running the periodic sweep, so only one does."""
-        return self.prefix + "sweep-lock"
-
-    @property
-    def enqueuing(self) -> str:
-        """sorted set: published jobs whose queue entries are still being added, scored by publish time in ms."""
-        return self.prefix + "enqueuing"
-
-    def inflight(self, key_id: str) -> str:
-        """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""
-        return f"{self.prefix}inflight:{key_id}"
-
-    def rate(self, key_id: str) -> str:
-        """hash with a TTL: one API key's token bucket, {tokens, ts}."""
-        return f"{self.prefix}rate:{key_id}"
-
-    def auth_failures(self, address: str) -> str:
-        """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
-        return f"{self.prefix}authfail:{address}"
-
-    @property
-    def api_keys(self) -> str:
-        """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
-        return self.prefix + "apikeys"
-
-
-QUEUE_GROUP = "workers"
-
-
-def queue_stream(keys: KeySpace, owner: str) -> str:
-    """The queue stream of one API key's entries; the keyless stream for ""."""
-    return keys.key_queue(owner) if owner else keys.queue
-
-
-def url_bucket(url: str) -> str:
-    """The bucket of a URL: the first hex digits of the SHA-1 of its UTF-8 bytes (Lua's redis.sha1hex)."""
-    return hashlib.sha1(url.encode()).hexdigest()[:BUCKET_DIGITS]
-
-
-def url_key(keys: KeySpace, url: str) -> str:
-    return keys.url(url_bucket(url))
-
-
-def blob_key(keys: KeySpace, digest: str) -> str:
-    return keys.blob(digest[:BUCKET_DIGITS])
-
-
 # Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
 # remove the queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner
 # (an API key id, '' for the keyless stream) is scored in the owners set with the time its stream became

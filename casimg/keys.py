@@ -20,7 +20,8 @@ from enum import IntEnum
 import redis.asyncio as aioredis
 
 from casimg.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from casimg.index import KeySpace, now_iso
+from casimg.index import now_iso
+from casimg.schema import KeySpace
 
 KEY_RE = re.compile(r"^casimg_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")

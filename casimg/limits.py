@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from casimg.errors import TooManyRequests
-from casimg.index import KeySpace
+from casimg.schema import KeySpace
 
 LEASE_SECONDS = 0.05  # a lease holds this much of the rate: 10 tokens at 200 a second
 AUTH_WINDOW = 60  # seconds over which 401s from one address are counted

@@ -1,6 +1,6 @@
 """Moves an index written by casimg 0.1 to the current layout (index.py) when a process starts.
 
-casimg 0.1 kept the index in five keys, named here by ``OldKeySpace`` and read nowhere else:
+casimg 0.1 kept the index in five keys, named by ``schema.OldKeySpace`` and read only here:
 ``urls`` (URL -> hex digest), ``order`` (URL scored by stored_at in µs), ``refs`` (digest ->
 references), ``meta:{3 hex}`` (digest -> "size width height content_type") and ``clock``.
 
@@ -17,9 +17,9 @@ one still writing to the old keys would keep the move from finishing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from casimg.index import BUCKETS, UNHEX_LUA, Index, now_ms
+from casimg.index import UNHEX_LUA, Index, now_ms
+from casimg.schema import BUCKETS, OldKeySpace
 
 log = logging.getLogger("casimg.migrate")
 
@@ -27,37 +27,6 @@ log = logging.getLogger("casimg.migrate")
 # 300,000 URLs on a busy 2-core machine.
 MIGRATE_BATCH = 250
 US_PER_MS = 1000
-
-
-@dataclass(frozen=True)
-class OldKeySpace:
-    """The keys of the casimg 0.1 index, under the same prefix as KeySpace."""
-
-    prefix: str
-
-    @property
-    def urls(self) -> str:
-        return self.prefix + "urls"
-
-    @property
-    def order(self) -> str:
-        return self.prefix + "order"
-
-    @property
-    def refs(self) -> str:
-        return self.prefix + "refs"
-
-    @property
-    def clock(self) -> str:
-        return self.prefix + "clock"
-
-    def meta(self, bucket: str) -> str:
-        return f"{self.prefix}meta:{bucket}"
-
-    def markers(self) -> list[str]:
-        """The keys of which one exists while any of the old index is left: one DEL removes them and the
-        meta buckets together, so the meta buckets never outlive them."""
-        return [self.urls, self.order, self.refs, self.clock]
 
 
 # KEYS: old_urls old_order count     ARGV: url_prefix blob_prefix old_meta_prefix now_ms url...  ->  moved

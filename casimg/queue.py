@@ -48,7 +48,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
-from casimg.index import QUEUE_GROUP, KeySpace, now_iso, queue_stream
+from casimg.index import now_iso
+from casimg.schema import QUEUE_GROUP, KeySpace, queue_stream
 from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait

@@ -23,12 +23,13 @@ from casimg.blobs import BlobStore
 from casimg.config import Settings
 from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
 from casimg.metrics import Metrics
 from casimg.migrate import migrate
 from casimg.queue import JobQueue
+from casimg.schema import KeySpace
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")

@@ -9,8 +9,9 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, blob_key, url_bucket
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
+from casimg.schema import blob_key, url_bucket
 from tests.conftest import png
 from tests.origin import image_bytes
 

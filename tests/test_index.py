@@ -13,7 +13,8 @@ import pytest
 from redis.exceptions import ResponseError
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
-from casimg.index import BlobMeta, Index, KeySpace, blob_key, iso, iso_ms, url_bucket, url_key
+from casimg.index import BlobMeta, Index, iso, iso_ms
+from casimg.schema import KeySpace, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
 
 META = BlobMeta(size=3, content_type="image/png", width=1, height=1).encode()

@@ -20,8 +20,9 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import sweep
-from casimg.index import BlobMeta, Index, KeySpace
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
+from casimg.schema import KeySpace
 from casimg.services import connect_redis
 
 BYTES = b"the same image bytes at two URLs"

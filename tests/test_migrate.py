@@ -14,8 +14,9 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, KeySpace
-from casimg.migrate import OldKeySpace, migrate, move_batch
+from casimg.index import BlobMeta, Index
+from casimg.migrate import migrate, move_batch
+from casimg.schema import KeySpace, OldKeySpace
 from casimg.services import connect_redis, open_services
 from tests.conftest import make_settings, png
 

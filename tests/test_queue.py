@@ -9,8 +9,9 @@ import time
 import pytest
 
 from casimg.errors import NotFound, TooLarge, TooManyRequests
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.queue import KEPT_URL, JobQueue, Limits
+from casimg.schema import KeySpace
 from casimg.services import connect_redis
 
 
