@@ -14,7 +14,8 @@ which is what holds it under 250 bytes per URL:
   content with no references has no record.
 - ``count``: the number of URLs and of referenced contents, so totals need no scan.
 
-Each change that touches more than one key is a single Lua script, so the index never shows half a change:
+Each change that touches more than one key is a single Lua script (lua/, composed as lua.SCRIPTS says), so
+the index never shows half a change:
 
 - ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
   same step, record the outcome in its job (see queue.py).
@@ -42,251 +43,23 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 
 from casimg.batching import ScriptBatcher
+from casimg.lua import source as lua_source
 from casimg.schema import BUCKET_DIGITS, BUCKETS, QUEUE_GROUP, KeySpace, blob_key, queue_stream, url_bucket, url_key
 from casimg.validation import ImageInfo
 
 MILLIS = 1000
 DAY = 86_400  # seconds
-# Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
-# remove the queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner
-# (an API key id, '' for the keyless stream) is scored in the owners set with the time its stream became
-# empty, in the step that empties it; the submit script scores it +inf while its stream holds entries.
-_COMPLETE_LUA = """
-local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms)
-  if entry ~= '' then
-    redis.call('XACK', queue, group, entry)
-    redis.call('XDEL', queue, entry)
-    if owner ~= '' and redis.call('XLEN', queue) == 0 then redis.call('ZADD', owners, now_ms, owner) end
-  end
-  if field == '' or redis.call('EXISTS', job) == 0 then return end
-  if redis.call('HSETNX', results, field, result) == 0 then return end
-  if redis.call('TTL', results) < 0 then redis.call('EXPIRE', results, math.max(redis.call('TTL', job), 1)) end
-  redis.call('HINCRBY', job, counter, 1)
-  local done = redis.call('HINCRBY', job, 'done', 1)
-  if done >= tonumber(redis.call('HGET', job, 'total')) then
-    redis.call('HSET', job, 'status', 'done', 'finished', ARGV[#ARGV])
-  elseif redis.call('HGET', job, 'status') == 'queued' then
-    redis.call('HSET', job, 'status', 'running')
-  end
-end
-"""
 
-# The first 64 hex digits of h -> their 32 raw bytes, a blob record's field. Eight 32-bit words through
-# Redis's bundled struct library: measured three times cheaper than 32 single bytes through string.char,
-# and this runs on the lookup path.
-UNHEX_LUA = """
-local function unhex(h)
-  return struct.pack('>I4I4I4I4I4I4I4I4', """ + ", ".join(
-    f"tonumber(string.sub(h, {i}, {i + 7}), 16)" for i in range(1, 64, 8)) + """)
-end
-"""
 
-_HEX_LUA = """
-local HEX = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f'}
-"""
 
-# Bucket number 0..4095 -> its 3 hex digits, for the repair's walk and the buckets it moves URLs to.
-_BUCKET_LUA = _HEX_LUA + """
-local function bucket_name(n)
-  return HEX[math.floor(n / 256) + 1] .. HEX[math.floor(n / 16) % 16 + 1] .. HEX[n % 16 + 1]
-end
-"""
 
-# KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners
-# ARGV: url digest meta now_ms entry group field attempts owner now_iso
-STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + """
-local url, digest = ARGV[1], ARGV[2]
-local old = redis.call('HGET', KEYS[1], url)
-local outcome, prior
-if old then
-  outcome, digest, prior = 'exists', string.sub(old, 1, 64), -1
-else
-  prior = redis.call('HINCRBY', KEYS[2], unhex(digest), 1) - 1
-  local value = digest .. ' ' .. ARGV[4]
-  if ARGV[3] ~= '' then value = value .. ' ' .. ARGV[3] end
-  redis.call('HSET', KEYS[1], url, value)
-  redis.call('HINCRBY', KEYS[3], 'urls', 1)
-  if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
-  outcome = 'stored'
-end
-local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8])}
-if outcome == 'stored' and prior > 0 then result.deduplicated = true end
-complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4])
-return {outcome, digest, prior}
-"""
 
-# KEYS: job results queue queue-owners     ARGV: entry group field result_json counter owner now_ms now_iso
-COMPLETE_LUA = _COMPLETE_LUA + """
-complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5], KEYS[4], ARGV[6], ARGV[7])
-return 1
-"""
 
-# KEYS: url-bucket-of-url count     ARGV: url blob_prefix  ->  {digest, references left} or nil
-# The record goes with the last reference: delete step 3 then reads 0 unless a store counted one since.
-RELEASE_LUA = UNHEX_LUA + """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return nil end
-local digest = string.sub(value, 1, 64)
-local key, raw = ARGV[2] .. string.sub(digest, 1, 3), unhex(digest)
-local refs = tonumber(redis.call('HGET', key, raw) or '0')
--- Checked before any write: Redis keeps the writes of a script that fails halfway.
-if not refs then return redis.error_reply('the record of ' .. digest .. ' is not a count: run casimg fsck --repair') end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'urls', -1)
-if refs > 1 then
-  redis.call('HINCRBY', key, raw, -1)
-else
-  redis.call('HDEL', key, raw)
-  if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
-end
-return {digest, math.max(refs - 1, 0)}
-"""
 
-# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest without metadata
-# and has it now
-ENSURE_META_LUA = """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value or string.sub(value, 1, 64) ~= ARGV[2] or string.find(value, ' ', 67, true) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], value .. ' ' .. ARGV[3])
-return 1
-"""
 
-# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest with other metadata
-# (or none) and has `meta` now, its stored_at kept: fsck's correction of a record written wrong
-CORRECT_META_LUA = """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value or string.sub(value, 1, 64) ~= ARGV[2] then return 0 end
-local head = string.match(value, '^%S+ %S+')
-if not head or value == head .. ' ' .. ARGV[3] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], head .. ' ' .. ARGV[3])
-return 1
-"""
 
-# KEYS: url-bucket-of-url     ARGV: url  ->  the URL's value or nil. A plain HGET, as a script so that the
-# ScriptBatcher sends it in one pipeline with the other lookups of its loop turn.
-LOOKUP_LUA = """
-return redis.call('HGET', KEYS[1], ARGV[1])
-"""
 
-# KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix cursor limit (at least 1)
-#   ->  {more, urls indexed, url, value, url, value, ...}
-# Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
-# A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
-# Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
-# EXISTS: a small index is mostly empty buckets, and the first page of 10 URLs went from 7.7 to 3.5 ms.
-PAGE_LUA = _HEX_LUA + """
-local url_prefix, cursor, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out, taken, prev, last = {0, tonumber(redis.call('HGET', KEYS[1], 'urls') or '0')}, 0, nil, nil
-local first = 0
-if cursor ~= '' then first = tonumber(string.sub(cursor, 1, 3), 16) end
-for group = math.floor(first / 16), 255 do
-  local stem = url_prefix .. HEX[math.floor(group / 16) + 1] .. HEX[group % 16 + 1]
-  local names = {}
-  for n = 1, 16 do names[n] = stem .. HEX[n] end
-  if redis.call('EXISTS', unpack(names)) > 0 then
-    for n = math.max(first - group * 16, 0) + 1, 16 do
-      local flat = redis.call('HGETALL', names[n])
-      local order, at = {}, {}
-      for i = 1, #flat, 2 do
-        local sha = redis.sha1hex(flat[i])
-        if sha > cursor then
-          local sortkey = sha .. flat[i]
-          order[#order + 1] = sortkey
-          at[sortkey] = i
-        end
-      end
-      table.sort(order)
-      for _, sortkey in ipairs(order) do
-        if taken >= limit then
-          last = last or string.sub(prev, 1, 40)
-          if string.sub(sortkey, 1, 40) ~= last then
-            out[1] = 1
-            return out
-          end
-        end
-        local i = at[sortkey]
-        out[#out + 1] = flat[i]
-        out[#out + 1] = flat[i + 1]
-        taken, prev = taken + 1, sortkey
-      end
-    end
-  end
-end
-return out
-"""
 
-# KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
-# Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
-# points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
-REPAIR_LUA = UNHEX_LUA + _BUCKET_LUA + """
-local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
-local url_prefix, blob_prefix = ARGV[1], ARGV[2]
-local fixes, counts, urls = {}, {}, 0
-for b = 0, 4095 do
-  local key = url_prefix .. bucket_name(b)
-  local flat = redis.call('HGETALL', key)
-  for i = 1, #flat, 2 do
-    local url, value = flat[i], flat[i + 1]
-    local right = tonumber(string.sub(redis.sha1hex(url), 1, 3), 16)
-    local counted = true
-    if right ~= b then
-      redis.call('HDEL', key, url)
-      if redis.call('HSETNX', url_prefix .. bucket_name(right), url, value) == 1 then
-        fixes[#fixes + 1] = 'moved ' .. url .. ' from bucket ' .. bucket_name(b) .. ' to ' .. bucket_name(right)
-        counted = right < b  -- a bucket still ahead counts it when the walk gets there
-      else
-        fixes[#fixes + 1] = 'dropped a second entry of ' .. url .. ' from bucket ' .. bucket_name(b)
-        counted = false
-      end
-    end
-    if counted then
-      local digest = string.sub(value, 1, 64)
-      counts[digest] = (counts[digest] or 0) + 1
-      urls = urls + 1
-    end
-  end
-end
-local recorded, stray = {}, {}
-for b = 0, 4095 do
-  local key = blob_prefix .. bucket_name(b)
-  local flat = redis.call('HGETALL', key)
-  for i = 1, #flat, 2 do
-    local digest = tohex(flat[i])
-    local refs = tonumber(flat[i + 1]) or 0
-    local want = counts[digest] or 0
-    if want == 0 then
-      redis.call('HDEL', key, flat[i])
-      fixes[#fixes + 1] = 'dropped the record of ' .. digest .. ' (refs ' .. refs .. '): no URL points at it'
-    elseif string.sub(digest, 1, 3) ~= bucket_name(b) then
-      redis.call('HDEL', key, flat[i])
-      stray[digest] = true
-      fixes[#fixes + 1] = 'took the record of ' .. digest .. ' out of bucket ' .. bucket_name(b) .. ', not its own'
-    else
-      recorded[digest] = true
-      if want ~= refs then
-        redis.call('HSET', key, flat[i], want)
-        fixes[#fixes + 1] = 'refs of ' .. digest .. ': ' .. refs .. ' -> ' .. want
-      end
-    end
-  end
-end
-local blobs = 0
-for digest, n in pairs(counts) do
-  if not recorded[digest] then
-    redis.call('HSET', blob_prefix .. string.sub(digest, 1, 3), unhex(digest), n)
-    if not stray[digest] then fixes[#fixes + 1] = 'refs of ' .. digest .. ': 0 -> ' .. n .. ' (no record)' end
-  end
-  blobs = blobs + 1
-end
-local had = redis.call('HMGET', KEYS[1], 'urls', 'blobs')
-local had_urls, had_blobs = tonumber(had[1] or '0'), tonumber(had[2] or '0')
-if had_urls ~= urls or had_blobs ~= blobs then
-  redis.call('HSET', KEYS[1], 'urls', urls, 'blobs', blobs)
-  fixes[#fixes + 1] = 'count: urls ' .. had_urls .. ' -> ' .. urls .. ', blobs ' .. had_blobs .. ' -> ' .. blobs
-end
-return fixes
-"""
 
 
 class ImageRecord(NamedTuple):
@@ -412,14 +185,14 @@ class Index:
         self.redis = redis
         self.keys = keys
         self._batcher = ScriptBatcher(redis)
-        self._store = redis.register_script(STORE_LUA)
-        self._complete = redis.register_script(COMPLETE_LUA)
-        self._release = redis.register_script(RELEASE_LUA)
-        self._ensure_meta = redis.register_script(ENSURE_META_LUA)
-        self._correct_meta = redis.register_script(CORRECT_META_LUA)
-        self._lookup = redis.register_script(LOOKUP_LUA)
-        self._page = redis.register_script(PAGE_LUA)
-        self._repair = redis.register_script(REPAIR_LUA)
+        self._store = redis.register_script(lua_source("store"))
+        self._complete = redis.register_script(lua_source("complete"))
+        self._release = redis.register_script(lua_source("release"))
+        self._ensure_meta = redis.register_script(lua_source("ensure_meta"))
+        self._correct_meta = redis.register_script(lua_source("correct_meta"))
+        self._lookup = redis.register_script(lua_source("lookup"))
+        self._page = redis.register_script(lua_source("page"))
+        self._repair = redis.register_script(lua_source("repair"))
 
     async def store(
         self,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 
-from casimg.index import UNHEX_LUA, Index, now_ms
+from casimg.index import Index, now_ms
+from casimg.lua import source as lua_source
 from casimg.schema import BUCKETS, OldKeySpace
 
 log = logging.getLogger("casimg.migrate")
@@ -26,42 +27,14 @@ log = logging.getLogger("casimg.migrate")
 # URLs per Lua call. Each call holds Redis, longer as the new buckets fill: 250 took about 20 ms at
 # 300,000 URLs on a busy 2-core machine.
 MIGRATE_BATCH = 250
-US_PER_MS = 1000
 
 
-# KEYS: old_urls old_order count     ARGV: url_prefix blob_prefix old_meta_prefix now_ms url...  ->  moved
-MIGRATE_LUA = UNHEX_LUA + f"""
-local moved = 0
-for i = 5, #ARGV do
-  local url = ARGV[i]
-  local digest = redis.call('HGET', KEYS[1], url)
-  if digest then
-    local key = ARGV[1] .. string.sub(redis.sha1hex(url), 1, 3)
-    -- Already in the new layout (stored again since): that entry wins, and the old one just goes.
-    if redis.call('HEXISTS', key, url) == 0 then
-      local score = redis.call('ZSCORE', KEYS[2], url)
-      local stamp = ARGV[4]
-      if score then stamp = string.format('%.0f', math.floor(tonumber(score) / {US_PER_MS})) end
-      local meta = redis.call('HGET', ARGV[3] .. string.sub(digest, 1, 3), digest)
-      if meta then stamp = stamp .. ' ' .. meta end
-      redis.call('HSET', key, url, digest .. ' ' .. stamp)
-      local refs = redis.call('HINCRBY', ARGV[2] .. string.sub(digest, 1, 3), unhex(digest), 1) - 1
-      redis.call('HINCRBY', KEYS[3], 'urls', 1)
-      if refs == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
-      moved = moved + 1
-    end
-    redis.call('HDEL', KEYS[1], url)
-    redis.call('ZREM', KEYS[2], url)
-  end
-end
-return moved
-"""
 
 
 async def move_batch(index: Index, urls: list[str]) -> int:
     """Move these URLs from the old layout, atomically; those no longer in it are skipped. Returns how many moved."""
     old, k = OldKeySpace(index.keys.prefix), index.keys
-    script = index.redis.register_script(MIGRATE_LUA)
+    script = index.redis.register_script(lua_source("migrate"))
     return int(await script(keys=[old.urls, old.order, k.count],
                             args=[k.url(""), k.blob(""), old.meta(""), now_ms(), *urls]))
 
