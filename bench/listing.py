@@ -52,7 +52,7 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
             width = 640 + number % 1400
             meta = BlobMeta(size=20_000 + number % 280_000, content_type="image/jpeg", width=width,
                             height=width * 3 // 4)
-            await index.store(list_url(number), digest, meta.encode())
+            await index.store(list_url(number), digest, meta)
 
     for chunk in range(start, stop, FILL_CHUNK):
         await asyncio.gather(*(one(n) for n in range(chunk, min(stop, chunk + FILL_CHUNK))))

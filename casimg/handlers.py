@@ -25,7 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
-from casimg.index import MILLIS, ImageRecord
+from casimg.clock import MILLIS
+from casimg.index import ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
@@ -35,6 +36,7 @@ from casimg.queue import Limits
 from casimg.schema import CURSOR_DIGITS
 from casimg.services import Services
 from casimg.validation import FORMATS, content_type_of
+from casimg.views import image_json
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -293,7 +295,7 @@ class ImagesHandler(BaseHandler):
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
-        self.write_json(page.images)
+        self.write_json([image_json(*image) for image in page.images])
 
     async def post(self) -> None:
         urls = self._parse_urls(bytes(self._body))

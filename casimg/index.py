@@ -31,40 +31,22 @@ through a client that does not decode.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
 from casimg.batching import ScriptBatcher
+from casimg.clock import now_iso, now_ms
 from casimg.lua import source as lua_source
 from casimg.schema import BUCKET_DIGITS, BUCKETS, QUEUE_GROUP, KeySpace, blob_key, queue_stream, url_bucket, url_key
-from casimg.validation import ImageInfo
-
-MILLIS = 1000
-DAY = 86_400  # seconds
-
-
-
-
-
-
-
-
-
-
-
 
 
 class ImageRecord(NamedTuple):
-    """One indexed URL with its content's metadata, as a lookup returns it (a listing page builds its
-    rows' JSON straight from the reply, with image_json)."""
+    """One indexed URL with its content's metadata, as a lookup or a listing page returns it."""
 
     url: str
     sha256: str
@@ -73,21 +55,6 @@ class ImageRecord(NamedTuple):
     width: int
     height: int
     stored_at_ms: int
-
-
-def image_json(
-    url: str, sha256: str, size: int, content_type: str, width: int, height: int, stored_at_ms: int
-) -> dict[str, Any]:
-    """An image as the API shows it; ImageRecord's fields, in order."""
-    return {
-        "url": url,
-        "sha256": sha256,
-        "size": size,
-        "content_type": content_type,
-        "width": width,
-        "height": height,
-        "stored_at": iso_ms(stored_at_ms),
-    }
 
 
 @dataclass(frozen=True)
@@ -99,7 +66,7 @@ class StoreOutcome:
 
 @dataclass(frozen=True)
 class Page:
-    images: list[dict[str, Any]]  # image_json of each, built straight from the reply: no ImageRecord between
+    images: list[ImageRecord]
     next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
     total: int  # URLs indexed, read in the same step as the page
 
@@ -117,32 +84,6 @@ class Snapshot:
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
 
 
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def iso_ms(ms: int) -> str:
-    """iso() of a time in ms since the epoch, in integer steps: a listing page formats a thousand, and
-    strftime (which consults the time zone on each call) was a fifth of a 1,000-image page's time."""
-    seconds, millis = divmod(ms, MILLIS)
-    day, second = divmod(seconds, DAY)
-    return f"{_iso_date(day)}T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}.{millis:03d}000Z"
-
-
-@functools.lru_cache(maxsize=1024)
-def _iso_date(day: int) -> str:
-    """YYYY-MM-DD of a day number since the epoch."""
-    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY))
-
-
-def now_iso() -> str:
-    return iso(datetime.now(UTC))
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True)
 class BlobMeta:
     """What the index keeps about one content, in the value of each URL that points at it, as the string
@@ -156,13 +97,14 @@ class BlobMeta:
     def encode(self) -> str:
         return f"{self.size} {self.width} {self.height} {self.content_type}"
 
+    @classmethod
+    def decode(cls, text: str) -> BlobMeta:
+        size, width, height, content_type = text.split(" ", 3)
+        return cls(size=int(size), content_type=content_type, width=int(width), height=int(height))
+
 
 # What a URL shows while its metadata is missing (fsck reports that, and --repair rebuilds it).
 UNKNOWN_META = BlobMeta(size=0, content_type="application/octet-stream", width=0, height=0)
-
-
-def encode_meta(size: int, info: ImageInfo) -> str:
-    return BlobMeta(size=size, content_type=info.content_type, width=info.width, height=info.height).encode()
 
 
 def has_meta(value: str) -> bool:
@@ -198,7 +140,7 @@ class Index:
         self,
         url: str,
         digest: str,
-        meta: str,
+        meta: BlobMeta | None,
         *,
         job_id: str = "",
         position: int | None = None,
@@ -213,7 +155,8 @@ class Index:
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
              queue_stream(k, owner), k.queue_owners],
-            [url, digest, meta, now_ms(), entry_id, QUEUE_GROUP, "" if position is None else str(position),
+            [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
+             "" if position is None else str(position),
              attempts, owner, now_iso()],
         )
         return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
@@ -267,23 +210,23 @@ class Index:
         value = await self._batcher.call(self._lookup, [url_key(self.keys, url)], [url])
         return None if value is None else ImageRecord._make(_fields(url, value))
 
-    async def ensure_meta(self, url: str, digest: str, meta: str) -> bool:
+    async def ensure_meta(self, url: str, digest: str, meta: BlobMeta) -> bool:
         """Give `url` its metadata if it points at `digest` and lacks it. True if it was set."""
-        return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
+        return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def correct_meta(self, url: str, digest: str, meta: str) -> bool:
+    async def correct_meta(self, url: str, digest: str, meta: BlobMeta) -> bool:
         """Give `url` the metadata `meta`, replacing what it holds, if it points at `digest`. True if it
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
-        return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
+        return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
     async def page(self, cursor: str | None, limit: int) -> Page:
         """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
         reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
-        images = [image_json(*_fields(reply[i], reply[i + 1])) for i in range(2, len(reply), 2)]
+        images = [ImageRecord._make(_fields(reply[i], reply[i + 1])) for i in range(2, len(reply), 2)]
         more = bool(int(reply[0]))
-        last = images[-1]["url"] if more and images else None
+        last = images[-1].url if more and images else None
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
 
     async def count(self) -> int:

@@ -19,8 +19,8 @@ from enum import IntEnum
 
 import redis.asyncio as aioredis
 
+from casimg.clock import now_iso
 from casimg.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from casimg.index import now_iso
 from casimg.lua import source as lua_source
 from casimg.schema import KeySpace
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import Index, StoreOutcome
+from casimg.index import BlobMeta, Index, StoreOutcome
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -35,7 +35,7 @@ async def store_blob(
     tmp: Path,
     url: str,
     digest: str,
-    meta: str,
+    meta: BlobMeta,
     *,
     pause: Pause = _no_pause,
     **job: Any,
@@ -59,7 +59,7 @@ async def index_linked_blob(
     tmp: Path,
     url: str,
     digest: str,
-    meta: str,
+    meta: BlobMeta,
     *,
     pause: Pause = _no_pause,
     run: Run = asyncio.to_thread,

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 
-from casimg.index import Index, now_ms
+from casimg.clock import now_ms
+from casimg.index import Index
 from casimg.lua import source as lua_source
 from casimg.schema import BUCKETS, OldKeySpace
 

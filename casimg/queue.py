@@ -47,8 +47,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
-from casimg.index import now_iso
 from casimg.lua import source as lua_source
 from casimg.schema import QUEUE_GROUP, KeySpace, queue_stream
 from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo

@@ -41,7 +41,7 @@ from casimg.config import Settings
 from casimg.errors import DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
-from casimg.index import Index, encode_meta
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import index_linked_blob
 from casimg.logtext import clip
 from casimg.queue import Entry, JobQueue
@@ -402,8 +402,9 @@ class Worker:
         except BaseException:
             self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
             raise
+        meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
         outcome = await index_linked_blob(
-            self.blobs, self.index, tmp, entry.url, digest, encode_meta(downloaded.size, info),
+            self.blobs, self.index, tmp, entry.url, digest, meta,
             run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
             attempts=attempt, owner=entry.owner,
         )

@@ -27,7 +27,7 @@ from casimg.services import connect_redis
 
 BYTES = b"the same image bytes at two URLs"
 DIGEST = hashlib.sha256(BYTES).hexdigest()
-META = BlobMeta(size=32, content_type="image/png", width=1, height=1).encode()
+META = BlobMeta(size=32, content_type="image/png", width=1, height=1)
 
 
 class Stepped:

@@ -81,7 +81,7 @@ async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], 
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 100)
-        walked += [image["url"] for image in page.images]
+        walked += [image.url for image in page.images]
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
@@ -134,7 +134,7 @@ async def test_a_url_stored_again_since_keeps_its_new_entry(world):
     blobs, index = world
     entries, lost_meta = await write_old_index(index, blobs)
     again = entries[5]  # the one without an old stored_at, which assert_moved does not compare
-    await index.store(again.url, again.digest, BlobMeta(len(png(5)), "image/png", 4, 3).encode())
+    await index.store(again.url, again.digest, BlobMeta(len(png(5)), "image/png", 4, 3))
     stored_at = (await index.lookup(again.url)).stored_at_ms
     assert await migrate(index) == URLS - 1
     assert (await index.lookup(again.url)).stored_at_ms == stored_at

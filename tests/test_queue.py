@@ -49,7 +49,7 @@ async def test_outcomes_count_once_and_finish_the_job(parts):
     await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")
     await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")  # a duplicate changes nothing
     assert (await queue.get(job_id)).status == "running"
-    await index.store("http://a/2", "a" * 64, "{}", job_id=job_id, position=1, entry_id=entries[1].entry_id)
+    await index.store("http://a/2", "a" * 64, None, job_id=job_id, position=1, entry_id=entries[1].entry_id)
     job = await queue.get(job_id)
     assert (job.status, job.done, job.failed, job.stored) == ("done", 2, 1, 1)
     assert job.results[1]["sha256"] == "a" * 64

@@ -3,7 +3,7 @@
 -- Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
 -- A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
 -- Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
--- EXISTS: a small index is mostly empty buckets, and the first page of 10 URLs went from 7.7 to 3.5 ms.
+-- EXISTS: a small index is mostly empty buckets (BENCHMARKS.md, "Figures behind design choices").
 local url_prefix, cursor, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local out, taken, prev, last = {0, tonumber(redis.call('HGET', KEYS[1], 'urls') or '0')}, 0, nil, nil
 local first = 0
