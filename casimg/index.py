@@ -233,6 +233,16 @@ class Index:
         """URLs indexed, from the count hash."""
         return int(await self.redis.hget(self.keys.count, "urls") or 0)
 
+    async def sizes(self) -> tuple[int, int]:
+        """(URLs, distinct contents), from the count hash the scripts keep exact."""
+        urls, blobs = await self.redis.hmget(self.keys.count, ["urls", "blobs"])
+        return int(urls or 0), int(blobs or 0)
+
+    async def take_sweep_lock(self, holder: str, seconds: float) -> bool:
+        """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
+        the lock expires after `seconds`, so one worker at a time sweeps."""
+        return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
+
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.
 

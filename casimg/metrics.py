@@ -57,7 +57,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from casimg import stats
 from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
@@ -189,7 +188,7 @@ class Metrics:
         return prometheus_client.generate_latest(self.registry)
 
     async def _refresh(self, services: Scraped) -> None:
-        urls, contents = await stats.index_sizes(services.index)
+        urls, contents = await services.index.sizes()
         self.scraped.values["urls"] = urls
         self.scraped.values["blobs"] = contents
         self.scraped.queue = await services.queue.depth()

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import logging
 
+import redis.asyncio as aioredis
+
 from casimg.clock import now_ms
-from casimg.index import Index
 from casimg.lua import source as lua_source
-from casimg.schema import BUCKETS, OldKeySpace
+from casimg.schema import BUCKETS, KeySpace, OldKeySpace
 
 log = logging.getLogger("casimg.migrate")
 
@@ -32,17 +33,18 @@ MIGRATE_BATCH = 250
 
 
 
-async def move_batch(index: Index, urls: list[str]) -> int:
+async def move_batch(redis: aioredis.Redis, k: KeySpace, urls: list[str]) -> int:
     """Move these URLs from the old layout, atomically; those no longer in it are skipped. Returns how many moved."""
-    old, k = OldKeySpace(index.keys.prefix), index.keys
-    script = index.redis.register_script(lua_source("migrate"))
+    old = OldKeySpace(k.prefix)
+    script = redis.register_script(lua_source("migrate"))
     return int(await script(keys=[old.urls, old.order, k.count],
                             args=[k.url(""), k.blob(""), old.meta(""), now_ms(), *urls]))
 
 
-async def migrate(index: Index, batch: int = MIGRATE_BATCH) -> int:
-    """Move a casimg 0.1 index to the current layout, if there is one. Returns the URLs this call moved."""
-    old, redis = OldKeySpace(index.keys.prefix), index.redis
+async def migrate(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BATCH) -> int:
+    """Move a casimg 0.1 index (keys under `keys`' prefix) to the current layout, if there is one. Returns
+    the URLs this call moved."""
+    old = OldKeySpace(keys.prefix)
     if not await redis.exists(*old.markers()):
         return 0
     log.info("moving the casimg 0.1 index (%s) to the current layout", old.urls)
@@ -54,7 +56,7 @@ async def migrate(index: Index, batch: int = MIGRATE_BATCH) -> int:
         while True:
             cursor, entries = await redis.hscan(old.urls, cursor, count=batch)
             if entries:
-                moved += await move_batch(index, list(entries))
+                moved += await move_batch(redis, keys, list(entries))
             if cursor == 0:
                 break
     await redis.delete(old.order, old.refs, *(old.meta(bucket) for bucket in BUCKETS), old.clock)

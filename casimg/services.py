@@ -106,7 +106,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
     # missing trash/ would leave the blob in place.
     blobs.create_dirs()
     await services.queue.ensure_group()
-    await migrate(services.index)  # an index of casimg 0.1 moves to the current layout before any use
+    await migrate(client, keyspace)  # an index of casimg 0.1 moves to the current layout before any use
     if with_worker:
         services.fetcher = Fetcher(
             tmp_dir=blobs.tmp_dir,

@@ -193,7 +193,7 @@ class Worker:
         while await self._sleep_unless_stopping(interval * random.uniform(0.5, 1.0)):
             try:
                 # One sweeper at a time across all workers; the lock expires with the interval.
-                if await self.index.redis.set(self.index.keys.sweep_lock, self.name, nx=True, px=int(interval * 1000)):
+                if await self.index.take_sweep_lock(self.name, interval):
                     done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
             except (*REDIS_ERRORS, OSError) as exc:
