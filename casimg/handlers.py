@@ -21,8 +21,6 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import orjson
 import tornado.web
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
 from casimg.clock import MILLIS
@@ -56,7 +54,6 @@ RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
 RANGE_DIGITS = 18
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Query parameters whose values are never written to a log, should a client put a credential there (casimg
 # never reads them): a name that, lowercased and without separators, holds one of SECRET_WORDS (key,
 # api_key, x-api-key, api-key, apiKey, access_token, client_secret, X-Amz-Signature, ...) or is one of
@@ -81,7 +78,7 @@ def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
     for kind, status in table:
         if isinstance(exc, kind):
             return status, str(exc), getattr(exc, "retry_after", None)
-    if isinstance(exc, REDIS_DOWN):
+    if isinstance(exc, errors.REDIS_ERRORS):
         return 503, "the index is unavailable; try again shortly", 2.0
     if isinstance(exc, tornado.web.HTTPError):
         return exc.status_code, exc.reason or HTTPStatus(exc.status_code).phrase, None
@@ -248,7 +245,7 @@ class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         try:
             await self.services.redis.ping()
-        except REDIS_DOWN:
+        except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)

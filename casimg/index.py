@@ -42,7 +42,17 @@ import redis.asyncio as aioredis
 from casimg.batching import ScriptBatcher
 from casimg.clock import now_iso, now_ms
 from casimg.lua import source as lua_source
-from casimg.schema import BUCKET_DIGITS, BUCKETS, QUEUE_GROUP, KeySpace, blob_key, queue_stream, url_bucket, url_key
+from casimg.schema import (
+    BUCKET_DIGITS,
+    BUCKETS,
+    QUEUE_GROUP,
+    KeySpace,
+    Outcome,
+    blob_key,
+    queue_stream,
+    url_bucket,
+    url_key,
+)
 
 
 class ImageRecord(NamedTuple):
@@ -59,9 +69,14 @@ class ImageRecord(NamedTuple):
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    outcome: str  # "stored" or "exists"
+    outcome: Outcome  # STORED or EXISTS
     sha256: str
     deduplicated: bool
+
+    @property
+    def kind(self) -> Outcome:
+        """The outcome as logged and counted: DEDUPLICATED for a URL stored under a content already there."""
+        return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
 @dataclass(frozen=True)
@@ -159,18 +174,21 @@ class Index:
              "" if position is None else str(position),
              attempts, owner, now_iso()],
         )
-        return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
+        stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
+        return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
 
     async def complete(
-        self, job_id: str, position: int, entry_id: str, result: dict[str, Any], counter: str, owner: str = ""
+        self, job_id: str, position: int, entry_id: str, outcome: Outcome, detail: dict[str, Any], owner: str = ""
     ) -> None:
-        """Record an outcome that did not change the index (failed, or already present); the entry leaves
-        the queue stream of `owner` (the keyless stream if empty)."""
+        """Record an outcome that did not change the index (failed, or already present), with its `detail`
+        (sha256, or error and attempts) in the job's result; the entry leaves the queue stream of `owner`
+        (the keyless stream if empty)."""
         k = self.keys
+        result = {"status": outcome.status.value, **detail}
         await self._complete(
             keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
-            args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")), counter,
-                  owner, now_ms(), now_iso()],
+            args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
+                  outcome.counter, owner, now_ms(), now_iso()],
         )
 
     async def release(self, url: str) -> tuple[str, int] | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from casimg.blobs import BlobStore
 from casimg.index import BlobMeta, Index, StoreOutcome
+from casimg.schema import Outcome
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -75,7 +76,7 @@ async def index_linked_blob(
     try:
         outcome = await index.store(url, digest, meta, **job)
         await pause("indexed")
-        if outcome.outcome == "stored":
+        if outcome.outcome is Outcome.STORED:
             settled = True
             await run(blobs.settle, tmp, digest)
         else:

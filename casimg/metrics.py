@@ -60,6 +60,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
+from casimg.schema import Outcome
 from casimg.worker import Worker
 
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
@@ -166,9 +167,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def on_outcome(self, kind: str, reason: str) -> None:
-        self.downloads.labels(kind, reason_label(reason)).inc()
-        if kind == "deduplicated":
+    def on_outcome(self, kind: Outcome, reason: str) -> None:
+        self.downloads.labels(kind.value, reason_label(reason)).inc()
+        if kind is Outcome.DEDUPLICATED:
             self.dedup_hits.inc()
 
     def on_bytes(self, kind: str, size: int) -> None:

@@ -50,7 +50,7 @@ from redis.exceptions import ResponseError
 from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.lua import source as lua_source
-from casimg.schema import QUEUE_GROUP, KeySpace, queue_stream
+from casimg.schema import QUEUE_GROUP, KeySpace, Outcome, queue_stream
 from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait
@@ -146,7 +146,7 @@ def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], dict[int, s
 
 
 def _failure(reason: str) -> str:
-    return json.dumps({"status": "failed", "error": reason, "attempts": 0}, separators=(",", ":"))
+    return json.dumps({"status": Outcome.FAILED.value, "error": reason, "attempts": 0}, separators=(",", ":"))
 
 
 def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from enum import StrEnum
 
 # Buckets are named by 3 hex digits: 4,096 of them. At 1,000,000 URLs that is about 244 entries each,
 # under the 512 that keep a hash compact (embedded.COMPACT_HASH_ENTRIES); past about 2 million URLs or
@@ -116,6 +117,26 @@ class KeySpace:
 
 
 QUEUE_GROUP = "workers"
+
+
+class Outcome(StrEnum):
+    """What became of one URL of a job: the ``status`` of its result in ``job:{id}:results``, what the
+    store script returns, what the worker logs and what /metrics counts."""
+
+    STORED = "stored"
+    DEDUPLICATED = "deduplicated"  # stored under a content already there: its result is "stored"
+    EXISTS = "exists"  # the URL was indexed already
+    FAILED = "failed"
+
+    @property
+    def status(self) -> Outcome:
+        """The status a job's result records: a deduplicated URL was stored."""
+        return Outcome.STORED if self is Outcome.DEDUPLICATED else self
+
+    @property
+    def counter(self) -> str:
+        """The job hash's counter of this outcome."""
+        return {Outcome.EXISTS: "existed", Outcome.FAILED: "failed"}.get(self.status, "stored")
 
 
 def queue_stream(keys: KeySpace, owner: str) -> str:

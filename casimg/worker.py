@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -31,14 +32,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg.batching import ThreadBatcher
 from casimg.blobs import BlobStore, FlushGroup
 from casimg.config import Settings
-from casimg.errors import DownloadFailed
+from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
 from casimg.index import BlobMeta, Index
@@ -46,6 +45,7 @@ from casimg.lifecycle import index_linked_blob
 from casimg.logtext import clip
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
+from casimg.schema import Outcome
 from casimg.validation import ImageInfo, validate_image
 
 log = logging.getLogger("casimg.worker")
@@ -79,14 +79,21 @@ RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
-UNCHECKED = ""  # an entry's `known` digest when the batch lookup failed: its task asks again itself
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
-def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
+class _Unchecked(enum.Enum):
+    UNCHECKED = enum.auto()
+
+
+# An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
+UNCHECKED = _Unchecked.UNCHECKED
+Known = str | _Unchecked | None
+
+
+def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
     url = clip(url)
-    fields = {"event": "download", "outcome": outcome, "url": url, "attempts": attempts}
+    fields = {"event": "download", "outcome": outcome.value, "url": url, "attempts": attempts}
     if reason:
         fields["reason"] = reason
         log.info("failed %s: %s (attempts: %d)", url, reason, attempts, extra={"fields": fields})
@@ -108,7 +115,7 @@ class Worker:
         index: Index,
         blobs: BlobStore,
         fetcher: Fetcher,
-        on_outcome: Callable[[str, str], None] | None = None,
+        on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -268,7 +275,7 @@ class Worker:
         self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
         return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
 
-    async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
+    async def _indexed_already(self, entries: list[Entry]) -> list[Known]:
         """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
 
         One round trip for the batch. The entries are read and pending under this worker's name: should
@@ -287,7 +294,7 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("download task failed", exc_info=task.exception())
 
-    async def _process(self, entry: Entry, known: str | None, slot: _Slot) -> None:
+    async def _process(self, entry: Entry, known: Known, slot: _Slot) -> None:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
@@ -326,20 +333,19 @@ class Worker:
                     return
                 await asyncio.sleep(REDIS_RETRY)
 
-    async def _attempt_all(self, entry: Entry, known: str | None, slot: _Slot) -> None:
+    async def _attempt_all(self, entry: Entry, known: Known, slot: _Slot) -> None:
         await slot.take()  # if none was free at the read, or a Redis outage sent a download back to the start
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
-        if known == UNCHECKED:
+        if known is UNCHECKED:
             known = await self.index.digest_of(entry.url)
         if known is not None:
             await self.index.complete(
-                entry.job_id, entry.position, entry.entry_id, {"status": "exists", "sha256": known}, "existed",
-                owner=entry.owner,
+                entry.job_id, entry.position, entry.entry_id, Outcome.EXISTS, {"sha256": known}, owner=entry.owner,
             )
-            _log_outcome("exists", entry.url, 0)
-            self.on_outcome("exists", "")
+            _log_outcome(Outcome.EXISTS, entry.url, 0)
+            self.on_outcome(Outcome.EXISTS, "")
             return
         attempt = 0
         budget = RETRY_BUDGET * self.settings.fetch_timeout  # seconds of download left over all attempts
@@ -371,12 +377,12 @@ class Worker:
         _log_outcome(outcome, entry.url, attempt)
 
     async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
-        _log_outcome("failed", entry.url, attempts, reason)
+        _log_outcome(Outcome.FAILED, entry.url, attempts, reason)
         await self.index.complete(
             entry.job_id, entry.position, entry.entry_id,
-            {"status": "failed", "error": reason, "attempts": attempts}, "failed", owner=entry.owner,
+            Outcome.FAILED, {"error": reason, "attempts": attempts}, owner=entry.owner,
         )
-        self.on_outcome("failed", reason)
+        self.on_outcome(Outcome.FAILED, reason)
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None) -> float:
@@ -384,14 +390,14 @@ class Worker:
             return min(retry_after, RETRY_AFTER_CAP)
         return random.uniform(0, RETRY_BASE * 2 ** (attempt - 1))
 
-    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> str:
+    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
             return await self._store_unguarded(entry, downloaded, attempt)
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
 
-    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> str:
+    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
             tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
         except BaseException:
@@ -408,8 +414,8 @@ class Worker:
             run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
             attempts=attempt, owner=entry.owner,
         )
-        kind = "deduplicated" if outcome.deduplicated else outcome.outcome
-        if kind == "stored":
+        kind = outcome.kind
+        if kind is Outcome.STORED:
             self.on_bytes("stored", downloaded.size)
         self.on_outcome(kind, "")
         return kind

@@ -13,7 +13,7 @@ from redis.exceptions import ResponseError
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
 from casimg.index import BlobMeta, Index
-from casimg.schema import KeySpace, blob_key, url_bucket, url_key
+from casimg.schema import KeySpace, Outcome, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
 
 META = BlobMeta(size=3, content_type="image/png", width=1, height=1)
@@ -280,3 +280,14 @@ async def test_full_buckets_of_long_urls_keep_the_compact_encoding_on_the_embedd
 @pytest.mark.parametrize("meta", [BlobMeta(3, "image/png", 1, 1), BlobMeta(0, "application/octet-stream", 0, 0)])
 def test_metadata_decodes_to_what_was_encoded(meta):
     assert BlobMeta.decode(meta.encode()) == meta
+
+
+@pytest.mark.gen_test
+async def test_a_store_answers_an_outcome_as_the_job_counts_it(index):
+    first = await index.store("http://a/1", digest(1), META)
+    second = await index.store("http://a/2", digest(1), META)
+    again = await index.store("http://a/1", digest(1), META)
+    assert [o.kind for o in (first, second, again)] == [Outcome.STORED, Outcome.DEDUPLICATED, Outcome.EXISTS]
+    assert [o.kind.status for o in (first, second, again)] == [Outcome.STORED, Outcome.STORED, Outcome.EXISTS]
+    assert [o.kind.counter for o in (first, second, again)] == ["stored", "stored", "existed"]
+    assert Outcome.FAILED.counter == "failed"
