@@ -1,7 +1,6 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
-Every Redis key casimg writes is named by ``KeySpace`` (schema.py).
-The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
+Every Redis key casimg writes is named by ``schema.KeySpace``. The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
 which is what holds it under 250 bytes per URL:
 
 - ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
@@ -19,8 +18,8 @@ the index never shows half a change:
 
 - ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
   same step, record the outcome in its job (see queue.py).
-- ``release``: remove a URL and its reference; the caller then runs the blob delete steps (blobs.py)
-  when the count reached zero.
+- ``release``: remove a URL and its reference; the caller then runs the blob delete steps
+  (lifecycle.py) when the count reached zero.
 
 The scripts build the bucket names a digest or URL leads to from the prefixes in their ARGV, as KeySpace
 does (the bucket is known only once the script has read the digest). A single Redis, which is what

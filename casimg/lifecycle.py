@@ -43,7 +43,7 @@ async def store_blob(
 ) -> StoreOutcome:
     """Index `url` -> `digest` with its bytes in `tmp`, steps 1-4; `tmp` is consumed.
 
-    `job` (job_id, position, entry_id, attempts) finishes the URL's queue entry in the same Redis step.
+    `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis step.
     """
     try:
         await asyncio.to_thread(blobs.link_in, tmp, digest)

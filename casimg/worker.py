@@ -53,11 +53,12 @@ log = logging.getLogger("casimg.worker")
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
 # An idle worker blocks on the queues of the keys it knows; a key it does not know yet (the first job of a
 # key in an hour) is looked for between two such waits, so they are kept short: a new key's first entry
-# waited up to READ_BLOCK_MS, a fifth of a 2,000-image ingest. Five round trips a second when idle.
+# waited up to READ_BLOCK_MS (BENCHMARKS.md, "Figures behind design choices"). Five round trips a second
+# when idle.
 IDLE_BLOCK_MS = 200
 # A busy worker reuses the list of keys with queued entries for this long, and looks into the queues of
 # keys holding no slot (newcomers) at most this often while its other slots are all taken: a round trip
-# on every slot given back cost the ingest of a single key a quarter of its rate. A new key waits that
+# on every slot given back slowed the ingest of a single key (BENCHMARKS.md). A new key waits that
 # much longer for its first read, a fraction of a second.
 OWNERS_REFRESH = 0.5
 PROBE_INTERVAL = 0.1
@@ -424,7 +425,7 @@ class Worker:
         """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
-        GIL traffic of 64 downloads was a third of the ingest's CPU when each step had its own.
+        GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
         """
         info = validate_image(
             downloaded.data if downloaded.data is not None else downloaded.path,
