@@ -1,7 +1,7 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
-Every Redis key casimg writes is named by ``schema.KeySpace``. The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
-which is what holds it under 250 bytes per URL:
+Every Redis key casimg writes is named by ``schema.KeySpace``. The index lives in 2 x 4,096 small hashes,
+each kept in Redis's compact (ziplist/listpack) encoding, which is what holds it under 250 bytes per URL:
 
 - ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
   "<sha256 hex> <stored_at ms>" while the metadata is missing), the bucket named by the first 3 hex
