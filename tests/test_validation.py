@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,20 @@ def test_avif_is_accepted_by_default_and_checked(tmp_path, mode):
             validate_image(rewritten, **limits)
     else:
         assert validate_image(rewritten, **limits).width == 90
+
+
+def test_decode_mode_catches_damaged_pixel_data_that_structure_mode_lets_through(tmp_path):
+    """What CASIMG_VALIDATION=decode is for: a PNG whose compressed pixels are damaged but whose chunks,
+    lengths and CRCs are all intact (the CRC recomputed over the damage, as a broken encoder writes it)."""
+    whole = image_bytes(21, "png", (120, 80))
+    at = whole.index(b"IDAT") - 4
+    length = int.from_bytes(whole[at:at + 4], "big")
+    data = bytearray(whole[at + 8:at + 8 + length])
+    data[2:] = bytes(len(data) - 2)  # keep the zlib header, zero the deflate stream after it
+    chunk = b"IDAT" + bytes(data)
+    damaged = whole[:at + 4] + chunk + zlib.crc32(chunk).to_bytes(4, "big") + whole[at + 12 + length:]
+    assert len(damaged) == len(whole)
+    path = written(tmp_path, damaged)
+    assert validate_image(path, mode="structure", **LIMITS).width == 120  # every chunk checks out
+    with pytest.raises(InvalidImage, match="truncated or corrupt"):
+        validate_image(path, mode="decode", **LIMITS)

@@ -40,8 +40,50 @@ async def test_transient_failure_is_retried_and_the_attempts_are_reported(api, o
 
 @pytest.mark.gen_test(timeout=60)
 async def test_429_retry_after_is_honoured(api, origin):
-    result = await outcome(api, origin.url("/flaky/limited?fail=1&status=429&retry_after=1"))
+    started = time.monotonic()
+    result = await outcome(api, origin.url("/flaky/limited?fail=1&status=429&retry_after=2"))
     assert (result["status"], result["attempts"]) == ("stored", 2)
+    # Without it, the retry would come after the jittered backoff of at most RETRY_BASE (0.5 s).
+    assert time.monotonic() - started >= 2
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_blob_is_flushed_to_disk_before_its_url_is_indexed(tmp_path, redis_server, origin, monkeypatch):
+    """Durability: while the flush that makes a blob durable is held, the blob is linked in but its URL is not
+    in the index yet; a worker that indexed first could lose an indexed image to a power cut."""
+    entered, release = threading.Event(), threading.Event()
+    real = blobs_module.sync_filesystem
+
+    def held(directory):
+        entered.set()
+        release.wait(30)
+        return real(directory)
+
+    monkeypatch.setattr(blobs_module, "sync_filesystem", held)
+    settings = make_settings(tmp_path / "data", redis_server.url)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    assert services.worker is not None
+    url = origin.url("/img/913001.jpg")
+    try:
+        services.worker.start()
+        job_id, _ = await services.queue.submit([url])
+        for _ in range(400):
+            if entered.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert entered.is_set(), "the flush never started"
+        linked = list((settings.data_dir / "blobs").rglob("*"))
+        assert await services.index.digest_of(url) is None
+        assert any(path.is_file() for path in linked), "the blob is linked in before the flush"
+        release.set()
+        for _ in range(400):
+            if (await services.queue.get(job_id)).status == "done":
+                break
+            await asyncio.sleep(0.05)
+        assert await services.index.digest_of(url) is not None
+    finally:
+        release.set()
+        await services.close()
 
 
 @pytest.mark.gen_test(timeout=60)
