@@ -55,7 +55,8 @@ from casimg.schema import (
 
 
 class ImageRecord(NamedTuple):
-    """One indexed URL with its content's metadata, as a lookup or a listing page returns it."""
+    """One indexed URL with its content's metadata, as a lookup returns it (a listing page's rows are
+    plain tuples of the same fields, ``Row``)."""
 
     url: str
     sha256: str
@@ -78,9 +79,14 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
+# ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
+# NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
+Row = tuple[str, str, int, str, int, int, int]
+
+
 @dataclass(frozen=True)
 class Page:
-    images: list[ImageRecord]
+    images: list[Row]  # view them with views.image_json(*row)
     next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
     total: int  # URLs indexed, read in the same step as the page
 
@@ -126,7 +132,7 @@ def has_meta(value: str) -> bool:
     return value.find(" ", 66) != -1
 
 
-def _fields(url: str, value: str) -> tuple[str, str, int, str, int, int, int]:
+def _fields(url: str, value: str) -> Row:
     """ImageRecord's fields from a URL's value "<sha256 hex> <stored_at> <size> <width> <height> <type>"."""
     parts = value.split(" ", 5)  # BlobMeta.encode's order after the digest and time, without a BlobMeta
     if len(parts) < 6:
@@ -241,9 +247,9 @@ class Index:
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
         reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
-        images = [ImageRecord._make(_fields(reply[i], reply[i + 1])) for i in range(2, len(reply), 2)]
+        images = [_fields(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
         more = bool(int(reply[0]))
-        last = images[-1].url if more and images else None
+        last = images[-1][0] if more and images else None
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
 
     async def count(self) -> int:

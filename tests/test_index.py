@@ -163,18 +163,18 @@ async def test_listing_is_in_sha1_order_of_the_url_and_pages_follow_it(index):
     for n, url in enumerate(urls):
         await index.store(url, digest(n), META)
     whole = await index.page(None, 1000)
-    assert [image.url for image in whole.images] == sorted(urls, key=lambda url: (sha1(url), url))
+    assert [image[0] for image in whole.images] == sorted(urls, key=lambda url: (sha1(url), url))
     assert whole.next_cursor is None
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 5)  # pages end inside the dense bucket, and between buckets
         assert len(page.images) == 5 or page.next_cursor is None
-        walked += [image.url for image in page.images]
+        walked += [image[0] for image in page.images]
         if page.next_cursor is None:
             break
         assert page.next_cursor == sha1(walked[-1])
         cursor = page.next_cursor
-    assert walked == [image.url for image in whole.images]
+    assert walked == [image[0] for image in whole.images]
     assert (await index.page("f" * 40, 10)).images == []
 
 
@@ -191,7 +191,7 @@ async def test_paging_sees_every_url_present_throughout_exactly_once_while_other
     cursor, added = None, 0
     while True:
         page = await index.page(cursor, 25)
-        seen += [image.url for image in page.images]
+        seen += [image[0] for image in page.images]
         # Between pages: delete some churn URLs, re-add some, add new ones.
         for url in random.sample(churn, 10):
             await index.release(url)
@@ -253,7 +253,7 @@ async def test_the_count_goes_to_its_bucket_under_the_raw_digest_and_the_metadat
     assert await index.redis.hget(index.keys.blob("abc"), bytes.fromhex(of)) == "1"
     record = await index.lookup("http://a/1")
     assert BlobMeta(record.size, record.content_type, record.width, record.height) == meta
-    assert (await index.page(None, 10)).images[0].content_type == "image/webp"
+    assert (await index.page(None, 10)).images[0][3] == "image/webp"
 
 
 @pytest.mark.gen_test

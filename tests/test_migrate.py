@@ -81,7 +81,7 @@ async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], 
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 100)
-        walked += [image.url for image in page.images]
+        walked += [image[0] for image in page.images]
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
