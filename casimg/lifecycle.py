@@ -29,7 +29,6 @@ async def _no_pause(step: str) -> None:
     return None
 
 
-
 async def store_blob(
     blobs: BlobStore,
     index: Index,
