@@ -38,7 +38,8 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
     """Index URLs start..stop-1 through casimg's Index.store, each with its own digest and metadata."""
     import redis.asyncio as aioredis
 
-    from casimg.index import BlobMeta, Index, KeySpace
+    from casimg.index import BlobMeta, Index
+    from casimg.schema import KeySpace
     from casimg.services import connect_redis
 
     client: aioredis.Redis = connect_redis(redis_url, FILL_IN_FLIGHT + 8)
@@ -51,7 +52,7 @@ async def fill_index(redis_url: str, start: int, stop: int) -> None:
             width = 640 + number % 1400
             meta = BlobMeta(size=20_000 + number % 280_000, content_type="image/jpeg", width=width,
                             height=width * 3 // 4)
-            await index.store(list_url(number), digest, meta.encode())
+            await index.store(list_url(number), digest, meta)
 
     for chunk in range(start, stop, FILL_CHUNK):
         await asyncio.gather(*(one(n) for n in range(chunk, min(stop, chunk + FILL_CHUNK))))

@@ -16,7 +16,7 @@ def redis_used_memory(redis_url: str) -> int:
 
 def index_memory(redis_url: str, size: int) -> dict[str, float]:
     """Bytes per URL of the URL buckets and of the blob buckets, and bytes of the count hash (MEMORY USAGE)."""
-    from casimg.index import BUCKETS, KeySpace
+    from casimg.schema import BUCKETS, KeySpace
 
     keys, client = KeySpace(), redis.Redis.from_url(redis_url)
     with client.pipeline(transaction=False) as pipe:

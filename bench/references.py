@@ -157,7 +157,7 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
         with open(path, "rb") as handle:
             return handle.read()
 
-    from casimg.index import KeySpace, url_key
+    from casimg.schema import KeySpace, url_key
 
     keys = KeySpace()
 

@@ -94,7 +94,7 @@ def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: 
 
 def indexed_urls(redis_url: str) -> dict[str, str]:
     """URL -> digest for every indexed URL, read bucket by bucket."""
-    from casimg.index import BUCKETS, KeySpace
+    from casimg.schema import BUCKETS, KeySpace
 
     keys, client = KeySpace(), redis.Redis.from_url(redis_url, decode_responses=True)
     with client.pipeline(transaction=False) as pipe:

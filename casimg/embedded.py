@@ -21,7 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from casimg.errors import ConfigError, DataDirBusy
+from casimg.errors import REDIS_ERRORS, ConfigError, DataDirBusy
 
 START_TIMEOUT = 20.0  # seconds for redis-server to load its append-only file and answer PING
 STOP_TIMEOUT = 20.0
@@ -112,7 +112,7 @@ class EmbeddedRedis:
         client = _client(self.socket, 2)
         try:
             return bool(client.ping())
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (*REDIS_ERRORS, OSError):
             return False
         finally:
             client.close()
@@ -159,7 +159,7 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """Shut Redis down (it flushes the append-only file first), whether we started or adopted it."""
         client = _client(self.socket, STOP_TIMEOUT)
-        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError, OSError):
+        with contextlib.suppress(*REDIS_ERRORS, OSError):
             client.shutdown(nosave=True)
         client.close()
         if self._process is not None:

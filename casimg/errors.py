@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Redis is away or too slow, as opposed to refusing a command: callers wait it out, or answer 503.
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
+
 
 class CasimgError(Exception):
     """Base of every error casimg raises on purpose."""

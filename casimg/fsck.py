@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
-from casimg.index import Index, encode_meta, url_bucket
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced
+from casimg.schema import url_bucket
 from casimg.validation import content_type_of, validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
@@ -98,7 +99,7 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
     done = [f"index: {fix}" for fix in await index.repair()]
     done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
     snap = await index.snapshot()
-    described: dict[str, str] = {}  # digest -> encoded metadata, each blob read once
+    described: dict[str, BlobMeta] = {}  # digest -> its metadata, each blob read once
     for url in sorted(snap.bare):
         digest = snap.urls[url]
         if digest not in described:
@@ -116,7 +117,7 @@ async def _correct_types(
     index: Index, blobs: BlobStore, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
 ) -> list[str]:
     """Rewrite the metadata of URLs whose recorded content type is not the one their blob's bytes name,
-    from the blob itself (`described`: digest -> encoded metadata, shared with the caller)."""
+    from the blob itself (`described`: digest -> metadata, shared with the caller)."""
     done, types = [], {}  # types: digest -> the content type its bytes name, each blob read once
     for url, kind in sorted(recorded.items()):
         digest = urls[url]
@@ -143,11 +144,12 @@ async def _recorded_type(index: Index, url: str, digest: str) -> str | None:
     return record.content_type if record is not None and record.sha256 == digest else None
 
 
-def _meta_from_file(blobs: BlobStore, digest: str) -> str:
-    """A stored blob's encoded metadata, read again from its file (it was valid when stored, so no limits
+def _meta_from_file(blobs: BlobStore, digest: str) -> BlobMeta:
+    """A stored blob's metadata, read again from its file (it was valid when stored, so no limits
     apply). FileNotFoundError when it is not on disk, InvalidImage when its bytes are damaged."""
     path = blobs.blob_path(digest)
-    return encode_meta(path.stat().st_size, validate_image(path, max_pixels=2**62, max_frames=2**31))
+    info = validate_image(path, max_pixels=2**62, max_frames=2**31)
+    return BlobMeta(path.stat().st_size, info.content_type, info.width, info.height)
 
 
 async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:

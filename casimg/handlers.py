@@ -21,19 +21,20 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import orjson
 import tornado.web
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg import errors
-from casimg.index import CURSOR_DIGITS, MILLIS, ImageRecord
+from casimg.clock import MILLIS
+from casimg.index import ImageRecord
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
+from casimg.schema import CURSOR_DIGITS
 from casimg.services import Services
 from casimg.validation import FORMATS, content_type_of
+from casimg.views import image_json
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -53,7 +54,6 @@ RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
 RANGE_DIGITS = 18
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 # Query parameters whose values are never written to a log, should a client put a credential there (casimg
 # never reads them): a name that, lowercased and without separators, holds one of SECRET_WORDS (key,
 # api_key, x-api-key, api-key, apiKey, access_token, client_secret, X-Amz-Signature, ...) or is one of
@@ -78,7 +78,7 @@ def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
     for kind, status in table:
         if isinstance(exc, kind):
             return status, str(exc), getattr(exc, "retry_after", None)
-    if isinstance(exc, REDIS_DOWN):
+    if isinstance(exc, errors.REDIS_ERRORS):
         return 503, "the index is unavailable; try again shortly", 2.0
     if isinstance(exc, tornado.web.HTTPError):
         return exc.status_code, exc.reason or HTTPStatus(exc.status_code).phrase, None
@@ -245,7 +245,7 @@ class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         try:
             await self.services.redis.ping()
-        except REDIS_DOWN:
+        except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
@@ -292,7 +292,7 @@ class ImagesHandler(BaseHandler):
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
             query = urlencode({"limit": limit, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
-        self.write_json(page.images)
+        self.write_json([image_json(*image) for image in page.images])
 
     async def post(self) -> None:
         urls = self._parse_urls(bytes(self._body))

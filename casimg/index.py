@@ -1,8 +1,7 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
-Every Redis key casimg writes is named by ``KeySpace``; the key table in docs/operations.md mirrors it.
-The index lives in 2 x 4,096 small hashes, each kept in Redis's compact (ziplist/listpack) encoding,
-which is what holds it under 250 bytes per URL:
+Every Redis key casimg writes is named by ``schema.KeySpace``. The index lives in 2 x 4,096 small hashes,
+each kept in Redis's compact (ziplist/listpack) encoding, which is what holds it under 250 bytes per URL:
 
 - ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
   "<sha256 hex> <stored_at ms>" while the metadata is missing), the bucket named by the first 3 hex
@@ -14,12 +13,13 @@ which is what holds it under 250 bytes per URL:
   content with no references has no record.
 - ``count``: the number of URLs and of referenced contents, so totals need no scan.
 
-Each change that touches more than one key is a single Lua script, so the index never shows half a change:
+Each change that touches more than one key is a single Lua script (lua/, composed as lua.SCRIPTS says), so
+the index never shows half a change:
 
 - ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
   same step, record the outcome in its job (see queue.py).
-- ``release``: remove a URL and its reference; the caller then runs the blob delete steps (blobs.py)
-  when the count reached zero.
+- ``release``: remove a URL and its reference; the caller then runs the blob delete steps
+  (lifecycle.py) when the count reached zero.
 
 The scripts build the bucket names a digest or URL leads to from the prefixes in their ARGV, as KeySpace
 does (the bucket is known only once the script has read the digest). A single Redis, which is what
@@ -30,399 +30,33 @@ through a client that does not decode.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 
 from casimg.batching import ScriptBatcher
-from casimg.validation import ImageInfo
-
-MILLIS = 1000
-DAY = 86_400  # seconds
-# Buckets are named by 3 hex digits: 4,096 of them. At 1,000,000 URLs that is about 244 entries each,
-# under the 512 that keep a hash compact (embedded.COMPACT_HASH_ENTRIES); past about 2 million URLs or
-# contents Redis converts the fuller buckets to plain hashes, which only costs memory. The Lua below
-# (bucket_name, the 0..4095 walks) is written for 3 digits.
-BUCKET_DIGITS = 3
-BUCKETS = [f"{n:03x}" for n in range(16**BUCKET_DIGITS)]
-CURSOR_DIGITS = 40  # a listing cursor is the SHA-1 (hex) of the last URL of the page before
-
-
-@dataclass(frozen=True)
-class KeySpace:
-    """The name of every Redis key casimg uses, all built here from one prefix."""
-
-    prefix: str = "casimg:"
-
-    def url(self, bucket: str) -> str:
-        """hash: URL -> "<sha256 hex> <stored_at in ms> <size> <width> <height> <content_type>" (the last
-        four missing while the metadata is), for the URLs whose SHA-1 starts with `bucket`."""
-        return f"{self.prefix}url:{bucket}"
-
-    def blob(self, bucket: str) -> str:
-        """hash: raw 32-byte SHA-256 -> references (> 0), for the digests whose hex starts with `bucket`."""
-        return f"{self.prefix}blob:{bucket}"
-
-    @property
-    def count(self) -> str:
-        """hash: ``urls`` (URLs indexed) and ``blobs`` (contents with refs > 0), kept by the index scripts."""
-        return self.prefix + "count"
-
-    @property
-    def queue(self) -> str:
-        """stream: one entry per URL to download, for jobs submitted without an API key (and those
-        queued before each key had a stream of its own); read by the consumer group ``QUEUE_GROUP``."""
-        return self.prefix + "queue"
-
-    def key_queue(self, key_id: str) -> str:
-        """stream: one entry per URL to download, for the jobs of one API key; group ``QUEUE_GROUP``."""
-        return f"{self.prefix}queue:{key_id}"
-
-    @property
-    def queue_owners(self) -> str:
-        """sorted set: API key id -> +inf while its queue stream holds entries, else the time in ms it
-        became empty (dropped an hour after, see queue.OWNER_KEEP)."""
-        return self.prefix + "queue-owners"
-
-    def job(self, job_id: str) -> str:
-        """hash: a job's status, counters and times."""
-        return f"{self.prefix}job:{job_id}"
-
-    def job_urls(self, job_id: str) -> str:
-        """list: the job's distinct URLs in submission order."""
-        return f"{self.prefix}job:{job_id}:urls"
-
-    def job_results(self, job_id: str) -> str:
-        """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
-        return f"{self.prefix}job:{job_id}:results"
-
-    def worker(self, name: str) -> str:
-        """string with a TTL: present while the named worker is alive."""
-        return f"{self.prefix}worker:{name}"
-
-    @property
-    def sweep_lock(self) -> str:
-        """string with a TTL: held by the worker running the periodic sweep, so only one does."""
-        return self.prefix + "sweep-lock"
-
-    @property
-    def enqueuing(self) -> str:
-        """sorted set: published jobs whose queue entries are still being added, scored by publish time in ms."""
-        return self.prefix + "enqueuing"
-
-    def inflight(self, key_id: str) -> str:
-        """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""
-        return f"{self.prefix}inflight:{key_id}"
-
-    def rate(self, key_id: str) -> str:
-        """hash with a TTL: one API key's token bucket, {tokens, ts}."""
-        return f"{self.prefix}rate:{key_id}"
-
-    def robots(self, origin: str) -> str:
-        """string with a TTL: an origin's robots.txt as politeness.RobotsFile.encode() gives it. `origin` is
-        scheme://host[:port] percent-encoded whole (politeness.origin_name), so it holds no ':'."""
-        return f"{self.prefix}robots:{origin}"
-
-    def robots_claim(self, origin: str) -> str:
-        """string with a TTL: held by the process fetching an origin's robots.txt, so only it does."""
-        return f"{self.prefix}robots-claim:{origin}"
-
-    def origin_rate(self, origin: str) -> str:
-        """hash with a TTL: one origin's request-rate token bucket, {tokens, ts}. `origin` is a registrable
-        domain or an address, percent-encoded (politeness.OriginPace)."""
-        return f"{self.prefix}origin-rate:{origin}"
-
-    def origin_cool(self, origin: str) -> str:
-        """string with a TTL: present while an origin cools down after a 429 or 503; holds the streak."""
-        return f"{self.prefix}origin-cool:{origin}"
-
-    def origin_backoff(self, origin: str) -> str:
-        """string with a TTL: an origin's cool-downs in a row, forgotten after a quiet spell."""
-        return f"{self.prefix}origin-backoff:{origin}"
-
-    def auth_failures(self, address: str) -> str:
-        """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
-        return f"{self.prefix}authfail:{address}"
-
-    @property
-    def api_keys(self) -> str:
-        """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
-        return self.prefix + "apikeys"
-
-
-QUEUE_GROUP = "workers"
-
-
-def queue_stream(keys: KeySpace, owner: str) -> str:
-    """The queue stream of one API key's entries; the keyless stream for ""."""
-    return keys.key_queue(owner) if owner else keys.queue
-
-
-def url_bucket(url: str) -> str:
-    """The bucket of a URL: the first hex digits of the SHA-1 of its UTF-8 bytes (Lua's redis.sha1hex)."""
-    return hashlib.sha1(url.encode()).hexdigest()[:BUCKET_DIGITS]
-
-
-def url_key(keys: KeySpace, url: str) -> str:
-    return keys.url(url_bucket(url))
-
-
-def blob_key(keys: KeySpace, digest: str) -> str:
-    return keys.blob(digest[:BUCKET_DIGITS])
-
-
-# Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
-# remove the queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner
-# (an API key id, '' for the keyless stream) is scored in the owners set with the time its stream became
-# empty, in the step that empties it; the submit script scores it +inf while its stream holds entries.
-_COMPLETE_LUA = """
-local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms)
-  if entry ~= '' then
-    redis.call('XACK', queue, group, entry)
-    redis.call('XDEL', queue, entry)
-    if owner ~= '' and redis.call('XLEN', queue) == 0 then redis.call('ZADD', owners, now_ms, owner) end
-  end
-  if field == '' or redis.call('EXISTS', job) == 0 then return end
-  if redis.call('HSETNX', results, field, result) == 0 then return end
-  if redis.call('TTL', results) < 0 then redis.call('EXPIRE', results, math.max(redis.call('TTL', job), 1)) end
-  redis.call('HINCRBY', job, counter, 1)
-  local done = redis.call('HINCRBY', job, 'done', 1)
-  if done >= tonumber(redis.call('HGET', job, 'total')) then
-    redis.call('HSET', job, 'status', 'done', 'finished', ARGV[#ARGV])
-  elseif redis.call('HGET', job, 'status') == 'queued' then
-    redis.call('HSET', job, 'status', 'running')
-  end
-end
-"""
-
-# The first 64 hex digits of h -> their 32 raw bytes, a blob record's field. Eight 32-bit words through
-# Redis's bundled struct library: measured three times cheaper than 32 single bytes through string.char,
-# and this runs on the lookup path.
-UNHEX_LUA = """
-local function unhex(h)
-  return struct.pack('>I4I4I4I4I4I4I4I4', """ + ", ".join(
-    f"tonumber(string.sub(h, {i}, {i + 7}), 16)" for i in range(1, 64, 8)) + """)
-end
-"""
-
-_HEX_LUA = """
-local HEX = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f'}
-"""
-
-# Bucket number 0..4095 -> its 3 hex digits, for the repair's walk and the buckets it moves URLs to.
-_BUCKET_LUA = _HEX_LUA + """
-local function bucket_name(n)
-  return HEX[math.floor(n / 256) + 1] .. HEX[math.floor(n / 16) % 16 + 1] .. HEX[n % 16 + 1]
-end
-"""
-
-# KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners
-# ARGV: url digest meta now_ms entry group field attempts owner now_iso
-STORE_LUA = _COMPLETE_LUA + UNHEX_LUA + """
-local url, digest = ARGV[1], ARGV[2]
-local old = redis.call('HGET', KEYS[1], url)
-local outcome, prior
-if old then
-  outcome, digest, prior = 'exists', string.sub(old, 1, 64), -1
-else
-  prior = redis.call('HINCRBY', KEYS[2], unhex(digest), 1) - 1
-  local value = digest .. ' ' .. ARGV[4]
-  if ARGV[3] ~= '' then value = value .. ' ' .. ARGV[3] end
-  redis.call('HSET', KEYS[1], url, value)
-  redis.call('HINCRBY', KEYS[3], 'urls', 1)
-  if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
-  outcome = 'stored'
-end
-local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8])}
-if outcome == 'stored' and prior > 0 then result.deduplicated = true end
-complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4])
-return {outcome, digest, prior}
-"""
-
-# KEYS: job results queue queue-owners     ARGV: entry group field result_json counter owner now_ms now_iso
-COMPLETE_LUA = _COMPLETE_LUA + """
-complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5], KEYS[4], ARGV[6], ARGV[7])
-return 1
-"""
-
-# KEYS: url-bucket-of-url count     ARGV: url blob_prefix  ->  {digest, references left} or nil
-# The record goes with the last reference: delete step 3 then reads 0 unless a store counted one since.
-RELEASE_LUA = UNHEX_LUA + """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return nil end
-local digest = string.sub(value, 1, 64)
-local key, raw = ARGV[2] .. string.sub(digest, 1, 3), unhex(digest)
-local refs = tonumber(redis.call('HGET', key, raw) or '0')
--- Checked before any write: Redis keeps the writes of a script that fails halfway.
-if not refs then return redis.error_reply('the record of ' .. digest .. ' is not a count: run casimg fsck --repair') end
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'urls', -1)
-if refs > 1 then
-  redis.call('HINCRBY', key, raw, -1)
-else
-  redis.call('HDEL', key, raw)
-  if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
-end
-return {digest, math.max(refs - 1, 0)}
-"""
-
-# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest without metadata
-# and has it now
-ENSURE_META_LUA = """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value or string.sub(value, 1, 64) ~= ARGV[2] or string.find(value, ' ', 67, true) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], value .. ' ' .. ARGV[3])
-return 1
-"""
-
-# KEYS: url-bucket-of-url     ARGV: url digest meta  ->  1 if the URL pointed at digest with other metadata
-# (or none) and has `meta` now, its stored_at kept: fsck's correction of a record written wrong
-CORRECT_META_LUA = """
-local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value or string.sub(value, 1, 64) ~= ARGV[2] then return 0 end
-local head = string.match(value, '^%S+ %S+')
-if not head or value == head .. ' ' .. ARGV[3] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], head .. ' ' .. ARGV[3])
-return 1
-"""
-
-# KEYS: url-bucket-of-url     ARGV: url  ->  the URL's value or nil. A plain HGET, as a script so that the
-# ScriptBatcher sends it in one pipeline with the other lookups of its loop turn.
-LOOKUP_LUA = """
-return redis.call('HGET', KEYS[1], ARGV[1])
-"""
-
-# KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix cursor limit (at least 1)
-#   ->  {more, urls indexed, url, value, url, value, ...}
-# Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
-# A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
-# Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
-# EXISTS: a small index is mostly empty buckets, and the first page of 10 URLs went from 7.7 to 3.5 ms.
-PAGE_LUA = _HEX_LUA + """
-local url_prefix, cursor, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out, taken, prev, last = {0, tonumber(redis.call('HGET', KEYS[1], 'urls') or '0')}, 0, nil, nil
-local first = 0
-if cursor ~= '' then first = tonumber(string.sub(cursor, 1, 3), 16) end
-for group = math.floor(first / 16), 255 do
-  local stem = url_prefix .. HEX[math.floor(group / 16) + 1] .. HEX[group % 16 + 1]
-  local names = {}
-  for n = 1, 16 do names[n] = stem .. HEX[n] end
-  if redis.call('EXISTS', unpack(names)) > 0 then
-    for n = math.max(first - group * 16, 0) + 1, 16 do
-      local flat = redis.call('HGETALL', names[n])
-      local order, at = {}, {}
-      for i = 1, #flat, 2 do
-        local sha = redis.sha1hex(flat[i])
-        if sha > cursor then
-          local sortkey = sha .. flat[i]
-          order[#order + 1] = sortkey
-          at[sortkey] = i
-        end
-      end
-      table.sort(order)
-      for _, sortkey in ipairs(order) do
-        if taken >= limit then
-          last = last or string.sub(prev, 1, 40)
-          if string.sub(sortkey, 1, 40) ~= last then
-            out[1] = 1
-            return out
-          end
-        end
-        local i = at[sortkey]
-        out[#out + 1] = flat[i]
-        out[#out + 1] = flat[i + 1]
-        taken, prev = taken + 1, sortkey
-      end
-    end
-  end
-end
-return out
-"""
-
-# KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
-# Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
-# points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
-REPAIR_LUA = UNHEX_LUA + _BUCKET_LUA + """
-local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
-local url_prefix, blob_prefix = ARGV[1], ARGV[2]
-local fixes, counts, urls = {}, {}, 0
-for b = 0, 4095 do
-  local key = url_prefix .. bucket_name(b)
-  local flat = redis.call('HGETALL', key)
-  for i = 1, #flat, 2 do
-    local url, value = flat[i], flat[i + 1]
-    local right = tonumber(string.sub(redis.sha1hex(url), 1, 3), 16)
-    local counted = true
-    if right ~= b then
-      redis.call('HDEL', key, url)
-      if redis.call('HSETNX', url_prefix .. bucket_name(right), url, value) == 1 then
-        fixes[#fixes + 1] = 'moved ' .. url .. ' from bucket ' .. bucket_name(b) .. ' to ' .. bucket_name(right)
-        counted = right < b  -- a bucket still ahead counts it when the walk gets there
-      else
-        fixes[#fixes + 1] = 'dropped a second entry of ' .. url .. ' from bucket ' .. bucket_name(b)
-        counted = false
-      end
-    end
-    if counted then
-      local digest = string.sub(value, 1, 64)
-      counts[digest] = (counts[digest] or 0) + 1
-      urls = urls + 1
-    end
-  end
-end
-local recorded, stray = {}, {}
-for b = 0, 4095 do
-  local key = blob_prefix .. bucket_name(b)
-  local flat = redis.call('HGETALL', key)
-  for i = 1, #flat, 2 do
-    local digest = tohex(flat[i])
-    local refs = tonumber(flat[i + 1]) or 0
-    local want = counts[digest] or 0
-    if want == 0 then
-      redis.call('HDEL', key, flat[i])
-      fixes[#fixes + 1] = 'dropped the record of ' .. digest .. ' (refs ' .. refs .. '): no URL points at it'
-    elseif string.sub(digest, 1, 3) ~= bucket_name(b) then
-      redis.call('HDEL', key, flat[i])
-      stray[digest] = true
-      fixes[#fixes + 1] = 'took the record of ' .. digest .. ' out of bucket ' .. bucket_name(b) .. ', not its own'
-    else
-      recorded[digest] = true
-      if want ~= refs then
-        redis.call('HSET', key, flat[i], want)
-        fixes[#fixes + 1] = 'refs of ' .. digest .. ': ' .. refs .. ' -> ' .. want
-      end
-    end
-  end
-end
-local blobs = 0
-for digest, n in pairs(counts) do
-  if not recorded[digest] then
-    redis.call('HSET', blob_prefix .. string.sub(digest, 1, 3), unhex(digest), n)
-    if not stray[digest] then fixes[#fixes + 1] = 'refs of ' .. digest .. ': 0 -> ' .. n .. ' (no record)' end
-  end
-  blobs = blobs + 1
-end
-local had = redis.call('HMGET', KEYS[1], 'urls', 'blobs')
-local had_urls, had_blobs = tonumber(had[1] or '0'), tonumber(had[2] or '0')
-if had_urls ~= urls or had_blobs ~= blobs then
-  redis.call('HSET', KEYS[1], 'urls', urls, 'blobs', blobs)
-  fixes[#fixes + 1] = 'count: urls ' .. had_urls .. ' -> ' .. urls .. ', blobs ' .. had_blobs .. ' -> ' .. blobs
-end
-return fixes
-"""
+from casimg.clock import now_iso, now_ms
+from casimg.lua import source as lua_source
+from casimg.schema import (
+    BUCKET_DIGITS,
+    BUCKETS,
+    QUEUE_GROUP,
+    KeySpace,
+    Outcome,
+    blob_key,
+    queue_stream,
+    url_bucket,
+    url_key,
+)
 
 
 class ImageRecord(NamedTuple):
-    """One indexed URL with its content's metadata, as a lookup returns it (a listing page builds its
-    rows' JSON straight from the reply, with image_json)."""
+    """One indexed URL with its content's metadata, as a lookup returns it (a listing page's rows are
+    plain tuples of the same fields, ``Row``)."""
 
     url: str
     sha256: str
@@ -433,31 +67,26 @@ class ImageRecord(NamedTuple):
     stored_at_ms: int
 
 
-def image_json(
-    url: str, sha256: str, size: int, content_type: str, width: int, height: int, stored_at_ms: int
-) -> dict[str, Any]:
-    """An image as the API shows it; ImageRecord's fields, in order."""
-    return {
-        "url": url,
-        "sha256": sha256,
-        "size": size,
-        "content_type": content_type,
-        "width": width,
-        "height": height,
-        "stored_at": iso_ms(stored_at_ms),
-    }
-
-
 @dataclass(frozen=True)
 class StoreOutcome:
-    outcome: str  # "stored" or "exists"
+    outcome: Outcome  # STORED or EXISTS
     sha256: str
     deduplicated: bool
+
+    @property
+    def kind(self) -> Outcome:
+        """The outcome as logged and counted: DEDUPLICATED for a URL stored under a content already there."""
+        return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
+
+
+# ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
+# NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
+Row = tuple[str, str, int, str, int, int, int]
 
 
 @dataclass(frozen=True)
 class Page:
-    images: list[dict[str, Any]]  # image_json of each, built straight from the reply: no ImageRecord between
+    images: list[Row]  # view them with views.image_json(*row)
     next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
     total: int  # URLs indexed, read in the same step as the page
 
@@ -475,32 +104,6 @@ class Snapshot:
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
 
 
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def iso_ms(ms: int) -> str:
-    """iso() of a time in ms since the epoch, in integer steps: a listing page formats a thousand, and
-    strftime (which consults the time zone on each call) was a fifth of a 1,000-image page's time."""
-    seconds, millis = divmod(ms, MILLIS)
-    day, second = divmod(seconds, DAY)
-    return f"{_iso_date(day)}T{second // 3600:02d}:{second // 60 % 60:02d}:{second % 60:02d}.{millis:03d}000Z"
-
-
-@functools.lru_cache(maxsize=1024)
-def _iso_date(day: int) -> str:
-    """YYYY-MM-DD of a day number since the epoch."""
-    return time.strftime("%Y-%m-%d", time.gmtime(day * DAY))
-
-
-def now_iso() -> str:
-    return iso(datetime.now(UTC))
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True)
 class BlobMeta:
     """What the index keeps about one content, in the value of each URL that points at it, as the string
@@ -514,13 +117,14 @@ class BlobMeta:
     def encode(self) -> str:
         return f"{self.size} {self.width} {self.height} {self.content_type}"
 
+    @classmethod
+    def decode(cls, text: str) -> BlobMeta:
+        size, width, height, content_type = text.split(" ", 3)
+        return cls(size=int(size), content_type=content_type, width=int(width), height=int(height))
+
 
 # What a URL shows while its metadata is missing (fsck reports that, and --repair rebuilds it).
 UNKNOWN_META = BlobMeta(size=0, content_type="application/octet-stream", width=0, height=0)
-
-
-def encode_meta(size: int, info: ImageInfo) -> str:
-    return BlobMeta(size=size, content_type=info.content_type, width=info.width, height=info.height).encode()
 
 
 def has_meta(value: str) -> bool:
@@ -528,7 +132,7 @@ def has_meta(value: str) -> bool:
     return value.find(" ", 66) != -1
 
 
-def _fields(url: str, value: str) -> tuple[str, str, int, str, int, int, int]:
+def _fields(url: str, value: str) -> Row:
     """ImageRecord's fields from a URL's value "<sha256 hex> <stored_at> <size> <width> <height> <type>"."""
     parts = value.split(" ", 5)  # BlobMeta.encode's order after the digest and time, without a BlobMeta
     if len(parts) < 6:
@@ -543,20 +147,20 @@ class Index:
         self.redis = redis
         self.keys = keys
         self._batcher = ScriptBatcher(redis)
-        self._store = redis.register_script(STORE_LUA)
-        self._complete = redis.register_script(COMPLETE_LUA)
-        self._release = redis.register_script(RELEASE_LUA)
-        self._ensure_meta = redis.register_script(ENSURE_META_LUA)
-        self._correct_meta = redis.register_script(CORRECT_META_LUA)
-        self._lookup = redis.register_script(LOOKUP_LUA)
-        self._page = redis.register_script(PAGE_LUA)
-        self._repair = redis.register_script(REPAIR_LUA)
+        self._store = redis.register_script(lua_source("store"))
+        self._complete = redis.register_script(lua_source("complete"))
+        self._release = redis.register_script(lua_source("release"))
+        self._ensure_meta = redis.register_script(lua_source("ensure_meta"))
+        self._correct_meta = redis.register_script(lua_source("correct_meta"))
+        self._lookup = redis.register_script(lua_source("lookup"))
+        self._page = redis.register_script(lua_source("page"))
+        self._repair = redis.register_script(lua_source("repair"))
 
     async def store(
         self,
         url: str,
         digest: str,
-        meta: str,
+        meta: BlobMeta | None,
         *,
         job_id: str = "",
         position: int | None = None,
@@ -571,21 +175,25 @@ class Index:
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
              queue_stream(k, owner), k.queue_owners],
-            [url, digest, meta, now_ms(), entry_id, QUEUE_GROUP, "" if position is None else str(position),
+            [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
+             "" if position is None else str(position),
              attempts, owner, now_iso()],
         )
-        return StoreOutcome(outcome, stored_digest, outcome == "stored" and int(prior) > 0)
+        stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
+        return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
 
     async def complete(
-        self, job_id: str, position: int, entry_id: str, result: dict[str, Any], counter: str, owner: str = ""
+        self, job_id: str, position: int, entry_id: str, outcome: Outcome, detail: dict[str, Any], owner: str = ""
     ) -> None:
-        """Record an outcome that did not change the index (failed, or already present); the entry leaves
-        the queue stream of `owner` (the keyless stream if empty)."""
+        """Record an outcome that did not change the index (failed, or already present), with its `detail`
+        (sha256, or error and attempts) in the job's result; the entry leaves the queue stream of `owner`
+        (the keyless stream if empty)."""
         k = self.keys
+        result = {"status": outcome.status.value, **detail}
         await self._complete(
             keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
-            args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")), counter,
-                  owner, now_ms(), now_iso()],
+            args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
+                  outcome.counter, owner, now_ms(), now_iso()],
         )
 
     async def release(self, url: str) -> tuple[str, int] | None:
@@ -625,28 +233,38 @@ class Index:
         value = await self._batcher.call(self._lookup, [url_key(self.keys, url)], [url])
         return None if value is None else ImageRecord._make(_fields(url, value))
 
-    async def ensure_meta(self, url: str, digest: str, meta: str) -> bool:
+    async def ensure_meta(self, url: str, digest: str, meta: BlobMeta) -> bool:
         """Give `url` its metadata if it points at `digest` and lacks it. True if it was set."""
-        return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
+        return bool(await self._ensure_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def correct_meta(self, url: str, digest: str, meta: str) -> bool:
+    async def correct_meta(self, url: str, digest: str, meta: BlobMeta) -> bool:
         """Give `url` the metadata `meta`, replacing what it holds, if it points at `digest`. True if it
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
-        return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta]))
+        return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
     async def page(self, cursor: str | None, limit: int) -> Page:
         """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
         URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
         k = self.keys
         reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
-        images = [image_json(*_fields(reply[i], reply[i + 1])) for i in range(2, len(reply), 2)]
+        images = [_fields(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
         more = bool(int(reply[0]))
-        last = images[-1]["url"] if more and images else None
+        last = images[-1][0] if more and images else None
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""
         return int(await self.redis.hget(self.keys.count, "urls") or 0)
+
+    async def sizes(self) -> tuple[int, int]:
+        """(URLs, distinct contents), from the count hash the scripts keep exact."""
+        urls, blobs = await self.redis.hmget(self.keys.count, ["urls", "blobs"])
+        return int(urls or 0), int(blobs or 0)
+
+    async def take_sweep_lock(self, holder: str, seconds: float) -> bool:
+        """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
+        the lock expires after `seconds`, so one worker at a time sweeps."""
+        return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
 
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.

@@ -19,8 +19,10 @@ from enum import IntEnum
 
 import redis.asyncio as aioredis
 
+from casimg.clock import now_iso
 from casimg.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from casimg.index import KeySpace, now_iso
+from casimg.lua import source as lua_source
+from casimg.schema import KeySpace
 
 KEY_RE = re.compile(r"^casimg_([0-9a-f]{12})_([A-Za-z0-9_-]{20,})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
@@ -56,16 +58,6 @@ def _secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-# KEYS: api_keys     ARGV: id record_json name only_if_empty  ->  1 created, 0 name taken, -1 not empty
-_CREATE_LUA = """
-if ARGV[4] == '1' and redis.call('HLEN', KEYS[1]) > 0 then return -1 end
-local all = redis.call('HVALS', KEYS[1])
-for i = 1, #all do
-  if cjson.decode(all[i]).name == ARGV[3] then return 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
 
 
 class KeyStore:
@@ -74,7 +66,7 @@ class KeyStore:
         self.keys = keys
         self.cache_ttl = cache_ttl
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
-        self._create = redis.register_script(_CREATE_LUA)
+        self._create = redis.register_script(lua_source("create_key"))
 
     async def create(self, name: str, scope: Scope, key: str | None = None, only_if_empty: bool = False) -> str | None:
         """Register a key and return it (None when only_if_empty and keys exist). The key is not kept."""

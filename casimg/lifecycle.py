@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from casimg.blobs import BlobStore
-from casimg.index import Index, StoreOutcome
+from casimg.index import BlobMeta, Index, StoreOutcome
+from casimg.schema import Outcome
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -28,21 +29,20 @@ async def _no_pause(step: str) -> None:
     return None
 
 
-
 async def store_blob(
     blobs: BlobStore,
     index: Index,
     tmp: Path,
     url: str,
     digest: str,
-    meta: str,
+    meta: BlobMeta,
     *,
     pause: Pause = _no_pause,
     **job: Any,
 ) -> StoreOutcome:
     """Index `url` -> `digest` with its bytes in `tmp`, steps 1-4; `tmp` is consumed.
 
-    `job` (job_id, position, entry_id, attempts) finishes the URL's queue entry in the same Redis step.
+    `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis step.
     """
     try:
         await asyncio.to_thread(blobs.link_in, tmp, digest)
@@ -59,7 +59,7 @@ async def index_linked_blob(
     tmp: Path,
     url: str,
     digest: str,
-    meta: str,
+    meta: BlobMeta,
     *,
     pause: Pause = _no_pause,
     run: Run = asyncio.to_thread,
@@ -75,7 +75,7 @@ async def index_linked_blob(
     try:
         outcome = await index.store(url, digest, meta, **job)
         await pause("indexed")
-        if outcome.outcome == "stored":
+        if outcome.outcome is Outcome.STORED:
             settled = True
             await run(blobs.settle, tmp, digest)
         else:

@@ -28,35 +28,13 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from casimg.errors import TooManyRequests
-from casimg.index import KeySpace
+from casimg.lua import source as lua_source
+from casimg.schema import KeySpace
 
 LEASE_SECONDS = 0.05  # a lease holds this much of the rate: 10 tokens at 200 a second
 AUTH_WINDOW = 60  # seconds over which 401s from one address are counted
 
-# KEYS: bucket     ARGV: rate burst want  ->  {granted, ms until one token is there (when none granted)}
-TAKE_LUA = """
-redis.replicate_commands()  -- Redis 6: write after reading TIME
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1]) or burst
-local last = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-local granted = math.min(want, math.floor(tokens))
-tokens = tokens - granted
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000 / rate) + 1000)
-if granted >= 1 then return {granted, 0} end
-return {0, math.ceil((1 - tokens) * 1000 / rate)}
-"""
 
-# KEYS: counter     ARGV: window  ->  {failures in the window, seconds left in it}
-COUNT_LUA = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
-return {n, redis.call('TTL', KEYS[1])}
-"""
 
 
 @dataclass
@@ -85,7 +63,7 @@ class RateLimiter:
         # key id -> the one lease request in flight for it: None when Redis granted tokens, else the
         # milliseconds until one is there
         self._asking: dict[str, asyncio.Task[int | None]] = {}
-        self._take = redis.register_script(TAKE_LUA)
+        self._take = redis.register_script(lua_source("rate_take"))
 
     async def take(self, key_id: str) -> None:
         """Spend one request of `key_id`'s rate, or raise TooManyRequests."""
@@ -134,7 +112,7 @@ class AuthFailures:
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, limit: int) -> None:
         self.keys = keys
         self.limit = limit
-        self._count = redis.register_script(COUNT_LUA)
+        self._count = redis.register_script(lua_source("auth_count"))
 
     async def record(self, address: str) -> None:
         """Count one failed authentication from `address`; raise TooManyRequests past the limit."""

@@ -57,10 +57,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from casimg import stats
 from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
+from casimg.schema import Outcome
 from casimg.worker import Worker
 
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
@@ -167,9 +167,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def on_outcome(self, kind: str, reason: str) -> None:
-        self.downloads.labels(kind, reason_label(reason)).inc()
-        if kind == "deduplicated":
+    def on_outcome(self, kind: Outcome, reason: str) -> None:
+        self.downloads.labels(kind.value, reason_label(reason)).inc()
+        if kind is Outcome.DEDUPLICATED:
             self.dedup_hits.inc()
 
     def on_bytes(self, kind: str, size: int) -> None:
@@ -189,7 +189,7 @@ class Metrics:
         return prometheus_client.generate_latest(self.registry)
 
     async def _refresh(self, services: Scraped) -> None:
-        urls, contents = await stats.index_sizes(services.index)
+        urls, contents = await services.index.sizes()
         self.scraped.values["urls"] = urls
         self.scraped.values["blobs"] = contents
         self.scraped.queue = await services.queue.depth()

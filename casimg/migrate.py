@@ -1,6 +1,6 @@
 """Moves an index written by casimg 0.1 to the current layout (index.py) when a process starts.
 
-casimg 0.1 kept the index in five keys, named here by ``OldKeySpace`` and read nowhere else:
+casimg 0.1 kept the index in five keys, named by ``schema.OldKeySpace`` and read only here:
 ``urls`` (URL -> hex digest), ``order`` (URL scored by stored_at in µs), ``refs`` (digest ->
 references), ``meta:{3 hex}`` (digest -> "size width height content_type") and ``clock``.
 
@@ -17,89 +17,34 @@ one still writing to the old keys would keep the move from finishing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from casimg.index import BUCKETS, UNHEX_LUA, Index, now_ms
+import redis.asyncio as aioredis
+
+from casimg.clock import now_ms
+from casimg.lua import source as lua_source
+from casimg.schema import BUCKETS, KeySpace, OldKeySpace
 
 log = logging.getLogger("casimg.migrate")
 
 # URLs per Lua call. Each call holds Redis, longer as the new buckets fill: 250 took about 20 ms at
 # 300,000 URLs on a busy 2-core machine.
 MIGRATE_BATCH = 250
-US_PER_MS = 1000
 
 
-@dataclass(frozen=True)
-class OldKeySpace:
-    """The keys of the casimg 0.1 index, under the same prefix as KeySpace."""
-
-    prefix: str
-
-    @property
-    def urls(self) -> str:
-        return self.prefix + "urls"
-
-    @property
-    def order(self) -> str:
-        return self.prefix + "order"
-
-    @property
-    def refs(self) -> str:
-        return self.prefix + "refs"
-
-    @property
-    def clock(self) -> str:
-        return self.prefix + "clock"
-
-    def meta(self, bucket: str) -> str:
-        return f"{self.prefix}meta:{bucket}"
-
-    def markers(self) -> list[str]:
-        """The keys of which one exists while any of the old index is left: one DEL removes them and the
-        meta buckets together, so the meta buckets never outlive them."""
-        return [self.urls, self.order, self.refs, self.clock]
 
 
-# KEYS: old_urls old_order count     ARGV: url_prefix blob_prefix old_meta_prefix now_ms url...  ->  moved
-MIGRATE_LUA = UNHEX_LUA + f"""
-local moved = 0
-for i = 5, #ARGV do
-  local url = ARGV[i]
-  local digest = redis.call('HGET', KEYS[1], url)
-  if digest then
-    local key = ARGV[1] .. string.sub(redis.sha1hex(url), 1, 3)
-    -- Already in the new layout (stored again since): that entry wins, and the old one just goes.
-    if redis.call('HEXISTS', key, url) == 0 then
-      local score = redis.call('ZSCORE', KEYS[2], url)
-      local stamp = ARGV[4]
-      if score then stamp = string.format('%.0f', math.floor(tonumber(score) / {US_PER_MS})) end
-      local meta = redis.call('HGET', ARGV[3] .. string.sub(digest, 1, 3), digest)
-      if meta then stamp = stamp .. ' ' .. meta end
-      redis.call('HSET', key, url, digest .. ' ' .. stamp)
-      local refs = redis.call('HINCRBY', ARGV[2] .. string.sub(digest, 1, 3), unhex(digest), 1) - 1
-      redis.call('HINCRBY', KEYS[3], 'urls', 1)
-      if refs == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
-      moved = moved + 1
-    end
-    redis.call('HDEL', KEYS[1], url)
-    redis.call('ZREM', KEYS[2], url)
-  end
-end
-return moved
-"""
-
-
-async def move_batch(index: Index, urls: list[str]) -> int:
+async def move_batch(redis: aioredis.Redis, k: KeySpace, urls: list[str]) -> int:
     """Move these URLs from the old layout, atomically; those no longer in it are skipped. Returns how many moved."""
-    old, k = OldKeySpace(index.keys.prefix), index.keys
-    script = index.redis.register_script(MIGRATE_LUA)
+    old = OldKeySpace(k.prefix)
+    script = redis.register_script(lua_source("migrate"))
     return int(await script(keys=[old.urls, old.order, k.count],
                             args=[k.url(""), k.blob(""), old.meta(""), now_ms(), *urls]))
 
 
-async def migrate(index: Index, batch: int = MIGRATE_BATCH) -> int:
-    """Move a casimg 0.1 index to the current layout, if there is one. Returns the URLs this call moved."""
-    old, redis = OldKeySpace(index.keys.prefix), index.redis
+async def migrate(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BATCH) -> int:
+    """Move a casimg 0.1 index (keys under `keys`' prefix) to the current layout, if there is one. Returns
+    the URLs this call moved."""
+    old = OldKeySpace(keys.prefix)
     if not await redis.exists(*old.markers()):
         return 0
     log.info("moving the casimg 0.1 index (%s) to the current layout", old.urls)
@@ -111,7 +56,7 @@ async def migrate(index: Index, batch: int = MIGRATE_BATCH) -> int:
         while True:
             cursor, entries = await redis.hscan(old.urls, cursor, count=batch)
             if entries:
-                moved += await move_batch(index, list(entries))
+                moved += await move_batch(redis, keys, list(entries))
             if cursor == 0:
                 break
     await redis.delete(old.order, old.refs, *(old.meta(bucket) for bucket in BUCKETS), old.clock)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from casimg import __version__
-from casimg.index import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS
 
 
 def _problem(description: str) -> dict[str, Any]:

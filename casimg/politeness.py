@@ -13,7 +13,7 @@
   fetch's time limit, after which they fetch themselves). A parsed file is reused in the process for
   ``ROBOTS_LOCAL_TTL`` seconds without asking Redis.
 - **A request rate per origin** (``OriginPace``), shared by every process: a token bucket in Redis per
-  origin (``KeySpace.origin_rate``; limits.TAKE_LUA, the API keys' bucket), refilled at ``origin_rate``
+  origin (``KeySpace.origin_rate``; lua/rate_take.lua, the API keys' bucket), refilled at ``origin_rate``
   requests a second up to ``origin_burst``. An origin is a registrable domain (scheduler.
   registrable_domain: ``a.example.co.uk`` and ``b.example.co.uk`` share one bucket), or for a numeric
   host its address (an IPv6 /64). A name is not resolved to count its address too: that would cost a
@@ -48,9 +48,10 @@ import redis.asyncio as aioredis
 from protego import Protego
 from yarl import URL
 
-from casimg.index import KeySpace
-from casimg.limits import LEASE_SECONDS, TAKE_LUA, Lease
+from casimg.limits import LEASE_SECONDS, Lease
+from casimg.lua import source as lua_source
 from casimg.scheduler import origin_address, registrable_domain
+from casimg.schema import KeySpace
 
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: a parser must read at least the first 500 KiB; the rest is cut
 ROBOTS_REDIRECTS = 5  # RFC 9309 2.3.1.2: follow at least five consecutive redirects
@@ -66,7 +67,7 @@ ROBOTS_POLL = 0.1  # seconds between looks in Redis while another process fetche
 PACE_LUA = """
 local cooling = redis.call('PTTL', KEYS[1])
 if cooling > 0 then return {0, cooling} end
-""" + TAKE_LUA.replace("KEYS[1]", "KEYS[2]")
+""" + lua_source("rate_take").replace("KEYS[1]", "KEYS[2]")
 
 # KEYS: cool-down, streak   ARGV: first_ms ceiling_ms retry_after_ms jitter (0 to 1) STREAK_MEMORY
 #   ->  ms the origin cools for

@@ -47,8 +47,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
-from casimg.index import QUEUE_GROUP, KeySpace, now_iso, queue_stream
+from casimg.lua import source as lua_source
+from casimg.schema import QUEUE_GROUP, KeySpace, Outcome, queue_stream
 from casimg.userinfo import CREDENTIALS, has_userinfo, without_userinfo
 
 IN_FLIGHT_RETRY = 5.0  # seconds a client refused for too many unfinished jobs or bytes is asked to wait
@@ -64,82 +66,7 @@ RESUME_BATCH = 10  # abandoned enqueues a worker finishes per look
 KEPT_URL = 2048  # characters of a too long URL the job keeps, to show which one it was
 TOO_LONG = "URL too long"
 
-# KEYS: job urls results inflight enqueuing
-# ARGV: job_id ttl_ms created key_id max_in_flight job_prefix now_ms total failed bytes max_bytes
-#   ->  {1, 0} published; {0, jobs} too many unfinished jobs; {2, bytes held} over the bytes; {-1, 0} the
-#       staged list is not whole (it expired)
-# The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts.
-PUBLISH_LUA = """
-local job_id, ttl = ARGV[1], tonumber(ARGV[2])
-local limit, total, failed = tonumber(ARGV[5]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local bytes, max_bytes = tonumber(ARGV[10]), tonumber(ARGV[11])
-if redis.call('LLEN', KEYS[2]) ~= total then return {-1, 0} end
-local open = failed < total
-if ARGV[4] ~= '' and open then
-  local ids, held = redis.call('ZRANGE', KEYS[4], 0, -1), 0
-  for i = 1, #ids do
-    local info = redis.call('HMGET', ARGV[6] .. ids[i], 'status', 'bytes')
-    if not info[1] or info[1] == 'done' then
-      redis.call('ZREM', KEYS[4], ids[i])
-    else
-      held = held + (tonumber(info[2]) or 0)
-    end
-  end
-  local jobs = redis.call('ZCARD', KEYS[4])
-  if limit > 0 and jobs >= limit then return {0, jobs} end
-  if max_bytes > 0 and held + bytes > max_bytes then return {2, held} end
-  redis.call('ZADD', KEYS[4], ARGV[7], job_id)
-  redis.call('PEXPIRE', KEYS[4], ttl)
-end
-redis.call('HSET', KEYS[1], 'status', open and 'queued' or 'done', 'total', total, 'done', failed, 'stored', 0,
-           'existed', 0, 'failed', failed, 'created', ARGV[3], 'key', ARGV[4], 'bytes', bytes, 'enqueued', 0)
-if not open then redis.call('HSET', KEYS[1], 'finished', ARGV[3]) end
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-redis.call('PEXPIRE', KEYS[3], ttl)
-if open then redis.call('ZADD', KEYS[5], ARGV[7], job_id) end
-return {1, 0}
-"""
 
-# KEYS: job urls results queue enqueuing queue_owners
-# ARGV: job_id max_urls max_bytes key_queue_prefix  ->  1 all enqueued, 0 more to do
-# The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
-# cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
-# The entries go to the stream of the key that submitted the job (its name built from the prefix, as
-# KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
-ENQUEUE_LUA = """
-local job_id = ARGV[1]
-local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key')
-local cursor, total, owner = tonumber(info[1]), tonumber(info[2]), info[3] or ''
-local queue = KEYS[4]
-if owner ~= '' then
-  queue = ARGV[4] .. owner
-  if redis.call('EXISTS', queue) == 0 then redis.call('XGROUP', 'CREATE', queue, 'GROUP', '0', 'MKSTREAM') end
-end
-if not cursor or not total or cursor >= total then
-  redis.call('ZREM', KEYS[5], job_id)
-  return 1
-end
-local urls = redis.call('LRANGE', KEYS[2], cursor, cursor + tonumber(ARGV[2]) - 1)
-local budget, taken, added = tonumber(ARGV[3]), 0, 0
-for i = 1, #urls do
-  if taken > 0 and budget <= 0 then break end
-  local pos = cursor + i - 1
-  if redis.call('HEXISTS', KEYS[3], pos) == 0 then
-    redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
-    added = added + 1
-  end
-  budget, taken = budget - #urls[i], taken + 1
-end
-if added > 0 and owner ~= '' then redis.call('ZADD', KEYS[6], 'inf', owner) end
-cursor = cursor + taken
-redis.call('HSET', KEYS[1], 'enqueued', cursor)
-if cursor >= total or taken == 0 then
-  redis.call('ZREM', KEYS[5], job_id)
-  return 1
-end
-return 0
-""".replace("'GROUP'", f"'{QUEUE_GROUP}'")
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
 OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
 
@@ -219,7 +146,7 @@ def _kept_urls(urls: list[str], max_length: int) -> tuple[list[str], dict[int, s
 
 
 def _failure(reason: str) -> str:
-    return json.dumps({"status": "failed", "error": reason, "attempts": 0}, separators=(",", ":"))
+    return json.dumps({"status": Outcome.FAILED.value, "error": reason, "attempts": 0}, separators=(",", ":"))
 
 
 def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:
@@ -245,8 +172,8 @@ class JobQueue:
         self.job_ttl = max(1, int(job_ttl))
         self.staging_ttl_ms = max(1, int(staging_ttl * 1000))
         self.resume_after = RESUME_AFTER
-        self._publish = redis.register_script(PUBLISH_LUA)
-        self._enqueue = redis.register_script(ENQUEUE_LUA)
+        self._publish = redis.register_script(lua_source("publish"))
+        self._enqueue = redis.register_script(lua_source("enqueue"))
 
     async def ensure_group(self, owner: str = "") -> None:
         """Create an owner's stream and its consumer group once (the keyless one by default); reading from
@@ -327,7 +254,7 @@ class JobQueue:
         k = self.keys
         return bool(await self._enqueue(
             keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners],
-            args=[job_id, most, STEP_BYTES, k.key_queue("")],
+            args=[job_id, most, STEP_BYTES, k.key_queue(""), QUEUE_GROUP],
         ))
 
     async def resume_enqueuing(self, older_than: float | None = None) -> int:

@@ -23,13 +23,14 @@ from casimg.blobs import BlobStore
 from casimg.config import Settings
 from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
 from casimg.metrics import Metrics
 from casimg.migrate import migrate
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
+from casimg.schema import KeySpace
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")
@@ -106,7 +107,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
     # missing trash/ would leave the blob in place.
     blobs.create_dirs()
     await services.queue.ensure_group()
-    await migrate(services.index)  # an index of casimg 0.1 moves to the current layout before any use
+    await migrate(client, keyspace)  # an index of casimg 0.1 moves to the current layout before any use
     if with_worker:
         services.fetcher = Fetcher(
             tmp_dir=blobs.tmp_dir,

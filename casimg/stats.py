@@ -54,15 +54,9 @@ def human_bytes(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-async def index_sizes(index: Index) -> tuple[int, int]:
-    """(URLs, distinct contents), from the count hash the index keeps exact."""
-    urls, blobs = await index.redis.hmget(index.keys.count, ["urls", "blobs"])
-    return int(urls or 0), int(blobs or 0)
-
-
 async def collect(index: Index, queue: JobQueue, blobs: BlobStore) -> Stats:
     (urls, contents), depth, jobs, (files, size) = await asyncio.gather(
-        index_sizes(index),
+        index.sizes(),
         queue.depth(),
         queue.count_by_status(),
         asyncio.get_running_loop().run_in_executor(None, blobs.usage),

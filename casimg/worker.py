@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -31,22 +32,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from casimg.batching import ThreadBatcher
 from casimg.blobs import BlobStore, FlushGroup
 from casimg.config import Settings
-from casimg.errors import DownloadFailed
+from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
-from casimg.index import Index, encode_meta
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import index_linked_blob
 from casimg.logtext import clip
 from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
+from casimg.schema import Outcome
 from casimg.validation import ImageInfo, validate_image
 
 log = logging.getLogger("casimg.worker")
@@ -54,11 +54,12 @@ log = logging.getLogger("casimg.worker")
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
 # An idle worker blocks on the queues of the keys it knows; a key it does not know yet (the first job of a
 # key in an hour) is looked for between two such waits, so they are kept short: a new key's first entry
-# waited up to READ_BLOCK_MS, a fifth of a 2,000-image ingest. Five round trips a second when idle.
+# waited up to READ_BLOCK_MS (BENCHMARKS.md, "Figures behind design choices"). Five round trips a second
+# when idle.
 IDLE_BLOCK_MS = 200
 # A busy worker reuses the list of keys with queued entries for this long, and looks into the queues of
 # keys holding no slot (newcomers) at most this often while its other slots are all taken: a round trip
-# on every slot given back cost the ingest of a single key a quarter of its rate. A new key waits that
+# on every slot given back slowed the ingest of a single key (BENCHMARKS.md). A new key waits that
 # much longer for its first read, a fraction of a second.
 OWNERS_REFRESH = 0.5
 PROBE_INTERVAL = 0.1
@@ -80,8 +81,6 @@ RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
-UNCHECKED = ""  # an entry's `known` digest when the batch lookup failed: its task asks again itself
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 # Entries that may wait for their origin's rate or cool-down without a slot, per slot: enough that a
 # paced origin's backlog does not keep the slots from other origins, few enough to bound the entries
 # read ahead (each waits as a task, pending under this worker's name).
@@ -89,10 +88,19 @@ ASIDE_PER_SLOT = 4
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
-def _log_outcome(outcome: str, url: str, attempts: int, reason: str = "") -> None:
+class _Unchecked(enum.Enum):
+    UNCHECKED = enum.auto()
+
+
+# An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
+UNCHECKED = _Unchecked.UNCHECKED
+Known = str | _Unchecked | None
+
+
+def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
     url = clip(url)
-    fields = {"event": "download", "outcome": outcome, "url": url, "attempts": attempts}
+    fields = {"event": "download", "outcome": outcome.value, "url": url, "attempts": attempts}
     if reason:
         fields["reason"] = reason
         log.info("failed %s: %s (attempts: %d)", url, reason, attempts, extra={"fields": fields})
@@ -114,7 +122,7 @@ class Worker:
         index: Index,
         blobs: BlobStore,
         fetcher: Fetcher,
-        on_outcome: Callable[[str, str], None] | None = None,
+        on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
         pace: OriginPace | None = None,
     ) -> None:
@@ -202,7 +210,7 @@ class Worker:
         while await self._sleep_unless_stopping(interval * random.uniform(0.5, 1.0)):
             try:
                 # One sweeper at a time across all workers; the lock expires with the interval.
-                if await self.index.redis.set(self.index.keys.sweep_lock, self.name, nx=True, px=int(interval * 1000)):
+                if await self.index.take_sweep_lock(self.name, interval):
                     done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
             except (*REDIS_ERRORS, OSError) as exc:
@@ -277,7 +285,7 @@ class Worker:
         self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
         return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
 
-    async def _indexed_already(self, entries: list[Entry]) -> list[str | None]:
+    async def _indexed_already(self, entries: list[Entry]) -> list[Known]:
         """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
 
         One round trip for the batch. The entries are read and pending under this worker's name: should
@@ -296,7 +304,7 @@ class Worker:
         if not task.cancelled() and task.exception() is not None:
             log.error("download task failed", exc_info=task.exception())
 
-    async def _process(self, entry: Entry, known: str | None, slot: _Slot) -> None:
+    async def _process(self, entry: Entry, known: Known, slot: _Slot) -> None:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
@@ -337,20 +345,19 @@ class Worker:
                     return
                 await asyncio.sleep(REDIS_RETRY)
 
-    async def _attempt_all(self, entry: Entry, known: str | None, slot: _Slot) -> None:
+    async def _attempt_all(self, entry: Entry, known: Known, slot: _Slot) -> None:
         await slot.take()  # if none was free at the read, or a Redis outage sent a download back to the start
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
-        if known == UNCHECKED:
+        if known is UNCHECKED:
             known = await self.index.digest_of(entry.url)
         if known is not None:
             await self.index.complete(
-                entry.job_id, entry.position, entry.entry_id, {"status": "exists", "sha256": known}, "existed",
-                owner=entry.owner,
+                entry.job_id, entry.position, entry.entry_id, Outcome.EXISTS, {"sha256": known}, owner=entry.owner,
             )
-            _log_outcome("exists", entry.url, 0)
-            self.on_outcome("exists", "")
+            _log_outcome(Outcome.EXISTS, entry.url, 0)
+            self.on_outcome(Outcome.EXISTS, "")
             return
         attempt = 0
         budget = RETRY_BUDGET * self.settings.fetch_timeout  # seconds of download left over all attempts
@@ -416,12 +423,12 @@ class Worker:
         return origin is not None and await self.pace.cool(origin, failure.retry_after) > 0
 
     async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
-        _log_outcome("failed", entry.url, attempts, reason)
+        _log_outcome(Outcome.FAILED, entry.url, attempts, reason)
         await self.index.complete(
             entry.job_id, entry.position, entry.entry_id,
-            {"status": "failed", "error": reason, "attempts": attempts}, "failed", owner=entry.owner,
+            Outcome.FAILED, {"error": reason, "attempts": attempts}, owner=entry.owner,
         )
-        self.on_outcome("failed", reason)
+        self.on_outcome(Outcome.FAILED, reason)
 
     @staticmethod
     def _backoff(attempt: int, retry_after: float | None) -> float:
@@ -429,14 +436,14 @@ class Worker:
             return min(retry_after, RETRY_AFTER_CAP)
         return random.uniform(0, RETRY_BASE * 2 ** (attempt - 1))
 
-    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> str:
+    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
             return await self._store_unguarded(entry, downloaded, attempt)
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
 
-    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> str:
+    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
             tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
         except BaseException:
@@ -447,13 +454,14 @@ class Worker:
         except BaseException:
             self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
             raise
+        meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
         outcome = await index_linked_blob(
-            self.blobs, self.index, tmp, entry.url, digest, encode_meta(downloaded.size, info),
+            self.blobs, self.index, tmp, entry.url, digest, meta,
             run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
             attempts=attempt, owner=entry.owner,
         )
-        kind = "deduplicated" if outcome.deduplicated else outcome.outcome
-        if kind == "stored":
+        kind = outcome.kind
+        if kind is Outcome.STORED:
             self.on_bytes("stored", downloaded.size)
         self.on_outcome(kind, "")
         return kind
@@ -462,7 +470,7 @@ class Worker:
         """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
-        GIL traffic of 64 downloads was a third of the ingest's CPU when each step had its own.
+        GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
         """
         info = validate_image(
             downloaded.data if downloaded.data is not None else downloaded.path,

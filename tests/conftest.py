@@ -25,8 +25,9 @@ from bench.procs import start_redis_server
 from casimg.app import make_app
 from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.keys import Scope
+from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
 from tests.origin import Origin
 

@@ -16,7 +16,7 @@ import redis
 
 from casimg.cli import Formatter
 from casimg.embedded import EmbeddedRedis
-from casimg.index import url_bucket
+from casimg.schema import url_bucket
 from tests.conftest import eventually
 from tests.procs import ROOT, Server, casimg, free_port
 

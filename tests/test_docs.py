@@ -31,7 +31,7 @@ import redis
 
 from bench.procs import start, stop, wait_port
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
-from casimg.index import KeySpace
+from casimg.schema import KeySpace
 from tests.procs import ROOT, Server, expected_bytes, free_port
 
 OPERATIONS = ROOT / "docs" / "operations.md"

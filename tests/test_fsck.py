@@ -9,8 +9,9 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, blob_key, url_bucket
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
+from casimg.schema import blob_key, url_bucket
 from tests.conftest import png
 from tests.origin import image_bytes
 
@@ -19,7 +20,7 @@ async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
     tmp = blobs.tmp_dir / f"dl-{os.urandom(4).hex()}.part"
     tmp.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
-    meta = BlobMeta(size=len(data), content_type="image/png", width=4, height=3).encode()
+    meta = BlobMeta(size=len(data), content_type="image/png", width=4, height=3)
     await store_blob(blobs, index, tmp, url, digest, meta)
     return digest
 
@@ -109,7 +110,7 @@ async def test_a_record_with_the_wrong_content_type_is_a_problem_repair_corrects
     tmp = blobs.tmp_dir / "dl-webp.part"
     tmp.write_bytes(webp)
     digest = hashlib.sha256(webp).hexdigest()
-    wrong = BlobMeta(size=len(webp), content_type="application/octet-stream", width=30, height=20).encode()
+    wrong = BlobMeta(size=len(webp), content_type="application/octet-stream", width=30, height=20)
     await store_blob(blobs, index, tmp, "http://a/w", digest, wrong)
     await put(blobs, index, "http://a/p", png(1))  # a right record, left alone
     stored_at = (await index.lookup("http://a/w")).stored_at_ms

@@ -7,16 +7,16 @@ import hashlib
 import itertools
 import random
 import time
-from datetime import UTC, datetime
 
 import pytest
 from redis.exceptions import ResponseError
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
-from casimg.index import BlobMeta, Index, KeySpace, blob_key, iso, iso_ms, url_bucket, url_key
+from casimg.index import BlobMeta, Index
+from casimg.schema import KeySpace, Outcome, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
 
-META = BlobMeta(size=3, content_type="image/png", width=1, height=1).encode()
+META = BlobMeta(size=3, content_type="image/png", width=1, height=1)
 
 
 def digest(n: int) -> str:
@@ -65,7 +65,7 @@ async def test_store_counts_references_and_reports_dedup(index):
     assert await record_of(index, digest(1)) == "2"
     value = await index.redis.hget(index.keys.url(url_bucket("http://a/1")), "http://a/1")
     stored_at = (await index.lookup("http://a/1")).stored_at_ms
-    assert value == f"{digest(1)} {stored_at} {META}"
+    assert value == f"{digest(1)} {stored_at} {META.encode()}"
     assert await index.redis.hgetall(index.keys.count) == {"urls": "2", "blobs": "1"}
 
 
@@ -124,13 +124,13 @@ async def test_digests_of_answers_a_batch_in_order(index):
 
 @pytest.mark.gen_test
 async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
-    await index.store("http://a/1", digest(1), "")
-    await index.store("http://a/2", digest(1), "")
+    await index.store("http://a/1", digest(1), None)
+    await index.store("http://a/2", digest(1), None)
     assert await record_of(index, digest(1)) == "2"
     assert (await index.lookup("http://a/1")).content_type == "application/octet-stream"
     assert (await index.snapshot()).bare == {"http://a/1", "http://a/2"}
     assert await index.ensure_meta("http://a/1", digest(1), META) is True
-    assert await index.ensure_meta("http://a/1", digest(1), BlobMeta(9, "image/gif", 9, 9).encode()) is False
+    assert await index.ensure_meta("http://a/1", digest(1), BlobMeta(9, "image/gif", 9, 9)) is False
     assert await index.ensure_meta("http://a/2", digest(2), META) is False  # it points at digest(1)
     assert await index.ensure_meta("http://a/none", digest(1), META) is False
     record = await index.lookup("http://a/1")
@@ -141,11 +141,11 @@ async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
 
 @pytest.mark.gen_test
 async def test_correct_meta_replaces_a_records_metadata_only_where_the_url_still_holds_that_digest(index):
-    await index.store("http://a/1", digest(1), BlobMeta(3, "application/octet-stream", 4, 3).encode())
-    await index.store("http://a/2", digest(2), "")
+    await index.store("http://a/1", digest(1), BlobMeta(3, "application/octet-stream", 4, 3))
+    await index.store("http://a/2", digest(2), None)
     stored_at = (await index.lookup("http://a/1")).stored_at_ms
     assert (await index.snapshot()).types == {"http://a/1": "application/octet-stream"}
-    webp = BlobMeta(3, "image/webp", 4, 3).encode()
+    webp = BlobMeta(3, "image/webp", 4, 3)
     assert await index.correct_meta("http://a/1", digest(2), webp) is False  # it points at digest(1)
     assert await index.correct_meta("http://a/1", digest(1), webp) is True
     assert await index.correct_meta("http://a/1", digest(1), webp) is False  # already so
@@ -163,18 +163,18 @@ async def test_listing_is_in_sha1_order_of_the_url_and_pages_follow_it(index):
     for n, url in enumerate(urls):
         await index.store(url, digest(n), META)
     whole = await index.page(None, 1000)
-    assert [image["url"] for image in whole.images] == sorted(urls, key=lambda url: (sha1(url), url))
+    assert [image[0] for image in whole.images] == sorted(urls, key=lambda url: (sha1(url), url))
     assert whole.next_cursor is None
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 5)  # pages end inside the dense bucket, and between buckets
         assert len(page.images) == 5 or page.next_cursor is None
-        walked += [image["url"] for image in page.images]
+        walked += [image[0] for image in page.images]
         if page.next_cursor is None:
             break
         assert page.next_cursor == sha1(walked[-1])
         cursor = page.next_cursor
-    assert walked == [image["url"] for image in whole.images]
+    assert walked == [image[0] for image in whole.images]
     assert (await index.page("f" * 40, 10)).images == []
 
 
@@ -191,7 +191,7 @@ async def test_paging_sees_every_url_present_throughout_exactly_once_while_other
     cursor, added = None, 0
     while True:
         page = await index.page(cursor, 25)
-        seen += [image["url"] for image in page.images]
+        seen += [image[0] for image in page.images]
         # Between pages: delete some churn URLs, re-add some, add new ones.
         for url in random.sample(churn, 10):
             await index.release(url)
@@ -249,11 +249,11 @@ async def test_concurrent_stores_of_one_url_count_one_reference(index):
 async def test_the_count_goes_to_its_bucket_under_the_raw_digest_and_the_metadata_round_trips(index):
     meta = BlobMeta(size=123_456, content_type="image/webp", width=640, height=480)
     of = "abc" + "0" * 61
-    await index.store("http://a/1", of, meta.encode())
+    await index.store("http://a/1", of, meta)
     assert await index.redis.hget(index.keys.blob("abc"), bytes.fromhex(of)) == "1"
     record = await index.lookup("http://a/1")
     assert BlobMeta(record.size, record.content_type, record.width, record.height) == meta
-    assert (await index.page(None, 10)).images[0]["content_type"] == "image/webp"
+    assert (await index.page(None, 10)).images[0][3] == "image/webp"
 
 
 @pytest.mark.gen_test
@@ -263,7 +263,7 @@ async def test_full_buckets_of_long_urls_keep_the_compact_encoding_on_the_embedd
     client = connect_redis(embedded.url, 4)
     try:
         index = Index(client, KeySpace())
-        meta = BlobMeta(size=150_000, content_type="image/jpeg", width=1024, height=768).encode()
+        meta = BlobMeta(size=150_000, content_type="image/jpeg", width=1024, height=768)
         # digest(n) all share the blob bucket "000": fill it to the size the layout is made for, with
         # URLs as long as a compact hash entry may be.
         urls = [f"https://example.com/{n}/".ljust(COMPACT_HASH_VALUE, "x") for n in range(COMPACT_HASH_ENTRIES)]
@@ -277,7 +277,17 @@ async def test_full_buckets_of_long_urls_keep_the_compact_encoding_on_the_embedd
         embedded.stop()
 
 
-@pytest.mark.parametrize(
-    "ms", [0, 999, 86_399_999, 86_400_000, 1_764_612_345_123, 1_764_612_345_999, 4_102_444_800_000])
-def test_iso_ms_is_iso_of_the_same_moment(ms):
-    assert iso_ms(ms) == iso(datetime.fromtimestamp(ms / 1000, tz=UTC))
+@pytest.mark.parametrize("meta", [BlobMeta(3, "image/png", 1, 1), BlobMeta(0, "application/octet-stream", 0, 0)])
+def test_metadata_decodes_to_what_was_encoded(meta):
+    assert BlobMeta.decode(meta.encode()) == meta
+
+
+@pytest.mark.gen_test
+async def test_a_store_answers_an_outcome_as_the_job_counts_it(index):
+    first = await index.store("http://a/1", digest(1), META)
+    second = await index.store("http://a/2", digest(1), META)
+    again = await index.store("http://a/1", digest(1), META)
+    assert [o.kind for o in (first, second, again)] == [Outcome.STORED, Outcome.DEDUPLICATED, Outcome.EXISTS]
+    assert [o.kind.status for o in (first, second, again)] == [Outcome.STORED, Outcome.STORED, Outcome.EXISTS]
+    assert [o.kind.counter for o in (first, second, again)] == ["stored", "stored", "existed"]
+    assert Outcome.FAILED.counter == "failed"

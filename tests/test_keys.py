@@ -9,8 +9,8 @@ import stat
 import pytest
 
 from casimg.errors import BadRequest, Forbidden, NotFound, Unauthorized
-from casimg.index import KeySpace
 from casimg.keys import KEY_RE, KeyStore, Scope, split_key
+from casimg.schema import KeySpace
 from casimg.services import bootstrap_admin_key, connect_redis
 from tests.conftest import make_settings
 

@@ -20,13 +20,14 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import sweep
-from casimg.index import BlobMeta, Index, KeySpace
+from casimg.index import BlobMeta, Index
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
+from casimg.schema import KeySpace
 from casimg.services import connect_redis
 
 BYTES = b"the same image bytes at two URLs"
 DIGEST = hashlib.sha256(BYTES).hexdigest()
-META = BlobMeta(size=32, content_type="image/png", width=1, height=1).encode()
+META = BlobMeta(size=32, content_type="image/png", width=1, height=1)
 
 
 class Stepped:

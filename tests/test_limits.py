@@ -14,9 +14,9 @@ from urllib.parse import quote, urlsplit
 import pytest
 
 from casimg.errors import TooManyRequests
-from casimg.index import KeySpace
 from casimg.keys import Scope
 from casimg.limits import AuthFailures, RateLimiter
+from casimg.schema import KeySpace
 from casimg.services import connect_redis
 from tests.conftest import make_settings, problem
 from tests.origin import Origin

@@ -14,8 +14,9 @@ import pytest
 
 from casimg.blobs import BlobStore
 from casimg.fsck import fsck
-from casimg.index import BlobMeta, Index, KeySpace
-from casimg.migrate import OldKeySpace, migrate, move_batch
+from casimg.index import BlobMeta, Index
+from casimg.migrate import migrate, move_batch
+from casimg.schema import KeySpace, OldKeySpace
 from casimg.services import connect_redis, open_services
 from tests.conftest import make_settings, png
 
@@ -80,7 +81,7 @@ async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], 
     walked, cursor = [], None
     while True:
         page = await index.page(cursor, 100)
-        walked += [image["url"] for image in page.images]
+        walked += [image[0] for image in page.images]
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
@@ -98,9 +99,9 @@ async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], 
 async def test_an_old_index_moves_whole_and_its_old_keys_go(world):
     blobs, index = world
     entries, lost_meta = await write_old_index(index, blobs)
-    assert await migrate(index, batch=100) == URLS
+    assert await migrate(index.redis, index.keys, batch=100) == URLS
     await assert_moved(index, blobs, entries, lost_meta)
-    assert await migrate(index) == 0  # a later start finds nothing to do
+    assert await migrate(index.redis, index.keys) == 0  # a later start finds nothing to do
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -108,9 +109,9 @@ async def test_a_move_killed_after_one_batch_finishes_on_the_next_start(world):
     blobs, index = world
     entries, lost_meta = await write_old_index(index, blobs)
     first = [entry.url for entry in entries[:150]]
-    assert await move_batch(index, first) == 150  # the start that died after one batch
-    assert await move_batch(index, first) == 0  # a batch that comes again moves nothing twice
-    assert await migrate(index, batch=100) == URLS - 150
+    assert await move_batch(index.redis, index.keys, first) == 150  # the start that died after one batch
+    assert await move_batch(index.redis, index.keys, first) == 0  # a batch that comes again moves nothing twice
+    assert await migrate(index.redis, index.keys, batch=100) == URLS - 150
     await assert_moved(index, blobs, entries, lost_meta)
 
 
@@ -120,7 +121,7 @@ async def test_processes_starting_together_move_each_url_once(world, redis_serve
     entries, lost_meta = await write_old_index(index, blobs)
     clients = [connect_redis(redis_server.url, 2) for _ in range(3)]
     try:
-        moved = await asyncio.gather(*(migrate(Index(client, index.keys), batch=50) for client in clients))
+        moved = await asyncio.gather(*(migrate(client, index.keys, batch=50) for client in clients))
     finally:
         for client in clients:
             await client.aclose()
@@ -133,9 +134,9 @@ async def test_a_url_stored_again_since_keeps_its_new_entry(world):
     blobs, index = world
     entries, lost_meta = await write_old_index(index, blobs)
     again = entries[5]  # the one without an old stored_at, which assert_moved does not compare
-    await index.store(again.url, again.digest, BlobMeta(len(png(5)), "image/png", 4, 3).encode())
+    await index.store(again.url, again.digest, BlobMeta(len(png(5)), "image/png", 4, 3))
     stored_at = (await index.lookup(again.url)).stored_at_ms
-    assert await migrate(index) == URLS - 1
+    assert await migrate(index.redis, index.keys) == URLS - 1
     assert (await index.lookup(again.url)).stored_at_ms == stored_at
     await assert_moved(index, blobs, entries, lost_meta)
 

@@ -15,9 +15,9 @@ import pytest
 from casimg.config import Settings
 from casimg.errors import DownloadFailed
 from casimg.fetcher import Fetcher
-from casimg.index import KeySpace
 from casimg.politeness import Robots, opted_out
 from casimg.queue import Job, JobQueue
+from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
 from tests.conftest import make_settings
 from tests.origin import Origin

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from casimg.errors import NotFound, TooLarge, TooManyRequests
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.queue import KEPT_URL, JobQueue, Limits
+from casimg.schema import KeySpace, Outcome
 from casimg.services import connect_redis
 
 
@@ -44,11 +45,11 @@ async def test_outcomes_count_once_and_finish_the_job(parts):
     job_id, _ = await queue.submit(["http://a/1", "http://a/2"])
     entries = await queue.read("w1", {"": 10})
     assert [(e.position, e.url) for e in entries] == [(0, "http://a/1"), (1, "http://a/2")]
-    failed = {"status": "failed", "error": "HTTP 404", "attempts": 1}
-    await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")
-    await index.complete(job_id, 0, entries[0].entry_id, failed, "failed")  # a duplicate changes nothing
+    failed = {"error": "HTTP 404", "attempts": 1}
+    await index.complete(job_id, 0, entries[0].entry_id, Outcome.FAILED, failed)
+    await index.complete(job_id, 0, entries[0].entry_id, Outcome.FAILED, failed)  # a duplicate changes nothing
     assert (await queue.get(job_id)).status == "running"
-    await index.store("http://a/2", "a" * 64, "{}", job_id=job_id, position=1, entry_id=entries[1].entry_id)
+    await index.store("http://a/2", "a" * 64, None, job_id=job_id, position=1, entry_id=entries[1].entry_id)
     job = await queue.get(job_id)
     assert (job.status, job.done, job.failed, job.stored) == ("done", 2, 1, 1)
     assert job.results[1]["sha256"] == "a" * 64
@@ -86,7 +87,7 @@ async def test_each_key_queues_apart_and_is_listed_while_it_has_entries(parts):
     assert sorted((e.owner, e.url) for e in entries) == [("", "http://c/1"), ("k2", "http://b/1")]
     assert await queue.depth() == {"waiting": 5, "in_progress": 2}
     k2 = next(e for e in entries if e.owner == "k2")
-    await index.complete(k2.job_id, k2.position, k2.entry_id, {"status": "failed"}, "failed", owner="k2")
+    await index.complete(k2.job_id, k2.position, k2.entry_id, Outcome.FAILED, {}, owner="k2")
     # Emptied: k2 is kept among the streams read (its client may come back), scored with the time.
     assert await queue.redis.zscore(queue.keys.queue_owners, "k2") != float("inf")
     assert await queue.redis.zscore(queue.keys.queue_owners, "k1") == float("inf")
@@ -189,8 +190,7 @@ async def test_the_bytes_of_a_keys_unfinished_jobs_are_bounded(parts):
         await queue.submit(["http://a/" + "3" * 1200], "k", limits)
     assert (await queue.submit(["http://a/" + "4" * 591], "other", limits))[0]  # another key has its own bytes
     entry = next(e for e in await queue.read("w", {"k": 10}) if e.job_id == first)
-    await index.complete(first, 0, entry.entry_id, {"status": "failed", "error": "x", "attempts": 1}, "failed",
-                         owner="k")
+    await index.complete(first, 0, entry.entry_id, Outcome.FAILED, {"error": "x", "attempts": 1}, owner="k")
     assert (await queue.submit(["http://a/" + "2" * 591], "k", limits))[0]  # the first job is done now
     # A refused job leaves nothing behind: only the three admitted jobs have keys.
     jobs = {key for key in await queue.redis.keys(queue.keys.job("*")) if key.count(":") == 2}

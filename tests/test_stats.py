@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from casimg.index import Index, KeySpace
+from casimg.index import Index
 from casimg.queue import JobQueue
+from casimg.schema import KeySpace
 from casimg.stats import collect, human_bytes
 from tests.origin import image_bytes
 

@@ -1,0 +1,44 @@
+"""The Lua scripts casimg runs in Redis, read from this package's ``*.lua`` files.
+
+A script is its fragments (``lib_*.lua``: Lua functions and tables shared by several scripts) followed by
+its own file, concatenated in the order ``SCRIPTS`` names them; that table is the one place to see what
+each script is made of. Each script's file starts with the KEYS and ARGV it takes and what it returns.
+The scripts name keys only through KEYS and through the prefixes their callers take from schema.KeySpace.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+SCRIPTS: dict[str, tuple[str, ...]] = {
+    # the index (index.py)
+    "store": ("lib_complete", "lib_unhex", "store"),
+    "complete": ("lib_complete", "complete"),
+    "release": ("lib_unhex", "release"),
+    "ensure_meta": ("ensure_meta",),
+    "correct_meta": ("correct_meta",),
+    "lookup": ("lookup",),
+    "page": ("lib_hex", "page"),
+    "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
+    "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
+    # the queue (queue.py)
+    "publish": ("publish",),
+    "enqueue": ("enqueue",),
+    # limits.py and keys.py
+    "rate_take": ("rate_take",),
+    "auth_count": ("auth_count",),
+    "create_key": ("create_key",),
+}
+
+
+@functools.cache
+def fragment(name: str) -> str:
+    """One ``.lua`` file of this package, as text."""
+    return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@functools.cache
+def source(script: str) -> str:
+    """The full source of a script named in SCRIPTS: its fragments, then its own file."""
+    return "".join(fragment(part) for part in SCRIPTS[script])

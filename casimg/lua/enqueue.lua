@@ -1,0 +1,37 @@
+-- KEYS: job urls results queue enqueuing queue_owners
+-- ARGV: job_id max_urls max_bytes key_queue_prefix group  ->  1 all enqueued, 0 more to do
+-- The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
+-- cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
+-- The entries go to the stream of the key that submitted the job (its name built from the prefix, as
+-- KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
+local job_id = ARGV[1]
+local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key')
+local cursor, total, owner = tonumber(info[1]), tonumber(info[2]), info[3] or ''
+local queue = KEYS[4]
+if owner ~= '' then
+  queue = ARGV[4] .. owner
+  if redis.call('EXISTS', queue) == 0 then redis.call('XGROUP', 'CREATE', queue, ARGV[5], '0', 'MKSTREAM') end
+end
+if not cursor or not total or cursor >= total then
+  redis.call('ZREM', KEYS[5], job_id)
+  return 1
+end
+local urls = redis.call('LRANGE', KEYS[2], cursor, cursor + tonumber(ARGV[2]) - 1)
+local budget, taken, added = tonumber(ARGV[3]), 0, 0
+for i = 1, #urls do
+  if taken > 0 and budget <= 0 then break end
+  local pos = cursor + i - 1
+  if redis.call('HEXISTS', KEYS[3], pos) == 0 then
+    redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    added = added + 1
+  end
+  budget, taken = budget - #urls[i], taken + 1
+end
+if added > 0 and owner ~= '' then redis.call('ZADD', KEYS[6], 'inf', owner) end
+cursor = cursor + taken
+redis.call('HSET', KEYS[1], 'enqueued', cursor)
+if cursor >= total or taken == 0 then
+  redis.call('ZREM', KEYS[5], job_id)
+  return 1
+end
+return 0

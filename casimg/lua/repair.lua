@@ -1,0 +1,69 @@
+-- KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
+-- Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
+-- points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
+local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
+local url_prefix, blob_prefix = ARGV[1], ARGV[2]
+local fixes, counts, urls = {}, {}, 0
+for b = 0, 4095 do
+  local key = url_prefix .. bucket_name(b)
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local url, value = flat[i], flat[i + 1]
+    local right = tonumber(string.sub(redis.sha1hex(url), 1, 3), 16)
+    local counted = true
+    if right ~= b then
+      redis.call('HDEL', key, url)
+      if redis.call('HSETNX', url_prefix .. bucket_name(right), url, value) == 1 then
+        fixes[#fixes + 1] = 'moved ' .. url .. ' from bucket ' .. bucket_name(b) .. ' to ' .. bucket_name(right)
+        counted = right < b  -- a bucket still ahead counts it when the walk gets there
+      else
+        fixes[#fixes + 1] = 'dropped a second entry of ' .. url .. ' from bucket ' .. bucket_name(b)
+        counted = false
+      end
+    end
+    if counted then
+      local digest = string.sub(value, 1, 64)
+      counts[digest] = (counts[digest] or 0) + 1
+      urls = urls + 1
+    end
+  end
+end
+local recorded, stray = {}, {}
+for b = 0, 4095 do
+  local key = blob_prefix .. bucket_name(b)
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local digest = tohex(flat[i])
+    local refs = tonumber(flat[i + 1]) or 0
+    local want = counts[digest] or 0
+    if want == 0 then
+      redis.call('HDEL', key, flat[i])
+      fixes[#fixes + 1] = 'dropped the record of ' .. digest .. ' (refs ' .. refs .. '): no URL points at it'
+    elseif string.sub(digest, 1, 3) ~= bucket_name(b) then
+      redis.call('HDEL', key, flat[i])
+      stray[digest] = true
+      fixes[#fixes + 1] = 'took the record of ' .. digest .. ' out of bucket ' .. bucket_name(b) .. ', not its own'
+    else
+      recorded[digest] = true
+      if want ~= refs then
+        redis.call('HSET', key, flat[i], want)
+        fixes[#fixes + 1] = 'refs of ' .. digest .. ': ' .. refs .. ' -> ' .. want
+      end
+    end
+  end
+end
+local blobs = 0
+for digest, n in pairs(counts) do
+  if not recorded[digest] then
+    redis.call('HSET', blob_prefix .. string.sub(digest, 1, 3), unhex(digest), n)
+    if not stray[digest] then fixes[#fixes + 1] = 'refs of ' .. digest .. ': 0 -> ' .. n .. ' (no record)' end
+  end
+  blobs = blobs + 1
+end
+local had = redis.call('HMGET', KEYS[1], 'urls', 'blobs')
+local had_urls, had_blobs = tonumber(had[1] or '0'), tonumber(had[2] or '0')
+if had_urls ~= urls or had_blobs ~= blobs then
+  redis.call('HSET', KEYS[1], 'urls', urls, 'blobs', blobs)
+  fixes[#fixes + 1] = 'count: urls ' .. had_urls .. ' -> ' .. urls .. ', blobs ' .. had_blobs .. ' -> ' .. blobs
+end
+return fixes

@@ -1,0 +1,210 @@
+"""The Redis schema: the name of every key casimg writes, the bucket naming, the stream group.
+
+Nothing else builds a key name: modules take a ``KeySpace`` and ask it. The Lua scripts build the bucket
+names a digest or URL leads to from the prefixes they are given (``KeySpace.url("")``, ``blob("")``,
+``job("")``, ``key_queue("")``), in the same way. Under the prefix (``casimg:`` by default)::
+
+    url:{3 hex}        hash    URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>"
+    blob:{3 hex}       hash    raw 32-byte SHA-256 -> references
+    count              hash    urls, blobs
+    queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
+    queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
+    enqueuing          zset    jobs whose entries are still being added
+    job:{id}           hash    status, counters, times; job:{id}:urls list, job:{id}:results hash
+    inflight:{key id}  zset    one API key's unfinished jobs
+    rate:{key id}      hash    one API key's token bucket
+    authfail:{address} string  401s given to one address this minute
+    apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
+    worker:{name}      string  a live worker's heartbeat
+    sweep-lock         string  held by the worker running the periodic sweep
+
+The key table in docs/operations.md mirrors ``KeySpace`` (tests/test_docs.py holds them together).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+
+# Buckets are named by 3 hex digits: 4,096 of them. At 1,000,000 URLs that is about 244 entries each,
+# under the 512 that keep a hash compact (embedded.COMPACT_HASH_ENTRIES); past about 2 million URLs or
+# contents Redis converts the fuller buckets to plain hashes, which only costs memory. The Lua in
+# lua/ (bucket_name, the 0..4095 walks) is written for 3 digits.
+BUCKET_DIGITS = 3
+BUCKETS = [f"{n:03x}" for n in range(16**BUCKET_DIGITS)]
+CURSOR_DIGITS = 40  # a listing cursor is the SHA-1 (hex) of the last URL of the page before
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """The name of every Redis key casimg uses, all built here from one prefix."""
+
+    prefix: str = "casimg:"
+
+    def url(self, bucket: str) -> str:
+        """hash: URL -> "<sha256 hex> <stored_at in ms> <size> <width> <height> <content_type>" (the last
+        four missing while the metadata is), for the URLs whose SHA-1 starts with `bucket`."""
+        return f"{self.prefix}url:{bucket}"
+
+    def blob(self, bucket: str) -> str:
+        """hash: raw 32-byte SHA-256 -> references (> 0), for the digests whose hex starts with `bucket`."""
+        return f"{self.prefix}blob:{bucket}"
+
+    @property
+    def count(self) -> str:
+        """hash: ``urls`` (URLs indexed) and ``blobs`` (contents with refs > 0), kept by the index scripts."""
+        return self.prefix + "count"
+
+    @property
+    def queue(self) -> str:
+        """stream: one entry per URL to download, for jobs submitted without an API key (and those
+        queued before each key had a stream of its own); read by the consumer group ``QUEUE_GROUP``."""
+        return self.prefix + "queue"
+
+    def key_queue(self, key_id: str) -> str:
+        """stream: one entry per URL to download, for the jobs of one API key; group ``QUEUE_GROUP``."""
+        return f"{self.prefix}queue:{key_id}"
+
+    @property
+    def queue_owners(self) -> str:
+        """sorted set: API key id -> +inf while its queue stream holds entries, else the time in ms it
+        became empty (dropped an hour after, see queue.OWNER_KEEP)."""
+        return self.prefix + "queue-owners"
+
+    def job(self, job_id: str) -> str:
+        """hash: a job's status, counters and times."""
+        return f"{self.prefix}job:{job_id}"
+
+    def job_urls(self, job_id: str) -> str:
+        """list: the job's distinct URLs in submission order."""
+        return f"{self.prefix}job:{job_id}:urls"
+
+    def job_results(self, job_id: str) -> str:
+        """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
+        return f"{self.prefix}job:{job_id}:results"
+
+    def worker(self, name: str) -> str:
+        """string with a TTL: present while the named worker is alive."""
+        return f"{self.prefix}worker:{name}"
+
+    @property
+    def sweep_lock(self) -> str:
+        """string with a TTL: held by the worker running the periodic sweep, so only one does."""
+        return self.prefix + "sweep-lock"
+
+    @property
+    def enqueuing(self) -> str:
+        """sorted set: published jobs whose queue entries are still being added, scored by publish time in ms."""
+        return self.prefix + "enqueuing"
+
+    def inflight(self, key_id: str) -> str:
+        """sorted set: the unfinished jobs of one API key, scored by submission time in ms."""
+        return f"{self.prefix}inflight:{key_id}"
+
+    def rate(self, key_id: str) -> str:
+        """hash with a TTL: one API key's token bucket, {tokens, ts}."""
+        return f"{self.prefix}rate:{key_id}"
+
+    def robots(self, origin: str) -> str:
+        """string with a TTL: an origin's robots.txt as politeness.RobotsFile.encode() gives it. `origin` is
+        scheme://host[:port] percent-encoded whole (politeness.Robots), so it holds no ':'."""
+        return f"{self.prefix}robots:{origin}"
+
+    def robots_claim(self, origin: str) -> str:
+        """string with a TTL: held by the process fetching an origin's robots.txt, so only it does."""
+        return f"{self.prefix}robots-claim:{origin}"
+
+    def origin_rate(self, origin: str) -> str:
+        """hash with a TTL: one origin's request-rate token bucket, {tokens, ts}. `origin` is a registrable
+        domain or an address, percent-encoded (politeness.OriginPace)."""
+        return f"{self.prefix}origin-rate:{origin}"
+
+    def origin_cool(self, origin: str) -> str:
+        """string with a TTL: present while an origin cools down after a 429 or 503; holds the streak."""
+        return f"{self.prefix}origin-cool:{origin}"
+
+    def origin_backoff(self, origin: str) -> str:
+        """string with a TTL: an origin's cool-downs in a row, forgotten after a quiet spell."""
+        return f"{self.prefix}origin-backoff:{origin}"
+
+    def auth_failures(self, address: str) -> str:
+        """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
+        return f"{self.prefix}authfail:{address}"
+
+    @property
+    def api_keys(self) -> str:
+        """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
+        return self.prefix + "apikeys"
+
+
+QUEUE_GROUP = "workers"
+
+
+class Outcome(StrEnum):
+    """What became of one URL of a job: the ``status`` of its result in ``job:{id}:results``, what the
+    store script returns, what the worker logs and what /metrics counts."""
+
+    STORED = "stored"
+    DEDUPLICATED = "deduplicated"  # stored under a content already there: its result is "stored"
+    EXISTS = "exists"  # the URL was indexed already
+    FAILED = "failed"
+
+    @property
+    def status(self) -> Outcome:
+        """The status a job's result records: a deduplicated URL was stored."""
+        return Outcome.STORED if self is Outcome.DEDUPLICATED else self
+
+    @property
+    def counter(self) -> str:
+        """The job hash's counter of this outcome."""
+        return {Outcome.EXISTS: "existed", Outcome.FAILED: "failed"}.get(self.status, "stored")
+
+
+def queue_stream(keys: KeySpace, owner: str) -> str:
+    """The queue stream of one API key's entries; the keyless stream for ""."""
+    return keys.key_queue(owner) if owner else keys.queue
+
+
+def url_bucket(url: str) -> str:
+    """The bucket of a URL: the first hex digits of the SHA-1 of its UTF-8 bytes (Lua's redis.sha1hex)."""
+    return hashlib.sha1(url.encode()).hexdigest()[:BUCKET_DIGITS]
+
+
+def url_key(keys: KeySpace, url: str) -> str:
+    return keys.url(url_bucket(url))
+
+
+def blob_key(keys: KeySpace, digest: str) -> str:
+    return keys.blob(digest[:BUCKET_DIGITS])
+
+
+@dataclass(frozen=True)
+class OldKeySpace:
+    """The keys of the casimg 0.1 index, under the same prefix as KeySpace."""
+
+    prefix: str
+
+    @property
+    def urls(self) -> str:
+        return self.prefix + "urls"
+
+    @property
+    def order(self) -> str:
+        return self.prefix + "order"
+
+    @property
+    def refs(self) -> str:
+        return self.prefix + "refs"
+
+    @property
+    def clock(self) -> str:
+        return self.prefix + "clock"
+
+    def meta(self, bucket: str) -> str:
+        return f"{self.prefix}meta:{bucket}"
+
+    def markers(self) -> list[str]:
+        """The keys of which one exists while any of the old index is left: one DEL removes them and the
+        meta buckets together, so the meta buckets never outlive them."""
+        return [self.urls, self.order, self.refs, self.clock]
