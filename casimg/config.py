@@ -157,7 +157,8 @@ class Settings:
 
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
-        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
+        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "
+        "The renderer and these settings are in place; the HTTP routes do not serve variants yet."
     )
     variant_presets: str = _setting(
         "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "
