@@ -37,40 +37,25 @@ async def store_blob(
     digest: str,
     meta: BlobMeta,
     *,
-    pause: Pause = _no_pause,
-    **job: Any,
-) -> StoreOutcome:
-    """Index `url` -> `digest` with its bytes in `tmp`, steps 1-4; `tmp` is consumed.
-
-    `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis step.
-    """
-    try:
-        await asyncio.to_thread(blobs.link_in, tmp, digest)
-    except BaseException:
-        await asyncio.to_thread(blobs.discard, tmp)
-        raise
-    await pause("linked")
-    return await index_linked_blob(blobs, index, tmp, url, digest, meta, pause=pause, **job)
-
-
-async def index_linked_blob(
-    blobs: BlobStore,
-    index: Index,
-    tmp: Path,
-    url: str,
-    digest: str,
-    meta: BlobMeta,
-    *,
+    linked: bool = False,
     pause: Pause = _no_pause,
     run: Run = asyncio.to_thread,
     **job: Any,
 ) -> StoreOutcome:
-    """Steps 2-4, for bytes that step 1 already linked in and made durable; `tmp` is consumed.
+    """Index `url` -> `digest` with its bytes in `tmp`, steps 1-4 (2-4 when `linked`); `tmp` is consumed.
 
-    Downloads come in here: they do step 1 in the same trip to a thread as validation, make many blobs
-    durable with one flush (blobs.FlushGroup), and pass a `run` that settles many with one trip
+    `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis
+    step. Downloads come in `linked`: they do step 1 in the same trip to a thread as validation, make many
+    blobs durable with one flush (blobs.FlushGroup), and pass a `run` that settles many with one trip
     (batching.ThreadBatcher).
     """
+    if not linked:
+        try:
+            await asyncio.to_thread(blobs.link_in, tmp, digest)
+        except BaseException:
+            await asyncio.to_thread(blobs.discard, tmp)
+            raise
+        await pause("linked")
     settled = False
     try:
         outcome = await index.store(url, digest, meta, **job)

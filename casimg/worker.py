@@ -41,7 +41,7 @@ from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
 from casimg.index import BlobMeta, Index
-from casimg.lifecycle import index_linked_blob
+from casimg.lifecycle import store_blob
 from casimg.logtext import clip
 from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
@@ -455,9 +455,9 @@ class Worker:
             self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
             raise
         meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
-        outcome = await index_linked_blob(
+        outcome = await store_blob(
             self.blobs, self.index, tmp, entry.url, digest, meta,
-            run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
+            linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
             attempts=attempt, owner=entry.owner,
         )
         kind = outcome.kind
