@@ -22,6 +22,11 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "page": ("lib_hex", "page"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
+    # claims and tombstones of an object store's blobs (index.py, lifecycle.py)
+    "claim": ("claim",),
+    "unclaim": ("unclaim",),
+    "tomb": ("tomb",),
+    "begin_delete": ("begin_delete",),
     # the queue (queue.py)
     "publish": ("publish",),
     "enqueue": ("enqueue",),
