@@ -27,6 +27,8 @@ anything else raises at once. Every failure is a ``ClientError``:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import random
@@ -222,6 +224,10 @@ class Client:
         """The bytes stored for `url` (exactly as submitted); NotFoundError if none."""
         return self.request("GET", "/api/image?" + urlencode({"url": url})).body
 
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: its unfinished URLs fail with "cancelled" and it is done. A done job comes back as it is."""
+        return Job.from_json(self.request("DELETE", f"/api/jobs/{job_id}").json())
+
     def delete(self, url: str) -> bool:
         """Forget `url`; True if it was stored, False if it was not."""
         try:
@@ -277,6 +283,35 @@ class Client:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             cause = getattr(exc, "reason", exc)
             raise ApiUnreachable(f"no answer from {self.api}: {cause}") from None
+
+
+SIGNATURE_TOLERANCE = 300.0  # seconds a signed callback stays acceptable: a replay of an old one is refused
+
+
+def verify_signature(secret: str | bytes, header: str, body: bytes | str, tolerance: float = SIGNATURE_TOLERANCE,
+                     *, now: float | None = None) -> bool:
+    """Whether a casimg callback is genuine: `header` is its X-Casimg-Signature (``t=<unix seconds>,v1=<hex>``),
+    `body` its raw body, exactly as received (before any JSON parsing), `secret` the server's
+    CASIMG_WEBHOOK_SECRET.
+
+    True when one v1 value is the HMAC-SHA256 of "<t>.<body>" under `secret` and t is within `tolerance`
+    seconds of `now` (the clock; 0 or less: any age). Compared in constant time.
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    raw = body.encode() if isinstance(body, str) else body
+    timestamp, signatures = None, []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1":
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        return False
+    if tolerance > 0 and abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = hmac.new(key, b"%d." % timestamp + raw, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, signature) for signature in signatures)
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:
