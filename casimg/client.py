@@ -8,6 +8,7 @@
         print(image.url, image.sha256, image.size)
     data = client.image("https://example.com/a.jpg")
     client.delete("https://example.com/a.jpg")
+    client.cancel(job_id)  # its unfinished URLs fail "cancelled"; the job is done
 
 The key goes only to the origin (scheme, host and port) the client was created for: a Link or a path
 that names another origin raises ``ForeignOrigin`` before anything is sent, and a redirect to another
@@ -179,13 +180,17 @@ class Client:
 
     # -- the API ----------------------------------------------------------------------------------
 
-    def submit(self, urls: Sequence[str], wait: float = 0.0) -> Job:
+    def submit(self, urls: Sequence[str], wait: float = 0.0, callback_url: str | None = None) -> Job:
         """Submit URLs; with `wait` (seconds, at most 60) the server holds the answer until the job is done.
 
         Without `wait` the returned Job has only job_id, status and total; follow it with `job` or `wait`.
+        With `callback_url` the server POSTs the job there when it is done, signed (``verify_signature``).
         """
         path = "/api/images" + (f"?wait={min(wait, MAX_SERVER_WAIT):g}" if wait > 0 else "")
-        response = self.request("POST", path, {"image_urls": list(urls)},
+        body: dict[str, Any] = {"image_urls": list(urls)}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        response = self.request("POST", path, body,
                                 timeout=self.timeout + (min(wait, MAX_SERVER_WAIT) if wait > 0 else 0))
         return Job.from_json(response.json())
 
