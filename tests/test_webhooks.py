@@ -3,6 +3,8 @@ origin as the receiver (tests/origin.py, POST /hook/KEY). Signatures are checked
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import os
 import time
@@ -13,7 +15,7 @@ import pytest
 
 from bench.procs import free_port
 from casimg.client import verify_signature
-from casimg.webhooks import INLINE_BYTES, sign
+from casimg.webhooks import INLINE_BYTES, Deliverer, sign
 from tests.conftest import eventually
 from tests.procs import Processes, Server, embedded_client, job
 
@@ -189,3 +191,52 @@ def test_a_worker_killed_mid_delivery_leaves_the_callback_to_the_next_one(tmp_pa
         assert server.terminate() == 0
     finally:
         tracked.cleanup()
+
+
+# -- claims, in one process against the test's redis-server ------------------------------------------
+
+def deliverer(services: Any) -> Deliverer:
+    """A deliverer of its own beside the services' worker (which, without a secret, delivers nothing)."""
+    settings = dataclasses.replace(services.settings, webhook_secret=SECRET, webhook_timeout=2.0)
+    return Deliverer(services.redis, services.queue.keys, services.queue, services.fetcher, settings)
+
+
+async def finished_job(services: Any, callback: str) -> str:
+    """A job done at once (its URL has credentials, so it fails when read), its callback due."""
+    job_id, _ = await services.queue.submit(["http://user:pw@a.example/x.jpg"], callback=callback)
+    assert await services.redis.zscore(services.queue.keys.webhooks, job_id) is not None
+    return job_id
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_two_processes_looking_at_once_deliver_a_callback_once(services, origin):
+    key = hook("once")
+    job_id = await finished_job(services, origin.url(f"/hook/{key}"))
+    first, second = deliverer(services), deliverer(services)
+    claimed = await asyncio.gather(first.deliver_due(), second.deliver_due(), first.deliver_due())
+    assert sum(claimed) == 1
+    assert len(origin.posts[key]) == 1
+    assert (await services.queue.get(job_id)).callback == {"state": "delivered", "attempts": 1, "last_status": 200}
+    assert await services.redis.zscore(services.queue.keys.webhooks, job_id) is None
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_claim_holds_for_its_lease_and_only_the_latest_claimant_records(services, origin):
+    job_id = await finished_job(services, origin.url(f"/hook/{hook('lease')}"))
+    hooks, keys, lease_ms = deliverer(services), services.queue.keys, 1000
+    now = time.time_ns() // 1_000_000
+
+    async def claim(at_ms: int, token: str) -> list[Any]:
+        return await hooks._claim(keys=[keys.webhooks], args=[at_ms, lease_ms, 16, keys.job(""), token])
+
+    async def record(token: str) -> int:
+        return await hooks._done(keys=[keys.job(job_id), keys.webhooks],
+                                 args=[job_id, token, "delivered", 200, "", 0])
+
+    assert (await claim(now, "first"))[:2] == [job_id, 1]
+    assert await claim(now + lease_ms - 1, "early") == []  # held: no one else takes it meanwhile
+    assert (await claim(now + lease_ms, "second"))[:2] == [job_id, 2]  # the first one's lease ran out
+    assert await record("first") == 0  # too late: its outcome is not recorded
+    assert await record("second") == 1
+    assert (await services.queue.get(job_id)).callback == {"state": "delivered", "attempts": 2, "last_status": 200}
+    assert await claim(now + 10 * lease_ms, "third") == []
