@@ -97,6 +97,8 @@ class Claim:
     attempt: int
     url: str
     since_ms: int  # when the job finished (the callback became due)
+    total: int = 0  # the job's URLs
+    size: int = 0  # ... and their bytes: whether its body is sent whole
 
 
 class Deliverer:
@@ -139,14 +141,15 @@ class Deliverer:
             args=[time.time_ns() // 1_000_000, int(self.lease * 1000), CLAIM_BATCH, self.keys.job(""),
                   token := secrets.token_hex(8)],
         )
-        claims = [Claim(reply[i], int(reply[i + 1]), reply[i + 2], int(reply[i + 3])) for i in range(0, len(reply), 4)]
+        claims = [Claim(reply[i], int(reply[i + 1]), reply[i + 2], *map(int, reply[i + 3:i + 6]))
+                  for i in range(0, len(reply), 6)]
         await asyncio.gather(*(self._deliver(claim, token) for claim in claims))
         return len(claims)
 
-    async def payload(self, job_id: str) -> bytes:
-        """The body POSTed for a job: as GET /api/jobs/{id} answers, or without results past INLINE_BYTES."""
-        total, size = await self.redis.hmget(self.keys.job(job_id), "total", "bytes")
-        inline = int(size or 0) + int(total or 0) * RESULT_BYTES <= INLINE_BYTES
+    async def payload(self, job_id: str, total: int, size: int) -> bytes:
+        """The body POSTed for a job of `total` URLs of `size` bytes: as GET /api/jobs/{id} answers, or
+        without results past INLINE_BYTES."""
+        inline = size + total * RESULT_BYTES <= INLINE_BYTES
         job = await self.queue.get(job_id, with_results=inline)
         body = job.as_json(with_results=inline)
         body.pop("callback", None)
@@ -160,7 +163,7 @@ class Deliverer:
 
     async def _deliver(self, claim: Claim, token: str) -> None:
         try:
-            body = await self.payload(claim.job_id)
+            body = await self.payload(claim.job_id, claim.total, claim.size)
         except NotFound:  # the job expired since the claim: nothing left to tell
             await self.redis.zrem(self.keys.webhooks, claim.job_id)
             return

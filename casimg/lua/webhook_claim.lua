@@ -1,5 +1,5 @@
 -- KEYS: webhooks     ARGV: now_ms lease_ms count job_prefix token
---   ->  {job_id, attempt, callback, since_ms, ...} for each callback claimed
+--   ->  {job_id, attempt, callback, since_ms, total, bytes, ...} for each callback claimed
 -- Claims up to `count` due callbacks for one deliverer: each one's due time moves on by the lease, so no
 -- other process takes it meanwhile, and one whose deliverer dies is due again when the lease ends. The
 -- token, kept in the job, is what lets only the latest claimant record the outcome (webhook_done.lua).
@@ -7,7 +7,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 local claimed = {}
 for i = 1, #due do
   local job = ARGV[4] .. due[i]
-  local hook = redis.call('HMGET', job, 'cb_state', 'callback', 'cb_since')
+  local hook = redis.call('HMGET', job, 'cb_state', 'callback', 'cb_since', 'total', 'bytes')
   if hook[1] ~= 'pending' or not hook[2] then
     redis.call('ZREM', KEYS[1], due[i])  -- delivered, failed, or the job expired
   else
@@ -18,6 +18,8 @@ for i = 1, #due do
     claimed[#claimed + 1] = attempt
     claimed[#claimed + 1] = hook[2]
     claimed[#claimed + 1] = hook[3] or ARGV[1]
+    claimed[#claimed + 1] = hook[4] or 0
+    claimed[#claimed + 1] = hook[5] or 0
   end
 end
 return claimed
