@@ -22,10 +22,15 @@ SECRET = "cancel-test-secret"
 SLOW = 4  # seconds the in-flight image takes to come back: the cancel lands while it is on its way
 
 
+DEFAULT_HOOK = f"default-{os.urandom(4).hex()}"
+
+
 @pytest.fixture
-def settings(tmp_path: Path, redis_server: RedisProcess) -> Settings:
-    """Two download slots, so that of a long job two URLs are in flight and the rest wait in the queue."""
-    return make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, webhook_secret=SECRET)
+def settings(tmp_path: Path, redis_server: RedisProcess, origin: Any) -> Settings:
+    """Two download slots, so that of a long job two URLs are in flight and the rest wait in the queue; a
+    deployment's default callback URL."""
+    return make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, webhook_secret=SECRET,
+                         webhook_url=origin.url(f"/hook/{DEFAULT_HOOK}"))
 
 
 async def wait_until(condition: Any, what: str, within: float = 30) -> Any:
@@ -107,7 +112,7 @@ async def test_cancel_is_idempotent_404_for_unknown_jobs_and_403_for_another_key
     writer = await services.api_keys.create("writer", Scope.write)
     other = await services.api_keys.create("other", Scope.write)
     reader = await services.api_keys.create("reader", Scope.read)
-    job_id = await submit(api, [origin.url("/stall/idem?seconds=30")], key=writer)
+    job_id = await submit(api, [origin.url("/stall/idem?seconds=30")], key=writer, callback_url="")
     assert (await api("DELETE", "/api/jobs/0123456789abcdef01234567", key=writer)).code == 404
     assert (await api("DELETE", "/api/jobs/not-a-job", key=writer)).code == 404
     refused = await api("DELETE", f"/api/jobs/{job_id}", key=other)
@@ -123,3 +128,16 @@ async def test_cancel_is_idempotent_404_for_unknown_jobs_and_403_for_another_key
 
     by_admin = await submit(api, [origin.url("/stall/admin?seconds=30")], key=other)
     assert (await api("DELETE", f"/api/jobs/{by_admin}")).code == 200  # the admin key may cancel any job
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_jobs_sent_without_callback_url_get_the_deployment_default(api, origin):
+    job_id = await submit(api, ["http://user:pw@a.example/default.jpg"])  # fails when read: done at once
+
+    async def delivered() -> bool:
+        return (await get_job(api, job_id))["callback"]["state"] == "delivered"
+
+    await wait_until(delivered, "the callback delivered to CASIMG_WEBHOOK_URL")
+    assert any(json.loads(body)["job_id"] == job_id for _, body in origin.posts[DEFAULT_HOOK])
+    without = await submit(api, ["http://user:pw@a.example/none.jpg"], callback_url=None)
+    assert "callback" not in await get_job(api, without)
