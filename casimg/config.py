@@ -23,8 +23,9 @@ MIB = 1024 * 1024
 DEFAULT_USER_AGENT = f"casimg/{__version__} (+set CASIMG_USER_AGENT to add a contact)"
 
 
-def _setting(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, secret: bool = False) -> Any:
+    """A setting; a `secret` one is left out of the Settings' repr, so a logged Settings never shows it."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,25 @@ class Settings:
         ("noimageindex", "noai", "noimageai"), "Comma-separated X-Robots-Tag directives (for all robots or for "
         "'casimg:') that fail a download with 'opted out' and keep nothing; empty turns the check off."
     )
+    webhook_url: str = _setting(
+        "", "Callback URL (http or https) POSTed each job's summary when it finishes, for jobs submitted without "
+        "a callback_url of their own; empty: none. Needs webhook_secret."
+    )
+    webhook_secret: str = _setting(
+        "", "Secret that signs every callback (HMAC-SHA256, header X-Casimg-Signature); never logged nor put "
+        "in Redis. Empty: POST /api/images refuses callback_url with a 400.", secret=True
+    )
+    webhook_timeout: float = _setting(
+        10.0, "Seconds one callback POST may take (connecting included) before it counts as failed."
+    )
+    webhook_retry_for: float = _setting(
+        86_400.0, "Seconds after a job finishes that its callback is retried; past it the callback is 'failed'."
+    )
+    webhook_backoff: float = _setting(
+        5.0, "Seconds before a failed callback is tried again; doubled at each failure, half of it random, up to "
+        "webhook_backoff_max."
+    )
+    webhook_backoff_max: float = _setting(600.0, "Longest wait between two tries of one callback, in seconds.")
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
     max_queued_bytes: int = _setting(
@@ -265,7 +285,15 @@ def _check(settings: Settings) -> Settings:
                  "variants_per_original", "render_workers", "render_max_memory"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
-    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes"):
+    if settings.webhook_url and not settings.webhook_secret:
+        raise ConfigError("Setting 'webhook_url' needs 'webhook_secret' (CASIMG_WEBHOOK_SECRET): callbacks are "
+                          "always signed")
+    if settings.webhook_url and not settings.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError("Setting 'webhook_url' must be an http:// or https:// URL")
+    for name in ("webhook_timeout", "webhook_backoff"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"Setting {name!r} must be more than 0 seconds")
+    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes", "webhook_retry_for"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
     if settings.sweep_interval > 0 and settings.tmp_grace <= settings.fetch_timeout:

@@ -395,6 +395,29 @@ class Fetcher:
             url = hop
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
 
+    async def post(self, url: str, body: bytes, headers: dict[str, str], budget: float) -> int:
+        """POST `body` to `url` (a job's callback) through the same guard as downloads, within `budget` seconds;
+        its HTTP status.
+
+        No redirect is followed (a 3xx is the answer), so the guard sees the one address posted to. Raises
+        DownloadFailed with a reason when no answer came: permanent for a refused address or URL, not
+        for a timeout or a connection that failed.
+        """
+        assert self._session is not None, "Fetcher.start() was not called"
+        target = _usable_url(lambda: URL(url), "invalid URL")
+        try:
+            async with asyncio.timeout(budget):
+                self._check_hop(target)
+                await self._address_of(target)
+                async with self._session.post(target, data=body, headers=headers, allow_redirects=False) as answer:
+                    return answer.status
+        except TimeoutError:
+            raise DownloadFailed("timeout", permanent=False) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _connect_failure(exc) from None
+        except aiohttp.ClientError as exc:
+            raise DownloadFailed(f"connection failed ({type(exc).__name__})", permanent=False) from None
+
     async def fetch_robots(self, url: str) -> RobotsFile:
         """An origin's robots.txt at `url`, through the guard and the caps like any download (RFC 9309)."""
         try:

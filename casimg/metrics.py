@@ -114,7 +114,7 @@ class Metrics:
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.downloads = Counter(
             "casimg_downloads", "URLs finished by the workers, by outcome "
-            "(stored, deduplicated, exists, failed) and failure reason", ["outcome", "reason"], registry=r)
+            "(stored, deduplicated, exists, failed, cancelled) and failure reason", ["outcome", "reason"], registry=r)
         self.downloaded_bytes = Counter("casimg_downloaded_bytes", "Bytes received from origins", registry=r)
         self.stored_bytes = Counter("casimg_stored_bytes", "Bytes of new content written to the blob store",
                                     registry=r)
