@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ class Img2datasetResult:
     images: int
     reported_per_second: float  # img2dataset's own figure
     success: float  # its success ratio
+    cpu_seconds: float  # of img2dataset and the processes it waited for (its pool)
 
     @property
     def per_second(self) -> float:
@@ -69,13 +71,16 @@ def img2dataset_run(command: Path, work: Path, urls: list[str], processes: int, 
             "--number_sample_per_shard", str(math.ceil(len(urls) / processes)),
             "--resize_mode", "no", "--disable_all_reencoding", "True", "--enable_wandb", "False"]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=run_dir, check=False)
     seconds = time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     (run_dir / "output.log").write_text(done.stdout + done.stderr)
     totals = TOTAL_LINE.findall(done.stdout)
     if done.returncode != 0 or not totals:
         sys.exit(f"img2dataset failed (status {done.returncode}); see {run_dir / 'output.log'}")
     success, rate, count = totals[-1]
     os.sync()  # as after the other references: its dirty pages are not left for the next run's flushes
-    return Img2datasetResult(seconds, int(count), float(rate), float(success))
+    return Img2datasetResult(seconds, int(count), float(rate), float(success), cpu)

@@ -100,6 +100,7 @@ class Series:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     reported: list[float] = field(default_factory=list)  # img2dataset's own images/s, for its rows
+    cpu_ms: list[float] = field(default_factory=list)  # CPU per image of each run
 
     @property
     def median(self) -> float:
@@ -107,6 +108,7 @@ class Series:
 
     def add(self, result: IngestResult) -> None:
         self.rates.append(result.per_second)
+        self.cpu_ms.append(result.cpu_ms_per_image)
         self.images, self.bytes = result.images, result.bytes
         self.stored, self.failed = self.stored + result.stored, self.failed + result.failed
         self.failures += result.failures[: 5 - len(self.failures)]
@@ -147,7 +149,7 @@ def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str]
                 done = img2dataset_run(img2dataset, work, urls, c, CONCURRENCY * c, f"{c}-{n}")
                 series[f"img2dataset@{c}"].reported.append(done.reported_per_second)
                 return IngestResult(done.seconds, done.images, sum(sizes[u] for u in urls),
-                                    stored=round(done.success * done.images))
+                                    stored=round(done.success * done.images), cpu_seconds=done.cpu_seconds)
             runs.append((f"img2dataset@{count}", f"img2dataset {IMG2DATASET_VERSION}, {count} process(es) x "
                          f"{CONCURRENCY} threads, no re-encoding", i2d))
         runs.append((f"casimg@{count}", f"casimg serve --processes {count}, distinct"
@@ -174,10 +176,15 @@ def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str]
 def _casimg_run(procs: Procs, work: Path, label: str, urls: list[str], sizes: dict[str, int],
                 processes: int) -> IngestResult:
     """One job of `urls` on a fresh casimg with `processes` processes, its own Redis and data directory."""
+    from bench.ingest_ab import cpu_seconds
+
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
     server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes)
     try:
-        return casimg_ingest(server, redis_url, urls, sizes)
+        before = cpu_seconds(server.proc.pid)
+        result = casimg_ingest(server, redis_url, urls, sizes)
+        result.cpu_seconds = cpu_seconds(server.proc.pid) - before
+        return result
     finally:
         procs.stop(server.proc)
         procs.stop(redis_proc)

@@ -29,6 +29,11 @@ class IngestResult:
     existed: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # user + system CPU of the run's processes, threads included
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return self.cpu_seconds / self.images * 1000
 
     @property
     def per_second(self) -> float:
@@ -128,14 +133,22 @@ def reference_run(work: Path, urls: list[str], fetch: Fetch = plain_fetch, proce
     # over recently freed inodes one by one), and deleting the limit's files between runs slowed
     # whatever wrote next, casimg or the limit.
     out = Path(tempfile.mkdtemp(prefix="plain-", dir=work))
+    before = _own_and_children_cpu()
     if processes == 1:
         result = asyncio.run(fetch(urls, out))
     else:
         result = _forked_run(fetch, urls, out, processes)
+    result.cpu_seconds = _own_and_children_cpu() - before
     # Untimed: the limit leaves its bytes in the page cache, and casimg, which makes its blobs durable
     # before indexing them (syncfs), would otherwise pay for writing them out.
     os.sync()
     return result
+
+
+def _own_and_children_cpu() -> float:
+    """CPU seconds of this process and of the children it has waited for (the forked references)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _forked_run(fetch: Fetch, urls: list[str], out: Path, processes: int) -> IngestResult:

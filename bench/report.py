@@ -119,8 +119,9 @@ def ingest(args: argparse.Namespace, results: Results) -> list[str]:
              "index, queue or log); img2dataset runs as bench/img2dataset_ref.py says (no decode, no "
              f"validation, no flush, no index). The default deployment is `casimg serve` with one process "
              f"per core, {default} here.\n",
-             "| run | images | images/s | MB/s | of the limit | of the required work | of img2dataset | target |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| run | images | images/s | MB/s | CPU ms per image | of the limit | of the required work "
+             "| of img2dataset | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for count in counts:
         limit, required = series[f"limit@{count}"], series[f"required@{count}"]
         i2d = series.get(f"img2dataset@{count}")
@@ -145,7 +146,9 @@ def ingest(args: argparse.Namespace, results: Results) -> list[str]:
             if key == "casimg-dup":
                 ratios = [a / b for a, b in zip(dup.rates, casimg.rates, strict=False)]
                 target = f"{_spread(dup, casimg)} of distinct, >= 1.3: {verdict(statistics.median(ratios) >= 1.3)}"
+            cpu = statistics.median(one.cpu_ms) if one.cpu_ms else float("nan")
             cells = [name, f"{one.images:,}", _spread(one), f"{one.median * one.bytes / one.images / 1e6:.1f}",
+                     f"{cpu:.2f}",
                      "" if key == "limit" else _spread(one, limit),
                      _spread(one, required) if key in ("casimg", "img2dataset") else "",
                      f"{_spread(one, own)} of its own figure; {_spread(one, i2d)} of its wall-clock rate"
