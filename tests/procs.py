@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from urllib.parse import quote, urlsplit
 import redis
 
 from bench.procs import ROOT, free_port, spawn, start_serve, status_kib
+from casimg.metrics import shared_root
 from tests.origin import image_bytes
 
 
@@ -119,6 +121,8 @@ class Processes:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            # A process killed here cannot remove the data dir's metrics directory (a clean stop does).
+            shutil.rmtree(shared_root(data_dir), ignore_errors=True)
 
 
 def embedded_redis_pid(data_dir: Path) -> int | None:
