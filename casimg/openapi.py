@@ -132,6 +132,14 @@ def openapi_document() -> dict[str, Any]:
                     "type": "object", "additionalProperties": False,
                     "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
                 },
+                "ImageMeta": {
+                    "type": "object", "additionalProperties": False,
+                    "required": [*IMAGE_FIELDS, "references"],
+                    "properties": {**IMAGE_PROPERTIES, "references": {
+                        "type": "integer", "minimum": 0,
+                        "description": "How many URLs point at these bytes, this one included (0 only if "
+                                       "it was deleted while answering)"}},
+                },
             },
         },
         "security": [{"apiKey": []}, {"token": []}],
@@ -216,6 +224,13 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/image/meta": {
+                "get": {"summary": "What the index holds about the image stored for a URL, and how many URLs "
+                                   "share its bytes", "parameters": [URL_PARAM],
+                        "responses": {"200": _json("The image, as a listing row, with its reference count",
+                                                   _ref("ImageMeta")),
+                                      "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",
