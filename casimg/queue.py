@@ -29,6 +29,12 @@ more than about ``STEP_BYTES`` of URLs:
    cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
    set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
 
+A job is cancelled (``cancel``, lua/cancel.lua) in one step: each URL without a result fails with
+``cancelled``, the job is done, and it is flagged ``cancelled``, so that no worker starts one of its
+entries (worker.py asks in the batch lookup of the entries it reads) or indexes one that was downloading
+(lua/store.lua refuses it, and the bytes go). A job's end, whichever it is, queues its callback in the same
+step (webhooks.py).
+
 A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
 may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
 marker (``failed: URL too long``); a URL with credentials (``http://user:secret@host/``) keeps the URL

@@ -89,16 +89,18 @@ ASIDE_PER_SLOT = 4
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
-class _Unchecked(enum.Enum):
+class _Lookup(enum.Enum):
+    """What the batch lookup says of an entry besides its digest."""
+
     UNCHECKED = enum.auto()
     CANCELLED = enum.auto()
 
 
 # An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
-UNCHECKED = _Unchecked.UNCHECKED
+UNCHECKED = _Lookup.UNCHECKED
 # ... and when its job was cancelled: its task only takes it off the queue (the cancel wrote its result).
-CANCELLED = _Unchecked.CANCELLED
-Known = str | _Unchecked | None
+CANCELLED = _Lookup.CANCELLED
+Known = str | _Lookup | None
 
 
 def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
