@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -31,10 +30,13 @@ from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 from casimg.services import Services
-from casimg.validation import FORMATS, content_type_of
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
+from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.views import image_json
+from casimg.webhooks import check_callback_url
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -50,6 +52,7 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
@@ -247,10 +250,7 @@ class ReadyHandler(BaseHandler):
             await self.services.redis.ping()
         except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
-        except OSError as exc:
-            raise errors.Unavailable(f"blob directory not writable: {exc.strerror}") from None
+        await self.services.blobs.check()  # StorageUnavailable (a 503) names what is wrong
         self.write_json({"status": "ready", "redis": "ok", "blobs": "ok"})
 
 
@@ -280,28 +280,53 @@ class ImagesHandler(BaseHandler):
 
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        order = self._order()
         cursor = self.get_query_argument("cursor", None)
-        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
-            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
-                                    "gives it; leave it out to start from the first page")
-        page = await self.services.index.page(cursor, limit)
+        if cursor is not None:
+            self._check_cursor(cursor, order)
+        page = await self.services.index.page(cursor, limit, order)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
             # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
-            query = urlencode({"limit": limit, "cursor": page.next_cursor})
+            params: dict[str, str | int] = {"limit": limit}
+            if order is not Order.SHA1:
+                params["order"] = order.value
+            query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
 
+    def _order(self) -> Order:
+        raw = self.get_query_argument("order", None)
+        if raw is None:
+            return Order.SHA1
+        try:
+            return Order(raw)
+        except ValueError:
+            raise errors.BadRequest(f"order must be one of {', '.join(o.value for o in Order)}") from None
+
+    @staticmethod
+    def _check_cursor(cursor: str, order: Order) -> None:
+        """A cursor is the one the Link header gave for this order: each order has its own form."""
+        if order is Order.RECENT and not RECENT_CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {RECENT_CURSOR_PREFIX!r} and {RECENT_KEY_BYTES * 2} lowercase "
+                                    "hex digits with order=recent, as the Link header gives it; leave it out "
+                                    "to start from the first page")
+        if order is Order.SHA1 and not CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
+                                    "gives it; leave it out to start from the first page")
+
     async def post(self) -> None:
-        urls = self._parse_urls(bytes(self._body))
+        document = self._parse_body(bytes(self._body))
+        urls = self._parse_urls(document)
+        callback = self._callback_url(document)
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
         settings = self.services.settings
         limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
                         max_url_length=settings.max_url_length)
-        job_id, total = await self.services.queue.submit(urls, key_id, limits)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits, callback=callback)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)
@@ -310,13 +335,30 @@ class ImagesHandler(BaseHandler):
             return
         self.write_json({"job_id": job_id, "status": "queued", "total": total}, 202)
 
-    def _parse_urls(self, body: bytes) -> list[str]:
+    @staticmethod
+    def _parse_body(body: bytes) -> dict[str, Any]:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
             raise errors.BadRequest('body must be JSON: {"image_urls": ["https://...", ...]}') from None
         if not isinstance(document, dict) or "image_urls" not in document:
             raise errors.BadRequest('body must be a JSON object with an "image_urls" list')
+        return document
+
+    def _callback_url(self, document: dict[str, Any]) -> str:
+        """The job's callback URL: the body's "callback_url" ("" or null for none), else CASIMG_WEBHOOK_URL."""
+        settings = self.services.settings
+        if "callback_url" not in document:
+            return settings.webhook_url
+        url = document["callback_url"]
+        if url is None or url == "":
+            return ""
+        if not settings.webhook_secret:
+            raise errors.BadRequest('"callback_url" needs CASIMG_WEBHOOK_SECRET set on the server: callbacks are '
+                                    "always signed, and this server has no secret to sign them with")
+        return check_callback_url(url, settings.allow_networks)
+
+    def _parse_urls(self, document: dict[str, Any]) -> list[str]:
         urls = document["image_urls"]
         if not isinstance(urls, list):
             raise errors.BadRequest('"image_urls" must be a list of URL strings')
@@ -360,13 +402,31 @@ async def _wait_for_job(services: Services, job_id: str, seconds: float) -> None
 
 
 class JobHandler(BaseHandler):
-    scopes = {"GET": Scope.read}
+    """GET a job (any key may read any job); DELETE cancels it (its own key, or an admin key)."""
+
+    scopes = {"GET": Scope.read, "DELETE": Scope.write}
 
     async def get(self, job_id: str) -> None:
         if not JOB_ID_RE.match(job_id):
             raise errors.NotFound(f"no job {job_id!r}")
         job = await self.services.queue.get(job_id)
         self.write_json(job.as_json())
+
+    async def delete(self, job_id: str) -> None:
+        """Cancel: each unfinished URL fails with "cancelled", the job ends done. A done job answers 200 as it
+        is. Another key's job is a 403, not a 404: any key may read it, so its existence is no secret."""
+        if not JOB_ID_RE.match(job_id):
+            raise errors.NotFound(f"no job {job_id!r}")
+        queue = self.services.queue
+        job = await queue.get(job_id, with_results=False)
+        assert self.api_key is not None
+        if job.key != self.api_key.id and self.api_key.scope < Scope.admin:
+            raise errors.Forbidden("this job was submitted with another key; only that key or an admin key may "
+                                   "cancel it")
+        if await queue.cancel(job_id):
+            log.info("job %s cancelled by key %s", job_id, self.api_key.name,
+                     extra={"fields": {"event": "cancel", "job": job_id, "key": self.api_key.name}})
+        self.write_json((await queue.get(job_id)).as_json())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -400,7 +460,7 @@ class _BytesHandler(BaseHandler):
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
             # an unsatisfiable one is still refused here, with the size.
             self._range(size)
-            self.set_header("X-Accel-Redirect", accel + self.services.blobs.relative_name(image.sha256))
+            self.set_header("X-Accel-Redirect", accel + FileStore.relative_name(image.sha256))
             self.finish()
             return
         start, end = 0, size
@@ -413,14 +473,13 @@ class _BytesHandler(BaseHandler):
         if not include_body:
             self.finish()
             return
-        loop = asyncio.get_running_loop()
         blobs = self.services.blobs
         position = start
         while position < end:
             length = min(SEND_CHUNK, end - position)
             try:
-                chunk = await loop.run_in_executor(None, blobs.read, image.sha256, position, length)
-            except FileNotFoundError:
+                chunk = await blobs.read_range(image.sha256, position, length)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
             self.write(chunk)
             position += length
@@ -512,9 +571,8 @@ class BlobHandler(_BytesHandler):
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag
             # The metadata lives with the URLs; by digest, the type comes from the file's header.
             try:
-                content_type, size = await asyncio.get_running_loop().run_in_executor(
-                    None, _type_and_size, self.services.blobs.blob_path(digest))
-            except FileNotFoundError:
+                content_type, size = await _type_and_size(self.services.blobs, digest)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
         image = ImageRecord(url="", sha256=digest, size=size, content_type=content_type, width=0, height=0,
                             stored_at_ms=0)
@@ -524,8 +582,14 @@ class BlobHandler(_BytesHandler):
         await self.get(digest, include_body=False)
 
 
-def _type_and_size(path: Path) -> tuple[str, int]:
-    return content_type_of(path), path.stat().st_size
+async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
+    """A blob's content type, from its header (its whole bytes for a format the header does not name), and size."""
+    size = await blobs.stat(digest)
+    head = await blobs.read_range(digest, 0, HEAD_BYTES)
+    known = content_type_from_head(head)
+    if known is None:  # Pillow's open may need more than the header
+        known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
+    return known, size
 
 
 class NotFoundHandler(BaseHandler):

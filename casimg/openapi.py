@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from casimg import __version__
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -43,7 +43,10 @@ IMAGE_HEADERS = {
 }
 # The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
 # of the request, so it keeps that URL's scheme, host and path (a proxy's prefix included).
-LINK_PATTERN = f'^<\\?limit=[0-9]+&cursor=[0-9a-f]{{{CURSOR_DIGITS}}}>; rel="next"$'
+# Each order has a cursor of its own form: the default's is 40 hex digits, the newest-first's "r." and 52.
+RECENT_CURSOR_PATTERN = f"{RECENT_CURSOR_PREFIX.replace('.', '[.]')}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}"
+CURSOR_PATTERN = f"([0-9a-f]{{{CURSOR_DIGITS}}}|{RECENT_CURSOR_PATTERN})"
+LINK_PATTERN = f'^<\\?limit=[0-9]+(&order=recent)?&cursor={CURSOR_PATTERN}>; rel="next"$'
 LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
              "to resolve against the URL of this request (it never names a scheme, host or path)")
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
@@ -82,7 +85,19 @@ def openapi_document() -> dict[str, Any]:
                     # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
-                    "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+                    "properties": {
+                        "image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "callback_url": {
+                            "type": ["string", "null"], "maxLength": 2048,
+                            "description": "http(s) URL POSTed the job (as GET /api/jobs/{job_id} answers it, "
+                                           "without callback; past 64 KiB without results and with results_url) "
+                                           "when it is done, signed in X-Casimg-Signature: t=<unix seconds>,"
+                                           "v1=<hex HMAC-SHA256 of '<t>.<body>' under CASIMG_WEBHOOK_SECRET>. "
+                                           "Retried with backoff until a 2xx, for CASIMG_WEBHOOK_RETRY_FOR "
+                                           "seconds. Absent: CASIMG_WEBHOOK_URL; empty or null: none. A 400 when "
+                                           "the server has no CASIMG_WEBHOOK_SECRET, or the address is refused.",
+                        },
+                    },
                 },
                 "Accepted": {
                     "type": "object", "additionalProperties": False, "required": ["job_id", "status", "total"],
@@ -110,7 +125,20 @@ def openapi_document() -> dict[str, Any]:
                         "existed": {"type": "integer"}, "failed": {"type": "integer"},
                         "created": {"type": "string", "format": "date-time"},
                         "finished": {"type": ["string", "null"], "format": "date-time"},
+                        "callback": _ref("Callback"),
                         "results": {"type": "array", "items": _ref("Result")},
+                    },
+                },
+                "Callback": {
+                    # Only on jobs submitted with a callback URL: other jobs answer as they always did.
+                    "type": "object", "additionalProperties": False, "required": ["state", "attempts", "last_status"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "last_status": {"type": ["integer", "null"],
+                                        "description": "HTTP status of the last attempt; null if none answered"},
+                        "last_error": {"type": "string",
+                                       "description": "Why the last attempt got no answer (timeout, refused address)"},
                     },
                 },
                 "Image": {
@@ -142,20 +170,25 @@ def openapi_document() -> dict[str, Any]:
                                       "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/api/images": {
                 "get": {
-                    "summary": "List stored images in the index's order (by the SHA-1 of the URL), paginated with "
-                               "Link: rel=next",
+                    "summary": "List stored images in the index's order (by the SHA-1 of the URL) or newest first, "
+                               "paginated with Link: rel=next",
                     "parameters": [
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "order", "in": "query", "schema": {"type": "string", "enum": [o.value for o in Order]},
+                         "description": "sha1 (the default): by the SHA-1 of the URL. recent: newest first, by "
+                                        "(stored_at, SHA-1 of the URL) descending"},
                         {"name": "cursor", "in": "query",
-                         "schema": {"type": "string", "pattern": f"^[0-9a-f]{{{CURSOR_DIGITS}}}$"},
-                         "description": "Opaque; take it from the Link header"},
+                         "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"},
+                         "description": "Opaque; take it from the Link header. Each order has its own form "
+                                        "(40 hex digits; r. and 52 with order=recent), and a cursor of the other "
+                                        "order is a 400"},
                     ],
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                             "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
                                                      "description": LINK_TEXT}}},
-                        "400": _problem("Bad limit or cursor"),
+                        "400": _problem("Bad limit, order or cursor"),
                         **AUTH_ERRORS,
                     },
                 },
@@ -185,6 +218,20 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "A job's progress and per-URL results",
                     "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": job_response, "404": _problem("Unknown or expired job"), **AUTH_ERRORS},
+                },
+                "delete": {
+                    "summary": "Cancel a job: its unfinished URLs fail with 'cancelled' (downloads in flight are "
+                               "abandoned, nothing of them is stored), images already stored stay, the job is done "
+                               "(its callback, if any, is sent). A key cancels its own jobs; an admin key any job",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json("The job, now done; a job done already is answered as it is (idempotent)",
+                                     _ref("Job")),
+                        "404": _problem("Unknown or expired job"),
+                        **AUTH_ERRORS,
+                        "403": _problem("The key's scope is read, or the job was submitted with another key "
+                                        "(any key may read a job, so a 403 tells nothing new)"),
+                    },
                 },
             },
             "/api/image": {
