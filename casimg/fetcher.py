@@ -46,6 +46,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from casimg import tracing
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
@@ -341,6 +342,7 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*, */*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
             trust_env=False,  # no proxy from the environment: it would get around the address guard
+            trace_configs=tracing.aiohttp_trace_configs() or None,  # a span per request when tracing is on
         )
 
     async def close(self) -> None:
@@ -357,6 +359,18 @@ class Fetcher:
 
     async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
         """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
+        if not tracing.enabled:
+            return await self._fetch(url, budget)
+        with tracing.span("casimg.download", {"url.full": url}):
+            try:
+                downloaded = await self._fetch(url, budget)
+            except DownloadFailed as failed:
+                tracing.annotate({"casimg.outcome": "failed", "casimg.reason": failed.reason})
+                raise
+            tracing.annotate({"casimg.outcome": "downloaded", "casimg.size": downloaded.size})
+            return downloaded
+
+    async def _fetch(self, url: str, budget: float | None) -> Downloaded:
         target = self._check_url(url)
         try:
             async with asyncio.timeout(self.total_timeout if budget is None else budget):
@@ -406,6 +420,8 @@ class Fetcher:
                 if refusal is not None:
                     raise DownloadFailed(refusal)
             address = await self._address_of(url)
+            if tracing.enabled:
+                tracing.annotate({"network.peer.address": address})  # the address connected to, after the guard
             async with self.caps.hold(url.raw_host or "", address):
                 hop = await self._hop(url)
             if isinstance(hop, Downloaded):

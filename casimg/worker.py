@@ -34,6 +34,7 @@ from pathlib import Path
 
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.batching import ThreadBatcher
 from casimg.config import Settings
 from casimg.errors import REDIS_ERRORS, DownloadFailed
@@ -105,6 +106,8 @@ Known = str | _Lookup | None
 
 def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    if tracing.enabled:
+        tracing.annotate({"casimg.outcome": outcome.value, "casimg.attempts": attempts, "casimg.reason": reason})
     url = clip(url)
     fields = {"event": "download", "outcome": outcome.value, "url": url, "attempts": attempts}
     if reason:
@@ -327,8 +330,14 @@ class Worker:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
-        UNCHECKED if that could not be asked.
+        UNCHECKED if that could not be asked. Traced as a child of the job's submit (tracing.py).
         """
+        attributes = {"url.full": entry.url, "casimg.job_id": entry.job_id, "casimg.position": entry.position,
+                      "casimg.deliveries": entry.deliveries} if tracing.enabled else None
+        with tracing.span("casimg.process", attributes, parent=entry.traceparent):
+            await self._process_entry(entry, known, slot)
+
+    async def _process_entry(self, entry: Entry, known: Known, slot: _Slot) -> None:
         try:
             while True:
                 try:
@@ -476,21 +485,23 @@ class Worker:
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+            with tracing.span("casimg.validate"):
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
         except BaseException:
             downloaded.discard()
             raise
-        try:
-            await self.flusher.flush()
-        except BaseException:
-            self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
-            raise
-        meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
-        outcome = await store_blob(
-            self.blobs, self.index, tmp, entry.url, digest, meta,
-            linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
-            attempts=attempt, owner=entry.owner,
-        )
+        with tracing.span("casimg.store"):
+            try:
+                await self.flusher.flush()
+            except BaseException:
+                self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+                raise
+            meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
+            outcome = await store_blob(
+                self.blobs, self.index, tmp, entry.url, digest, meta,
+                linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position,
+                entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
+            )
         kind = outcome.kind
         if kind is Outcome.STORED:
             self.on_bytes("stored", downloaded.size)
