@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import os
 import random
@@ -522,7 +523,13 @@ class Worker:
             mode=self.settings.validation,
         )
         if downloaded.data is not None:
-            tmp, digest = self.blobs.write_temp(downloaded.data)
+            digest = hashlib.sha256(downloaded.data).hexdigest()
+            # Content the store holds already (the same image under another URL): no bytes are written
+            # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
+            tmp = self.blobs.temp_link_to(digest)
+            if tmp is not None:
+                return tmp, digest, info
+            tmp, digest = self.blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
