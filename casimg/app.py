@@ -23,6 +23,7 @@ def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.UR
         (r"/api/images/?", handlers.ImagesHandler),
         (r"/api/jobs/(?P<job_id>[^/]+)", handlers.JobHandler),
         (r"/api/image", handlers.ImageHandler),
+        (r"/api/image/meta", handlers.ImageMetaHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
     ]
     if with_metrics:
