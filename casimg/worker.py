@@ -535,7 +535,7 @@ class Worker:
             digest = hashlib.sha256(downloaded.data).hexdigest()
             # Content the store holds already (the same image under another URL): no bytes are written
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
-            tmp = self.blobs.temp_link_to(digest)
+            tmp = self.files.temp_link_to(digest) if self.files is not None else None
             if tmp is not None:
                 return tmp, digest, info
             tmp, digest = self.blobs.write_temp(downloaded.data, digest)

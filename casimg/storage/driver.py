@@ -126,7 +126,7 @@ class Storage(Protocol):
     def create_dirs(self) -> None:
         """Create the local directories the driver writes (at every process's start)."""
 
-    def write_temp(self, data: bytes) -> tuple[Path, str]:
+    def write_temp(self, data: bytes, digest: str | None = None) -> tuple[Path, str]:
         """A new local temp file holding `data`, and its SHA-256 (blocking: call in a thread)."""
 
     def discard(self, path: Path | None) -> None:

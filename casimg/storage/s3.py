@@ -104,6 +104,7 @@ class S3Store(Staging):
         self.redirect = redirect
         self._credentials = credentials or {}
         self._client: Any = None
+        self._probe: Any = None
 
     def __repr__(self) -> str:  # never the credentials
         return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint={self.endpoint!r})"
@@ -113,20 +114,28 @@ class S3Store(Staging):
         """The obstore client, made on first use: never in a parent that forks (casimg serve --processes),
         whose child would inherit a client without the threads that drive it."""
         if self._client is None:
-            from obstore.store import S3Store as Client
-
-            options: dict[str, Any] = {"timeout": REQUEST_TIMEOUT, "connect_timeout": CONNECT_TIMEOUT}
-            if self.endpoint.startswith("http://"):
-                options["allow_http"] = True
-            config: dict[str, Any] = {"region": self.region, **self._credentials}
-            if self.endpoint:
-                config["endpoint"] = self.endpoint
-                config["virtual_hosted_style_request"] = False
-            self._client = Client(
-                self.bucket, config=config, client_options=options, copy_if_not_exists="multipart",
-                retry_config={"max_retries": MAX_RETRIES, "retry_timeout": RETRY_TIMEOUT},
-            )
+            self._client = self._new_client(REQUEST_TIMEOUT, MAX_RETRIES, RETRY_TIMEOUT)
         return self._client
+
+    @property
+    def probe(self) -> Any:
+        """A client that does not retry, for ``check``: a readiness probe must answer within seconds."""
+        if self._probe is None:
+            self._probe = self._new_client(timedelta(seconds=CHECK_TIMEOUT), 0, timedelta(seconds=CHECK_TIMEOUT))
+        return self._probe
+
+    def _new_client(self, timeout: timedelta, retries: int, retry_timeout: timedelta) -> Any:
+        from obstore.store import S3Store as Client
+
+        options: dict[str, Any] = {"timeout": timeout, "connect_timeout": CONNECT_TIMEOUT}
+        if self.endpoint.startswith("http://"):
+            options["allow_http"] = True
+        config: dict[str, Any] = {"region": self.region, **self._credentials}
+        if self.endpoint:
+            config["endpoint"] = self.endpoint
+            config["virtual_hosted_style_request"] = False
+        return Client(self.bucket, config=config, client_options=options, copy_if_not_exists="multipart",
+                      retry_config={"max_retries": retries, "retry_timeout": retry_timeout})
 
     def create_dirs(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,7 @@ class S3Store(Staging):
         import obstore
 
         async def one_listing() -> None:
-            stream = obstore.list(self.store, prefix=self.prefix + "blobs/", chunk_size=1)
+            stream = obstore.list(self.probe, prefix=self.prefix + "blobs/", chunk_size=1)
             async for _ in stream:
                 break
 
@@ -271,7 +280,7 @@ class S3Store(Staging):
             raise _unavailable(exc, f"bucket {self.bucket!r}: ") from None
 
     async def close(self) -> None:
-        self._client = None
+        self._client = self._probe = None
 
 
 async def _quietly(step: Any) -> None:
@@ -288,8 +297,8 @@ def _unavailable(exc: BaseException, lead: str = "") -> StorageUnavailable:
     detail = " ".join(str(exc).split())
     if "NoSuchBucket" in detail:
         detail = "the bucket does not exist"
-    elif name in ("PermissionDeniedError", "UnauthenticatedError") or "InvalidAccessKeyId" in detail \
-            or "SignatureDoesNotMatch" in detail:
+    elif name in ("PermissionDeniedError", "UnauthenticatedError") or any(
+            code in detail for code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")):
         detail = f"access denied (check the credentials): {detail}"
     return StorageUnavailable(f"object store: {lead}{detail[:300]}")
 
