@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 
-from bench.procs import free_port
+from bench.procs import S3Proxy, free_port
 from tests.procs import (
     Processes,
     S3Endpoint,
-    S3Proxy,
     assert_retrievable,
     casimg,
     image_urls,
