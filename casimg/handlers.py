@@ -528,6 +528,30 @@ def _type_and_size(path: Path) -> tuple[str, int]:
     return content_type_of(path), path.stat().st_size
 
 
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes, and which (up to `limit`): a walk of the whole index."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count))
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
+
+
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise errors.NotFound(f"no route for {self.request.path}")

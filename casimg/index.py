@@ -79,6 +79,10 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
+# Groups of 16 URL buckets one urls_of script call reads: 4 x 16 buckets of ~250 URLs at a million URLs
+# hold Redis a few milliseconds per call (BENCHMARKS.md, "Gallery").
+URL_SCAN_GROUPS = 4
+
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
 Row = tuple[str, str, int, str, int, int, int]
@@ -154,6 +158,7 @@ class Index:
         self._correct_meta = redis.register_script(lua_source("correct_meta"))
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
+        self._urls_of = redis.register_script(lua_source("urls_of"))
         self._repair = redis.register_script(lua_source("repair"))
 
     async def store(
@@ -251,6 +256,18 @@ class Index:
         more = bool(int(reply[0]))
         last = images[-1][0] if more and images else None
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
+
+    async def urls_of(self, digest: str, limit: int) -> list[str]:
+        """Up to `limit` URLs that point at `digest`, found by walking every URL bucket (there is no reverse
+        map: it would cost more memory per URL than the rest of the index), URL_SCAN_GROUPS groups of 16
+        buckets per script call, stopping once `limit` are found. In bucket order, not sorted."""
+        found: list[str] = []
+        group = 0
+        while group >= 0 and len(found) < limit:
+            reply = await self._urls_of(keys=[], args=[self.keys.url(""), digest, group, URL_SCAN_GROUPS])
+            group = int(reply[0])
+            found += reply[1:]
+        return found[:limit]
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

@@ -113,6 +113,17 @@ def openapi_document() -> dict[str, Any]:
                         "results": {"type": "array", "items": _ref("Result")},
                     },
                 },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
+                },
                 "Image": {
                     "type": "object", "additionalProperties": False,
                     "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
@@ -195,6 +206,22 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/key": {
+                "get": {"summary": "The presented key's id, name and scope (read, write or admin)",
+                        "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{digest}/urls": {
+                "get": {"summary": "How many URLs share a content, and which: a walk of the whole index, a few "
+                                   "milliseconds of Redis at a time (docs/gallery.md)",
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                                       {"name": "limit", "in": "query",
+                                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100); count is always exact"}],
+                        "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
+                                      "400": _problem("Bad limit"), "404": _problem("Not stored"),
+                                      **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",
