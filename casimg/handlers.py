@@ -539,16 +539,17 @@ class KeyHandler(BaseHandler):
 
 
 class BlobUrlsHandler(BaseHandler):
-    """How many URLs share a content's bytes, and which (up to `limit`): a walk of the whole index."""
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
 
     scopes = {"GET": Scope.read}
 
     async def get(self, digest: str) -> None:
-        limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
         count = await self.services.index.refs_of(digest)
         if count == 0:
             raise errors.NotFound(f"no blob {digest}")
-        urls = await self.services.index.urls_of(digest, min(limit, count))
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
         self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
 
 

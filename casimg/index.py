@@ -79,9 +79,10 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
-# Groups of 16 URL buckets one urls_of script call reads: 4 x 16 buckets of ~250 URLs at a million URLs
-# hold Redis a few milliseconds per call (BENCHMARKS.md, "Gallery").
-URL_SCAN_GROUPS = 4
+# URL buckets one urls_of script call reads: 4 buckets of ~250 URLs each at a million URLs hold Redis about
+# a millisecond; 32 calls go in one round trip (BENCHMARKS.md, "Gallery").
+URL_SCAN_BUCKETS = 4
+URL_SCAN_CALLS = 32
 
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
@@ -258,15 +259,22 @@ class Index:
         return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
 
     async def urls_of(self, digest: str, limit: int) -> list[str]:
-        """Up to `limit` URLs that point at `digest`, found by walking every URL bucket (there is no reverse
-        map: it would cost more memory per URL than the rest of the index), URL_SCAN_GROUPS groups of 16
-        buckets per script call, stopping once `limit` are found. In bucket order, not sorted."""
+        """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
+        more memory per URL than the rest of the index), so this reads the URL buckets, URL_SCAN_BUCKETS per
+        script call and URL_SCAN_CALLS calls per round trip, and stops once `limit` are found: each call
+        holds Redis briefly, and other clients are served between them."""
         found: list[str] = []
-        group = 0
-        while group >= 0 and len(found) < limit:
-            reply = await self._urls_of(keys=[], args=[self.keys.url(""), digest, group, URL_SCAN_GROUPS])
-            group = int(reply[0])
-            found += reply[1:]
+        names = [self.keys.url(bucket) for bucket in BUCKETS]
+        step = URL_SCAN_BUCKETS * URL_SCAN_CALLS
+        for start in range(0, len(names), step):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for first in range(start, min(start + step, len(names)), URL_SCAN_BUCKETS):
+                    chunk = names[first:first + URL_SCAN_BUCKETS]
+                    await self._urls_of(keys=chunk, args=[digest], client=pipe)  # queued; the pipeline loads it
+                for urls in await pipe.execute():
+                    found += urls
+            if len(found) >= limit:
+                break
         return found[:limit]
 
     async def count(self) -> int:

@@ -212,13 +212,15 @@ def openapi_document() -> dict[str, Any]:
                         "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}/urls": {
-                "get": {"summary": "How many URLs share a content, and which: a walk of the whole index, a few "
-                                   "milliseconds of Redis at a time (docs/gallery.md)",
+                "get": {"summary": "How many URLs share a content, and which: the count is one lookup, the URLs a "
+                                   "walk of the whole index in steps of about a millisecond of Redis (a second or "
+                                   "more per million URLs; docs/gallery.md)",
                         "parameters": [{"name": "digest", "in": "path", "required": True,
                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
                                        {"name": "limit", "in": "query",
-                                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-                                        "description": "Most URLs listed (default 100); count is always exact"}],
+                                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100; 0: the count alone, "
+                                                       "without the walk); count is always exact"}],
                         "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
                                       "400": _problem("Bad limit"), "404": _problem("Not stored"),
                                       **AUTH_ERRORS}},

@@ -20,7 +20,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
     "page": ("lib_hex", "page"),
-    "urls_of": ("lib_hex", "urls_of"),
+    "urls_of": ("urls_of",),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
     # the queue (queue.py)

@@ -93,8 +93,10 @@ export class Api {
     return this.json(`/api/jobs/${encodeURIComponent(id)}`);
   }
 
-  shared(digest) {
-    return this.json(`/api/blobs/${digest}/urls?limit=20`);
+  // How many URLs share these bytes (one lookup), and, only when others do, which (a walk of the index).
+  async shared(digest) {
+    const counted = await this.json(`/api/blobs/${digest}/urls?limit=0`);
+    return counted.count > 1 ? this.json(`/api/blobs/${digest}/urls?limit=20`) : counted;
   }
 
   async remove(url) {
