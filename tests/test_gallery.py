@@ -118,8 +118,8 @@ async def _index_copies(data_dir: Path, rows: list[tuple[str, str, BlobMeta]]) -
     client = _client(data_dir)
     index = Index(client, KeySpace(PREFIX))
     try:
-        for start in range(0, len(rows), 2000):
-            await asyncio.gather(*(index.store(url, digest, meta) for url, digest, meta in rows[start:start + 2000]))
+        for start in range(0, len(rows), 10_000):
+            await asyncio.gather(*(index.store(url, d, meta) for url, d, meta in rows[start:start + 10_000]))
     finally:
         await client.aclose()
 
@@ -199,12 +199,19 @@ def stored(gallery: Gallery) -> list[str]:
 # -- in the browser ---------------------------------------------------------------------------------------
 
 def test_key_entry_wrong_key_and_session_storage(page: Page, gallery: Gallery, stored: list[str]) -> None:
-    page.expected += ["status of 401"]  # type: ignore[attr-defined]
+    page.expected += ["status of 401", "status of 429"]  # type: ignore[attr-defined]
+    wrong = "casimg_000000000000_not-a-key-at-all-000000"
     page.goto(gallery.base + "/")
-    page.get_by_label("API key").fill("casimg_000000000000_not-a-key-at-all-000000")
+    page.get_by_label("API key").fill(wrong)
     page.get_by_role("button", name="Open gallery").click()
     expect(page.locator("#key-error")).to_contain_text("not known or was revoked", timeout=WAIT_MS)
     assert page.evaluate("sessionStorage.getItem('casimg.key')") is None
+    # Past CASIMG_AUTH_FAILURE_LIMIT failures from one address, a bad key is a 429: the page says to wait.
+    while gallery.server.call("GET", "/api/key", key=wrong)[0] != 429:
+        pass
+    page.get_by_role("button", name="Open gallery").click()
+    expect(page.locator("#key-error")).to_contain_text(re.compile(r"Too many requests: .* wait \d+ seconds"),
+                                                       timeout=WAIT_MS)
     page.get_by_label("API key").fill(gallery.server.key)
     page.get_by_role("button", name="Open gallery").click()
     expect(tiles(page).first).to_be_visible(timeout=WAIT_MS)
@@ -277,8 +284,8 @@ def test_submit_shows_live_progress_and_failures(page: Page, gallery: Gallery, s
     page.get_by_role("button", name="Submit").click()
     progress = page.locator("#progress-text")
     expect(progress).to_contain_text("Working", timeout=WAIT_MS)  # seen before the job is done
-    screenshot(page, "submit-desktop")
     expect(progress).to_contain_text("Done: 8 of 8. Stored 6, existed 0, failed 2.", timeout=WAIT_MS)
+    screenshot(page, "submit-desktop")
     failures = page.locator("#failures li")
     expect(failures).to_have_count(2)
     expect(failures.filter(has_text="/status/404")).to_contain_text("404")
