@@ -31,7 +31,7 @@ from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 from casimg.services import Services
 from casimg.validation import FORMATS, content_type_of
 from casimg.views import image_json
@@ -50,6 +50,7 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
@@ -280,19 +281,42 @@ class ImagesHandler(BaseHandler):
 
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        order = self._order()
         cursor = self.get_query_argument("cursor", None)
-        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
-            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
-                                    "gives it; leave it out to start from the first page")
-        page = await self.services.index.page(cursor, limit)
+        if cursor is not None:
+            self._check_cursor(cursor, order)
+        page = await self.services.index.page(cursor, limit, order)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
             # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
-            query = urlencode({"limit": limit, "cursor": page.next_cursor})
+            params: dict[str, str | int] = {"limit": limit}
+            if order is not Order.SHA1:
+                params["order"] = order.value
+            query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
+
+    def _order(self) -> Order:
+        raw = self.get_query_argument("order", None)
+        if raw is None:
+            return Order.SHA1
+        try:
+            return Order(raw)
+        except ValueError:
+            raise errors.BadRequest(f"order must be one of {', '.join(o.value for o in Order)}") from None
+
+    @staticmethod
+    def _check_cursor(cursor: str, order: Order) -> None:
+        """A cursor is the one the Link header gave for this order: each order has its own form."""
+        if order is Order.RECENT and not RECENT_CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {RECENT_CURSOR_PREFIX!r} and {RECENT_KEY_BYTES * 2} lowercase "
+                                    "hex digits with order=recent, as the Link header gives it; leave it out "
+                                    "to start from the first page")
+        if order is Order.SHA1 and not CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
+                                    "gives it; leave it out to start from the first page")
 
     async def post(self) -> None:
         urls = self._parse_urls(bytes(self._body))

@@ -12,14 +12,17 @@ each kept in Redis's compact (ziplist/listpack) encoding, which is what holds it
   digest's first 3 hex digits. Raw rather than hex fields save a third of the bucket's memory; a
   content with no references has no record.
 - ``count``: the number of URLs and of referenced contents, so totals need no scan.
+- ``recent`` and ``recent:{bound}``: the newest-first order, each URL once as "<stored_at><SHA-1><URL>" in
+  small sorted sets that Redis orders byte by byte (lua/lib_recent.lua draws it). A URL keeps its place
+  from its store to its release, so a walk in this order, too, sees each URL present throughout once.
 
 Each change that touches more than one key is a single Lua script (lua/, composed as lua.SCRIPTS says), so
 the index never shows half a change:
 
-- ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
-  same step, record the outcome in its job (see queue.py).
-- ``release``: remove a URL and its reference; the caller then runs the blob delete steps
-  (lifecycle.py) when the count reached zero.
+- ``store``: point a URL at a digest with its metadata, count the reference, bump the counts, place the
+  URL in the newest-first order and, in the same step, record the outcome in its job (see queue.py).
+- ``release``: remove a URL, its reference and its place in the newest-first order; the caller then runs
+  the blob delete steps (lifecycle.py) when the count reached zero.
 
 The scripts build the bucket names a digest or URL leads to from the prefixes in their ARGV, as KeySpace
 does (the bucket is known only once the script has read the digest). A single Redis, which is what
@@ -45,7 +48,9 @@ from casimg.schema import (
     BUCKET_DIGITS,
     BUCKETS,
     QUEUE_GROUP,
+    RECENT_CURSOR_PREFIX,
     KeySpace,
+    Order,
     Outcome,
     blob_key,
     queue_stream,
@@ -92,7 +97,8 @@ Row = tuple[str, str, int, str, int, int, int]
 @dataclass(frozen=True)
 class Page:
     images: list[Row]  # view them with views.image_json(*row)
-    next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
+    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL; "r." + the hex
+    # of its (stored_at, SHA-1) key in the newest-first order
     total: int  # URLs indexed, read in the same step as the page
 
 
@@ -160,6 +166,7 @@ class Index:
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
         self._urls_of = redis.register_script(lua_source("urls_of"))
+        self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
 
     async def store(
@@ -180,10 +187,10 @@ class Index:
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
-             queue_stream(k, owner), k.queue_owners],
+             queue_stream(k, owner), k.queue_owners, k.recent],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
-             attempts, owner, now_iso()],
+             attempts, owner, k.recent_leaf(""), now_iso()],
         )
         stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
@@ -205,7 +212,8 @@ class Index:
     async def release(self, url: str) -> tuple[str, int] | None:
         """Delete step 1: unindex the URL. Returns (digest, references left) or None if unknown."""
         k = self.keys
-        reply = await self._release(keys=[url_key(k, url), k.count], args=[url, k.blob("")])
+        reply = await self._release(keys=[url_key(k, url), k.count, k.recent],
+                                    args=[url, k.blob(""), k.recent_leaf("")])
         if reply is None:
             return None
         return reply[0], int(reply[1])
@@ -248,9 +256,12 @@ class Index:
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
         return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def page(self, cursor: str | None, limit: int) -> Page:
-        """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
-        URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
+    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1) -> Page:
+        """`limit` (>= 1) images after the cursor in `order` (fewer at the end; more only where URLs share
+        one SHA-1, or in the newest-first order one (stored_at, SHA-1)). A URL present throughout a walk is
+        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks)."""
+        if order is Order.RECENT:
+            return await self._page_newest(cursor, limit)
         k = self.keys
         reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
         images = [_fields(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
@@ -276,6 +287,14 @@ class Index:
             if len(found) >= limit:
                 break
         return found[:limit]
+
+    async def _page_newest(self, cursor: str | None, limit: int) -> Page:
+        k = self.keys
+        after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
+        reply = await self._page_recent(keys=[k.count, k.recent], args=[k.url(""), k.recent_leaf(""), after, limit])
+        images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
+        more = bool(int(reply[0]))
+        return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from casimg import __version__
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -43,7 +43,10 @@ IMAGE_HEADERS = {
 }
 # The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
 # of the request, so it keeps that URL's scheme, host and path (a proxy's prefix included).
-LINK_PATTERN = f'^<\\?limit=[0-9]+&cursor=[0-9a-f]{{{CURSOR_DIGITS}}}>; rel="next"$'
+# Each order has a cursor of its own form: the default's is 40 hex digits, the newest-first's "r." and 52.
+RECENT_CURSOR_PATTERN = f"{RECENT_CURSOR_PREFIX.replace('.', '[.]')}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}"
+CURSOR_PATTERN = f"([0-9a-f]{{{CURSOR_DIGITS}}}|{RECENT_CURSOR_PATTERN})"
+LINK_PATTERN = f'^<\\?limit=[0-9]+(&order=recent)?&cursor={CURSOR_PATTERN}>; rel="next"$'
 LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
              "to resolve against the URL of this request (it never names a scheme, host or path)")
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
@@ -153,20 +156,25 @@ def openapi_document() -> dict[str, Any]:
                                       "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/api/images": {
                 "get": {
-                    "summary": "List stored images in the index's order (by the SHA-1 of the URL), paginated with "
-                               "Link: rel=next",
+                    "summary": "List stored images in the index's order (by the SHA-1 of the URL) or newest first, "
+                               "paginated with Link: rel=next",
                     "parameters": [
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "order", "in": "query", "schema": {"type": "string", "enum": [o.value for o in Order]},
+                         "description": "sha1 (the default): by the SHA-1 of the URL. recent: newest first, by "
+                                        "(stored_at, SHA-1 of the URL) descending"},
                         {"name": "cursor", "in": "query",
-                         "schema": {"type": "string", "pattern": f"^[0-9a-f]{{{CURSOR_DIGITS}}}$"},
-                         "description": "Opaque; take it from the Link header"},
+                         "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"},
+                         "description": "Opaque; take it from the Link header. Each order has its own form "
+                                        "(40 hex digits; r. and 52 with order=recent), and a cursor of the other "
+                                        "order is a 400"},
                     ],
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                             "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
                                                      "description": LINK_TEXT}}},
-                        "400": _problem("Bad limit or cursor"),
+                        "400": _problem("Bad limit, order or cursor"),
                         **AUTH_ERRORS,
                     },
                 },

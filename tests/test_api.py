@@ -416,13 +416,41 @@ async def test_listing_pages_with_link_and_total(api, origin):
 
 
 @pytest.mark.gen_test
+async def test_newest_first_listing_pages_with_its_own_cursor(api, origin):
+    urls = [origin.url(f"/img/{70 + i}.png") for i in range(7)]
+    for url in urls[:4]:
+        await submit(api, [url])
+    await submit(api, urls[4:])
+    seen: list[dict] = []
+    path = "/api/images?limit=3&order=recent"
+    while path:
+        response = await api("GET", path)
+        assert response.code == 200 and response.headers["X-Total-Count"] == "7"
+        seen += json.loads(response.body)
+        link = response.headers.get("Link")
+        if link:
+            assert re.fullmatch(r'<\?limit=3&order=recent&cursor=r\.[0-9a-f]{52}>; rel="next"', link), link
+        path = urljoin(path, link[1:link.index(">")]) if link else ""
+    assert sorted(image["url"] for image in seen) == sorted(urls)
+    keys = [(image["stored_at"], hashlib.sha1(image["url"].encode()).hexdigest()) for image in seen]
+    assert keys == sorted(keys, reverse=True)
+    assert [image["url"] for image in seen[-4:]] == urls[:4][::-1]  # stored one job after another
+    default = json.loads((await api("GET", "/api/images?order=sha1")).body)
+    assert [image["url"] for image in default] == sorted(urls, key=lambda url: hashlib.sha1(url.encode()).hexdigest())
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=-1", "cursor=1764612345123456",
-                                   "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor="])
+                                   "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor=",
+                                   "cursor=r." + "a" * 52, "order=newest", "order=recent&cursor=" + "a" * 40,
+                                   "order=recent&cursor=r." + "a" * 51, "order=recent&cursor=R." + "a" * 52])
 async def test_bad_listing_parameters_are_400(api, query):
     body = problem(await api("GET", f"/api/images?{query}"))
     assert body["status"] == 400
     if query.startswith("cursor"):
         assert "cursor must be 40 lowercase hex digits" in body["detail"]
+    elif "cursor" in query:
+        assert "cursor must be 'r.' and 52 lowercase hex digits with order=recent" in body["detail"]
 
 
 @pytest.mark.gen_test

@@ -1,5 +1,5 @@
--- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners
--- ARGV: url digest meta now_ms entry group field attempts owner now_iso
+-- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners recent
+-- ARGV: url digest meta now_ms entry group field attempts owner recent_leaf_prefix now_iso
 local url, digest = ARGV[1], ARGV[2]
 local old = redis.call('HGET', KEYS[1], url)
 local outcome, prior
@@ -10,6 +10,7 @@ else
   local value = digest .. ' ' .. ARGV[4]
   if ARGV[3] ~= '' then value = value .. ' ' .. ARGV[3] end
   redis.call('HSET', KEYS[1], url, value)
+  recent_add(KEYS[8], ARGV[10], recent_member(ARGV[4], url))
   redis.call('HINCRBY', KEYS[3], 'urls', 1)
   if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
   outcome = 'stored'
