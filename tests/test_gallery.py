@@ -223,11 +223,19 @@ def test_key_entry_wrong_key_and_session_storage(page: Page, gallery: Gallery, s
     expect(page.locator("#key-form")).to_be_hidden()
 
 
-def test_newest_first_and_filters(page: Page, gallery: Gallery, stored: list[str]) -> None:
+def test_newest_first(page: Page, gallery: Gallery, stored: list[str]) -> None:
     newest = gallery.origin.url("/img/50.jpg")
     gallery.server.submit([newest])
     open_gallery(page, gallery)
     expect(tiles(page).first).to_have_attribute("alt", re.compile(r"^50\.jpg from"))
+    expect(page.get_by_label("Order")).to_have_value("recent")
+    page.get_by_label("Order").select_option("")  # the index's order: by the SHA-1 of the URL
+    first_by_sha1 = gallery.listing()[0]["url"].rsplit("/", 1)[1]
+    expect(tiles(page).first).to_have_attribute("alt", re.compile("^" + re.escape(first_by_sha1)), timeout=WAIT_MS)
+
+
+def test_filters_by_substring_and_host(page: Page, gallery: Gallery, stored: list[str]) -> None:
+    open_gallery(page, gallery)
     page.get_by_label("URL contains").fill("/img/11.jpg")
     expect(tiles(page)).to_have_count(1, timeout=WAIT_MS)
     expect(page.locator("#total")).to_have_text("1 image match")
