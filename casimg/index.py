@@ -181,7 +181,7 @@ class Index:
         attempts: int = 1,
         owner: str = "",
     ) -> StoreOutcome:
-        """Store step 2 (blobs.py): index the URL and, atomically with it, finish its entry in the queue
+        """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
         stream of `owner` (the API key that sent it; the keyless stream if empty)."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
