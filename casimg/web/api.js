@@ -117,7 +117,7 @@ export function nextLink(header, base) {
 // What this server offers, read from its OpenAPI document (public, no key): the gallery uses newest-first
 // order, filters and thumbnails where they exist and does without them where they do not.
 export async function features() {
-  const found = { recent: false, contains: false, host: false, prefix: false, variant: false };
+  const found = { recent: false, contains: false, host: false, prefix: false, variant: true };
   let document;
   try {
     const response = await fetch("/openapi.json", { credentials: "omit" });
@@ -134,10 +134,11 @@ export async function features() {
     }
     if (["contains", "host", "prefix"].includes(param.name)) found[param.name] = true;
   }
+  // Thumbnails are tried unless the document lists the variant names and "thumb" is not one of them: a
+  // server without variants ignores the parameter (the original comes), and one without the preset answers
+  // 400, after which the loader asks for originals (images.js).
   const variant = params("/api/blobs/{digest}", "get").find((param) => param.name === "variant");
-  if (variant) {
-    const names = variant.schema?.enum || variant.schema?.examples;
-    found.variant = !Array.isArray(variant.schema?.enum) || names.includes("thumb");
-  }
+  const names = variant?.schema?.enum;
+  found.variant = !Array.isArray(names) || names.includes("thumb");
   return found;
 }
