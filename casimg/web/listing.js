@@ -7,6 +7,8 @@ export class Listing {
   constructor(api, query) {
     this.api = api;
     this.query = query; // {order, contains, host}: only those the server offers, empty ones left out
+    // A filter's matches are not counted ahead: X-Total-Count stays the number of URLs indexed.
+    this.filtered = Object.keys(query).some((name) => name !== "order" && query[name]);
     this.rows = [];
     this.total = null; // X-Total-Count (the server's count), until the last page says exactly
     this.next = this.firstUrl();
@@ -25,9 +27,11 @@ export class Listing {
     return this.next === null;
   }
 
-  // How many tiles the grid lays out: the total where the server gives it, else what is known so far.
+  // How many tiles the grid lays out: the total where the server gives it, else what is known so far and
+  // one more, whose loading tile asks for the next page when it comes into view.
   get length() {
     if (this.done) return this.rows.length;
+    if (this.filtered) return this.rows.length + 1;
     return Math.max(this.total ?? 0, this.rows.length + 1);
   }
 
@@ -55,8 +59,8 @@ export class Listing {
       }
     }
     this.rows.push(...page.rows);
-    if (page.total !== null) this.total = page.total;
-    this.next = page.rows.length ? next : null;
+    if (page.total !== null && !this.filtered) this.total = page.total;
+    this.next = next; // a filtered page may hold no match and still have a next one
     this.onChange();
   }
 

@@ -88,20 +88,29 @@ function query() {
   const wanted = {};
   if (offered.recent && $("order").value) wanted.order = $("order").value;
   if (offered.contains && $("contains").value.trim()) wanted.contains = $("contains").value.trim();
-  if (offered.host && $("host").value.trim()) wanted.host = $("host").value.trim().toLowerCase();
+  if (offered.host && $("host").value.trim()) wanted.host = hostOnly($("host").value);
   return wanted;
+}
+
+// The host as the filter compares it: lowercase, without a port, an IPv6 address without its brackets.
+function hostOnly(text) {
+  const host = text.trim().toLowerCase().replace(/^[a-z]+:\/\//, "").split("/")[0];
+  if (host.startsWith("[")) return host.slice(1, host.indexOf("]") > 0 ? host.indexOf("]") : undefined);
+  return (host.match(/:/g) || []).length === 1 ? host.split(":")[0] : host;
 }
 
 function refresh() {
   const next = new Listing(api, query());
   const update = () => {
-    const filtered = Object.keys(next.query).some((name) => name !== "order");
-    const count = next.done ? next.rows.length : next.total;
+    const count = next.done || next.filtered ? next.rows.length : next.total;
     if (count !== null) {
-      $("total").textContent = `${count.toLocaleString("en")} image${count === 1 ? "" : "s"}${filtered ? " match" : ""}`;
+      const partial = next.filtered && !next.done; // matches are counted as the pages come
+      const images = `${count.toLocaleString("en")}${partial ? "+" : ""} image${count === 1 && !partial ? "" : "s"}`;
+      const verb = count === 1 && !partial ? "matches" : "match";
+      $("total").textContent = next.filtered ? `${images} ${verb}${partial ? " so far" : ""}` : images;
     }
     $("empty").hidden = !(next.done && next.rows.length === 0);
-    $("empty").textContent = filtered ? "No stored image matches." : "No images stored yet.";
+    $("empty").textContent = next.filtered ? "No stored image matches." : "No images stored yet.";
   };
   listing = next;
   grid.show(next);
