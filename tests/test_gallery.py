@@ -119,6 +119,14 @@ async def _create_key(data_dir: Path, name: str, scope: Scope) -> str:
     return key
 
 
+async def _revoke_key(data_dir: Path, name: str) -> None:
+    client = _client(data_dir)
+    try:
+        await KeyStore(client, KeySpace(PREFIX)).revoke(name)
+    finally:
+        await client.aclose()
+
+
 async def _index_copies(data_dir: Path, rows: list[tuple[str, str, BlobMeta]]) -> None:
     """Index URLs for stored contents with casimg's own index code, as a download would (no job)."""
     client = _client(data_dir)
@@ -227,6 +235,23 @@ def test_key_entry_wrong_key_and_session_storage(page: Page, gallery: Gallery, s
     page.reload()  # the key is kept for the tab: no second prompt
     expect(tiles(page).first).to_be_visible(timeout=WAIT_MS)
     expect(page.locator("#key-form")).to_be_hidden()
+
+
+def test_a_key_revoked_mid_session_asks_for_a_key_again(page: Page, gallery: Gallery, stored: list[str]) -> None:
+    page.expected += ["status of 401"]  # type: ignore[attr-defined]
+    key = run(_create_key(gallery.server.data_dir, "short-lived", Scope.read))
+    open_gallery(page, gallery, key=key)
+    run(_revoke_key(gallery.server.data_dir, "short-lived"))
+    # The server caches a key for CASIMG_KEY_CACHE_TTL (2 s): a call after that is refused. Each input in
+    # the filters lists again, until one is.
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not page.locator("#key-error").is_visible():
+        assert time.monotonic() < deadline, "the revoked key was never refused"
+        page.locator("#filters").dispatch_event("input")
+        page.wait_for_timeout(500)
+    expect(page.locator("#key-error")).to_contain_text("not known or was revoked")
+    expect(page.locator("#gallery")).to_be_hidden()
+    assert page.evaluate("sessionStorage.getItem('casimg.key')") is None
 
 
 def test_newest_first(page: Page, gallery: Gallery, stored: list[str]) -> None:

@@ -79,9 +79,12 @@ export class Grid {
     }
     this.orderForKeyboard(from, to);
     if (!listing.done && to + PAGE_AHEAD * this.columns > listing.rows.length) {
-      listing.ensure(Math.min(count - 1, to + PAGE_AHEAD * this.columns)).catch((error) => this.element
-        .dispatchEvent(new CustomEvent("listing-error", { detail: error, bubbles: true })));
+      listing.ensure(Math.min(count - 1, to + PAGE_AHEAD * this.columns)).catch((error) => this.report(error));
     }
+  }
+
+  report(error) {
+    this.element.dispatchEvent(new CustomEvent("listing-error", { detail: error, bubbles: true }));
   }
 
   // Tab follows the grid's reading order, whichever recycled elements hold the tiles.
@@ -150,8 +153,10 @@ export class Grid {
     tile.controller = controller;
     this.loader.thumb(row.sha256, controller.signal).then((url) => {
       if (tile.row === row) img.src = url;
-    }, () => {
+    }, (error) => {
       if (tile.row === row) tile.classList.add("broken");
+      // A refused key or a rate limit concerns the whole page: say so once, above the grid.
+      if ([401, 403, 429].includes(error.status)) this.report(error);
     });
   }
 
