@@ -23,7 +23,7 @@ import tornado.web
 
 from casimg import errors
 from casimg.clock import MILLIS
-from casimg.index import ImageRecord
+from casimg.index import ImageRecord, ListingFilter
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
@@ -51,6 +51,7 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+FILTERS = ("prefix", "contains", "host")  # the listing's filters, as ListingFilter's fields
 RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
@@ -283,7 +284,8 @@ class ImagesHandler(BaseHandler):
         cursor = self.get_query_argument("cursor", None)
         if cursor is not None:
             self._check_cursor(cursor, order)
-        page = await self.services.index.page(cursor, limit, order)
+        where = ListingFilter(**{name: self._filter_value(name) for name in FILTERS})
+        page = await self.services.index.page(cursor, limit, order, where)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
@@ -292,9 +294,22 @@ class ImagesHandler(BaseHandler):
             params: dict[str, str | int] = {"limit": limit}
             if order is not Order.SHA1:
                 params["order"] = order.value
+            params |= {name: value for name in FILTERS if (value := getattr(where, name))}
             query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
+
+    def _filter_value(self, name: str) -> str:
+        """A filter's value, read raw (get_query_argument strips whitespace, and a URL prefix may end in
+        one); '' when absent."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return ""
+        try:
+            value = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.BadRequest(f"{name} is not UTF-8") from None
+        return value
 
     def _order(self) -> Order:
         raw = self.get_query_argument("order", None)

@@ -33,7 +33,6 @@ through a client that does not decode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -94,11 +93,36 @@ URL_SCAN_CALLS = 32
 Row = tuple[str, str, int, str, int, int, int]
 
 
+# URLs a filtered page looks at before it ends, with fewer rows if so, and a cursor to go on from: each
+# page is one Lua call, and this keeps it to a few ms of Redis's time whatever the filter (BENCHMARKS.md,
+# "Listing filters"). An unfiltered page looks only at its rows.
+FILTER_BUDGET = 10_000
+
+
+@dataclass(frozen=True)
+class ListingFilter:
+    """What a listing keeps: URLs starting with `prefix`, holding `contains`, on host `host` (all that are
+    not empty). `host` is compared without the port and lowercased in ASCII, as lua/lib_filter.lua does."""
+
+    prefix: str = ""
+    contains: str = ""
+    host: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.prefix or self.contains or self.host)
+
+    def args(self) -> list[str]:
+        return [self.prefix, self.contains, "".join(c.lower() if c.isascii() else c for c in self.host)]
+
+
+NO_FILTER = ListingFilter()
+
+
 @dataclass(frozen=True)
 class Page:
     images: list[Row]  # view them with views.image_json(*row)
-    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL; "r." + the hex
-    # of its (stored_at, SHA-1) key in the newest-first order
+    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL (or, filtered, of
+    # the last URL looked at); "r." + the hex of its (stored_at, SHA-1) key in the newest-first order
     total: int  # URLs indexed, read in the same step as the page
 
 
@@ -256,18 +280,21 @@ class Index:
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
         return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1) -> Page:
+    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1,
+                   where: ListingFilter = NO_FILTER, budget: int = FILTER_BUDGET) -> Page:
         """`limit` (>= 1) images after the cursor in `order` (fewer at the end; more only where URLs share
         one SHA-1, or in the newest-first order one (stored_at, SHA-1)). A URL present throughout a walk is
-        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks)."""
+        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks).
+
+        With a filter, only the URLs it keeps; and a page that has looked at `budget` URLs ends with what it
+        found (none, maybe) and a cursor to go on from."""
         if order is Order.RECENT:
-            return await self._page_newest(cursor, limit)
+            return await self._page_newest(cursor, limit, where, budget)
         k = self.keys
-        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
-        images = [_fields(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
+        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, *where.args(), budget])
+        images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
         more = bool(int(reply[0]))
-        last = images[-1][0] if more and images else None
-        return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
+        return Page(images, reply[2] if more else None, int(reply[1]))
 
     async def urls_of(self, digest: str, limit: int) -> list[str]:
         """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
@@ -288,10 +315,11 @@ class Index:
                 break
         return found[:limit]
 
-    async def _page_newest(self, cursor: str | None, limit: int) -> Page:
+    async def _page_newest(self, cursor: str | None, limit: int, where: ListingFilter, budget: int) -> Page:
         k = self.keys
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
-        reply = await self._page_recent(keys=[k.count, k.recent], args=[k.url(""), k.recent_leaf(""), after, limit])
+        reply = await self._page_recent(keys=[k.count, k.recent],
+                                        args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget])
         images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))

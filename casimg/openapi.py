@@ -46,9 +46,21 @@ IMAGE_HEADERS = {
 # Each order has a cursor of its own form: the default's is 40 hex digits, the newest-first's "r." and 52.
 RECENT_CURSOR_PATTERN = f"{RECENT_CURSOR_PREFIX.replace('.', '[.]')}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}"
 CURSOR_PATTERN = f"([0-9a-f]{{{CURSOR_DIGITS}}}|{RECENT_CURSOR_PATTERN})"
-LINK_PATTERN = f'^<\\?limit=[0-9]+(&order=recent)?&cursor={CURSOR_PATTERN}>; rel="next"$'
-LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
-             "to resolve against the URL of this request (it never names a scheme, host or path)")
+LINK_PATTERN = (f'^<\\?limit=[0-9]+(&order=recent)?(&prefix=[^&>]*)?(&contains=[^&>]*)?(&host=[^&>]*)?'
+                f'&cursor={CURSOR_PATTERN}>; rel="next"$')
+FILTER_TEXT = ("Filters, combinable with each other and with either order: a page looks at up to 10,000 URLs "
+               "and may then end with fewer rows than limit (none, even) and a Link to go on from; "
+               "X-Total-Count stays the number of URLs indexed")
+LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next" (with the order and filters '
+             "asked for before the cursor), a query-only reference to resolve against the URL of this request "
+             "(it never names a scheme, host or path)")
+IMAGE_FIELDS = ["url", "sha256", "size", "content_type", "width", "height", "stored_at"]
+IMAGE_PROPERTIES = {
+    "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "size": {"type": "integer"}, "content_type": {"type": "string"},
+    "width": {"type": "integer"}, "height": {"type": "integer"},
+    "stored_at": {"type": "string", "format": "date-time"},
+}
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
@@ -129,13 +141,7 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "Image": {
                     "type": "object", "additionalProperties": False,
-                    "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
-                    "properties": {
-                        "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                        "size": {"type": "integer"}, "content_type": {"type": "string"},
-                        "width": {"type": "integer"}, "height": {"type": "integer"},
-                        "stored_at": {"type": "string", "format": "date-time"},
-                    },
+                    "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
                 },
             },
         },
@@ -168,13 +174,20 @@ def openapi_document() -> dict[str, Any]:
                          "description": "Opaque; take it from the Link header. Each order has its own form "
                                         "(40 hex digits; r. and 52 with order=recent), and a cursor of the other "
                                         "order is a 400"},
+                        {"name": "prefix", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that start with this, byte for byte. " + FILTER_TEXT},
+                        {"name": "contains", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that hold this, byte for byte (no pattern). " + FILTER_TEXT},
+                        {"name": "host", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs on this host (without the port; ASCII letters in any case). "
+                                        + FILTER_TEXT},
                     ],
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                             "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
                                                      "description": LINK_TEXT}}},
-                        "400": _problem("Bad limit, order or cursor"),
+                        "400": _problem("Bad limit, order or cursor, or a filter that is not UTF-8"),
                         **AUTH_ERRORS,
                     },
                 },

@@ -9,7 +9,7 @@ import logging
 import re
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urlencode, urljoin
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import pytest
 
@@ -440,10 +440,33 @@ async def test_newest_first_listing_pages_with_its_own_cursor(api, origin):
 
 
 @pytest.mark.gen_test
+async def test_filtered_listing_pages_carry_the_filters_in_their_link(api, origin):
+    urls = [origin.url(f"/img/{80 + i}.png") for i in range(6)] + [origin.url(f"/img/{90 + i}.jpg") for i in range(3)]
+    await submit(api, urls)
+    host = urlsplit(urls[0]).hostname
+    for query, expected in [(f"contains={quote('.png')}", urls[:6]), (f"host={host.upper()}", urls),
+                            ("host=localhost", []), (f"prefix={quote(origin.url('/img/9'), safe='')}", urls[6:]),
+                            (f"prefix={quote(origin.url('/img/8'), safe='')}&contains=80.", urls[:1])]:
+        for order in ("", "&order=recent"):
+            seen: list[str] = []
+            path = f"/api/images?limit=2{order}&{query}"
+            while path:
+                response = await api("GET", path)
+                assert response.code == 200 and response.headers["X-Total-Count"] == "9"
+                seen += [image["url"] for image in json.loads(response.body)]
+                link = response.headers.get("Link")
+                if link:
+                    assert link.startswith(f"<?limit=2{order}&{query}&cursor="), link
+                path = urljoin(path, link[1:link.index(">")]) if link else ""
+            assert sorted(seen) == sorted(expected), (query, order)
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=-1", "cursor=1764612345123456",
                                    "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor=",
                                    "cursor=r." + "a" * 52, "order=newest", "order=recent&cursor=" + "a" * 40,
-                                   "order=recent&cursor=r." + "a" * 51, "order=recent&cursor=R." + "a" * 52])
+                                   "order=recent&cursor=r." + "a" * 51, "order=recent&cursor=R." + "a" * 52,
+                                   "prefix=%ff", "host=%c3"])
 async def test_bad_listing_parameters_are_400(api, query):
     body = problem(await api("GET", f"/api/images?{query}"))
     assert body["status"] == 400
