@@ -20,6 +20,7 @@ from casimg import __version__
 from casimg.errors import ConfigError
 
 MIB = 1024 * 1024
+AUTO = -1  # `processes`: one per core ('auto' in TOML, the environment and --processes)
 DEFAULT_USER_AGENT = f"casimg/{__version__} (+set CASIMG_USER_AGENT to add a contact)"
 
 
@@ -33,6 +34,10 @@ class Settings:
     host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
     port: int = _setting(9000, "Port the HTTP server listens on.")
     data_dir: Path = _setting(Path("./data"), "Directory for blobs, temp files and the embedded Redis.")
+    storage: str = _setting(
+        "file", "Where image bytes are kept: 'file' (blobs/ in the data directory) or 's3' (an S3-compatible "
+        "bucket, see the CASIMG_S3_* settings; the data directory then holds temp files only). docs/storage.md."
+    )
     redis_url: str = _setting(
         "", "Redis to use (redis://, rediss:// or unix://). Empty: start an embedded redis-server in the data dir."
     )
@@ -134,7 +139,8 @@ class Settings:
     )
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
     processes: int = _setting(
-        1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
+        AUTO, "Processes `casimg serve` runs, sharing the port, each with its own download worker: 'auto' (the "
+        "default) is one per core this process may run on; 1 forks nothing."
     )
     workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
     worker_heartbeat: float = _setting(
@@ -175,6 +181,11 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    ui: bool = _setting(
+        True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "
+        "docs/gallery.md); off: / is a 404 and only the API is served."
+    )
+
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
         "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "
@@ -204,6 +215,21 @@ class Settings:
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
+    @property
+    def process_count(self) -> int:
+        """`processes` with 'auto' resolved: the cores this process may run on (its CPU affinity)."""
+        return self.processes if self.processes != AUTO else usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores the scheduler lets this process use (a container's cpuset, taskset), at least 1. One server
+    process per core is what the ingest needs to use them: a process spends its time in Python, under
+    one GIL (BENCHMARKS.md, "What bounds the ingest")."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 ENV_PREFIX = "CASIMG_"
@@ -224,6 +250,10 @@ def _cast(name: str, raw: Any) -> Any:
                 return False
             raise ValueError("expected true or false")
         if kind == "int":
+            if name == "processes" and str(raw).strip().lower() == "auto":
+                return AUTO
+            if name == "processes" and not isinstance(raw, bool) and int(raw) < 1:
+                raise ValueError("expected 'auto' or a whole number of at least 1")
             if isinstance(raw, bool):
                 raise ValueError("expected a whole number")
             return int(raw)
@@ -271,9 +301,13 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'variants' must be 'on', 'presets' or 'off'")
     if settings.render_timeout <= 0:
         raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
+    if settings.storage not in ("file", "s3"):
+        raise ConfigError("Setting 'storage' must be 'file' or 's3'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
-    for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
+    if settings.processes < 1 and settings.processes != AUTO:
+        raise ConfigError("Setting 'processes' must be 'auto' or at least 1")
+    for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
                  "per_host_concurrency", "per_domain_concurrency", "max_urls_per_request", "max_body_bytes",
                  "max_url_length", "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
                  "variants_per_original", "render_workers", "render_max_memory"):
@@ -343,6 +377,8 @@ def describe() -> list[tuple[str, str, str]]:
         default = field.default
         if isinstance(default, tuple):
             default = ",".join(default)
+        if name == "processes":
+            default = "auto"
         rows.append((ENV_PREFIX + name.upper(), str(default), field.metadata["help"]))
     return rows
 
@@ -384,7 +420,8 @@ def settings_reference() -> str:
     """docs/settings.md: one row per setting (name, environment variable, type, default, help)."""
     rows = [
         f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {TYPE_NAMES.get(str(field.type), field.type)} "
-        f"| {_reference_default(field.default)} | {_markdown_cell(field.metadata['help'])} |"
+        f"| {_reference_default('auto' if name == 'processes' else field.default)} "
+        f"| {_markdown_cell(field.metadata['help'])} |"
         for name, field in FIELDS.items()
     ]
     return SETTINGS_PAGE_HEAD + "\n".join(rows) + "\n"

@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -24,16 +23,18 @@ import tornado.web
 
 from casimg import errors
 from casimg.clock import MILLIS
-from casimg.index import ImageRecord
+from casimg.index import ImageRecord, ListingFilter
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 from casimg.services import Services
-from casimg.validation import FORMATS, content_type_of
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
+from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.views import image_json
 from casimg.webhooks import check_callback_url
 
@@ -51,6 +52,8 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+FILTERS = ("prefix", "contains", "host")  # the listing's filters, as ListingFilter's fields
+RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
@@ -248,10 +251,7 @@ class ReadyHandler(BaseHandler):
             await self.services.redis.ping()
         except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
-        except OSError as exc:
-            raise errors.Unavailable(f"blob directory not writable: {exc.strerror}") from None
+        await self.services.blobs.check()  # StorageUnavailable (a 503) names what is wrong
         self.write_json({"status": "ready", "redis": "ok", "blobs": "ok"})
 
 
@@ -281,19 +281,56 @@ class ImagesHandler(BaseHandler):
 
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        order = self._order()
         cursor = self.get_query_argument("cursor", None)
-        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
-            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
-                                    "gives it; leave it out to start from the first page")
-        page = await self.services.index.page(cursor, limit)
+        if cursor is not None:
+            self._check_cursor(cursor, order)
+        where = ListingFilter(**{name: self._filter_value(name) for name in FILTERS})
+        page = await self.services.index.page(cursor, limit, order, where)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
             # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
-            query = urlencode({"limit": limit, "cursor": page.next_cursor})
+            params: dict[str, str | int] = {"limit": limit}
+            if order is not Order.SHA1:
+                params["order"] = order.value
+            params |= {name: value for name in FILTERS if (value := getattr(where, name))}
+            query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
+
+    def _filter_value(self, name: str) -> str:
+        """A filter's value, read raw (get_query_argument strips whitespace, and a URL prefix may end in
+        one); '' when absent."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return ""
+        try:
+            value = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.BadRequest(f"{name} is not UTF-8") from None
+        return value
+
+    def _order(self) -> Order:
+        raw = self.get_query_argument("order", None)
+        if raw is None:
+            return Order.SHA1
+        try:
+            return Order(raw)
+        except ValueError:
+            raise errors.BadRequest(f"order must be one of {', '.join(o.value for o in Order)}") from None
+
+    @staticmethod
+    def _check_cursor(cursor: str, order: Order) -> None:
+        """A cursor is the one the Link header gave for this order: each order has its own form."""
+        if order is Order.RECENT and not RECENT_CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {RECENT_CURSOR_PREFIX!r} and {RECENT_KEY_BYTES * 2} lowercase "
+                                    "hex digits with order=recent, as the Link header gives it; leave it out "
+                                    "to start from the first page")
+        if order is Order.SHA1 and not CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
+                                    "gives it; leave it out to start from the first page")
 
     async def post(self) -> None:
         document = self._parse_body(bytes(self._body))
@@ -438,7 +475,7 @@ class _BytesHandler(BaseHandler):
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
             # an unsatisfiable one is still refused here, with the size.
             self._range(size)
-            self.set_header("X-Accel-Redirect", accel + self.services.blobs.relative_name(image.sha256))
+            self.set_header("X-Accel-Redirect", accel + FileStore.relative_name(image.sha256))
             self.finish()
             return
         start, end = 0, size
@@ -451,14 +488,13 @@ class _BytesHandler(BaseHandler):
         if not include_body:
             self.finish()
             return
-        loop = asyncio.get_running_loop()
         blobs = self.services.blobs
         position = start
         while position < end:
             length = min(SEND_CHUNK, end - position)
             try:
-                chunk = await loop.run_in_executor(None, blobs.read, image.sha256, position, length)
-            except FileNotFoundError:
+                chunk = await blobs.read_range(image.sha256, position, length)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
             self.write(chunk)
             position += length
@@ -506,21 +542,41 @@ def _range_bound(digits: str) -> int | None:
     return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
+def _url_argument(handler: BaseHandler) -> str:
+    """The `url` query parameter, read raw: get_query_argument strips whitespace and replaces control
+    characters, and the URL must match exactly what was submitted."""
+    values = handler.request.query_arguments.get("url")
+    if not values or not values[-1]:
+        raise errors.BadRequest(f"query parameter 'url' is required: {handler.request.path}?url=<the URL as submitted>")
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+
+
+class ImageMetaHandler(BaseHandler):
+    """GET what the index holds about a URL's image, as a listing row shows it, and how many URLs share its
+    bytes (their reference count: which URLs those are is not indexed, see docs/api.md)."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self) -> None:
+        url = _url_argument(self)
+        image = await self.services.index.lookup(url)
+        if image is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
+        references = await self.services.index.refs_of(image.sha256)
+        self.write_json({**image_json(*image), "references": references})
+
+
 class ImageHandler(_BytesHandler):
     """GET/HEAD the bytes stored for a URL; DELETE the URL."""
 
     scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
 
     def _url(self) -> str:
-        # Read raw: get_query_argument strips whitespace and replaces control characters, and the URL
-        # must match exactly what was submitted.
-        values = self.request.query_arguments.get("url")
-        if not values or not values[-1]:
-            raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
-        try:
-            return values[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+        return _url_argument(self)
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()
@@ -550,9 +606,8 @@ class BlobHandler(_BytesHandler):
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag
             # The metadata lives with the URLs; by digest, the type comes from the file's header.
             try:
-                content_type, size = await asyncio.get_running_loop().run_in_executor(
-                    None, _type_and_size, self.services.blobs.blob_path(digest))
-            except FileNotFoundError:
+                content_type, size = await _type_and_size(self.services.blobs, digest)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
         image = ImageRecord(url="", sha256=digest, size=size, content_type=content_type, width=0, height=0,
                             stored_at_ms=0)
@@ -562,8 +617,39 @@ class BlobHandler(_BytesHandler):
         await self.get(digest, include_body=False)
 
 
-def _type_and_size(path: Path) -> tuple[str, int]:
-    return content_type_of(path), path.stat().st_size
+async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
+    """A blob's content type, from its header (its whole bytes for a format the header does not name), and size."""
+    size = await blobs.stat(digest)
+    head = await blobs.read_range(digest, 0, HEAD_BYTES)
+    known = content_type_from_head(head)
+    if known is None:  # Pillow's open may need more than the header
+        known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
+    return known, size
+
+
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
 
 
 class NotFoundHandler(BaseHandler):

@@ -54,6 +54,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.lua import source as lua_source
@@ -96,6 +97,7 @@ class Entry:
     url: str
     deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
     owner: str = ""  # the id of the API key that submitted it ("" for none): which stream it is in
+    traceparent: str = ""  # the submit's trace context, when it was traced (tracing.py)
 
 
 @dataclass
@@ -188,7 +190,8 @@ def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list
 
 
 def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
-    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
+    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner,
+                 traceparent=fields.get("tp", ""))
 
 
 class JobQueue:
@@ -262,7 +265,7 @@ class JobQueue:
                   k.enqueuing, k.webhooks],
             args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, limits.max_in_flight if key_id else 0,
                   k.job(""), time.time_ns() // 1_000_000, total, failed, size, limits.max_bytes if key_id else 0,
-                  callback],
+                  callback, tracing.current()],
         )
         if code == 1:
             return

@@ -7,6 +7,9 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     url:{3 hex}        hash    URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>"
     blob:{3 hex}       hash    raw 32-byte SHA-256 -> references
     count              hash    urls, blobs
+    recent             zset    the lower bounds of the newest-first order's leaves (raw 26-byte keys)
+    recent:{hex}       zset    one leaf: "<stored_at 6 bytes><SHA-1 20 bytes><URL>" members, score 0
+    migrations         hash    migration name -> when it finished (ms)
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
     enqueuing          zset    jobs whose entries are still being added
@@ -35,6 +38,10 @@ from enum import StrEnum
 BUCKET_DIGITS = 3
 BUCKETS = [f"{n:03x}" for n in range(16**BUCKET_DIGITS)]
 CURSOR_DIGITS = 40  # a listing cursor is the SHA-1 (hex) of the last URL of the page before
+# The newest-first listing's cursor: this prefix, then the hex of the last row's (stored_at, SHA-1) key,
+# 6 + 20 bytes. The prefix keeps it visibly apart from the default order's 40 hex digits.
+RECENT_CURSOR_PREFIX = "r."
+RECENT_KEY_BYTES = 26  # lua/lib_recent.lua's RECENT_KEY
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,22 @@ class KeySpace:
     def count(self) -> str:
         """hash: ``urls`` (URLs indexed) and ``blobs`` (contents with refs > 0), kept by the index scripts."""
         return self.prefix + "count"
+
+    @property
+    def recent(self) -> str:
+        """sorted set, score 0: the lower bounds of the newest-first order's leaves, each the raw 26-byte
+        (stored_at, SHA-1) key of its first member ('' for the first leaf); see lua/lib_recent.lua."""
+        return self.prefix + "recent"
+
+    def recent_leaf(self, bound_hex: str) -> str:
+        """sorted set, score 0: one leaf of the newest-first order, members "<stored_at ms, 6 bytes
+        big-endian><SHA-1 of the URL, 20 bytes><URL>" from its bound (hex; ``first`` for '') on."""
+        return f"{self.prefix}recent:{bound_hex}"
+
+    @property
+    def migrations(self) -> str:
+        """hash: name of a finished migration of the index (migrate.py) -> when it finished, in ms."""
+        return self.prefix + "migrations"
 
     @property
     def queue(self) -> str:
@@ -146,6 +169,13 @@ class KeySpace:
 
 
 QUEUE_GROUP = "workers"
+
+
+class Order(StrEnum):
+    """The orders of the listing (``GET /api/images?order=``)."""
+
+    SHA1 = "sha1"  # by the SHA-1 of the URL: the index's own order, and the default
+    RECENT = "recent"  # newest first: by (stored_at, SHA-1 of the URL), descending
 
 
 class Outcome(StrEnum):

@@ -30,7 +30,14 @@ import pytest
 import redis
 
 from bench.procs import start, stop, wait_port
-from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis, find_redis_server
+from casimg.embedded import (
+    COMPACT_HASH_ENTRIES,
+    COMPACT_HASH_VALUE,
+    COMPACT_ZSET_ENTRIES,
+    COMPACT_ZSET_VALUE,
+    EmbeddedRedis,
+    find_redis_server,
+)
 from casimg.schema import KeySpace
 from tests.procs import ROOT, Server, expected_bytes, free_port
 
@@ -210,6 +217,8 @@ def test_redis_conf_is_the_production_config_the_docs_promise():
     assert conf["save"] == '""'  # the AOF is the persistence; no RDB snapshots beside it
     assert int(conf["hash-max-ziplist-entries"]) == COMPACT_HASH_ENTRIES  # as the embedded Redis runs
     assert int(conf["hash-max-ziplist-value"]) == COMPACT_HASH_VALUE
+    assert int(conf["zset-max-ziplist-entries"]) == COMPACT_ZSET_ENTRIES
+    assert int(conf["zset-max-ziplist-value"]) == COMPACT_ZSET_VALUE
     assert "config/redis.conf" in OPERATIONS.read_text()
 
 
