@@ -36,6 +36,7 @@ from casimg.storage import BlobNotFound, Storage
 from casimg.storage.file import FileStore
 from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.views import image_json
+from casimg.webhooks import check_callback_url
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -332,13 +333,15 @@ class ImagesHandler(BaseHandler):
                                     "gives it; leave it out to start from the first page")
 
     async def post(self) -> None:
-        urls = self._parse_urls(bytes(self._body))
+        document = self._parse_body(bytes(self._body))
+        urls = self._parse_urls(document)
+        callback = self._callback_url(document)
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
         settings = self.services.settings
         limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
                         max_url_length=settings.max_url_length)
-        job_id, total = await self.services.queue.submit(urls, key_id, limits)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits, callback=callback)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)
@@ -347,13 +350,30 @@ class ImagesHandler(BaseHandler):
             return
         self.write_json({"job_id": job_id, "status": "queued", "total": total}, 202)
 
-    def _parse_urls(self, body: bytes) -> list[str]:
+    @staticmethod
+    def _parse_body(body: bytes) -> dict[str, Any]:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
             raise errors.BadRequest('body must be JSON: {"image_urls": ["https://...", ...]}') from None
         if not isinstance(document, dict) or "image_urls" not in document:
             raise errors.BadRequest('body must be a JSON object with an "image_urls" list')
+        return document
+
+    def _callback_url(self, document: dict[str, Any]) -> str:
+        """The job's callback URL: the body's "callback_url" ("" or null for none), else CASIMG_WEBHOOK_URL."""
+        settings = self.services.settings
+        if "callback_url" not in document:
+            return settings.webhook_url
+        url = document["callback_url"]
+        if url is None or url == "":
+            return ""
+        if not settings.webhook_secret:
+            raise errors.BadRequest('"callback_url" needs CASIMG_WEBHOOK_SECRET set on the server: callbacks are '
+                                    "always signed, and this server has no secret to sign them with")
+        return check_callback_url(url, settings.allow_networks)
+
+    def _parse_urls(self, document: dict[str, Any]) -> list[str]:
         urls = document["image_urls"]
         if not isinstance(urls, list):
             raise errors.BadRequest('"image_urls" must be a list of URL strings')
@@ -397,13 +417,31 @@ async def _wait_for_job(services: Services, job_id: str, seconds: float) -> None
 
 
 class JobHandler(BaseHandler):
-    scopes = {"GET": Scope.read}
+    """GET a job (any key may read any job); DELETE cancels it (its own key, or an admin key)."""
+
+    scopes = {"GET": Scope.read, "DELETE": Scope.write}
 
     async def get(self, job_id: str) -> None:
         if not JOB_ID_RE.match(job_id):
             raise errors.NotFound(f"no job {job_id!r}")
         job = await self.services.queue.get(job_id)
         self.write_json(job.as_json())
+
+    async def delete(self, job_id: str) -> None:
+        """Cancel: each unfinished URL fails with "cancelled", the job ends done. A done job answers 200 as it
+        is. Another key's job is a 403, not a 404: any key may read it, so its existence is no secret."""
+        if not JOB_ID_RE.match(job_id):
+            raise errors.NotFound(f"no job {job_id!r}")
+        queue = self.services.queue
+        job = await queue.get(job_id, with_results=False)
+        assert self.api_key is not None
+        if job.key != self.api_key.id and self.api_key.scope < Scope.admin:
+            raise errors.Forbidden("this job was submitted with another key; only that key or an admin key may "
+                                   "cancel it")
+        if await queue.cancel(job_id):
+            log.info("job %s cancelled by key %s", job_id, self.api_key.name,
+                     extra={"fields": {"event": "cancel", "job": job_id, "key": self.api_key.name}})
+        self.write_json((await queue.get(job_id)).as_json())
 
 
 @functools.lru_cache(maxsize=4096)

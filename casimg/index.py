@@ -211,12 +211,12 @@ class Index:
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
-             queue_stream(k, owner), k.queue_owners, k.recent],
+             queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
              attempts, owner, k.recent_leaf(""), now_iso()],
         )
-        stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
+        stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
 
     async def complete(
@@ -228,7 +228,7 @@ class Index:
         k = self.keys
         result = {"status": outcome.status.value, **detail}
         await self._complete(
-            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
+            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners, k.webhooks],
             args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
                   outcome.counter, owner, now_ms(), now_iso()],
         )
@@ -248,8 +248,16 @@ class Index:
 
     async def digests_of(self, urls: list[str]) -> list[str | None]:
         """digest_of for each URL, in one round trip."""
-        values = await self._hget_each((url_key(self.keys, url), url) for url in urls)
-        return [value[:64] if value else None for value in values]
+        digests, _ = await self.digests_and_fields(urls, [])
+        return digests
+
+    async def digests_and_fields(
+        self, urls: list[str], fields: list[tuple[str, str]]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """digest_of for each URL and HGET key field for each of `fields` (keys other modules name), in one
+        round trip: a worker asks whether its entries' jobs are cancelled in the same trip as their URLs."""
+        values = await self._hget_each([*((url_key(self.keys, url), url) for url in urls), *fields])
+        return [value[:64] if value else None for value in values[:len(urls)]], values[len(urls):]
 
     async def refs_of(self, digest: str) -> int:
         record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))

@@ -97,7 +97,19 @@ def openapi_document() -> dict[str, Any]:
                     # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
-                    "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+                    "properties": {
+                        "image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "callback_url": {
+                            "type": ["string", "null"], "maxLength": 2048,
+                            "description": "http(s) URL POSTed the job (as GET /api/jobs/{job_id} answers it, "
+                                           "without callback; past 64 KiB without results and with results_url) "
+                                           "when it is done, signed in X-Casimg-Signature: t=<unix seconds>,"
+                                           "v1=<hex HMAC-SHA256 of '<t>.<body>' under CASIMG_WEBHOOK_SECRET>. "
+                                           "Retried with backoff until a 2xx, for CASIMG_WEBHOOK_RETRY_FOR "
+                                           "seconds. Absent: CASIMG_WEBHOOK_URL; empty or null: none. A 400 when "
+                                           "the server has no CASIMG_WEBHOOK_SECRET, or the address is refused.",
+                        },
+                    },
                 },
                 "Accepted": {
                     "type": "object", "additionalProperties": False, "required": ["job_id", "status", "total"],
@@ -125,6 +137,7 @@ def openapi_document() -> dict[str, Any]:
                         "existed": {"type": "integer"}, "failed": {"type": "integer"},
                         "created": {"type": "string", "format": "date-time"},
                         "finished": {"type": ["string", "null"], "format": "date-time"},
+                        "callback": _ref("Callback"),
                         "results": {"type": "array", "items": _ref("Result")},
                     },
                 },
@@ -138,6 +151,18 @@ def openapi_document() -> dict[str, Any]:
                     "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                                    "count": {"type": "integer", "minimum": 1},
                                    "urls": {"type": "array", "items": {"type": "string"}}},
+                },
+                "Callback": {
+                    # Only on jobs submitted with a callback URL: other jobs answer as they always did.
+                    "type": "object", "additionalProperties": False, "required": ["state", "attempts", "last_status"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "last_status": {"type": ["integer", "null"],
+                                        "description": "HTTP status of the last attempt; null if none answered"},
+                        "last_error": {"type": "string",
+                                       "description": "Why the last attempt got no answer (timeout, refused address)"},
+                    },
                 },
                 "Image": {
                     "type": "object", "additionalProperties": False,
@@ -217,6 +242,20 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "A job's progress and per-URL results",
                     "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": job_response, "404": _problem("Unknown or expired job"), **AUTH_ERRORS},
+                },
+                "delete": {
+                    "summary": "Cancel a job: its unfinished URLs fail with 'cancelled' (downloads in flight are "
+                               "abandoned, nothing of them is stored), images already stored stay, the job is done "
+                               "(its callback, if any, is sent). A key cancels its own jobs; an admin key any job",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json("The job, now done; a job done already is answered as it is (idempotent)",
+                                     _ref("Job")),
+                        "404": _problem("Unknown or expired job"),
+                        **AUTH_ERRORS,
+                        "403": _problem("The key's scope is read, or the job was submitted with another key "
+                                        "(any key may read a job, so a 403 tells nothing new)"),
+                    },
                 },
             },
             "/api/image": {

@@ -1,6 +1,7 @@
-"""How casimg processes run: ``casimg serve`` (one process, or ``--processes N`` forked over one port),
-``casimg worker``, the event loop they run on, their signals and their metrics listener. What they
-serve is built elsewhere: the services in services.py, the HTTP application in app.py.
+"""How casimg processes run: ``casimg serve`` (one process per core by default, forked over one port;
+``--processes 1`` forks nothing), ``casimg worker``, the event loop they run on, their signals and their
+metrics listener. What they serve is built elsewhere: the services in services.py, the HTTP application
+in app.py.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
     children: set[int] = set()
-    for _ in range(settings.processes):
+    for _ in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it

@@ -13,7 +13,8 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
     enqueuing          zset    jobs whose entries are still being added
-    job:{id}           hash    status, counters, times; job:{id}:urls list, job:{id}:results hash
+    job:{id}           hash    status, counters, times, callback state; job:{id}:urls list, job:{id}:results hash
+    webhooks           zset    job id -> when its callback is due (ms); a claim moves it past its lease
     inflight:{key id}  zset    one API key's unfinished jobs
     rate:{key id}      hash    one API key's token bucket
     authfail:{address} string  401s given to one address this minute
@@ -107,6 +108,12 @@ class KeySpace:
         """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
         return f"{self.prefix}job:{job_id}:results"
 
+    @property
+    def webhooks(self) -> str:
+        """sorted set: job id -> the time in ms its callback is next due, while it is neither delivered nor
+        failed; a claim moves the time on by the claim's lease (webhooks.py)."""
+        return self.prefix + "webhooks"
+
     def worker(self, name: str) -> str:
         """string with a TTL: present while the named worker is alive."""
         return f"{self.prefix}worker:{name}"
@@ -179,10 +186,13 @@ class Outcome(StrEnum):
     DEDUPLICATED = "deduplicated"  # stored under a content already there: its result is "stored"
     EXISTS = "exists"  # the URL was indexed already
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its job was cancelled first: its result is "failed", with the error "cancelled"
 
     @property
     def status(self) -> Outcome:
         """The status a job's result records: a deduplicated URL was stored."""
+        if self is Outcome.CANCELLED:
+            return Outcome.FAILED
         return Outcome.STORED if self is Outcome.DEDUPLICATED else self
 
     @property

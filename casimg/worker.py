@@ -48,6 +48,7 @@ from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
+from casimg.webhooks import Deliverer
 
 log = logging.getLogger("casimg.worker")
 
@@ -90,10 +91,13 @@ COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 class _Unchecked(enum.Enum):
     UNCHECKED = enum.auto()
+    CANCELLED = enum.auto()
 
 
 # An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
 UNCHECKED = _Unchecked.UNCHECKED
+# ... and when its job was cancelled: its task only takes it off the queue (the cancel wrote its result).
+CANCELLED = _Unchecked.CANCELLED
 Known = str | _Unchecked | None
 
 
@@ -125,6 +129,7 @@ class Worker:
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
         pace: OriginPace | None = None,
+        webhooks: Deliverer | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
@@ -143,6 +148,7 @@ class Worker:
         self.on_bytes = on_bytes or (lambda kind, size: None)
         self._slots = FairSlots(settings.download_concurrency)
         self.pace = pace
+        self.webhooks = webhooks
         self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
         self._owners: list[str] = [""]
         self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
@@ -153,12 +159,15 @@ class Worker:
         self._runner: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._hooks: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
         self._heart = asyncio.ensure_future(self._heartbeat())
         if self.settings.sweep_interval > 0:
             self._sweeper = asyncio.ensure_future(self._sweep_periodically())
+        if self.webhooks is not None:
+            self._hooks = asyncio.ensure_future(self.webhooks.run(self._stopping))
 
     async def stop(self, grace: float) -> None:
         """Stop reading; give in-flight downloads `grace` seconds, then return the rest to the queue."""
@@ -173,7 +182,8 @@ class Worker:
             await asyncio.gather(*unfinished, return_exceptions=True)
         # The helpers end on their own once they see _stopping. Cancelling alone is not enough: redis-py
         # can swallow a cancellation that lands inside a command, and the loop would go on for ever.
-        helpers = {helper for helper in (self._heart, self._sweeper) if helper is not None}
+        # A callback cut off here stays claimed until its lease ends; then another process delivers it.
+        helpers = {helper for helper in (self._heart, self._sweeper, self._hooks) if helper is not None}
         if helpers:
             _, stuck = await asyncio.wait(helpers, timeout=HELPER_STOP_TIMEOUT)
             for helper in stuck:
@@ -286,18 +296,25 @@ class Worker:
         return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[Known]:
-        """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
+        """The digest of each entry's URL if it is indexed already (it is not fetched again), else None;
+        CANCELLED for the entries of a cancelled job.
 
-        One round trip for the batch. The entries are read and pending under this worker's name: should
-        Redis fail now, each task asks for its own URL once Redis is back (UNCHECKED), rather than the
-        entries being dropped here and left pending for ever behind a live heartbeat.
+        One round trip for the batch, which also asks whether the entries' jobs are cancelled. The entries
+        are read and pending under this worker's name: should Redis fail now, each task asks for its own
+        URL once Redis is back (UNCHECKED), rather than the entries being dropped here and left pending
+        for ever behind a live heartbeat.
         """
         if not entries:
             return []
+        jobs = list(dict.fromkeys(entry.job_id for entry in entries))
         try:
-            return await self.index.digests_of([entry.url for entry in entries])
+            known, flags = await self.index.digests_and_fields(
+                [entry.url for entry in entries], [(self.queue.keys.job(job_id), "cancelled") for job_id in jobs])
         except (*REDIS_ERRORS, ValueError):  # ValueError: a URL Redis cannot encode; its own task fails it
             return [UNCHECKED] * len(entries)
+        cancelled = {job_id for job_id, flag in zip(jobs, flags, strict=True) if flag}
+        return [CANCELLED if entry.job_id in cancelled else digest
+                for entry, digest in zip(entries, known, strict=True)]
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -350,6 +367,9 @@ class Worker:
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
+        if known is CANCELLED:
+            await self._drop_cancelled(entry)
+            return
         if known is UNCHECKED:
             known = await self.index.digest_of(entry.url)
         if known is not None:
@@ -364,6 +384,9 @@ class Worker:
         while True:
             attempt += 1
             await slot.take()
+            if attempt > 1 and await self.queue.is_cancelled(entry.job_id):  # cancelled while it waited to retry
+                await self._drop_cancelled(entry)
+                return
             await self._wait_for_origin(entry.url, slot)
             started = time.monotonic()
             try:
@@ -421,6 +444,12 @@ class Worker:
             return False
         origin = origin_of(url)
         return origin is not None and await self.pace.cool(origin, failure.retry_after) > 0
+
+    async def _drop_cancelled(self, entry: Entry) -> None:
+        """An entry of a cancelled job leaves the queue; its result ("failed: cancelled") is the cancel's."""
+        await self.index.complete(entry.job_id, entry.position, entry.entry_id, Outcome.CANCELLED, {},
+                                  owner=entry.owner)
+        self.on_outcome(Outcome.CANCELLED, "")
 
     async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
         _log_outcome(Outcome.FAILED, entry.url, attempts, reason)

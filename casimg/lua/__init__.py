@@ -26,8 +26,12 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
     "backfill_recent": ("lib_hex", "lib_bucket_name", "lib_recent", "backfill_recent"),  # migrate.py
     # the queue (queue.py)
-    "publish": ("publish",),
+    "publish": ("lib_complete", "publish"),
     "enqueue": ("enqueue",),
+    "cancel": ("lib_complete", "cancel"),
+    # webhooks.py
+    "webhook_claim": ("webhook_claim",),
+    "webhook_done": ("webhook_done",),
     # limits.py and keys.py
     "rate_take": ("rate_take",),
     "auth_count": ("auth_count",),
