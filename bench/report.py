@@ -198,12 +198,12 @@ def retrieval(args: argparse.Namespace, results: Results) -> list[str]:
     return lines
 
 
-INDEX_BUDGET = 450  # bytes per URL at 1,000,000 URLs: the index, both listing orders and the placeholders
-
-
 def _rounds_ratio(result: WrkResult, reference: WrkResult) -> str:
     ratios = [a / b for a, b in zip(result.rounds, reference.rounds, strict=False)]
     return f"{result.rps / reference.rps:.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "n/a"
+
+
+INDEX_BUDGET = 450  # bytes per URL at 1,000,000 URLs: the index, both listing orders and the placeholders
 
 
 def listing(results: Results) -> list[str]:

@@ -24,6 +24,7 @@ def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.UR
         (r"/api/images/?", handlers.ImagesHandler),
         (r"/api/jobs/(?P<job_id>[^/]+)", handlers.JobHandler),
         (r"/api/image", handlers.ImageHandler),
+        (r"/api/image/meta", handlers.ImageMetaHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})/urls", handlers.BlobUrlsHandler),
         (r"/api/key", handlers.KeyHandler),

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
+from casimg import tracing
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
@@ -119,10 +120,8 @@ class BlockedAddress(OSError):
         self.reason = reason
 
 
-@lru_cache(maxsize=4096)
 def parse_address(host: str) -> IPAddress | None:
     """The IP address a numeric host means, in every spelling a resolver accepts; None for a name.
-    Cached, as origin_address is: every download asks it for its host, and again through the guard.
 
     Besides the usual forms this reads what inet_aton reads (``127.1``, ``2130706433``, ``0x7f000001``,
     ``017700000001``), because that is what the connection would go to.
@@ -138,30 +137,14 @@ def parse_address(host: str) -> IPAddress | None:
         return None
 
 
-GUARD_VERDICTS = 4096  # hosts whose verdict AddressGuard keeps; past it, it starts again
-
-
 class AddressGuard:
     """Says which addresses downloads may reach: public ones, plus the networks in `allow_networks`."""
 
     def __init__(self, allow_networks: Iterable[str] = ()) -> None:
         self.allowed: list[IPNetwork] = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_networks]
-        # Verdicts by host: a verdict depends on the host and `allowed` alone, and every download asks it
-        # twice (the URL's host, the resolver's answer), each time walking the blocked networks.
-        self._verdicts: dict[str, str | None] = {}
 
     def refusal(self, host: str) -> str | None:
         """None if `host` (a numeric address) may be connected to, else the reason it may not."""
-        try:
-            return self._verdicts[host]
-        except KeyError:
-            pass
-        if len(self._verdicts) >= GUARD_VERDICTS:
-            self._verdicts.clear()
-        verdict = self._verdicts[host] = self._judge(host)
-        return verdict
-
-    def _judge(self, host: str) -> str | None:
         address = parse_address(host)
         if address is None:
             return f"blocked address ({host} is not a numeric address)"
@@ -341,6 +324,7 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*, */*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
             trust_env=False,  # no proxy from the environment: it would get around the address guard
+            trace_configs=tracing.aiohttp_trace_configs() or None,  # a span per request when tracing is on
         )
 
     async def close(self) -> None:
@@ -357,6 +341,18 @@ class Fetcher:
 
     async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
         """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
+        if not tracing.enabled:
+            return await self._fetch(url, budget)
+        with tracing.span("casimg.download", {"url.full": url}):
+            try:
+                downloaded = await self._fetch(url, budget)
+            except DownloadFailed as failed:
+                tracing.annotate({"casimg.outcome": "failed", "casimg.reason": failed.reason})
+                raise
+            tracing.annotate({"casimg.outcome": "downloaded", "casimg.size": downloaded.size})
+            return downloaded
+
+    async def _fetch(self, url: str, budget: float | None) -> Downloaded:
         target = self._check_url(url)
         try:
             async with asyncio.timeout(self.total_timeout if budget is None else budget):
@@ -406,6 +402,8 @@ class Fetcher:
                 if refusal is not None:
                     raise DownloadFailed(refusal)
             address = await self._address_of(url)
+            if tracing.enabled:
+                tracing.annotate({"network.peer.address": address})  # the address connected to, after the guard
             async with self.caps.hold(url.raw_host or "", address):
                 hop = await self._hop(url)
             if isinstance(hop, Downloaded):

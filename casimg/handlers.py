@@ -542,21 +542,41 @@ def _range_bound(digits: str) -> int | None:
     return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
+def _url_argument(handler: BaseHandler) -> str:
+    """The `url` query parameter, read raw: get_query_argument strips whitespace and replaces control
+    characters, and the URL must match exactly what was submitted."""
+    values = handler.request.query_arguments.get("url")
+    if not values or not values[-1]:
+        raise errors.BadRequest(f"query parameter 'url' is required: {handler.request.path}?url=<the URL as submitted>")
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+
+
+class ImageMetaHandler(BaseHandler):
+    """GET what the index holds about a URL's image, as a listing row shows it, and how many URLs share its
+    bytes (their reference count: which URLs those are is not indexed, see docs/api.md)."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self) -> None:
+        url = _url_argument(self)
+        image = await self.services.index.lookup(url)
+        if image is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
+        references = await self.services.index.refs_of(image.sha256)
+        self.write_json({**image_json(*image), "references": references})
+
+
 class ImageHandler(_BytesHandler):
     """GET/HEAD the bytes stored for a URL; DELETE the URL."""
 
     scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
 
     def _url(self) -> str:
-        # Read raw: get_query_argument strips whitespace and replaces control characters, and the URL
-        # must match exactly what was submitted.
-        values = self.request.query_arguments.get("url")
-        if not values or not values[-1]:
-            raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
-        try:
-            return values[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+        return _url_argument(self)
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()

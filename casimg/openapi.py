@@ -141,17 +141,6 @@ def openapi_document() -> dict[str, Any]:
                         "results": {"type": "array", "items": _ref("Result")},
                     },
                 },
-                "Key": {
-                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
-                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
-                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
-                },
-                "SharedUrls": {
-                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
-                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                                   "count": {"type": "integer", "minimum": 1},
-                                   "urls": {"type": "array", "items": {"type": "string"}}},
-                },
                 "Callback": {
                     # Only on jobs submitted with a callback URL: other jobs answer as they always did.
                     "type": "object", "additionalProperties": False, "required": ["state", "attempts", "last_status"],
@@ -164,9 +153,28 @@ def openapi_document() -> dict[str, Any]:
                                        "description": "Why the last attempt got no answer (timeout, refused address)"},
                     },
                 },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
+                },
                 "Image": {
                     "type": "object", "additionalProperties": False,
                     "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
+                },
+                "ImageMeta": {
+                    "type": "object", "additionalProperties": False,
+                    "required": [*IMAGE_FIELDS, "references"],
+                    "properties": {**IMAGE_PROPERTIES, "references": {
+                        "type": "integer", "minimum": 0,
+                        "description": "How many URLs point at these bytes, this one included (0 only if "
+                                       "it was deleted while answering)"}},
                 },
             },
         },
@@ -266,6 +274,13 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/image/meta": {
+                "get": {"summary": "What the index holds about the image stored for a URL, and how many URLs "
+                                   "share its bytes", "parameters": [URL_PARAM],
+                        "responses": {"200": _json("The image, as a listing row, with its reference count",
+                                                   _ref("ImageMeta")),
+                                      "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
             },
             "/api/key": {
                 "get": {"summary": "The presented key's id, name and scope (read, write or admin)",

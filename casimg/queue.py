@@ -29,6 +29,12 @@ more than about ``STEP_BYTES`` of URLs:
    cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
    set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
 
+A job is cancelled (``cancel``, lua/cancel.lua) in one step: each URL without a result fails with
+``cancelled``, the job is done, and it is flagged ``cancelled``, so that no worker starts one of its
+entries (worker.py asks in the batch lookup of the entries it reads) or indexes one that was downloading
+(lua/store.lua refuses it, and the bytes go). A job's end, whichever it is, queues its callback in the same
+step (webhooks.py).
+
 A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
 may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
 marker (``failed: URL too long``); a URL with credentials (``http://user:secret@host/``) keeps the URL
@@ -47,6 +53,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.lua import source as lua_source
@@ -87,6 +94,7 @@ class Entry:
     url: str
     deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
     owner: str = ""  # the id of the API key that submitted it ("" for none): which stream it is in
+    traceparent: str = ""  # the submit's trace context, when it was traced (tracing.py)
 
 
 @dataclass
@@ -179,7 +187,8 @@ def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list
 
 
 def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
-    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
+    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner,
+                 traceparent=fields.get("tp", ""))
 
 
 class JobQueue:
@@ -253,7 +262,7 @@ class JobQueue:
                   k.enqueuing, k.webhooks],
             args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, limits.max_in_flight if key_id else 0,
                   k.job(""), time.time_ns() // 1_000_000, total, failed, size, limits.max_bytes if key_id else 0,
-                  callback],
+                  callback, tracing.current()],
         )
         if code == 1:
             return

@@ -20,6 +20,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 
+from casimg import tracing
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
 from casimg.metrics import Metrics
@@ -41,6 +42,7 @@ async def serve(
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
     """
+    tracing.setup()  # before the application and the download session exist: they are instrumented as made
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
     await bootstrap_admin_key(settings, services.api_keys)
@@ -64,6 +66,7 @@ async def serve(
     await services.close()
     await metrics.close()
     await server.close_all_connections()
+    tracing.shutdown()
     log.info("stopped")
 
 
@@ -176,6 +179,7 @@ async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
 
 async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
+    tracing.setup()
     # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=True, metrics=metrics)
@@ -189,6 +193,7 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
         metrics_server.stop()
     await services.close()
     await metrics.close()
+    tracing.shutdown()
 
 
 async def _until_signalled() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.batching import ThreadBatcher
 from casimg.config import Settings
 from casimg.errors import REDIS_ERRORS, DownloadFailed
@@ -89,20 +91,24 @@ ASIDE_PER_SLOT = 4
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
-class _Unchecked(enum.Enum):
+class _Lookup(enum.Enum):
+    """What the batch lookup says of an entry besides its digest."""
+
     UNCHECKED = enum.auto()
     CANCELLED = enum.auto()
 
 
 # An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
-UNCHECKED = _Unchecked.UNCHECKED
+UNCHECKED = _Lookup.UNCHECKED
 # ... and when its job was cancelled: its task only takes it off the queue (the cancel wrote its result).
-CANCELLED = _Unchecked.CANCELLED
-Known = str | _Unchecked | None
+CANCELLED = _Lookup.CANCELLED
+Known = str | _Lookup | None
 
 
 def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    if tracing.enabled:
+        tracing.annotate({"casimg.outcome": outcome.value, "casimg.attempts": attempts, "casimg.reason": reason})
     url = clip(url)
     fields = {"event": "download", "outcome": outcome.value, "url": url, "attempts": attempts}
     if reason:
@@ -325,8 +331,14 @@ class Worker:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
-        UNCHECKED if that could not be asked.
+        UNCHECKED if that could not be asked. Traced as a child of the job's submit (tracing.py).
         """
+        attributes = {"url.full": entry.url, "casimg.job_id": entry.job_id, "casimg.position": entry.position,
+                      "casimg.deliveries": entry.deliveries} if tracing.enabled else None
+        with tracing.span("casimg.process", attributes, parent=entry.traceparent):
+            await self._process_entry(entry, known, slot)
+
+    async def _process_entry(self, entry: Entry, known: Known, slot: _Slot) -> None:
         try:
             while True:
                 try:
@@ -474,21 +486,23 @@ class Worker:
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+            with tracing.span("casimg.validate"):
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
         except BaseException:
             downloaded.discard()
             raise
-        try:
-            await self.flusher.flush()
-        except BaseException:
-            self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
-            raise
-        meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
-        outcome = await store_blob(
-            self.blobs, self.index, tmp, entry.url, digest, meta,
-            linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
-            attempts=attempt, owner=entry.owner,
-        )
+        with tracing.span("casimg.store"):
+            try:
+                await self.flusher.flush()
+            except BaseException:
+                self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+                raise
+            meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
+            outcome = await store_blob(
+                self.blobs, self.index, tmp, entry.url, digest, meta,
+                linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position,
+                entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
+            )
         kind = outcome.kind
         if kind is Outcome.STORED:
             self.on_bytes("stored", downloaded.size)
@@ -509,7 +523,13 @@ class Worker:
             mode=self.settings.validation,
         )
         if downloaded.data is not None:
-            tmp, digest = self.blobs.write_temp(downloaded.data)
+            digest = hashlib.sha256(downloaded.data).hexdigest()
+            # Content the store holds already (the same image under another URL): no bytes are written
+            # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
+            tmp = self.blobs.temp_link_to(digest)
+            if tmp is not None:
+                return tmp, digest, info
+            tmp, digest = self.blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256

@@ -114,8 +114,14 @@ class Processes:
     def cleanup(self) -> None:
         for process in self.started:
             if process.poll() is None:
+                # `serve --processes N` children run in process groups of their own, and a parent killed
+                # with -9 forwards nothing: they are ended by pid, or they outlive the test.
+                children = forked_children(process.pid)
                 process.kill()
                 process.wait()
+                for child in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
         for data_dir in self.data_dirs:
             pid = embedded_redis_pid(data_dir)
             if pid is not None:
@@ -123,6 +129,14 @@ class Processes:
                     os.kill(pid, signal.SIGKILL)
             # A process killed here cannot remove the data dir's metrics directory (a clean stop does).
             shutil.rmtree(shared_root(data_dir), ignore_errors=True)
+
+
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked (Linux's /proc children list); [] once it is gone."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def embedded_redis_pid(data_dir: Path) -> int | None:

@@ -271,11 +271,16 @@ async def test_identical_bytes_at_two_urls_share_one_blob(api, origin, services)
     assert second["results"][0] == {"url": b, "status": "stored", "sha256": digest, "deduplicated": True,
                                     "attempts": 1}
     assert await services.index.refs_of(digest) == 2
+    meta = json.loads((await api("GET", f"/api/image/meta?url={quote(b, safe='')}")).body)
+    listed = json.loads((await api("GET", "/api/images?limit=1000")).body)
+    assert meta == {**next(image for image in listed if image["url"] == b), "references": 2}
     blob_files = list(services.blobs.root.rglob("*"))
     assert sum(1 for path in blob_files if path.is_file()) == 1
     # Deleting one URL keeps the bytes for the other.
     assert (await api("DELETE", f"/api/image?url={quote(a, safe='')}")).code == 204
     assert (await api("GET", f"/api/image?url={quote(a, safe='')}")).code == 404
+    assert (await api("GET", f"/api/image/meta?url={quote(a, safe='')}")).code == 404
+    assert json.loads((await api("GET", f"/api/image/meta?url={quote(b, safe='')}")).body)["references"] == 1
     assert (await api("GET", f"/api/image?url={quote(b, safe='')}")).code == 200
     assert services.blobs.exists(digest)
     assert (await api("DELETE", f"/api/image?url={quote(b, safe='')}")).code == 204
