@@ -199,6 +199,11 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    ui: bool = _setting(
+        True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "
+        "docs/gallery.md); off: / is a 404 and only the API is served."
+    )
+
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
         "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "

@@ -639,6 +639,31 @@ async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
     return known, size
 
 
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
+
+
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
         raise errors.NotFound(f"no route for {self.request.path}")

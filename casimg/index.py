@@ -84,6 +84,11 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
+# URL buckets one urls_of script call reads: 4 buckets of ~250 URLs each at a million URLs hold Redis about
+# a millisecond; 32 calls go in one round trip (BENCHMARKS.md, "Gallery").
+URL_SCAN_BUCKETS = 4
+URL_SCAN_CALLS = 32
+
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
 Row = tuple[str, str, int, str, int, int, int]
@@ -185,6 +190,7 @@ class Index:
         self._correct_meta = redis.register_script(lua_source("correct_meta"))
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
+        self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
         self._claim = redis.register_script(lua_source("claim"))
@@ -302,6 +308,25 @@ class Index:
         images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
+
+    async def urls_of(self, digest: str, limit: int) -> list[str]:
+        """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
+        more memory per URL than the rest of the index), so this reads the URL buckets, URL_SCAN_BUCKETS per
+        script call and URL_SCAN_CALLS calls per round trip, and stops once `limit` are found: each call
+        holds Redis briefly, and other clients are served between them."""
+        found: list[str] = []
+        names = [self.keys.url(bucket) for bucket in BUCKETS]
+        step = URL_SCAN_BUCKETS * URL_SCAN_CALLS
+        for start in range(0, len(names), step):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for first in range(start, min(start + step, len(names)), URL_SCAN_BUCKETS):
+                    chunk = names[first:first + URL_SCAN_BUCKETS]
+                    await self._urls_of(keys=chunk, args=[digest], client=pipe)  # queued; the pipeline loads it
+                for urls in await pipe.execute():
+                    found += urls
+            if len(found) >= limit:
+                break
+        return found[:limit]
 
     async def _page_newest(self, cursor: str | None, limit: int, where: ListingFilter, budget: int) -> Page:
         k = self.keys

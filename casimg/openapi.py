@@ -153,6 +153,17 @@ def openapi_document() -> dict[str, Any]:
                                        "description": "Why the last attempt got no answer (timeout, refused address)"},
                     },
                 },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
+                },
                 "Image": {
                     "type": "object", "additionalProperties": False,
                     "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
@@ -270,6 +281,24 @@ def openapi_document() -> dict[str, Any]:
                         "responses": {"200": _json("The image, as a listing row, with its reference count",
                                                    _ref("ImageMeta")),
                                       "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/key": {
+                "get": {"summary": "The presented key's id, name and scope (read, write or admin)",
+                        "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{digest}/urls": {
+                "get": {"summary": "How many URLs share a content, and which: the count is one lookup, the URLs a "
+                                   "walk of the whole index in steps of about a millisecond of Redis (a second or "
+                                   "more per million URLs; docs/gallery.md)",
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                                       {"name": "limit", "in": "query",
+                                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100; 0: the count alone, "
+                                                       "without the walk); count is always exact"}],
+                        "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
+                                      "400": _problem("Bad limit"), "404": _problem("Not stored"),
+                                      **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",

@@ -20,6 +20,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
     "page": ("lib_hex", "lib_filter", "page"),
+    "urls_of": ("urls_of",),
     "page_recent": ("lib_recent", "lib_filter", "page_recent"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
