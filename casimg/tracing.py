@@ -14,8 +14,11 @@ empty context manager: the default install pays nothing for it.
 The spans, for one URL (``setup`` is called by each ``casimg serve`` and ``casimg worker`` process)::
 
     POST /api/images                    Tornado, one per HTTP request (opentelemetry-instrumentation-tornado)
-    └─ casimg.process                   the URL's processing by a worker, a child of the submit: the
-       │                                submit's context rides in the job and in each queue entry ("tp")
+    ┆  (link)
+    casimg.process                      the URL's processing by a worker, a trace of its own with a link
+       │                                to the submit: the submit's context rides in the job and in each
+       │                                queue entry ("tp"). Not a child: a job of 100,000 URLs would be
+       │                                one trace of half a million spans, sampled all or nothing.
        ├─ casimg.download               per attempt: url.full, network.peer.address (the address
        │  │                             connected to), casimg.outcome, casimg.reason, casimg.size
        │  ├─ redis origin_pace          one span per Redis script (scripts, not every command: the
@@ -41,6 +44,9 @@ enabled = False  # True once setup() found an exporter and installed the SDK; re
 TRACEPARENT = "traceparent"  # the W3C header, and the name of the one field a stored context holds
 _tracer: Any = None
 _provider: Any = None
+_api: Any = None  # opentelemetry.trace, once on (imported in setup: an import per call costs a lookup each)
+_propagate: Any = None  # opentelemetry.propagate
+_root: Any = None  # an empty context: a span started in it begins a trace
 _script_names: dict[str, str] = {}
 _in_script: contextvars.ContextVar[bool] = contextvars.ContextVar("casimg_in_script", default=False)
 Attributes = Mapping[str, str | int | float | bool]
@@ -71,9 +77,12 @@ def setup() -> bool:
         log.warning("tracing is configured (OTEL_*) but its packages are missing (%s): "
                     "pip install 'casimg[tracing]'; running without traces", missing.name)
         return False
-    from opentelemetry import trace
+    global _api, _propagate, _root
+    from opentelemetry import propagate, trace
+    from opentelemetry.context import Context
     from opentelemetry.instrumentation.tornado import TornadoInstrumentor
 
+    _api, _propagate, _root = trace, propagate, Context()
     trace.set_tracer_provider(provider)
     TornadoInstrumentor().instrument(tracer_provider=provider)
     _patch_scripts()
@@ -127,40 +136,38 @@ def _exporter(name: str) -> Any:
 
 
 @contextlib.contextmanager
-def span(name: str, attributes: Attributes | None = None, parent: str = "") -> Iterator[None]:
-    """A span around the block, a child of the current span, or of the stored context `parent` (a
-    traceparent from ``current()``); an exception leaving the block is recorded on it."""
+def span(name: str, attributes: Attributes | None = None, link: str | None = None) -> Iterator[None]:
+    """A span around the block, a child of the current span; an exception leaving the block is recorded.
+
+    With `link` (a traceparent from ``current()``, "" if none was stored), the span starts a trace of its
+    own instead, linked to the span `link` names: how a URL's processing refers to its job's submit.
+    """
     if not enabled:
         yield
         return
-    context = _extract(parent) if parent else None
-    with _tracer.start_as_current_span(name, context=context, attributes=attributes):
+    if link is None:
+        with _tracer.start_as_current_span(name, attributes=attributes):
+            yield
+        return
+    linked = _api.get_current_span(_propagate.extract({TRACEPARENT: link})).get_span_context() if link else None
+    links = [_api.Link(linked)] if linked is not None and linked.is_valid else None
+    with _tracer.start_as_current_span(name, context=_root, attributes=attributes, links=links):
         yield
 
 
 def annotate(attributes: Attributes) -> None:
     """Set `attributes` on the current span (the download's address, a URL's outcome)."""
     if enabled:
-        from opentelemetry import trace
-
-        trace.get_current_span().set_attributes(attributes)
+        _api.get_current_span().set_attributes(attributes)
 
 
 def current() -> str:
     """The current span's context as a W3C traceparent, to store with a job; "" when off or outside a span."""
     if not enabled:
         return ""
-    from opentelemetry.propagate import inject
-
     carrier: dict[str, str] = {}
-    inject(carrier)
+    _propagate.inject(carrier)
     return carrier.get(TRACEPARENT, "")
-
-
-def _extract(traceparent: str) -> Any:
-    from opentelemetry.propagate import extract
-
-    return extract({TRACEPARENT: traceparent})
 
 
 def aiohttp_trace_configs() -> list[Any]:
@@ -208,10 +215,8 @@ def _patch_scripts() -> None:
     plain = AsyncScript.__call__
 
     async def traced(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None) -> Any:
-        from opentelemetry import trace
-
         if (_in_script.get() or isinstance(client, Pipeline)
-                or not trace.get_current_span().get_span_context().is_valid):
+                or not _api.get_current_span().get_span_context().is_valid):
             return await plain(self, keys, args, client)
         with _tracer.start_as_current_span(f"redis {script_name(self.sha)}", attributes={"db.system": "redis"}):
             return await plain(self, keys, args, client)
