@@ -23,7 +23,10 @@ The spans, for one URL (``setup`` is called by each ``casimg serve`` and ``casim
        │  │                             connected to), casimg.outcome, casimg.reason, casimg.size
        │  ├─ redis origin_pace          one span per Redis script (scripts, not every command: the
        │  │                             polling of the queues would make a trace a second when idle)
-       │  └─ GET                        per request and redirect hop (opentelemetry-instrumentation-aiohttp-client)
+       │  └─ GET                        per request and redirect hop, robots.txt included: casimg's own
+       │                                span, not opentelemetry-instrumentation-aiohttp-client's, which
+       │                                sends a traceparent header to every origin (an internal id
+       │                                to third parties) and cost a tenth of the event loop on ingest
        ├─ casimg.validate               validation, temp file and link, in a thread
        └─ casimg.store                  made durable, indexed (redis store), settled
 """
@@ -49,6 +52,8 @@ _propagate: Any = None  # opentelemetry.propagate
 _root: Any = None  # an empty context: a span started in it begins a trace
 _script_names: dict[str, str] = {}
 _in_script: contextvars.ContextVar[bool] = contextvars.ContextVar("casimg_in_script", default=False)
+# What the hooks return while off: one shared object, nothing made per call.
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
 Attributes = Mapping[str, str | int | float | bool]
 
 
@@ -135,24 +140,20 @@ def _exporter(name: str) -> Any:
 # -- hooks for the rest of casimg: each a no-op while tracing is off ------------------------------------
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Attributes | None = None, link: str | None = None) -> Iterator[None]:
+def span(name: str, attributes: Attributes | None = None,
+         link: str | None = None) -> contextlib.AbstractContextManager[Any]:
     """A span around the block, a child of the current span; an exception leaving the block is recorded.
 
     With `link` (a traceparent from ``current()``, "" if none was stored), the span starts a trace of its
     own instead, linked to the span `link` names: how a URL's processing refers to its job's submit.
     """
     if not enabled:
-        yield
-        return
+        return _OFF
     if link is None:
-        with _tracer.start_as_current_span(name, attributes=attributes):
-            yield
-        return
+        return _tracer.start_as_current_span(name, attributes=attributes)
     linked = _api.get_current_span(_propagate.extract({TRACEPARENT: link})).get_span_context() if link else None
     links = [_api.Link(linked)] if linked is not None and linked.is_valid else None
-    with _tracer.start_as_current_span(name, context=_root, attributes=attributes, links=links):
-        yield
+    return _tracer.start_as_current_span(name, context=_root, attributes=attributes, links=links)
 
 
 def annotate(attributes: Attributes) -> None:
@@ -170,21 +171,34 @@ def current() -> str:
     return carrier.get(TRACEPARENT, "")
 
 
-def aiohttp_trace_configs() -> list[Any]:
-    """The download session's trace configs: a client span per request, [] when off."""
+def request_span(url: object) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A client span around one HTTP request of a download (``async with``), named by its method."""
     if not enabled:
-        return []
-    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+        return _OFF  # nullcontext serves ``async with`` too
+    return _AsyncSpan(_tracer.start_as_current_span("GET", kind=_api.SpanKind.CLIENT,
+                                                    attributes={"url.full": str(url), "http.request.method": "GET"}))
 
-    return [create_trace_config(tracer_provider=_provider)]
+
+class _AsyncSpan:
+    """A span's context manager for ``async with``: entered and left in the same task, as the sync one."""
+
+    def __init__(self, manager: contextlib.AbstractContextManager[Any]) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> Any:
+        return self._manager.__enter__()
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return self._manager.__exit__(*exc)
+
+
+def script_span(script: Any) -> contextlib.AbstractContextManager[Any]:
+    """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
+    return _script_span(script) if enabled else _OFF
 
 
 @contextlib.contextmanager
-def script_span(script: Any) -> Iterator[None]:
-    """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
-    if not enabled:
-        yield
-        return
+def _script_span(script: Any) -> Iterator[None]:
     marker = _in_script.set(True)  # the batch task copies this context: its own call adds no second span
     try:
         with _tracer.start_as_current_span(f"redis {script_name(script.sha)}", attributes={"db.system": "redis"}):
