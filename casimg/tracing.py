@@ -9,7 +9,9 @@ default; ``grpc`` needs opentelemetry-exporter-otlp-proto-grpc installed). The p
 ``pip install 'casimg[tracing]'``; without them a configured exporter is reported once and ignored.
 
 Off, this module imports nothing of OpenTelemetry and each hook below is a test of ``enabled`` or an
-empty context manager: the default install pays nothing for it.
+empty context manager: the default install pays nothing for it. On, a span is only made under a span
+that is recorded (or as a URL's root): with a sampler (``parentbased_traceidratio``), a URL the sampler
+drops costs one decision, not a tree of non-recording spans.
 
 The spans, for one URL (``setup`` is called by each ``casimg serve`` and ``casimg worker`` process)::
 
@@ -150,6 +152,8 @@ def span(name: str, attributes: Attributes | None = None,
     if not enabled:
         return _OFF
     if link is None:
+        if not _api.get_current_span().is_recording():
+            return _OFF  # under a span the sampler dropped: its children would be dropped too, at a cost
         return _tracer.start_as_current_span(name, attributes=attributes)
     linked = _api.get_current_span(_propagate.extract({TRACEPARENT: link})).get_span_context() if link else None
     links = [_api.Link(linked)] if linked is not None and linked.is_valid else None
@@ -173,7 +177,7 @@ def current() -> str:
 
 def request_span(url: object) -> contextlib.AbstractAsyncContextManager[Any]:
     """A client span around one HTTP request of a download (``async with``), named by its method."""
-    if not enabled:
+    if not enabled or not _api.get_current_span().is_recording():
         return _OFF  # nullcontext serves ``async with`` too
     return _AsyncSpan(_tracer.start_as_current_span("GET", kind=_api.SpanKind.CLIENT,
                                                     attributes={"url.full": str(url), "http.request.method": "GET"}))
@@ -194,7 +198,7 @@ class _AsyncSpan:
 
 def script_span(script: Any) -> contextlib.AbstractContextManager[Any]:
     """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
-    return _script_span(script) if enabled else _OFF
+    return _script_span(script) if enabled and _api.get_current_span().is_recording() else _OFF
 
 
 @contextlib.contextmanager
@@ -220,9 +224,9 @@ def script_name(sha: str) -> str:
 
 
 def _patch_scripts() -> None:
-    """A span per direct script call (``await script(keys=..., args=...)``) made inside a span: a call
-    outside one (the workers' polling) would start a trace of its own, and one queued on a pipeline is
-    not sent yet."""
+    """A span per direct script call (``await script(keys=..., args=...)``) made inside a recorded span:
+    a call outside one (the workers' polling) would start a trace of its own, and one queued on a
+    pipeline is not sent yet."""
     from redis.asyncio.client import Pipeline
     from redis.commands.core import AsyncScript
 
@@ -230,7 +234,7 @@ def _patch_scripts() -> None:
 
     async def traced(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None) -> Any:
         if (_in_script.get() or isinstance(client, Pipeline)
-                or not _api.get_current_span().get_span_context().is_valid):
+                or not _api.get_current_span().is_recording()):
             return await plain(self, keys, args, client)
         with _tracer.start_as_current_span(f"redis {script_name(self.sha)}", attributes={"db.system": "redis"}):
             return await plain(self, keys, args, client)
