@@ -78,6 +78,8 @@ def main() -> None:
                         help="rounds of this-other-other-this, the limit after each (default 2)")
     parser.add_argument("--images", type=int, default=5000, help="distinct images (default 5000)")
     parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
+    parser.add_argument("--duplicates", action="store_true",
+                        help="the job whose second half repeats the first half's content under other URLs")
     parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
     parser.add_argument("--this-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for this checkout's casimg (repeatable)")
@@ -101,7 +103,9 @@ def main() -> None:
     with workspace(False, "casimg-ab-", args.workspace) as work:
         try:
             port, origin = serve_image_set(procs, work, cache)
-            urls, _, sizes = image_urls(port, files)
+            urls, dup_urls, sizes = image_urls(port, files)
+            if args.duplicates:
+                urls = dup_urls
             log(f"origin: {origin}; workspace {work}; creating a file: {file_creation_cost(work):.0f} µs")
 
             def limit() -> None:

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +120,8 @@ class BlockedAddress(OSError):
         self.reason = reason
 
 
-@lru_cache(maxsize=4096)
 def parse_address(host: str) -> IPAddress | None:
     """The IP address a numeric host means, in every spelling a resolver accepts; None for a name.
-    Cached, as origin_address is: every download asks it for its host, and again through the guard.
 
     Besides the usual forms this reads what inet_aton reads (``127.1``, ``2130706433``, ``0x7f000001``,
     ``017700000001``), because that is what the connection would go to.
@@ -139,30 +137,14 @@ def parse_address(host: str) -> IPAddress | None:
         return None
 
 
-GUARD_VERDICTS = 4096  # hosts whose verdict AddressGuard keeps; past it, it starts again
-
-
 class AddressGuard:
     """Says which addresses downloads may reach: public ones, plus the networks in `allow_networks`."""
 
     def __init__(self, allow_networks: Iterable[str] = ()) -> None:
         self.allowed: list[IPNetwork] = [ipaddress.ip_network(cidr, strict=False) for cidr in allow_networks]
-        # Verdicts by host: a verdict depends on the host and `allowed` alone, and every download asks it
-        # twice (the URL's host, the resolver's answer), each time walking the blocked networks.
-        self._verdicts: dict[str, str | None] = {}
 
     def refusal(self, host: str) -> str | None:
         """None if `host` (a numeric address) may be connected to, else the reason it may not."""
-        try:
-            return self._verdicts[host]
-        except KeyError:
-            pass
-        if len(self._verdicts) >= GUARD_VERDICTS:
-            self._verdicts.clear()
-        verdict = self._verdicts[host] = self._judge(host)
-        return verdict
-
-    def _judge(self, host: str) -> str | None:
         address = parse_address(host)
         if address is None:
             return f"blocked address ({host} is not a numeric address)"

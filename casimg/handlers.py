@@ -23,7 +23,7 @@ import tornado.web
 
 from casimg import errors
 from casimg.clock import MILLIS
-from casimg.index import ImageRecord
+from casimg.index import ImageRecord, ListingFilter
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
@@ -52,6 +52,7 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+FILTERS = ("prefix", "contains", "host")  # the listing's filters, as ListingFilter's fields
 RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
@@ -284,7 +285,8 @@ class ImagesHandler(BaseHandler):
         cursor = self.get_query_argument("cursor", None)
         if cursor is not None:
             self._check_cursor(cursor, order)
-        page = await self.services.index.page(cursor, limit, order)
+        where = ListingFilter(**{name: self._filter_value(name) for name in FILTERS})
+        page = await self.services.index.page(cursor, limit, order, where)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
@@ -293,9 +295,22 @@ class ImagesHandler(BaseHandler):
             params: dict[str, str | int] = {"limit": limit}
             if order is not Order.SHA1:
                 params["order"] = order.value
+            params |= {name: value for name in FILTERS if (value := getattr(where, name))}
             query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
+
+    def _filter_value(self, name: str) -> str:
+        """A filter's value, read raw (get_query_argument strips whitespace, and a URL prefix may end in
+        one); '' when absent."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return ""
+        try:
+            value = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.BadRequest(f"{name} is not UTF-8") from None
+        return value
 
     def _order(self) -> Order:
         raw = self.get_query_argument("order", None)
@@ -455,6 +470,18 @@ class _BytesHandler(BaseHandler):
             self.clear_header("Content-Type")
             self.finish()
             return
+        if include_body:
+            # An object store may hand the client a short-lived URL of its own (CASIMG_S3_REDIRECT=presigned),
+            # which then answers Range itself. The redirect is not cached: the URL expires.
+            location = await self.services.blobs.redirect_url(
+                image.sha256, image.content_type, f"{image.sha256[:16]}.{extension}")
+            if location is not None:
+                self.set_status(302)
+                self.set_header("Location", location)
+                self.set_header("Cache-Control", "no-store")
+                self.clear_header("Content-Type")
+                self.finish()
+                return
         accel = self.services.settings.accel_redirect
         if accel and include_body:
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
@@ -527,21 +554,41 @@ def _range_bound(digits: str) -> int | None:
     return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
+def _url_argument(handler: BaseHandler) -> str:
+    """The `url` query parameter, read raw: get_query_argument strips whitespace and replaces control
+    characters, and the URL must match exactly what was submitted."""
+    values = handler.request.query_arguments.get("url")
+    if not values or not values[-1]:
+        raise errors.BadRequest(f"query parameter 'url' is required: {handler.request.path}?url=<the URL as submitted>")
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+
+
+class ImageMetaHandler(BaseHandler):
+    """GET what the index holds about a URL's image, as a listing row shows it, and how many URLs share its
+    bytes (their reference count: which URLs those are is not indexed, see docs/api.md)."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self) -> None:
+        url = _url_argument(self)
+        image = await self.services.index.lookup(url)
+        if image is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
+        references = await self.services.index.refs_of(image.sha256)
+        self.write_json({**image_json(*image), "references": references})
+
+
 class ImageHandler(_BytesHandler):
     """GET/HEAD the bytes stored for a URL; DELETE the URL."""
 
     scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
 
     def _url(self) -> str:
-        # Read raw: get_query_argument strips whitespace and replaces control characters, and the URL
-        # must match exactly what was submitted.
-        values = self.request.query_arguments.get("url")
-        if not values or not values[-1]:
-            raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
-        try:
-            return values[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+        return _url_argument(self)
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()
@@ -590,6 +637,31 @@ async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
     if known is None:  # Pillow's open may need more than the header
         known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
     return known, size
+
+
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
 
 
 class NotFoundHandler(BaseHandler):

@@ -33,8 +33,8 @@ through a client that does not decode.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -84,16 +84,46 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
+# URL buckets one urls_of script call reads: 4 buckets of ~250 URLs each at a million URLs hold Redis about
+# a millisecond; 32 calls go in one round trip (BENCHMARKS.md, "Gallery").
+URL_SCAN_BUCKETS = 4
+URL_SCAN_CALLS = 32
+
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
 Row = tuple[str, str, int, str, int, int, int]
 
 
+# URLs a filtered page looks at before it ends, with fewer rows if so, and a cursor to go on from: each
+# page is one Lua call, and this keeps it to a few ms of Redis's time whatever the filter (BENCHMARKS.md,
+# "Listing filters"). An unfiltered page looks only at its rows.
+FILTER_BUDGET = 10_000
+
+
+@dataclass(frozen=True)
+class ListingFilter:
+    """What a listing keeps: URLs starting with `prefix`, holding `contains`, on host `host` (all that are
+    not empty). `host` is compared without the port and lowercased in ASCII, as lua/lib_filter.lua does."""
+
+    prefix: str = ""
+    contains: str = ""
+    host: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.prefix or self.contains or self.host)
+
+    def args(self) -> list[str]:
+        return [self.prefix, self.contains, "".join(c.lower() if c.isascii() else c for c in self.host)]
+
+
+NO_FILTER = ListingFilter()
+
+
 @dataclass(frozen=True)
 class Page:
     images: list[Row]  # view them with views.image_json(*row)
-    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL; "r." + the hex
-    # of its (stored_at, SHA-1) key in the newest-first order
+    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL (or, filtered, of
+    # the last URL looked at); "r." + the hex of its (stored_at, SHA-1) key in the newest-first order
     total: int  # URLs indexed, read in the same step as the page
 
 
@@ -160,8 +190,13 @@ class Index:
         self._correct_meta = redis.register_script(lua_source("correct_meta"))
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
+        self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
+        self._claim = redis.register_script(lua_source("claim"))
+        self._unclaim = redis.register_script(lua_source("unclaim"))
+        self._tomb = redis.register_script(lua_source("tomb"))
+        self._begin_delete = redis.register_script(lua_source("begin_delete"))
 
     async def store(
         self,
@@ -258,23 +293,46 @@ class Index:
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
         return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1) -> Page:
+    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1,
+                   where: ListingFilter = NO_FILTER, budget: int = FILTER_BUDGET) -> Page:
         """`limit` (>= 1) images after the cursor in `order` (fewer at the end; more only where URLs share
         one SHA-1, or in the newest-first order one (stored_at, SHA-1)). A URL present throughout a walk is
-        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks)."""
-        if order is Order.RECENT:
-            return await self._page_newest(cursor, limit)
-        k = self.keys
-        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit])
-        images = [_fields(reply[i], reply[i + 1]) for i in range(2, len(reply), 2)]
-        more = bool(int(reply[0]))
-        last = images[-1][0] if more and images else None
-        return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
+        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks).
 
-    async def _page_newest(self, cursor: str | None, limit: int) -> Page:
+        With a filter, only the URLs it keeps; and a page that has looked at `budget` URLs ends with what it
+        found (none, maybe) and a cursor to go on from."""
+        if order is Order.RECENT:
+            return await self._page_newest(cursor, limit, where, budget)
+        k = self.keys
+        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, *where.args(), budget])
+        images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
+        more = bool(int(reply[0]))
+        return Page(images, reply[2] if more else None, int(reply[1]))
+
+    async def urls_of(self, digest: str, limit: int) -> list[str]:
+        """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
+        more memory per URL than the rest of the index), so this reads the URL buckets, URL_SCAN_BUCKETS per
+        script call and URL_SCAN_CALLS calls per round trip, and stops once `limit` are found: each call
+        holds Redis briefly, and other clients are served between them."""
+        found: list[str] = []
+        names = [self.keys.url(bucket) for bucket in BUCKETS]
+        step = URL_SCAN_BUCKETS * URL_SCAN_CALLS
+        for start in range(0, len(names), step):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for first in range(start, min(start + step, len(names)), URL_SCAN_BUCKETS):
+                    chunk = names[first:first + URL_SCAN_BUCKETS]
+                    await self._urls_of(keys=chunk, args=[digest], client=pipe)  # queued; the pipeline loads it
+                for urls in await pipe.execute():
+                    found += urls
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    async def _page_newest(self, cursor: str | None, limit: int, where: ListingFilter, budget: int) -> Page:
         k = self.keys
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
-        reply = await self._page_recent(keys=[k.count, k.recent], args=[k.url(""), k.recent_leaf(""), after, limit])
+        reply = await self._page_recent(keys=[k.count, k.recent],
+                                        args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget])
         images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
@@ -292,6 +350,48 @@ class Index:
         """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
         the lock expires after `seconds`, so one worker at a time sweeps."""
         return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
+
+    # -- claims and tombstones: the lifecycle of blobs on an object store (lifecycle.py, storage/s3.py) --
+
+    async def claim(self, digest: str, token: str, ttl: float) -> int:
+        """Hold a claim on `digest` for `ttl` seconds while a store uploads it: 1, or 2 when the digest is
+        referenced (so its object is there and stays while the claim lives); 0 while a delete of its
+        object may be in flight (the caller waits and asks again)."""
+        k = self.keys
+        return int(await self._claim(keys=[k.claims(digest), k.deleting(digest), k.tomb, blob_key(k, digest)],
+                                     args=[token, max(1, int(ttl * 1000)), digest, bytes.fromhex(digest)]))
+
+    async def unclaim(self, digest: str, token: str) -> bool:
+        """Drop the claim; True if it was still live, so no delete of the object can have begun since it
+        was taken."""
+        return bool(await self._unclaim(keys=[self.keys.claims(digest)], args=[token]))
+
+    async def tomb(self, digest: str, grace: float) -> bool:
+        """Mark an unreferenced digest's object for deletion by the sweep after `grace` seconds; False
+        (and nothing marked) if it is referenced."""
+        k = self.keys
+        return bool(await self._tomb(keys=[blob_key(k, digest), k.tomb],
+                                     args=[bytes.fromhex(digest), digest, max(0, int(grace * 1000))]))
+
+    async def due_tombs(self, limit: int) -> list[str]:
+        """Up to `limit` tombstoned digests whose grace has passed (by this node's clock, which only
+        picks candidates: begin_delete decides by Redis's)."""
+        return await self.redis.zrangebyscore(self.keys.tomb, "-inf", int(time.time() * 1000),
+                                              start=0, num=limit)
+
+    async def tombstoned(self) -> set[str]:
+        return set(await self.redis.zrange(self.keys.tomb, 0, -1))
+
+    async def begin_delete(self, digest: str, marker_ttl: float) -> bool:
+        """True if the sweep may delete `digest`'s object now: due, unreferenced, unclaimed. The deleting
+        marker is then set for `marker_ttl` seconds, longer than any DELETE request may take."""
+        k = self.keys
+        return bool(await self._begin_delete(
+            keys=[blob_key(k, digest), k.claims(digest), k.deleting(digest), k.tomb],
+            args=[bytes.fromhex(digest), digest, max(1, int(marker_ttl * 1000))]))
+
+    async def end_delete(self, digest: str) -> None:
+        await self.redis.delete(self.keys.deleting(digest))
 
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.

@@ -46,9 +46,21 @@ IMAGE_HEADERS = {
 # Each order has a cursor of its own form: the default's is 40 hex digits, the newest-first's "r." and 52.
 RECENT_CURSOR_PATTERN = f"{RECENT_CURSOR_PREFIX.replace('.', '[.]')}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}"
 CURSOR_PATTERN = f"([0-9a-f]{{{CURSOR_DIGITS}}}|{RECENT_CURSOR_PATTERN})"
-LINK_PATTERN = f'^<\\?limit=[0-9]+(&order=recent)?&cursor={CURSOR_PATTERN}>; rel="next"$'
-LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
-             "to resolve against the URL of this request (it never names a scheme, host or path)")
+LINK_PATTERN = (f'^<\\?limit=[0-9]+(&order=recent)?(&prefix=[^&>]*)?(&contains=[^&>]*)?(&host=[^&>]*)?'
+                f'&cursor={CURSOR_PATTERN}>; rel="next"$')
+FILTER_TEXT = ("Filters, combinable with each other and with either order: a page looks at up to 10,000 URLs "
+               "and may then end with fewer rows than limit (none, even) and a Link to go on from; "
+               "X-Total-Count stays the number of URLs indexed")
+LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next" (with the order and filters '
+             "asked for before the cursor), a query-only reference to resolve against the URL of this request "
+             "(it never names a scheme, host or path)")
+IMAGE_FIELDS = ["url", "sha256", "size", "content_type", "width", "height", "stored_at"]
+IMAGE_PROPERTIES = {
+    "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "size": {"type": "integer"}, "content_type": {"type": "string"},
+    "width": {"type": "integer"}, "height": {"type": "integer"},
+    "stored_at": {"type": "string", "format": "date-time"},
+}
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 
 
@@ -141,15 +153,28 @@ def openapi_document() -> dict[str, Any]:
                                        "description": "Why the last attempt got no answer (timeout, refused address)"},
                     },
                 },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
+                },
                 "Image": {
                     "type": "object", "additionalProperties": False,
-                    "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
-                    "properties": {
-                        "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                        "size": {"type": "integer"}, "content_type": {"type": "string"},
-                        "width": {"type": "integer"}, "height": {"type": "integer"},
-                        "stored_at": {"type": "string", "format": "date-time"},
-                    },
+                    "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
+                },
+                "ImageMeta": {
+                    "type": "object", "additionalProperties": False,
+                    "required": [*IMAGE_FIELDS, "references"],
+                    "properties": {**IMAGE_PROPERTIES, "references": {
+                        "type": "integer", "minimum": 0,
+                        "description": "How many URLs point at these bytes, this one included (0 only if "
+                                       "it was deleted while answering)"}},
                 },
             },
         },
@@ -182,13 +207,20 @@ def openapi_document() -> dict[str, Any]:
                          "description": "Opaque; take it from the Link header. Each order has its own form "
                                         "(40 hex digits; r. and 52 with order=recent), and a cursor of the other "
                                         "order is a 400"},
+                        {"name": "prefix", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that start with this, byte for byte. " + FILTER_TEXT},
+                        {"name": "contains", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that hold this, byte for byte (no pattern). " + FILTER_TEXT},
+                        {"name": "host", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs on this host (without the port; ASCII letters in any case). "
+                                        + FILTER_TEXT},
                     ],
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                             "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
                                                      "description": LINK_TEXT}}},
-                        "400": _problem("Bad limit, order or cursor"),
+                        "400": _problem("Bad limit, order or cursor, or a filter that is not UTF-8"),
                         **AUTH_ERRORS,
                     },
                 },
@@ -242,6 +274,31 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/image/meta": {
+                "get": {"summary": "What the index holds about the image stored for a URL, and how many URLs "
+                                   "share its bytes", "parameters": [URL_PARAM],
+                        "responses": {"200": _json("The image, as a listing row, with its reference count",
+                                                   _ref("ImageMeta")),
+                                      "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/key": {
+                "get": {"summary": "The presented key's id, name and scope (read, write or admin)",
+                        "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{digest}/urls": {
+                "get": {"summary": "How many URLs share a content, and which: the count is one lookup, the URLs a "
+                                   "walk of the whole index in steps of about a millisecond of Redis (a second or "
+                                   "more per million URLs; docs/gallery.md)",
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                                       {"name": "limit", "in": "query",
+                                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100; 0: the count alone, "
+                                                       "without the walk); count is always exact"}],
+                        "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
+                                      "400": _problem("Bad limit"), "404": _problem("Not stored"),
+                                      **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",

@@ -197,12 +197,8 @@ class OriginCaps:
                 yield
 
 
-@lru_cache(maxsize=4096)
 def origin_address(address: str) -> str:
-    """The name an address is counted under: itself, an IPv4 inside IPv6 as IPv4, IPv6 by its /64.
-
-    Cached: each download asks it, and ipaddress's parsing was a twentieth of the ingest's CPU (py-spy).
-    """
+    """The name an address is counted under: itself, an IPv4 inside IPv6 as IPv4, IPv6 by its /64."""
     try:
         parsed = ipaddress.ip_address(address.strip("[]").split("%", 1)[0])
     except ValueError:

@@ -64,7 +64,8 @@ def fuzzed_document() -> dict:
     """openapi_document() with this module's formats on the parameters they feed."""
     document = copy.deepcopy(openapi_document())
     paths = document["paths"]
-    for operation in (*paths["/api/image"].values(), *paths["/api/blobs/{digest}"].values()):
+    for operation in (*paths["/api/image"].values(), *paths["/api/image/meta"].values(),
+                      *paths["/api/blobs/{digest}"].values()):
         for parameter in operation["parameters"]:
             parameter["schema"] = {**parameter["schema"], "format": {
                 "Range": "casimg-fuzz-range", "url": "casimg-fuzz-stored-url", "digest": "casimg-fuzz-digest",

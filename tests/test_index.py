@@ -8,13 +8,14 @@ import itertools
 import random
 import re
 import time
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
-from casimg.index import BlobMeta, Index
+from casimg.index import BlobMeta, Index, ListingFilter
 from casimg.migrate import backfill_recent
 from casimg.schema import RECENT_KEY_BYTES, KeySpace, Order, Outcome, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
@@ -421,3 +422,96 @@ async def test_newest_first_paging_sees_every_url_present_throughout_exactly_onc
         await index.release(url)
     assert await check_leaves(index) == 0
     assert await index.redis.zrange(index.keys.recent, 0, -1) == [""]  # only the first leaf's bound is left
+
+
+# -- filters ----------------------------------------------------------------------------------------
+
+FILTER_URLS = [
+    "http://example.com/a/1.jpg", "http://example.com/a/2.png", "https://example.com/b/cat.jpg",
+    "http://Example.COM:8080/a/3.jpg", "http://user@example.com/c/cat-4.jpg", "http://cdn.example.com/a/cat.jpg",
+    "https://[::1]:9000/a/cat.jpg", "http://example.org/a/1.jpg", "http://example.com?cat", "ftp://example.com/a",
+    "http://example.com.evil/a/1.jpg", "http://exämple.com/a/ümlaut-cat.jpg",
+]
+
+
+def kept(url: str, where: ListingFilter) -> bool:
+    """What the filter should keep, by Python's own URL parsing."""
+    host = urlsplit(url).hostname or ""
+    return (url.startswith(where.prefix) and where.contains in url
+            and (not where.host or host == where.host.lower()))
+
+
+async def walk_filtered(index: Index, order: Order, where: ListingFilter, limit: int, budget: int) -> list[str]:
+    urls, cursor = [], None
+    for _ in range(10_000):
+        page = await index.page(cursor, limit, order, where, budget)
+        assert len(page.images) <= limit
+        urls += [image[0] for image in page.images]
+        if page.next_cursor is None:
+            return urls
+        cursor = page.next_cursor
+    raise AssertionError("the walk did not end")
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("order", list(Order))
+async def test_filters_keep_the_matching_urls_in_either_order(index, order):
+    noise = [f"http://noise.example.net/{n}" for n in range(300)]
+    for n, url in enumerate(FILTER_URLS + noise):
+        await index.store(url, digest(n), META)
+    whole = [image[0] for image in (await index.page(None, 1000, order)).images]
+    for where in [ListingFilter(prefix="http://example.com/a/"), ListingFilter(contains="cat"),
+                  ListingFilter(host="example.com"), ListingFilter(host="EXAMPLE.com"), ListingFilter(host="::1"),
+                  ListingFilter(host="exämple.com"), ListingFilter(contains="ümlaut"), ListingFilter(prefix="nothing"),
+                  ListingFilter(prefix="http://", contains="cat", host="example.com"), ListingFilter(host="example")]:
+        expected = [url for url in whole if kept(url, where)]
+        assert [image[0] for image in (await index.page(None, 1000, order, where)).images] == expected, where
+        for budget in (1, 40):  # small budgets: pages end early, often empty, and the walk goes on
+            assert await walk_filtered(index, order, where, 2, budget) == expected, (where, budget)
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("order", list(Order))
+async def test_a_filtered_page_that_finds_nothing_ends_at_its_budget_with_a_cursor(index, order):
+    for n in range(600):
+        await index.store(f"http://bulk.example/{n}", digest(n), META)
+    await index.store("http://rare.example/x", digest(1000), META)
+    where, pages = ListingFilter(host="rare.example"), 0
+    page = await index.page(None, 10, order, where, budget=50)
+    assert page.next_cursor is not None and len(page.images) <= 1
+    cursor, found = page.next_cursor, [image[0] for image in page.images]
+    while cursor is not None:
+        page = await index.page(cursor, 10, order, where, budget=50)
+        found += [image[0] for image in page.images]
+        cursor, pages = page.next_cursor, pages + 1
+    assert found == ["http://rare.example/x"]
+    assert pages >= 5  # 601 URLs, each page looking at about 50 (a whole bucket in the default order)
+
+
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("order", list(Order))
+async def test_a_filtered_walk_sees_each_matching_url_present_throughout_once_while_others_change(index, order):
+    stable = [f"http://keep.example/{n}" for n in range(300)]
+    other = [f"http://other.example/{n}" for n in range(300)]
+    churn = [f"http://keep.example/churn/{n}" for n in range(150)]
+    await asyncio.gather(*(index.store(url, digest(n), META) for n, url in enumerate(stable + other + churn)))
+    where = ListingFilter(host="keep.example")
+    random.seed(5)
+    seen, cursor, added = [], None, 0
+    while True:
+        page = await index.page(cursor, 10, order, where, budget=60)
+        seen += [(image[0], image[6]) for image in page.images]
+        for url in random.sample(churn, 15):
+            await index.release(url)
+        for url in random.sample(churn, 8):
+            await index.store(url, digest(7777), META)
+        added += 1
+        await index.store(f"http://keep.example/new/{added}", digest(20_000 + added), META)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    urls = [url for url, _ in seen]
+    assert all(urls.count(url) == 1 for url in stable)
+    assert all(urlsplit(url).hostname == "keep.example" for url in urls)
+    keys = [newest_key(*row) for row in seen] if order is Order.RECENT else [(sha1(url), url) for url in urls]
+    assert keys == (sorted(set(keys), reverse=True) if order is Order.RECENT else sorted(set(keys)))

@@ -1,5 +1,6 @@
 """The listing through `casimg serve` as an operator runs it, on its embedded Redis: the newest-first order,
-including on a store written before that order existed (the start's migration places its URLs)."""
+including on a store written before that order existed (the start's migration places its URLs), and the
+filters."""
 
 from __future__ import annotations
 
@@ -64,6 +65,11 @@ def test_a_store_from_before_the_newest_first_order_is_listed_newest_first_after
         default, links = walk(again, "/api/images?limit=4")  # the default order and its cursor are as before
         assert [image["url"] for image in default] == sorted(urls, key=lambda u: hashlib.sha1(u.encode()).hexdigest())
         assert re.fullmatch(r'<\?limit=4&cursor=[0-9a-f]{40}>; rel="next"', links[0])
+        # Filters through the same server, in either order, following the Links that carry them.
+        for order in ("", "&order=recent"):
+            found, _ = walk(again, f"/api/images?limit=1{order}&contains=30&host=127.0.0.1")
+            assert sorted(image["url"] for image in found) == sorted(u for u in urls if "30" in u)
+        assert walk(again, "/api/images?order=recent&host=localhost")[0] == []
         assert again.call("DELETE", f"/api/image?url={urls[0]}")[0] == 204
         assert [image["url"] for image in walk(again, "/api/images?order=recent")[0]][-2:] == [urls[2], urls[1]]
     finally:

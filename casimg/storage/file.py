@@ -50,7 +50,15 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from casimg.storage.driver import BlobNotFound, Leftover, Staging, StorageUnavailable, is_digest
+from casimg.storage.driver import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    BlobNotFound,
+    Leftover,
+    Staging,
+    StorageUnavailable,
+    is_digest,
+)
 
 READ_ONLY = 0o444
 _NOWAIT_READS = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")  # Linux 4.14+: see read_cached
@@ -86,6 +94,19 @@ class FileStore(Staging):
         return f"{digest[0:2]}/{digest[2:4]}/{digest}"
 
     # -- store steps ----------------------------------------------------------------------------
+
+    def temp_link_to(self, digest: str) -> Path | None:
+        """Store step 1 for bytes the store holds already: a new temp name for the blob `digest` (a hard
+        link to it), already linked in; None if there is no such blob. A repeat writes no bytes and
+        makes no new file, so the flush that follows has none of its bytes to write; the temp name
+        plays its part in the rest of the store, as ``write_temp``'s does (``ensure_present`` links
+        the blob again from it if a delete took the blob away meanwhile)."""
+        path = self.tmp_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        try:
+            os.link(f"{self._root_text}/{self.relative_name(digest)}", path)
+        except FileNotFoundError:
+            return None
+        return path
 
     def link_in(self, tmp: Path, digest: str, *, sync: bool = True) -> None:
         """Store step 1: give the temp file its content name. Existing file: same bytes, fine.
@@ -225,7 +246,10 @@ class FileStore(Staging):
 
     # -- the Storage protocol ---------------------------------------------------------------------
 
-    async def commit(self, tmp: Path, digest: str) -> None:
+    def local_path(self, digest: str) -> Path | None:
+        return self.blob_path(digest)
+
+    async def commit(self, tmp: Path, digest: str, content_type: str | None = None) -> None:
         await asyncio.to_thread(self.link_in, tmp, digest)
 
     async def stat(self, digest: str) -> int:
@@ -245,12 +269,8 @@ class FileStore(Staging):
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
 
-    async def delete(self, digest: str) -> bool:
-        try:
-            await asyncio.to_thread(os.unlink, self.blob_path(digest))
-        except FileNotFoundError:
-            return False
-        return True
+    async def delete(self, digest: str) -> None:
+        await asyncio.to_thread(self.discard, self.blob_path(digest))
 
     async def walk(self) -> list[str]:
         return await asyncio.to_thread(lambda: list(self.iter_digests()))
@@ -260,6 +280,9 @@ class FileStore(Staging):
 
     async def leftovers(self) -> list[Leftover]:
         return await asyncio.to_thread(lambda: list(self.iter_leftovers()))
+
+    async def clear(self, leftover: Leftover) -> None:
+        await asyncio.to_thread(self.discard, leftover.path)
 
     async def redirect_url(self, digest: str, content_type: str, filename: str) -> str | None:
         return None  # the bytes are served by casimg, or by nginx in front (accel_redirect)
