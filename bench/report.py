@@ -203,6 +203,9 @@ def _rounds_ratio(result: WrkResult, reference: WrkResult) -> str:
     return f"{result.rps / reference.rps:.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "n/a"
 
 
+INDEX_BUDGET = 450  # bytes per URL at 1,000,000 URLs: the index, both listing orders and the placeholders
+
+
 def listing(results: Results) -> list[str]:
     lines = ["## 4-5. Listing and memory\n",
              "Redis filled through `Index.store` (one digest and metadata per URL, URLs of "
@@ -210,11 +213,11 @@ def listing(results: Results) -> list[str]:
              "page with a new connection for each request, as earlier runs measured it).\n",
              "| indexed URLs | first page (limit 100) p50 ms | the same, a new connection each | "
              "first page limit=1000 p50 ms | full walk limit=1000 s | walk µs per URL | Redis bytes per URL | "
-             "of which url / blob buckets, and the count hash in bytes (MEMORY USAGE) |",
+             "of which url / blob buckets / newest-first order, and the count hash in bytes (MEMORY USAGE) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in results.listing:
         parts, times = row.breakdown, row.times
-        split = f"{parts['url']:.0f} / {parts['blob']:.0f}, {parts['count']:.0f} B"
+        split = f"{parts['url']:.0f} / {parts['blob']:.0f} / {parts.get('recent', 0):.0f}, {parts['count']:.0f} B"
         lines.append(f"| {row.size:,} | {times.first_ms:.2f} | {times.first_new_connection_ms:.2f} | "
                      f"{times.first_1000_ms:.1f} | {times.walk_seconds:.1f} | "
                      f"{times.walk_seconds / row.size * 1e6:.1f} | {row.per_url:.0f} | {split} |")
@@ -229,7 +232,9 @@ def listing(results: Results) -> list[str]:
             growth = (last.times.walk_seconds / small.times.walk_seconds) / (last.size / small.size)
             lines.append(f"- Walk growth against linear ({small.size:,} -> {last.size:,}): {growth:.2f} "
                          f"(1.00 is linear): {verdict(growth < 1.3)}.")
-        lines.append(f"- Redis bytes per URL under 250: {verdict(last.per_url < 250)} ({last.per_url:.0f}).")
+        # The budget of the whole index, placeholders of ~40 bytes a content (bench.index_parts) left out here.
+        lines.append(f"- Redis bytes per URL under {INDEX_BUDGET} with placeholders' 40: "
+                     f"{verdict(last.per_url + 40 < INDEX_BUDGET)} ({last.per_url:.0f}).")
     run = results.ingest
     lines.append(f"- casimg service RSS after ingesting {len(results.files):,} images: {run.rss_kib / 1024:.0f} MiB "
                  f"({run.rss_start_kib / 1024:.0f} MiB at start).")

@@ -26,12 +26,13 @@ class Casimg:
 
 def start_redis(procs: Procs, directory: Path, persistent: bool) -> tuple[Popen, str]:
     """A redis-server like casimg's embedded one (AOF, everysec) or, for the listing fill, without AOF."""
-    from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE
+    from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, COMPACT_ZSET_ENTRIES, COMPACT_ZSET_VALUE
 
     proc = procs.add(start_redis_server(
         directory, "--unixsocketperm", "700", "--appendonly", "yes" if persistent else "no",
         "--appendfsync", "everysec", "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
-        "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE), new_session=True))
+        "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE), "--zset-max-ziplist-entries", str(COMPACT_ZSET_ENTRIES),
+        "--zset-max-ziplist-value", str(COMPACT_ZSET_VALUE), new_session=True))
     return proc, f"unix://{directory / 'redis.sock'}"
 
 

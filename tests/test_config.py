@@ -96,6 +96,15 @@ def test_the_sweep_may_not_take_downloads_in_progress():
     assert load_settings(environ={"CASIMG_TMP_GRACE": "30", "CASIMG_SWEEP_INTERVAL": "0"}).tmp_grace == 30
 
 
+def test_a_default_callback_url_needs_a_secret_and_http():
+    with pytest.raises(ConfigError, match="CASIMG_WEBHOOK_SECRET"):
+        load_settings(environ={"CASIMG_WEBHOOK_URL": "https://receiver.example/hook"})
+    with pytest.raises(ConfigError, match="http"):
+        load_settings(environ={"CASIMG_WEBHOOK_URL": "ftp://receiver.example/", "CASIMG_WEBHOOK_SECRET": "s"})
+    settings = load_settings(environ={"CASIMG_WEBHOOK_URL": "https://r.example/", "CASIMG_WEBHOOK_SECRET": "s3cr3t"})
+    assert "s3cr3t" not in repr(settings)  # a logged Settings never shows the secret
+
+
 def test_the_default_of_processes_is_auto_and_auto_means_the_usable_cores():
     assert load_settings(environ={}).processes == AUTO
     assert load_settings(environ={}).process_count == usable_cores() >= 1
