@@ -432,6 +432,7 @@ def test_accessibility_scan_and_screenshots(browser: Browser, gallery: Gallery, 
         page = context.new_page()
         open_gallery(page, gallery)
         expect(tiles(page).first).to_have_attribute("src", re.compile("^blob:"), timeout=WAIT_MS)
+        expect(page.locator("#grid .tile:not([hidden]) img.pending")).to_have_count(0, timeout=WAIT_MS)
         screenshot(page, f"grid-{size}")
         assert_accessible(page, "grid")
         tiles(page).first.click()
