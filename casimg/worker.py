@@ -48,6 +48,7 @@ from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
+from casimg.storage import Storage, StorageUnavailable
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 from casimg.webhooks import Deliverer
@@ -130,7 +131,7 @@ class Worker:
         settings: Settings,
         queue: JobQueue,
         index: Index,
-        blobs: FileStore,
+        blobs: Storage,
         fetcher: Fetcher,
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
@@ -142,7 +143,10 @@ class Worker:
         self.index = index
         self.blobs = blobs
         self.fetcher = fetcher
-        self.flusher = FlushGroup(blobs.root)
+        # The file driver links blobs in without an fsync each and makes a batch durable with one syncfs; an
+        # object store's commit is durable when it returns.
+        self.files = blobs if isinstance(blobs, FileStore) else None
+        self.flusher = FlushGroup(blobs.root) if isinstance(blobs, FileStore) else None
         # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
@@ -199,7 +203,8 @@ class Worker:
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
-        self.flusher.close()
+        if self.flusher is not None:
+            self.flusher.close()
         # A task cancelled above may have handed its settle to the thread already: let it finish (a few
         # system calls each). `serve --processes` children end with os._exit, which joins no thread.
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
@@ -229,7 +234,7 @@ class Worker:
                 if await self.index.take_sweep_lock(self.name, interval):
                     done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
-            except (*REDIS_ERRORS, OSError) as exc:
+            except (*REDIS_ERRORS, OSError, StorageUnavailable) as exc:
                 log.warning("sweep skipped: %s", exc)
 
     async def _run(self) -> None:
@@ -483,6 +488,8 @@ class Worker:
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
+        except StorageUnavailable as exc:  # the object store refused or did not answer, after its retries
+            raise DownloadFailed(f"storage error: {exc}", permanent=True) from None
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
@@ -492,16 +499,17 @@ class Worker:
             downloaded.discard()
             raise
         with tracing.span("casimg.store"):
-            try:
-                await self.flusher.flush()
-            except BaseException:
-                self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
-                raise
+            if self.flusher is not None:
+                try:
+                    await self.flusher.flush()
+                except BaseException:
+                    self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+                    raise
             meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
             outcome = await store_blob(
                 self.blobs, self.index, tmp, entry.url, digest, meta,
-                linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position,
-                entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
+                linked=self.files is not None, run=self._settler.call, job_id=entry.job_id,
+                position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
             )
         kind = outcome.kind
         if kind is Outcome.STORED:
@@ -510,7 +518,8 @@ class Worker:
         return kind
 
     def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo]:
-        """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
+        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
+        store step 1; an object store's commit follows in store_blob).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
@@ -526,15 +535,17 @@ class Worker:
             digest = hashlib.sha256(downloaded.data).hexdigest()
             # Content the store holds already (the same image under another URL): no bytes are written
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
-            tmp = self.blobs.temp_link_to(digest)
+            tmp = self.files.temp_link_to(digest) if self.files is not None else None
             if tmp is not None:
                 return tmp, digest, info
             tmp, digest = self.blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
+        if self.files is None:
+            return tmp, digest, info
         try:
-            self.blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
+            self.files.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
             self.blobs.discard(tmp)
             raise
