@@ -46,6 +46,8 @@ from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
+from casimg.storage import Storage
+from casimg.storage.active import ActiveStore
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 
@@ -125,11 +127,15 @@ class Worker:
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
         pace: OriginPace | None = None,
+        stores: ActiveStore | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.index = index
         self.blobs = blobs
+        # The active store record (storage/active.py): each store asks it which driver to write, and
+        # which second one during a migration. Without it, `blobs` is the only store.
+        self.stores = stores
         self.fetcher = fetcher
         self.flusher = FlushGroup(blobs.root)
         # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
@@ -211,7 +217,8 @@ class Worker:
             try:
                 # One sweeper at a time across all workers; the lock expires with the interval.
                 if await self.index.take_sweep_lock(self.name, interval):
-                    done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
+                    active = self.stores.active if self.stores is not None else self.blobs
+                    done = await sweep(self.index, active, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
             except (*REDIS_ERRORS, OSError) as exc:
                 log.warning("sweep skipped: %s", exc)
@@ -436,27 +443,35 @@ class Worker:
             return min(retry_after, RETRY_AFTER_CAP)
         return random.uniform(0, RETRY_BASE * 2 ** (attempt - 1))
 
+    def _store_pair(self) -> contextlib.AbstractContextManager[tuple[Storage, Storage | None]]:
+        """(the store to write, a migration's target to write as well), held for one store's duration."""
+        return self.stores.storing() if self.stores is not None else contextlib.nullcontext((self.blobs, None))
+
     async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            return await self._store_unguarded(entry, downloaded, attempt)
+            with self._store_pair() as (blobs, target):
+                return await self._store_unguarded(entry, downloaded, attempt, blobs, target)
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
 
-    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
+    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int,
+                               blobs: Storage, target: Storage | None) -> Outcome:
         try:
-            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded, blobs)
         except BaseException:
             downloaded.discard()
             raise
         try:
             await self.flusher.flush()
+            if target is not None:  # a migration's target gets the bytes before the index step
+                await target.commit(tmp, digest)
         except BaseException:
-            self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+            blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
             raise
         meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
         outcome = await store_blob(
-            self.blobs, self.index, tmp, entry.url, digest, meta,
+            blobs, self.index, tmp, entry.url, digest, meta,
             linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
             attempts=attempt, owner=entry.owner,
         )
@@ -466,7 +481,7 @@ class Worker:
         self.on_outcome(kind, "")
         return kind
 
-    def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo]:
+    def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
         """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
@@ -480,14 +495,14 @@ class Worker:
             mode=self.settings.validation,
         )
         if downloaded.data is not None:
-            tmp, digest = self.blobs.write_temp(downloaded.data)
+            tmp, digest = blobs.write_temp(downloaded.data)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
         try:
-            self.blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
+            blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
-            self.blobs.discard(tmp)
+            blobs.discard(tmp)
             raise
         return tmp, digest, info
 
