@@ -64,7 +64,8 @@ async def store_blob(
             settled = True
             await run(blobs.settle, tmp, digest)
         else:
-            # The URL was indexed by someone else meanwhile; our link may have made an unreferenced blob.
+            # The URL was indexed by someone else meanwhile, or its job was cancelled (then it is not indexed);
+            # our link may have made an unreferenced blob.
             await remove_if_unreferenced(blobs, index, digest)
         return outcome
     finally:

@@ -1,6 +1,7 @@
-"""How casimg processes run: ``casimg serve`` (one process, or ``--processes N`` forked over one port),
-``casimg worker``, the event loop they run on, their signals and their metrics listener. What they
-serve is built elsewhere: the services in services.py, the HTTP application in app.py.
+"""How casimg processes run: ``casimg serve`` (one process per core by default, forked over one port;
+``--processes 1`` forks nothing), ``casimg worker``, the event loop they run on, their signals and their
+metrics listener. What they serve is built elsewhere: the services in services.py, the HTTP application
+in app.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 
+from casimg import tracing
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
 from casimg.metrics import Metrics
@@ -40,6 +42,7 @@ async def serve(
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
     """
+    tracing.setup()  # before the application and the download session exist: they are instrumented as made
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
     await bootstrap_admin_key(settings, services.api_keys)
@@ -63,6 +66,7 @@ async def serve(
     await services.close()
     await metrics.close()
     await server.close_all_connections()
+    tracing.shutdown()
     log.info("stopped")
 
 
@@ -124,7 +128,7 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
     children: set[int] = set()
-    for _ in range(settings.processes):
+    for _ in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it
@@ -175,6 +179,7 @@ async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
 
 async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
+    tracing.setup()
     # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=True, metrics=metrics)
@@ -188,6 +193,7 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
         metrics_server.stop()
     await services.close()
     await metrics.close()
+    tracing.shutdown()
 
 
 async def _until_signalled() -> None:

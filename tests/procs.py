@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from urllib.parse import quote, urlsplit
 import redis
 
 from bench.procs import ROOT, free_port, spawn, start_serve, status_kib
+from casimg.metrics import shared_root
 from tests.origin import image_bytes
 
 
@@ -44,8 +46,10 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # CASIMG_ORIGIN_RATE 0: tests fetch hundreds of images from one local origin (as conftest.make_settings)
+        # CASIMG_PROCESSES 1: a test drives, signals and counts one server process unless it asks for more
+        # (serve's default is one per core).
         self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2",
-                    "CASIMG_ORIGIN_RATE": "0", **(env or {})}
+                    "CASIMG_ORIGIN_RATE": "0", "CASIMG_PROCESSES": "1", **(env or {})}
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.process = start_serve(["--data-dir", str(data_dir), "--port", str(self.port), *extra], self.port,
                                    self.log, env=self.env, cwd=ROOT)
@@ -110,13 +114,29 @@ class Processes:
     def cleanup(self) -> None:
         for process in self.started:
             if process.poll() is None:
+                # `serve --processes N` children run in process groups of their own, and a parent killed
+                # with -9 forwards nothing: they are ended by pid, or they outlive the test.
+                children = forked_children(process.pid)
                 process.kill()
                 process.wait()
+                for child in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
         for data_dir in self.data_dirs:
             pid = embedded_redis_pid(data_dir)
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            # A process killed here cannot remove the data dir's metrics directory (a clean stop does).
+            shutil.rmtree(shared_root(data_dir), ignore_errors=True)
+
+
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked (Linux's /proc children list); [] once it is gone."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def embedded_redis_pid(data_dir: Path) -> int | None:

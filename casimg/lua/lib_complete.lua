@@ -1,8 +1,18 @@
--- Shared by the store and complete scripts: record one URL's outcome in its job exactly once and
--- remove the queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner
--- (an API key id, '' for the keyless stream) is scored in the owners set with the time its stream became
--- empty, in the step that empties it; the submit script scores it +inf while its stream holds entries.
-local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms)
+-- Shared by the store, complete, publish and cancel scripts. finish_job: a job's last step, which also queues
+-- its callback, if it has one, in the webhooks set (due at once), so that a callback is never lost between
+-- a job's end and its delivery. complete: record one URL's outcome in its job exactly once and remove the
+-- queue entry. A job key that has expired still gets its entry acknowledged. The stream's owner (an API key
+-- id, '' for the keyless stream) is scored in the owners set with the time its stream became empty, in the
+-- step that empties it; the submit script scores it +inf while its stream holds entries.
+local function finish_job(job, hooks, now_ms, now_iso)
+  redis.call('HSET', job, 'status', 'done', 'finished', now_iso)
+  local hook = redis.call('HMGET', job, 'id', 'callback')
+  if hook[2] and hook[2] ~= '' then
+    redis.call('HSET', job, 'cb_state', 'pending', 'cb_since', now_ms)
+    redis.call('ZADD', hooks, now_ms, hook[1])
+  end
+end
+local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms, hooks)
   if entry ~= '' then
     redis.call('XACK', queue, group, entry)
     redis.call('XDEL', queue, entry)
@@ -14,7 +24,7 @@ local function complete(job, results, queue, group, entry, field, result, counte
   redis.call('HINCRBY', job, counter, 1)
   local done = redis.call('HINCRBY', job, 'done', 1)
   if done >= tonumber(redis.call('HGET', job, 'total')) then
-    redis.call('HSET', job, 'status', 'done', 'finished', ARGV[#ARGV])
+    finish_job(job, hooks, now_ms, ARGV[#ARGV])
   elseif redis.call('HGET', job, 'status') == 'queued' then
     redis.call('HSET', job, 'status', 'running')
   end

@@ -1,6 +1,11 @@
--- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners
--- ARGV: url digest meta now_ms entry group field attempts owner now_iso
+-- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners recent webhooks
+-- ARGV: url digest meta now_ms entry group field attempts owner recent_leaf_prefix now_iso
+-- A URL of a cancelled job is not indexed: the entry leaves the queue, and the caller removes the bytes.
 local url, digest = ARGV[1], ARGV[2]
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[4], 'cancelled') == 1 then
+  complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], '', '', '', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
+  return {'cancelled', digest, -1}
+end
 local old = redis.call('HGET', KEYS[1], url)
 local outcome, prior
 if old then
@@ -10,6 +15,7 @@ else
   local value = digest .. ' ' .. ARGV[4]
   if ARGV[3] ~= '' then value = value .. ' ' .. ARGV[3] end
   redis.call('HSET', KEYS[1], url, value)
+  recent_add(KEYS[8], ARGV[10], recent_member(ARGV[4], url))
   redis.call('HINCRBY', KEYS[3], 'urls', 1)
   if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
   outcome = 'stored'
@@ -17,5 +23,5 @@ end
 local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8])}
 if outcome == 'stored' and prior > 0 then result.deduplicated = true end
 complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4])
+         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
 return {outcome, digest, prior}

@@ -63,8 +63,9 @@ class Staging:
     def __init__(self, tmp_dir: Path) -> None:
         self.tmp_dir = tmp_dir
 
-    def write_temp(self, data: bytes) -> tuple[Path, str]:
-        """A new temp file holding `data`, and its SHA-256; not yet durable (the driver's commit makes it so)."""
+    def write_temp(self, data: bytes, digest: str | None = None) -> tuple[Path, str]:
+        """A new temp file holding `data`, and its SHA-256 (`digest`, when the caller hashed `data` already);
+        not yet durable (the driver's commit makes it so)."""
         fd, path = open_temp(self.tmp_dir)
         try:
             view = memoryview(data)
@@ -75,7 +76,7 @@ class Staging:
             os.unlink(path)
             raise
         os.close(fd)
-        return path, hashlib.sha256(data).hexdigest()
+        return path, digest or hashlib.sha256(data).hexdigest()
 
     @staticmethod
     def discard(path: Path | None) -> None:
