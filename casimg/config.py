@@ -38,6 +38,24 @@ class Settings:
         "file", "Where image bytes are kept: 'file' (blobs/ in the data directory) or 's3' (an S3-compatible "
         "bucket, see the CASIMG_S3_* settings; the data directory then holds temp files only). docs/storage.md."
     )
+    s3_endpoint: str = _setting(
+        "", "With storage 's3': the endpoint URL (http://host:port for MinIO, Ceph or another S3-compatible "
+        "store). Empty: AWS S3 in s3_region."
+    )
+    s3_bucket: str = _setting("", "With storage 's3': the bucket, which must exist (casimg never creates one).")
+    s3_prefix: str = _setting(
+        "", "With storage 's3': a key prefix, e.g. 'casimg/'; blobs go under <prefix>blobs/ab/cd/<sha256>."
+    )
+    s3_region: str = _setting("us-east-1", "With storage 's3': the bucket's region (signed into every request).")
+    s3_redirect: str = _setting(
+        "off", "With storage 's3': 'off' (casimg streams the bytes of GET /api/image and /api/blobs) or "
+        "'presigned' (it answers 302 to a presigned URL of the object, valid for minutes)."
+    )
+    s3_credentials_file: str = _setting(
+        "", "With storage 's3': an AWS shared-credentials file (INI, [default] or the AWS_PROFILE "
+        "section) to read the access key from. Empty: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and "
+        "AWS_SESSION_TOKEN) from the environment. The secret is never logged."
+    )
     redis_url: str = _setting(
         "", "Redis to use (redis://, rediss:// or unix://). Empty: start an embedded redis-server in the data dir."
     )
@@ -303,6 +321,13 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
     if settings.storage not in ("file", "s3"):
         raise ConfigError("Setting 'storage' must be 'file' or 's3'")
+    if settings.storage == "s3":
+        if not settings.s3_bucket:
+            raise ConfigError("Setting 's3_bucket' is missing, and storage 's3' has no default bucket")
+        if settings.accel_redirect:
+            raise ConfigError("Setting 'accel_redirect' serves files of a blob directory: it needs storage 'file'")
+    if settings.s3_redirect not in ("off", "presigned"):
+        raise ConfigError("Setting 's3_redirect' must be 'off' or 'presigned'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     if settings.processes < 1 and settings.processes != AUTO:

@@ -470,6 +470,18 @@ class _BytesHandler(BaseHandler):
             self.clear_header("Content-Type")
             self.finish()
             return
+        if include_body:
+            # An object store may hand the client a short-lived URL of its own (CASIMG_S3_REDIRECT=presigned),
+            # which then answers Range itself. The redirect is not cached: the URL expires.
+            location = await self.services.blobs.redirect_url(
+                image.sha256, image.content_type, f"{image.sha256[:16]}.{extension}")
+            if location is not None:
+                self.set_status(302)
+                self.set_header("Location", location)
+                self.set_header("Cache-Control", "no-store")
+                self.clear_header("Content-Type")
+                self.finish()
+                return
         accel = self.services.settings.accel_redirect
         if accel and include_body:
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;

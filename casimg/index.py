@@ -34,6 +34,7 @@ through a client that does not decode.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -192,6 +193,10 @@ class Index:
         self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
+        self._claim = redis.register_script(lua_source("claim"))
+        self._unclaim = redis.register_script(lua_source("unclaim"))
+        self._tomb = redis.register_script(lua_source("tomb"))
+        self._begin_delete = redis.register_script(lua_source("begin_delete"))
 
     async def store(
         self,
@@ -345,6 +350,48 @@ class Index:
         """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
         the lock expires after `seconds`, so one worker at a time sweeps."""
         return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
+
+    # -- claims and tombstones: the lifecycle of blobs on an object store (lifecycle.py, storage/s3.py) --
+
+    async def claim(self, digest: str, token: str, ttl: float) -> int:
+        """Hold a claim on `digest` for `ttl` seconds while a store uploads it: 1, or 2 when the digest is
+        referenced (so its object is there and stays while the claim lives); 0 while a delete of its
+        object may be in flight (the caller waits and asks again)."""
+        k = self.keys
+        return int(await self._claim(keys=[k.claims(digest), k.deleting(digest), k.tomb, blob_key(k, digest)],
+                                     args=[token, max(1, int(ttl * 1000)), digest, bytes.fromhex(digest)]))
+
+    async def unclaim(self, digest: str, token: str) -> bool:
+        """Drop the claim; True if it was still live, so no delete of the object can have begun since it
+        was taken."""
+        return bool(await self._unclaim(keys=[self.keys.claims(digest)], args=[token]))
+
+    async def tomb(self, digest: str, grace: float) -> bool:
+        """Mark an unreferenced digest's object for deletion by the sweep after `grace` seconds; False
+        (and nothing marked) if it is referenced."""
+        k = self.keys
+        return bool(await self._tomb(keys=[blob_key(k, digest), k.tomb],
+                                     args=[bytes.fromhex(digest), digest, max(0, int(grace * 1000))]))
+
+    async def due_tombs(self, limit: int) -> list[str]:
+        """Up to `limit` tombstoned digests whose grace has passed (by this node's clock, which only
+        picks candidates: begin_delete decides by Redis's)."""
+        return await self.redis.zrangebyscore(self.keys.tomb, "-inf", int(time.time() * 1000),
+                                              start=0, num=limit)
+
+    async def tombstoned(self) -> set[str]:
+        return set(await self.redis.zrange(self.keys.tomb, 0, -1))
+
+    async def begin_delete(self, digest: str, marker_ttl: float) -> bool:
+        """True if the sweep may delete `digest`'s object now: due, unreferenced, unclaimed. The deleting
+        marker is then set for `marker_ttl` seconds, longer than any DELETE request may take."""
+        k = self.keys
+        return bool(await self._begin_delete(
+            keys=[blob_key(k, digest), k.claims(digest), k.deleting(digest), k.tomb],
+            args=[bytes.fromhex(digest), digest, max(1, int(marker_ttl * 1000))]))
+
+    async def end_delete(self, digest: str) -> None:
+        await self.redis.delete(self.keys.deleting(digest))
 
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.

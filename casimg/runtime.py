@@ -45,6 +45,7 @@ async def serve(
     tracing.setup()  # before the application and the download session exist: they are instrumented as made
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
+    await _check_store(services)
     await bootstrap_admin_key(settings, services.api_keys)
     server = tornado.httpserver.HTTPServer(
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
@@ -183,6 +184,7 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=True, metrics=metrics)
+    await _check_store(services)
     assert services.worker is not None
     metrics_server = _metrics_listener(settings, services)
     services.worker.start()
@@ -194,6 +196,20 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     await services.close()
     await metrics.close()
     tracing.shutdown()
+
+
+async def _check_store(services: Services) -> None:
+    """Refuse to start beside an object store that is not there: a missing bucket, refused credentials or
+    an endpoint down end the process with the reason (StorageUnavailable), before it takes any work. A
+    blob directory is checked by /readyz only, as before: a disk that turns read-only is a state to report,
+    not a reason to stay down."""
+    if services.blobs.kind == "file":
+        return
+    try:
+        await services.blobs.check()
+    except BaseException:
+        await services.close()
+        raise
 
 
 async def _until_signalled() -> None:

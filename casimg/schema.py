@@ -21,6 +21,9 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
+    claims:{sha256}    zset    an object-store blob's stores in flight: token -> expiry (ms)
+    deleting:{sha256}  string  present while an object-store blob's DELETE may be in flight
+    tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
     store              hash    the active blob store, a migration's target, epoch, id (storage/active.py)
     store-acks         hash    process name -> "<epoch> <ms>": the store record's epoch each process follows
     store-copied:{id}  set     digests a store migration has copied and verified (migrate_store.py)
@@ -125,6 +128,21 @@ class KeySpace:
     def sweep_lock(self) -> str:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
+
+    def claims(self, digest: str) -> str:
+        """sorted set with a TTL: the stores of `digest` between their upload and their index step, on any
+        node, for a driver without link/rename (storage/s3.py): claim token -> expiry in ms (Redis time)."""
+        return f"{self.prefix}claims:{digest}"
+
+    def deleting(self, digest: str) -> str:
+        """string with a TTL: present while the sweep's DELETE of `digest`'s object may be in flight; a
+        store of the same content waits for it to go."""
+        return f"{self.prefix}deleting:{digest}"
+
+    @property
+    def tomb(self) -> str:
+        """sorted set: digests of an object store whose count reached 0 -> when the sweep may delete them (ms)."""
+        return self.prefix + "tomb"
 
     @property
     def enqueuing(self) -> str:

@@ -48,7 +48,7 @@ from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
-from casimg.storage import Storage
+from casimg.storage import Storage, StorageUnavailable
 from casimg.storage.active import ActiveStore
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
@@ -132,7 +132,7 @@ class Worker:
         settings: Settings,
         queue: JobQueue,
         index: Index,
-        blobs: FileStore,
+        blobs: Storage,
         fetcher: Fetcher,
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
@@ -148,7 +148,10 @@ class Worker:
         # which second one during a migration. Without it, `blobs` is the only store.
         self.stores = stores
         self.fetcher = fetcher
-        self.flusher = FlushGroup(blobs.root)
+        # The file driver links blobs in without an fsync each and makes a batch durable with one syncfs; an
+        # object store's commit is durable when it returns.
+        # (one per blob directory: after a store migration the active store may be another)
+        self._flushers: dict[Path, FlushGroup] = {}
         # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
@@ -205,7 +208,8 @@ class Worker:
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
-        self.flusher.close()
+        for flusher in self._flushers.values():
+            flusher.close()
         # A task cancelled above may have handed its settle to the thread already: let it finish (a few
         # system calls each). `serve --processes` children end with os._exit, which joins no thread.
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
@@ -236,7 +240,7 @@ class Worker:
                     active = self.stores.active if self.stores is not None else self.blobs
                     done = await sweep(self.index, active, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
-            except (*REDIS_ERRORS, OSError) as exc:
+            except (*REDIS_ERRORS, OSError, StorageUnavailable) as exc:
                 log.warning("sweep skipped: %s", exc)
 
     async def _run(self) -> None:
@@ -488,6 +492,13 @@ class Worker:
         """(the store to write, a migration's target to write as well), held for one store's duration."""
         return self.stores.storing() if self.stores is not None else contextlib.nullcontext((self.blobs, None))
 
+    def _flusher_for(self, blobs: Storage) -> FlushGroup | None:
+        if not isinstance(blobs, FileStore):
+            return None
+        if blobs.root not in self._flushers:
+            self._flushers[blobs.root] = FlushGroup(blobs.root)
+        return self._flushers[blobs.root]
+
     async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
             with self._store_pair() as (blobs, target):
@@ -495,6 +506,8 @@ class Worker:
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
+        except StorageUnavailable as exc:  # the object store refused or did not answer, after its retries
+            raise DownloadFailed(f"storage error: {exc}", permanent=True) from None
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int,
                                blobs: Storage, target: Storage | None) -> Outcome:
@@ -506,18 +519,20 @@ class Worker:
             downloaded.discard()
             raise
         with tracing.span("casimg.store"):
+            flusher = self._flusher_for(blobs)
             try:
-                await self.flusher.flush()
+                if flusher is not None:
+                    await flusher.flush()
                 if target is not None:  # a migration's target gets the bytes before the index step
-                    await target.commit(tmp, digest)
+                    await target.commit(tmp, digest, info.content_type)
             except BaseException:
                 blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
                 raise
             meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
             outcome = await store_blob(
                 blobs, self.index, tmp, entry.url, digest, meta,
-                linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position,
-                entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
+                linked=flusher is not None, run=self._settler.call, job_id=entry.job_id,
+                position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
             )
         kind = outcome.kind
         if kind is Outcome.STORED:
@@ -526,7 +541,8 @@ class Worker:
         return kind
 
     def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
-        """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
+        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
+        store step 1; an object store's commit follows in store_blob).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
@@ -542,13 +558,15 @@ class Worker:
             digest = hashlib.sha256(downloaded.data).hexdigest()
             # Content the store holds already (the same image under another URL): no bytes are written
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
-            tmp = blobs.temp_link_to(digest)
+            tmp = blobs.temp_link_to(digest) if isinstance(blobs, FileStore) else None
             if tmp is not None:
                 return tmp, digest, info
             tmp, digest = blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
+        if not isinstance(blobs, FileStore):
+            return tmp, digest, info
         try:
             blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:

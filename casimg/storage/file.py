@@ -246,7 +246,10 @@ class FileStore(Staging):
 
     # -- the Storage protocol ---------------------------------------------------------------------
 
-    async def commit(self, tmp: Path, digest: str) -> None:
+    def local_path(self, digest: str) -> Path | None:
+        return self.blob_path(digest)
+
+    async def commit(self, tmp: Path, digest: str, content_type: str | None = None) -> None:
         await asyncio.to_thread(self.link_in, tmp, digest)
 
     async def stat(self, digest: str) -> int:
@@ -266,12 +269,8 @@ class FileStore(Staging):
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
 
-    async def delete(self, digest: str) -> bool:
-        try:
-            await asyncio.to_thread(os.unlink, self.blob_path(digest))
-        except FileNotFoundError:
-            return False
-        return True
+    async def delete(self, digest: str) -> None:
+        await asyncio.to_thread(self.discard, self.blob_path(digest))
 
     async def walk(self) -> list[str]:
         return await asyncio.to_thread(lambda: list(self.iter_digests()))
@@ -281,6 +280,9 @@ class FileStore(Staging):
 
     async def leftovers(self) -> list[Leftover]:
         return await asyncio.to_thread(lambda: list(self.iter_leftovers()))
+
+    async def clear(self, leftover: Leftover) -> None:
+        await asyncio.to_thread(self.discard, leftover.path)
 
     async def redirect_url(self, digest: str, content_type: str, filename: str) -> str | None:
         return None  # the bytes are served by casimg, or by nginx in front (accel_redirect)
