@@ -19,7 +19,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 
 from casimg import errors
-from casimg.handlers import BaseHandler
+from casimg.handlers import UNMATCHED, BaseHandler
+from casimg.services import Services
 
 VERSION_DIGITS = 12  # of the assets' hash in their path: enough that two releases never share one
 ASSET_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
@@ -66,9 +67,9 @@ def _walk(folder: Traversable, prefix: str) -> list[tuple[str, bytes]]:
 class _GalleryHandler(BaseHandler):
     """Serves from `assets`; needs no key (the page asks for one and sends it to the API itself)."""
 
-    def initialize(self, services: object, route: str = "", assets: Assets | None = None) -> None:  # type: ignore[override]
-        super().initialize(services, route)  # type: ignore[arg-type]
-        assert assets is not None
+    def initialize(self, services: Services, route: str = UNMATCHED, assets: Assets | None = None) -> None:
+        super().initialize(services, route)
+        assert assets is not None, "gallery_routes gives every gallery handler the assets"
         self.assets = assets
 
     def set_default_headers(self) -> None:
@@ -101,7 +102,7 @@ class AssetHandler(_GalleryHandler):
         self.get(version, name)
 
 
-def gallery_routes(services: object) -> list[tuple[str, type[_GalleryHandler], dict[str, object]]]:
+def gallery_routes(services: Services) -> list[tuple[str, type[_GalleryHandler], dict[str, object]]]:
     """The page at / and its assets under /ui/<version>/; outside the API's route table and OpenAPI."""
     assets = load_assets()
     return [

@@ -29,11 +29,12 @@ more than about ``STEP_BYTES`` of URLs:
    cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
    set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
 
-A job is cancelled (``cancel``, lua/cancel.lua) in one step: each URL without a result fails with
-``cancelled``, the job is done, and it is flagged ``cancelled``, so that no worker starts one of its
-entries (worker.py asks in the batch lookup of the entries it reads) or indexes one that was downloading
-(lua/store.lua refuses it, and the bytes go). A job's end, whichever it is, queues its callback in the same
-step (webhooks.py).
+A job is cancelled (``cancel``, lua/cancel.lua) in one step of constant cost: it is flagged
+``cancelled`` and done, and each URL without a result counts as failed and reads as ``failed:
+cancelled``. No outcome is recorded in it afterwards (lua/lib_complete.lua), no entry queued
+(lua/enqueue.lua), no worker starts one of its entries (worker.py asks in the batch lookup of the entries
+it reads) or indexes one that was downloading (lua/store.lua refuses it, and the bytes go). A job's end,
+whichever it is, queues its callback in the same step (webhooks.py).
 
 A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
 may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
@@ -73,6 +74,8 @@ RESUME_BATCH = 10  # abandoned enqueues a worker finishes per look
 KEPT_URL = 2048  # characters of a too long URL the job keeps, to show which one it was
 TOO_LONG = "URL too long"
 CANCELLED = "cancelled"  # the error of each URL its job's cancel found unfinished
+PENDING_RESULT = {"status": "pending"}  # a URL without a result yet
+CANCELLED_RESULT = {"status": Outcome.FAILED.value, "error": CANCELLED, "attempts": 0}  # ... in a cancelled job
 
 
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
@@ -337,22 +340,21 @@ class JobQueue:
         if with_results:
             assert urls is not None
             results = replies[1]
+            missing = CANCELLED_RESULT if info.get("cancelled") else PENDING_RESULT
             for position, url in enumerate(urls):
                 raw = results.get(str(position))
-                job.results.append({"url": url, **json.loads(raw)} if raw else {"url": url, "status": "pending"})
+                job.results.append({"url": url, **json.loads(raw)} if raw else {"url": url, **missing})
         return job
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel an unfinished job: each URL without a result fails with CANCELLED, and the job is done, in
-        one step. True if it was cancelled now, False if it was done already; NotFound if there is none.
-
-        One Redis call sets every missing result: about a microsecond a URL, a few milliseconds for the
-        largest job (CASIMG_MAX_URLS_PER_REQUEST); split, a job would show itself half cancelled.
+        one step of constant cost (lua/cancel.lua: no result is written, a missing one reads as CANCELLED).
+        True if it was cancelled now, False if it was done already; NotFound if there is none.
         """
         k = self.keys
         answer = await self._cancel(
-            keys=[k.job(job_id), k.job_results(job_id), k.enqueuing, k.webhooks],
-            args=[job_id, _failure(CANCELLED), time.time_ns() // 1_000_000, now_iso()],
+            keys=[k.job(job_id), k.enqueuing, k.webhooks],
+            args=[job_id, time.time_ns() // 1_000_000, now_iso()],
         )
         if answer == -1:
             raise NotFound(f"no job {job_id!r} (unknown, or expired)")

@@ -21,8 +21,8 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
-    claims:{sha256}    zset    an object-store blob's stores in flight: token -> expiry (ms)
-    deleting:{sha256}  string  present while an object-store blob's DELETE may be in flight
+    claims:{digest}    zset    an object-store blob's stores in flight: token -> expiry (ms)
+    deleting:{digest}  string  present while an object-store blob's DELETE may be in flight
     tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
     store              hash    the active blob store, a migration's target, epoch, id (storage/active.py)
     store-acks         hash    process name -> "<epoch> <ms>": the store record's epoch each process follows

@@ -128,7 +128,7 @@ def test_every_key_a_server_writes_is_in_the_table_with_its_type(server):
     # callback waits to be delivered; the store record from the first store migration on
     transient = {"casimg:sweep-lock", "casimg:enqueuing", "casimg:origin-cool:{origin}",
                  "casimg:origin-backoff:{origin}", "casimg:webhooks", "casimg:store", "casimg:store-copied:{migration}",
-                 "casimg:claims:{sha256}", "casimg:deleting:{sha256}", "casimg:tomb"}  # an object store's only
+                 "casimg:claims:{digest}", "casimg:deleting:{digest}", "casimg:tomb"}  # an object store's only
     assert set(key_table()) - transient <= seen
 
 

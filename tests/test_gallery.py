@@ -297,6 +297,10 @@ def test_detail_view_shared_urls_and_escape(page: Page, gallery: Gallery, stored
     expect(page.locator("#detail-download")).to_have_attribute("href", re.compile("^blob:"))
     expect(page.locator("#delete")).to_be_visible()
     screenshot(page, "detail-desktop")
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gallery.base)
+    page.get_by_role("button", name="Copy URL").click()
+    expect(page.get_by_role("button", name="Copied")).to_be_visible()
+    assert page.evaluate("navigator.clipboard.readText()") == gallery.origin.url("/dup/first.jpg")
     page.keyboard.press("Escape")
     expect(dialog).to_be_hidden()
     expect(tile).to_be_focused()  # focus returns to the tile that opened it
@@ -421,6 +425,7 @@ def test_tiles_use_the_thumb_variant(page: Page, gallery: Gallery, stored: list[
     assert not any(etag in originals for _, etag in thumbs), "a tile got an original, not its thumbnail"
 
 
+@pytest.mark.slow  # three axe scans at each of two sizes: about 15 s on a loaded machine
 def test_accessibility_scan_and_screenshots(browser: Browser, gallery: Gallery, stored: list[str]) -> None:
     for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
         context = browser.new_context(viewport=viewport)

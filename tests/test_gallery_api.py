@@ -3,6 +3,7 @@ CASIMG_UI=off, and the two API calls it makes beyond listing (GET /api/key, GET 
 
 from __future__ import annotations
 
+import configparser
 import json
 import re
 from typing import Any
@@ -10,6 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
+from bench.procs import ROOT
 from casimg.app import make_app
 from casimg.keys import Scope
 from tests.conftest import make_settings, problem
@@ -77,3 +79,14 @@ async def test_blob_urls_counts_and_lists_the_urls_sharing_bytes(api, origin):
     assert problem(await api("GET", f"/api/blobs/{'0' * 64}/urls"))["status"] == 404
     assert json.loads((await api("GET", f"/api/blobs/{digest}/urls?limit=0")).body)["urls"] == []
     assert problem(await api("GET", f"/api/blobs/{digest}/urls?limit=-1"))["status"] == 400
+
+
+def test_every_gallery_file_ships_with_the_package():
+    """setup.cfg's package_data globs cover casimg/web/, so an installed casimg serves the same page."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    globs = [g.strip() for g in config["options.package_data"]["casimg"].split(",")]
+    package = ROOT / "casimg"
+    shipped = {path for pattern in globs for path in package.glob(pattern)}
+    files = {path for path in (package / "web").rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    assert files and files <= shipped, sorted(str(p) for p in files - shipped)

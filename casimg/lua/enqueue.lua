@@ -6,8 +6,9 @@
 -- The entries go to the stream of the key that submitted the job (its name built from the prefix, as
 -- KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
 local job_id = ARGV[1]
-local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key', 'tp')
+local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key', 'tp', 'cancelled')
 local cursor, total, owner, tp = tonumber(info[1]), tonumber(info[2]), info[3] or '', info[4]
+if info[5] then total = cursor end  -- cancelled: nothing more to queue
 local queue = KEYS[4]
 if owner ~= '' then
   queue = ARGV[4] .. owner
