@@ -18,6 +18,9 @@ The steps, each recorded in Redis before the next begins:
 5. Flip: the record names the target as active, with no target and a new epoch, in one transaction that
    fails if the record changed meanwhile. Processes switch within FOLLOW_INTERVAL; one that has not yet
    still writes to both and reads from the old store, which keeps every blob (nothing is deleted there).
+   Its write to an object store takes no claim; that is safe because no tombstone there can come due
+   within seconds of the flip: step 1 deleted those an earlier time on an object store left, and new
+   ones wait out a grace period of minutes.
 
 What a delete does meanwhile: it follows the active store's protocol; if its blob was copied already,
 the copy is an unreferenced blob in the target, which the target's sweep removes once it is active. A
@@ -118,8 +121,12 @@ async def migrate_store(stores: ActiveStore, index: Index, to: StoreName,
 
 async def _begin(redis: aioredis.Redis, keys: KeySpace, record: StoreRecord, to: StoreName) -> StoreRecord:
     began = StoreRecord(record.active, to, record.epoch + 1, secrets.token_hex(6))
+    # Tombstones left from an earlier time on an object store must not come due in the new one: a process
+    # that has not yet seen the flip writes there without a claim. Their objects, if any, are orphans that
+    # the sweep's walk tombstones afresh, with a full grace period.
+    forget = [keys.tomb] if to.kind != "file" else []
     await _write(redis, keys, record, {"active": str(began.active), "target": str(to),
-                                       "epoch": str(began.epoch), "id": began.migration})
+                                       "epoch": str(began.epoch), "id": began.migration}, forget)
     return began
 
 
@@ -129,8 +136,10 @@ async def _flip(redis: aioredis.Redis, keys: KeySpace, record: StoreRecord) -> N
                                        "epoch": str(record.epoch + 1), "id": ""})
 
 
-async def _write(redis: aioredis.Redis, keys: KeySpace, expected: StoreRecord, fields: dict[str, str]) -> None:
-    """Replace the record, unless it is no longer at `expected`'s epoch (another migrate-store ran)."""
+async def _write(redis: aioredis.Redis, keys: KeySpace, expected: StoreRecord, fields: dict[str, str],
+                 forget: list[str] | None = None) -> None:
+    """Replace the record (and delete the keys `forget` names), unless it is no longer at `expected`'s
+    epoch (another migrate-store ran)."""
     async with redis.pipeline(transaction=True) as pipe:
         await pipe.watch(keys.store)
         epoch = int(await pipe.hget(keys.store, "epoch") or 0)
@@ -138,6 +147,8 @@ async def _write(redis: aioredis.Redis, keys: KeySpace, expected: StoreRecord, f
             raise BadRequest("the store record changed meanwhile: another migrate-store is running")
         pipe.multi()
         pipe.hset(keys.store, mapping=fields)
+        if forget:
+            pipe.delete(*forget)
         await pipe.execute()
 
 

@@ -85,9 +85,12 @@ async def stored(services: Any, count: int) -> dict[str, bytes]:
 async def test_every_blob_goes_to_s3_and_back_and_every_process_follows(migrating):
     services, bucket = migrating
     blobs = await stored(services, 12)
+    stale = "0" * 64  # a tombstone from an earlier time on an object store, long due
+    await services.redis.zadd(services.stores.keys.tomb, {stale: 0})
     said: list[str] = []
     progress = await migrate_store(services.stores, services.index, bucket, said.append)
     assert (progress.referenced, progress.copied, progress.failed) == (12, 12, {})
+    assert await services.redis.zscore(services.stores.keys.tomb, stale) is None
     assert await services.redis.hget(services.stores.keys.store, "active") == str(bucket)
     assert await services.redis.hget(services.stores.keys.store, "target") == ""
     await services.stores.refresh()
