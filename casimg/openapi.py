@@ -33,8 +33,8 @@ AUTH_ERRORS = {
 }
 RANGE_PARAM = {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
                "description": "One byte range, bytes=FIRST-LAST, bytes=FIRST- or bytes=-SUFFIX: a 206 of that part "
-                              "(a 200 when it is the whole), a 416 when it starts past the end. Anything else is "
-                              "ignored (a 200)."}
+                              "(a 200 when it is the whole), a 416 when it starts past the end or is bytes=-0. "
+                              "Anything else is ignored (a 200)."}
 URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
              "description": "The image's original URL, exactly as it was submitted"}
 IMAGE_HEADERS = {
