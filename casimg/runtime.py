@@ -28,6 +28,8 @@ from casimg.services import Services, bootstrap_admin_key, open_services
 
 log = logging.getLogger("casimg")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
 M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 MALLOC_ARENAS = 2  # see limit_malloc_arenas
 
@@ -42,6 +44,7 @@ async def serve(
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
     """
+    stop = _stop_on_signals()  # first: a signal during the startup below stops the server once it is up
     tracing.setup()  # before the application and the download session exist: they are instrumented as made
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
@@ -59,7 +62,7 @@ async def serve(
         services.worker.start()
         metrics.start_publishing(services.worker)
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
-    await _until_signalled()
+    await _until_signalled(stop)
     log.info("stopping: no new connections; finishing in-flight downloads")
     server.stop()
     if metrics_server is not None:
@@ -129,9 +132,35 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
     children: set[int] = set()
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    # Until each process handles them, SIGTERM and SIGINT are held back (blocked), not left to their
+    # default action, which ends a process on the spot: the parent lets them in once every child is
+    # forked and forwards them to all; a child inherits the mask and lets them in when its event loop
+    # handles them (_stop_on_signals), so one sent while it starts stops it once it is up.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        return _fork_and_wait(settings, redis_url, sockets, metrics_sockets, children, previous, forward)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.socket],
+                   metrics_sockets: list[socket.socket] | None, children: set[int],
+                   previous: dict[int, Any], forward: Any) -> int:
+    """serve_processes' forks and wait, with SIGTERM and SIGINT blocked on entry."""
     for _ in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
+            for signum, handler in previous.items():  # the parent's forwarding is not the child's to run
+                signal.signal(signum, handler)
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it
             # once; a second signal arriving after shutdown began would end the child uncleanly.
             os.setpgid(0, 0)
@@ -147,26 +176,16 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
         children.add(pid)
     for sock in [*sockets, *(metrics_sockets or [])]:
         sock.close()
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
     failed = False
-    try:
-        while children:
-            pid, status = os.wait()
-            children.discard(pid)
-            if os.waitstatus_to_exitcode(status) != 0 and not failed:
-                failed = True
-                log.error("server process %d exited with status %d; stopping the others",
-                          pid, os.waitstatus_to_exitcode(status))
-                forward(signal.SIGTERM, None)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent meanwhile is forwarded now
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed = True
+            log.error("server process %d exited with status %d; stopping the others",
+                      pid, os.waitstatus_to_exitcode(status))
+            forward(signal.SIGTERM, None)
     return 1 if failed else 0
 
 
@@ -180,6 +199,7 @@ async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
 
 async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
+    stop = _stop_on_signals()
     tracing.setup()
     # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
     metrics = Metrics.shared(settings.data_dir)
@@ -190,7 +210,7 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     services.worker.start()
     metrics.start_publishing(services.worker)
     log.info("casimg worker %s running", services.worker.name)
-    await _until_signalled()
+    await _until_signalled(stop)
     if metrics_server is not None:
         metrics_server.stop()
     await services.close()
@@ -212,11 +232,19 @@ async def _check_store(services: Services) -> None:
         raise
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event SIGTERM and SIGINT set from now on; then lets them in, if serve_processes held them back
+    (a child is forked with them blocked, so one sent while it starts waits for this, never kills it)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    return stop
+
+
+async def _until_signalled(stop: asyncio.Event) -> None:
     await stop.wait()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
         loop.remove_signal_handler(signum)

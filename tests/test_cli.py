@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -191,6 +192,38 @@ def test_serve_runs_a_process_per_core_by_default_and_one_when_told(data_dir, tm
         assert not [pid for pid in children if "casimg" in Path(f"/proc/{pid}/cmdline").read_text()]
     finally:
         assert one.terminate() == 0
+
+
+def test_a_sigterm_while_the_forked_processes_start_stops_them_all_cleanly(data_dir):
+    """The signal is sent as soon as both processes are forked, before either answers: each stops once up
+    (its stop was held back while it started), instead of dying of the signal's default action."""
+    log = data_dir.parent / "serve.log"
+    env = {**os.environ, "CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_ORIGIN_RATE": "0"}
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "casimg", "serve", "--data-dir", str(data_dir),
+                                    "--port", str(free_port()), "--processes", "2"],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        eventually(lambda: len(_forks(process.pid)) == 2, "two forked server processes", every=0.002)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not EmbeddedRedis(data_dir).alive()
+    assert log.read_text().count("casimg: stopped") == 2, log.read_text()
+
+
+def _forks(pid: int) -> list[str]:
+    """The children of `pid` that are forks of it (the same command line; the embedded Redis is not)."""
+    own = Path(f"/proc/{pid}/cmdline").read_bytes()
+    forks = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{child}/cmdline").read_bytes() == own:
+                forks.append(child)
+    return forks
 
 
 @pytest.mark.parametrize("created", [0.0, 0.999, 86_399.5, 1_764_630_000.25, 1_764_630_001.0])
