@@ -73,15 +73,17 @@ async def store_blob(
 
 
 async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
-    """Remove `url` from the index, and its blob with its last reference. None if `url` is unknown."""
+    """Remove `url` from the index, and its blob with its last reference (and then its variants' blobs,
+    unless another reference holds them). None if `url` is unknown."""
     released = await index.release(url)
     if released is None:
         return None
-    digest, left = released
     await pause("released")
-    if left == 0:
-        await remove_if_unreferenced(blobs, index, digest, pause=pause)
-    return digest
+    if released.left == 0:
+        await remove_if_unreferenced(blobs, index, released.digest, pause=pause)
+        for variant in released.freed:  # variants go with their source's last reference
+            await remove_if_unreferenced(blobs, index, variant)
+    return released.digest
 
 
 async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:

@@ -40,9 +40,10 @@ from casimg.config import Settings
 from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
 from casimg.fsck import sweep
-from casimg.index import BlobMeta, Index
+from casimg.index import BlobMeta, ImageRecord, Index
 from casimg.lifecycle import store_blob
 from casimg.logtext import clip
+from casimg.placeholder import placeholder_or_none
 from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
@@ -92,9 +93,9 @@ class _Unchecked(enum.Enum):
     UNCHECKED = enum.auto()
 
 
-# An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
+# An entry's `known` record when the batch lookup failed (apart from None, "not indexed"): its task asks again.
 UNCHECKED = _Unchecked.UNCHECKED
-Known = str | _Unchecked | None
+Known = ImageRecord | _Unchecked | None
 
 
 def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
@@ -233,10 +234,10 @@ class Worker:
                 if not entries:
                     entries = await self._read_fairly()
                 known = await self._indexed_already(entries)
-                for entry, digest in zip(entries, known, strict=True):
+                for entry, record in zip(entries, known, strict=True):
                     slot = _Slot(self._slots, entry.owner)
                     slot.try_take()  # planned for, as a rule; else (a claimed entry) it waits in its task
-                    task = asyncio.ensure_future(self._process(entry, digest, slot))
+                    task = asyncio.ensure_future(self._process(entry, record, slot))
                     self._tasks.add(task)
                     task.add_done_callback(self._finished)
             except REDIS_ERRORS as exc:
@@ -295,7 +296,7 @@ class Worker:
         if not entries:
             return []
         try:
-            return await self.index.digests_of([entry.url for entry in entries])
+            return await self.index.records_of([entry.url for entry in entries])
         except (*REDIS_ERRORS, ValueError):  # ValueError: a URL Redis cannot encode; its own task fails it
             return [UNCHECKED] * len(entries)
 
@@ -307,7 +308,7 @@ class Worker:
     async def _process(self, entry: Entry, known: Known, slot: _Slot) -> None:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
-        `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
+        `known` is the record the URL was indexed with when the entry was read, None if it was not, and
         UNCHECKED if that could not be asked.
         """
         try:
@@ -351,10 +352,11 @@ class Worker:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
         if known is UNCHECKED:
-            known = await self.index.digest_of(entry.url)
+            known = await self.index.lookup(entry.url)
         if known is not None:
+            detail = {"sha256": known.sha256, "width": known.width, "height": known.height}
             await self.index.complete(
-                entry.job_id, entry.position, entry.entry_id, Outcome.EXISTS, {"sha256": known}, owner=entry.owner,
+                entry.job_id, entry.position, entry.entry_id, Outcome.EXISTS, detail, owner=entry.owner,
             )
             _log_outcome(Outcome.EXISTS, entry.url, 0)
             self.on_outcome(Outcome.EXISTS, "")
@@ -445,7 +447,8 @@ class Worker:
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+            tmp, digest, info, placeholder = await asyncio.get_running_loop().run_in_executor(
+                None, self._stage, downloaded)
         except BaseException:
             downloaded.discard()
             raise
@@ -457,8 +460,8 @@ class Worker:
         meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
         outcome = await store_blob(
             self.blobs, self.index, tmp, entry.url, digest, meta,
-            linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
-            attempts=attempt, owner=entry.owner,
+            linked=True, run=self._settler.call, placeholder=placeholder, job_id=entry.job_id,
+            position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
         )
         kind = outcome.kind
         if kind is Outcome.STORED:
@@ -466,8 +469,9 @@ class Worker:
         self.on_outcome(kind, "")
         return kind
 
-    def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo]:
-        """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
+    def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo, str | None]:
+        """In a worker thread: validate the body, write it to a temp file, make its placeholder if the
+        content is new, link it in (store step 1).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
@@ -485,11 +489,15 @@ class Worker:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
         try:
+            placeholder = None
+            # Once per content: a blob already on disk has its placeholder (the store keeps the first).
+            if self.settings.placeholders and not self.blobs.exists(digest):
+                placeholder = placeholder_or_none(downloaded.data if downloaded.data is not None else tmp)
             self.blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
             self.blobs.discard(tmp)
             raise
-        return tmp, digest, info
+        return tmp, digest, info, placeholder
 
 
 class _Stopped(Exception):

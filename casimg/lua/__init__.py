@@ -14,14 +14,19 @@ from importlib import resources
 SCRIPTS: dict[str, tuple[str, ...]] = {
     # the index (index.py)
     "store": ("lib_complete", "lib_unhex", "store"),
-    "complete": ("lib_complete", "complete"),
-    "release": ("lib_unhex", "release"),
+    "complete": ("lib_complete", "lib_unhex", "complete"),
+    "release": ("lib_unhex", "lib_drop", "release"),
     "ensure_meta": ("ensure_meta",),
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
-    "page": ("lib_hex", "page"),
+    "page": ("lib_hex", "lib_unhex", "page"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
-    "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
+    "migrate": ("lib_unhex", "migrate"),
+    # variant relations and claims (relations.py)
+    "variant_add": ("lib_unhex", "variant_add"),
+    "variant_drop": ("lib_unhex", "lib_drop", "variant_drop"),
+    "claim_end": ("claim_end",),
+    "variants_all": ("variants_all",),  # migrate.py: the casimg 0.1 index to the current one
     # the queue (queue.py)
     "publish": ("publish",),
     "enqueue": ("enqueue",),

@@ -1,5 +1,6 @@
--- KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix cursor limit (at least 1)
---   ->  {more, urls indexed, url, value, url, value, ...}
+-- KEYS: count (besides, it walks the URL buckets)     ARGV: url_prefix cursor limit (at least 1) placeholder_prefix
+--   ->  {more, urls indexed, url, value, placeholder, url, value, placeholder, ...} (placeholder nil where
+--   the content has none)
 -- Rows come in SHA-1 order, a tie broken by the URL; those at or before the cursor (a SHA-1) are skipped.
 -- A page runs past `limit` only to keep URLs with the same SHA-1 together, as the next cursor is a SHA-1.
 -- Buckets go 16 at a time, the names built from the group's first two digits, and 16 empty ones cost one
@@ -36,6 +37,8 @@ for group = math.floor(first / 16), 255 do
         local i = at[sortkey]
         out[#out + 1] = flat[i]
         out[#out + 1] = flat[i + 1]
+        local digest = string.sub(flat[i + 1], 1, 64)
+        out[#out + 1] = redis.call('HGET', ARGV[4] .. string.sub(digest, 1, 3), unhex(digest))
         taken, prev = taken + 1, sortkey
       end
     end
