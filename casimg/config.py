@@ -155,10 +155,13 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    placeholders: bool = _setting(
+        True, "Make each new image's placeholder (a ThumbHash of a 32-px decode, ~30 bytes) at ingest, shown "
+        "as 'placeholder' in listings and job results; off saves that decode's CPU."
+    )
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
-        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "
-        "The renderer and these settings are in place; the HTTP routes do not serve variants yet."
+        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
     )
     variant_presets: str = _setting(
         "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "

@@ -30,7 +30,11 @@ from casimg.metrics import Metrics
 from casimg.migrate import migrate
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
+from casimg.relations import Relations
+from casimg.render_pool import RenderPool
 from casimg.schema import KeySpace
+from casimg.variant_store import VariantStore
+from casimg.variants import VariantPolicy
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")
@@ -53,6 +57,7 @@ class Services:
     blobs: BlobStore
     rate: RateLimiter
     auth_failures: AuthFailures
+    variants: VariantStore
     fetcher: Fetcher | None = None
     worker: Worker | None = None
     metrics: Metrics | None = None
@@ -62,6 +67,7 @@ class Services:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
+        self.variants.close()
         await self.redis.aclose()
 
 
@@ -92,16 +98,23 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
     blobs = BlobStore(settings.data_dir)
+    index = Index(client, keyspace)
+    metrics = metrics or Metrics()
+    # The render pool's processes start with the first render: most processes never make a variant.
+    variants = VariantStore(VariantPolicy.from_settings(settings), RenderPool.from_settings(settings),
+                            Relations(client, keyspace), index, blobs, on_render=metrics.on_render,
+                            on_hit=metrics.on_variant_hit)
     services = Services(
         settings=settings,
         redis=client,
-        index=Index(client, keyspace),
+        index=index,
         queue=JobQueue(client, keyspace, settings.job_ttl),
         api_keys=KeyStore(client, keyspace, settings.key_cache_ttl),
         blobs=blobs,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
-        metrics=metrics or Metrics(),
+        variants=variants,
+        metrics=metrics,
     )
     # Every process makes sure of the directories it may write: a delete renames into trash/, and a
     # missing trash/ would leave the blob in place.
