@@ -1,9 +1,11 @@
 """`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
 
 The invariant: every indexed URL has its blob on disk, every reference count equals the number of
-URLs pointing at its digest, every URL carries its content's metadata, with the content type its bytes
-name (an earlier casimg recorded a WebP as application/octet-stream on a fresh server), no record
-with references is pointed at by no URL, the count hash holds the numbers of URLs and of referenced
+URLs and variant relations pointing at its digest (a relation counts while its source is referenced),
+every variant relation's blob is on disk and its source referenced, every URL carries its content's
+metadata, with the content type its bytes name (an earlier casimg recorded a WebP as
+application/octet-stream on a fresh server), no record with references is pointed at by nothing, the
+count hash holds the numbers of URLs and of referenced
 contents, every URL and record sits in the bucket its hash names (lookups look nowhere else), and
 every blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
 What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
@@ -21,6 +23,7 @@ from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced
+from casimg.relations import Relations, StoredVariant
 from casimg.schema import url_bucket
 from casimg.validation import content_type_of, validate_image
 
@@ -44,8 +47,17 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
     if repair:
         report.repaired += await _repair(index, blobs, tmp_grace)
     snap = await index.snapshot()
-    counts = Counter(snap.urls.values())
+    counts = Counter(snap.urls.values())  # references by URLs
+    expected, dangling = references(counts, snap.variants)  # ... and by the relations of referenced sources
     on_disk = set(await asyncio.to_thread(lambda: list(blobs.iter_digests())))
+    relations = Relations(index.redis, index.keys)
+    for source in sorted(dangling):
+        report.problems.append(f"{len(snap.variants[source])} variant relation(s) of {source} dangle: nothing "
+                               "references their source")
+    for source, canonical, variant in _live_relations(snap.variants, dangling):
+        missing = variant.digest not in on_disk and not await asyncio.to_thread(blobs.exists, variant.digest)
+        if missing and await relations.find(source, canonical) == variant:
+            report.problems.append(f"missing variant blob {variant.digest} ({canonical} of {source})")
 
     for url, digest in snap.urls.items():
         # The listing of files and the index snapshot are moments apart: ask again before calling it missing.
@@ -56,15 +68,15 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         report.problems.append(f"URL {url} is in bucket {bucket}, not in {url_bucket(url)} where lookups look")
     for digest, bucket in snap.stray.items():
         report.problems.append(f"the record of {digest} is in bucket {bucket}, not in its own")
-    for digest, count in counts.items():
+    for digest, count in expected.items():
         refs = snap.refs.get(digest, 0)
         if refs != count:
-            report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) point at it")
+            report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) or variant relation(s) point at it")
     for url in sorted(snap.bare):
         report.problems.append(f"no metadata for URL {url}")
     for digest, refs in snap.refs.items():
-        if refs > 0 and digest not in counts:
-            report.problems.append(f"refs[{digest}] is {refs}, but no URL points at it")
+        if refs > 0 and digest not in expected:
+            report.problems.append(f"refs[{digest}] is {refs}, but no URL or variant relation points at it")
     referenced = sum(1 for refs in snap.refs.values() if refs > 0)
     for name, actual in (("urls", len(snap.urls)), ("blobs", referenced)):
         if snap.counts[name] != actual:
@@ -80,8 +92,8 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
             continue  # deleted while we looked
         if actual != digest:
             report.problems.append(f"damaged blob {digest}: its bytes hash to {actual}")
-        elif digest not in counts and await index.refs_of(digest) == 0:
-            report.notes.append(f"orphan blob {digest} (no URL points at it)")
+        elif digest not in expected and await index.refs_of(digest) == 0:
+            report.notes.append(f"orphan blob {digest} (no URL or variant relation points at it)")
     for url, recorded in sorted(snap.types.items()):
         digest = snap.urls[url]
         if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
@@ -94,11 +106,46 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
     return report
 
 
+def references(urls: Counter[str], variants: dict[str, dict[str, str]]) -> tuple[Counter[str], set[str]]:
+    """The references each digest should have: its URLs, plus one per variant relation of a referenced
+    source (which a variant becomes in turn); and the sources whose relations nothing reaches (dangling)."""
+    expected = Counter(urls)
+    waiting = set(variants)
+    reached = True
+    while reached:
+        reached = False
+        for source in [source for source in waiting if expected[source] > 0]:
+            waiting.discard(source)
+            reached = True
+            for value in variants[source].values():
+                variant = StoredVariant.decode(value).digest
+                if variant != source:
+                    expected[variant] += 1
+    return +expected, waiting
+
+
+def _live_relations(variants: dict[str, dict[str, str]], dangling: set[str]
+                    ) -> list[tuple[str, str, StoredVariant]]:
+    return [(source, canonical, StoredVariant.decode(value)) for source, entries in sorted(variants.items())
+            if source not in dangling for canonical, value in sorted(entries.items())]
+
+
 async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
-    """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
+    """Fix what is safe: references, counts and buckets, dangling variant relations, relations whose
+    variant blob is missing (the next request renders it again), missing metadata, trash, orphans, stale
+    temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
     done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
     snap = await index.snapshot()
+    relations = Relations(index.redis, index.keys)
+    for source, canonical, variant in _live_relations(snap.variants, set()):
+        if await asyncio.to_thread(blobs.exists, variant.digest):
+            continue
+        removed, freed = await relations.drop(source, canonical, variant)
+        if removed:
+            done.append(f"dropped the relation {canonical} of {source}: its variant blob {variant.digest} is missing")
+        for digest in freed:
+            await remove_if_unreferenced(blobs, index, digest)
     described: dict[str, BlobMeta] = {}  # digest -> its metadata, each blob read once
     for url in sorted(snap.bare):
         digest = snap.urls[url]
