@@ -99,8 +99,8 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
     on the limit's event loop and thread pool, so its ratio to the limit is what the required work
     costs there; what is left between it and casimg is casimg's own overhead.
     """
-    from casimg.blobs import FlushGroup
     from casimg.config import load_settings
+    from casimg.storage.file import FlushGroup
     from casimg.validation import validate_image
 
     defaults = load_settings()

@@ -1,7 +1,7 @@
 """Calls made during one turn of the event loop, sent together: Redis scripts as one pipeline
 (``ScriptBatcher``), blocking file calls as one trip to a thread (``ThreadBatcher``).
 
-A download worker finishes its stores in bursts: one disk flush (blobs.FlushGroup) lets dozens of them
+A download worker finishes its stores in bursts: one disk flush (storage.file.FlushGroup) lets dozens of them
 go on at once, and each then makes one Lua call. Sent one by one, every call pays redis-py's own cost (a
 connection from the pool, the retry wrapper, a write and a read), which py-spy put at an eighth of the
 ingest's CPU. ``ScriptBatcher.call`` queues the call and sends everything queued in the same turn of

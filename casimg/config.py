@@ -32,6 +32,10 @@ class Settings:
     host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
     port: int = _setting(9000, "Port the HTTP server listens on.")
     data_dir: Path = _setting(Path("./data"), "Directory for blobs, temp files and the embedded Redis.")
+    storage: str = _setting(
+        "file", "Where image bytes are kept: 'file' (blobs/ in the data directory) or 's3' (an S3-compatible "
+        "bucket, see the CASIMG_S3_* settings; the data directory then holds temp files only). docs/storage.md."
+    )
     redis_url: str = _setting(
         "", "Redis to use (redis://, rediss:// or unix://). Empty: start an embedded redis-server in the data dir."
     )
@@ -254,6 +258,8 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'variants' must be 'on', 'presets' or 'off'")
     if settings.render_timeout <= 0:
         raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
+    if settings.storage not in ("file", "s3"):
+        raise ConfigError("Setting 'storage' must be 'file' or 's3'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
     for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",

@@ -5,7 +5,7 @@ job's results ("HTTP 404", "timeout", "blocked address (127.0.0.2 is loopback)",
 failure is worth retrying. A body of up to ``IN_MEMORY`` bytes (nearly every image) is handed over in
 memory, so that hashing, validating and writing it take one trip to a worker thread; a larger one
 streams to ``<data-dir>/tmp/dl-*.part``, hashed as it is written, so memory per download stays bounded.
-Neither is durable yet: the blob store makes it so before the index counts it (blobs.py).
+Neither is durable yet: the blob store makes it so before the index counts it (casimg.storage).
 
 The address guard (server-side request forgery): casimg must not be made to fetch from the machine it
 runs on or from the networks behind it. Every address is checked where it is *used*, in two places:
@@ -46,11 +46,11 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from casimg.blobs import open_temp
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
 from casimg.scheduler import OriginCaps
+from casimg.storage import open_temp
 from casimg.userinfo import CREDENTIALS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -19,12 +19,12 @@ import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
 
-from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced
 from casimg.relations import Relations, StoredVariant
 from casimg.schema import url_bucket
+from casimg.storage.file import FileStore
 from casimg.validation import content_type_of, validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
@@ -42,7 +42,7 @@ class Report:
 
 
 
-async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
+async def fsck(index: Index, blobs: FileStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
     report = Report()
     if repair:
         report.repaired += await _repair(index, blobs, tmp_grace)
@@ -98,7 +98,7 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         digest = snap.urls[url]
         if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
             report.problems.append(f"URL {url} records content type {recorded}, but its bytes are {types[digest]}")
-    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.iter_leftovers())):
         if leftover.kind == "trash":
             report.notes.append(f"trash file {leftover.path.name} (an interrupted delete)")
         elif leftover.age > tmp_grace:
@@ -130,7 +130,7 @@ def _live_relations(variants: dict[str, dict[str, str]], dangling: set[str]
             if source not in dangling for canonical, value in sorted(entries.items())]
 
 
-async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
+async def _repair(index: Index, blobs: FileStore, tmp_grace: float) -> list[str]:
     """Fix what is safe: references, counts and buckets, dangling variant relations, relations whose
     variant blob is missing (the next request renders it again), missing metadata, trash, orphans, stale
     temp files."""
@@ -161,7 +161,7 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
 
 
 async def _correct_types(
-    index: Index, blobs: BlobStore, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
+    index: Index, blobs: FileStore, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
 ) -> list[str]:
     """Rewrite the metadata of URLs whose recorded content type is not the one their blob's bytes name,
     from the blob itself (`described`: digest -> metadata, shared with the caller)."""
@@ -191,7 +191,7 @@ async def _recorded_type(index: Index, url: str, digest: str) -> str | None:
     return record.content_type if record is not None and record.sha256 == digest else None
 
 
-def _meta_from_file(blobs: BlobStore, digest: str) -> BlobMeta:
+def _meta_from_file(blobs: FileStore, digest: str) -> BlobMeta:
     """A stored blob's metadata, read again from its file (it was valid when stored, so no limits
     apply). FileNotFoundError when it is not on disk, InvalidImage when its bytes are damaged."""
     path = blobs.blob_path(digest)
@@ -199,7 +199,7 @@ def _meta_from_file(blobs: BlobStore, digest: str) -> BlobMeta:
     return BlobMeta(path.stat().st_size, info.content_type, info.width, info.height)
 
 
-async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
+async def sweep(index: Index, blobs: FileStore, grace: float) -> list[str]:
     """Clear what crashes leave: trash (restored first if still referenced), orphan blobs, old temp files.
 
     Safe beside live stores and deletes: a trash or temp file younger than `grace` may belong to an
@@ -207,7 +207,7 @@ async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
     blob back if a store references it meanwhile.
     """
     done = []
-    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.iter_leftovers())):
         if leftover.kind == "trash" and leftover.digest:
             if await index.refs_of(leftover.digest) > 0 and not await asyncio.to_thread(blobs.exists, leftover.digest):
                 await asyncio.to_thread(blobs.restore_from_trash, leftover.path, leftover.digest)

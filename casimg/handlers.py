@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -33,7 +32,9 @@ from casimg.openapi import openapi_document
 from casimg.queue import Limits
 from casimg.schema import CURSOR_DIGITS
 from casimg.services import Services
-from casimg.validation import FORMATS, content_type_of
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
+from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.variants import PARAMS, VariantSpec
 from casimg.views import image_json
 
@@ -251,10 +252,7 @@ class ReadyHandler(BaseHandler):
             await self.services.redis.ping()
         except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
-        except OSError as exc:
-            raise errors.Unavailable(f"blob directory not writable: {exc.strerror}") from None
+        await self.services.blobs.check()  # StorageUnavailable (a 503) names what is wrong
         self.write_json({"status": "ready", "redis": "ok", "blobs": "ok"})
 
 
@@ -420,7 +418,7 @@ class _BytesHandler(BaseHandler):
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
             # an unsatisfiable one is still refused here, with the size.
             self._range(size)
-            self.set_header("X-Accel-Redirect", accel + self.services.blobs.relative_name(image.sha256))
+            self.set_header("X-Accel-Redirect", accel + FileStore.relative_name(image.sha256))
             self.finish()
             return
         start, end = 0, size
@@ -433,14 +431,13 @@ class _BytesHandler(BaseHandler):
         if not include_body:
             self.finish()
             return
-        loop = asyncio.get_running_loop()
         blobs = self.services.blobs
         position = start
         while position < end:
             length = min(SEND_CHUNK, end - position)
             try:
-                chunk = await loop.run_in_executor(None, blobs.read, image.sha256, position, length)
-            except FileNotFoundError:
+                chunk = await blobs.read_range(image.sha256, position, length)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
             self.write(chunk)
             position += length
@@ -540,9 +537,8 @@ class BlobHandler(_BytesHandler):
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag
             # The metadata lives with the URLs; by digest, the type comes from the file's header.
             try:
-                content_type, size = await asyncio.get_running_loop().run_in_executor(
-                    None, _type_and_size, self.services.blobs.blob_path(digest))
-            except FileNotFoundError:
+                content_type, size = await _type_and_size(self.services.blobs, digest)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
         image = ImageRecord(url="", sha256=digest, size=size, content_type=content_type, width=0, height=0,
                             stored_at_ms=0)
@@ -552,8 +548,14 @@ class BlobHandler(_BytesHandler):
         await self.get(digest, include_body=False)
 
 
-def _type_and_size(path: Path) -> tuple[str, int]:
-    return content_type_of(path), path.stat().st_size
+async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
+    """A blob's content type, from its header (its whole bytes for a format the header does not name), and size."""
+    size = await blobs.stat(digest)
+    head = await blobs.read_range(digest, 0, HEAD_BYTES)
+    known = content_type_from_head(head)
+    if known is None:  # Pillow's open may need more than the header
+        known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
+    return known, size
 
 
 class NotFoundHandler(BaseHandler):

@@ -115,7 +115,6 @@ class Snapshot:
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
     # source -> canonical -> "<variant hex> <size>": every variant relation
     variants: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    placeholders: set[str] = dataclasses.field(default_factory=set)  # digests that have a placeholder
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ class Index:
         attempts: int = 1,
         owner: str = "",
     ) -> StoreOutcome:
-        """Store step 2 (blobs.py): index the URL and, atomically with it, finish its entry in the queue
+        """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
         stream of `owner` (the API key that sent it; the keyless stream if empty). `placeholder` is kept
         for the content unless it has one already."""
         k = self.keys
@@ -310,15 +309,11 @@ class Index:
                     pipe.hgetall(k.url(bucket))
                 for bucket in BUCKETS:
                     pipe.hgetall(k.blob(bucket))
-                for bucket in BUCKETS:
-                    pipe.hkeys(k.placeholder(bucket))
                 await relations(keys=[], args=[k.variants(""), _glob_escape(k.variants("")) + "*"], client=pipe)
                 pipe.hgetall(k.count)
                 *buckets, flat, counts = await pipe.execute()
         finally:
             await raw.aclose()
-        placeholder_buckets = buckets[2 * len(BUCKETS):]
-        buckets = buckets[:2 * len(BUCKETS)]
         snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={}, types={},
                         counts={"urls": 0, "blobs": 0} | {f.decode(): int(n) for f, n in counts.items()})
         seen_types: dict[str, str] = {}
@@ -342,8 +337,6 @@ class Index:
                     snap.stray[digest] = bucket
                     continue
                 snap.refs[digest] = int(record) if record.isdigit() else 0  # fsck reports a damaged count
-        for fields in placeholder_buckets:
-            snap.placeholders.update(raw_digest.hex() for raw_digest in fields)
         for i in range(0, len(flat), 3):
             source, canonical, value = (part.decode() for part in flat[i:i + 3])
             snap.variants.setdefault(source, {})[canonical] = value

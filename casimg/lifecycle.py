@@ -1,4 +1,4 @@
-"""The blob lifecycle: the store and delete protocols of blobs.py, run against the index.
+"""The blob lifecycle: the store and delete protocols of casimg.storage.file, run against the index.
 
 Both are written as a sequence of awaited steps with a ``pause`` seam between them, so a test can stop
 one operation between any two steps, run another to completion, and then let the first go on: every
@@ -12,17 +12,18 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from casimg.blobs import BlobStore
 from casimg.index import BlobMeta, Index, StoreOutcome
 from casimg.schema import Outcome
+from casimg.storage.file import FileStore
 
 log = logging.getLogger("casimg.lifecycle")
 
 Pause = Callable[[str], Awaitable[None]]
 # Runs a blocking file call off the event loop: ``await run(func, *args)`` returns ``func(*args)``.
 Run = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
 
 
 async def _no_pause(step: str) -> None:
@@ -30,7 +31,7 @@ async def _no_pause(step: str) -> None:
 
 
 async def store_blob(
-    blobs: BlobStore,
+    blobs: FileStore,
     index: Index,
     tmp: Path,
     url: str,
@@ -46,7 +47,7 @@ async def store_blob(
 
     `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis
     step. Downloads come in `linked`: they do step 1 in the same trip to a thread as validation, make many
-    blobs durable with one flush (blobs.FlushGroup), and pass a `run` that settles many with one trip
+    blobs durable with one flush (storage.file.FlushGroup), and pass a `run` that settles many with one trip
     (batching.ThreadBatcher).
     """
     if not linked:
@@ -72,7 +73,37 @@ async def store_blob(
             await run(blobs.discard, tmp)
 
 
-async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
+async def store_referenced(
+    blobs: FileStore,
+    index: Index,
+    tmp: Path,
+    digest: str,
+    reference: Callable[[], Awaitable[T]],
+    counted: Callable[[T], bool],
+) -> T:
+    """Store steps 1-4 with another reference than a URL as step 2 (a variant relation, relations.py):
+    `reference()` counts it in Redis, and `counted(its answer)` says whether it did. If not, our link may
+    have made an unreferenced blob, which goes through the delete steps. `tmp` is consumed."""
+    try:
+        await blobs.commit(tmp, digest)
+    except BaseException:
+        await asyncio.to_thread(blobs.discard, tmp)
+        raise
+    settled = False
+    try:
+        answer = await reference()
+        if counted(answer):
+            settled = True
+            await asyncio.to_thread(blobs.settle, tmp, digest)
+        else:
+            await remove_if_unreferenced(blobs, index, digest)
+        return answer
+    finally:
+        if not settled:
+            await asyncio.to_thread(blobs.discard, tmp)
+
+
+async def delete_url(blobs: FileStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
     """Remove `url` from the index, and its blob with its last reference (and then its variants' blobs,
     unless another reference holds them). None if `url` is unknown."""
     released = await index.release(url)
@@ -86,7 +117,7 @@ async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause =
     return released.digest
 
 
-async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
+async def remove_if_unreferenced(blobs: FileStore, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
     """Delete steps 2-4: move the blob away; put it back if a store raced in. True if it is gone."""
     if await index.refs_of(digest) > 0:
         return False

@@ -57,10 +57,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
 from casimg.schema import Outcome
+from casimg.storage import Storage, StorageUnavailable
 from casimg.worker import Worker
 
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
@@ -97,7 +97,7 @@ class Scraped(Protocol):
 
     index: Index
     queue: JobQueue
-    blobs: BlobStore
+    blobs: Storage
     worker: Worker | None
 
 
@@ -213,7 +213,7 @@ class Metrics:
     async def _refresh_usage(self, services: Scraped) -> None:
         """Walk the blob tree when the last walk is old enough; a walk still running is left to finish."""
         if self._walk is None and time.monotonic() >= self._next_walk:
-            self._walk = asyncio.get_running_loop().run_in_executor(None, _timed_usage, services.blobs)
+            self._walk = asyncio.ensure_future(_timed_usage(services.blobs))
         if self._walk is None:
             return
         await asyncio.wait([self._walk], timeout=DISK_WALK_WAIT)
@@ -222,7 +222,7 @@ class Metrics:
         walk, self._walk = self._walk, None
         try:
             files, size, took = walk.result()
-        except OSError:
+        except (OSError, StorageUnavailable):
             self._next_walk = time.monotonic() + DISK_WALK_WAIT / DISK_WALK_DUTY
             return
         self._next_walk = time.monotonic() + took / DISK_WALK_DUTY
@@ -230,9 +230,9 @@ class Metrics:
         self.scraped.values["blob_store_bytes"] = size
 
 
-def _timed_usage(blobs: BlobStore) -> tuple[int, int, float]:
+async def _timed_usage(blobs: Storage) -> tuple[int, int, float]:
     started = time.monotonic()
-    files, size = blobs.usage()
+    files, size = await blobs.usage()
     return files, size, time.monotonic() - started
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from casimg.blobs import BlobStore
 from casimg.config import Settings
 from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
@@ -33,6 +32,7 @@ from casimg.queue import JobQueue
 from casimg.relations import Relations
 from casimg.render_pool import RenderPool
 from casimg.schema import KeySpace
+from casimg.storage import Storage, open_storage
 from casimg.variant_store import VariantStore
 from casimg.variants import VariantPolicy
 from casimg.worker import Worker
@@ -54,7 +54,7 @@ class Services:
     index: Index
     queue: JobQueue
     api_keys: KeyStore
-    blobs: BlobStore
+    blobs: Storage  # the blob store's driver (casimg.storage), chosen by CASIMG_STORAGE
     rate: RateLimiter
     auth_failures: AuthFailures
     variants: VariantStore
@@ -68,6 +68,7 @@ class Services:
         if self.fetcher is not None:
             await self.fetcher.close()
         self.variants.close()
+        await self.blobs.close()
         await self.redis.aclose()
 
 
@@ -97,7 +98,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
-    blobs = BlobStore(settings.data_dir)
+    blobs = open_storage(settings)
     index = Index(client, keyspace)
     metrics = metrics or Metrics()
     # The render pool's processes start with the first render: most processes never make a variant.

@@ -14,8 +14,9 @@
    also ends the claim), make sure the file is there, remove the temp file.
 
 All blob I/O of variants is the two functions at the end, ``source_for_render`` and ``keep_variant``:
-the render reads the source as the file store's path (a store without local files would fetch it to
-bytes or a temp file there), and the variant's bytes go in through the blob store's own store steps.
+the render reads the source as the file store's path (the render worker opens it; from a store without
+local files, its bytes, fetched whole), and the variant's bytes go in through the lifecycle's store
+steps (``lifecycle.store_referenced``), with the relation where a URL would be.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from casimg.blobs import BlobStore
 from casimg.errors import BadVariant, NotFound, RenderTimeout, Unavailable, Unrenderable
 from casimg.index import Index
-from casimg.lifecycle import remove_if_unreferenced
+from casimg.lifecycle import store_referenced
 from casimg.relations import ERROR_MARK, Added, Relations, StoredVariant
 from casimg.render import Source, probe
 from casimg.render_pool import RenderPool
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
 from casimg.variants import SourceInfo, VariantPolicy, VariantSpec
 
 log = logging.getLogger("casimg.variants")
@@ -78,7 +80,7 @@ class VariantStore:
     """Finds or makes variants. One per process; ``close()`` stops its render pool."""
 
     def __init__(self, policy: VariantPolicy, pool: RenderPool, relations: Relations, index: Index,
-                 blobs: BlobStore, *, on_render: Callable[[float], None] | None = None,
+                 blobs: Storage, *, on_render: Callable[[float], None] | None = None,
                  on_hit: Callable[[], None] | None = None) -> None:
         self.policy = policy
         self.pool = pool
@@ -195,40 +197,30 @@ class VariantStore:
 
 # -- blob I/O: everything variants read from or write to the blob store -------------------------------------
 
-async def source_for_render(blobs: BlobStore, digest: str) -> Source:
-    """What the renderer reads for the content `digest`: the file store's path, which the render worker
-    opens itself (no copy through this process). NotFound when the bytes are gone."""
-    path = blobs.blob_path(digest)
-    if not await asyncio.to_thread(path.exists):
-        raise NotFound("image bytes are missing; run casimg fsck")
-    return path
+async def source_for_render(blobs: Storage, digest: str) -> Source:
+    """What the renderer reads for the content `digest`: for the file store, its path, which the render
+    worker opens itself (no copy through this process); for any other driver, its bytes, fetched whole
+    (an original is at most max_image_bytes). BlobNotFound (a 404) when the bytes are gone."""
+    if isinstance(blobs, FileStore):
+        path = blobs.blob_path(digest)
+        if not await asyncio.to_thread(path.exists):
+            raise BlobNotFound(digest)
+        return path
+    return await blobs.read_range(digest)
 
 
-async def keep_variant(blobs: BlobStore, index: Index, relations: Relations, source: str, canonical: str,
+async def keep_variant(blobs: Storage, index: Index, relations: Relations, source: str, canonical: str,
                        data: bytes, policy: VariantPolicy, token: str) -> StoredVariant:
-    """Store a rendered variant as a blob and record its relation: the store steps of blobs.py, with the
-    relation as the reference. Returns the relation recorded (another render's, if one beat this one)."""
+    """Store a rendered variant as a blob under its own digest, its relation the reference (which also ends
+    the claim `token`). Returns the relation recorded: ours, or another render's that came first."""
+    assert isinstance(blobs, FileStore), "the store steps (lifecycle.py) are the file store's so far"
     tmp, digest = await asyncio.to_thread(blobs.write_temp, data)
-    try:
-        await asyncio.to_thread(blobs.link_in, tmp, digest)
-    except BaseException:
-        await asyncio.to_thread(blobs.discard, tmp)
-        raise
-    settled = False
-    try:
-        outcome, recorded = await relations.add(source, canonical, StoredVariant(digest, len(data)),
-                                                policy.per_original, token)
-        if outcome is Added.RECORDED:
-            settled = True
-            await asyncio.to_thread(blobs.settle, tmp, digest)
-            assert recorded is not None
-            return recorded
-        await remove_if_unreferenced(blobs, index, digest)  # our link may have made an unreferenced blob
-        if outcome is Added.EXISTS and recorded is not None:
-            return recorded
-        if outcome is Added.FULL:
-            policy.check_count(policy.per_original)
-        raise NotFound("the image was deleted while its variant was made")
-    finally:
-        if not settled:
-            await asyncio.to_thread(blobs.discard, tmp)
+    outcome, recorded = await store_referenced(
+        blobs, index, tmp, digest,
+        lambda: relations.add(source, canonical, StoredVariant(digest, len(data)), policy.per_original, token),
+        lambda answer: answer[0] is Added.RECORDED)
+    if recorded is not None and outcome in (Added.RECORDED, Added.EXISTS):
+        return recorded
+    if outcome is Added.FULL:
+        policy.check_count(policy.per_original)
+    raise NotFound("the image was deleted while its variant was made")

@@ -35,7 +35,6 @@ from pathlib import Path
 from redis.exceptions import ResponseError
 
 from casimg.batching import ThreadBatcher
-from casimg.blobs import BlobStore, FlushGroup
 from casimg.config import Settings
 from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
@@ -48,6 +47,7 @@ from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
+from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 
 log = logging.getLogger("casimg.worker")
@@ -121,7 +121,7 @@ class Worker:
         settings: Settings,
         queue: JobQueue,
         index: Index,
-        blobs: BlobStore,
+        blobs: FileStore,
         fetcher: Fetcher,
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,

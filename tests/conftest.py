@@ -23,12 +23,12 @@ from PIL import Image
 
 from bench.procs import start_redis_server
 from casimg.app import make_app
-from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
 from casimg.index import Index
 from casimg.keys import Scope
 from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
+from casimg.storage.file import FileStore
 from tests.origin import Origin
 
 _prefixes = itertools.count()
@@ -74,10 +74,10 @@ def origin() -> Iterator[Origin]:
 
 
 @pytest.fixture
-def world(io_loop: Any, redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[BlobStore, Index]]:
+def world(io_loop: Any, redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[FileStore, Index]]:
     """A blob store in the test's temp dir and an index under a key prefix of its own."""
     client = connect_redis(redis_server.url, 8)
-    blobs = BlobStore(tmp_path)
+    blobs = FileStore(tmp_path)
     blobs.create_dirs()
     yield blobs, Index(client, KeySpace(f"world-{os.urandom(4).hex()}:"))
     io_loop.run_sync(client.aclose)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 
-from casimg.blobs import BlobStore
+from casimg.storage.file import FileStore
 from tests.procs import Processes, Server, assert_fsck_clean, casimg, embedded_client
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def test_deleting_the_last_url_of_a_source_removes_its_variants(procs, tmp_path,
     a, b = origin.url("/dup/variant-a.jpg"), origin.url("/dup/variant-b.jpg")  # the same bytes
     results = server.submit([a, b])["results"]
     source = results[0]["sha256"]
-    blobs = BlobStore(server.data_dir)
+    blobs = FileStore(server.data_dir)
     variants = []
     for width in ("10", "12"):
         status, body, headers = server.call("GET", image_path(a, w=width, format="webp"))
@@ -110,7 +110,7 @@ def test_fsck_finds_and_repairs_a_missing_variant_blob_and_a_dangling_relation(p
     kept = etag(server.call("GET", image_path(url, w="10", format="webp"))[2])
     lost = etag(server.call("GET", image_path(url, w="12", format="webp"))[2])
     assert_fsck_clean(server.data_dir)  # variant blobs are referenced: no orphan, no problem
-    blobs = BlobStore(server.data_dir)
+    blobs = FileStore(server.data_dir)
     os.unlink(blobs.blob_path(lost))
     client = embedded_client(server.data_dir)
     stranger = "ab" * 32
@@ -143,5 +143,5 @@ def test_a_variant_blob_survives_the_periodic_sweep(procs, tmp_path, origin):
     while log.read_text().count("sweep:") < 2 and time.monotonic() < until:
         time.sleep(0.2)
     assert log.read_text().count("sweep:") >= 2, "the sweep did not run"
-    assert BlobStore(server.data_dir).exists(variant)
+    assert FileStore(server.data_dir).exists(variant)
     assert server.call("GET", f"/api/blobs/{variant}")[0] == 200

@@ -1,4 +1,4 @@
-"""The blob store: image bytes on disk, one file per distinct content, named by its SHA-256.
+"""The file driver: image bytes on a POSIX file system, one file per distinct content, named by its SHA-256.
 
 The data directory, drawn once::
 
@@ -11,7 +11,9 @@ The data directory, drawn once::
       admin.key                   the first admin API key, mode 0600
       serve.lock                  held by the live `casimg serve` that owns this directory
 
-``blob_path`` is the only code that maps a digest to a path.
+``blob_path`` is the only code that maps a digest to a path. The protocol's async methods (``commit``,
+``read_range``, ``walk``, ...) run the blocking calls below in a thread; the worker's hot path calls the
+blocking ones itself, batched into one trip to a thread for many downloads.
 
 Placing and removing blobs is lock-free against the Redis reference counts, and the steps are public
 so that tests can run them in any interleaving (``lifecycle.store_blob`` and ``lifecycle.delete_url``
@@ -41,50 +43,24 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import hashlib
 import os
-import re
 import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-HASH_CHUNK = 1024 * 1024
+from casimg.storage.driver import BlobNotFound, Leftover, Staging, StorageUnavailable, is_digest
+
 READ_ONLY = 0o444
-TEMP_PREFIX, TEMP_SUFFIX = "dl-", ".part"  # downloads in tmp/; the sweep and fsck know them by age
+class FileStore(Staging):
+    """The ``Storage`` driver over <data-dir>/blobs (see the module docstring for the tree)."""
 
+    kind = "file"
 
-def open_temp(tmp_dir: Path) -> tuple[int, Path]:
-    """A new, empty temp file in `tmp_dir`, open for writing: (fd, path).
-
-    tempfile.mkstemp does the same with a retry loop around a generated name; a 64-bit random name never
-    needs the retry, and mkstemp's Python was a sixth of a download's time in its thread (py-spy).
-    """
-    path = tmp_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), path
-
-
-def is_digest(value: str) -> bool:
-    return bool(DIGEST_RE.match(value))
-
-
-@dataclass(frozen=True)
-class Leftover:
-    """A file that a crash or an unfinished operation may leave behind."""
-
-    path: Path
-    kind: str  # "tmp" or "trash"
-    digest: str | None  # the digest a trash file belongs to
-    age: float  # seconds since last modification
-
-
-class BlobStore:
     def __init__(self, data_dir: Path) -> None:
+        super().__init__(Path(data_dir) / "tmp")
         self.root = Path(data_dir) / "blobs"
-        self.tmp_dir = Path(data_dir) / "tmp"
         self.trash_dir = Path(data_dir) / "trash"
 
     def create_dirs(self) -> None:
@@ -106,20 +82,6 @@ class BlobStore:
         return f"{digest[0:2]}/{digest[2:4]}/{digest}"
 
     # -- store steps ----------------------------------------------------------------------------
-
-    def write_temp(self, data: bytes) -> tuple[Path, str]:
-        """A new temp file holding `data`, and its SHA-256; not yet durable (see ``link_in``)."""
-        fd, path = open_temp(self.tmp_dir)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        except BaseException:
-            os.close(fd)
-            os.unlink(path)
-            raise
-        os.close(fd)
-        return path, hashlib.sha256(data).hexdigest()
 
     def link_in(self, tmp: Path, digest: str, *, sync: bool = True) -> None:
         """Store step 1: give the temp file its content name. Existing file: same bytes, fine.
@@ -179,16 +141,6 @@ class BlobStore:
         """Delete step 3, when a store raced in: put the bytes back under their name."""
         self.link_in(trash, digest)
 
-    @staticmethod
-    def discard(path: Path | None) -> None:
-        """Remove a temp or trash file; already gone is fine."""
-        if path is None:
-            return
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
     # -- reads ----------------------------------------------------------------------------------
 
     def exists(self, digest: str) -> bool:
@@ -200,13 +152,6 @@ class BlobStore:
                 handle.seek(start)
             return handle.read() if length is None else handle.read(length)
 
-    def hash_file(self, path: Path) -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
-
     def iter_digests(self) -> Iterator[str]:
         """Every digest that has a file in the store (names that are not digests are skipped)."""
         if not self.root.exists():
@@ -217,7 +162,7 @@ class BlobStore:
                     if is_digest(name) and self.blob_path(name) == self.root / first / second / name:
                         yield name
 
-    def usage(self) -> tuple[int, int]:
+    def disk_usage(self) -> tuple[int, int]:
         """(files, bytes) in the store, from a walk of the blob tree: the bytes really kept, not the index's view."""
         files = size = 0
         if not self.root.exists():
@@ -236,26 +181,63 @@ class BlobStore:
                     files += 1
         return files, size
 
-    def leftovers(self) -> Iterator[Leftover]:
+    def iter_leftovers(self) -> Iterator[Leftover]:
+        yield from self.temp_leftovers()
+        if not self.trash_dir.exists():
+            return
         now = time.time()
-        for directory, kind in ((self.tmp_dir, "tmp"), (self.trash_dir, "trash")):
-            if not directory.exists():
+        for entry in os.scandir(self.trash_dir):
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
                 continue
-            for entry in os.scandir(directory):
-                try:
-                    age = now - entry.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                digest = entry.name.split(".", 1)[0] if kind == "trash" else None
-                yield Leftover(Path(entry.path), kind, digest if digest and is_digest(digest) else None, age)
+            digest = entry.name.split(".", 1)[0]
+            yield Leftover(Path(entry.path), "trash", digest if is_digest(digest) else None, age)
 
-    def check_writable(self) -> None:
-        """Raise OSError unless a file can be created in the temp directory."""
-        probe = self.tmp_dir / f"probe-{secrets.token_hex(4)}"
+    # -- the Storage protocol ---------------------------------------------------------------------
+
+    async def commit(self, tmp: Path, digest: str) -> None:
+        await asyncio.to_thread(self.link_in, tmp, digest)
+
+    async def stat(self, digest: str) -> int:
         try:
-            probe.write_bytes(b"")
-        finally:
-            self.discard(probe)
+            return (await asyncio.to_thread(os.stat, self.blob_path(digest))).st_size
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+    async def read_range(self, digest: str, start: int = 0, length: int | None = None) -> bytes:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.read, digest, start, length)
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
+    async def delete(self, digest: str) -> bool:
+        try:
+            await asyncio.to_thread(os.unlink, self.blob_path(digest))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def walk(self) -> list[str]:
+        return await asyncio.to_thread(lambda: list(self.iter_digests()))
+
+    async def usage(self) -> tuple[int, int]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.disk_usage)
+
+    async def leftovers(self) -> list[Leftover]:
+        return await asyncio.to_thread(lambda: list(self.iter_leftovers()))
+
+    async def redirect_url(self, digest: str, content_type: str, filename: str) -> str | None:
+        return None  # the bytes are served by casimg, or by nginx in front (accel_redirect)
+
+    async def check(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.check_writable)
+        except OSError as exc:
+            raise StorageUnavailable(f"blob directory not writable: {exc.strerror or exc}") from None
+
+    async def close(self) -> None:
+        return None
 
 
 class FlushGroup:
