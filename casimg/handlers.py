@@ -388,13 +388,23 @@ class _BytesHandler(BaseHandler):
                  for name in PARAMS if name in arguments}
         return self.services.variants.policy.parse(given) if given else None
 
-    async def variant_of(self, image: ImageRecord, spec: VariantSpec) -> ImageRecord:
-        """The stored variant of `image` (made now if need be), as the record send_blob sends."""
-        variant = await self.services.variants.get(image.sha256, spec, self.request.headers.get("Accept"))
-        if variant.vary_accept:
-            self.set_header("Vary", "Accept")
-        return image._replace(sha256=variant.digest, size=variant.size, content_type=variant.content_type,
-                              width=0, height=0)
+    async def send_variant(self, image: ImageRecord, spec: VariantSpec, cache_control: str,
+                           include_body: bool) -> None:
+        """Send the stored variant `spec` of `image` (made now if need be). A variant this process knew
+        whose blob has gone since (its source deleted and stored again) is asked for afresh, once."""
+        for fresh in (False, True):
+            variant = await self.services.variants.get(image.sha256, spec, self.request.headers.get("Accept"),
+                                                       fresh=fresh)
+            if variant.vary_accept:
+                self.set_header("Vary", "Accept")
+            record = image._replace(sha256=variant.digest, size=variant.size, content_type=variant.content_type,
+                                    width=0, height=0)
+            try:
+                await self.send_blob(record, cache_control, include_body)
+                return
+            except errors.NotFound:
+                if fresh:
+                    raise
 
     async def send_blob(self, image: ImageRecord, cache_control: str, include_body: bool) -> None:
         size = image.size
@@ -508,7 +518,8 @@ class ImageHandler(_BytesHandler):
         if image is None:
             raise errors.NotFound(f"no image stored for {url}")
         if spec is not None:
-            image = await self.variant_of(image, spec)
+            await self.send_variant(image, spec, IMAGE_CACHE, include_body)
+            return
         await self.send_blob(image, IMAGE_CACHE, include_body)
 
     async def head(self) -> None:
@@ -531,7 +542,7 @@ class BlobHandler(_BytesHandler):
             raise errors.NotFound(f"no blob {digest}")
         if spec is not None:
             source = ImageRecord(url="", sha256=digest, size=0, content_type="", width=0, height=0, stored_at_ms=0)
-            await self.send_blob(await self.variant_of(source, spec), BLOB_CACHE, include_body)
+            await self.send_variant(source, spec, BLOB_CACHE, include_body)
             return
         content_type, size = "application/octet-stream", 0
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag

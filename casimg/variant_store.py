@@ -47,6 +47,12 @@ CLAIM_MARGIN = 10.0
 ERROR_KEEP = 10.0  # seconds a failed render's error answers that variant without rendering it again
 WAIT_FIRST, WAIT_MAX = 0.02, 0.25  # seconds between polls of a request waiting for another process's render
 PROBE_CACHE = 4096  # source headers kept per process
+# Variants found, kept per process: a warm request then costs what an original's does (one Redis lookup, of
+# the URL), not a second round trip for the relation. An entry may outlive its relation (its source deleted
+# and stored again): the answer's blob read then fails, and the handler asks again with fresh=True. The
+# time bounds how long an answer served without reading (HEAD, 304, nginx's X-Accel-Redirect) may be stale.
+FOUND_CACHE = 16384
+FOUND_SECONDS = 30.0
 # Statuses a failed render leaves for the requests that waited on it, and the error each raises again.
 ERRORS: dict[int, Callable[[str], Exception]] = {
     400: lambda detail: BadVariant("variant", detail),
@@ -92,16 +98,32 @@ class VariantStore:
         self.renders = 0  # renders made by this process, for tests and diagnostics
         self._probed: collections.OrderedDict[str, SourceInfo] = collections.OrderedDict()
         self._making: dict[tuple[str, str], asyncio.Future[StoredVariant]] = {}
+        self._found: collections.OrderedDict[tuple[str, VariantSpec, str | None], tuple[Variant, float]] = (
+            collections.OrderedDict())
 
     def close(self) -> None:
         self.pool.close()
 
-    async def get(self, source: str, spec: VariantSpec, accept: str | None) -> Variant:
-        """The variant `spec` of the content `source` (hex digest), made if it is not stored yet.
+    async def get(self, source: str, spec: VariantSpec, accept: str | None, *, fresh: bool = False) -> Variant:
+        """The variant `spec` of the content `source` (hex digest), made if it is not stored yet; `fresh`
+        asks Redis even when this process has the answer.
 
         Raises BadVariant (a parameter or limit, a 400), NotFound (the source's bytes are gone),
         Unrenderable (422), RenderTimeout or Unavailable (503).
         """
+        key = (source, spec, accept if spec.varies_on_accept else None)
+        known = self._found.get(key)
+        if known is not None and not fresh and known[1] > time.monotonic():
+            self.on_hit()
+            return known[0]
+        variant = await self._get(source, spec, accept)
+        self._found[key] = (variant, time.monotonic() + FOUND_SECONDS)
+        self._found.move_to_end(key)
+        if len(self._found) > FOUND_CACHE:
+            self._found.popitem(last=False)
+        return variant
+
+    async def _get(self, source: str, spec: VariantSpec, accept: str | None) -> Variant:
         info = await self._probe(source)
         concrete = self.policy.resolve(spec, info, accept)
         canonical = concrete.canonical

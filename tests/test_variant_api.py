@@ -224,3 +224,17 @@ async def test_a_render_past_its_time_is_503_with_retry_after(api, origin):
     assert response.code == 503
     assert int(response.headers["Retry-After"]) >= 1
     assert "render_timeout" in problem(response)["detail"]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_variant_known_to_the_process_whose_source_was_deleted_and_stored_again_is_made_again(api, origin,
+                                                                                                     services):
+    url = origin.url("/img/770.jpg")
+    await stored(api, url)
+    first = await api("GET", image_path(url, w="12", format="webp"))
+    assert first.code == 200
+    assert (await api("DELETE", image_path(url))).code == 204  # the variant's blob goes with its source
+    await stored(api, url)
+    again = await api("GET", image_path(url, w="12", format="webp"))
+    assert again.code == 200 and again.body == first.body
+    assert services.variants.renders == 2
