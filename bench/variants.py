@@ -44,6 +44,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import PIL
@@ -136,6 +137,7 @@ async def pool_rate(source: bytes, workers: int, renders: int) -> tuple[float, f
 
 THUMB = 256
 WARM_SECONDS = 8
+COLD_CHUNK = 10  # images per turn of the cold run, casimg and thumbor alternating: drift weighs on both
 
 
 def distinct_photos(base: bytes, count: int, directory: Path) -> list[str]:
@@ -156,6 +158,19 @@ def distinct_photos(base: bytes, count: int, directory: Path) -> list[str]:
         (directory / f"small-{n}.jpg").write_bytes(out.getvalue())
         names.append(f"{n}.jpg")
     return names
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and of every process under it, whichever of its threads started
+    them (casimg's render pool is started from a thread)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = [child for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    return total + sum(cpu_seconds(int(child)) for child in children)
 
 
 def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None) -> tuple[float, list[float]]:
@@ -185,7 +200,7 @@ def fetch_all(base: str, paths: list[str], connections: int, key: str | None = N
     return time.perf_counter() - started, latencies
 
 
-def start_thumbor(procs: object, work: Path, executable: str, workers: int) -> tuple[int, str]:
+def start_thumbor(procs: object, work: Path, executable: str, workers: int) -> tuple[Any, int, str]:
     from bench.procs import free_port, wait_http
 
     port = free_port()
@@ -204,7 +219,7 @@ MAX_AGE = 0
     wait_http(f"http://127.0.0.1:{port}/healthcheck", process)
     pillow = subprocess.run([str(Path(executable).parent / "python"), "-c", "import PIL; print(PIL.__version__)"],
                             capture_output=True, text=True, check=True).stdout.strip()
-    return port, pillow
+    return process, port, pillow
 
 
 def http_comparison(args: argparse.Namespace) -> None:
@@ -236,7 +251,7 @@ def http_comparison(args: argparse.Namespace) -> None:
             variant = [f"/api/image?url={quote(url, safe='')}&w={THUMB}&h={THUMB}&format=webp" for url in urls]
             originals = [f"/api/image?url={quote(url, safe='')}" for url in smalls]
 
-            thumbor_port, thumbor_pillow = start_thumbor(procs, work, args.thumbor, args.workers)
+            thumbor_proc, thumbor_port, thumbor_pillow = start_thumbor(procs, work, args.thumbor, args.workers)
             thumbor = f"http://127.0.0.1:{thumbor_port}"
             bare = [url.removeprefix("http://") for url in urls]
             log("thumbor: loading the originals into its storage")
@@ -246,9 +261,23 @@ def http_comparison(args: argparse.Namespace) -> None:
             # Both warmed: thumbor's processes have rendered (the 16x16 pass); casimg's render pool once too.
             fetch_all(casimg.base, [originals[0] + "&w=16"], 1, casimg.key)
             load_before = os.getloadavg()[0]
-            log("cold: casimg, then thumbor")
-            casimg_cold, casimg_latency = fetch_all(casimg.base, variant, args.connections, casimg.key)
-            thumbor_cold, thumbor_latency = fetch_all(thumbor, thumbor_paths, args.connections)
+            log("cold: casimg and thumbor in alternating chunks of 10 images, with their CPU time")
+            casimg_cold = thumbor_cold = casimg_cpu = thumbor_cpu = 0.0
+            casimg_latency: list[float] = []
+            thumbor_latency: list[float] = []
+            for chunk, start in enumerate(range(0, len(urls), COLD_CHUNK)):
+                sides = [("casimg", casimg.base, variant, casimg.key, casimg.proc.pid),
+                         ("thumbor", thumbor, thumbor_paths, None, thumbor_proc.pid)]
+                for side, base, paths, key, pid in sides if chunk % 2 == 0 else sides[::-1]:
+                    cpu = cpu_seconds(pid)
+                    seconds, latencies = fetch_all(base, paths[start:start + COLD_CHUNK], args.connections, key)
+                    cpu = cpu_seconds(pid) - cpu
+                    if side == "casimg":
+                        casimg_cold, casimg_cpu = casimg_cold + seconds, casimg_cpu + cpu
+                        casimg_latency += latencies
+                    else:
+                        thumbor_cold, thumbor_cpu = thumbor_cold + seconds, thumbor_cpu + cpu
+                        thumbor_latency += latencies
             log("warm: wrk, interleaved")
             rows: dict[str, list[float]] = {"variant": [], "original": [], "thumbor": []}
             for _ in range(2):
@@ -277,6 +306,9 @@ def http_comparison(args: argparse.Namespace) -> None:
     print(f"| cold thumbnails/s (first render of each image) | {cold_casimg:.1f} | {cold_thumbor:.1f} | "
           f"{cold_casimg / cold_thumbor:.2f}x |")
     print(f"| cold request latency p50 / p99 ms | {c50:.0f} / {c99:.0f} | {t50:.0f} / {t99:.0f} | |")
+    per_casimg, per_thumbor = casimg_cpu / len(urls) * 1000, thumbor_cpu / len(urls) * 1000
+    print(f"| cold CPU ms per thumbnail (all the server's processes) | {per_casimg:.0f} | {per_thumbor:.0f} | "
+          f"{per_thumbor / per_casimg:.2f}x less |")
     warm = statistics.median(rows["variant"])
     print(f"| warm thumbnails/s (wrk, {WARM_SECONDS} s) | {warm:.0f} | {rows['thumbor'][0]:.0f} (renders again) | "
           f"{warm / rows['thumbor'][0]:.1f}x |")
