@@ -49,12 +49,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],
-               sizes: dict[str, int], processes: int) -> tuple[float, float]:
+               sizes: dict[str, int], processes: int, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one ingest of `urls` by `checkout`'s casimg, on its own Redis and
     data directory."""
     # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH, and run whichever
     # casimg/ the script was started beside.
-    environment = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+    environment = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1", **(env or {})}
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
     server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
                                 extra_env=environment)
@@ -79,12 +79,19 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
     parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
     parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the images are kept")
+    parser.add_argument("--this-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for this checkout's casimg (repeatable)")
+    parser.add_argument("--other-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the other casimg (repeatable): with --other ., "
+                             "what a setting costs")
     args = parser.parse_args()
     other = Path(args.other).resolve()
     if not (other / "casimg" / "__init__.py").exists():
         sys.exit(f"{other} has no casimg/ package")
 
     checkouts = {"this": ROOT, "other": other}
+    envs = {label: dict(pair.split("=", 1) for pair in pairs)
+            for label, pairs in (("this", args.this_env), ("other", args.other_env))}
     cache = set_directory(Path(args.cache), args.images)
     files = make_images(cache, args.images)
     procs = Procs()
@@ -105,7 +112,7 @@ def main() -> None:
             for round_number in range(args.rounds):
                 for turn, label in enumerate(("this", "other", "other", "this")):
                     rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
-                                              sizes, args.processes)
+                                              sizes, args.processes, envs[label])
                     rates[label].append(rate)
                     cpu[label].append(cpu_ms)
                     log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
@@ -120,8 +127,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for label, path in checkouts.items():
         mean = statistics.mean(rates[label])
-        print(f"| {label} ({path}) | {', '.join(f'{x:.0f}' for x in rates[label])} | {mean:.0f} | "
-              f"{mean / limit_mean:.2f} | {statistics.mean(cpu[label]):.2f} |")
+        extra = " ".join(f"{name}={value}" for name, value in envs[label].items())
+        print(f"| {label} ({path}{', ' + extra if extra else ''}) | {', '.join(f'{x:.0f}' for x in rates[label])} | "
+              f"{mean:.0f} | {mean / limit_mean:.2f} | {statistics.mean(cpu[label]):.2f} |")
 
 
 if __name__ == "__main__":
