@@ -15,18 +15,24 @@ def redis_used_memory(redis_url: str) -> int:
 
 
 def index_memory(redis_url: str, size: int) -> dict[str, float]:
-    """Bytes per URL of the URL buckets and of the blob buckets, and bytes of the count hash (MEMORY USAGE)."""
+    """Bytes per URL of the URL buckets, of the blob buckets and of the newest-first order (its directory
+    and leaves), and bytes of the count hash (MEMORY USAGE)."""
     from casimg.schema import BUCKETS, KeySpace
 
     keys, client = KeySpace(), redis.Redis.from_url(redis_url)
+    leaves = list(client.scan_iter(keys.recent_leaf("*"), count=1000))
     with client.pipeline(transaction=False) as pipe:
         for bucket in BUCKETS:
             pipe.memory_usage(keys.url(bucket), samples=0).memory_usage(keys.blob(bucket), samples=0)
+        for name in [keys.recent, *leaves]:
+            pipe.memory_usage(name, samples=0)
         pipe.memory_usage(keys.count, samples=0)
-        *buckets, count = pipe.execute()
+        *sizes, count = pipe.execute()
     client.close()
+    buckets, recent = sizes[:2 * len(BUCKETS)], sizes[2 * len(BUCKETS):]
     return {"url": sum(int(n or 0) for n in buckets[0::2]) / size,
-            "blob": sum(int(n or 0) for n in buckets[1::2]) / size, "count": int(count or 0)}
+            "blob": sum(int(n or 0) for n in buckets[1::2]) / size,
+            "recent": sum(int(n or 0) for n in recent) / size, "count": int(count or 0)}
 
 
 def service_rss_kib(proc: Popen) -> int:

@@ -26,12 +26,13 @@ class Casimg:
 
 def start_redis(procs: Procs, directory: Path, persistent: bool) -> tuple[Popen, str]:
     """A redis-server like casimg's embedded one (AOF, everysec) or, for the listing fill, without AOF."""
-    from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE
+    from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, COMPACT_ZSET_ENTRIES, COMPACT_ZSET_VALUE
 
     proc = procs.add(start_redis_server(
         directory, "--unixsocketperm", "700", "--appendonly", "yes" if persistent else "no",
         "--appendfsync", "everysec", "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
-        "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE), new_session=True))
+        "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE), "--zset-max-ziplist-entries", str(COMPACT_ZSET_ENTRIES),
+        "--zset-max-ziplist-value", str(COMPACT_ZSET_VALUE), new_session=True))
     return proc, f"unix://{directory / 'redis.sock'}"
 
 
@@ -51,7 +52,7 @@ def start_casimg(procs: Procs, data_dir: Path, redis_url: str, *, workers: bool 
         # would measure the rate, not casimg. This one never binds, but each URL still takes its token.
         "CASIMG_ORIGIN_RATE": "1000000", "CASIMG_ORIGIN_BURST": "1000000", **(extra_env or {}),
     }
-    args = ["--processes", str(processes)] if processes > 1 else []
+    args = ["--processes", str(processes)]  # explicit: the default is one per core
     proc = procs.add(start_serve(args, port, data_dir.parent / f"casimg-{port}.log", env=env, cwd=ROOT,
                                  new_session=True))
     return Casimg(proc, port, BENCH_KEY, data_dir)

@@ -26,6 +26,8 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from casimg import tracing
+
 Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # a queued script call
 Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # a queued blocking call
 
@@ -77,7 +79,8 @@ class ScriptBatcher(_TurnBatcher):
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
-        return await self._join(script, keys, args)
+        with tracing.script_span(script):
+            return await self._join(script, keys, args)
 
     def _send(self, batch: list[Call]) -> None:
         task = asyncio.ensure_future(self._run(batch))

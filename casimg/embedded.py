@@ -31,6 +31,11 @@ STOP_TIMEOUT = 20.0
 # be a plain hash. config/redis.conf sets the same for an external Redis.
 COMPACT_HASH_ENTRIES = 512
 COMPACT_HASH_VALUE = 1024
+# The same for the sorted sets of the newest-first listing (lua/lib_recent.lua): a leaf holds at most 128
+# members and one more for an instant before it splits, but Redis never turns a plain sorted set back, so the
+# limit leaves room; a member is a URL and its 26-byte key. config/redis.conf sets the same.
+COMPACT_ZSET_ENTRIES = 256
+COMPACT_ZSET_VALUE = COMPACT_HASH_VALUE + 26
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 
 
@@ -138,6 +143,8 @@ class EmbeddedRedis:
             "--save", "",
             "--hash-max-ziplist-entries", str(COMPACT_HASH_ENTRIES),
             "--hash-max-ziplist-value", str(COMPACT_HASH_VALUE),
+            "--zset-max-ziplist-entries", str(COMPACT_ZSET_ENTRIES),
+            "--zset-max-ziplist-value", str(COMPACT_ZSET_VALUE),
             "--daemonize", "no",
             "--logfile", str(self.dir / "redis.log"),
             "--pidfile", str(self.dir / "redis.pid"),

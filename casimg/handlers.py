@@ -23,20 +23,21 @@ import tornado.web
 
 from casimg import errors
 from casimg.clock import MILLIS
-from casimg.index import ImageRecord
+from casimg.index import ImageRecord, ListingFilter
 from casimg.keys import ApiKey, Scope
 from casimg.lifecycle import delete_url
 from casimg.logtext import clip
 from casimg.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from casimg.openapi import openapi_document
 from casimg.queue import Limits
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 from casimg.services import Services
 from casimg.storage import BlobNotFound, Storage
 from casimg.storage.file import FileStore
 from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.variants import PARAMS, VariantSpec
 from casimg.views import image_json
+from casimg.webhooks import check_callback_url
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -52,6 +53,8 @@ IMAGE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sand
 EXTENSIONS = {fmt.content_type: fmt.extension for fmt in FORMATS.values()}  # of a served file's name
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 CURSOR_RE = re.compile(rf"[0-9a-f]{{{CURSOR_DIGITS}}}")
+FILTERS = ("prefix", "contains", "host")  # the listing's filters, as ListingFilter's fields
+RECENT_CURSOR_RE = re.compile(rf"{re.escape(RECENT_CURSOR_PREFIX)}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}")
 RANGE_RE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
 # Digits of a Range bound read as a number; a longer one is past any file (and past int()'s digit limit,
 # whose ValueError was a 500). 18 digits is an exabyte.
@@ -282,28 +285,67 @@ class ImagesHandler(BaseHandler):
 
     async def get(self) -> None:
         limit = self.query_int("limit", DEFAULT_PAGE, 1, MAX_PAGE)
+        order = self._order()
         cursor = self.get_query_argument("cursor", None)
-        if cursor is not None and not CURSOR_RE.fullmatch(cursor):
-            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
-                                    "gives it; leave it out to start from the first page")
-        page = await self.services.index.page(cursor, limit)
+        if cursor is not None:
+            self._check_cursor(cursor, order)
+        where = ListingFilter(**{name: self._filter_value(name) for name in FILTERS})
+        page = await self.services.index.page(cursor, limit, order, where)
         self.set_header("X-Total-Count", str(page.total))
         if page.next_cursor is not None:
             # A query-only reference (RFC 3986 4.2), resolved by the client against the URL it asked for:
             # it keeps the scheme, host and any path prefix of a proxy in front, none of which casimg
             # knows for sure (the Host header is the client's to write, and TLS ends at the proxy).
-            query = urlencode({"limit": limit, "cursor": page.next_cursor})
+            params: dict[str, str | int] = {"limit": limit}
+            if order is not Order.SHA1:
+                params["order"] = order.value
+            params |= {name: value for name in FILTERS if (value := getattr(where, name))}
+            query = urlencode({**params, "cursor": page.next_cursor})
             self.set_header("Link", f'<?{query}>; rel="next"')
         self.write_json([image_json(*image) for image in page.images])
 
+    def _filter_value(self, name: str) -> str:
+        """A filter's value, read raw (get_query_argument strips whitespace, and a URL prefix may end in
+        one); '' when absent."""
+        values = self.request.query_arguments.get(name)
+        if not values:
+            return ""
+        try:
+            value = values[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            raise errors.BadRequest(f"{name} is not UTF-8") from None
+        return value
+
+    def _order(self) -> Order:
+        raw = self.get_query_argument("order", None)
+        if raw is None:
+            return Order.SHA1
+        try:
+            return Order(raw)
+        except ValueError:
+            raise errors.BadRequest(f"order must be one of {', '.join(o.value for o in Order)}") from None
+
+    @staticmethod
+    def _check_cursor(cursor: str, order: Order) -> None:
+        """A cursor is the one the Link header gave for this order: each order has its own form."""
+        if order is Order.RECENT and not RECENT_CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {RECENT_CURSOR_PREFIX!r} and {RECENT_KEY_BYTES * 2} lowercase "
+                                    "hex digits with order=recent, as the Link header gives it; leave it out "
+                                    "to start from the first page")
+        if order is Order.SHA1 and not CURSOR_RE.fullmatch(cursor):
+            raise errors.BadRequest(f"cursor must be {CURSOR_DIGITS} lowercase hex digits, as the Link header "
+                                    "gives it; leave it out to start from the first page")
+
     async def post(self) -> None:
-        urls = self._parse_urls(bytes(self._body))
+        document = self._parse_body(bytes(self._body))
+        urls = self._parse_urls(document)
+        callback = self._callback_url(document)
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
         settings = self.services.settings
         limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
                         max_url_length=settings.max_url_length)
-        job_id, total = await self.services.queue.submit(urls, key_id, limits)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits, callback=callback)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)
@@ -312,13 +354,30 @@ class ImagesHandler(BaseHandler):
             return
         self.write_json({"job_id": job_id, "status": "queued", "total": total}, 202)
 
-    def _parse_urls(self, body: bytes) -> list[str]:
+    @staticmethod
+    def _parse_body(body: bytes) -> dict[str, Any]:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
             raise errors.BadRequest('body must be JSON: {"image_urls": ["https://...", ...]}') from None
         if not isinstance(document, dict) or "image_urls" not in document:
             raise errors.BadRequest('body must be a JSON object with an "image_urls" list')
+        return document
+
+    def _callback_url(self, document: dict[str, Any]) -> str:
+        """The job's callback URL: the body's "callback_url" ("" or null for none), else CASIMG_WEBHOOK_URL."""
+        settings = self.services.settings
+        if "callback_url" not in document:
+            return settings.webhook_url
+        url = document["callback_url"]
+        if url is None or url == "":
+            return ""
+        if not settings.webhook_secret:
+            raise errors.BadRequest('"callback_url" needs CASIMG_WEBHOOK_SECRET set on the server: callbacks are '
+                                    "always signed, and this server has no secret to sign them with")
+        return check_callback_url(url, settings.allow_networks)
+
+    def _parse_urls(self, document: dict[str, Any]) -> list[str]:
         urls = document["image_urls"]
         if not isinstance(urls, list):
             raise errors.BadRequest('"image_urls" must be a list of URL strings')
@@ -362,13 +421,31 @@ async def _wait_for_job(services: Services, job_id: str, seconds: float) -> None
 
 
 class JobHandler(BaseHandler):
-    scopes = {"GET": Scope.read}
+    """GET a job (any key may read any job); DELETE cancels it (its own key, or an admin key)."""
+
+    scopes = {"GET": Scope.read, "DELETE": Scope.write}
 
     async def get(self, job_id: str) -> None:
         if not JOB_ID_RE.match(job_id):
             raise errors.NotFound(f"no job {job_id!r}")
         job = await self.services.queue.get(job_id)
         self.write_json(job.as_json())
+
+    async def delete(self, job_id: str) -> None:
+        """Cancel: each unfinished URL fails with "cancelled", the job ends done. A done job answers 200 as it
+        is. Another key's job is a 403, not a 404: any key may read it, so its existence is no secret."""
+        if not JOB_ID_RE.match(job_id):
+            raise errors.NotFound(f"no job {job_id!r}")
+        queue = self.services.queue
+        job = await queue.get(job_id, with_results=False)
+        assert self.api_key is not None
+        if job.key != self.api_key.id and self.api_key.scope < Scope.admin:
+            raise errors.Forbidden("this job was submitted with another key; only that key or an admin key may "
+                                   "cancel it")
+        if await queue.cancel(job_id):
+            log.info("job %s cancelled by key %s", job_id, self.api_key.name,
+                     extra={"fields": {"event": "cancel", "job": job_id, "key": self.api_key.name}})
+        self.write_json((await queue.get(job_id)).as_json())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -423,6 +500,18 @@ class _BytesHandler(BaseHandler):
             self.clear_header("Content-Type")
             self.finish()
             return
+        if include_body:
+            # An object store may hand the client a short-lived URL of its own (CASIMG_S3_REDIRECT=presigned),
+            # which then answers Range itself. The redirect is not cached: the URL expires.
+            location = await self.services.blobs.redirect_url(
+                image.sha256, image.content_type, f"{image.sha256[:16]}.{extension}")
+            if location is not None:
+                self.set_status(302)
+                self.set_header("Location", location)
+                self.set_header("Cache-Control", "no-store")
+                self.clear_header("Content-Type")
+                self.finish()
+                return
         accel = self.services.settings.accel_redirect
         if accel and include_body:
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
@@ -495,21 +584,41 @@ def _range_bound(digits: str) -> int | None:
     return int(digits) if len(digits) <= RANGE_DIGITS else 10**RANGE_DIGITS
 
 
+def _url_argument(handler: BaseHandler) -> str:
+    """The `url` query parameter, read raw: get_query_argument strips whitespace and replaces control
+    characters, and the URL must match exactly what was submitted."""
+    values = handler.request.query_arguments.get("url")
+    if not values or not values[-1]:
+        raise errors.BadRequest(f"query parameter 'url' is required: {handler.request.path}?url=<the URL as submitted>")
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+
+
+class ImageMetaHandler(BaseHandler):
+    """GET what the index holds about a URL's image, as a listing row shows it, and how many URLs share its
+    bytes (their reference count: which URLs those are is not indexed, see docs/api.md)."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self) -> None:
+        url = _url_argument(self)
+        image = await self.services.index.lookup(url)
+        if image is None:
+            raise errors.NotFound(f"no image stored for {url}")
+        # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
+        references = await self.services.index.refs_of(image.sha256)
+        self.write_json({**image_json(*image), "references": references})
+
+
 class ImageHandler(_BytesHandler):
     """GET/HEAD the bytes stored for a URL; DELETE the URL."""
 
     scopes = {"GET": Scope.read, "HEAD": Scope.read, "DELETE": Scope.write}
 
     def _url(self) -> str:
-        # Read raw: get_query_argument strips whitespace and replaces control characters, and the URL
-        # must match exactly what was submitted.
-        values = self.request.query_arguments.get("url")
-        if not values or not values[-1]:
-            raise errors.BadRequest("query parameter 'url' is required: /api/image?url=<the URL as submitted>")
-        try:
-            return values[-1].decode("utf-8")
-        except UnicodeDecodeError:
-            raise errors.BadRequest("query parameter 'url' is not UTF-8") from None
+        return _url_argument(self)
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()
@@ -567,6 +676,31 @@ async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
     if known is None:  # Pillow's open may need more than the header
         known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
     return known, size
+
+
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
 
 
 class NotFoundHandler(BaseHandler):

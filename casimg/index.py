@@ -12,14 +12,17 @@ each kept in Redis's compact (ziplist/listpack) encoding, which is what holds it
   digest's first 3 hex digits. Raw rather than hex fields save a third of the bucket's memory; a
   content with no references has no record.
 - ``count``: the number of URLs and of referenced contents, so totals need no scan.
+- ``recent`` and ``recent:{bound}``: the newest-first order, each URL once as "<stored_at><SHA-1><URL>" in
+  small sorted sets that Redis orders byte by byte (lua/lib_recent.lua draws it). A URL keeps its place
+  from its store to its release, so a walk in this order, too, sees each URL present throughout once.
 
 Each change that touches more than one key is a single Lua script (lua/, composed as lua.SCRIPTS says), so
 the index never shows half a change:
 
-- ``store``: point a URL at a digest with its metadata, count the reference, bump the counts and, in the
-  same step, record the outcome in its job (see queue.py).
-- ``release``: remove a URL and its reference; the caller then runs the blob delete steps
-  (lifecycle.py) when the count reached zero.
+- ``store``: point a URL at a digest with its metadata, count the reference, bump the counts, place the
+  URL in the newest-first order and, in the same step, record the outcome in its job (see queue.py).
+- ``release``: remove a URL, its reference and its place in the newest-first order; the caller then runs
+  the blob delete steps (lifecycle.py) when the count reached zero.
 
 The scripts build the bucket names a digest or URL leads to from the prefixes in their ARGV, as KeySpace
 does (the bucket is known only once the script has read the digest). A single Redis, which is what
@@ -31,8 +34,8 @@ through a client that does not decode.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -46,9 +49,12 @@ from casimg.schema import (
     BUCKET_DIGITS,
     BUCKETS,
     QUEUE_GROUP,
+    RECENT_CURSOR_PREFIX,
     KeySpace,
+    Order,
     Outcome,
     blob_key,
+    placeholder_key,
     queue_stream,
     url_bucket,
     url_key,
@@ -90,15 +96,46 @@ class StoreOutcome:
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
 
+# URL buckets one urls_of script call reads: 4 buckets of ~250 URLs each at a million URLs hold Redis about
+# a millisecond; 32 calls go in one round trip (BENCHMARKS.md, "Gallery").
+URL_SCAN_BUCKETS = 4
+URL_SCAN_CALLS = 32
+
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
 Row = tuple[str, str, int, str, int, int, int, str | None]
 
 
+# URLs a filtered page looks at before it ends, with fewer rows if so, and a cursor to go on from: each
+# page is one Lua call, and this keeps it to a few ms of Redis's time whatever the filter (BENCHMARKS.md,
+# "Listing filters"). An unfiltered page looks only at its rows.
+FILTER_BUDGET = 10_000
+
+
+@dataclass(frozen=True)
+class ListingFilter:
+    """What a listing keeps: URLs starting with `prefix`, holding `contains`, on host `host` (all that are
+    not empty). `host` is compared without the port and lowercased in ASCII, as lua/lib_filter.lua does."""
+
+    prefix: str = ""
+    contains: str = ""
+    host: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.prefix or self.contains or self.host)
+
+    def args(self) -> list[str]:
+        return [self.prefix, self.contains, "".join(c.lower() if c.isascii() else c for c in self.host)]
+
+
+NO_FILTER = ListingFilter()
+
+
 @dataclass(frozen=True)
 class Page:
     images: list[Row]  # view them with views.image_json(*row)
-    next_cursor: str | None  # the SHA-1 (hex) of the last URL on this page, while more follow
+    next_cursor: str | None  # while more follow: the SHA-1 (hex) of the page's last URL (or, filtered, of
+    # the last URL looked at); "r." + the hex of its (stored_at, SHA-1) key in the newest-first order
     total: int  # URLs indexed, read in the same step as the page
 
 
@@ -167,7 +204,13 @@ class Index:
         self._correct_meta = redis.register_script(lua_source("correct_meta"))
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
+        self._urls_of = redis.register_script(lua_source("urls_of"))
+        self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
+        self._claim = redis.register_script(lua_source("claim"))
+        self._unclaim = redis.register_script(lua_source("unclaim"))
+        self._tomb = redis.register_script(lua_source("tomb"))
+        self._begin_delete = redis.register_script(lua_source("begin_delete"))
 
     async def store(
         self,
@@ -189,12 +232,12 @@ class Index:
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
-             queue_stream(k, owner), k.queue_owners],
+             queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
-             attempts, owner, placeholder or "", k.placeholder(""), now_iso()],
+             attempts, owner, k.recent_leaf(""), placeholder or "", k.placeholder(""), now_iso()],
         )
-        stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
+        stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
 
     async def complete(
@@ -207,7 +250,7 @@ class Index:
         result = {"status": outcome.status.value, **detail}
         digest = detail.get("sha256")
         await self._complete(
-            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
+            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners, k.webhooks],
             args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
                   outcome.counter, owner, now_ms(), f"{digest} {k.placeholder('')}" if digest else "", now_iso()],
         )
@@ -216,8 +259,8 @@ class Index:
         """Delete step 1: unindex the URL (with its content's last reference, the content's placeholder
         and variant relations go too). None if the URL is unknown."""
         k = self.keys
-        reply = await self._release(keys=[url_key(k, url), k.count],
-                                    args=[url, k.blob(""), k.placeholder(""), k.variants("")])
+        reply = await self._release(keys=[url_key(k, url), k.count, k.recent],
+                                    args=[url, k.blob(""), k.recent_leaf(""), k.placeholder(""), k.variants("")])
         if reply is None:
             return None
         return Released(reply[0], int(reply[1]), tuple(reply[2:]))
@@ -228,8 +271,16 @@ class Index:
 
     async def digests_of(self, urls: list[str]) -> list[str | None]:
         """digest_of for each URL, in one round trip."""
-        values = await self._hget_each((url_key(self.keys, url), url) for url in urls)
-        return [value[:64] if value else None for value in values]
+        digests, _ = await self.digests_and_fields(urls, [])
+        return digests
+
+    async def digests_and_fields(
+        self, urls: list[str], fields: list[tuple[str, str]]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """digest_of for each URL and HGET key field for each of `fields` (keys other modules name), in one
+        round trip: a worker asks whether its entries' jobs are cancelled in the same trip as their URLs."""
+        values = await self._hget_each([*((url_key(self.keys, url), url) for url in urls), *fields])
+        return [value[:64] if value else None for value in values[:len(urls)]], values[len(urls):]
 
     async def records_of(self, urls: list[str]) -> list[ImageRecord | None]:
         """lookup for each URL, in one round trip."""
@@ -266,15 +317,60 @@ class Index:
         changed. For fsck --repair: `meta` must be read from the blob's own bytes."""
         return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
-    async def page(self, cursor: str | None, limit: int) -> Page:
-        """`limit` (>= 1) images after the cursor in SHA-1-of-URL order (fewer at the end; more only where
-        URLs share one SHA-1). A URL present throughout a walk is seen once: its place never changes."""
+    async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1,
+                   where: ListingFilter = NO_FILTER, budget: int = FILTER_BUDGET) -> Page:
+        """`limit` (>= 1) images after the cursor in `order` (fewer at the end; more only where URLs share
+        one SHA-1, or in the newest-first order one (stored_at, SHA-1)). A URL present throughout a walk is
+        seen once: its place never changes. The cursor must be one of `order`'s (the handler checks).
+
+        With a filter, only the URLs it keeps; and a page that has looked at `budget` URLs ends with what it
+        found (none, maybe) and a cursor to go on from."""
+        if order is Order.RECENT:
+            return await self._page_newest(cursor, limit, where, budget)
         k = self.keys
-        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, k.placeholder("")])
-        images = [_fields(reply[i], reply[i + 1], reply[i + 2]) for i in range(2, len(reply), 3)]
+        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, *where.args(), budget])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
         more = bool(int(reply[0]))
-        last = images[-1][0] if more and images else None
-        return Page(images, hashlib.sha1(last.encode()).hexdigest() if last is not None else None, int(reply[1]))
+        return Page(images, reply[2] if more else None, int(reply[1]))
+
+    async def urls_of(self, digest: str, limit: int) -> list[str]:
+        """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
+        more memory per URL than the rest of the index), so this reads the URL buckets, URL_SCAN_BUCKETS per
+        script call and URL_SCAN_CALLS calls per round trip, and stops once `limit` are found: each call
+        holds Redis briefly, and other clients are served between them."""
+        found: list[str] = []
+        names = [self.keys.url(bucket) for bucket in BUCKETS]
+        step = URL_SCAN_BUCKETS * URL_SCAN_CALLS
+        for start in range(0, len(names), step):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for first in range(start, min(start + step, len(names)), URL_SCAN_BUCKETS):
+                    chunk = names[first:first + URL_SCAN_BUCKETS]
+                    await self._urls_of(keys=chunk, args=[digest], client=pipe)  # queued; the pipeline loads it
+                for urls in await pipe.execute():
+                    found += urls
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
+    async def _page_newest(self, cursor: str | None, limit: int, where: ListingFilter, budget: int) -> Page:
+        k = self.keys
+        after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
+        reply = await self._page_recent(keys=[k.count, k.recent],
+                                        args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
+        more = bool(int(reply[0]))
+        return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
+
+    async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
+        """The rows with their contents' placeholders, read in one round trip (kept once per content, so
+        not in the URL's value)."""
+        if not rows:
+            return rows
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hget(placeholder_key(self.keys, row[1]), bytes.fromhex(row[1]))
+            found = await pipe.execute()
+        return [(*row[:7], placeholder) for row, placeholder in zip(rows, found, strict=True)]
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""
@@ -289,6 +385,48 @@ class Index:
         """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
         the lock expires after `seconds`, so one worker at a time sweeps."""
         return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
+
+    # -- claims and tombstones: the lifecycle of blobs on an object store (lifecycle.py, storage/s3.py) --
+
+    async def claim(self, digest: str, token: str, ttl: float) -> int:
+        """Hold a claim on `digest` for `ttl` seconds while a store uploads it: 1, or 2 when the digest is
+        referenced (so its object is there and stays while the claim lives); 0 while a delete of its
+        object may be in flight (the caller waits and asks again)."""
+        k = self.keys
+        return int(await self._claim(keys=[k.claims(digest), k.deleting(digest), k.tomb, blob_key(k, digest)],
+                                     args=[token, max(1, int(ttl * 1000)), digest, bytes.fromhex(digest)]))
+
+    async def unclaim(self, digest: str, token: str) -> bool:
+        """Drop the claim; True if it was still live, so no delete of the object can have begun since it
+        was taken."""
+        return bool(await self._unclaim(keys=[self.keys.claims(digest)], args=[token]))
+
+    async def tomb(self, digest: str, grace: float) -> bool:
+        """Mark an unreferenced digest's object for deletion by the sweep after `grace` seconds; False
+        (and nothing marked) if it is referenced."""
+        k = self.keys
+        return bool(await self._tomb(keys=[blob_key(k, digest), k.tomb],
+                                     args=[bytes.fromhex(digest), digest, max(0, int(grace * 1000))]))
+
+    async def due_tombs(self, limit: int) -> list[str]:
+        """Up to `limit` tombstoned digests whose grace has passed (by this node's clock, which only
+        picks candidates: begin_delete decides by Redis's)."""
+        return await self.redis.zrangebyscore(self.keys.tomb, "-inf", int(time.time() * 1000),
+                                              start=0, num=limit)
+
+    async def tombstoned(self) -> set[str]:
+        return set(await self.redis.zrange(self.keys.tomb, 0, -1))
+
+    async def begin_delete(self, digest: str, marker_ttl: float) -> bool:
+        """True if the sweep may delete `digest`'s object now: due, unreferenced, unclaimed. The deleting
+        marker is then set for `marker_ttl` seconds, longer than any DELETE request may take."""
+        k = self.keys
+        return bool(await self._begin_delete(
+            keys=[blob_key(k, digest), k.claims(digest), k.deleting(digest), k.tomb],
+            args=[bytes.fromhex(digest), digest, max(1, int(marker_ttl * 1000))]))
+
+    async def end_delete(self, digest: str) -> None:
+        await self.redis.delete(self.keys.deleting(digest))
 
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.

@@ -1,4 +1,5 @@
-"""Moves an index written by casimg 0.1 to the current layout (index.py) when a process starts.
+"""Brings the index to the current layout (index.py) when a process starts: the casimg 0.1 index moves,
+and URLs stored before the newest-first order existed get their place in it.
 
 casimg 0.1 kept the index in five keys, named by ``schema.OldKeySpace`` and read only here:
 ``urls`` (URL -> hex digest), ``order`` (URL scored by stored_at in µs), ``refs`` (digest ->
@@ -12,6 +13,14 @@ the counts, and removes the old entries. A URL is moved by whichever call finds 
 starting together, or one killed at any point, move each URL exactly once. Once the old URL hash is
 gone, the other old keys are deleted in one command. Stop every casimg 0.1 process before the upgrade:
 one still writing to the old keys would keep the move from finishing.
+
+The newest-first order (``recent``, lua/lib_recent.lua) came later than the URL buckets. ``backfill_recent``
+walks the buckets, BACKFILL_BUCKETS at a time in one Lua call, and gives each URL its member from the
+stored_at in its value; a URL that has one (stored since by a current process) keeps it, so processes
+starting together, or a start after one killed halfway, only repeat work. The walk ends by recording
+``recent`` in the migrations hash, and later starts skip it. Until then a newest-first listing shows the
+URLs the walk has reached and those stored since. Stop processes older than this order first: they store
+URLs without a place in it.
 """
 
 from __future__ import annotations
@@ -29,7 +38,10 @@ log = logging.getLogger("casimg.migrate")
 # URLs per Lua call. Each call holds Redis, longer as the new buckets fill: 250 took about 20 ms at
 # 300,000 URLs on a busy 2-core machine.
 MIGRATE_BATCH = 250
-
+# URL buckets per backfill call: 16 buckets of about 244 URLs at 1,000,000 URLs, a few ms of Redis's time
+# (BENCHMARKS.md, "Listing and memory").
+BACKFILL_BUCKETS = 16
+RECENT_MIGRATION = "recent"  # its field in the migrations hash
 
 
 
@@ -42,8 +54,33 @@ async def move_batch(redis: aioredis.Redis, k: KeySpace, urls: list[str]) -> int
 
 
 async def migrate(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BATCH) -> int:
-    """Move a casimg 0.1 index (keys under `keys`' prefix) to the current layout, if there is one. Returns
-    the URLs this call moved."""
+    """Move a casimg 0.1 index (keys under `keys`' prefix) to the current layout, if there is one, then
+    give the URLs stored before the newest-first order their place in it, once. Returns the URLs this call
+    moved from casimg 0.1."""
+    moved = await move_old_index(redis, keys, batch)
+    await backfill_recent(redis, keys)
+    return moved
+
+
+async def backfill_recent(redis: aioredis.Redis, keys: KeySpace) -> int:
+    """Give every indexed URL its member in the newest-first order, unless a finished run says it has one
+    (an empty index needs none). Returns the members this call added."""
+    if await redis.hexists(keys.migrations, RECENT_MIGRATION):
+        return 0
+    added = 0
+    if int(await redis.hget(keys.count, "urls") or 0) > 0:
+        log.info("placing the stored URLs in the newest-first order")
+        script = redis.register_script(lua_source("backfill_recent"))
+        for first in range(0, len(BUCKETS), BACKFILL_BUCKETS):
+            added += int(await script(keys=[keys.recent],
+                                      args=[keys.url(""), keys.recent_leaf(""), first, first + BACKFILL_BUCKETS - 1]))
+        log.info("placed %d URLs in the newest-first order", added)
+    await redis.hset(keys.migrations, RECENT_MIGRATION, now_ms())
+    return added
+
+
+async def move_old_index(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BATCH) -> int:
+    """Move a casimg 0.1 index to the current layout, if there is one. Returns the URLs this call moved."""
     old = OldKeySpace(keys.prefix)
     if not await redis.exists(*old.markers()):
         return 0

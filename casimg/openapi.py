@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from casimg import __version__
-from casimg.schema import CURSOR_DIGITS
+from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -45,9 +45,25 @@ IMAGE_HEADERS = {
 }
 # The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
 # of the request, so it keeps that URL's scheme, host and path (a proxy's prefix included).
-LINK_PATTERN = f'^<\\?limit=[0-9]+&cursor=[0-9a-f]{{{CURSOR_DIGITS}}}>; rel="next"$'
-LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next", a query-only reference '
-             "to resolve against the URL of this request (it never names a scheme, host or path)")
+# Each order has a cursor of its own form: the default's is 40 hex digits, the newest-first's "r." and 52.
+RECENT_CURSOR_PATTERN = f"{RECENT_CURSOR_PREFIX.replace('.', '[.]')}[0-9a-f]{{{RECENT_KEY_BYTES * 2}}}"
+CURSOR_PATTERN = f"([0-9a-f]{{{CURSOR_DIGITS}}}|{RECENT_CURSOR_PATTERN})"
+LINK_PATTERN = (f'^<\\?limit=[0-9]+(&order=recent)?(&prefix=[^&>]*)?(&contains=[^&>]*)?(&host=[^&>]*)?'
+                f'&cursor={CURSOR_PATTERN}>; rel="next"$')
+FILTER_TEXT = ("Filters, combinable with each other and with either order: a page looks at up to 10,000 URLs "
+               "and may then end with fewer rows than limit (none, even) and a Link to go on from; "
+               "X-Total-Count stays the number of URLs indexed")
+LINK_TEXT = ('The next page, while there is one: <?limit=N&cursor=C>; rel="next" (with the order and filters '
+             "asked for before the cursor), a query-only reference to resolve against the URL of this request "
+             "(it never names a scheme, host or path)")
+IMAGE_FIELDS = ["url", "sha256", "size", "content_type", "width", "height", "stored_at"]
+IMAGE_PROPERTIES = {
+    "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    "size": {"type": "integer"}, "content_type": {"type": "string"},
+    "width": {"type": "integer"}, "height": {"type": "integer"},
+    "stored_at": {"type": "string", "format": "date-time"},
+    "placeholder": {"type": ["string", "null"], "description": PLACEHOLDER_TEXT},
+}
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
 VARIANT_PARAMS = [
     {"name": "w", "in": "query", "schema": {"type": "integer", "minimum": 1},
@@ -112,7 +128,19 @@ def openapi_document() -> dict[str, Any]:
                     # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
-                    "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+                    "properties": {
+                        "image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "callback_url": {
+                            "type": ["string", "null"], "maxLength": 2048,
+                            "description": "http(s) URL POSTed the job (as GET /api/jobs/{job_id} answers it, "
+                                           "without callback; past 64 KiB without results and with results_url) "
+                                           "when it is done, signed in X-Casimg-Signature: t=<unix seconds>,"
+                                           "v1=<hex HMAC-SHA256 of '<t>.<body>' under CASIMG_WEBHOOK_SECRET>. "
+                                           "Retried with backoff until a 2xx, for CASIMG_WEBHOOK_RETRY_FOR "
+                                           "seconds. Absent: CASIMG_WEBHOOK_URL; empty or null: none. A 400 when "
+                                           "the server has no CASIMG_WEBHOOK_SECRET, or the address is refused.",
+                        },
+                    },
                 },
                 "Accepted": {
                     "type": "object", "additionalProperties": False, "required": ["job_id", "status", "total"],
@@ -142,19 +170,44 @@ def openapi_document() -> dict[str, Any]:
                         "existed": {"type": "integer"}, "failed": {"type": "integer"},
                         "created": {"type": "string", "format": "date-time"},
                         "finished": {"type": ["string", "null"], "format": "date-time"},
+                        "callback": _ref("Callback"),
                         "results": {"type": "array", "items": _ref("Result")},
                     },
                 },
+                "Callback": {
+                    # Only on jobs submitted with a callback URL: other jobs answer as they always did.
+                    "type": "object", "additionalProperties": False, "required": ["state", "attempts", "last_status"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "last_status": {"type": ["integer", "null"],
+                                        "description": "HTTP status of the last attempt; null if none answered"},
+                        "last_error": {"type": "string",
+                                       "description": "Why the last attempt got no answer (timeout, refused address)"},
+                    },
+                },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
+                },
                 "Image": {
                     "type": "object", "additionalProperties": False,
-                    "required": ["url", "sha256", "size", "content_type", "width", "height", "stored_at"],
-                    "properties": {
-                        "url": {"type": "string"}, "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-                        "size": {"type": "integer"}, "content_type": {"type": "string"},
-                        "width": {"type": "integer"}, "height": {"type": "integer"},
-                        "stored_at": {"type": "string", "format": "date-time"},
-                        "placeholder": {"type": ["string", "null"], "description": PLACEHOLDER_TEXT},
-                    },
+                    "required": IMAGE_FIELDS, "properties": IMAGE_PROPERTIES,
+                },
+                "ImageMeta": {
+                    "type": "object", "additionalProperties": False,
+                    "required": [*IMAGE_FIELDS, "references"],
+                    "properties": {**IMAGE_PROPERTIES, "references": {
+                        "type": "integer", "minimum": 0,
+                        "description": "How many URLs point at these bytes, this one included (0 only if "
+                                       "it was deleted while answering)"}},
                 },
             },
         },
@@ -175,20 +228,32 @@ def openapi_document() -> dict[str, Any]:
                                       "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
             "/api/images": {
                 "get": {
-                    "summary": "List stored images in the index's order (by the SHA-1 of the URL), paginated with "
-                               "Link: rel=next",
+                    "summary": "List stored images in the index's order (by the SHA-1 of the URL) or newest first, "
+                               "paginated with Link: rel=next",
                     "parameters": [
                         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                        {"name": "order", "in": "query", "schema": {"type": "string", "enum": [o.value for o in Order]},
+                         "description": "sha1 (the default): by the SHA-1 of the URL. recent: newest first, by "
+                                        "(stored_at, SHA-1 of the URL) descending"},
                         {"name": "cursor", "in": "query",
-                         "schema": {"type": "string", "pattern": f"^[0-9a-f]{{{CURSOR_DIGITS}}}$"},
-                         "description": "Opaque; take it from the Link header"},
+                         "schema": {"type": "string", "pattern": f"^{CURSOR_PATTERN}$"},
+                         "description": "Opaque; take it from the Link header. Each order has its own form "
+                                        "(40 hex digits; r. and 52 with order=recent), and a cursor of the other "
+                                        "order is a 400"},
+                        {"name": "prefix", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that start with this, byte for byte. " + FILTER_TEXT},
+                        {"name": "contains", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs that hold this, byte for byte (no pattern). " + FILTER_TEXT},
+                        {"name": "host", "in": "query", "schema": {"type": "string"},
+                         "description": "Only URLs on this host (without the port; ASCII letters in any case). "
+                                        + FILTER_TEXT},
                     ],
                     "responses": {
                         "200": {**_json("A page of images", {"type": "array", "items": _ref("Image")}),
                                 "headers": {"X-Total-Count": {"schema": {"type": "integer"}},
                                             "Link": {"schema": {"type": "string", "pattern": LINK_PATTERN},
                                                      "description": LINK_TEXT}}},
-                        "400": _problem("Bad limit or cursor"),
+                        "400": _problem("Bad limit, order or cursor, or a filter that is not UTF-8"),
                         **AUTH_ERRORS,
                     },
                 },
@@ -219,6 +284,20 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": job_response, "404": _problem("Unknown or expired job"), **AUTH_ERRORS},
                 },
+                "delete": {
+                    "summary": "Cancel a job: its unfinished URLs fail with 'cancelled' (downloads in flight are "
+                               "abandoned, nothing of them is stored), images already stored stay, the job is done "
+                               "(its callback, if any, is sent). A key cancels its own jobs; an admin key any job",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json("The job, now done; a job done already is answered as it is (idempotent)",
+                                     _ref("Job")),
+                        "404": _problem("Unknown or expired job"),
+                        **AUTH_ERRORS,
+                        "403": _problem("The key's scope is read, or the job was submitted with another key "
+                                        "(any key may read a job, so a 403 tells nothing new)"),
+                    },
+                },
             },
             "/api/image": {
                 "get": {"summary": "The bytes stored for a URL, or a variant of them (w, h, format, ...)",
@@ -229,6 +308,31 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/image/meta": {
+                "get": {"summary": "What the index holds about the image stored for a URL, and how many URLs "
+                                   "share its bytes", "parameters": [URL_PARAM],
+                        "responses": {"200": _json("The image, as a listing row, with its reference count",
+                                                   _ref("ImageMeta")),
+                                      "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/key": {
+                "get": {"summary": "The presented key's id, name and scope (read, write or admin)",
+                        "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{digest}/urls": {
+                "get": {"summary": "How many URLs share a content, and which: the count is one lookup, the URLs a "
+                                   "walk of the whole index in steps of about a millisecond of Redis (a second or "
+                                   "more per million URLs; docs/gallery.md)",
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                                       {"name": "limit", "in": "query",
+                                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100; 0: the count alone, "
+                                                       "without the walk); count is always exact"}],
+                        "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
+                                      "400": _problem("Bad limit"), "404": _problem("Not stored"),
+                                      **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content (an original or a variant), by digest, or a "

@@ -7,10 +7,14 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     url:{3 hex}        hash    URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>"
     blob:{3 hex}       hash    raw 32-byte SHA-256 -> references
     count              hash    urls, blobs
+    recent             zset    the lower bounds of the newest-first order's leaves (raw 26-byte keys)
+    recent:{hex}       zset    one leaf: "<stored_at 6 bytes><SHA-1 20 bytes><URL>" members, score 0
+    migrations         hash    migration name -> when it finished (ms)
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
     enqueuing          zset    jobs whose entries are still being added
-    job:{id}           hash    status, counters, times; job:{id}:urls list, job:{id}:results hash
+    job:{id}           hash    status, counters, times, callback state; job:{id}:urls list, job:{id}:results hash
+    webhooks           zset    job id -> when its callback is due (ms); a claim moves it past its lease
     inflight:{key id}  zset    one API key's unfinished jobs
     rate:{key id}      hash    one API key's token bucket
     authfail:{address} string  401s given to one address this minute
@@ -20,6 +24,9 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     placeholder:{3 hex} hash   raw 32-byte SHA-256 -> its ThumbHash (base64), once per content
     variants:{sha256}  hash    canonical variant parameters -> "<variant sha256 hex> <size>"
     variant-claim:{sha256}:{canonical}  string  held by the process rendering that variant
+    claims:{sha256}    zset    an object-store blob's stores in flight: token -> expiry (ms)
+    deleting:{sha256}  string  present while an object-store blob's DELETE may be in flight
+    tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
 
 The key table in docs/operations.md mirrors ``KeySpace`` (tests/test_docs.py holds them together).
 """
@@ -37,6 +44,10 @@ from enum import StrEnum
 BUCKET_DIGITS = 3
 BUCKETS = [f"{n:03x}" for n in range(16**BUCKET_DIGITS)]
 CURSOR_DIGITS = 40  # a listing cursor is the SHA-1 (hex) of the last URL of the page before
+# The newest-first listing's cursor: this prefix, then the hex of the last row's (stored_at, SHA-1) key,
+# 6 + 20 bytes. The prefix keeps it visibly apart from the default order's 40 hex digits.
+RECENT_CURSOR_PREFIX = "r."
+RECENT_KEY_BYTES = 26  # lua/lib_recent.lua's RECENT_KEY
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,22 @@ class KeySpace:
     def count(self) -> str:
         """hash: ``urls`` (URLs indexed) and ``blobs`` (contents with refs > 0), kept by the index scripts."""
         return self.prefix + "count"
+
+    @property
+    def recent(self) -> str:
+        """sorted set, score 0: the lower bounds of the newest-first order's leaves, each the raw 26-byte
+        (stored_at, SHA-1) key of its first member ('' for the first leaf); see lua/lib_recent.lua."""
+        return self.prefix + "recent"
+
+    def recent_leaf(self, bound_hex: str) -> str:
+        """sorted set, score 0: one leaf of the newest-first order, members "<stored_at ms, 6 bytes
+        big-endian><SHA-1 of the URL, 20 bytes><URL>" from its bound (hex; ``first`` for '') on."""
+        return f"{self.prefix}recent:{bound_hex}"
+
+    @property
+    def migrations(self) -> str:
+        """hash: name of a finished migration of the index (migrate.py) -> when it finished, in ms."""
+        return self.prefix + "migrations"
 
     @property
     def queue(self) -> str:
@@ -87,6 +114,12 @@ class KeySpace:
         """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
         return f"{self.prefix}job:{job_id}:results"
 
+    @property
+    def webhooks(self) -> str:
+        """sorted set: job id -> the time in ms its callback is next due, while it is neither delivered nor
+        failed; a claim moves the time on by the claim's lease (webhooks.py)."""
+        return self.prefix + "webhooks"
+
     def worker(self, name: str) -> str:
         """string with a TTL: present while the named worker is alive."""
         return f"{self.prefix}worker:{name}"
@@ -95,6 +128,21 @@ class KeySpace:
     def sweep_lock(self) -> str:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
+
+    def claims(self, digest: str) -> str:
+        """sorted set with a TTL: the stores of `digest` between their upload and their index step, on any
+        node, for a driver without link/rename (storage/s3.py): claim token -> expiry in ms (Redis time)."""
+        return f"{self.prefix}claims:{digest}"
+
+    def deleting(self, digest: str) -> str:
+        """string with a TTL: present while the sweep's DELETE of `digest`'s object may be in flight; a
+        store of the same content waits for it to go."""
+        return f"{self.prefix}deleting:{digest}"
+
+    @property
+    def tomb(self) -> str:
+        """sorted set: digests of an object store whose count reached 0 -> when the sweep may delete them (ms)."""
+        return self.prefix + "tomb"
 
     @property
     def enqueuing(self) -> str:
@@ -160,6 +208,13 @@ class KeySpace:
 QUEUE_GROUP = "workers"
 
 
+class Order(StrEnum):
+    """The orders of the listing (``GET /api/images?order=``)."""
+
+    SHA1 = "sha1"  # by the SHA-1 of the URL: the index's own order, and the default
+    RECENT = "recent"  # newest first: by (stored_at, SHA-1 of the URL), descending
+
+
 class Outcome(StrEnum):
     """What became of one URL of a job: the ``status`` of its result in ``job:{id}:results``, what the
     store script returns, what the worker logs and what /metrics counts."""
@@ -168,10 +223,13 @@ class Outcome(StrEnum):
     DEDUPLICATED = "deduplicated"  # stored under a content already there: its result is "stored"
     EXISTS = "exists"  # the URL was indexed already
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its job was cancelled first: its result is "failed", with the error "cancelled"
 
     @property
     def status(self) -> Outcome:
         """The status a job's result records: a deduplicated URL was stored."""
+        if self is Outcome.CANCELLED:
+            return Outcome.FAILED
         return Outcome.STORED if self is Outcome.DEDUPLICATED else self
 
     @property

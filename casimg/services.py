@@ -35,6 +35,7 @@ from casimg.schema import KeySpace
 from casimg.storage import Storage, open_storage
 from casimg.variant_store import VariantStore
 from casimg.variants import VariantPolicy
+from casimg.webhooks import Deliverer
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")
@@ -145,8 +146,15 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         if settings.origin_rate > 0 or settings.origin_backoff > 0:
             pace = OriginPace(client, keyspace, settings.origin_rate, settings.origin_burst,
                               settings.origin_backoff, settings.origin_backoff_max)
+        # Every worker process delivers callbacks, each claimed by one process at a time (webhooks.py).
+        # Without a secret none is accepted, and none is sent unsigned: callbacks queued before the secret
+        # was removed wait for it to come back.
+        webhooks = None
+        if settings.webhook_secret:
+            webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
-                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace)
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace,
+                                 webhooks=webhooks)
     return services
 
 

@@ -201,7 +201,7 @@ class VariantStore:
             self.renders += 1
             self.on_render(time.perf_counter() - started)
             return await keep_variant(self.blobs, self.index, self.relations, source, canonical, rendered.data,
-                                      self.policy, token)
+                                      rendered.content_type, self.policy, token)
         except (BadVariant, NotFound, Unrenderable, Unavailable) as exc:
             # Those that waited answer with the same error, and so does the next request for a moment.
             with contextlib.suppress(Exception):
@@ -232,13 +232,12 @@ async def source_for_render(blobs: Storage, digest: str) -> Source:
 
 
 async def keep_variant(blobs: Storage, index: Index, relations: Relations, source: str, canonical: str,
-                       data: bytes, policy: VariantPolicy, token: str) -> StoredVariant:
+                       data: bytes, content_type: str, policy: VariantPolicy, token: str) -> StoredVariant:
     """Store a rendered variant as a blob under its own digest, its relation the reference (which also ends
     the claim `token`). Returns the relation recorded: ours, or another render's that came first."""
-    assert isinstance(blobs, FileStore), "the store steps (lifecycle.py) are the file store's so far"
     tmp, digest = await asyncio.to_thread(blobs.write_temp, data)
     outcome, recorded = await store_referenced(
-        blobs, index, tmp, digest,
+        blobs, index, tmp, digest, content_type,
         lambda: relations.add(source, canonical, StoredVariant(digest, len(data)), policy.per_original, token),
         lambda answer: answer[0] is Added.RECORDED)
     if recorded is not None and outcome in (Added.RECORDED, Added.EXISTS):

@@ -30,6 +30,7 @@ from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
 from casimg.storage.file import FileStore
 from tests.origin import Origin
+from tests.procs import S3Endpoint
 
 _prefixes = itertools.count()
 
@@ -65,6 +66,14 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server = RedisProcess(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """An S3 endpoint for the session: moto_server on loopback, or the bucket CASIMG_S3_* name."""
+    endpoint = S3Endpoint(tmp_path_factory.mktemp("s3"))
+    yield endpoint
+    endpoint.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import logging
 import re
 import urllib.request
 from typing import Any
-from urllib.parse import quote, urlencode, urljoin
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import pytest
 
@@ -274,11 +274,16 @@ async def test_identical_bytes_at_two_urls_share_one_blob(api, origin, services)
                                     "placeholder": first["results"][0]["placeholder"]}
     assert first["results"][0]["placeholder"]
     assert await services.index.refs_of(digest) == 2
+    meta = json.loads((await api("GET", f"/api/image/meta?url={quote(b, safe='')}")).body)
+    listed = json.loads((await api("GET", "/api/images?limit=1000")).body)
+    assert meta == {**next(image for image in listed if image["url"] == b), "references": 2}
     blob_files = list(services.blobs.root.rglob("*"))
     assert sum(1 for path in blob_files if path.is_file()) == 1
     # Deleting one URL keeps the bytes for the other.
     assert (await api("DELETE", f"/api/image?url={quote(a, safe='')}")).code == 204
     assert (await api("GET", f"/api/image?url={quote(a, safe='')}")).code == 404
+    assert (await api("GET", f"/api/image/meta?url={quote(a, safe='')}")).code == 404
+    assert json.loads((await api("GET", f"/api/image/meta?url={quote(b, safe='')}")).body)["references"] == 1
     assert (await api("GET", f"/api/image?url={quote(b, safe='')}")).code == 200
     assert services.blobs.exists(digest)
     assert (await api("DELETE", f"/api/image?url={quote(b, safe='')}")).code == 204
@@ -419,13 +424,64 @@ async def test_listing_pages_with_link_and_total(api, origin):
 
 
 @pytest.mark.gen_test
+async def test_newest_first_listing_pages_with_its_own_cursor(api, origin):
+    urls = [origin.url(f"/img/{70 + i}.png") for i in range(7)]
+    for url in urls[:4]:
+        await submit(api, [url])
+    await submit(api, urls[4:])
+    seen: list[dict] = []
+    path = "/api/images?limit=3&order=recent"
+    while path:
+        response = await api("GET", path)
+        assert response.code == 200 and response.headers["X-Total-Count"] == "7"
+        seen += json.loads(response.body)
+        link = response.headers.get("Link")
+        if link:
+            assert re.fullmatch(r'<\?limit=3&order=recent&cursor=r\.[0-9a-f]{52}>; rel="next"', link), link
+        path = urljoin(path, link[1:link.index(">")]) if link else ""
+    assert sorted(image["url"] for image in seen) == sorted(urls)
+    keys = [(image["stored_at"], hashlib.sha1(image["url"].encode()).hexdigest()) for image in seen]
+    assert keys == sorted(keys, reverse=True)
+    assert [image["url"] for image in seen[-4:]] == urls[:4][::-1]  # stored one job after another
+    default = json.loads((await api("GET", "/api/images?order=sha1")).body)
+    assert [image["url"] for image in default] == sorted(urls, key=lambda url: hashlib.sha1(url.encode()).hexdigest())
+
+
+@pytest.mark.gen_test
+async def test_filtered_listing_pages_carry_the_filters_in_their_link(api, origin):
+    urls = [origin.url(f"/img/{80 + i}.png") for i in range(6)] + [origin.url(f"/img/{90 + i}.jpg") for i in range(3)]
+    await submit(api, urls)
+    host = urlsplit(urls[0]).hostname
+    for query, expected in [(f"contains={quote('.png')}", urls[:6]), (f"host={host.upper()}", urls),
+                            ("host=localhost", []), (f"prefix={quote(origin.url('/img/9'), safe='')}", urls[6:]),
+                            (f"prefix={quote(origin.url('/img/8'), safe='')}&contains=80.", urls[:1])]:
+        for order in ("", "&order=recent"):
+            seen: list[str] = []
+            path = f"/api/images?limit=2{order}&{query}"
+            while path:
+                response = await api("GET", path)
+                assert response.code == 200 and response.headers["X-Total-Count"] == "9"
+                seen += [image["url"] for image in json.loads(response.body)]
+                link = response.headers.get("Link")
+                if link:
+                    assert link.startswith(f"<?limit=2{order}&{query}&cursor="), link
+                path = urljoin(path, link[1:link.index(">")]) if link else ""
+            assert sorted(seen) == sorted(expected), (query, order)
+
+
+@pytest.mark.gen_test
 @pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "cursor=-1", "cursor=1764612345123456",
-                                   "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor="])
+                                   "cursor=" + "A" * 40, "cursor=" + "a" * 39, "cursor=" + "a" * 41, "cursor=",
+                                   "cursor=r." + "a" * 52, "order=newest", "order=recent&cursor=" + "a" * 40,
+                                   "order=recent&cursor=r." + "a" * 51, "order=recent&cursor=R." + "a" * 52,
+                                   "prefix=%ff", "host=%c3"])
 async def test_bad_listing_parameters_are_400(api, query):
     body = problem(await api("GET", f"/api/images?{query}"))
     assert body["status"] == 400
     if query.startswith("cursor"):
         assert "cursor must be 40 lowercase hex digits" in body["detail"]
+    elif "cursor" in query:
+        assert "cursor must be 'r.' and 52 lowercase hex digits with order=recent" in body["detail"]
 
 
 @pytest.mark.gen_test

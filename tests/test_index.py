@@ -6,17 +6,22 @@ import asyncio
 import hashlib
 import itertools
 import random
+import re
 import time
+from urllib.parse import urlsplit
 
 import pytest
+from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ResponseError
 
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
-from casimg.index import BlobMeta, Index
-from casimg.schema import KeySpace, Outcome, blob_key, url_bucket, url_key
+from casimg.index import BlobMeta, Index, ListingFilter
+from casimg.migrate import backfill_recent
+from casimg.schema import RECENT_KEY_BYTES, KeySpace, Order, Outcome, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
 
 META = BlobMeta(size=3, content_type="image/png", width=1, height=1)
+RECENT_LEAF_MAX = 128  # lua/lib_recent.lua's RECENT_LEAF
 
 
 def digest(n: int) -> str:
@@ -270,7 +275,9 @@ async def test_full_buckets_of_long_urls_keep_the_compact_encoding_on_the_embedd
         for n, url in enumerate(urls):
             await index.store(url, digest(n), meta)
         assert await client.hlen(index.keys.blob("000")) == COMPACT_HASH_ENTRIES
-        for key in {index.keys.blob("000")} | {url_key(index.keys, url) for url in urls}:
+        leaves = {key async for key in client.scan_iter(index.keys.recent_leaf("*"))}
+        assert len(leaves) >= COMPACT_HASH_ENTRIES // 128  # the newest-first order's leaves, split as they fill
+        for key in {index.keys.blob("000"), index.keys.recent} | leaves | {url_key(index.keys, url) for url in urls}:
             assert await client.object("encoding", key) in ("ziplist", "listpack"), key
     finally:
         await client.aclose()
@@ -291,3 +298,220 @@ async def test_a_store_answers_an_outcome_as_the_job_counts_it(index):
     assert [o.kind.status for o in (first, second, again)] == [Outcome.STORED, Outcome.STORED, Outcome.EXISTS]
     assert [o.kind.counter for o in (first, second, again)] == ["stored", "stored", "existed"]
     assert Outcome.FAILED.counter == "failed"
+
+
+# -- the newest-first order -------------------------------------------------------------------------
+
+def newest_key(url: str, stored_at_ms: int) -> tuple[int, bytes]:
+    """A row's place in the newest-first order: rows come by this key, descending."""
+    return stored_at_ms, hashlib.sha1(url.encode()).digest()
+
+
+async def walk_newest(index: Index, limit: int) -> tuple[list[tuple[str, int]], list[str]]:
+    """(URL, stored_at ms) of each row of a newest-first walk, and the cursors it followed."""
+    rows, cursors, cursor = [], [], None
+    while True:
+        page = await index.page(cursor, limit, Order.RECENT)
+        assert len(page.images) == limit or page.next_cursor is None
+        rows += [(image[0], image[6]) for image in page.images]
+        if page.next_cursor is None:
+            return rows, cursors
+        cursor = page.next_cursor
+        cursors.append(cursor)
+
+
+async def store_as_before(index: Index, url: str, digest_hex: str, stored_at_ms: int) -> None:
+    """A URL as an index written before the newest-first order holds it: its bucket entry, its reference
+    and the count, nothing else; migrate.backfill_recent gives it its place."""
+    k = index.keys
+    await index.redis.hset(url_key(k, url), url, f"{digest_hex} {stored_at_ms} {META.encode()}")
+    if await index.redis.hincrby(blob_key(k, digest_hex), bytes.fromhex(digest_hex), 1) == 1:
+        await index.redis.hincrby(k.count, "blobs", 1)
+    await index.redis.hincrby(k.count, "urls", 1)
+
+
+async def check_leaves(index: Index) -> int:
+    """The newest-first structure is well formed: each leaf holds at most RECENT_LEAF members, all at or
+    past its bound and before the next leaf's, and each member names a URL indexed with that stored_at.
+    Returns the members."""
+    k = index.keys
+    raw = index.redis.connection_pool
+    client = Redis.from_pool(ConnectionPool(connection_class=raw.connection_class, max_connections=1,
+                                            **{**raw.connection_kwargs, "decode_responses": False}))
+    try:
+        bounds = await client.zrange(k.recent, 0, -1)
+        members = 0
+        for i, bound in enumerate(bounds):
+            leaf = await client.zrange(k.recent_leaf(bound.hex() if bound else "first"), 0, -1)
+            assert len(leaf) <= RECENT_LEAF_MAX
+            assert bound == b"" or leaf, "an empty leaf is dropped from the directory"
+            for member in leaf:
+                assert member[:RECENT_KEY_BYTES] >= bound
+                assert i + 1 == len(bounds) or member < bounds[i + 1]
+                url = member[RECENT_KEY_BYTES:].decode()
+                assert member[6:RECENT_KEY_BYTES] == hashlib.sha1(url.encode()).digest()
+                record = await index.lookup(url)
+                assert record is not None and record.stored_at_ms == int.from_bytes(member[:6], "big"), url
+            members += len(leaf)
+    finally:
+        await client.aclose()
+    assert members == await index.count()
+    return members
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_newest_first_lists_by_stored_at_then_sha1_and_pages_follow_it(index):
+    # Stores gathered at once share milliseconds; 300 URLs of one millisecond, and 40 of another, written
+    # as an older index left them, fill leaves with ties and make them split inside one millisecond.
+    await asyncio.gather(*(index.store(f"http://a/{n}", digest(n), META) for n in range(200)))
+    for n in range(300):
+        await store_as_before(index, f"http://tie/{n}", digest(1000 + n), 1_764_000_000_000)
+    for n in range(40):
+        await store_as_before(index, f"http://old/{n}", digest(2000 + n), 1_000_000_000_000 + n // 10)
+    assert await backfill_recent(index.redis, index.keys) == 340
+    assert await check_leaves(index) == 540
+    whole = await index.page(None, 1000, Order.RECENT)
+    rows = [(image[0], image[6]) for image in whole.images]
+    assert rows == sorted(rows, key=lambda row: newest_key(*row), reverse=True)
+    assert len(rows) == 540 and whole.next_cursor is None and whole.total == 540
+    for limit in (1, 7, 128):
+        walked, cursors = await walk_newest(index, limit)
+        assert walked == rows
+        assert all(re.fullmatch(r"r\.[0-9a-f]{52}", cursor) for cursor in cursors)
+    last = rows[-1]
+    past_end = "r." + last[1].to_bytes(6, "big").hex() + hashlib.sha1(last[0].encode()).hexdigest()
+    assert (await index.page(past_end, 10, Order.RECENT)).images == []
+    first = rows[0]
+    at_first = "r." + first[1].to_bytes(6, "big").hex() + hashlib.sha1(first[0].encode()).hexdigest()
+    assert [image[0] for image in (await index.page(at_first, 2, Order.RECENT)).images] == [
+        rows[1][0], rows[2][0]]  # a cursor is the last row seen: the page starts after it
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_newest_first_paging_sees_every_url_present_throughout_exactly_once_while_others_change(index):
+    # 600 stable and 300 churning URLs, stored interleaved so that leaves hold both: between pages some
+    # churn URLs go (leaves shrink and merge) and come back or new ones arrive (the newest leaf splits).
+    stable = [f"http://stable/{n}" for n in range(600)]
+    churn = [f"http://churn/{n}" for n in range(300)]
+    for n in range(0, 600, 20):
+        batch = stable[n:n + 20] + churn[n // 2:n // 2 + 10]
+        await asyncio.gather(*(index.store(url, digest(n), META) for url in batch))
+    random.seed(11)
+    seen: list[tuple[str, int]] = []
+    cursor, added = None, 0
+    while True:
+        page = await index.page(cursor, 25, Order.RECENT)
+        seen += [(image[0], image[6]) for image in page.images]
+        for url in random.sample(churn, 30):
+            await index.release(url)
+        for url in random.sample(churn, 15):
+            await index.store(url, digest(9999), META)
+        for _ in range(5):
+            added += 1
+            await index.store(f"http://new/{added}", digest(10_000 + added), META)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    urls = [url for url, _ in seen]
+    assert all(urls.count(url) == 1 for url in stable)
+    # The walk moves one way through a fixed order: nothing comes twice or out of order.
+    keys = [newest_key(*row) for row in seen]
+    assert keys == sorted(set(keys), reverse=True)
+    await check_leaves(index)
+    for url in stable + churn + [f"http://new/{n}" for n in range(1, added + 1)]:
+        await index.release(url)
+    assert await check_leaves(index) == 0
+    assert await index.redis.zrange(index.keys.recent, 0, -1) == [""]  # only the first leaf's bound is left
+
+
+# -- filters ----------------------------------------------------------------------------------------
+
+FILTER_URLS = [
+    "http://example.com/a/1.jpg", "http://example.com/a/2.png", "https://example.com/b/cat.jpg",
+    "http://Example.COM:8080/a/3.jpg", "http://user@example.com/c/cat-4.jpg", "http://cdn.example.com/a/cat.jpg",
+    "https://[::1]:9000/a/cat.jpg", "http://example.org/a/1.jpg", "http://example.com?cat", "ftp://example.com/a",
+    "http://example.com.evil/a/1.jpg", "http://exämple.com/a/ümlaut-cat.jpg",
+]
+
+
+def kept(url: str, where: ListingFilter) -> bool:
+    """What the filter should keep, by Python's own URL parsing."""
+    host = urlsplit(url).hostname or ""
+    return (url.startswith(where.prefix) and where.contains in url
+            and (not where.host or host == where.host.lower()))
+
+
+async def walk_filtered(index: Index, order: Order, where: ListingFilter, limit: int, budget: int) -> list[str]:
+    urls, cursor = [], None
+    for _ in range(10_000):
+        page = await index.page(cursor, limit, order, where, budget)
+        assert len(page.images) <= limit
+        urls += [image[0] for image in page.images]
+        if page.next_cursor is None:
+            return urls
+        cursor = page.next_cursor
+    raise AssertionError("the walk did not end")
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("order", list(Order))
+async def test_filters_keep_the_matching_urls_in_either_order(index, order):
+    noise = [f"http://noise.example.net/{n}" for n in range(300)]
+    for n, url in enumerate(FILTER_URLS + noise):
+        await index.store(url, digest(n), META)
+    whole = [image[0] for image in (await index.page(None, 1000, order)).images]
+    for where in [ListingFilter(prefix="http://example.com/a/"), ListingFilter(contains="cat"),
+                  ListingFilter(host="example.com"), ListingFilter(host="EXAMPLE.com"), ListingFilter(host="::1"),
+                  ListingFilter(host="exämple.com"), ListingFilter(contains="ümlaut"), ListingFilter(prefix="nothing"),
+                  ListingFilter(prefix="http://", contains="cat", host="example.com"), ListingFilter(host="example")]:
+        expected = [url for url in whole if kept(url, where)]
+        assert [image[0] for image in (await index.page(None, 1000, order, where)).images] == expected, where
+        for budget in (1, 40):  # small budgets: pages end early, often empty, and the walk goes on
+            assert await walk_filtered(index, order, where, 2, budget) == expected, (where, budget)
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("order", list(Order))
+async def test_a_filtered_page_that_finds_nothing_ends_at_its_budget_with_a_cursor(index, order):
+    for n in range(600):
+        await index.store(f"http://bulk.example/{n}", digest(n), META)
+    await index.store("http://rare.example/x", digest(1000), META)
+    where, pages = ListingFilter(host="rare.example"), 0
+    page = await index.page(None, 10, order, where, budget=50)
+    assert page.next_cursor is not None and len(page.images) <= 1
+    cursor, found = page.next_cursor, [image[0] for image in page.images]
+    while cursor is not None:
+        page = await index.page(cursor, 10, order, where, budget=50)
+        found += [image[0] for image in page.images]
+        cursor, pages = page.next_cursor, pages + 1
+    assert found == ["http://rare.example/x"]
+    assert pages >= 5  # 601 URLs, each page looking at about 50 (a whole bucket in the default order)
+
+
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("order", list(Order))
+async def test_a_filtered_walk_sees_each_matching_url_present_throughout_once_while_others_change(index, order):
+    stable = [f"http://keep.example/{n}" for n in range(300)]
+    other = [f"http://other.example/{n}" for n in range(300)]
+    churn = [f"http://keep.example/churn/{n}" for n in range(150)]
+    await asyncio.gather(*(index.store(url, digest(n), META) for n, url in enumerate(stable + other + churn)))
+    where = ListingFilter(host="keep.example")
+    random.seed(5)
+    seen, cursor, added = [], None, 0
+    while True:
+        page = await index.page(cursor, 10, order, where, budget=60)
+        seen += [(image[0], image[6]) for image in page.images]
+        for url in random.sample(churn, 15):
+            await index.release(url)
+        for url in random.sample(churn, 8):
+            await index.store(url, digest(7777), META)
+        added += 1
+        await index.store(f"http://keep.example/new/{added}", digest(20_000 + added), META)
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    urls = [url for url, _ in seen]
+    assert all(urls.count(url) == 1 for url in stable)
+    assert all(urlsplit(url).hostname == "keep.example" for url in urls)
+    keys = [newest_key(*row) for row in seen] if order is Order.RECENT else [(sha1(url), url) for url in urls]
+    assert keys == (sorted(set(keys), reverse=True) if order is Order.RECENT else sorted(set(keys)))

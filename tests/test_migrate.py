@@ -15,7 +15,7 @@ import pytest
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index
 from casimg.migrate import migrate, move_batch
-from casimg.schema import KeySpace, OldKeySpace
+from casimg.schema import KeySpace, OldKeySpace, Order
 from casimg.services import connect_redis, open_services
 from casimg.storage.file import FileStore
 from tests.conftest import make_settings, png
@@ -61,11 +61,22 @@ async def write_old_index(index: Index, blobs: FileStore) -> tuple[list[OldEntry
     return entries, digests[0]
 
 
+async def walk_newest(index: Index, limit: int = 100) -> list[tuple[str, int]]:
+    """(URL, stored_at ms) of every row of a walk in the newest-first order."""
+    rows, cursor = [], None
+    while True:
+        page = await index.page(cursor, limit, Order.RECENT)
+        rows += [(image[0], image[6]) for image in page.images]
+        if page.next_cursor is None:
+            return rows
+        cursor = page.next_cursor
+
+
 async def assert_moved(index: Index, blobs: FileStore, entries: list[OldEntry], lost_meta: str) -> None:
     """Every old URL is in the new layout with its digest, time and metadata; nothing of the old is left."""
     old = OldKeySpace(index.keys.prefix)
     assert [key async for key in index.redis.scan_iter(f"{old.prefix}*") if not key.startswith(
-        (index.keys.url(""), index.keys.blob(""), index.keys.count))] == []
+        (index.keys.url(""), index.keys.blob(""), index.keys.count, index.keys.recent, index.keys.migrations))] == []
     for entry in entries:
         record = await index.lookup(entry.url)
         assert record is not None and record.sha256 == entry.digest, entry.url
@@ -86,6 +97,9 @@ async def assert_moved(index: Index, blobs: FileStore, entries: list[OldEntry], 
             break
         cursor = page.next_cursor
     assert sorted(walked) == sorted(entry.url for entry in entries)
+    newest = await walk_newest(index)  # the URLs moved have their place in the newest-first order too
+    assert sorted(url for url, _ in newest) == sorted(entry.url for entry in entries)
+    assert newest == sorted(newest, key=lambda row: (row[1], hashlib.sha1(row[0].encode()).digest()), reverse=True)
     assert await index.redis.hgetall(index.keys.count) == {"urls": str(URLS), "blobs": str(CONTENTS)}
     assert await index.refs_of(entries[0].digest) == URLS // CONTENTS + 1  # 700 URLs over 250: 3 or 2 each
     bare = sorted(entry.url for entry in entries if entry.digest == lost_meta)

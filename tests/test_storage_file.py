@@ -139,7 +139,9 @@ async def test_the_storage_methods_answer_for_present_and_missing_blobs(blobs):
     for call in (blobs.stat(missing), blobs.read_range(missing)):
         with pytest.raises(BlobNotFound):
             await call
-    assert await blobs.delete(digest) is True and await blobs.delete(digest) is False
+    await blobs.delete(digest)
+    await blobs.delete(digest)  # already gone: fine
+    assert not blobs.exists(digest)
     assert await blobs.redirect_url(digest, "image/png", "x.png") is None
 
 
@@ -233,3 +235,56 @@ def test_sync_filesystem_reports_a_directory_it_cannot_open(tmp_path):
     with pytest.raises(FileNotFoundError):
         sync_filesystem(tmp_path / "missing")
     sync_filesystem(tmp_path)  # a real syncfs(2) returns without error
+
+
+def _stored(blobs: FileStore, data: bytes) -> str:
+    tmp, digest = _temp(blobs, data)
+    blobs.link_in(tmp, digest)
+    return digest
+
+
+def test_read_cached_reads_what_the_page_cache_holds_and_refuses_what_only_the_disk_has(blobs):
+    data = os.urandom(256 * 1024)
+    digest = _stored(blobs, data)
+    blobs.read(digest)  # in the page cache now
+    assert blobs.read_cached(digest, 0, len(data)) == data
+    assert blobs.read_cached(digest, 1000, 5000) == data[1000:6000]
+    fd = os.open(blobs.blob_path(digest), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: the kernel drops them
+    finally:
+        os.close(fd)
+    if blobs.read_cached(digest, 0, len(data)) is not None:
+        pytest.skip("this file system keeps the pages (tmpfs) or cannot drop them")
+    assert asyncio.run(blobs.read_range(digest, 0, len(data))) == data  # from the disk, in a thread
+    assert blobs.read_cached(digest, 0, len(data)) == data  # and cached again
+
+
+def test_read_cached_past_the_end_is_none_and_a_missing_blob_raises(blobs):
+    digest = _stored(blobs, b"x" * 100)
+    blobs.read(digest)
+    assert blobs.read_cached(digest, 50, 100) is None  # a short read is never taken for the whole
+    with pytest.raises(FileNotFoundError):
+        blobs.read_cached("0" * 64, 0, 10)
+    with pytest.raises(BlobNotFound):
+        asyncio.run(blobs.read_range("0" * 64, 0, 10))
+
+
+def test_a_repeat_stages_as_a_link_to_the_stored_blob_and_survives_a_delete_meanwhile(blobs):
+    data = os.urandom(50_000)
+    digest = _stored(blobs, data)
+    assert blobs.temp_link_to("0" * 64) is None  # nothing stored under that digest
+    tmp = blobs.temp_link_to(digest)
+    assert tmp is not None and tmp.parent == blobs.tmp_dir and tmp.name.startswith("dl-")
+    assert os.stat(tmp).st_ino == os.stat(blobs.blob_path(digest)).st_ino  # no bytes written, no new file
+    trash = blobs.move_to_trash(digest)  # a delete of the last other reference, between steps 1 and 2
+    blobs.discard(trash)
+    assert blobs.settle(tmp, digest) is True  # step 3 links the blob again from the temp name
+    assert blobs.read(digest) == data and not tmp.exists()
+
+
+def test_write_temp_takes_a_digest_the_caller_computed(blobs):
+    data = b"some bytes"
+    path, digest = blobs.write_temp(data, hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()

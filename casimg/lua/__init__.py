@@ -13,23 +13,35 @@ from importlib import resources
 
 SCRIPTS: dict[str, tuple[str, ...]] = {
     # the index (index.py)
-    "store": ("lib_complete", "lib_unhex", "store"),
+    "store": ("lib_complete", "lib_unhex", "lib_recent", "store"),
     "complete": ("lib_complete", "lib_unhex", "complete"),
-    "release": ("lib_unhex", "lib_drop", "release"),
+    "release": ("lib_unhex", "lib_drop", "lib_recent", "release"),
     "ensure_meta": ("ensure_meta",),
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
-    "page": ("lib_hex", "lib_unhex", "page"),
+    "page": ("lib_hex", "lib_filter", "page"),
+    "urls_of": ("urls_of",),
+    "page_recent": ("lib_recent", "lib_filter", "page_recent"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
-    "migrate": ("lib_unhex", "migrate"),
-    # variant relations and claims (relations.py)
+    "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
+    "backfill_recent": ("lib_hex", "lib_bucket_name", "lib_recent", "backfill_recent"),  # migrate.py
+    # claims and tombstones of an object store's blobs (index.py, lifecycle.py)
+    "claim": ("claim",),
+    "unclaim": ("unclaim",),
+    "tomb": ("tomb",),
+    "begin_delete": ("begin_delete",),
+    # variant relations and render claims (relations.py)
     "variant_add": ("lib_unhex", "variant_add"),
     "variant_drop": ("lib_unhex", "lib_drop", "variant_drop"),
     "claim_end": ("claim_end",),
-    "variants_all": ("variants_all",),  # migrate.py: the casimg 0.1 index to the current one
+    "variants_all": ("variants_all",),
     # the queue (queue.py)
-    "publish": ("publish",),
+    "publish": ("lib_complete", "publish"),
     "enqueue": ("enqueue",),
+    "cancel": ("lib_complete", "cancel"),
+    # webhooks.py
+    "webhook_claim": ("webhook_claim",),
+    "webhook_done": ("webhook_done",),
     # limits.py and keys.py
     "rate_take": ("rate_take",),
     "auth_count": ("auth_count",),

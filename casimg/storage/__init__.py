@@ -57,4 +57,10 @@ def open_storage(settings: Settings, data_dir: Path | None = None) -> Storage:
         from casimg.storage.file import FileStore
 
         return FileStore(local)
+    if settings.storage == "s3":
+        from casimg.storage.s3 import S3Store, credentials_from
+
+        return S3Store(local / "tmp", bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+                       endpoint=settings.s3_endpoint, region=settings.s3_region, redirect=settings.s3_redirect,
+                       credentials=credentials_from(settings.s3_credentials_file))
     raise ConfigError(f"Setting 'storage' must be one of {', '.join(DRIVERS)}, not {settings.storage!r}")

@@ -63,8 +63,9 @@ class Staging:
     def __init__(self, tmp_dir: Path) -> None:
         self.tmp_dir = tmp_dir
 
-    def write_temp(self, data: bytes) -> tuple[Path, str]:
-        """A new temp file holding `data`, and its SHA-256; not yet durable (the driver's commit makes it so)."""
+    def write_temp(self, data: bytes, digest: str | None = None) -> tuple[Path, str]:
+        """A new temp file holding `data`, and its SHA-256 (`digest`, when the caller hashed `data` already);
+        not yet durable (the driver's commit makes it so)."""
         fd, path = open_temp(self.tmp_dir)
         try:
             view = memoryview(data)
@@ -75,7 +76,7 @@ class Staging:
             os.unlink(path)
             raise
         os.close(fd)
-        return path, hashlib.sha256(data).hexdigest()
+        return path, digest or hashlib.sha256(data).hexdigest()
 
     @staticmethod
     def discard(path: Path | None) -> None:
@@ -125,7 +126,7 @@ class Storage(Protocol):
     def create_dirs(self) -> None:
         """Create the local directories the driver writes (at every process's start)."""
 
-    def write_temp(self, data: bytes) -> tuple[Path, str]:
+    def write_temp(self, data: bytes, digest: str | None = None) -> tuple[Path, str]:
         """A new local temp file holding `data`, and its SHA-256 (blocking: call in a thread)."""
 
     def discard(self, path: Path | None) -> None:
@@ -134,7 +135,10 @@ class Storage(Protocol):
     def hash_file(self, path: Path) -> str:
         """The SHA-256 of a local file (blocking)."""
 
-    async def commit(self, tmp: Path, digest: str) -> None:
+    def local_path(self, digest: str) -> Path | None:
+        """The blob's file, where the driver keeps blobs as local files (fsck reads them in place); else None."""
+
+    async def commit(self, tmp: Path, digest: str, content_type: str | None = None) -> None:
         """Place the bytes of local file `tmp` (which hash to `digest`) under `digest`, durably.
 
         Already there is success. `tmp` stays; the caller discards it. StorageUnavailable on failure, and
@@ -146,8 +150,8 @@ class Storage(Protocol):
     async def read_range(self, digest: str, start: int = 0, length: int | None = None) -> bytes:
         """`length` bytes (all to the end when None) from `start`; BlobNotFound if it is not stored."""
 
-    async def delete(self, digest: str) -> bool:
-        """Remove the blob outright; False if it was not there. The lifecycle decides when this is safe."""
+    async def delete(self, digest: str) -> None:
+        """Remove the blob outright; not there is fine. The lifecycle decides when this is safe."""
 
     async def walk(self) -> list[str]:
         """Every digest stored, sorted (names that are not digests are skipped)."""
@@ -157,6 +161,9 @@ class Storage(Protocol):
 
     async def leftovers(self) -> list[Leftover]:
         """Temp files, trash and unfinished uploads that crashes or operations in progress left."""
+
+    async def clear(self, leftover: Leftover) -> None:
+        """Remove a leftover (a stale temp file, an abandoned upload); already gone is fine."""
 
     async def redirect_url(self, digest: str, content_type: str, filename: str) -> str | None:
         """A short-lived URL a client may fetch the bytes from instead, or None to serve them from casimg."""
