@@ -609,6 +609,7 @@ class ImageMetaHandler(BaseHandler):
             raise errors.NotFound(f"no image stored for {url}")
         # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
         references = await self.services.index.refs_of(image.sha256)
+        image = image._replace(placeholder=await self.services.index.placeholder_of(image.sha256))
         self.write_json({**image_json(*image), "references": references})
 
 

@@ -361,6 +361,10 @@ class Index:
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
 
+    async def placeholder_of(self, digest: str) -> str | None:
+        """The content's placeholder (ThumbHash, base64), None if it has none."""
+        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest))
+
     async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
         """The rows with their contents' placeholders, read in one round trip (kept once per content, so
         not in the URL's value)."""
