@@ -318,6 +318,44 @@ def http_comparison(args: argparse.Namespace) -> None:
           f"req/s (interleaved): {warm / original:.2f}x.")
 
 
+def placeholder_bytes(urls: int) -> tuple[float, float, int]:
+    """Redis bytes per URL (used_memory) of `urls` URLs, one content each, stored without placeholders and
+    with a typical one, on a Redis like casimg's embedded one: (without, with, placeholder characters)."""
+    import hashlib
+    import tempfile
+
+    from bench.procs import Procs
+    from bench.stack import start_redis
+    from casimg.index import BlobMeta, Index
+    from casimg.schema import KeySpace
+    from casimg.services import connect_redis
+
+    hash_text = placeholder(photo(640, 480, seed=3))
+    meta = BlobMeta(140_000, "image/jpeg", 1024, 768)
+
+    async def fill(url: str, prefix: str, text: str | None) -> float:
+        client = connect_redis(url, 8)
+        index = Index(client, KeySpace(prefix))
+        before = int((await client.info("memory"))["used_memory"])
+        for start in range(0, urls, 500):
+            await asyncio.gather(*(index.store(f"https://example.com/images/{n:08d}.jpg",
+                                               hashlib.sha256(str(n).encode()).hexdigest(), meta, placeholder=text)
+                                   for n in range(start, start + 500)))
+        after = int((await client.info("memory"))["used_memory"])
+        await client.aclose()
+        return (after - before) / urls
+
+    procs = Procs()
+    work = Path(tempfile.mkdtemp())
+    try:
+        _, url = start_redis(procs, work / "redis", persistent=False)
+        without = asyncio.run(fill(url, "a:", None))
+        with_placeholders = asyncio.run(fill(url, "b:", hash_text))
+    finally:
+        procs.stop_all()
+    return without, with_placeholders, len(hash_text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40, help="renders per latency case")
@@ -328,7 +366,15 @@ def main() -> None:
     parser.add_argument("--thumbor", default="/tmp/thumbor-venv/bin/thumbor", help="thumbor's executable")
     parser.add_argument("--images", type=int, default=40, help="distinct 12-Mpx images for the HTTP run")
     parser.add_argument("--connections", type=int, default=4, help="HTTP requests in flight")
+    parser.add_argument("--redis-bytes", type=int, default=0, metavar="URLS",
+                        help="only: Redis bytes per URL with and without placeholders, over URLS URLs")
     args = parser.parse_args()
+    if args.redis_bytes:
+        without, with_placeholders, length = placeholder_bytes(args.redis_bytes)
+        print(f"{args.redis_bytes:,} URLs, one content each: {without:.0f} Redis bytes per URL without "
+              f"placeholders, {with_placeholders:.0f} with ({with_placeholders - without:+.0f}; the placeholder "
+              f"is {length} characters).")
+        return
     if args.http_only:
         http_comparison(args)
         return
