@@ -308,7 +308,7 @@ def http_comparison(args: argparse.Namespace) -> None:
     print(f"| cold request latency p50 / p99 ms | {c50:.0f} / {c99:.0f} | {t50:.0f} / {t99:.0f} | |")
     per_casimg, per_thumbor = casimg_cpu / len(urls) * 1000, thumbor_cpu / len(urls) * 1000
     print(f"| cold CPU ms per thumbnail (all the server's processes) | {per_casimg:.0f} | {per_thumbor:.0f} | "
-          f"{per_thumbor / per_casimg:.2f}x less |")
+          f"{per_casimg / per_thumbor:.2f}x thumbor's |")
     warm = statistics.median(rows["variant"])
     print(f"| warm thumbnails/s (wrk, {WARM_SECONDS} s) | {warm:.0f} | {rows['thumbor'][0]:.0f} (renders again) | "
           f"{warm / rows['thumbor'][0]:.1f}x |")
