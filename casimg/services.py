@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from casimg.queue import JobQueue
 from casimg.relations import Relations
 from casimg.render_pool import RenderPool
 from casimg.schema import KeySpace
-from casimg.storage import Storage, open_storage
+from casimg.storage import Storage
+from casimg.storage.active import ActiveStore
 from casimg.variant_store import VariantStore
 from casimg.variants import VariantPolicy
 from casimg.webhooks import Deliverer
@@ -55,7 +57,7 @@ class Services:
     index: Index
     queue: JobQueue
     api_keys: KeyStore
-    blobs: Storage  # the blob store's driver (casimg.storage), chosen by CASIMG_STORAGE
+    stores: ActiveStore  # the blob store drivers, and which is active (the Redis record, else CASIMG_STORAGE)
     rate: RateLimiter
     auth_failures: AuthFailures
     variants: VariantStore
@@ -63,13 +65,18 @@ class Services:
     worker: Worker | None = None
     metrics: Metrics | None = None
 
+    @property
+    def blobs(self) -> Storage:
+        """The active blob store's driver: reads and deletes go there (storage/active.py)."""
+        return self.stores.active
+
     async def close(self) -> None:
         if self.worker is not None:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
         self.variants.close()
-        await self.blobs.close()
+        await self.stores.close()
         await self.redis.aclose()
 
 
@@ -86,8 +93,11 @@ def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
 
 
 async def open_services(settings: Settings, redis_url: str, with_worker: bool,
-                        metrics: Metrics | None = None) -> Services:
+                        metrics: Metrics | None = None, follow_store: bool = True) -> Services:
     """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker.
+
+    follow_store: follow the active store record from now on (servers and workers); a short command reads
+    it once.
 
     metrics: where the process counts (``Metrics.shared`` in ``casimg serve`` and ``worker``); by default
     counts of its own.
@@ -99,12 +109,12 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
-    blobs = open_storage(settings)
+    stores = ActiveStore(settings, client, keyspace, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
     index = Index(client, keyspace)
     metrics = metrics or Metrics()
-    # The render pool's processes start with the first render: most processes never make a variant.
+    # The render pool's processes start with the first render (casimg serve starts them at its start).
     variants = VariantStore(VariantPolicy.from_settings(settings), RenderPool.from_settings(settings),
-                            Relations(client, keyspace), index, blobs, on_render=metrics.on_render,
+                            Relations(client, keyspace), index, lambda: stores.active, on_render=metrics.on_render,
                             on_hit=metrics.on_variant_hit)
     services = Services(
         settings=settings,
@@ -112,17 +122,16 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         index=index,
         queue=JobQueue(client, keyspace, settings.job_ttl),
         api_keys=KeyStore(client, keyspace, settings.key_cache_ttl),
-        blobs=blobs,
+        stores=stores,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
         variants=variants,
         metrics=metrics,
     )
-    # Every process makes sure of the directories it may write: a delete renames into trash/, and a
-    # missing trash/ would leave the blob in place.
-    blobs.create_dirs()
     await services.queue.ensure_group()
     await migrate(client, keyspace)  # an index of casimg 0.1 moves to the current layout before any use
+    await stores.start(follow=follow_store)
+    blobs = stores.active
     if with_worker:
         services.fetcher = Fetcher(
             tmp_dir=blobs.tmp_dir,
@@ -154,7 +163,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
                                  on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace,
-                                 webhooks=webhooks)
+                                 webhooks=webhooks, stores=stores)
     return services
 
 

@@ -86,13 +86,13 @@ class VariantStore:
     """Finds or makes variants. One per process; ``close()`` stops its render pool."""
 
     def __init__(self, policy: VariantPolicy, pool: RenderPool, relations: Relations, index: Index,
-                 blobs: Storage, *, on_render: Callable[[float], None] | None = None,
+                 blobs: Callable[[], Storage], *, on_render: Callable[[float], None] | None = None,
                  on_hit: Callable[[], None] | None = None) -> None:
         self.policy = policy
         self.pool = pool
         self.relations = relations
         self.index = index
-        self.blobs = blobs
+        self.blobs = blobs  # the active blob store, asked each time: a store migration may change it
         self.on_render = on_render or (lambda seconds: None)
         self.on_hit = on_hit or (lambda: None)
         self.renders = 0  # renders made by this process, for tests and diagnostics
@@ -139,7 +139,7 @@ class VariantStore:
         if info is not None:
             self._probed.move_to_end(source)
             return info
-        info = await asyncio.to_thread(probe, await source_for_render(self.blobs, source))
+        info = await asyncio.to_thread(probe, await source_for_render(self.blobs(), source))
         self._probed[source] = info
         if len(self._probed) > PROBE_CACHE:
             self._probed.popitem(last=False)
@@ -194,13 +194,13 @@ class VariantStore:
 
     async def _render_and_keep(self, source: str, spec: VariantSpec, canonical: str, token: str) -> StoredVariant:
         try:
-            path = await source_for_render(self.blobs, source)
+            path = await source_for_render(self.blobs(), source)
             await self.start()
             started = time.perf_counter()
             rendered = await self.pool.render(path, spec)
             self.renders += 1
             self.on_render(time.perf_counter() - started)
-            return await keep_variant(self.blobs, self.index, self.relations, source, canonical, rendered.data,
+            return await keep_variant(self.blobs(), self.index, self.relations, source, canonical, rendered.data,
                                       rendered.content_type, self.policy, token)
         except (BadVariant, NotFound, Unrenderable, Unavailable) as exc:
             # Those that waited answer with the same error, and so does the next request for a moment.
