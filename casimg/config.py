@@ -200,8 +200,9 @@ class Settings:
     )
 
     placeholders: bool = _setting(
-        True, "Make each new image's placeholder (a ThumbHash of a 32-px decode, ~30 bytes) at ingest, shown "
-        "as 'placeholder' in listings and job results; off saves that decode's CPU."
+        False, "Make each new image's placeholder (a ThumbHash of a 32-px decode, ~30 bytes) at ingest, shown "
+        "as 'placeholder' in listings and job results. Off by default: the decode runs in the download's "
+        "thread and costs several times an image's other ingest CPU (BENCHMARKS.md)."
     )
     ui: bool = _setting(
         True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "
