@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run it again with the same --to and it resumes.")
     _common(move)
     move.add_argument("--to", required=True, metavar="STORE",
-                      help="'s3://bucket/prefix' (endpoint and credentials from the CASIMG_S3_* settings) or 'file'")
+                      help="'s3://bucket/prefix/' (keys <prefix>blobs/...; endpoint and credentials from the "
+                      "CASIMG_S3_* settings) or 'file'")
 
     bulk = commands.add_parser("import", help="submit a file of URLs to a running server and follow the jobs",
                                description=importer.DESCRIPTION)
