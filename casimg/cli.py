@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     move = commands.add_parser(
         "migrate-store", help="copy every blob to another store while the service runs, then make it the active one",
         description="Copy every referenced blob to another store, check each copy, and make that store the "
-        "active one for every process (docs/storage.md). Safe while servers and workers run; interrupted, "
+        "active one for every process (docs/cluster.md). Safe while servers and workers run; interrupted, "
         "run it again with the same --to and it resumes.")
     _common(move)
     move.add_argument("--to", required=True, metavar="STORE",
