@@ -342,11 +342,12 @@ class Worker:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
-        UNCHECKED if that could not be asked. Traced as a child of the job's submit (tracing.py).
+        UNCHECKED if that could not be asked. Traced as a trace of its own, linked to the job's submit
+        (tracing.py).
         """
         attributes = {"url.full": entry.url, "casimg.job_id": entry.job_id, "casimg.position": entry.position,
                       "casimg.deliveries": entry.deliveries} if tracing.enabled else None
-        with tracing.span("casimg.process", attributes, parent=entry.traceparent):
+        with tracing.span("casimg.process", attributes, link=entry.traceparent):
             await self._process_entry(entry, known, slot)
 
     async def _process_entry(self, entry: Entry, known: Known, slot: _Slot) -> None:
