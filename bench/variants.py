@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""What a variant costs the renderer alone (no HTTP, no Redis, no storage): a standalone measurement.
+"""What a variant costs: the renderer alone, and (``--http``) thumbnails through HTTP against thumbor.
 
     .venv/bin/python -m bench.variants                 # prints the markdown tables
     .venv/bin/python -m bench.variants --runs 60 --pool-renders 80
+    .venv/bin/python -m bench.variants --http --thumbor /tmp/thumbor-venv/bin/thumbor   # + the HTTP run
 
 - Render latency, in this process on one core: a 12-megapixel JPEG (4000x3000, photo-like: noise over
   gradients and shapes, lightly blurred) to a 256-pixel WebP thumbnail, with JPEG DCT scaling (draft)
@@ -11,6 +12,15 @@
   processes (started and warmed first), renders per second of wall time.
 - Placeholder cost per image: a 1-megapixel JPEG through casimg.placeholder (1/8 draft decode,
   32-px thumbnail, ThumbHash), p50 and p99.
+
+- With ``--http``: ``--images`` distinct 12-megapixel JPEGs from a loopback origin (bench.origin), each
+  made into a 256x256 (fit inside) WebP at quality 80, by ``casimg serve`` (one process,
+  ``--workers`` render processes) and by thumbor 7 (``--thumbor``: its own virtualenv, since it pins
+  Pillow < 13; ``--workers`` processes, file storage for originals, no result storage), both at
+  ``--connections`` requests in flight. Cold: each image's first thumbnail, after the originals are in
+  (ingested by casimg; fetched once at 16x16 by thumbor), renders per second and the request latency.
+  Warm: wrk over the same thumbnail URLs (casimg serves its stored variants; thumbor renders again,
+  having no result storage), beside casimg's GET of originals of the thumbnails' size, interleaved.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
@@ -22,13 +32,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import http.client
 import io
+import json
 import os
 import platform
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
 
 import PIL
 from PIL import Image, ImageDraw, ImageFilter
@@ -116,12 +133,251 @@ async def pool_rate(source: bytes, workers: int, renders: int) -> tuple[float, f
     return renders / elapsed, elapsed
 
 
+# -- through HTTP, against thumbor -----------------------------------------------------------------------
+
+THUMB = 256
+WARM_SECONDS = 8
+COLD_CHUNK = 10  # images per turn of the cold run, casimg and thumbor alternating: drift weighs on both
+
+
+def distinct_photos(base: bytes, count: int, directory: Path) -> list[str]:
+    """`count` JPEGs of the base photo's size, each with its own mark (so each is a distinct content), and
+    as many small ones of a thumbnail's size (originals to compare a stored thumbnail's GET with)."""
+    names = []
+    with Image.open(io.BytesIO(base)) as im:
+        picture = im.convert("RGB")
+    for n in range(count):
+        marked = picture.copy()
+        ImageDraw.Draw(marked).rectangle((n * 40, 0, n * 40 + 30, 30), fill=(n * 5 % 256, 255 - n, 0))
+        out = io.BytesIO()
+        marked.save(out, "JPEG", quality=90)
+        (directory / f"{n}.jpg").write_bytes(out.getvalue())
+        small = marked.resize((THUMB, THUMB * 3 // 4))
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=80)
+        (directory / f"small-{n}.jpg").write_bytes(out.getvalue())
+        names.append(f"{n}.jpg")
+    return names
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU of a process and of every process under it, whichever of its threads started
+    them (casimg's render pool is started from a thread)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = [child for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+    except OSError:
+        return 0.0
+    return total + sum(cpu_seconds(int(child)) for child in children)
+
+
+def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None) -> tuple[float, list[float]]:
+    """GET every path once, `connections` at a time on keep-alive connections: (seconds, latencies in ms)."""
+    host, port = urlsplit(base).hostname, urlsplit(base).port
+    headers = {"X-API-Key": key} if key else {}
+    todo = list(paths)
+    latencies: list[float] = []
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(host, port, timeout=120)
+        while todo:
+            path = todo.pop()
+            started = time.perf_counter()
+            connection.request("GET", path, headers=headers)
+            answer = connection.getresponse()
+            answer.read()
+            if answer.status != 200:
+                raise RuntimeError(f"{path}: HTTP {answer.status}")
+            latencies.append((time.perf_counter() - started) * 1000)
+        connection.close()
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+        for future in [pool.submit(worker) for _ in range(connections)]:
+            future.result()
+    return time.perf_counter() - started, latencies
+
+
+def start_thumbor(procs: object, work: Path, executable: str, workers: int) -> tuple[Any, int, str]:
+    from bench.procs import free_port, wait_http
+
+    port = free_port()
+    conf = work / "thumbor.conf"
+    conf.write_text(f"""LOADER = 'thumbor.loaders.http_loader'
+STORAGE = 'thumbor.storages.file_storage'
+FILE_STORAGE_ROOT_PATH = '{work / "thumbor-storage"}'
+RESULT_STORAGE = None
+ALLOW_UNSAFE_URL = True
+QUALITY = 80
+AUTO_WEBP = False
+MAX_AGE = 0
+""")
+    process = procs.start([executable, "-p", str(port), "-i", "127.0.0.1", "-c", str(conf),  # type: ignore[attr-defined]
+                           "--processes", str(workers), "-l", "error"], work / "thumbor.log")
+    wait_http(f"http://127.0.0.1:{port}/healthcheck", process)
+    pillow = subprocess.run([str(Path(executable).parent / "python"), "-c", "import PIL; print(PIL.__version__)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    return process, port, pillow
+
+
+def http_comparison(args: argparse.Namespace) -> None:
+    from bench import log, workspace
+    from bench.origin import image_url, serve_image_set
+    from bench.procs import Procs
+    from bench.retrieval import run_wrk
+    from bench.stack import start_casimg, start_redis
+
+    procs = Procs()
+    with workspace(keep=False) as work:
+        try:
+            images = work / "set"
+            images.mkdir()
+            log(f"making {args.images} distinct 12-Mpx JPEGs")
+            names = distinct_photos(photo(4000, 3000), args.images, images)
+            origin_port, origin_kind = serve_image_set(procs, work, images)
+            urls = [image_url(origin_port, n, name) for n, name in enumerate(names)]
+            smalls = [image_url(origin_port, n, f"small-{name}") for n, name in enumerate(names)]
+            _, redis_url = start_redis(procs, work / "redis", persistent=True)
+            casimg = start_casimg(procs, work / "data", redis_url,
+                                  extra_env={"CASIMG_RENDER_WORKERS": str(args.workers)})
+            log("ingesting into casimg")
+            connection = http.client.HTTPConnection("127.0.0.1", casimg.port, timeout=600)
+            connection.request("POST", "/api/images?wait=60", json.dumps({"image_urls": urls + smalls}),
+                               {"X-API-Key": casimg.key, "Content-Type": "application/json"})
+            job = json.loads(connection.getresponse().read())
+            assert job["status"] == "done" and job["failed"] == 0, job
+            variant = [f"/api/image?url={quote(url, safe='')}&w={THUMB}&h={THUMB}&format=webp" for url in urls]
+            originals = [f"/api/image?url={quote(url, safe='')}" for url in smalls]
+
+            thumbor_proc, thumbor_port, thumbor_pillow = start_thumbor(procs, work, args.thumbor, args.workers)
+            thumbor = f"http://127.0.0.1:{thumbor_port}"
+            bare = [url.removeprefix("http://") for url in urls]
+            log("thumbor: loading the originals into its storage")
+            fetch_all(thumbor, [f"/unsafe/16x16/{url}" for url in bare], args.connections)
+            thumbor_paths = [f"/unsafe/fit-in/{THUMB}x{THUMB}/filters:format(webp):quality(80)/{url}" for url in bare]
+
+            # Both warmed: thumbor's processes have rendered (the 16x16 pass); casimg's render pool once too.
+            fetch_all(casimg.base, [originals[0] + "&w=16"], 1, casimg.key)
+            load_before = os.getloadavg()[0]
+            log("cold: casimg and thumbor in alternating chunks of 10 images, with their CPU time")
+            casimg_cold = thumbor_cold = casimg_cpu = thumbor_cpu = 0.0
+            casimg_latency: list[float] = []
+            thumbor_latency: list[float] = []
+            for chunk, start in enumerate(range(0, len(urls), COLD_CHUNK)):
+                sides = [("casimg", casimg.base, variant, casimg.key, casimg.proc.pid),
+                         ("thumbor", thumbor, thumbor_paths, None, thumbor_proc.pid)]
+                for side, base, paths, key, pid in sides if chunk % 2 == 0 else sides[::-1]:
+                    cpu = cpu_seconds(pid)
+                    seconds, latencies = fetch_all(base, paths[start:start + COLD_CHUNK], args.connections, key)
+                    cpu = cpu_seconds(pid) - cpu
+                    if side == "casimg":
+                        casimg_cold, casimg_cpu = casimg_cold + seconds, casimg_cpu + cpu
+                        casimg_latency += latencies
+                    else:
+                        thumbor_cold, thumbor_cpu = thumbor_cold + seconds, thumbor_cpu + cpu
+                        thumbor_latency += latencies
+            log("warm: wrk, interleaved")
+            rows: dict[str, list[float]] = {"variant": [], "original": [], "thumbor": []}
+            for _ in range(2):
+                rows["original"].append(run_wrk(work, casimg.base, originals, casimg.key, WARM_SECONDS,
+                                                args.connections).rps)
+                rows["variant"].append(run_wrk(work, casimg.base, variant, casimg.key, WARM_SECONDS,
+                                               args.connections).rps)
+            rows["thumbor"].append(run_wrk(work, thumbor, thumbor_paths, None, WARM_SECONDS, args.connections).rps)
+            load_after = os.getloadavg()[0]
+        finally:
+            procs.stop_all()
+
+    import PIL
+
+    cold_casimg, cold_thumbor = len(urls) / casimg_cold, len(urls) / thumbor_cold
+    c50, c99 = percentiles(casimg_latency)
+    t50, t99 = percentiles(thumbor_latency)
+    print(f"\nThrough HTTP. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load "
+          f"average {load_before:.2f} before, {load_after:.2f} after; origin: {origin_kind}. casimg: 1 `serve` "
+          f"process, {args.workers} render processes, Pillow {PIL.__version__}; thumbor 7 "
+          f"({args.workers} processes, Pillow {thumbor_pillow}). {len(urls)} distinct 4000x3000 JPEGs to a "
+          f"{THUMB}x{THUMB} (fit inside) WebP at quality 80, {args.connections} requests in flight. "
+          f"`python -m bench.variants --http --images {args.images} --workers {args.workers} "
+          f"--connections {args.connections}`.\n")
+    print("| | casimg | thumbor | ratio |\n|---|---|---|---|")
+    print(f"| cold thumbnails/s (first render of each image) | {cold_casimg:.1f} | {cold_thumbor:.1f} | "
+          f"{cold_casimg / cold_thumbor:.2f}x |")
+    print(f"| cold request latency p50 / p99 ms | {c50:.0f} / {c99:.0f} | {t50:.0f} / {t99:.0f} | |")
+    per_casimg, per_thumbor = casimg_cpu / len(urls) * 1000, thumbor_cpu / len(urls) * 1000
+    print(f"| cold CPU ms per thumbnail (all the server's processes) | {per_casimg:.0f} | {per_thumbor:.0f} | "
+          f"{per_casimg / per_thumbor:.2f}x thumbor's |")
+    warm = statistics.median(rows["variant"])
+    print(f"| warm thumbnails/s (wrk, {WARM_SECONDS} s) | {warm:.0f} | {rows['thumbor'][0]:.0f} (renders again) | "
+          f"{warm / rows['thumbor'][0]:.1f}x |")
+    original = statistics.median(rows["original"])
+    print(f"\ncasimg warm: stored thumbnail GETs {', '.join(f'{r:.0f}' for r in rows['variant'])} req/s, "
+          f"against GETs of originals of a thumbnail's size {', '.join(f'{r:.0f}' for r in rows['original'])} "
+          f"req/s (interleaved): {warm / original:.2f}x.")
+
+
+def placeholder_bytes(urls: int) -> tuple[float, float, int]:
+    """Redis bytes per URL (used_memory) of `urls` URLs, one content each, stored without placeholders and
+    with a typical one, on a Redis like casimg's embedded one: (without, with, placeholder characters)."""
+    import hashlib
+    import tempfile
+
+    from bench.procs import Procs
+    from bench.stack import start_redis
+    from casimg.index import BlobMeta, Index
+    from casimg.schema import KeySpace
+    from casimg.services import connect_redis
+
+    hash_text = placeholder(photo(640, 480, seed=3))
+    meta = BlobMeta(140_000, "image/jpeg", 1024, 768)
+
+    async def fill(url: str, prefix: str, text: str | None) -> float:
+        client = connect_redis(url, 8)
+        index = Index(client, KeySpace(prefix))
+        before = int((await client.info("memory"))["used_memory"])
+        for start in range(0, urls, 500):
+            await asyncio.gather(*(index.store(f"https://example.com/images/{n:08d}.jpg",
+                                               hashlib.sha256(str(n).encode()).hexdigest(), meta, placeholder=text)
+                                   for n in range(start, start + 500)))
+        after = int((await client.info("memory"))["used_memory"])
+        await client.aclose()
+        return (after - before) / urls
+
+    procs = Procs()
+    work = Path(tempfile.mkdtemp())
+    try:
+        _, url = start_redis(procs, work / "redis", persistent=False)
+        without = asyncio.run(fill(url, "a:", None))
+        with_placeholders = asyncio.run(fill(url, "b:", hash_text))
+    finally:
+        procs.stop_all()
+    return without, with_placeholders, len(hash_text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=40, help="renders per latency case")
     parser.add_argument("--workers", type=int, default=2, help="pool processes")
     parser.add_argument("--pool-renders", type=int, default=60, help="thumbnails submitted to the pool")
+    parser.add_argument("--http", action="store_true", help="also thumbnails through HTTP, against thumbor")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP comparison")
+    parser.add_argument("--thumbor", default="/tmp/thumbor-venv/bin/thumbor", help="thumbor's executable")
+    parser.add_argument("--images", type=int, default=40, help="distinct 12-Mpx images for the HTTP run")
+    parser.add_argument("--connections", type=int, default=4, help="HTTP requests in flight")
+    parser.add_argument("--redis-bytes", type=int, default=0, metavar="URLS",
+                        help="only: Redis bytes per URL with and without placeholders, over URLS URLs")
     args = parser.parse_args()
+    if args.redis_bytes:
+        without, with_placeholders, length = placeholder_bytes(args.redis_bytes)
+        print(f"{args.redis_bytes:,} URLs, one content each: {without:.0f} Redis bytes per URL without "
+              f"placeholders, {with_placeholders:.0f} with ({with_placeholders - without:+.0f}; the placeholder "
+              f"is {length} characters).")
+        return
+    if args.http_only:
+        http_comparison(args)
+        return
 
     load_before = os.getloadavg()[0]
     twelve = photo(4000, 3000)
@@ -149,6 +405,8 @@ def main() -> None:
     print(f"\nPlaceholder (ThumbHash) of a 1155x866 JPEG ({len(one) / 1e3:.0f} KB): p50 {hash_p50:.2f} ms, "
           f"p99 {hash_p99:.2f} ms, CPU {hash_cpu:.2f} ms (p50) over {args.runs * 5} images; {hash_len} base64 "
           "characters.")
+    if args.http:
+        http_comparison(args)
 
 
 if __name__ == "__main__":

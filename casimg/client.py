@@ -7,6 +7,7 @@
     for image in client.images():
         print(image.url, image.sha256, image.size)
     data = client.image("https://example.com/a.jpg")
+    thumb = client.get("https://example.com/a.jpg", w=256, h=256, fit="cover", format="webp")
     client.delete("https://example.com/a.jpg")
     client.cancel(job_id)  # its unfinished URLs fail "cancelled"; the job is done
 
@@ -144,12 +145,13 @@ class Image:
     width: int
     height: int
     stored_at: str
+    placeholder: str | None = None  # ThumbHash (base64) to paint before the image loads
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Image:
         return cls(url=body["url"], sha256=body["sha256"], size=int(body["size"]),
                    content_type=body["content_type"], width=int(body["width"]), height=int(body["height"]),
-                   stored_at=body["stored_at"])
+                   stored_at=body["stored_at"], placeholder=body.get("placeholder"))
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,19 @@ class Client:
         """The bytes stored for `url` (exactly as submitted); NotFoundError if none."""
         return self.request("GET", "/api/image?" + urlencode({"url": url})).body
 
+    def get(self, url: str, *, w: int | None = None, h: int | None = None, fit: str | None = None,
+            format: str | None = None, q: int | None = None, variant: str | None = None,
+            accept: str | None = None, **more: str | int | bool) -> Response:
+        """The image stored for `url`, or a variant of it (w, h, fit, format, q, variant, and any other
+        variant parameter as a keyword: bg, enlarge, animated): the answer, with its bytes in ``body`` and
+        its ``content-type`` in ``headers``. `accept` is sent as Accept, for format="auto"."""
+        params: dict[str, Any] = {"url": url}
+        given = {"w": w, "h": h, "fit": fit, "format": format, "q": q, "variant": variant, **more}
+        params.update({name: int(value) if isinstance(value, bool) else value for name, value in given.items()
+                       if value is not None})
+        headers = {"Accept": accept} if accept else None
+        return self.request("GET", "/api/image?" + urlencode(params), headers=headers)
+
     def cancel(self, job_id: str) -> Job:
         """Cancel a job: its unfinished URLs fail with "cancelled" and it is done. A done job comes back as it is."""
         return Job.from_json(self.request("DELETE", f"/api/jobs/{job_id}").json())
@@ -243,13 +258,15 @@ class Client:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> Response:
-        """One API call with retries; `path` may also be an absolute URL of the API's origin."""
+    def request(self, method: str, path: str, body: Any = None, *, timeout: float | None = None,
+                headers: dict[str, str] | None = None) -> Response:
+        """One API call with retries; `path` may also be an absolute URL of the API's origin. `headers` are
+        sent besides the key's."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = self._once(method, path, body, timeout or self.timeout)
+                response = self._once(method, path, body, timeout or self.timeout, headers)
             except ApiUnreachable:
                 if attempt > self.retries:
                     raise
@@ -267,8 +284,9 @@ class Client:
             return min(retry_after, self.max_backoff)
         return random.uniform(0.5, 1.0) * min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
 
-    def _once(self, method: str, path: str, body: Any, timeout: float) -> Response:
-        headers = {"X-API-Key": self.key, "Accept": "application/json"}
+    def _once(self, method: str, path: str, body: Any, timeout: float,
+              extra: dict[str, str] | None = None) -> Response:
+        headers = {"Accept": "application/json", **(extra or {}), "X-API-Key": self.key}
         data = None
         if body is not None:
             data = json.dumps(body, separators=(",", ":")).encode()

@@ -199,6 +199,11 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    placeholders: bool = _setting(
+        False, "Make each new image's placeholder (a ThumbHash of a 32-px decode, ~30 bytes) at ingest, shown "
+        "as 'placeholder' in listings and job results. Off by default: the decode runs in the download's "
+        "thread and costs several times an image's other ingest CPU (BENCHMARKS.md)."
+    )
     ui: bool = _setting(
         True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "
         "docs/gallery.md); off: / is a 404 and only the API is served."
@@ -206,8 +211,7 @@ class Settings:
 
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
-        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "
-        "The renderer and these settings are in place; the HTTP routes do not serve variants yet."
+        "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
     )
     variant_presets: str = _setting(
         "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "

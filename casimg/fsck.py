@@ -22,6 +22,7 @@ from pathlib import Path
 from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced, sweep_tombs
+from casimg.relations import Relations, StoredVariant
 from casimg.schema import url_bucket
 from casimg.storage import BlobNotFound, Storage
 from casimg.storage.file import FileStore
@@ -47,8 +48,17 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
     if repair:
         report.repaired += await _repair(index, blobs, tmp_grace)
     snap = await index.snapshot()
-    counts = Counter(snap.urls.values())
+    counts = Counter(snap.urls.values())  # references by URLs
+    expected, dangling = references(counts, snap.variants)  # ... and by the relations of referenced sources
     on_disk = set(await blobs.walk())
+    relations = Relations(index.redis, index.keys)
+    for source in sorted(dangling):
+        report.problems.append(f"{len(snap.variants[source])} variant relation(s) of {source} dangle: nothing "
+                               "references their source")
+    for source, canonical, variant in _live_relations(snap.variants, dangling):
+        missing = variant.digest not in on_disk and not await _present(blobs, variant.digest)
+        if missing and await relations.find(source, canonical) == variant:
+            report.problems.append(f"missing variant blob {variant.digest} ({canonical} of {source})")
 
     for url, digest in snap.urls.items():
         # The listing of files and the index snapshot are moments apart: ask again before calling it missing.
@@ -59,15 +69,15 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
         report.problems.append(f"URL {url} is in bucket {bucket}, not in {url_bucket(url)} where lookups look")
     for digest, bucket in snap.stray.items():
         report.problems.append(f"the record of {digest} is in bucket {bucket}, not in its own")
-    for digest, count in counts.items():
+    for digest, count in expected.items():
         refs = snap.refs.get(digest, 0)
         if refs != count:
-            report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) point at it")
+            report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) or variant relation(s) point at it")
     for url in sorted(snap.bare):
         report.problems.append(f"no metadata for URL {url}")
     for digest, refs in snap.refs.items():
-        if refs > 0 and digest not in counts:
-            report.problems.append(f"refs[{digest}] is {refs}, but no URL points at it")
+        if refs > 0 and digest not in expected:
+            report.problems.append(f"refs[{digest}] is {refs}, but no URL or variant relation points at it")
     referenced = sum(1 for refs in snap.refs.values() if refs > 0)
     for name, actual in (("urls", len(snap.urls)), ("blobs", referenced)):
         if snap.counts[name] != actual:
@@ -84,8 +94,8 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
             continue  # deleted while we looked
         if actual != digest:
             report.problems.append(f"damaged blob {digest}: its bytes hash to {actual}")
-        elif digest not in counts and await index.refs_of(digest) == 0:
-            report.notes.append(f"orphan blob {digest} (no URL points at it)")
+        elif digest not in expected and await index.refs_of(digest) == 0:
+            report.notes.append(f"orphan blob {digest} (no URL or variant relation points at it)")
     for url, recorded in sorted(snap.types.items()):
         digest = snap.urls[url]
         if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
@@ -100,11 +110,46 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
     return report
 
 
+def references(urls: Counter[str], variants: dict[str, dict[str, str]]) -> tuple[Counter[str], set[str]]:
+    """The references each digest should have: its URLs, plus one per variant relation of a referenced
+    source (which a variant becomes in turn); and the sources whose relations nothing reaches (dangling)."""
+    expected = Counter(urls)
+    waiting = set(variants)
+    reached = True
+    while reached:
+        reached = False
+        for source in [source for source in waiting if expected[source] > 0]:
+            waiting.discard(source)
+            reached = True
+            for value in variants[source].values():
+                variant = StoredVariant.decode(value).digest
+                if variant != source:
+                    expected[variant] += 1
+    return +expected, waiting
+
+
+def _live_relations(variants: dict[str, dict[str, str]], dangling: set[str]
+                    ) -> list[tuple[str, str, StoredVariant]]:
+    return [(source, canonical, StoredVariant.decode(value)) for source, entries in sorted(variants.items())
+            if source not in dangling for canonical, value in sorted(entries.items())]
+
+
 async def _repair(index: Index, blobs: Storage, tmp_grace: float) -> list[str]:
-    """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
+    """Fix what is safe: references, counts and buckets, dangling variant relations, relations whose
+    variant blob is missing (the next request renders it again), missing metadata, trash, orphans, stale
+    temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
     done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
     snap = await index.snapshot()
+    relations = Relations(index.redis, index.keys)
+    for source, canonical, variant in _live_relations(snap.variants, set()):
+        if await _present(blobs, variant.digest):
+            continue
+        removed, freed = await relations.drop(source, canonical, variant)
+        if removed:
+            done.append(f"dropped the relation {canonical} of {source}: its variant blob {variant.digest} is missing")
+        for digest in freed:
+            await remove_if_unreferenced(blobs, index, digest)
     described: dict[str, BlobMeta] = {}  # digest -> its metadata, each blob read once
     for url in sorted(snap.bare):
         digest = snap.urls[url]

@@ -35,6 +35,7 @@ from casimg.services import Services
 from casimg.storage import BlobNotFound, Storage
 from casimg.storage.file import FileStore
 from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
+from casimg.variants import PARAMS, VariantSpec
 from casimg.views import image_json
 from casimg.webhooks import check_callback_url
 
@@ -76,6 +77,7 @@ def _status_of(exc: BaseException) -> tuple[int, str, float | None]:
         (errors.NotFound, 404),
         (errors.TooLarge, 413),
         (errors.RangeNotSatisfiable, 416),
+        (errors.Unrenderable, 422),
         (errors.TooManyRequests, 429),
         (errors.Unavailable, 503),
     ]
@@ -154,9 +156,11 @@ class BaseHandler(tornado.web.RequestHandler):
         if status == 405:
             self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/problem+json")
-        self.finish(json.dumps({
-            "type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
-        }))
+        body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status,
+                                "detail": detail}
+        if isinstance(exc, errors.BadVariant):
+            body["parameter"] = exc.parameter  # the query parameter to change, for a client to point at
+        self.finish(json.dumps(body))
 
     @classmethod
     def allowed_methods(cls) -> list[str]:
@@ -451,7 +455,33 @@ def _http_date(stored_at_ms: int) -> str:
 
 
 class _BytesHandler(BaseHandler):
-    """Sends a stored blob with the HTTP rules of tornado's StaticFileHandler: ETag, 304, Range, 206, 416."""
+    """Sends a stored blob with the HTTP rules of tornado's StaticFileHandler: ETag, 304, Range, 206, 416;
+    or, when the query asks for a variant (w, h, format, variant=...), that variant's blob."""
+
+    def variant_spec(self) -> VariantSpec | None:
+        """The variant the query asks for, None for the original; BadVariant (a 400) names a bad parameter."""
+        arguments = self.request.query_arguments
+        given = {name: [value.decode("utf-8", "replace") for value in arguments[name]]
+                 for name in PARAMS if name in arguments}
+        return self.services.variants.policy.parse(given) if given else None
+
+    async def send_variant(self, image: ImageRecord, spec: VariantSpec, cache_control: str,
+                           include_body: bool) -> None:
+        """Send the stored variant `spec` of `image` (made now if need be). A variant this process knew
+        whose blob has gone since (its source deleted and stored again) is asked for afresh, once."""
+        for fresh in (False, True):
+            variant = await self.services.variants.get(image.sha256, spec, self.request.headers.get("Accept"),
+                                                       fresh=fresh)
+            if variant.vary_accept:
+                self.set_header("Vary", "Accept")
+            record = image._replace(sha256=variant.digest, size=variant.size, content_type=variant.content_type,
+                                    width=0, height=0)
+            try:
+                await self.send_blob(record, cache_control, include_body)
+                return
+            except errors.NotFound:
+                if fresh:
+                    raise
 
     async def send_blob(self, image: ImageRecord, cache_control: str, include_body: bool) -> None:
         size = image.size
@@ -579,6 +609,7 @@ class ImageMetaHandler(BaseHandler):
             raise errors.NotFound(f"no image stored for {url}")
         # Read after the lookup, not in one step with it: a URL released meanwhile may show 0.
         references = await self.services.index.refs_of(image.sha256)
+        image = image._replace(placeholder=await self.services.index.placeholder_of(image.sha256))
         self.write_json({**image_json(*image), "references": references})
 
 
@@ -592,9 +623,13 @@ class ImageHandler(_BytesHandler):
 
     async def get(self, include_body: bool = True) -> None:
         url = self._url()
+        spec = self.variant_spec()
         image = await self.services.index.lookup(url)
         if image is None:
             raise errors.NotFound(f"no image stored for {url}")
+        if spec is not None:
+            await self.send_variant(image, spec, IMAGE_CACHE, include_body)
+            return
         await self.send_blob(image, IMAGE_CACHE, include_body)
 
     async def head(self) -> None:
@@ -612,8 +647,13 @@ class BlobHandler(_BytesHandler):
     scopes = {"GET": Scope.read, "HEAD": Scope.read}
 
     async def get(self, digest: str, include_body: bool = True) -> None:
+        spec = self.variant_spec()
         if await self.services.index.refs_of(digest) == 0:
             raise errors.NotFound(f"no blob {digest}")
+        if spec is not None:
+            source = ImageRecord(url="", sha256=digest, size=0, content_type="", width=0, height=0, stored_at_ms=0)
+            await self.send_variant(source, spec, BLOB_CACHE, include_body)
+            return
         content_type, size = "application/octet-stream", 0
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag
             # The metadata lives with the URLs; by digest, the type comes from the file's header.

@@ -33,6 +33,7 @@ through a client that does not decode.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable
@@ -53,6 +54,7 @@ from casimg.schema import (
     Order,
     Outcome,
     blob_key,
+    placeholder_key,
     queue_stream,
     url_bucket,
     url_key,
@@ -70,6 +72,16 @@ class ImageRecord(NamedTuple):
     width: int
     height: int
     stored_at_ms: int
+    placeholder: str | None = None  # the content's ThumbHash (base64); only listing rows carry it
+
+
+class Released(NamedTuple):
+    """What unindexing a URL left: its digest, that digest's references left, and the digests of the
+    variants that lost their last reference with it (when `left` is 0), for the blob delete steps."""
+
+    digest: str
+    left: int
+    freed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,7 @@ URL_SCAN_CALLS = 32
 
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
-Row = tuple[str, str, int, str, int, int, int]
+Row = tuple[str, str, int, str, int, int, int, str | None]
 
 
 # URLs a filtered page looks at before it ends, with fewer rows if so, and a cursor to go on from: each
@@ -138,6 +150,8 @@ class Snapshot:
     types: dict[str, str]  # URL -> the content type its metadata records (for the URLs that have it)
     stray: dict[str, str]  # digest -> the bucket its record sits in, which is not its own
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
+    # source -> canonical -> "<variant hex> <size>": every variant relation
+    variants: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,14 +182,14 @@ def has_meta(value: str) -> bool:
     return value.find(" ", 66) != -1
 
 
-def _fields(url: str, value: str) -> Row:
+def _fields(url: str, value: str, placeholder: str | None = None) -> Row:
     """ImageRecord's fields from a URL's value "<sha256 hex> <stored_at> <size> <width> <height> <type>"."""
     parts = value.split(" ", 5)  # BlobMeta.encode's order after the digest and time, without a BlobMeta
     if len(parts) < 6:
         known = UNKNOWN_META
-        return url, parts[0], known.size, known.content_type, known.width, known.height, int(parts[1])
+        return url, parts[0], known.size, known.content_type, known.width, known.height, int(parts[1]), placeholder
     digest, stored_at, size, width, height, content_type = parts
-    return url, digest, int(size), content_type, int(width), int(height), int(stored_at)
+    return url, digest, int(size), content_type, int(width), int(height), int(stored_at), placeholder
 
 
 class Index:
@@ -204,6 +218,7 @@ class Index:
         digest: str,
         meta: BlobMeta | None,
         *,
+        placeholder: str | None = None,
         job_id: str = "",
         position: int | None = None,
         entry_id: str = "",
@@ -211,7 +226,8 @@ class Index:
         owner: str = "",
     ) -> StoreOutcome:
         """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
-        stream of `owner` (the API key that sent it; the keyless stream if empty)."""
+        stream of `owner` (the API key that sent it; the keyless stream if empty). `placeholder` is kept
+        for the content unless it has one already."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
@@ -219,7 +235,7 @@ class Index:
              queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
-             attempts, owner, k.recent_leaf(""), now_iso()],
+             attempts, owner, k.recent_leaf(""), placeholder or "", k.placeholder(""), now_iso()],
         )
         stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
@@ -229,23 +245,25 @@ class Index:
     ) -> None:
         """Record an outcome that did not change the index (failed, or already present), with its `detail`
         (sha256, or error and attempts) in the job's result; the entry leaves the queue stream of `owner`
-        (the keyless stream if empty)."""
+        (the keyless stream if empty). A result with a sha256 gains its content's placeholder."""
         k = self.keys
         result = {"status": outcome.status.value, **detail}
+        digest = detail.get("sha256")
         await self._complete(
             keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners, k.webhooks],
             args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
-                  outcome.counter, owner, now_ms(), now_iso()],
+                  outcome.counter, owner, now_ms(), f"{digest} {k.placeholder('')}" if digest else "", now_iso()],
         )
 
-    async def release(self, url: str) -> tuple[str, int] | None:
-        """Delete step 1: unindex the URL. Returns (digest, references left) or None if unknown."""
+    async def release(self, url: str) -> Released | None:
+        """Delete step 1: unindex the URL (with its content's last reference, the content's placeholder
+        and variant relations go too). None if the URL is unknown."""
         k = self.keys
         reply = await self._release(keys=[url_key(k, url), k.count, k.recent],
-                                    args=[url, k.blob(""), k.recent_leaf("")])
+                                    args=[url, k.blob(""), k.recent_leaf(""), k.placeholder(""), k.variants("")])
         if reply is None:
             return None
-        return reply[0], int(reply[1])
+        return Released(reply[0], int(reply[1]), tuple(reply[2:]))
 
     async def digest_of(self, url: str) -> str | None:
         value = await self.redis.hget(url_key(self.keys, url), url)
@@ -263,6 +281,12 @@ class Index:
         round trip: a worker asks whether its entries' jobs are cancelled in the same trip as their URLs."""
         values = await self._hget_each([*((url_key(self.keys, url), url) for url in urls), *fields])
         return [value[:64] if value else None for value in values[:len(urls)]], values[len(urls):]
+
+    async def records_of(self, urls: list[str]) -> list[ImageRecord | None]:
+        """lookup for each URL, in one round trip."""
+        values = await self._hget_each((url_key(self.keys, url), url) for url in urls)
+        return [None if value is None else ImageRecord._make(_fields(url, value)) for url, value in
+                zip(urls, values, strict=True)]
 
     async def refs_of(self, digest: str) -> int:
         record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))
@@ -305,7 +329,7 @@ class Index:
             return await self._page_newest(cursor, limit, where, budget)
         k = self.keys
         reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, *where.args(), budget])
-        images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
 
@@ -333,9 +357,24 @@ class Index:
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
         reply = await self._page_recent(keys=[k.count, k.recent],
                                         args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget])
-        images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
+
+    async def placeholder_of(self, digest: str) -> str | None:
+        """The content's placeholder (ThumbHash, base64), None if it has none."""
+        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest))
+
+    async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
+        """The rows with their contents' placeholders, read in one round trip (kept once per content, so
+        not in the URL's value)."""
+        if not rows:
+            return rows
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for row in rows:
+                pipe.hget(placeholder_key(self.keys, row[1]), bytes.fromhex(row[1]))
+            found = await pipe.execute()
+        return [(*row[:7], placeholder) for row, placeholder in zip(rows, found, strict=True)]
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""
@@ -405,14 +444,16 @@ class Index:
             connection_class=pool.connection_class, max_connections=1,
             **{**pool.connection_kwargs, "decode_responses": False},
         ))
+        relations = raw.register_script(lua_source("variants_all"))
         try:
             async with raw.pipeline(transaction=True) as pipe:
                 for bucket in BUCKETS:
                     pipe.hgetall(k.url(bucket))
                 for bucket in BUCKETS:
                     pipe.hgetall(k.blob(bucket))
+                await relations(keys=[], args=[k.variants(""), _glob_escape(k.variants("")) + "*"], client=pipe)
                 pipe.hgetall(k.count)
-                *buckets, counts = await pipe.execute()
+                *buckets, flat, counts = await pipe.execute()
         finally:
             await raw.aclose()
         snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={}, types={},
@@ -438,9 +479,19 @@ class Index:
                     snap.stray[digest] = bucket
                     continue
                 snap.refs[digest] = int(record) if record.isdigit() else 0  # fsck reports a damaged count
+        for i in range(0, len(flat), 3):
+            source, canonical, value = (part.decode() for part in flat[i:i + 3])
+            snap.variants.setdefault(source, {})[canonical] = value
         return snap
 
     async def repair(self) -> list[str]:
-        """Move misplaced URLs, recount references, drop unreferenced records and fix the counts, atomically."""
+        """Move misplaced URLs, recount references (from URLs and variant relations), drop unreferenced
+        records, relations of unreferenced sources and their placeholders, and fix the counts, atomically."""
         k = self.keys
-        return list(await self._repair(keys=[k.count], args=[k.url(""), k.blob("")]))
+        return list(await self._repair(keys=[k.count], args=[k.url(""), k.blob(""), k.placeholder(""),
+                                                             k.variants(""), _glob_escape(k.variants("")) + "*"]))
+
+
+def _glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis MATCH pattern (a key prefix may hold *, ?, [ or \\)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

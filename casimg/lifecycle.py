@@ -18,7 +18,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from casimg.index import BlobMeta, Index, StoreOutcome
 from casimg.schema import Outcome
@@ -31,6 +31,7 @@ log = logging.getLogger("casimg.lifecycle")
 Pause = Callable[[str], Awaitable[None]]
 # Runs a blocking file call off the event loop: ``await run(func, *args)`` returns ``func(*args)``.
 Run = Callable[..., Awaitable[Any]]
+T = TypeVar("T")
 
 
 async def _no_pause(step: str) -> None:
@@ -88,15 +89,50 @@ async def store_blob(
 
 
 async def delete_url(blobs: Storage, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
-    """Remove `url` from the index, and its blob with its last reference. None if `url` is unknown."""
+    """Remove `url` from the index, and its blob with its last reference (and then its variants' blobs,
+    unless another reference holds them). None if `url` is unknown."""
     released = await index.release(url)
     if released is None:
         return None
-    digest, left = released
     await pause("released")
-    if left == 0:
-        await remove_if_unreferenced(blobs, index, digest, pause=pause)
-    return digest
+    if released.left == 0:
+        await remove_if_unreferenced(blobs, index, released.digest, pause=pause)
+        for variant in released.freed:  # variants go with their source's last reference
+            await remove_if_unreferenced(blobs, index, variant)
+    return released.digest
+
+
+async def store_referenced(
+    blobs: Storage,
+    index: Index,
+    tmp: Path,
+    digest: str,
+    content_type: str,
+    reference: Callable[[], Awaitable[T]],
+    counted: Callable[[T], bool],
+) -> T:
+    """The store steps with another reference than a URL as the index step (a variant relation,
+    relations.py): `reference()` counts it in Redis, and `counted(its answer)` says whether it did. If not,
+    our commit may have made an unreferenced blob, which goes as any other. `tmp` is consumed."""
+    if not isinstance(blobs, FileStore):
+        return await _referenced_claimed(blobs, index, tmp, digest, content_type, reference, counted)
+    try:
+        await asyncio.to_thread(blobs.link_in, tmp, digest)
+    except BaseException:
+        await asyncio.to_thread(blobs.discard, tmp)
+        raise
+    settled = False
+    try:
+        answer = await reference()
+        if counted(answer):
+            settled = True
+            await asyncio.to_thread(blobs.settle, tmp, digest)
+        else:
+            await remove_if_unreferenced(blobs, index, digest)
+        return answer
+    finally:
+        if not settled:
+            await asyncio.to_thread(blobs.discard, tmp)
 
 
 async def remove_if_unreferenced(blobs: Storage, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
@@ -162,6 +198,38 @@ async def _store_claimed(
             claimed = False
             live = await index.unclaim(digest, token)
         return outcome
+    finally:
+        if claimed:
+            await _quietly(index.unclaim(digest, token))
+        await asyncio.to_thread(blobs.discard, tmp)
+
+
+async def _referenced_claimed(
+    blobs: Storage, index: Index, tmp: Path, digest: str, content_type: str,
+    reference: Callable[[], Awaitable[T]], counted: Callable[[T], bool],
+) -> T:
+    """``_store_claimed`` with `reference()` as the index step."""
+    token = secrets.token_hex(8)
+    claimed = False
+    try:
+        present = await _claim(index, digest, token)
+        claimed = True
+        if not present:
+            await blobs.commit(tmp, digest, content_type)
+        answer = await reference()
+        claimed = False
+        live = await index.unclaim(digest, token)
+        if not counted(answer):
+            await index.tomb(digest, _grace(blobs))
+            return answer
+        while not live:
+            log.warning("claim on %s expired during its commit; committing again", digest)
+            await _claim(index, digest, token)
+            claimed = True
+            await blobs.commit(tmp, digest, content_type)
+            claimed = False
+            live = await index.unclaim(digest, token)
+        return answer
     finally:
         if claimed:
             await _quietly(index.unclaim(digest, token))

@@ -70,6 +70,7 @@ from casimg.worker import Worker
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Requests range from sub-millisecond image reads to POST ?wait=60.
+RENDER_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # a thumbnail to a 1,600-px AVIF
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DISK_WALK_DUTY = 0.1  # share of the time at most spent walking the blob tree: a 3 s walk is reused for 30 s
 DISK_WALK_WAIT = 1.0  # seconds a scrape waits for a walk before answering with the last one's figures
@@ -125,6 +126,11 @@ class Metrics:
         self.stored_bytes = Counter("casimg_stored_bytes", "Bytes of new content written to the blob store",
                                     registry=r)
         self.dedup_hits = Counter("casimg_dedup_hits", "New URLs whose content was stored already", registry=r)
+        self.renders = Counter("casimg_variant_renders", "Variants rendered (by this host's processes)", registry=r)
+        self.variant_hits = Counter("casimg_variant_cache_hits", "Variant requests answered from a stored variant",
+                                    registry=r)
+        self.render_time = Histogram("casimg_variant_render_seconds", "Time to render a variant in the pool",
+                                     buckets=RENDER_BUCKETS, registry=r)
         self.in_flight = Gauge("casimg_downloads_in_flight", "Downloads running", registry=r,
                                multiprocess_mode="livesum")
         self.scraped = ScrapedGauges()
@@ -177,6 +183,13 @@ class Metrics:
         self.downloads.labels(kind.value, reason_label(reason)).inc()
         if kind is Outcome.DEDUPLICATED:
             self.dedup_hits.inc()
+
+    def on_render(self, seconds: float) -> None:
+        self.renders.inc()
+        self.render_time.observe(seconds)
+
+    def on_variant_hit(self) -> None:
+        self.variant_hits.inc()
 
     def on_bytes(self, kind: str, size: int) -> None:
         (self.downloaded_bytes if kind == "downloaded" else self.stored_bytes).inc(size)

@@ -37,8 +37,10 @@ RANGE_PARAM = {"name": "Range", "in": "header", "required": False, "schema": {"t
                               "ignored (a 200)."}
 URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
              "description": "The image's original URL, exactly as it was submitted"}
+PLACEHOLDER_TEXT = "ThumbHash (base64) of the image, to paint before it loads; null when none was made"
 IMAGE_HEADERS = {
-    "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes'},
+    "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes (of the variant, for one)'},
+    "Vary": {"schema": {"type": "string"}, "description": "Accept, for format=auto"},
     "Content-Length": {"schema": {"type": "integer"}},
 }
 # The next page, while there is one: a query-only reference (RFC 3986 4.2) to resolve against the URL
@@ -60,8 +62,36 @@ IMAGE_PROPERTIES = {
     "size": {"type": "integer"}, "content_type": {"type": "string"},
     "width": {"type": "integer"}, "height": {"type": "integer"},
     "stored_at": {"type": "string", "format": "date-time"},
+    "placeholder": {"type": ["string", "null"], "description": PLACEHOLDER_TEXT},
 }
 BYTES = {"image/*": {"schema": {"type": "string", "format": "binary"}}}
+VARIANT_PARAMS = [
+    {"name": "w", "in": "query", "schema": {"type": "integer", "minimum": 1},
+     "description": "A variant's width (at most CASIMG_VARIANT_MAX_SIDE); never above the original's unless enlarge=1"},
+    {"name": "h", "in": "query", "schema": {"type": "integer", "minimum": 1}, "description": "A variant's height"},
+    {"name": "fit", "in": "query", "schema": {"type": "string", "enum": ["inside", "cover", "fill", "pad"]},
+     "description": "inside (default): within w x h, aspect kept; cover: fills it, cropped around the centre; "
+                    "fill: stretched; pad: inside, letterboxed with bg"},
+    {"name": "bg", "in": "query", "schema": {"type": "string", "pattern": "^#?[0-9a-fA-F]{6}$"},
+     "description": "RRGGBB: pad's letterbox, and transparency flattened into JPEG (default ffffff)"},
+    {"name": "enlarge", "in": "query", "schema": {"type": "string", "enum": ["0", "1", "false", "true"]}},
+    {"name": "format", "in": "query",
+     "schema": {"type": "string", "enum": ["jpeg", "jpg", "png", "webp", "avif", "gif", "auto"]},
+     "description": "auto: AVIF or WebP as Accept allows, else JPEG (PNG with transparency), with Vary: Accept"},
+    {"name": "q", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+     "description": "Quality; defaults JPEG 85, WebP 80, AVIF 60"},
+    {"name": "animated", "in": "query", "schema": {"type": "string", "enum": ["0", "1", "false", "true"]},
+     "description": "1: keep an animation's frames (WebP or GIF output)"},
+    {"name": "variant", "in": "query", "schema": {"type": "string"},
+     "description": "A preset from CASIMG_VARIANT_PRESETS; alone (with other variant parameters: a 400)"},
+]
+VARIANT_ERRORS = {
+    "400": _problem("A bad variant parameter or one past a limit (the problem's parameter names it), or no url"),
+    "422": _problem("The image cannot be made into the variant: its decode would need more than "
+                    "CASIMG_RENDER_MAX_MEMORY, or it does not decode"),
+    "503": _problem("A render ran past CASIMG_RENDER_TIMEOUT, or Redis or the blob store is unavailable; "
+                    "retry after Retry-After seconds"),
+}
 
 
 def _bytes_responses(cache: str) -> dict[str, Any]:
@@ -91,7 +121,8 @@ def openapi_document() -> dict[str, Any]:
                 "Problem": {
                     "type": "object", "additionalProperties": False, "required": ["title", "status", "detail"],
                     "properties": {"type": {"type": "string"}, "title": {"type": "string"},
-                                   "status": {"type": "integer"}, "detail": {"type": "string"}},
+                                   "status": {"type": "integer"}, "detail": {"type": "string"},
+                                   "parameter": {"type": "string", "description": "The bad variant parameter"}},
                 },
                 "Submit": {
                     # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
@@ -125,6 +156,8 @@ def openapi_document() -> dict[str, Any]:
                         "deduplicated": {"type": "boolean"},
                         "error": {"type": "string"},
                         "attempts": {"type": "integer"},
+                        "width": {"type": "integer"}, "height": {"type": "integer"},
+                        "placeholder": {"type": ["string", "null"], "description": PLACEHOLDER_TEXT},
                     },
                 },
                 "Job": {
@@ -267,10 +300,11 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "/api/image": {
-                "get": {"summary": "The bytes stored for a URL", "parameters": [URL_PARAM, RANGE_PARAM],
-                        "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
-                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM],
-                         "responses": {**_bytes_responses("private, no-cache"), "400": _problem("No url given")}},
+                "get": {"summary": "The bytes stored for a URL, or a variant of them (w, h, format, ...)",
+                        "parameters": [URL_PARAM, RANGE_PARAM, *VARIANT_PARAMS],
+                        "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
+                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM, *VARIANT_PARAMS],
+                         "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
                                          "404": _problem("Not stored"), **AUTH_ERRORS}},
@@ -301,14 +335,19 @@ def openapi_document() -> dict[str, Any]:
                                       **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
-                "get": {"summary": "The bytes of a stored content, by digest",
+                "get": {"summary": "The bytes of a stored content (an original or a variant), by digest, or a "
+                                   "variant of them",
                         "parameters": [{"name": "digest", "in": "path", "required": True,
-                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM],
-                        "responses": _bytes_responses("private, max-age=31536000, immutable")},
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,
+                                       *VARIANT_PARAMS],
+                        "responses": {**_bytes_responses("private, max-age=31536000, immutable"),
+                                      **VARIANT_ERRORS}},
                 "head": {"summary": "The headers of GET",
                          "parameters": [{"name": "digest", "in": "path", "required": True,
-                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM],
-                         "responses": _bytes_responses("private, max-age=31536000, immutable")},
+                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,
+                                        *VARIANT_PARAMS],
+                         "responses": {**_bytes_responses("private, max-age=31536000, immutable"),
+                                       **VARIANT_ERRORS}},
             },
         },
     }

@@ -158,6 +158,10 @@ def _frame(im: Image.Image, spec: VariantSpec, plan: Layout, orientation: int, i
         offset = ((plan.canvas[0] - plan.image[0]) // 2, (plan.canvas[1] - plan.image[1]) // 2)
         canvas.paste(frame, offset, frame if frame.mode == "RGBA" else None)
         frame = canvas
+    if frame is im:
+        # Nothing changed it (an RGB frame of an animation at its own size): the frame must still be an
+        # image of its own, not the open file, which the encoder would read as all of its frames again.
+        frame = frame.copy()
     frame.info = {}  # nothing of the source's metadata may reach the encoder
     return frame
 

@@ -55,11 +55,15 @@ async def serve(
     else:
         server.add_sockets(sockets)
     metrics_server = _metrics_listener(settings, services, metrics_sockets)
+    # The render processes start now, beside the first requests, rather than under the first variant's.
+    pool_start = asyncio.ensure_future(services.variants.start()) if settings.variants != "off" else None
     if services.worker is not None:
         services.worker.start()
         metrics.start_publishing(services.worker)
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     await _until_signalled()
+    if pool_start is not None:
+        await asyncio.gather(pool_start, return_exceptions=True)
     log.info("stopping: no new connections; finishing in-flight downloads")
     server.stop()
     if metrics_server is not None:

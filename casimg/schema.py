@@ -21,6 +21,9 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
+    placeholder:{3 hex} hash   raw 32-byte SHA-256 -> its ThumbHash (base64), once per content
+    variants:{sha256}  hash    canonical variant parameters -> "<variant sha256 hex> <size>"
+    variant-claim:{sha256}:{canonical}  string  held by the process rendering that variant
     claims:{digest}    zset    an object-store blob's stores in flight: token -> expiry (ms)
     deleting:{digest}  string  present while an object-store blob's DELETE may be in flight
     tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
@@ -183,6 +186,22 @@ class KeySpace:
         """string with a 60 s TTL: 401 answers given to one client address in the current minute."""
         return f"{self.prefix}authfail:{address}"
 
+    def placeholder(self, bucket: str) -> str:
+        """hash: raw 32-byte SHA-256 -> the content's ThumbHash, base64 (placeholder.py), for the digests
+        whose hex starts with `bucket`; written at ingest, dropped with the content's last reference."""
+        return f"{self.prefix}placeholder:{bucket}"
+
+    def variants(self, source: str) -> str:
+        """hash: a variant's canonical parameters (variants.VariantSpec.canonical) -> "<variant sha256 hex>
+        <size>", for the variants made of the content `source` (hex). Each entry counts as one reference
+        of the variant's digest in its blob record; the hash goes with the source's last reference."""
+        return f"{self.prefix}variants:{source}"
+
+    def variant_claim(self, source: str, canonical: str) -> str:
+        """string with a TTL: held by the process rendering one variant, so the cluster renders it once;
+        after a failed render it holds "error <status> <detail>" for a few seconds instead."""
+        return f"{self.prefix}variant-claim:{source}:{canonical}"
+
     @property
     def api_keys(self) -> str:
         """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
@@ -255,6 +274,10 @@ def url_key(keys: KeySpace, url: str) -> str:
 
 def blob_key(keys: KeySpace, digest: str) -> str:
     return keys.blob(digest[:BUCKET_DIGITS])
+
+
+def placeholder_key(keys: KeySpace, digest: str) -> str:
+    return keys.placeholder(digest[:BUCKET_DIGITS])
 
 
 @dataclass(frozen=True)

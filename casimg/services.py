@@ -30,9 +30,13 @@ from casimg.metrics import Metrics
 from casimg.migrate import migrate
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
+from casimg.relations import Relations
+from casimg.render_pool import RenderPool
 from casimg.schema import KeySpace
 from casimg.storage import Storage
 from casimg.storage.active import ActiveStore
+from casimg.variant_store import VariantStore
+from casimg.variants import VariantPolicy
 from casimg.webhooks import Deliverer
 from casimg.worker import Worker
 
@@ -56,6 +60,7 @@ class Services:
     stores: ActiveStore  # the blob store drivers, and which is active (the Redis record, else CASIMG_STORAGE)
     rate: RateLimiter
     auth_failures: AuthFailures
+    variants: VariantStore
     fetcher: Fetcher | None = None
     worker: Worker | None = None
     metrics: Metrics | None = None
@@ -70,6 +75,7 @@ class Services:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
+        self.variants.close()
         await self.stores.close()
         await self.redis.aclose()
 
@@ -104,16 +110,23 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
     stores = ActiveStore(settings, client, keyspace, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
+    index = Index(client, keyspace)
+    metrics = metrics or Metrics()
+    # The render pool's processes start with the first render (casimg serve starts them at its start).
+    variants = VariantStore(VariantPolicy.from_settings(settings), RenderPool.from_settings(settings),
+                            Relations(client, keyspace), index, lambda: stores.active, on_render=metrics.on_render,
+                            on_hit=metrics.on_variant_hit)
     services = Services(
         settings=settings,
         redis=client,
-        index=Index(client, keyspace),
+        index=index,
         queue=JobQueue(client, keyspace, settings.job_ttl),
         api_keys=KeyStore(client, keyspace, settings.key_cache_ttl),
         stores=stores,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
-        metrics=metrics or Metrics(),
+        variants=variants,
+        metrics=metrics,
     )
     await services.queue.ensure_group()
     await migrate(client, keyspace)  # an index of casimg 0.1 moves to the current layout before any use

@@ -12,9 +12,11 @@ DAY = 86_400  # seconds
 
 
 def image_json(
-    url: str, sha256: str, size: int, content_type: str, width: int, height: int, stored_at_ms: int
+    url: str, sha256: str, size: int, content_type: str, width: int, height: int, stored_at_ms: int,
+    placeholder: str | None = None,
 ) -> dict[str, Any]:
-    """An image as the API shows it; index.ImageRecord's fields, in order."""
+    """An image as the API shows it; index.ImageRecord's fields, in order. `placeholder`: the content's
+    ThumbHash (base64), null where none was made (stored before placeholders, or placeholders off)."""
     return {
         "url": url,
         "sha256": sha256,
@@ -23,6 +25,7 @@ def image_json(
         "width": width,
         "height": height,
         "stored_at": iso_ms(stored_at_ms),
+        "placeholder": placeholder,
     }
 
 

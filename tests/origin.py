@@ -11,7 +11,11 @@ Paths:
   /robots.txt              ``origin.robots_txt`` (a 404 while None), see ``Origin`` for its status and delay
   /tagged/N.jpg?tag=V      an image sent with one X-Robots-Tag header per ``tag`` value
   /dup/NAME.jpg            the same bytes whatever NAME is
-  /animated.gif?frames=N   an animated GIF of N frames
+  /animated.gif?frames=N   an animated GIF of N frames (``/animated.webp?frames=N``: the same as WebP)
+  /oriented/O.jpg          a 60x30 JPEG, red on its left half and blue on its right as stored, with EXIF
+                           orientation O (1-8): upright, it shows ``oriented_colours(O)``
+  /alpha.png               a 40x30 RGBA PNG, opaque green on its left half and transparent on its right
+  /photo/N.jpg?w=W&h=H     a photo-like JPEG of W x H pixels (gradient, shapes and grain), distinct for each N
   /status/CODE             that status (``?retry_after=S`` adds Retry-After)
   /flaky/KEY?fail=N&status=CODE   CODE for the first N hits on KEY, then an image
   /reset/KEY?fail=N        the connection is reset (TCP RST) for the first N hits on KEY, then an image
@@ -79,6 +83,54 @@ def animated_gif(frames: int) -> bytes:
     return buffer.getvalue()
 
 
+@lru_cache(maxsize=16)
+def animated_webp(frames: int) -> bytes:
+    images = [Image.new("RGB", (16, 12), ((i * 60) % 256, 100, 200)) for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "WEBP", save_all=True, append_images=images[1:], duration=50, lossless=True)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=8)
+def oriented_jpeg(orientation: int) -> bytes:
+    picture = Image.new("RGB", (60, 30), (255, 0, 0))
+    picture.paste((0, 0, 255), (30, 0, 60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+def oriented_colours(orientation: int) -> tuple[str, str]:
+    """(where red is, where blue is) in the upright picture of /oriented/O.jpg: left/right/top/bottom."""
+    return {1: ("left", "right"), 2: ("right", "left"), 3: ("right", "left"), 4: ("left", "right"),
+            5: ("top", "bottom"), 6: ("top", "bottom"), 7: ("bottom", "top"), 8: ("bottom", "top")}[orientation]
+
+
+@lru_cache(maxsize=1)
+def alpha_png() -> bytes:
+    picture = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    picture.paste((0, 200, 0, 255), (0, 0, 20, 30))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=8)
+def photo_jpeg(seed: int, width: int, height: int) -> bytes:
+    picture = Image.linear_gradient("L").resize((width, height)).convert("RGB")
+    draw = ImageDraw.Draw(picture)
+    for i in range(20):
+        x, y = (seed * 7919 + i * 104729) % width, (seed * 104729 + i * 7919) % height
+        radius = width // 12 + i
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=((seed + i * 50) % 256, i * 12, 200))
+    picture = Image.blend(picture, Image.effect_noise((width, height), 30).convert("RGB"), 0.2)
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def pixel_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
     """A valid PNG header for a huge greyscale image, with a tiny IDAT: a few hundred bytes on the wire."""
     def chunk(kind: bytes, data: bytes) -> bytes:
@@ -125,6 +177,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send(200, image_bytes(999_999), "image/jpeg")
         if head == "animated.gif":
             return self.send(200, animated_gif(int(query.get("frames", "2"))), "image/gif")
+        if head == "animated.webp":
+            return self.send(200, animated_webp(int(query.get("frames", "2"))), "image/webp")
+        if head == "oriented" and len(segments) == 2:
+            return self.send(200, oriented_jpeg(int(segments[1].split(".")[0])), "image/jpeg")
+        if head == "alpha.png":
+            return self.send(200, alpha_png(), "image/png")
+        if head == "photo" and len(segments) == 2:
+            picture = photo_jpeg(int(segments[1].split(".")[0]), int(query.get("w", "800")), int(query.get("h", "600")))
+            return self.send(200, picture, "image/jpeg")
         if head == "status" and len(segments) == 2:
             extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
             return self.send(int(segments[1]), b"status page", "text/plain", extra)

@@ -269,7 +269,10 @@ async def test_identical_bytes_at_two_urls_share_one_blob(api, origin, services)
     second = await submit(api, [b])
     digest = first["results"][0]["sha256"]
     assert second["results"][0] == {"url": b, "status": "stored", "sha256": digest, "deduplicated": True,
-                                    "attempts": 1}
+                                    "attempts": 1, "width": first["results"][0]["width"],
+                                    "height": first["results"][0]["height"],
+                                    "placeholder": first["results"][0]["placeholder"]}
+    assert first["results"][0]["placeholder"]
     assert await services.index.refs_of(digest) == 2
     meta = json.loads((await api("GET", f"/api/image/meta?url={quote(b, safe='')}")).body)
     listed = json.loads((await api("GET", "/api/images?limit=1000")).body)
@@ -490,7 +493,8 @@ async def test_the_older_services_curl_flow_with_token_header(api, admin_key, or
     assert posted.code == 200
     listed = json.loads((await api("GET", "/api/images/", key=None, headers=token)).body)
     assert isinstance(listed, list) and listed[0]["url"] == url
-    assert set(listed[0]) == {"url", "sha256", "size", "content_type", "width", "height", "stored_at"}
+    assert set(listed[0]) == {"url", "sha256", "size", "content_type", "width", "height", "stored_at", "placeholder"}
+    assert listed[0]["placeholder"]
     got = await api("GET", f"/api/image?url={quote(url, safe='')}", key=None, headers=token)
     original = await asyncio.get_running_loop().run_in_executor(None, lambda: urllib.request.urlopen(url).read())
     assert got.code == 200 and got.body == original

@@ -62,6 +62,16 @@ def test_submit_wait_get_list_and_delete(client, origin):
     assert first.content_type == "image/png" and first.size == len(image_bytes(200, "png"))
     assert client.count() == 5
 
+    assert first.placeholder  # a ThumbHash, base64
+    thumb = client.get(urls[1], w=10, format="webp")
+    assert thumb.headers["content-type"] == "image/webp" and thumb.body[8:12] == b"WEBP"
+    assert client.get(urls[1]).body == image_bytes(201, "png")
+    auto = client.get(urls[1], w=10, format="auto", accept="image/avif")
+    assert auto.headers["content-type"] == "image/avif" and auto.headers["vary"] == "Accept"
+    with pytest.raises(ApiError) as bad:
+        client.get(urls[1], w=0)
+    assert bad.value.status == 400 and "w" in bad.value.detail
+
     assert client.delete(urls[0]) is True
     assert client.delete(urls[0]) is False
     with pytest.raises(NotFoundError) as caught:

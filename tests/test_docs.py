@@ -116,18 +116,27 @@ def test_every_key_a_server_writes_is_in_the_table_with_its_type(server):
                         + "$"): (k, kind) for k, kind in key_table().items()}
     client = redis.Redis(unix_socket_path=str(server.data_dir / "redis" / "redis.sock"), decode_responses=True)
     seen = set()
-    for key in client.scan_iter(count=1000):
+
+    def check(key: str) -> None:
         matches = [documented for pattern, documented in table.items() if pattern.match(key)]
         assert len(matches) == 1, f"{key} is not (exactly once) in the key table of docs/operations.md"
         pattern, kind = matches[0]
         seen.add(pattern)
         assert client.type(key) == TYPES[kind.removesuffix(" with TTL")], key
         assert (client.pttl(key) > 0) == kind.endswith("with TTL") or pattern.startswith("casimg:job"), key
+
+    for key in client.scan_iter(count=1000):
+        check(key)
+    # A variant's keys, made after the scan above: a render outlasts an origin's rate key.
+    assert server.call("GET", f"/api/image?url={quote(server.urls[0], safe='')}&w=8")[0] == 200
+    for key in client.scan_iter("casimg:variant*", count=1000):
+        check(key)
     client.close()
     # held only while a sweep runs, a job is queued, for seconds after an origin's 429 or 503, while a
     # callback waits to be delivered; the store record from the first store migration on
     transient = {"casimg:sweep-lock", "casimg:enqueuing", "casimg:origin-cool:{origin}",
                  "casimg:origin-backoff:{origin}", "casimg:webhooks", "casimg:store", "casimg:store-copied:{migration}",
+                 "casimg:variant-claim:{source}:{canonical}",
                  "casimg:claims:{digest}", "casimg:deleting:{digest}", "casimg:tomb"}  # an object store's only
     assert set(key_table()) - transient <= seen
 
@@ -159,7 +168,10 @@ def test_each_documented_command_answers_as_documented_on_the_embedded_redis(ser
         assert asks, f"{line}: which Redis command does it document?"
         answers[" ".join(asks.groups())] = run_cli(line, replacements).splitlines()
     counts = answers.pop("HGETALL casimg:count")
-    assert dict(zip(counts[::2], counts[1::2], strict=True)) == {"urls": "3", "blobs": "2"}  # two URLs share one
+    variants = sum(1 for _ in redis.Redis(unix_socket_path=str(server.data_dir / "redis" / "redis.sock"))
+                   .scan_iter("casimg:variants:*"))  # one, when the key table's test made it
+    # Two URLs share one content; a variant is a content too.
+    assert dict(zip(counts[::2], counts[1::2], strict=True)) == {"urls": "3", "blobs": str(2 + variants)}
     status, body, _ = server.call("GET", "/api/image?url=" + quote(url, safe=""))
     listed = next(image for image in json.loads(server.call("GET", "/api/images")[1]) if image["url"] == url)
     assert status == 200 and listed["size"] == len(body)

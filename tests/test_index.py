@@ -78,10 +78,10 @@ async def test_store_counts_references_and_reports_dedup(index):
 async def test_release_drops_the_reference_and_the_record_with_the_last(index):
     await index.store("http://a/1", digest(1), META)
     await index.store("http://a/2", digest(1), META)
-    assert await index.release("http://a/1") == (digest(1), 1)
+    assert await index.release("http://a/1") == (digest(1), 1, ())
     assert await record_of(index, digest(1)) == "1"
     assert await index.redis.hgetall(index.keys.count) == {"urls": "1", "blobs": "1"}
-    assert await index.release("http://a/2") == (digest(1), 0)
+    assert await index.release("http://a/2") == (digest(1), 0, ())
     assert await record_of(index, digest(1)) is None  # delete step 3 reads 0 references
     assert await index.refs_of(digest(1)) == 0
     assert await index.redis.hgetall(index.keys.count) == {"urls": "0", "blobs": "0"}

@@ -747,3 +747,20 @@ def test_a_worker_that_dies_is_replaced_and_its_render_answers_unavailable():
             await pool.placeholder(b"")
 
     asyncio.run(scenario())
+
+
+def test_an_animation_kept_at_its_own_size_has_each_frame_once():
+    """Frames after a GIF's first decode as RGB: at the output's own size nothing copies them, and the
+    open file itself went to the encoder, which read all of its frames again for each (IndexError)."""
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    out = io.BytesIO()
+    frames[0].save(out, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    spec = VariantPolicy().resolve(VariantSpec(format="gif", animated=True), probe(out.getvalue()))
+    rendered = render(out.getvalue(), spec, max_memory=2**30)
+    with Image.open(io.BytesIO(rendered.data)) as im:
+        assert im.n_frames == 3
+        colours = []
+        for index in range(3):
+            im.seek(index)
+            colours.append(im.convert("RGB").getpixel((4, 4)))
+    assert colours == [(255, 0, 0), (0, 255, 0), (0, 0, 255)]

@@ -21,4 +21,5 @@ def test_image_json_names_a_record_s_fields_in_order():
     record = ImageRecord(url="http://a/1", sha256="a" * 64, size=3, content_type="image/png", width=4, height=5,
                          stored_at_ms=1_764_612_345_123)
     assert image_json(*record) == {"url": "http://a/1", "sha256": "a" * 64, "size": 3, "content_type": "image/png",
-                                   "width": 4, "height": 5, "stored_at": "2025-12-01T18:05:45.123000Z"}
+                                   "width": 4, "height": 5, "stored_at": "2025-12-01T18:05:45.123000Z",
+                                   "placeholder": None}

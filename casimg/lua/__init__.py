@@ -14,8 +14,8 @@ from importlib import resources
 SCRIPTS: dict[str, tuple[str, ...]] = {
     # the index (index.py)
     "store": ("lib_complete", "lib_unhex", "lib_recent", "store"),
-    "complete": ("lib_complete", "complete"),
-    "release": ("lib_unhex", "lib_recent", "release"),
+    "complete": ("lib_complete", "lib_unhex", "complete"),
+    "release": ("lib_unhex", "lib_drop", "lib_recent", "release"),
     "ensure_meta": ("ensure_meta",),
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
@@ -30,6 +30,11 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "unclaim": ("unclaim",),
     "tomb": ("tomb",),
     "begin_delete": ("begin_delete",),
+    # variant relations and render claims (relations.py)
+    "variant_add": ("lib_unhex", "variant_add"),
+    "variant_drop": ("lib_unhex", "lib_drop", "variant_drop"),
+    "claim_end": ("claim_end",),
+    "variants_all": ("variants_all",),
     # the queue (queue.py)
     "publish": ("lib_complete", "publish"),
     "enqueue": ("enqueue",),

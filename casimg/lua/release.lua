@@ -1,5 +1,9 @@
--- KEYS: url-bucket-of-url count recent     ARGV: url blob_prefix recent_leaf_prefix  ->  {digest, references left} or nil
+-- KEYS: url-bucket-of-url count recent
+-- ARGV: url blob_prefix recent_leaf_prefix placeholder_prefix variants_prefix
+--   ->  {digest, references left, variant digest...} or nil
 -- The record goes with the last reference: delete step 3 then reads 0 unless a store counted one since.
+-- With it go the content's placeholder and its variants (drop_content): the digests after the first two
+-- are variants that lost their last reference, for the caller's delete steps.
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return nil end
 local digest = string.sub(value, 1, 64)
@@ -13,8 +17,10 @@ if stored_at then recent_remove(KEYS[3], ARGV[3], recent_member(stored_at, ARGV[
 redis.call('HINCRBY', KEYS[2], 'urls', -1)
 if refs > 1 then
   redis.call('HINCRBY', key, raw, -1)
-else
-  redis.call('HDEL', key, raw)
-  if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
+  return {digest, refs - 1}
 end
-return {digest, math.max(refs - 1, 0)}
+redis.call('HDEL', key, raw)
+if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
+local out = {digest, 0}
+for _, freed in ipairs(drop_content(digest, ARGV[2], KEYS[2], ARGV[4], ARGV[5])) do out[#out + 1] = freed end
+return out

@@ -1,6 +1,10 @@
--- KEYS: count     ARGV: url_prefix blob_prefix  ->  list of the fixes made, for fsck's report
--- Moves URLs to the bucket their SHA-1 names, recounts references from the URLs, drops records no URL
--- points at (and records in the wrong bucket, recreated in the right one), and sets the counts.
+-- KEYS: count     ARGV: url_prefix blob_prefix placeholder_prefix variants_prefix variants_match
+--   ->  list of the fixes made, for fsck's report
+-- Moves URLs to the bucket their SHA-1 names, recounts references from the URLs and the variant relations
+-- of referenced contents, drops the relations of contents nothing references, drops records nothing points
+-- at (and records in the wrong bucket, recreated in the right one) and the placeholders of contents
+-- without a record, and sets the counts.
+redis.replicate_commands()  -- Redis 6: write after SCAN
 local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
 local url_prefix, blob_prefix = ARGV[1], ARGV[2]
 local fixes, counts, urls = {}, {}, 0
@@ -27,6 +31,33 @@ for b = 0, 4095 do
       urls = urls + 1
     end
   end
+end
+-- Variant relations: those of a referenced content count as references of their variants, which may have
+-- variants in turn (asked for by digest), hence the rounds until nothing more is reached.
+local variants_prefix, sources, cursor = ARGV[4], {}, '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[5], 'COUNT', 1000)
+  cursor = reply[1]
+  for _, key in ipairs(reply[2]) do sources[string.sub(key, #variants_prefix + 1)] = true end
+until cursor == '0'
+local reached = true
+while reached do
+  reached = false
+  for source in pairs(sources) do
+    if counts[source] then
+      sources[source] = nil
+      reached = true
+      local values = redis.call('HVALS', variants_prefix .. source)
+      for i = 1, #values do
+        local variant = string.sub(values[i], 1, 64)
+        if variant ~= source then counts[variant] = (counts[variant] or 0) + 1 end
+      end
+    end
+  end
+end
+for source in pairs(sources) do
+  redis.call('DEL', variants_prefix .. source)
+  fixes[#fixes + 1] = 'dropped the variant relations of ' .. source .. ': nothing references it'
 end
 local recorded, stray = {}, {}
 for b = 0, 4095 do
@@ -59,6 +90,17 @@ for digest, n in pairs(counts) do
     if not stray[digest] then fixes[#fixes + 1] = 'refs of ' .. digest .. ': 0 -> ' .. n .. ' (no record)' end
   end
   blobs = blobs + 1
+end
+for b = 0, 4095 do
+  local key = ARGV[3] .. bucket_name(b)
+  local fields = redis.call('HKEYS', key)
+  for i = 1, #fields do
+    local digest = tohex(fields[i])
+    if not counts[digest] then
+      redis.call('HDEL', key, fields[i])
+      fixes[#fixes + 1] = 'dropped the placeholder of ' .. digest .. ': nothing references it'
+    end
+  end
 end
 local had = redis.call('HMGET', KEYS[1], 'urls', 'blobs')
 local had_urls, had_blobs = tonumber(had[1] or '0'), tonumber(had[2] or '0')
