@@ -149,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     move = commands.add_parser(
         "migrate-store", help="copy every blob to another store while the service runs, then make it the active one",
         description="Copy every referenced blob to another store, check each copy, and make that store the "
-        "active one for every process (docs/storage.md). Safe while servers and workers run; interrupted, "
+        "active one for every process (docs/cluster.md). Safe while servers and workers run; interrupted, "
         "run it again with the same --to and it resumes.")
     _common(move)
     move.add_argument("--to", required=True, metavar="STORE",
-                      help="'s3://bucket/prefix' (endpoint and credentials from the CASIMG_S3_* settings) or 'file'")
+                      help="'s3://bucket/prefix/' (keys <prefix>blobs/...; endpoint and credentials from the "
+                      "CASIMG_S3_* settings) or 'file'")
 
     bulk = commands.add_parser("import", help="submit a file of URLs to a running server and follow the jobs",
                                description=importer.DESCRIPTION)

@@ -27,7 +27,11 @@ the copy is an unreferenced blob in the target, which the target's sweep removes
 digest whose blob is gone from the source when the copy reads it is skipped when the index no longer
 references it, and otherwise stops the flip (the run says which).
 
-Variants are rendered on request and not kept as blobs, so the index's digests are all there is to copy.
+Variant blobs are copied with the rest: a variant relation counts as a reference of its blob, and the
+copy takes every digest with references. A variant rendered during the copy is written by its render
+path to the active store only (not through the worker's dual write); step 4 copies it if it was recorded
+before that check, and one recorded in the seconds between step 4 and the flip is missing from the new
+store, which the variant path answers by rendering it again on its next request.
 """
 
 from __future__ import annotations

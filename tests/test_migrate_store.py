@@ -50,9 +50,10 @@ from tests.procs import (
 def test_a_store_name_is_file_or_a_bucket_and_prefix():
     assert StoreName.parse("file") == StoreName("file")
     assert StoreName.parse("s3://b") == StoreName("s3", "b", "")
-    assert StoreName.parse("s3://b/p") == StoreName("s3", "b", "p/")
-    assert StoreName.parse("s3://b/p/q/") == StoreName("s3", "b", "p/q/")
-    assert str(StoreName("s3", "b", "p/")) == "s3://b/p/"
+    assert StoreName.parse("s3://b/p/") == StoreName("s3", "b", "p/")
+    assert StoreName.parse("s3://b/p/q") == StoreName("s3", "b", "p/q")  # as CASIMG_S3_PREFIX takes it
+    for name in (StoreName("s3", "b", "p/"), StoreName("s3", "b", "p"), StoreName("s3", "b"), StoreName("file")):
+        assert StoreName.parse(str(name)) == name  # the record holds str(name)
     for wrong in ("s3://", "s3:///p", "gs://b/p", "/data"):
         with pytest.raises(ConfigError):
             StoreName.parse(wrong)

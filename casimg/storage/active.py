@@ -71,14 +71,15 @@ class StoreName:
 
     @classmethod
     def parse(cls, text: str) -> StoreName:
-        """"file" or "s3://bucket[/prefix]" (a prefix gets its trailing "/"); ConfigError otherwise."""
+        """"file" or "s3://bucket[/prefix]"; ConfigError otherwise. The prefix is taken as it is written,
+        as CASIMG_S3_PREFIX is (keys are <prefix>blobs/...): write "s3://bucket/casimg/" for a folder."""
         text = text.strip()
         if text == FILE:
             return cls(FILE)
         if not text.startswith("s3://") or not text[5:].split("/", 1)[0]:
             raise ConfigError(f"a store is 'file' or 's3://bucket/prefix', not {text!r}")
         bucket, _, prefix = text[5:].partition("/")
-        return cls("s3", bucket, prefix if not prefix or prefix.endswith("/") else prefix + "/")
+        return cls("s3", bucket, prefix)
 
     @classmethod
     def of(cls, settings: Settings) -> StoreName:
