@@ -37,6 +37,7 @@ behind it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 import time
@@ -257,13 +258,20 @@ class OriginPace:
                 return max(0, int(await self.redis.pttl(self.keys.origin_cool(quote(origin, safe=""))))) / 1000
             # Downloads that find the lease empty at the same moment wait for one trip to Redis: each asking
             # for itself would draw a lease each, and all but the last would be thrown away unspent.
+            # A finished refill is never awaited again: awaiting a done future does not yield, so after an
+            # event-loop stall longer than a lease's life (its lease expired before its pop callback ran)
+            # this loop would spin on it forever and wedge the process.
             refill = self._refills.get(origin)
-            if refill is None:
+            if refill is None or refill.done():
                 refill = self._refills[origin] = asyncio.ensure_future(self._refill(origin))
-                refill.add_done_callback(lambda _: self._refills.pop(origin, None))
+                refill.add_done_callback(functools.partial(self._forget_refill, origin))
             wait = await asyncio.shield(refill)
             if wait > 0:
                 return wait
+
+    def _forget_refill(self, origin: str, done: asyncio.Future[float]) -> None:
+        if self._refills.get(origin) is done:  # not a newer refill of the same origin
+            del self._refills[origin]
 
     async def _refill(self, origin: str) -> float:
         """Lease `origin`'s next tokens; 0 when they are there, else the seconds until there are some."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -217,3 +218,29 @@ async def test_a_fast_origin_costs_one_trip_to_redis_per_lease(redis_server):
         assert await scripts_run() - before == 1
     finally:
         await redis.aclose()
+
+
+def test_a_finished_refill_after_a_stall_is_not_spun_on(redis_server):
+    """The state an event-loop stall longer than a lease's life leaves behind: the origin's refill has
+    finished (granted), its lease has expired, and the callback that forgets the refill has not run yet. A
+    download asking now must go to Redis again, not await the finished refill over and over: that never
+    yields, so it spun forever and wedged the whole process (seen under load in the suite). Run in a
+    thread of its own, so a spin fails this test instead of hanging it."""
+    answers: list[float] = []
+
+    async def ask() -> None:
+        redis = connect_redis(redis_server.url, 2)
+        pace = OriginPace(redis, KeySpace(f"stall-{os.getpid()}:"), rate=100, burst=10, backoff=1, backoff_max=1)
+        try:
+            finished: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+            finished.set_result(0.0)
+            pace._refills["stalled.example"] = finished
+            answers.append(await pace.try_now("stalled.example"))
+        finally:
+            await redis.aclose()
+
+    asker = threading.Thread(target=asyncio.run, args=(ask(),), daemon=True)
+    asker.start()
+    asker.join(timeout=20)
+    assert not asker.is_alive(), "try_now spun on a finished refill"
+    assert answers == [0.0]
