@@ -15,7 +15,8 @@ try:
     import bench
     from bench import log, workspace
     from bench.corpus import make_images, set_directory
-    from bench.ingest import distinct, duplicates, file_creation_cost, validation_costs
+    from bench.img2dataset_ref import ensure_installed
+    from bench.ingest import file_creation_cost, ingest_rounds, validation_costs
     from bench.listing import listing
     from bench.origin import image_urls, run_origin, serve_image_set
     from bench.procs import ROOT, Procs
@@ -49,17 +50,17 @@ def run(args: argparse.Namespace) -> str:
             create_us = file_creation_cost(work)
             log(f"  creating a file in the workspace: {create_us:.0f} µs")
 
-            first = distinct(procs, work, urls, sizes, args.processes, args.multi)
+            img2dataset = None if args.no_img2dataset else ensure_installed(Path(args.cache))
+            first = ingest_rounds(procs, work, urls, dup_urls, sizes, args.multi, args.rounds, img2dataset)
             read = retrieval(procs, work, first.server, first.redis_url, processes=args.processes,
                              multi=args.multi, urls=args.retrieval_urls, duration=args.duration,
                              connections=args.connections, repeat=args.repeat)
             procs.stop(first.server.proc)
-            second = duplicates(procs, work, dup_urls, sizes, args.processes)
             rows = listing(procs, work, args.listing)
         finally:
             procs.stop_all()
     return render(args, Results(started_at, load_before, os.getloadavg()[0], files, origin_kind, create_us,
-                                validation, first, second, read, rows))
+                                validation, first, read, rows))
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -73,10 +74,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--retrieval-urls", type=int, default=1000, help="stored URLs wrk cycles through")
     parser.add_argument("--processes", type=int, default=1, help="casimg (and bare handler) processes (default 1)")
     parser.add_argument("--multi", type=int, default=os.cpu_count() or 1,
-                        help="also run casimg, the bare handler and the front with this many processes "
-                             "(default: the core count; 1 turns it off)")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="rounds of wrk runs over the servers of a retrieval comparison, averaged (default 2)")
+                        help="casimg's default deployment (serve --processes auto: the core count); the ingest "
+                             "and retrieval also run with this many processes (1 turns it off)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds of wrk runs over the servers of a retrieval comparison, medians (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of every ingest configuration, medians (default 3)")
+    parser.add_argument("--no-img2dataset", action="store_true",
+                        help="leave img2dataset out (else it is installed from PyPI under --cache, once)")
     parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the generated images are kept")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"),
                         help="markdown file written (default BENCHMARKS.md)")
@@ -91,8 +96,8 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["_origin"]:
         run_origin(int(argv[1]), argv[2])
         return
-    if argv[:1] == ["_bare"]:
-        run_bare(int(argv[1]), argv[2], argv[3], int(argv[4]))
+    if argv[:1] in (["_bare"], ["_threaded"]):
+        run_bare(int(argv[1]), argv[2], argv[3], int(argv[4]), minimal=argv[0] == "_bare")
         return
     args = parse(argv)
     table = run(args)

@@ -1,15 +1,18 @@
-"""Scenarios 1 and 2, the ingest: one job of N URLs submitted to casimg and timed until it is done,
-between runs of the references (the limit and the required work); first with distinct images, then
-with half the URLs naming content another URL of the job also has. Beside them, what a body costs to
-validate and a file costs to create on this machine."""
+"""Scenarios 1 and 2, the ingest: one job of N URLs submitted to casimg and timed until it is done, in
+interleaved rounds with the references (the limit, the required work and img2dataset) at one process
+and at casimg's default process count; with distinct images, and with half the URLs naming content
+another URL of the job also has. Beside them, what a body costs to validate and a file costs to create
+on this machine."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -17,9 +20,11 @@ from PIL import Image
 
 from bench import log
 from bench.corpus import EXT
+from bench.img2dataset_ref import VERSION as IMG2DATASET_VERSION
 from bench.memory import service_rss_kib
+from bench.origin import CONCURRENCY
 from bench.procs import Procs
-from bench.references import IngestResult, mean_result, reference_run, required_work_fetch
+from bench.references import IngestResult, reference_run, required_work_fetch
 from bench.stack import Casimg, start_casimg, start_redis
 
 
@@ -84,64 +89,103 @@ def validation_costs(directory: Path, files: list[tuple[str, int]], per_format: 
 
 
 @dataclass
-class Distinct:
-    """Scenario 1: the references and casimg on distinct images. `server` (on the Redis at `redis_url`)
-    still runs, holding the images that retrieval reads."""
+class Series:
+    """One configuration's runs over the rounds of the ingest scenario: images/s of each run."""
 
-    limit: IngestResult
-    required_work: IngestResult
-    casimg: IngestResult
-    multi: IngestResult | None  # casimg serve --processes --multi, when that is more than --processes
+    name: str
+    rates: list[float] = field(default_factory=list)
+    images: int = 0
+    bytes: int = 0
+    stored: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    reported: list[float] = field(default_factory=list)  # img2dataset's own images/s, for its rows
+    cpu_ms: list[float] = field(default_factory=list)  # CPU per image of each run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates) if self.rates else float("nan")
+
+    def add(self, result: IngestResult) -> None:
+        self.rates.append(result.per_second)
+        self.cpu_ms.append(result.cpu_ms_per_image)
+        self.images, self.bytes = result.images, result.bytes
+        self.stored, self.failed = self.stored + result.stored, self.failed + result.failed
+        self.failures += result.failures[: 5 - len(self.failures)]
+
+
+@dataclass
+class Ingest:
+    """Scenarios 1 and 2 over interleaved rounds: every Series by its key (see `ingest_rounds`), the RSS
+    of the first one-process casimg, and the server and Redis of the last one-process distinct ingest,
+    still running, holding the images that retrieval reads."""
+
+    series: dict[str, Series]
+    processes: int
     rss_start_kib: int
     rss_kib: int
     server: Casimg
     redis_url: str
 
 
-def distinct(procs: Procs, work: Path, urls: list[str], sizes: dict[str, int], processes: int,
-             multi: int) -> Distinct:
-    """Scenario 1 with `processes` casimg processes, and again with `multi` when that is more."""
-    # The references take seconds and move with the machine's load: they run before and after casimg,
-    # in mirrored order (limit, required work, casimg, required work, limit), after one untimed fetch
-    # that brings the origin's files into the page cache.
+def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str], sizes: dict[str, int],
+                  processes: int, rounds: int, img2dataset: Path | None) -> Ingest:
+    """Every configuration of the ingest, in `rounds` rounds, each round in the reverse order of the one
+    before, so that a drift in the machine's load weighs on all alike; after one untimed fetch that brings
+    the origin's files into the page cache. `processes` is casimg's default deployment (serve's
+    --processes auto: one per core); the references and img2dataset run at 1 and at `processes`."""
+    from bench.img2dataset_ref import img2dataset_run
+
+    counts = [1] + ([processes] if processes > 1 else [])
+    runs: list[tuple[str, str, Callable[[int], IngestResult]]] = []
+    for count in counts:
+        runs.append((f"limit@{count}", f"limit: aiohttp fetch + write, {count} process(es)",
+                     lambda n, c=count: reference_run(work, urls, processes=c)))
+        runs.append((f"required@{count}",
+                     f"required work: the limit + validation, SHA-256, syncfs, {count} process(es)",
+                     lambda n, c=count: reference_run(work, urls, required_work_fetch, processes=c)))
+        if img2dataset is not None:
+            def i2d(n: int, c: int = count) -> IngestResult:
+                done = img2dataset_run(img2dataset, work, urls, c, CONCURRENCY * c, f"{c}-{n}")
+                series[f"img2dataset@{c}"].reported.append(done.reported_per_second)
+                return IngestResult(done.seconds, done.images, sum(sizes[u] for u in urls),
+                                    stored=round(done.success * done.images), cpu_seconds=done.cpu_seconds)
+            runs.append((f"img2dataset@{count}", f"img2dataset {IMG2DATASET_VERSION}, {count} process(es) x "
+                         f"{CONCURRENCY} threads, no re-encoding", i2d))
+        runs.append((f"casimg@{count}", f"casimg serve --processes {count}, distinct"
+                     + (" (default deployment)" if count == processes else ""),
+                     lambda n, c=count: _casimg_run(procs, work, f"{c}-{n}", urls, sizes, c)))
+        runs.append((f"casimg-dup@{count}", f"casimg serve --processes {count}, half duplicates",
+                     lambda n, c=count: _casimg_run(procs, work, f"dup-{c}-{n}", dup_urls, sizes, c)))
+    series = {key: Series(name) for key, name, _ in runs}
     log("1. ingest: warming the origin up (untimed)")
     reference_run(work, urls)
-    log("1. ingest: plain aiohttp fetch-and-write (the limit)")
-    limits = [reference_run(work, urls)]
-    log("1. ingest: the limit with casimg's required work (validation, SHA-256, syncfs)")
-    required = [reference_run(work, urls, required_work_fetch)]
-    _, redis_url = start_redis(procs, work / "redis1", persistent=True)
-    log("1. ingest: casimg")
-    server = start_casimg(procs, work / "data1", redis_url, processes=processes)
+    for number in range(rounds):
+        for key, name, run in runs if number % 2 == 0 else runs[::-1]:
+            log(f"1-2. ingest, round {number + 1} of {rounds}: {name}")
+            series[key].add(run(number))
+            log(f"  {series[key].rates[-1]:.0f} images/s")
+    # The one-process casimg again, for the memory figures and the retrieval that reads its images.
+    _, redis_url = start_redis(procs, work / "redis-kept", persistent=True)
+    server = start_casimg(procs, work / "data-kept", redis_url, processes=1)
     rss_start = service_rss_kib(server.proc)
-    ingest = casimg_ingest(server, redis_url, urls, sizes)
-    rss = service_rss_kib(server.proc)
-    log("1. ingest: the required work again")
-    required.append(reference_run(work, urls, required_work_fetch))
-    log("1. ingest: the limit again")
-    limits.append(reference_run(work, urls))
-
-    # 1b. The same with casimg serve --processes (one per core).
-    several: IngestResult | None = None
-    if multi > processes:
-        _, redis_multi = start_redis(procs, work / "redis-multi", persistent=True)
-        log(f"1. ingest: casimg --processes {multi}")
-        server_multi = start_casimg(procs, work / "data-multi", redis_multi, processes=multi)
-        several = casimg_ingest(server_multi, redis_multi, urls, sizes)
-        procs.stop(server_multi.proc)
-    return Distinct(mean_result(limits), mean_result(required), ingest, several, rss_start, rss, server, redis_url)
+    casimg_ingest(server, redis_url, urls, sizes)
+    return Ingest(series, processes, rss_start, service_rss_kib(server.proc), server, redis_url)
 
 
-def duplicates(procs: Procs, work: Path, urls: list[str], sizes: dict[str, int],
-               processes: int) -> tuple[IngestResult, IngestResult]:
-    """Scenario 2: (the limit, casimg) on a job whose second half repeats the first half's content."""
-    log("2. ingest with duplicates: the limit")
-    limits = [reference_run(work, urls)]
-    _, redis_url = start_redis(procs, work / "redis2", persistent=True)
-    log("2. ingest with duplicates: casimg")
-    server = start_casimg(procs, work / "data2", redis_url, processes=processes)
-    ingest = casimg_ingest(server, redis_url, urls, sizes)
-    procs.stop(server.proc)
-    log("2. ingest with duplicates: the limit again")
-    limits.append(reference_run(work, urls))
-    return mean_result(limits), ingest
+def _casimg_run(procs: Procs, work: Path, label: str, urls: list[str], sizes: dict[str, int],
+                processes: int) -> IngestResult:
+    """One job of `urls` on a fresh casimg with `processes` processes, its own Redis and data directory."""
+    from bench.ingest_ab import cpu_seconds
+
+    redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
+    server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes)
+    try:
+        before = cpu_seconds(server.proc.pid)
+        result = casimg_ingest(server, redis_url, urls, sizes)
+        result.cpu_seconds = cpu_seconds(server.proc.pid) - before
+        return result
+    finally:
+        procs.stop(server.proc)
+        procs.stop(redis_proc)
+        os.sync()

@@ -3,6 +3,7 @@
     git worktree add ../casimg-before HEAD~1          # the code to compare against
     .venv/bin/python -m bench.ingest_ab --other ../casimg-before
     .venv/bin/python -m bench.ingest_ab --other ../casimg-before --rounds 4 --workspace /dev/shm
+    .venv/bin/python -m bench.ingest_ab --other . --other-env CASIMG_ROBOTS_TXT=false   # one setting's cost
 
 What a change to the ingest path did, when one run of the benchmark (`python -m bench`) cannot tell: a
 single ingest moves 10-40% from run to run on a shared machine, more than most changes gain. Here the
@@ -49,12 +50,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],
-               sizes: dict[str, int], processes: int) -> tuple[float, float]:
+               sizes: dict[str, int], processes: int, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(images/s, CPU ms per image) of one ingest of `urls` by `checkout`'s casimg, on its own Redis and
-    data directory."""
+    data directory, with `env` added to its environment."""
     # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH, and run whichever
     # casimg/ the script was started beside.
-    environment = {"PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
+    environment = {**(env or {}), "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
     server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
                                 extra_env=environment)
@@ -77,7 +78,14 @@ def main() -> None:
                         help="rounds of this-other-other-this, the limit after each (default 2)")
     parser.add_argument("--images", type=int, default=5000, help="distinct images (default 5000)")
     parser.add_argument("--processes", type=int, default=1, help="casimg serve --processes (default 1)")
+    parser.add_argument("--duplicates", action="store_true",
+                        help="the job whose second half repeats the first half's content under other URLs")
     parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
+    parser.add_argument("--this-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for this checkout's casimg (repeatable)")
+    parser.add_argument("--other-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the other casimg (repeatable): with --other ., "
+                             "what a setting costs")
     parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the images are kept")
     args = parser.parse_args()
     other = Path(args.other).resolve()
@@ -85,6 +93,7 @@ def main() -> None:
         sys.exit(f"{other} has no casimg/ package")
 
     checkouts = {"this": ROOT, "other": other}
+    envs = {"this": _env_of(parser, args.this_env), "other": _env_of(parser, args.other_env)}
     cache = set_directory(Path(args.cache), args.images)
     files = make_images(cache, args.images)
     procs = Procs()
@@ -94,7 +103,9 @@ def main() -> None:
     with workspace(False, "casimg-ab-", args.workspace) as work:
         try:
             port, origin = serve_image_set(procs, work, cache)
-            urls, _, sizes = image_urls(port, files)
+            urls, dup_urls, sizes = image_urls(port, files)
+            if args.duplicates:
+                urls = dup_urls
             log(f"origin: {origin}; workspace {work}; creating a file: {file_creation_cost(work):.0f} µs")
 
             def limit() -> None:
@@ -105,7 +116,7 @@ def main() -> None:
             for round_number in range(args.rounds):
                 for turn, label in enumerate(("this", "other", "other", "this")):
                     rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
-                                              sizes, args.processes)
+                                              sizes, args.processes, envs[label])
                     rates[label].append(rate)
                     cpu[label].append(cpu_ms)
                     log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
@@ -116,12 +127,24 @@ def main() -> None:
     limit_mean = statistics.mean(limits)
     print(f"\n{args.images:,} images, {args.rounds} rounds, casimg processes {args.processes}, "
           f"limit {limit_mean:.0f} images/s (runs: {', '.join(f'{x:.0f}' for x in limits)})\n")
-    print("| casimg | images/s per round | mean | of the limit | CPU ms per image |")
-    print("|---|---|---|---|---|")
+    print("| casimg | images/s per round | mean | median | of the limit | CPU ms per image (median) |")
+    print("|---|---|---|---|---|---|")
     for label, path in checkouts.items():
         mean = statistics.mean(rates[label])
-        print(f"| {label} ({path}) | {', '.join(f'{x:.0f}' for x in rates[label])} | {mean:.0f} | "
-              f"{mean / limit_mean:.2f} | {statistics.mean(cpu[label]):.2f} |")
+        extra = " ".join(f"{name}={value}" for name, value in envs[label].items())
+        print(f"| {label} ({path}{', ' + extra if extra else ''}) | {', '.join(f'{x:.0f}' for x in rates[label])} | "
+              f"{mean:.0f} | {statistics.median(rates[label]):.0f} | {mean / limit_mean:.2f} | "
+              f"{statistics.median(cpu[label]):.2f} |")
+
+
+def _env_of(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            parser.error(f"expected NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
 
 
 if __name__ == "__main__":

@@ -213,6 +213,20 @@ http {{
 """
 
 
+def start_moto(port: int, log_path: Path, *, env: dict[str, str] | None = None,
+               new_session: bool = False) -> Popen:
+    """moto's standalone S3 server (`moto_server`, from the test extra) on 127.0.0.1:`port`, answering HTTP.
+
+    An emulator: it speaks the S3 API (conditional PUT, ranges, multipart, presigned URLs) but its speed
+    says nothing of a real object store. It takes any credentials unless `env` turns its authentication
+    on (INITIAL_NO_AUTH_ACTION_COUNT=N: the first N requests pass, every later one is checked).
+    """
+    binary = Path(sys.executable).parent / "moto_server"
+    args = [str(binary) if binary.exists() else "moto_server", "-H", "127.0.0.1", "-p", str(port)]
+    return start(args, log_path, lambda process: wait_http(f"http://127.0.0.1:{port}/", process),
+                 env=env, new_session=new_session)
+
+
 def nginx_front_config(casimg_port: int, listen_port: int, blob_dir: Path) -> str:
     """config/nginx.conf's casimg front (between its markers), with only its three site lines replaced:
     the casimg upstream, the port clients connect to, and the blob directory."""

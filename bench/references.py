@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import multiprocessing
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Coroutine
@@ -29,6 +29,11 @@ class IngestResult:
     existed: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # user + system CPU of the run's processes, threads included
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return self.cpu_seconds / self.images * 1000
 
     @property
     def per_second(self) -> float:
@@ -99,8 +104,8 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
     on the limit's event loop and thread pool, so its ratio to the limit is what the required work
     costs there; what is left between it and casimg is casimg's own overhead.
     """
-    from casimg.blobs import FlushGroup
     from casimg.config import load_settings
+    from casimg.storage.file import FlushGroup
     from casimg.validation import validate_image
 
     defaults = load_settings()
@@ -119,30 +124,67 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
         flusher.close()
 
 
-def reference_run(work: Path, urls: list[str], fetch: Fetch = plain_fetch) -> IngestResult:
-    """One run of the limit (plain_fetch) or of another reference, into a new directory under `work`."""
+def reference_run(work: Path, urls: list[str], fetch: Fetch = plain_fetch, processes: int = 1) -> IngestResult:
+    """One run of the limit (plain_fetch) or of another reference, into a new directory under `work`;
+    with `processes` > 1, that many forked processes at once, each with its share of the URLs and the
+    whole concurrency, as `casimg serve --processes` runs them, timed from a common start to the last."""
     # Each run keeps its files until the workspace goes at the end: on an ext4 without a journal, files
     # created soon after thousands were deleted cost several times as much (the inode allocator steps
     # over recently freed inodes one by one), and deleting the limit's files between runs slowed
     # whatever wrote next, casimg or the limit.
     out = Path(tempfile.mkdtemp(prefix="plain-", dir=work))
-    result = asyncio.run(fetch(urls, out))
+    before = _own_and_children_cpu()
+    if processes == 1:
+        result = asyncio.run(fetch(urls, out))
+    else:
+        result = _forked_run(fetch, urls, out, processes)
+    result.cpu_seconds = _own_and_children_cpu() - before
     # Untimed: the limit leaves its bytes in the page cache, and casimg, which makes its blobs durable
     # before indexing them (syncfs), would otherwise pay for writing them out.
     os.sync()
     return result
 
 
-def mean_result(runs: list[IngestResult]) -> IngestResult:
-    """One result whose rate is the mean rate of `runs` (each of the same URLs)."""
-    rate = statistics.mean(run.per_second for run in runs)
-    return IngestResult(runs[0].images / rate, runs[0].images, runs[0].bytes,
-                        failures=[f"{run.per_second:.0f}" for run in runs])
+def _own_and_children_cpu() -> float:
+    """CPU seconds of this process and of the children it has waited for (the forked references)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
-def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
-    """The floor of the stack: one Redis HGET (of the URL's bucket) and one file read (in a thread),
-    nothing else; in the process `python -m bench _bare` starts."""
+def _forked_run(fetch: Fetch, urls: list[str], out: Path, processes: int) -> IngestResult:
+    context = multiprocessing.get_context("fork")
+    go = context.Event()
+    totals = context.Queue()
+
+    def child(share: list[str], directory: Path) -> None:
+        directory.mkdir()
+        go.wait()
+        totals.put(asyncio.run(fetch(share, directory)).bytes)
+
+    children = [context.Process(target=child, args=(urls[number::processes], out / str(number)))
+                for number in range(processes)]
+    for process in children:
+        process.start()
+    started = time.monotonic()
+    go.set()
+    total = sum(totals.get() for _ in children)
+    seconds = time.monotonic() - started
+    for process in children:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"a reference process exited with status {process.exitcode}")
+    return IngestResult(seconds, len(urls), total)
+
+
+def run_bare(port: int, redis_url: str, blob_root: str, processes: int, minimal: bool = True) -> None:
+    """A Tornado handler doing only what a read cannot skip: one Redis HGET (of the URL's bucket) and one
+    file read; in the process `python -m bench _bare` (`_threaded` for the previous reference) starts.
+
+    The minimal one (the reference since issue 18) reads the file on the event loop, as Tornado's
+    StaticFileHandler does, and has Tornado compute no ETag (`compute_etag` returns None), which casimg
+    never does either. `minimal=False` is the reference the runs before used: the read in a thread and
+    Tornado's SHA-1 ETag over every body, work that casimg does not do, so it flattered casimg.
+    """
     import redis.asyncio as aioredis
     import tornado.httpserver
     import tornado.netutil
@@ -161,20 +203,34 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int) -> None:
 
     keys = KeySpace()
 
-    class Bare(tornado.web.RequestHandler):
+    class Minimal(tornado.web.RequestHandler):
         async def get(self) -> None:
             url = self.get_query_argument("url")
             value = await self.application.settings["redis"].hget(url_key(keys, url), url)
             if value is None:
                 raise tornado.web.HTTPError(404)
             digest = value[:64]  # "<sha256 hex> <stored_at>"
+            self.finish(read(f"{blob_root}/{digest[0:2]}/{digest[2:4]}/{digest}"))
+
+        def compute_etag(self) -> None:
+            return None
+
+    class Threaded(tornado.web.RequestHandler):
+        async def get(self) -> None:
+            url = self.get_query_argument("url")
+            value = await self.application.settings["redis"].hget(url_key(keys, url), url)
+            if value is None:
+                raise tornado.web.HTTPError(404)
+            digest = value[:64]
             path = f"{blob_root}/{digest[0:2]}/{digest[2:4]}/{digest}"
             self.write(await asyncio.get_running_loop().run_in_executor(None, read, path))
+
+    handler = Minimal if minimal else Threaded
 
     async def main() -> None:
         client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
             redis_url, max_connections=128, decode_responses=True))
-        app = tornado.web.Application([(r"/api/image", Bare), (r"/healthz", Bare)], redis=client)
+        app = tornado.web.Application([(r"/api/image", handler), (r"/healthz", handler)], redis=client)
         server = tornado.httpserver.HTTPServer(app)
         server.add_sockets(sockets)
         await asyncio.Event().wait()

@@ -13,11 +13,10 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.corpus import EXT
-from bench.ingest import Distinct
+from bench.ingest import Ingest, Series
 from bench.listing import LIST_URL_LENGTH, ListingRow
 from bench.origin import CONCURRENCY, PER_HOST
-from bench.references import IngestResult
-from bench.retrieval import Retrieval
+from bench.retrieval import Retrieval, WrkResult
 
 BEGIN = "<!-- bench: the tables below are written by `python -m bench`; edit outside them -->"
 END = "<!-- bench: end of the generated tables -->"
@@ -33,7 +32,9 @@ def splice(document: str, table: str) -> str:
     return document[:start] + generated + ("\n" + rest if rest else "")
 
 
-RETRIEVAL_NAMES = {"casimg": "casimg GET /api/image", "bare": "bare Tornado: one HGET + one file read (floor)",
+RETRIEVAL_NAMES = {"casimg": "casimg GET /api/image",
+                   "bare": "minimal Tornado: one HGET + one file read on the loop, no ETag (floor)",
+                   "threaded": "threaded Tornado: the same, read in a thread, Tornado's ETag (the old reference)",
                    "nginx": "nginx static, same blob files (physical limit)",
                    "front": "nginx front: casimg X-Accel-Redirect + nginx sendfile"}
 
@@ -49,8 +50,7 @@ class Results:
     origin_kind: str
     create_us: float
     validation: list[tuple[str, ...]]
-    distinct: Distinct
-    duplicates: tuple[IngestResult, IngestResult]  # the limit, casimg
+    ingest: Ingest
     retrieval: Retrieval
     listing: list[ListingRow]
 
@@ -93,42 +93,68 @@ def header(args: argparse.Namespace, results: Results) -> list[str]:
             f"({PER_HOST} per host).\n"]
 
 
-def _ingest_row(name: str, result: IngestResult, reference: IngestResult, required: IngestResult | None = None,
-                target: bool = False) -> str:
-    cells = [name, f"{result.images:,}", f"{result.per_second:.0f}", f"{result.mb_per_second:.1f}",
-             f"{result.seconds:.1f}", "" if result is reference else ratio(result.per_second, reference.per_second),
-             "" if required is None else ratio(result.per_second, required.per_second),
-             f">= 0.7: {verdict(result.per_second >= 0.7 * reference.per_second)}" if target else ""]
-    return "| " + " | ".join(cells) + " |"
+def _spread(series: Series, reference: Series | None = None) -> str:
+    """The median of a series' rates (or of its ratios to `reference`, round by round) and their range."""
+    values = series.rates if reference is None else [a / b for a, b in zip(series.rates, reference.rates, strict=False)]
+    if not values:
+        return "n/a"
+    digits = 0 if reference is None else 2
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 def ingest(args: argparse.Namespace, results: Results) -> list[str]:
-    run, (limit_dup, ingest_dup) = results.distinct, results.duplicates
-    limit, required = run.limit, run.required_work
+    run = results.ingest
+    series, default = run.series, run.processes
+    counts = sorted({int(key.split("@")[1]) for key in series})
+    rounds = len(next(iter(series.values())).rates)
     lines = ["## 1-2. Ingest\n",
              f"Creating a file in the run's workspace took {results.create_us:.0f} µs before the ingest "
              "(`file_creation_cost`: each blob is one new file, and most blobs of a fresh store make a "
              "new fan-out directory too).\n",
-             "The required work is the limit plus what casimg cannot skip for a body: its validation, a "
-             "SHA-256 and a shared syncfs before the body counts (`required_work_fetch`; no index, queue "
-             "or log). Its ratio to the limit is the most one casimg process can reach on this stack and "
-             "machine; casimg's ratio to it is casimg's own overhead.\n",
-             "| run | images | images/s | MB/s | seconds | of the limit | of the required work | target |",
-             "|---|---|---|---|---|---|---|---|",
-             _ingest_row(f"limit: aiohttp fetch + write, distinct (runs: {'/s, '.join(limit.failures)}/s)",
-                         limit, limit),
-             _ingest_row(f"required work: the limit + validation, SHA-256, syncfs (runs: "
-                         f"{'/s, '.join(required.failures)}/s)", required, limit),
-             _ingest_row(f"casimg, distinct ({run.casimg.stored} stored, {run.casimg.failed} failed)", run.casimg,
-                         limit, required, target=True)]
-    if run.multi is not None:
-        lines.append(_ingest_row(f"casimg --processes {args.multi}, distinct ({run.multi.stored} stored, "
-                                 f"{run.multi.failed} failed)", run.multi, limit, required, target=True))
-    lines += [_ingest_row(f"limit, half duplicates (runs: {'/s, '.join(limit_dup.failures)}/s)", limit_dup,
-                          limit_dup),
-              _ingest_row(f"casimg, half duplicates ({ingest_dup.stored} stored, {ingest_dup.failed} failed)",
-                          ingest_dup, limit_dup),
-              "",
+             f"{rounds} interleaved rounds (each in the reverse order of the one before); images/s is the median "
+             "over the rounds with the range, and each ratio the median of the round-by-round ratios with "
+             "their range, against the reference with the same process count. The limit is a plain aiohttp "
+             "fetch-and-write; the required work is the limit plus what casimg cannot skip for a body: its "
+             "validation, a SHA-256 and a shared syncfs before the body counts (`required_work_fetch`; no "
+             "index, queue or log); img2dataset runs as bench/img2dataset_ref.py says (no decode, no "
+             f"validation, no flush, no index). The default deployment is `casimg serve` with one process "
+             f"per core, {default} here.\n",
+             "| run | images | images/s | MB/s | CPU ms per image | of the limit | of the required work "
+             "| of img2dataset | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for count in counts:
+        limit, required = series[f"limit@{count}"], series[f"required@{count}"]
+        i2d = series.get(f"img2dataset@{count}")
+        casimg, dup = series[f"casimg@{count}"], series[f"casimg-dup@{count}"]
+        for key in ("limit", "required", "img2dataset", "casimg", "casimg-dup"):
+            one = series.get(f"{key}@{count}")
+            if one is None:
+                continue
+            name = one.name
+            if key == "img2dataset":
+                name += f"; its own figure: {_spread(Series('', one.reported))}/s"
+            if key.startswith("casimg"):
+                name += f" ({one.stored} stored, {one.failed} failed over the rounds)"
+            target = ""
+            own = Series("", i2d.reported) if i2d is not None else None  # img2dataset's own figures
+            if key == "casimg" and count == default and own is not None:
+                ratios = [a / b for a, b in zip(casimg.rates, own.rates, strict=False)]
+                target = f"of img2dataset's own figure >= 1.5: {verdict(statistics.median(ratios) >= 1.5)}; "
+            if key == "casimg":
+                ratios = [a / b for a, b in zip(casimg.rates, required.rates, strict=False)]
+                target += f"of required >= 0.9: {verdict(statistics.median(ratios) >= 0.9)}"
+            if key == "casimg-dup":
+                ratios = [a / b for a, b in zip(dup.rates, casimg.rates, strict=False)]
+                target = f"{_spread(dup, casimg)} of distinct, >= 1.3: {verdict(statistics.median(ratios) >= 1.3)}"
+            cpu = statistics.median(one.cpu_ms) if one.cpu_ms else float("nan")
+            cells = [name, f"{one.images:,}", _spread(one), f"{one.median * one.bytes / one.images / 1e6:.1f}",
+                     f"{cpu:.2f}",
+                     "" if key == "limit" else _spread(one, limit),
+                     _spread(one, required) if key in ("casimg", "img2dataset") else "",
+                     f"{_spread(one, own)} of its own figure; {_spread(one, i2d)} of its wall-clock rate"
+                     if key == "casimg" and i2d is not None and own is not None else "", target]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["",
               "Validation cost per image, in-process on one core, ms (what the ingest pays per image in "
               "worker threads; `CASIMG_VALIDATION` picks the mode):\n",
               "| format | images | full decode (load) | casimg `decode` (JPEG at 1/8 scale) | "
@@ -144,29 +170,37 @@ def retrieval(args: argparse.Namespace, results: Results) -> list[str]:
     if not measured:
         return []
     average_kb = statistics.mean(size for _, size in results.files) / 1024
-    lines = [f"## 3. Retrieval\n\nwrk -t2 -c{args.connections} -d{args.duration}s, {args.repeat} round(s) "
-             "over all servers of a process count, averaged; "
-             f"{results.retrieval.sample:,} stored images (average {average_kb:.0f} KB), "
-             f"every server with {args.processes} process(es), wrk on the same cores.\n",
+    default_count = results.ingest.processes
+    lines = [f"## 3. Retrieval\n\nwrk -t2 -c{args.connections} -d{args.duration}s, {args.repeat} round(s) over all "
+             "servers of a process count, each round starting one server later; medians, with the range of the "
+             f"round-by-round ratio; {results.retrieval.sample:,} stored images (average {average_kb:.0f} KB), "
+             "wrk on the same cores. The minimal handler does one HGET and one file read on the loop, and has "
+             "Tornado compute no ETag; the threaded one (the reference of the runs before) reads in a thread "
+             "and has Tornado hash every body for an ETag.\n",
              "| server | requests/s | MB/s | p50 ms | p99 ms | errors | ratio | target |",
              "|---|---|---|---|---|---|---|---|"]
-    default = f"casimg@{args.processes}"
     for name, result in measured.items():
         kind, count = name.split("@")
+        default = f"casimg@{count}" if int(count) == default_count else ""
         label = f"{RETRIEVAL_NAMES[kind]}, {count} process(es)" + (" (default deployment)" if name == default else "")
         text, target = "", ""
         if kind == "casimg" and f"bare@{count}" in measured:
-            text = f"{ratio(result.rps, measured[f'bare@{count}'].rps)} of bare"
-            if name == default:
-                target = f">= 0.9: {verdict(result.rps >= 0.9 * measured[f'bare@{count}'].rps)}"
-        elif kind in ("nginx", "front"):
-            text = f"{ratio(result.rps, measured[default].rps)}x default"
+            text = (f"{_rounds_ratio(result, measured[f'bare@{count}'])} of minimal; "
+                    f"{_rounds_ratio(result, measured[f'threaded@{count}'])} of threaded")
+            target = f">= 0.9 of minimal: {verdict(result.rps >= 0.9 * measured[f'bare@{count}'].rps)}"
+        elif kind in ("nginx", "front") and f"casimg@{count}" in measured:
+            text = f"{ratio(result.rps, measured[f'casimg@{count}'].rps)}x casimg"
             if kind == "front":
-                target = f">= 2x: {verdict(result.rps >= 2 * measured[default].rps)}"
+                target = f">= 2x: {verdict(result.rps >= 2 * measured[f'casimg@{count}'].rps)}"
         lines.append(f"| {label} | {result.rps:,.0f} | {result.mb_per_second:,.0f} | "
                      f"{result.p50_ms:.2f} | {result.p99_ms:.2f} | {result.errors} | {text} | {target} |")
     lines.append("")
     return lines
+
+
+def _rounds_ratio(result: WrkResult, reference: WrkResult) -> str:
+    ratios = [a / b for a, b in zip(result.rounds, reference.rounds, strict=False)]
+    return f"{result.rps / reference.rps:.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "n/a"
 
 
 INDEX_BUDGET = 450  # bytes per URL at 1,000,000 URLs: the index, both listing orders and the placeholders
@@ -201,9 +235,10 @@ def listing(results: Results) -> list[str]:
         # The budget of the whole index, placeholders of ~40 bytes a content (bench.index_parts) left out here.
         lines.append(f"- Redis bytes per URL under {INDEX_BUDGET} with placeholders' 40: "
                      f"{verdict(last.per_url + 40 < INDEX_BUDGET)} ({last.per_url:.0f}).")
-    run = results.distinct
+    run = results.ingest
     lines.append(f"- casimg service RSS after ingesting {len(results.files):,} images: {run.rss_kib / 1024:.0f} MiB "
                  f"({run.rss_start_kib / 1024:.0f} MiB at start).")
-    notes = [f"ingest: {run.casimg.failed} URL(s) failed, e.g. {run.casimg.failures[:2]}"] if run.casimg.failed else []
+    failed = [one for one in run.series.values() if one.failed]
+    notes = [f"ingest, {one.name}: {one.failed} URL(s) failed, e.g. {one.failures[:2]}" for one in failed]
     lines += [f"- Note: {note}" for note in [*notes, *results.retrieval.notes]]
     return lines

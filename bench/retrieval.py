@@ -1,6 +1,7 @@
-"""Scenario 3, retrieval with wrk: casimg's GET /api/image beside the bare handler (the floor of the
-stack), nginx serving the same blob files (the physical limit) and the nginx front (config/nginx.conf
-with CASIMG_ACCEL_REDIRECT), at each process count."""
+"""Scenario 3, retrieval with wrk: casimg's GET /api/image beside the minimal handler (the floor of the
+stack: one HGET, one read on the loop, no ETag) and the threaded one the runs before used, nginx
+serving the same blob files (the physical limit) and the nginx front (config/nginx.conf with
+CASIMG_ACCEL_REDIRECT), at each process count."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class WrkResult:
     p99_ms: float
     errors: int
     mb_per_second: float
+    rounds: list[float] = field(default_factory=list)  # requests/s of each round, for the medians
 
 
 @dataclass
@@ -134,6 +136,11 @@ def retrieval(procs: Procs, work: Path, server: Casimg, redis_url: str, *, proce
                                     str(blob_dir), str(count)], work / "bare.log"))
         wait_http(f"http://127.0.0.1:{bare_port}/healthz")
         targets["bare"] = (f"http://127.0.0.1:{bare_port}", image_paths, None)
+        threaded_port = free_port()
+        started.append(procs.start([sys.executable, "-m", "bench", "_threaded", str(threaded_port), redis_url,
+                                    str(blob_dir), str(count)], work / "threaded.log"))
+        wait_http(f"http://127.0.0.1:{threaded_port}/healthz")
+        targets["threaded"] = (f"http://127.0.0.1:{threaded_port}", image_paths, None)
         if shutil.which("nginx"):
             front = start_casimg(procs, server.data_dir, redis_url, workers=False,
                                  extra_env={"CASIMG_ACCEL_REDIRECT": "/_blobs/"}, processes=count)
@@ -148,15 +155,18 @@ def retrieval(procs: Procs, work: Path, server: Casimg, redis_url: str, *, proce
             targets["nginx"] = (f"http://127.0.0.1:{static_port}", blob_paths, None)
             targets["front"] = (f"http://127.0.0.1:{front_port}", image_paths, server.key)
         runs: dict[str, list[WrkResult]] = {kind: [] for kind in targets}
+        kinds = list(targets)
         for round_number in range(repeat):
-            for kind, (base, paths, key) in targets.items():
+            shift = round_number % len(kinds)  # each round starts one server later
+            for kind in kinds[shift:] + kinds[:shift]:
+                base, paths, key = targets[kind]
                 log(f"3. retrieval, {count} process(es), round {round_number + 1}: {kind}")
                 runs[kind].append(run_wrk(work, base, paths, key, duration, connections))
         for kind, measured in runs.items():
             results[f"{kind}@{count}"] = WrkResult(
-                statistics.mean(r.rps for r in measured), statistics.mean(r.p50_ms for r in measured),
-                statistics.mean(r.p99_ms for r in measured), sum(r.errors for r in measured),
-                statistics.mean(r.mb_per_second for r in measured))
+                statistics.median(r.rps for r in measured), statistics.median(r.p50_ms for r in measured),
+                statistics.median(r.p99_ms for r in measured), sum(r.errors for r in measured),
+                statistics.median(r.mb_per_second for r in measured), [r.rps for r in measured])
         for proc in reversed(started):
             procs.stop(proc)
     notes = [] if shutil.which("nginx") else [

@@ -52,7 +52,7 @@ def start_casimg(procs: Procs, data_dir: Path, redis_url: str, *, workers: bool 
         # would measure the rate, not casimg. This one never binds, but each URL still takes its token.
         "CASIMG_ORIGIN_RATE": "1000000", "CASIMG_ORIGIN_BURST": "1000000", **(extra_env or {}),
     }
-    args = ["--processes", str(processes)] if processes > 1 else []
+    args = ["--processes", str(processes)]  # explicit: the default is one per core
     proc = procs.add(start_serve(args, port, data_dir.parent / f"casimg-{port}.log", env=env, cwd=ROOT,
                                  new_session=True))
     return Casimg(proc, port, BENCH_KEY, data_dir)

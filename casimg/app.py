@@ -8,6 +8,7 @@ import tornado.web
 
 from casimg import handlers
 from casimg.config import Settings
+from casimg.gallery import gallery_routes
 from casimg.services import Services
 
 
@@ -25,6 +26,8 @@ def routes(services: Services, with_metrics: bool = True) -> list[tornado.web.UR
         (r"/api/image", handlers.ImageHandler),
         (r"/api/image/meta", handlers.ImageMetaHandler),
         (r"/api/blobs/(?P<digest>[0-9a-f]{64})", handlers.BlobHandler),
+        (r"/api/blobs/(?P<digest>[0-9a-f]{64})/urls", handlers.BlobUrlsHandler),
+        (r"/api/key", handlers.KeyHandler),
     ]
     if with_metrics:
         table.append((r"/metrics", handlers.MetricsHandler))
@@ -41,9 +44,13 @@ def route_name(pattern: str) -> str:
 
 
 def make_app(settings: Settings, services: Services) -> tornado.web.Application:
-    """The API; /metrics is part of it unless CASIMG_METRICS_PORT gives metrics a listener of their own."""
+    """The API, and the gallery at / unless CASIMG_UI=off; /metrics is part of it unless CASIMG_METRICS_PORT
+    gives metrics a listener of their own."""
+    table: list[tornado.web.URLSpec] = routes(services, with_metrics=not settings.metrics_port)
+    if settings.ui:
+        table += [tornado.web.url(pattern, handler, args) for pattern, handler, args in gallery_routes(services)]
     return tornado.web.Application(
-        routes(services, with_metrics=not settings.metrics_port),
+        table,
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args={"services": services},
         compress_response=False,

@@ -1,7 +1,7 @@
 """Calls made during one turn of the event loop, sent together: Redis scripts as one pipeline
 (``ScriptBatcher``), blocking file calls as one trip to a thread (``ThreadBatcher``).
 
-A download worker finishes its stores in bursts: one disk flush (blobs.FlushGroup) lets dozens of them
+A download worker finishes its stores in bursts: one disk flush (storage.file.FlushGroup) lets dozens of them
 go on at once, and each then makes one Lua call. Sent one by one, every call pays redis-py's own cost (a
 connection from the pool, the retry wrapper, a write and a read), which py-spy put at an eighth of the
 ingest's CPU. ``ScriptBatcher.call`` queues the call and sends everything queued in the same turn of
@@ -25,6 +25,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
+
+from casimg import tracing
 
 Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # a queued script call
 Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # a queued blocking call
@@ -77,7 +79,8 @@ class ScriptBatcher(_TurnBatcher):
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
-        return await self._join(script, keys, args)
+        with tracing.script_span(script):
+            return await self._join(script, keys, args)
 
     def _send(self, batch: list[Call]) -> None:
         task = asyncio.ensure_future(self._run(batch))

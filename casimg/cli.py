@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(serve)
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 9000)")
-    serve.add_argument("--processes", type=int,
-                       help="processes sharing the port, each with its own download worker (default 1)")
+    serve.add_argument("--processes", metavar="N|auto",
+                       help="processes sharing the port, each with its own download worker (default auto: one per "
+                            "core; 1 forks nothing)")
     serve.add_argument("--no-workers", dest="workers", action="store_const", const=False,
                        help="do not download in this process; run `casimg worker` apart")
 
@@ -234,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(settings.log_format)
         if args.command == "serve":
             with redis_for(settings, own_data_dir=True) as url:
-                if settings.processes > 1:
+                if settings.process_count > 1:
                     return runtime.serve_processes(settings, url)
                 runtime.run_loop(runtime.serve(settings, url))
             return 0

@@ -8,6 +8,7 @@
         print(image.url, image.sha256, image.size)
     data = client.image("https://example.com/a.jpg")
     client.delete("https://example.com/a.jpg")
+    client.cancel(job_id)  # its unfinished URLs fail "cancelled"; the job is done
 
 The key goes only to the origin (scheme, host and port) the client was created for: a Link or a path
 that names another origin raises ``ForeignOrigin`` before anything is sent, and a redirect to another
@@ -27,6 +28,8 @@ anything else raises at once. Every failure is a ``ClientError``:
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.client
 import json
 import random
@@ -177,13 +180,17 @@ class Client:
 
     # -- the API ----------------------------------------------------------------------------------
 
-    def submit(self, urls: Sequence[str], wait: float = 0.0) -> Job:
+    def submit(self, urls: Sequence[str], wait: float = 0.0, callback_url: str | None = None) -> Job:
         """Submit URLs; with `wait` (seconds, at most 60) the server holds the answer until the job is done.
 
         Without `wait` the returned Job has only job_id, status and total; follow it with `job` or `wait`.
+        With `callback_url` the server POSTs the job there when it is done, signed (``verify_signature``).
         """
         path = "/api/images" + (f"?wait={min(wait, MAX_SERVER_WAIT):g}" if wait > 0 else "")
-        response = self.request("POST", path, {"image_urls": list(urls)},
+        body: dict[str, Any] = {"image_urls": list(urls)}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        response = self.request("POST", path, body,
                                 timeout=self.timeout + (min(wait, MAX_SERVER_WAIT) if wait > 0 else 0))
         return Job.from_json(response.json())
 
@@ -221,6 +228,10 @@ class Client:
     def image(self, url: str) -> bytes:
         """The bytes stored for `url` (exactly as submitted); NotFoundError if none."""
         return self.request("GET", "/api/image?" + urlencode({"url": url})).body
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a job: its unfinished URLs fail with "cancelled" and it is done. A done job comes back as it is."""
+        return Job.from_json(self.request("DELETE", f"/api/jobs/{job_id}").json())
 
     def delete(self, url: str) -> bool:
         """Forget `url`; True if it was stored, False if it was not."""
@@ -277,6 +288,35 @@ class Client:
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             cause = getattr(exc, "reason", exc)
             raise ApiUnreachable(f"no answer from {self.api}: {cause}") from None
+
+
+SIGNATURE_TOLERANCE = 300.0  # seconds a signed callback stays acceptable: a replay of an old one is refused
+
+
+def verify_signature(secret: str | bytes, header: str, body: bytes | str, tolerance: float = SIGNATURE_TOLERANCE,
+                     *, now: float | None = None) -> bool:
+    """Whether a casimg callback is genuine: `header` is its X-Casimg-Signature (``t=<unix seconds>,v1=<hex>``),
+    `body` its raw body, exactly as received (before any JSON parsing), `secret` the server's
+    CASIMG_WEBHOOK_SECRET.
+
+    True when one v1 value is the HMAC-SHA256 of "<t>.<body>" under `secret` and t is within `tolerance`
+    seconds of `now` (the clock; 0 or less: any age). Compared in constant time.
+    """
+    key = secret.encode() if isinstance(secret, str) else secret
+    raw = body.encode() if isinstance(body, str) else body
+    timestamp, signatures = None, []
+    for part in header.split(","):
+        name, _, value = part.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1":
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        return False
+    if tolerance > 0 and abs((time.time() if now is None else now) - timestamp) > tolerance:
+        return False
+    expected = hmac.new(key, b"%d." % timestamp + raw, hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, signature) for signature in signatures)
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:

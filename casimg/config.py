@@ -20,11 +20,13 @@ from casimg import __version__
 from casimg.errors import ConfigError
 
 MIB = 1024 * 1024
+AUTO = -1  # `processes`: one per core ('auto' in TOML, the environment and --processes)
 DEFAULT_USER_AGENT = f"casimg/{__version__} (+set CASIMG_USER_AGENT to add a contact)"
 
 
-def _setting(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, secret: bool = False) -> Any:
+    """A setting; a `secret` one is left out of the Settings' repr, so a logged Settings never shows it."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,28 @@ class Settings:
     host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
     port: int = _setting(9000, "Port the HTTP server listens on.")
     data_dir: Path = _setting(Path("./data"), "Directory for blobs, temp files and the embedded Redis.")
+    storage: str = _setting(
+        "file", "Where image bytes are kept: 'file' (blobs/ in the data directory) or 's3' (an S3-compatible "
+        "bucket, see the CASIMG_S3_* settings; the data directory then holds temp files only). docs/storage.md."
+    )
+    s3_endpoint: str = _setting(
+        "", "With storage 's3': the endpoint URL (http://host:port for MinIO, Ceph or another S3-compatible "
+        "store). Empty: AWS S3 in s3_region."
+    )
+    s3_bucket: str = _setting("", "With storage 's3': the bucket, which must exist (casimg never creates one).")
+    s3_prefix: str = _setting(
+        "", "With storage 's3': a key prefix, e.g. 'casimg/'; blobs go under <prefix>blobs/ab/cd/<sha256>."
+    )
+    s3_region: str = _setting("us-east-1", "With storage 's3': the bucket's region (signed into every request).")
+    s3_redirect: str = _setting(
+        "off", "With storage 's3': 'off' (casimg streams the bytes of GET /api/image and /api/blobs) or "
+        "'presigned' (it answers 302 to a presigned URL of the object, valid for minutes)."
+    )
+    s3_credentials_file: str = _setting(
+        "", "With storage 's3': an AWS shared-credentials file (INI, [default] or the AWS_PROFILE "
+        "section) to read the access key from. Empty: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and "
+        "AWS_SESSION_TOKEN) from the environment. The secret is never logged."
+    )
     redis_url: str = _setting(
         "", "Redis to use (redis://, rediss:// or unix://). Empty: start an embedded redis-server in the data dir."
     )
@@ -106,6 +130,25 @@ class Settings:
         ("noimageindex", "noai", "noimageai"), "Comma-separated X-Robots-Tag directives (for all robots or for "
         "'casimg:') that fail a download with 'opted out' and keep nothing; empty turns the check off."
     )
+    webhook_url: str = _setting(
+        "", "Callback URL (http or https) POSTed each job's summary when it finishes, for jobs submitted without "
+        "a callback_url of their own; empty: none. Needs webhook_secret."
+    )
+    webhook_secret: str = _setting(
+        "", "Secret that signs every callback (HMAC-SHA256, header X-Casimg-Signature); never logged nor put "
+        "in Redis. Empty: POST /api/images refuses callback_url with a 400.", secret=True
+    )
+    webhook_timeout: float = _setting(
+        10.0, "Seconds one callback POST may take (connecting included) before it counts as failed."
+    )
+    webhook_retry_for: float = _setting(
+        86_400.0, "Seconds after a job finishes that its callback is retried; past it the callback is 'failed'."
+    )
+    webhook_backoff: float = _setting(
+        5.0, "Seconds before a failed callback is tried again; doubled at each failure, half of it random, up to "
+        "webhook_backoff_max."
+    )
+    webhook_backoff_max: float = _setting(600.0, "Longest wait between two tries of one callback, in seconds.")
     max_urls_per_request: int = _setting(10_000, "Most URLs in one POST /api/images.")
     max_body_bytes: int = _setting(16 * MIB, "Largest request body accepted, in bytes.")
     max_queued_bytes: int = _setting(
@@ -114,7 +157,8 @@ class Settings:
     )
     job_ttl: float = _setting(7 * 24 * 3600.0, "Seconds a job and its results are kept after it was submitted.")
     processes: int = _setting(
-        1, "Processes `casimg serve` runs, sharing the port, each with its own download worker (1: no forking)."
+        AUTO, "Processes `casimg serve` runs, sharing the port, each with its own download worker: 'auto' (the "
+        "default) is one per core this process may run on; 1 forks nothing."
     )
     workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
     worker_heartbeat: float = _setting(
@@ -155,6 +199,11 @@ class Settings:
         "e.g. /_blobs/; image bytes are then sent by nginx (X-Accel-Redirect). Empty: casimg sends them."
     )
 
+    ui: bool = _setting(
+        True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "
+        "docs/gallery.md); off: / is a 404 and only the API is served."
+    )
+
     variants: str = _setting(
         "on", "Variants (?w=&h=&fit=&format=... on an image): 'on' (any parameters within the limits), "
         "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'. "
@@ -184,6 +233,21 @@ class Settings:
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
+    @property
+    def process_count(self) -> int:
+        """`processes` with 'auto' resolved: the cores this process may run on (its CPU affinity)."""
+        return self.processes if self.processes != AUTO else usable_cores()
+
+
+def usable_cores() -> int:
+    """Cores the scheduler lets this process use (a container's cpuset, taskset), at least 1. One server
+    process per core is what the ingest needs to use them: a process spends its time in Python, under
+    one GIL (BENCHMARKS.md, "What bounds the ingest")."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 ENV_PREFIX = "CASIMG_"
@@ -204,6 +268,10 @@ def _cast(name: str, raw: Any) -> Any:
                 return False
             raise ValueError("expected true or false")
         if kind == "int":
+            if name == "processes" and str(raw).strip().lower() == "auto":
+                return AUTO
+            if name == "processes" and not isinstance(raw, bool) and int(raw) < 1:
+                raise ValueError("expected 'auto' or a whole number of at least 1")
             if isinstance(raw, bool):
                 raise ValueError("expected a whole number")
             return int(raw)
@@ -251,15 +319,34 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError("Setting 'variants' must be 'on', 'presets' or 'off'")
     if settings.render_timeout <= 0:
         raise ConfigError("Setting 'render_timeout' must be more than 0 seconds")
+    if settings.storage not in ("file", "s3"):
+        raise ConfigError("Setting 'storage' must be 'file' or 's3'")
+    if settings.storage == "s3":
+        if not settings.s3_bucket:
+            raise ConfigError("Setting 's3_bucket' is missing, and storage 's3' has no default bucket")
+        if settings.accel_redirect:
+            raise ConfigError("Setting 'accel_redirect' serves files of a blob directory: it needs storage 'file'")
+    if settings.s3_redirect not in ("off", "presigned"):
+        raise ConfigError("Setting 's3_redirect' must be 'off' or 'presigned'")
     if settings.log_format not in ("text", "json"):
         raise ConfigError("Setting 'log_format' must be 'text' or 'json'")
-    for name in ("processes", "max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
+    if settings.processes < 1 and settings.processes != AUTO:
+        raise ConfigError("Setting 'processes' must be 'auto' or at least 1")
+    for name in ("max_image_bytes", "max_pixels", "max_frames", "download_concurrency",
                  "per_host_concurrency", "per_domain_concurrency", "max_urls_per_request", "max_body_bytes",
                  "max_url_length", "max_jobs_in_flight", "rate_burst", "variant_max_side", "variant_max_pixels",
                  "variants_per_original", "render_workers", "render_max_memory"):
         if getattr(settings, name) < 1:
             raise ConfigError(f"Setting {name!r} must be at least 1")
-    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes"):
+    if settings.webhook_url and not settings.webhook_secret:
+        raise ConfigError("Setting 'webhook_url' needs 'webhook_secret' (CASIMG_WEBHOOK_SECRET): callbacks are "
+                          "always signed")
+    if settings.webhook_url and not settings.webhook_url.startswith(("http://", "https://")):
+        raise ConfigError("Setting 'webhook_url' must be an http:// or https:// URL")
+    for name in ("webhook_timeout", "webhook_backoff"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"Setting {name!r} must be more than 0 seconds")
+    for name in ("rate_limit", "auth_failure_limit", "max_queued_bytes", "webhook_retry_for"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"Setting {name!r} must be 0 (off) or more")
     if settings.sweep_interval > 0 and settings.tmp_grace <= settings.fetch_timeout:
@@ -315,6 +402,8 @@ def describe() -> list[tuple[str, str, str]]:
         default = field.default
         if isinstance(default, tuple):
             default = ",".join(default)
+        if name == "processes":
+            default = "auto"
         rows.append((ENV_PREFIX + name.upper(), str(default), field.metadata["help"]))
     return rows
 
@@ -356,7 +445,8 @@ def settings_reference() -> str:
     """docs/settings.md: one row per setting (name, environment variable, type, default, help)."""
     rows = [
         f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {TYPE_NAMES.get(str(field.type), field.type)} "
-        f"| {_reference_default(field.default)} | {_markdown_cell(field.metadata['help'])} |"
+        f"| {_reference_default('auto' if name == 'processes' else field.default)} "
+        f"| {_markdown_cell(field.metadata['help'])} |"
         for name, field in FIELDS.items()
     ]
     return SETTINGS_PAGE_HEAD + "\n".join(rows) + "\n"

@@ -5,7 +5,7 @@ job's results ("HTTP 404", "timeout", "blocked address (127.0.0.2 is loopback)",
 failure is worth retrying. A body of up to ``IN_MEMORY`` bytes (nearly every image) is handed over in
 memory, so that hashing, validating and writing it take one trip to a worker thread; a larger one
 streams to ``<data-dir>/tmp/dl-*.part``, hashed as it is written, so memory per download stays bounded.
-Neither is durable yet: the blob store makes it so before the index counts it (blobs.py).
+Neither is durable yet: the blob store makes it so before the index counts it (casimg.storage).
 
 The address guard (server-side request forgery): casimg must not be made to fetch from the machine it
 runs on or from the networks behind it. Every address is checked where it is *used*, in two places:
@@ -46,11 +46,12 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from yarl import URL
 
-from casimg.blobs import open_temp
+from casimg import tracing
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
 from casimg.scheduler import OriginCaps
+from casimg.storage import open_temp
 from casimg.userinfo import CREDENTIALS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -323,6 +324,7 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*, */*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
             trust_env=False,  # no proxy from the environment: it would get around the address guard
+            trace_configs=tracing.aiohttp_trace_configs() or None,  # a span per request when tracing is on
         )
 
     async def close(self) -> None:
@@ -339,6 +341,18 @@ class Fetcher:
 
     async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
         """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
+        if not tracing.enabled:
+            return await self._fetch(url, budget)
+        with tracing.span("casimg.download", {"url.full": url}):
+            try:
+                downloaded = await self._fetch(url, budget)
+            except DownloadFailed as failed:
+                tracing.annotate({"casimg.outcome": "failed", "casimg.reason": failed.reason})
+                raise
+            tracing.annotate({"casimg.outcome": "downloaded", "casimg.size": downloaded.size})
+            return downloaded
+
+    async def _fetch(self, url: str, budget: float | None) -> Downloaded:
         target = self._check_url(url)
         try:
             async with asyncio.timeout(self.total_timeout if budget is None else budget):
@@ -388,12 +402,37 @@ class Fetcher:
                 if refusal is not None:
                     raise DownloadFailed(refusal)
             address = await self._address_of(url)
+            if tracing.enabled:
+                tracing.annotate({"network.peer.address": address})  # the address connected to, after the guard
             async with self.caps.hold(url.raw_host or "", address):
                 hop = await self._hop(url)
             if isinstance(hop, Downloaded):
                 return hop
             url = hop
         raise DownloadFailed(f"too many redirects (over {self.max_redirects})")
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str], budget: float) -> int:
+        """POST `body` to `url` (a job's callback) through the same guard as downloads, within `budget` seconds;
+        its HTTP status.
+
+        No redirect is followed (a 3xx is the answer), so the guard sees the one address posted to. Raises
+        DownloadFailed with a reason when no answer came: permanent for a refused address or URL, not
+        for a timeout or a connection that failed.
+        """
+        assert self._session is not None, "Fetcher.start() was not called"
+        target = _usable_url(lambda: URL(url), "invalid URL")
+        try:
+            async with asyncio.timeout(budget):
+                self._check_hop(target)
+                await self._address_of(target)
+                async with self._session.post(target, data=body, headers=headers, allow_redirects=False) as answer:
+                    return answer.status
+        except TimeoutError:
+            raise DownloadFailed("timeout", permanent=False) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _connect_failure(exc) from None
+        except aiohttp.ClientError as exc:
+            raise DownloadFailed(f"connection failed ({type(exc).__name__})", permanent=False) from None
 
     async def fetch_robots(self, url: str) -> RobotsFile:
         """An origin's robots.txt at `url`, through the guard and the caps like any download (RFC 9309)."""

@@ -14,14 +14,17 @@ checked again live before it is reported, since a store or delete may have happe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from casimg.blobs import BlobStore
 from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
-from casimg.lifecycle import remove_if_unreferenced
+from casimg.lifecycle import remove_if_unreferenced, sweep_tombs
 from casimg.schema import url_bucket
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
 from casimg.validation import content_type_of, validate_image
 
 SWEEP_BATCH = 1000  # reference counts read per Redis round trip while looking for orphans
@@ -39,17 +42,17 @@ class Report:
 
 
 
-async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
+async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace: float = 3600.0) -> Report:
     report = Report()
     if repair:
         report.repaired += await _repair(index, blobs, tmp_grace)
     snap = await index.snapshot()
     counts = Counter(snap.urls.values())
-    on_disk = set(await asyncio.to_thread(lambda: list(blobs.iter_digests())))
+    on_disk = set(await blobs.walk())
 
     for url, digest in snap.urls.items():
         # The listing of files and the index snapshot are moments apart: ask again before calling it missing.
-        missing = digest not in on_disk and not await asyncio.to_thread(blobs.exists, digest)
+        missing = digest not in on_disk and not await _present(blobs, digest)
         if missing and await index.digest_of(url) == digest:
             report.problems.append(f"missing blob {digest} for URL {url}")
     for url, bucket in snap.misplaced.items():
@@ -73,10 +76,11 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
     types: dict[str, str] = {}  # digest -> the content type its bytes name, for the sound referenced blobs
     for digest in sorted(on_disk):
         try:
-            actual = await asyncio.to_thread(blobs.hash_file, blobs.blob_path(digest))
+            source = await _source(blobs, digest)
+            actual = await asyncio.to_thread(_sha256, blobs, source)
             if actual == digest and digest in counts:
-                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
-        except FileNotFoundError:
+                types[digest] = await asyncio.to_thread(content_type_of, source)
+        except (FileNotFoundError, BlobNotFound):
             continue  # deleted while we looked
         if actual != digest:
             report.problems.append(f"damaged blob {digest}: its bytes hash to {actual}")
@@ -86,15 +90,17 @@ async def fsck(index: Index, blobs: BlobStore, *, repair: bool = False, tmp_grac
         digest = snap.urls[url]
         if digest in types and recorded != types[digest] and await _recorded_type(index, url, digest) == recorded:
             report.problems.append(f"URL {url} records content type {recorded}, but its bytes are {types[digest]}")
-    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
+    for leftover in await blobs.leftovers():
         if leftover.kind == "trash":
             report.notes.append(f"trash file {leftover.path.name} (an interrupted delete)")
+        elif leftover.kind == "upload":
+            report.notes.append(f"unfinished upload {leftover.path} ({leftover.age / 3600:.1f} h old)")
         elif leftover.age > tmp_grace:
             report.notes.append(f"stale temp file {leftover.path.name} ({leftover.age / 3600:.1f} h old)")
     return report
 
 
-async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]:
+async def _repair(index: Index, blobs: Storage, tmp_grace: float) -> list[str]:
     """Fix what is safe: references, counts and buckets, missing metadata, trash, orphans, stale temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
     done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
@@ -104,8 +110,8 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
         digest = snap.urls[url]
         if digest not in described:
             try:
-                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
-            except (FileNotFoundError, InvalidImage):
+                described[digest] = await _meta_from_blob(blobs, digest)
+            except (FileNotFoundError, BlobNotFound, InvalidImage):
                 continue  # a missing or damaged blob, which the check reports
         if await index.ensure_meta(url, digest, described[digest]):
             done.append(f"rebuilt metadata of {url}")
@@ -114,7 +120,7 @@ async def _repair(index: Index, blobs: BlobStore, tmp_grace: float) -> list[str]
 
 
 async def _correct_types(
-    index: Index, blobs: BlobStore, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
+    index: Index, blobs: Storage, urls: dict[str, str], recorded: dict[str, str], described: dict[str, str]
 ) -> list[str]:
     """Rewrite the metadata of URLs whose recorded content type is not the one their blob's bytes name,
     from the blob itself (`described`: digest -> metadata, shared with the caller)."""
@@ -123,15 +129,15 @@ async def _correct_types(
         digest = urls[url]
         if digest not in types:
             try:
-                types[digest] = await asyncio.to_thread(content_type_of, blobs.blob_path(digest))
-            except FileNotFoundError:
+                types[digest] = await asyncio.to_thread(content_type_of, await _source(blobs, digest))
+            except (FileNotFoundError, BlobNotFound):
                 types[digest] = kind  # a missing blob, which the check reports
         if types[digest] == kind:
             continue
         if digest not in described:
             try:
-                described[digest] = await asyncio.to_thread(_meta_from_file, blobs, digest)
-            except (FileNotFoundError, InvalidImage):
+                described[digest] = await _meta_from_blob(blobs, digest)
+            except (FileNotFoundError, BlobNotFound, InvalidImage):
                 continue
         if await index.correct_meta(url, digest, described[digest]):
             done.append(f"corrected the content type of {url}: {kind} -> {types[digest]}")
@@ -144,23 +150,44 @@ async def _recorded_type(index: Index, url: str, digest: str) -> str | None:
     return record.content_type if record is not None and record.sha256 == digest else None
 
 
-def _meta_from_file(blobs: BlobStore, digest: str) -> BlobMeta:
-    """A stored blob's metadata, read again from its file (it was valid when stored, so no limits
-    apply). FileNotFoundError when it is not on disk, InvalidImage when its bytes are damaged."""
-    path = blobs.blob_path(digest)
-    info = validate_image(path, max_pixels=2**62, max_frames=2**31)
-    return BlobMeta(path.stat().st_size, info.content_type, info.width, info.height)
+async def _present(blobs: Storage, digest: str) -> bool:
+    try:
+        await blobs.stat(digest)
+    except BlobNotFound:
+        return False
+    return True
 
 
-async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
+async def _source(blobs: Storage, digest: str) -> Path | bytes:
+    """What to read a blob from: its file where the driver has one, else its bytes (BlobNotFound if gone)."""
+    path = blobs.local_path(digest)
+    return path if path is not None else await blobs.read_range(digest)
+
+
+def _sha256(blobs: Storage, source: Path | bytes) -> str:
+    return hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else blobs.hash_file(source)
+
+
+async def _meta_from_blob(blobs: Storage, digest: str) -> BlobMeta:
+    """A stored blob's metadata, read again from its bytes (it was valid when stored, so no limits
+    apply). FileNotFoundError or BlobNotFound when it is not stored, InvalidImage when its bytes are damaged."""
+    source = await _source(blobs, digest)
+    info = await asyncio.to_thread(validate_image, source, max_pixels=2**62, max_frames=2**31)
+    size = len(source) if isinstance(source, bytes) else (await asyncio.to_thread(source.stat)).st_size
+    return BlobMeta(size, info.content_type, info.width, info.height)
+
+
+async def sweep(index: Index, blobs: Storage, grace: float) -> list[str]:
     """Clear what crashes leave: trash (restored first if still referenced), orphan blobs, old temp files.
 
     Safe beside live stores and deletes: a trash or temp file younger than `grace` may belong to an
     operation in progress and is left alone, and orphans go through the delete protocol, which puts a
-    blob back if a store references it meanwhile.
+    blob back if a store references it meanwhile. On an object store, ``_sweep_objects``.
     """
+    if not isinstance(blobs, FileStore):
+        return await _sweep_objects(index, blobs, grace)
     done = []
-    for leftover in await asyncio.to_thread(lambda: list(blobs.leftovers())):
+    for leftover in await asyncio.to_thread(lambda: list(blobs.iter_leftovers())):
         if leftover.kind == "trash" and leftover.digest:
             if await index.refs_of(leftover.digest) > 0 and not await asyncio.to_thread(blobs.exists, leftover.digest):
                 await asyncio.to_thread(blobs.restore_from_trash, leftover.path, leftover.digest)
@@ -175,3 +202,24 @@ async def sweep(index: Index, blobs: BlobStore, grace: float) -> list[str]:
             if refs == 0 and await remove_if_unreferenced(blobs, index, digest):
                 done.append(f"removed orphan blob {digest}")
     return done
+
+
+async def _sweep_objects(index: Index, blobs: Storage, grace: float) -> list[str]:
+    """An object store's sweep: stale temp files and abandoned uploads go; every object that no URL, claim
+    or tombstone names is tombstoned (it is deleted a grace period later, if still unused); the objects of
+    due tombstones are deleted (lifecycle.sweep_tombs)."""
+    done = []
+    for leftover in await blobs.leftovers():
+        if leftover.age > grace:
+            await blobs.clear(leftover)
+            done.append(f"removed {'stale temp file' if leftover.kind == 'tmp' else 'unfinished upload'} "
+                        f"{leftover.path.name}")
+    stored = await blobs.walk()
+    tombstoned = await index.tombstoned()
+    for start in range(0, len(stored), SWEEP_BATCH):
+        batch = [digest for digest in stored[start:start + SWEEP_BATCH] if digest not in tombstoned]
+        for digest, refs in zip(batch, await index.refs_many(batch), strict=True):
+            if refs == 0:
+                await remove_if_unreferenced(blobs, index, digest)  # tombstoned, deleted a grace period later
+                done.append(f"tombstoned orphan object {digest}")
+    return done + await sweep_tombs(blobs, index)

@@ -15,7 +15,6 @@ import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus, urlencode
 
@@ -33,8 +32,11 @@ from casimg.openapi import openapi_document
 from casimg.queue import Limits
 from casimg.schema import CURSOR_DIGITS, RECENT_CURSOR_PREFIX, RECENT_KEY_BYTES, Order
 from casimg.services import Services
-from casimg.validation import FORMATS, content_type_of
+from casimg.storage import BlobNotFound, Storage
+from casimg.storage.file import FileStore
+from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
 from casimg.views import image_json
+from casimg.webhooks import check_callback_url
 
 log = logging.getLogger("casimg.http")
 access_log = logging.getLogger("casimg.access")
@@ -249,10 +251,7 @@ class ReadyHandler(BaseHandler):
             await self.services.redis.ping()
         except errors.REDIS_ERRORS:
             raise errors.Unavailable("redis does not answer") from None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.services.blobs.check_writable)
-        except OSError as exc:
-            raise errors.Unavailable(f"blob directory not writable: {exc.strerror}") from None
+        await self.services.blobs.check()  # StorageUnavailable (a 503) names what is wrong
         self.write_json({"status": "ready", "redis": "ok", "blobs": "ok"})
 
 
@@ -334,13 +333,15 @@ class ImagesHandler(BaseHandler):
                                     "gives it; leave it out to start from the first page")
 
     async def post(self) -> None:
-        urls = self._parse_urls(bytes(self._body))
+        document = self._parse_body(bytes(self._body))
+        urls = self._parse_urls(document)
+        callback = self._callback_url(document)
         wait = self._wait_seconds()
         key_id = self.api_key.id if self.api_key else ""
         settings = self.services.settings
         limits = Limits(max_in_flight=settings.max_jobs_in_flight, max_bytes=settings.max_queued_bytes,
                         max_url_length=settings.max_url_length)
-        job_id, total = await self.services.queue.submit(urls, key_id, limits)
+        job_id, total = await self.services.queue.submit(urls, key_id, limits, callback=callback)
         self.set_header("Location", f"/api/jobs/{job_id}")
         if wait > 0:
             await _wait_for_job(self.services, job_id, wait)
@@ -349,13 +350,30 @@ class ImagesHandler(BaseHandler):
             return
         self.write_json({"job_id": job_id, "status": "queued", "total": total}, 202)
 
-    def _parse_urls(self, body: bytes) -> list[str]:
+    @staticmethod
+    def _parse_body(body: bytes) -> dict[str, Any]:
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
             raise errors.BadRequest('body must be JSON: {"image_urls": ["https://...", ...]}') from None
         if not isinstance(document, dict) or "image_urls" not in document:
             raise errors.BadRequest('body must be a JSON object with an "image_urls" list')
+        return document
+
+    def _callback_url(self, document: dict[str, Any]) -> str:
+        """The job's callback URL: the body's "callback_url" ("" or null for none), else CASIMG_WEBHOOK_URL."""
+        settings = self.services.settings
+        if "callback_url" not in document:
+            return settings.webhook_url
+        url = document["callback_url"]
+        if url is None or url == "":
+            return ""
+        if not settings.webhook_secret:
+            raise errors.BadRequest('"callback_url" needs CASIMG_WEBHOOK_SECRET set on the server: callbacks are '
+                                    "always signed, and this server has no secret to sign them with")
+        return check_callback_url(url, settings.allow_networks)
+
+    def _parse_urls(self, document: dict[str, Any]) -> list[str]:
         urls = document["image_urls"]
         if not isinstance(urls, list):
             raise errors.BadRequest('"image_urls" must be a list of URL strings')
@@ -399,13 +417,31 @@ async def _wait_for_job(services: Services, job_id: str, seconds: float) -> None
 
 
 class JobHandler(BaseHandler):
-    scopes = {"GET": Scope.read}
+    """GET a job (any key may read any job); DELETE cancels it (its own key, or an admin key)."""
+
+    scopes = {"GET": Scope.read, "DELETE": Scope.write}
 
     async def get(self, job_id: str) -> None:
         if not JOB_ID_RE.match(job_id):
             raise errors.NotFound(f"no job {job_id!r}")
         job = await self.services.queue.get(job_id)
         self.write_json(job.as_json())
+
+    async def delete(self, job_id: str) -> None:
+        """Cancel: each unfinished URL fails with "cancelled", the job ends done. A done job answers 200 as it
+        is. Another key's job is a 403, not a 404: any key may read it, so its existence is no secret."""
+        if not JOB_ID_RE.match(job_id):
+            raise errors.NotFound(f"no job {job_id!r}")
+        queue = self.services.queue
+        job = await queue.get(job_id, with_results=False)
+        assert self.api_key is not None
+        if job.key != self.api_key.id and self.api_key.scope < Scope.admin:
+            raise errors.Forbidden("this job was submitted with another key; only that key or an admin key may "
+                                   "cancel it")
+        if await queue.cancel(job_id):
+            log.info("job %s cancelled by key %s", job_id, self.api_key.name,
+                     extra={"fields": {"event": "cancel", "job": job_id, "key": self.api_key.name}})
+        self.write_json((await queue.get(job_id)).as_json())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -434,12 +470,24 @@ class _BytesHandler(BaseHandler):
             self.clear_header("Content-Type")
             self.finish()
             return
+        if include_body:
+            # An object store may hand the client a short-lived URL of its own (CASIMG_S3_REDIRECT=presigned),
+            # which then answers Range itself. The redirect is not cached: the URL expires.
+            location = await self.services.blobs.redirect_url(
+                image.sha256, image.content_type, f"{image.sha256[:16]}.{extension}")
+            if location is not None:
+                self.set_status(302)
+                self.set_header("Location", location)
+                self.set_header("Cache-Control", "no-store")
+                self.clear_header("Content-Type")
+                self.finish()
+                return
         accel = self.services.settings.accel_redirect
         if accel and include_body:
             # nginx in front (config/nginx.conf) sends the file with sendfile, and answers Range itself;
             # an unsatisfiable one is still refused here, with the size.
             self._range(size)
-            self.set_header("X-Accel-Redirect", accel + self.services.blobs.relative_name(image.sha256))
+            self.set_header("X-Accel-Redirect", accel + FileStore.relative_name(image.sha256))
             self.finish()
             return
         start, end = 0, size
@@ -452,14 +500,13 @@ class _BytesHandler(BaseHandler):
         if not include_body:
             self.finish()
             return
-        loop = asyncio.get_running_loop()
         blobs = self.services.blobs
         position = start
         while position < end:
             length = min(SEND_CHUNK, end - position)
             try:
-                chunk = await loop.run_in_executor(None, blobs.read, image.sha256, position, length)
-            except FileNotFoundError:
+                chunk = await blobs.read_range(image.sha256, position, length)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
             self.write(chunk)
             position += length
@@ -571,9 +618,8 @@ class BlobHandler(_BytesHandler):
         if not self._not_modified(digest):  # a 304 needs only the digest, its ETag
             # The metadata lives with the URLs; by digest, the type comes from the file's header.
             try:
-                content_type, size = await asyncio.get_running_loop().run_in_executor(
-                    None, _type_and_size, self.services.blobs.blob_path(digest))
-            except FileNotFoundError:
+                content_type, size = await _type_and_size(self.services.blobs, digest)
+            except BlobNotFound:
                 raise errors.NotFound("image bytes are missing; run casimg fsck") from None
         image = ImageRecord(url="", sha256=digest, size=size, content_type=content_type, width=0, height=0,
                             stored_at_ms=0)
@@ -583,8 +629,39 @@ class BlobHandler(_BytesHandler):
         await self.get(digest, include_body=False)
 
 
-def _type_and_size(path: Path) -> tuple[str, int]:
-    return content_type_of(path), path.stat().st_size
+async def _type_and_size(blobs: Storage, digest: str) -> tuple[str, int]:
+    """A blob's content type, from its header (its whole bytes for a format the header does not name), and size."""
+    size = await blobs.stat(digest)
+    head = await blobs.read_range(digest, 0, HEAD_BYTES)
+    known = content_type_from_head(head)
+    if known is None:  # Pillow's open may need more than the header
+        known = content_type_of(head if len(head) == size else await blobs.read_range(digest))
+    return known, size
+
+
+class KeyHandler(BaseHandler):
+    """The presented key's name and scope: what a client (the gallery) may offer its user to do."""
+
+    scopes = {"GET": Scope.read}
+
+    def get(self) -> None:
+        assert self.api_key is not None
+        self.write_json({"id": self.api_key.id, "name": self.api_key.name, "scope": self.api_key.scope.name})
+
+
+class BlobUrlsHandler(BaseHandler):
+    """How many URLs share a content's bytes (one HGET), and which, up to `limit`: a walk of the index,
+    about a second per million URLs, so limit=0 asks for the count alone."""
+
+    scopes = {"GET": Scope.read}
+
+    async def get(self, digest: str) -> None:
+        limit = self.query_int("limit", DEFAULT_PAGE, 0, MAX_PAGE)
+        count = await self.services.index.refs_of(digest)
+        if count == 0:
+            raise errors.NotFound(f"no blob {digest}")
+        urls = await self.services.index.urls_of(digest, min(limit, count)) if limit else []
+        self.write_json({"sha256": digest, "count": count, "urls": sorted(urls)})
 
 
 class NotFoundHandler(BaseHandler):

@@ -35,6 +35,7 @@ through a client that does not decode.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -83,6 +84,11 @@ class StoreOutcome:
         """The outcome as logged and counted: DEDUPLICATED for a URL stored under a content already there."""
         return Outcome.DEDUPLICATED if self.deduplicated else self.outcome
 
+
+# URL buckets one urls_of script call reads: 4 buckets of ~250 URLs each at a million URLs hold Redis about
+# a millisecond; 32 calls go in one round trip (BENCHMARKS.md, "Gallery").
+URL_SCAN_BUCKETS = 4
+URL_SCAN_CALLS = 32
 
 # ImageRecord's fields, in order, as a plain tuple: a listing page has a thousand, and making each a
 # NamedTuple cost a tenth of building the page's JSON (BENCHMARKS.md, "Figures behind design choices").
@@ -187,8 +193,13 @@ class Index:
         self._correct_meta = redis.register_script(lua_source("correct_meta"))
         self._lookup = redis.register_script(lua_source("lookup"))
         self._page = redis.register_script(lua_source("page"))
+        self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
         self._repair = redis.register_script(lua_source("repair"))
+        self._claim = redis.register_script(lua_source("claim"))
+        self._unclaim = redis.register_script(lua_source("unclaim"))
+        self._tomb = redis.register_script(lua_source("tomb"))
+        self._begin_delete = redis.register_script(lua_source("begin_delete"))
 
     async def store(
         self,
@@ -202,18 +213,18 @@ class Index:
         attempts: int = 1,
         owner: str = "",
     ) -> StoreOutcome:
-        """Store step 2 (blobs.py): index the URL and, atomically with it, finish its entry in the queue
+        """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
         stream of `owner` (the API key that sent it; the keyless stream if empty)."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
             [url_key(k, url), blob_key(k, digest), k.count, k.job(job_id), k.job_results(job_id),
-             queue_stream(k, owner), k.queue_owners, k.recent],
+             queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
              attempts, owner, k.recent_leaf(""), now_iso()],
         )
-        stored = Outcome(outcome)  # the script answers 'stored' or 'exists'
+        stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
 
     async def complete(
@@ -225,7 +236,7 @@ class Index:
         k = self.keys
         result = {"status": outcome.status.value, **detail}
         await self._complete(
-            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners],
+            keys=[k.job(job_id), k.job_results(job_id), queue_stream(k, owner), k.queue_owners, k.webhooks],
             args=[entry_id, QUEUE_GROUP, str(position), json.dumps(result, separators=(",", ":")),
                   outcome.counter, owner, now_ms(), now_iso()],
         )
@@ -245,8 +256,16 @@ class Index:
 
     async def digests_of(self, urls: list[str]) -> list[str | None]:
         """digest_of for each URL, in one round trip."""
-        values = await self._hget_each((url_key(self.keys, url), url) for url in urls)
-        return [value[:64] if value else None for value in values]
+        digests, _ = await self.digests_and_fields(urls, [])
+        return digests
+
+    async def digests_and_fields(
+        self, urls: list[str], fields: list[tuple[str, str]]
+    ) -> tuple[list[str | None], list[str | None]]:
+        """digest_of for each URL and HGET key field for each of `fields` (keys other modules name), in one
+        round trip: a worker asks whether its entries' jobs are cancelled in the same trip as their URLs."""
+        values = await self._hget_each([*((url_key(self.keys, url), url) for url in urls), *fields])
+        return [value[:64] if value else None for value in values[:len(urls)]], values[len(urls):]
 
     async def refs_of(self, digest: str) -> int:
         record = await self.redis.hget(blob_key(self.keys, digest), bytes.fromhex(digest))
@@ -295,6 +314,25 @@ class Index:
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
 
+    async def urls_of(self, digest: str, limit: int) -> list[str]:
+        """Up to `limit` URLs that point at `digest`, in bucket order. There is no reverse map (it would cost
+        more memory per URL than the rest of the index), so this reads the URL buckets, URL_SCAN_BUCKETS per
+        script call and URL_SCAN_CALLS calls per round trip, and stops once `limit` are found: each call
+        holds Redis briefly, and other clients are served between them."""
+        found: list[str] = []
+        names = [self.keys.url(bucket) for bucket in BUCKETS]
+        step = URL_SCAN_BUCKETS * URL_SCAN_CALLS
+        for start in range(0, len(names), step):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for first in range(start, min(start + step, len(names)), URL_SCAN_BUCKETS):
+                    chunk = names[first:first + URL_SCAN_BUCKETS]
+                    await self._urls_of(keys=chunk, args=[digest], client=pipe)  # queued; the pipeline loads it
+                for urls in await pipe.execute():
+                    found += urls
+            if len(found) >= limit:
+                break
+        return found[:limit]
+
     async def _page_newest(
         self, cursor: str | None, limit: int, where: ListingFilter, budget: int, budget_us: int
     ) -> Page:
@@ -320,6 +358,48 @@ class Index:
         """Whether `holder` may run the periodic sweep of unindexed blobs now: True for one caller until
         the lock expires after `seconds`, so one worker at a time sweeps."""
         return bool(await self.redis.set(self.keys.sweep_lock, holder, nx=True, px=max(1, int(seconds * 1000))))
+
+    # -- claims and tombstones: the lifecycle of blobs on an object store (lifecycle.py, storage/s3.py) --
+
+    async def claim(self, digest: str, token: str, ttl: float) -> int:
+        """Hold a claim on `digest` for `ttl` seconds while a store uploads it: 1, or 2 when the digest is
+        referenced (so its object is there and stays while the claim lives); 0 while a delete of its
+        object may be in flight (the caller waits and asks again)."""
+        k = self.keys
+        return int(await self._claim(keys=[k.claims(digest), k.deleting(digest), k.tomb, blob_key(k, digest)],
+                                     args=[token, max(1, int(ttl * 1000)), digest, bytes.fromhex(digest)]))
+
+    async def unclaim(self, digest: str, token: str) -> bool:
+        """Drop the claim; True if it was still live, so no delete of the object can have begun since it
+        was taken."""
+        return bool(await self._unclaim(keys=[self.keys.claims(digest)], args=[token]))
+
+    async def tomb(self, digest: str, grace: float) -> bool:
+        """Mark an unreferenced digest's object for deletion by the sweep after `grace` seconds; False
+        (and nothing marked) if it is referenced."""
+        k = self.keys
+        return bool(await self._tomb(keys=[blob_key(k, digest), k.tomb],
+                                     args=[bytes.fromhex(digest), digest, max(0, int(grace * 1000))]))
+
+    async def due_tombs(self, limit: int) -> list[str]:
+        """Up to `limit` tombstoned digests whose grace has passed (by this node's clock, which only
+        picks candidates: begin_delete decides by Redis's)."""
+        return await self.redis.zrangebyscore(self.keys.tomb, "-inf", int(time.time() * 1000),
+                                              start=0, num=limit)
+
+    async def tombstoned(self) -> set[str]:
+        return set(await self.redis.zrange(self.keys.tomb, 0, -1))
+
+    async def begin_delete(self, digest: str, marker_ttl: float) -> bool:
+        """True if the sweep may delete `digest`'s object now: due, unreferenced, unclaimed. The deleting
+        marker is then set for `marker_ttl` seconds, longer than any DELETE request may take."""
+        k = self.keys
+        return bool(await self._begin_delete(
+            keys=[blob_key(k, digest), k.claims(digest), k.deleting(digest), k.tomb],
+            args=[bytes.fromhex(digest), digest, max(1, int(marker_ttl * 1000))]))
+
+    async def end_delete(self, digest: str) -> None:
+        await self.redis.delete(self.keys.deleting(digest))
 
     async def snapshot(self) -> Snapshot:
         """Every bucket and the counts read in one MULTI, so fsck compares one moment.

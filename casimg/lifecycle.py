@@ -1,4 +1,9 @@
-"""The blob lifecycle: the store and delete protocols of blobs.py, run against the index.
+"""The blob lifecycle: the store and delete protocols of the storage drivers, run against the index.
+
+The file driver moves blobs with link and rename (storage/file.py's docstring); an object store has
+neither, and its blobs go through claims and tombstones instead (storage/s3.py's docstring, with the
+argument why an indexed URL always has its object). ``store_blob``, ``delete_url`` and
+``remove_if_unreferenced`` run the one their driver needs; ``sweep_tombs`` is the object store's deletion.
 
 Both are written as a sequence of awaited steps with a ``pause`` seam between them, so a test can stop
 one operation between any two steps, run another to completion, and then let the first go on: every
@@ -10,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from casimg.blobs import BlobStore
 from casimg.index import BlobMeta, Index, StoreOutcome
 from casimg.schema import Outcome
+from casimg.storage import Storage
+from casimg.storage.file import FileStore
+from casimg.storage.s3 import CLAIM_TTL, DELETING_TTL, TOMB_GRACE
 
 log = logging.getLogger("casimg.lifecycle")
 
@@ -29,8 +37,12 @@ async def _no_pause(step: str) -> None:
     return None
 
 
+CLAIM_WAIT = 0.05  # first pause before asking again for a claim a delete in flight refused (doubling)
+CLAIM_WAIT_MAX = 0.25  # a DELETE takes milliseconds; the wait only happens while one is in flight
+
+
 async def store_blob(
-    blobs: BlobStore,
+    blobs: Storage,
     index: Index,
     tmp: Path,
     url: str,
@@ -46,9 +58,11 @@ async def store_blob(
 
     `job` (job_id, position, entry_id, attempts, owner) finishes the URL's queue entry in the same Redis
     step. Downloads come in `linked`: they do step 1 in the same trip to a thread as validation, make many
-    blobs durable with one flush (blobs.FlushGroup), and pass a `run` that settles many with one trip
-    (batching.ThreadBatcher).
+    blobs durable with one flush (storage.file.FlushGroup), and pass a `run` that settles many with one trip
+    (batching.ThreadBatcher). On an object store, `linked` and `run` do not apply: see ``_store_claimed``.
     """
+    if not isinstance(blobs, FileStore):
+        return await _store_claimed(blobs, index, tmp, url, digest, meta, pause=pause, **job)
     if not linked:
         try:
             await asyncio.to_thread(blobs.link_in, tmp, digest)
@@ -64,7 +78,8 @@ async def store_blob(
             settled = True
             await run(blobs.settle, tmp, digest)
         else:
-            # The URL was indexed by someone else meanwhile; our link may have made an unreferenced blob.
+            # The URL was indexed by someone else meanwhile, or its job was cancelled (then it is not indexed);
+            # our link may have made an unreferenced blob.
             await remove_if_unreferenced(blobs, index, digest)
         return outcome
     finally:
@@ -72,7 +87,7 @@ async def store_blob(
             await run(blobs.discard, tmp)
 
 
-async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
+async def delete_url(blobs: Storage, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
     """Remove `url` from the index, and its blob with its last reference. None if `url` is unknown."""
     released = await index.release(url)
     if released is None:
@@ -84,8 +99,13 @@ async def delete_url(blobs: BlobStore, index: Index, url: str, *, pause: Pause =
     return digest
 
 
-async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
-    """Delete steps 2-4: move the blob away; put it back if a store raced in. True if it is gone."""
+async def remove_if_unreferenced(blobs: Storage, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
+    """Delete steps 2-4: move the blob away; put it back if a store raced in. True if it is gone.
+
+    On an object store: tombstone it for the sweep (``sweep_tombs``), and answer False: it is not gone yet."""
+    if not isinstance(blobs, FileStore):
+        await index.tomb(digest, _grace(blobs))
+        return False
     if await index.refs_of(digest) > 0:
         return False
     await pause("checked")
@@ -106,3 +126,90 @@ async def remove_if_unreferenced(blobs: BlobStore, index: Index, digest: str, *,
     finally:
         await asyncio.to_thread(blobs.discard, trash)
 
+
+
+# -- an object store: claims and tombstones (storage/s3.py's docstring has the argument) ----------------
+
+async def _store_claimed(
+    blobs: Storage, index: Index, tmp: Path, url: str, digest: str, meta: BlobMeta, *, pause: Pause, **job: Any
+) -> StoreOutcome:
+    """Claim, commit, index, unclaim; commit again under a new claim if the first expired before the
+    index step. `tmp` is consumed."""
+    token = secrets.token_hex(8)
+    claimed = False
+    try:
+        present = await _claim(index, digest, token)
+        claimed = True
+        await pause("claimed")
+        if not present:  # a referenced digest's object is there: no request needed
+            await blobs.commit(tmp, digest, meta.content_type)
+        await pause("committed")
+        outcome = await index.store(url, digest, meta, **job)
+        await pause("indexed")
+        claimed = False
+        live = await index.unclaim(digest, token)
+        if outcome.outcome is not Outcome.STORED:
+            # Indexed by someone else meanwhile: our commit may have made an unreferenced object.
+            await index.tomb(digest, _grace(blobs))
+            return outcome
+        while not live:
+            # The claim expired before the index step: a sweep may have deleted the object since. Our
+            # reference now keeps any later sweep off it; a claim waits out a delete in flight.
+            log.warning("claim on %s expired during its commit; committing again", digest)
+            await _claim(index, digest, token)
+            claimed = True
+            await blobs.commit(tmp, digest, meta.content_type)
+            claimed = False
+            live = await index.unclaim(digest, token)
+        return outcome
+    finally:
+        if claimed:
+            await _quietly(index.unclaim(digest, token))
+        await asyncio.to_thread(blobs.discard, tmp)
+
+
+async def _claim(index: Index, digest: str, token: str) -> bool:
+    """Take a claim on `digest`, waiting while a delete of its object is in flight (at most DELETING_TTL);
+    True if the digest is referenced, so its object is known to be there."""
+    wait = CLAIM_WAIT
+    while not (answer := await index.claim(digest, token, CLAIM_TTL)):
+        await asyncio.sleep(wait)
+        wait = min(wait * 2, CLAIM_WAIT_MAX)
+    return answer == 2
+
+
+async def delete_tombstoned(blobs: Storage, index: Index, digest: str, *, pause: Pause = _no_pause) -> bool:
+    """The sweep's deletion of one due tombstone: begin_delete, DELETE, end_delete. True if deleted."""
+    if not await index.begin_delete(digest, DELETING_TTL):
+        return False
+    await pause("marked")
+    try:
+        await blobs.delete(digest)
+        await pause("deleted")
+    finally:
+        await index.end_delete(digest)
+    return True
+
+
+async def sweep_tombs(blobs: Storage, index: Index, *, batch: int = 1000) -> list[str]:
+    """Delete the objects of every due tombstone that nothing references or claims (one sweeper at a time)."""
+    done = []
+    while due := await index.due_tombs(batch):
+        for digest in due:
+            if await delete_tombstoned(blobs, index, digest):
+                done.append(f"deleted object {digest}")
+        if len(due) < batch:
+            break
+    return done
+
+
+def _grace(blobs: Storage) -> float:
+    """How long an object store keeps an unreferenced object before the sweep may delete it."""
+    return float(getattr(blobs, "tomb_grace", TOMB_GRACE))
+
+
+async def _quietly(step: Awaitable[Any]) -> None:
+    try:
+        await step
+    except Exception as exc:  # the claim expires on its own; the error that brought us here matters more
+        log.warning("could not release a claim: %s", exc)

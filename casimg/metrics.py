@@ -22,10 +22,14 @@ Files are named by slot, not by pid: a process claims the lowest free slot (an f
 ``slot-N.lock``, held for its life and released by the kernel however it ends) and carries on that
 slot's counts where its last holder left them. So the directory holds at most as many slots as
 processes ever ran at once on the host; restarts add no file, lose no count and count nothing twice:
-totals run from the host's boot and never go back. The directory is per boot id: processes of another
-host on a shared data dir (a worker elsewhere) keep their own, which their own /metrics serves, and a
-reboot starts again from zero, which Prometheus reads as a counter reset. When a process joins, the
-directories of earlier boots that no process holds a slot in are removed.
+while any process of the data dir runs, totals never go back. The last process to stop cleanly removes
+the data dir's directory, so the next start counts from zero, which Prometheus reads as a counter reset
+(a process killed with -9 leaves it, and the next start carries on). The directory is per boot id:
+processes of another host on a shared data dir (a worker elsewhere) keep their own, which their own
+/metrics serves, and a reboot starts again from zero. When a process joins, the directories of earlier
+boots, and those of data dirs that no longer exist (each names its data dir in ``data-dir``), are
+removed unless a process holds a slot in them. Joining and that removal are one step each under an
+flock on the data dir's directory, so a process never joins a directory being removed.
 
 The one per-process gauge, downloads in flight, is in mode ``livesum``: each process publishes its
 count every ``PUBLISH_INTERVAL``, and the gauge file of a slot whose holder is gone is removed
@@ -57,10 +61,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
 from casimg.schema import Outcome
+from casimg.storage import Storage, StorageUnavailable
 from casimg.worker import Worker
 
 # The text format every Prometheus version reads (newer clients default to 1.0.0, which older servers refuse).
@@ -77,6 +81,8 @@ PUBLISH_INTERVAL = 1.0  # seconds: how old another process's in-flight count may
 # disk has no room for is a SIGBUS), and a read-only remount would fail while the files are open.
 RUNTIME_DIRS = (Path("/dev/shm"), Path(tempfile.gettempdir()))
 SHARED_FILES = ("counter", "histogram", "gauge_livesum")  # the kinds of file a process writes (see SharedDir)
+SHARED_PREFIX = "casimg-metrics-"
+DATA_DIR_FILE = "data-dir"  # in each data dir's directory: its path, so that it can go when the data dir has gone
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # the same for every process (and container) of one boot
 
 prometheus_client.disable_created_metrics()  # the *_created series double the output and nobody reads them
@@ -96,7 +102,7 @@ class Scraped(Protocol):
 
     index: Index
     queue: JobQueue
-    blobs: BlobStore
+    blobs: Storage
     worker: Worker | None
 
 
@@ -114,7 +120,7 @@ class Metrics:
                                  ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         self.downloads = Counter(
             "casimg_downloads", "URLs finished by the workers, by outcome "
-            "(stored, deduplicated, exists, failed) and failure reason", ["outcome", "reason"], registry=r)
+            "(stored, deduplicated, exists, failed, cancelled) and failure reason", ["outcome", "reason"], registry=r)
         self.downloaded_bytes = Counter("casimg_downloaded_bytes", "Bytes received from origins", registry=r)
         self.stored_bytes = Counter("casimg_stored_bytes", "Bytes of new content written to the blob store",
                                     registry=r)
@@ -200,7 +206,7 @@ class Metrics:
     async def _refresh_usage(self, services: Scraped) -> None:
         """Walk the blob tree when the last walk is old enough; a walk still running is left to finish."""
         if self._walk is None and time.monotonic() >= self._next_walk:
-            self._walk = asyncio.get_running_loop().run_in_executor(None, _timed_usage, services.blobs)
+            self._walk = asyncio.ensure_future(_timed_usage(services.blobs))
         if self._walk is None:
             return
         await asyncio.wait([self._walk], timeout=DISK_WALK_WAIT)
@@ -209,7 +215,7 @@ class Metrics:
         walk, self._walk = self._walk, None
         try:
             files, size, took = walk.result()
-        except OSError:
+        except (OSError, StorageUnavailable):
             self._next_walk = time.monotonic() + DISK_WALK_WAIT / DISK_WALK_DUTY
             return
         self._next_walk = time.monotonic() + took / DISK_WALK_DUTY
@@ -217,9 +223,9 @@ class Metrics:
         self.scraped.values["blob_store_bytes"] = size
 
 
-def _timed_usage(blobs: BlobStore) -> tuple[int, int, float]:
+async def _timed_usage(blobs: Storage) -> tuple[int, int, float]:
     started = time.monotonic()
-    files, size = blobs.usage()
+    files, size = await blobs.usage()
     return files, size, time.monotonic() - started
 
 
@@ -258,6 +264,7 @@ class SharedDir:
 
     Drawn::
 
+        <shared root>/data-dir                     the data dir's real path (flock on <shared root>: join, removal)
         <shared root>/<boot id>/slot-0.lock         flock held by the slot's process while it runs
                                 counter_0.db         its counters (and those of earlier holders)
                                 histogram_0.db
@@ -277,13 +284,16 @@ class SharedDir:
         directory from PROMETHEUS_MULTIPROC_DIR whenever it opens a file.
         """
         root = shared_root(data_dir)
-        path = root / host_id()
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _remove_earlier_boots(root, path)
-        slot, fd = _claim_slot(path)
-        # Every file now, not at the first count of its kind, so a process that answers already has them all.
-        for kind in SHARED_FILES:
-            MmapedDict(str(path / f"{kind}_{slot}.db")).close()
+        _remove_orphans(root.parent)
+        with _locked_root(root):
+            (root / DATA_DIR_FILE).write_text(str(Path(data_dir).resolve()))
+            path = root / host_id()
+            path.mkdir(mode=0o700, exist_ok=True)
+            _remove_earlier_boots(root, path)
+            slot, fd = _claim_slot(path)
+            # Every file now, not at the first count of its kind, so a process that answers already has them all.
+            for kind in SHARED_FILES:
+                MmapedDict(str(path / f"{kind}_{slot}.db")).close()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
         name = str(slot)
         values.ValueClass = values.MultiProcessValue(lambda: name)
@@ -300,13 +310,15 @@ class SharedDir:
                     mark_process_dead(slot, str(self.path))
 
     def leave(self) -> None:
+        """Give the slot up; the last process of the data dir to leave removes the directory."""
         mark_process_dead(self.slot, str(self.path))
         os.close(self._lock_fd)  # releases the flock: the next process to join may take the slot
+        _remove_unless_held(self.path.parent)
 
 
 def shared_root(data_dir: str | Path) -> Path:
     """The directory of the host's processes on `data_dir`, named by the data dir's real path."""
-    name = "casimg-metrics-" + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
+    name = SHARED_PREFIX + hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:16]
     base = next((d for d in RUNTIME_DIRS if d.is_dir() and os.access(d, os.W_OK)), RUNTIME_DIRS[-1])
     return base / name
 
@@ -317,6 +329,64 @@ def host_id() -> str:
         return BOOT_ID.read_text().strip()
     except OSError:
         return socket.gethostname()
+
+
+@contextlib.contextmanager
+def _locked_root(root: Path) -> Iterator[None]:
+    """`root`, created if need be, locked (flock on the directory) against a removal by the last process
+    to leave (``_remove_unless_held``) while this one joins."""
+    while True:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue  # removed between the two calls: make it again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, root):
+                yield
+                return
+        finally:
+            os.close(fd)
+        # The lock was on a directory that the last process removed while this one waited: start again.
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _remove_unless_held(root: Path) -> None:
+    """Remove `root` (a data dir's directory, every boot's) when no process holds a slot in it."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _same_file(fd, root):
+            return
+        with contextlib.ExitStack() as held:
+            if all(held.enter_context(_slot_if_free(lock)) for lock in root.glob("*/slot-*.lock")):
+                shutil.rmtree(root, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+def _remove_orphans(base: Path) -> None:
+    """Remove the directories of data dirs that no longer exist (a test's temporary one, say), unless a
+    process still holds a slot there. A directory that does not name its data dir is left alone."""
+    for root in base.glob(SHARED_PREFIX + "*"):
+        try:
+            data_dir = (root / DATA_DIR_FILE).read_text()
+        except OSError:
+            continue
+        if data_dir and not Path(data_dir).exists():
+            _remove_unless_held(root)
 
 
 def _claim_slot(path: Path) -> tuple[int, int]:

@@ -97,7 +97,19 @@ def openapi_document() -> dict[str, Any]:
                     # A URL over CASIMG_MAX_URL_LENGTH is no request error: it fails in the job ("URL too long").
                     # Other members are ignored, so clients that send more than image_urls keep working.
                     "type": "object", "additionalProperties": True, "required": ["image_urls"],
-                    "properties": {"image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}}},
+                    "properties": {
+                        "image_urls": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "callback_url": {
+                            "type": ["string", "null"], "maxLength": 2048,
+                            "description": "http(s) URL POSTed the job (as GET /api/jobs/{job_id} answers it, "
+                                           "without callback; past 64 KiB without results and with results_url) "
+                                           "when it is done, signed in X-Casimg-Signature: t=<unix seconds>,"
+                                           "v1=<hex HMAC-SHA256 of '<t>.<body>' under CASIMG_WEBHOOK_SECRET>. "
+                                           "Retried with backoff until a 2xx, for CASIMG_WEBHOOK_RETRY_FOR "
+                                           "seconds. Absent: CASIMG_WEBHOOK_URL; empty or null: none. A 400 when "
+                                           "the server has no CASIMG_WEBHOOK_SECRET, or the address is refused.",
+                        },
+                    },
                 },
                 "Accepted": {
                     "type": "object", "additionalProperties": False, "required": ["job_id", "status", "total"],
@@ -125,8 +137,32 @@ def openapi_document() -> dict[str, Any]:
                         "existed": {"type": "integer"}, "failed": {"type": "integer"},
                         "created": {"type": "string", "format": "date-time"},
                         "finished": {"type": ["string", "null"], "format": "date-time"},
+                        "callback": _ref("Callback"),
                         "results": {"type": "array", "items": _ref("Result")},
                     },
+                },
+                "Callback": {
+                    # Only on jobs submitted with a callback URL: other jobs answer as they always did.
+                    "type": "object", "additionalProperties": False, "required": ["state", "attempts", "last_status"],
+                    "properties": {
+                        "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "last_status": {"type": ["integer", "null"],
+                                        "description": "HTTP status of the last attempt; null if none answered"},
+                        "last_error": {"type": "string",
+                                       "description": "Why the last attempt got no answer (timeout, refused address)"},
+                    },
+                },
+                "Key": {
+                    "type": "object", "additionalProperties": False, "required": ["id", "name", "scope"],
+                    "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                                   "scope": {"type": "string", "enum": ["read", "write", "admin"]}},
+                },
+                "SharedUrls": {
+                    "type": "object", "additionalProperties": False, "required": ["sha256", "count", "urls"],
+                    "properties": {"sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                                   "count": {"type": "integer", "minimum": 1},
+                                   "urls": {"type": "array", "items": {"type": "string"}}},
                 },
                 "Image": {
                     "type": "object", "additionalProperties": False,
@@ -215,6 +251,20 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                     "responses": {"200": job_response, "404": _problem("Unknown or expired job"), **AUTH_ERRORS},
                 },
+                "delete": {
+                    "summary": "Cancel a job: its unfinished URLs fail with 'cancelled' (downloads in flight are "
+                               "abandoned, nothing of them is stored), images already stored stay, the job is done "
+                               "(its callback, if any, is sent). A key cancels its own jobs; an admin key any job",
+                    "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                    "responses": {
+                        "200": _json("The job, now done; a job done already is answered as it is (idempotent)",
+                                     _ref("Job")),
+                        "404": _problem("Unknown or expired job"),
+                        **AUTH_ERRORS,
+                        "403": _problem("The key's scope is read, or the job was submitted with another key "
+                                        "(any key may read a job, so a 403 tells nothing new)"),
+                    },
+                },
             },
             "/api/image": {
                 "get": {"summary": "The bytes stored for a URL", "parameters": [URL_PARAM, RANGE_PARAM],
@@ -231,6 +281,24 @@ def openapi_document() -> dict[str, Any]:
                         "responses": {"200": _json("The image, as a listing row, with its reference count",
                                                    _ref("ImageMeta")),
                                       "400": _problem("No url given"), "404": _problem("Not stored"), **AUTH_ERRORS}},
+            },
+            "/api/key": {
+                "get": {"summary": "The presented key's id, name and scope (read, write or admin)",
+                        "responses": {"200": _json("The key", _ref("Key")), **AUTH_ERRORS}},
+            },
+            "/api/blobs/{digest}/urls": {
+                "get": {"summary": "How many URLs share a content, and which: the count is one lookup, the URLs a "
+                                   "walk of the whole index in steps of about a millisecond of Redis (a second or "
+                                   "more per million URLs; docs/gallery.md)",
+                        "parameters": [{"name": "digest", "in": "path", "required": True,
+                                        "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                                       {"name": "limit", "in": "query",
+                                        "schema": {"type": "integer", "minimum": 0, "maximum": 1000},
+                                        "description": "Most URLs listed (default 100; 0: the count alone, "
+                                                       "without the walk); count is always exact"}],
+                        "responses": {"200": _json("The count and the URLs, sorted", _ref("SharedUrls")),
+                                      "400": _problem("Bad limit"), "404": _problem("Not stored"),
+                                      **AUTH_ERRORS}},
             },
             "/api/blobs/{digest}": {
                 "get": {"summary": "The bytes of a stored content, by digest",

@@ -88,6 +88,14 @@ return wait
 STREAK_MEMORY = 4
 COOLING_STATUSES = frozenset({429, 503})
 LEASES_KEPT = 4096  # origins whose lease a process keeps at most; past it they are all dropped
+# How long an origin's leased tokens stay spendable. Not limits.LEASE_SECONDS (50 ms): a lease is as many
+# tokens as LEASE_SECONDS of the rate, and it is its size (one lease at a time per process and origin)
+# that bounds what a process can spend above the rate, so a longer life costs no accuracy. A 50 ms life
+# made a lease last a few URLs when a fast origin's URLs come from eight origins at once (the
+# benchmark's): the Redis trip of every second or third URL took a tenth of the event loop's time
+# (BENCHMARKS.md, "Politeness"). What a longer life does cost: another process's lease may still send up
+# to its size of requests into a cool-down that began meanwhile.
+ORIGIN_LEASE_LIFE = 1.0
 PACE_POLL_SLACK = 0.005  # seconds added to each wait for a token, so the retry finds the token there
 
 ROBOTS_TOKEN = "casimg"  # the product token matched against robots.txt groups and X-Robots-Tag prefixes
@@ -234,25 +242,39 @@ class OriginPace:
         # trip per URL; the rate then holds give or take one lease per process.
         self.lease_size = max(1, min(self.burst, math.ceil(rate * LEASE_SECONDS)))
         self._leases: dict[str, Lease] = {}
+        self._refills: dict[str, asyncio.Future[float]] = {}
         self._queued: dict[str, int] = {}
 
     async def try_now(self, origin: str) -> float:
         """0 when `origin` may be asked now (its token is taken), else the seconds to wait first."""
-        name = quote(origin, safe="")
-        if self.rate <= 0:
-            if self.backoff <= 0:
+        while True:
+            lease = self._leases.get(origin)
+            if lease is not None and lease.spend():
                 return 0.0
-            return max(0, int(await self.redis.pttl(self.keys.origin_cool(name)))) / 1000
-        lease = self._leases.get(origin)
-        if lease is not None and lease.spend():
-            return 0.0
+            if self.rate <= 0:
+                if self.backoff <= 0:
+                    return 0.0
+                return max(0, int(await self.redis.pttl(self.keys.origin_cool(quote(origin, safe=""))))) / 1000
+            # Downloads that find the lease empty at the same moment wait for one trip to Redis: each asking
+            # for itself would draw a lease each, and all but the last would be thrown away unspent.
+            refill = self._refills.get(origin)
+            if refill is None:
+                refill = self._refills[origin] = asyncio.ensure_future(self._refill(origin))
+                refill.add_done_callback(lambda _: self._refills.pop(origin, None))
+            wait = await asyncio.shield(refill)
+            if wait > 0:
+                return wait
+
+    async def _refill(self, origin: str) -> float:
+        """Lease `origin`'s next tokens; 0 when they are there, else the seconds until there are some."""
+        name = quote(origin, safe="")
         granted, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
                                             args=[self.rate, self.burst, self.lease_size])
         if not granted:
             return int(wait_ms) / 1000
         if len(self._leases) >= LEASES_KEPT:
             self._leases.clear()
-        self._leases[origin] = Lease(int(granted) - 1, time.monotonic() + LEASE_SECONDS)
+        self._leases[origin] = Lease(int(granted), time.monotonic() + ORIGIN_LEASE_LIFE)
         return 0.0
 
     async def turn(self, origin: str, sleep: Callable[[float], Awaitable[bool]]) -> bool:

@@ -29,6 +29,13 @@ more than about ``STEP_BYTES`` of URLs:
    cursor with its entries. Should the process die here, a worker takes the job from the ``enqueuing``
    set after ``RESUME_AFTER`` and finishes it; two enqueuers of one job never add an entry twice.
 
+A job is cancelled (``cancel``, lua/cancel.lua) in one step of constant cost: it is flagged
+``cancelled`` and done, and each URL without a result counts as failed and reads as ``failed:
+cancelled``. No outcome is recorded in it afterwards (lua/lib_complete.lua), no entry queued
+(lua/enqueue.lua), no worker starts one of its entries (worker.py asks in the batch lookup of the entries
+it reads) or indexes one that was downloading (lua/store.lua refuses it, and the bytes go). A job's end,
+whichever it is, queues its callback in the same step (webhooks.py).
+
 A URL that cannot be stored is not a request error: it fails from the start, and the job keeps what
 may be kept of it. A URL longer than the longest accepted keeps its first ``KEPT_URL`` characters and a
 marker (``failed: URL too long``); a URL with credentials (``http://user:secret@host/``) keeps the URL
@@ -47,6 +54,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.clock import now_iso
 from casimg.errors import NotFound, TooLarge, TooManyRequests, Unavailable
 from casimg.lua import source as lua_source
@@ -65,6 +73,9 @@ RESUME_AFTER = 30.0  # seconds after publishing that an unfinished enqueue count
 RESUME_BATCH = 10  # abandoned enqueues a worker finishes per look
 KEPT_URL = 2048  # characters of a too long URL the job keeps, to show which one it was
 TOO_LONG = "URL too long"
+CANCELLED = "cancelled"  # the error of each URL its job's cancel found unfinished
+PENDING_RESULT = {"status": "pending"}  # a URL without a result yet
+CANCELLED_RESULT = {"status": Outcome.FAILED.value, "error": CANCELLED, "attempts": 0}  # ... in a cancelled job
 
 
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
@@ -86,6 +97,7 @@ class Entry:
     url: str
     deliveries: int = 1  # this one included: above 1, earlier workers stopped or died while on it
     owner: str = ""  # the id of the API key that submitted it ("" for none): which stream it is in
+    traceparent: str = ""  # the submit's trace context, when it was traced (tracing.py)
 
 
 @dataclass
@@ -100,6 +112,8 @@ class Job:
     created: str
     finished: str | None
     results: list[dict[str, Any]] = field(default_factory=list)
+    key: str = ""  # the id of the API key that submitted it ("" for none)
+    callback: dict[str, Any] | None = None  # {state, attempts, last_status[, last_error]}, if it has a callback
 
     def as_json(self, with_results: bool = True) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -113,6 +127,8 @@ class Job:
             "created": self.created,
             "finished": self.finished,
         }
+        if self.callback is not None:
+            body["callback"] = self.callback
         if with_results:
             body["results"] = self.results
         return body
@@ -149,6 +165,18 @@ def _failure(reason: str) -> str:
     return json.dumps({"status": Outcome.FAILED.value, "error": reason, "attempts": 0}, separators=(",", ":"))
 
 
+def _callback_state(info: dict[str, str]) -> dict[str, Any] | None:
+    """The job's callback as GET /api/jobs/{id} shows it, from its hash; None for a job without one."""
+    if not info.get("callback"):
+        return None
+    status = info.get("cb_status", "")
+    state: dict[str, Any] = {"state": info.get("cb_state", "pending"), "attempts": int(info.get("cb_attempts", 0)),
+                             "last_status": int(status) if status.isdigit() else None}
+    if info.get("cb_error"):
+        state["last_error"] = info["cb_error"]
+    return state
+
+
 def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list[str]]]:
     """(position of the first, URLs) in runs of at most `most` URLs and about STEP_BYTES bytes."""
     first, size = 0, 0
@@ -162,7 +190,8 @@ def _chunks(urls: list[str], most: int = STAGE_URLS) -> Iterator[tuple[int, list
 
 
 def _entry(entry_id: str, fields: dict[str, str], owner: str) -> Entry:
-    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner)
+    return Entry(entry_id, fields["job"], int(fields["pos"]), fields["url"], owner=owner,
+                 traceparent=fields.get("tp", ""))
 
 
 class JobQueue:
@@ -174,6 +203,7 @@ class JobQueue:
         self.resume_after = RESUME_AFTER
         self._publish = redis.register_script(lua_source("publish"))
         self._enqueue = redis.register_script(lua_source("enqueue"))
+        self._cancel = redis.register_script(lua_source("cancel"))
 
     async def ensure_group(self, owner: str = "") -> None:
         """Create an owner's stream and its consumer group once (the keyless one by default); reading from
@@ -184,9 +214,10 @@ class JobQueue:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def submit(self, urls: list[str], key_id: str = "", limits: Limits | None = None) -> tuple[str, int]:
+    async def submit(self, urls: list[str], key_id: str = "", limits: Limits | None = None,
+                     callback: str = "") -> tuple[str, int]:
         """Record a job durably (stage, publish, enqueue: see the module's docstring); returns
-        (job_id, number of distinct URLs).
+        (job_id, number of distinct URLs). A `callback` URL is POSTed the job when it is done (webhooks.py).
 
         With `limits`, the job is refused while `key_id` has too many unfinished jobs (TooManyRequests)
         or URL bytes in them (TooManyRequests, or TooLarge for a job larger than the limit by itself);
@@ -201,7 +232,8 @@ class JobQueue:
                            f"{limits.max_bytes} bytes of URLs in a key's unfinished jobs")
         job_id = secrets.token_hex(12)
         await self._stage(job_id, kept, failed)
-        await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(failed), size=size)
+        await self._publish_or_refuse(job_id, key_id, limits, total=len(kept), failed=len(failed), size=size,
+                                      callback=callback)
         # Each step asks for exactly the URLs it will take: the list is read in Redis by the step.
         for _, chunk in _chunks(kept, ENQUEUE_URLS):
             await self.enqueue_step(job_id, len(chunk))
@@ -225,14 +257,15 @@ class JobQueue:
                 await pipe.execute()
 
     async def _publish_or_refuse(self, job_id: str, key_id: str, limits: Limits, *, total: int, failed: int,
-                                 size: int) -> None:
+                                 size: int, callback: str = "") -> None:
         """Step 2: one small atomic step, the admission and the job's appearance."""
         k = self.keys
         code, held = await self._publish(
             keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.inflight(key_id or "-"),
-                  k.enqueuing],
+                  k.enqueuing, k.webhooks],
             args=[job_id, int(self.job_ttl * 1000), now_iso(), key_id, limits.max_in_flight if key_id else 0,
-                  k.job(""), time.time_ns() // 1_000_000, total, failed, size, limits.max_bytes if key_id else 0],
+                  k.job(""), time.time_ns() // 1_000_000, total, failed, size, limits.max_bytes if key_id else 0,
+                  callback, tracing.current()],
         )
         if code == 1:
             return
@@ -301,14 +334,34 @@ class JobQueue:
             failed=int(info["failed"]),
             created=info["created"],
             finished=info.get("finished"),
+            key=info.get("key", ""),
+            callback=_callback_state(info),
         )
         if with_results:
             assert urls is not None
             results = replies[1]
+            missing = CANCELLED_RESULT if info.get("cancelled") else PENDING_RESULT
             for position, url in enumerate(urls):
                 raw = results.get(str(position))
-                job.results.append({"url": url, **json.loads(raw)} if raw else {"url": url, "status": "pending"})
+                job.results.append({"url": url, **json.loads(raw)} if raw else {"url": url, **missing})
         return job
+
+    async def cancel(self, job_id: str) -> bool:
+        """Cancel an unfinished job: each URL without a result fails with CANCELLED, and the job is done, in
+        one step of constant cost (lua/cancel.lua: no result is written, a missing one reads as CANCELLED).
+        True if it was cancelled now, False if it was done already; NotFound if there is none.
+        """
+        k = self.keys
+        answer = await self._cancel(
+            keys=[k.job(job_id), k.enqueuing, k.webhooks],
+            args=[job_id, time.time_ns() // 1_000_000, now_iso()],
+        )
+        if answer == -1:
+            raise NotFound(f"no job {job_id!r} (unknown, or expired)")
+        return answer == 1
+
+    async def is_cancelled(self, job_id: str) -> bool:
+        return bool(await self.redis.hexists(self.keys.job(job_id), "cancelled"))
 
     async def _read_urls(self, job_id: str, total: int, size: int) -> list[str]:
         step = max(1, total * STEP_BYTES // size)

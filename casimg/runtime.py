@@ -1,6 +1,7 @@
-"""How casimg processes run: ``casimg serve`` (one process, or ``--processes N`` forked over one port),
-``casimg worker``, the event loop they run on, their signals and their metrics listener. What they
-serve is built elsewhere: the services in services.py, the HTTP application in app.py.
+"""How casimg processes run: ``casimg serve`` (one process per core by default, forked over one port;
+``--processes 1`` forks nothing), ``casimg worker``, the event loop they run on, their signals and their
+metrics listener. What they serve is built elsewhere: the services in services.py, the HTTP application
+in app.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 
+from casimg import tracing
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
 from casimg.metrics import Metrics
@@ -40,8 +42,10 @@ async def serve(
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
     """
+    tracing.setup()  # before the application and the download session exist: they are instrumented as made
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=settings.workers, metrics=metrics)
+    await _check_store(services)
     await bootstrap_admin_key(settings, services.api_keys)
     server = tornado.httpserver.HTTPServer(
         make_app(settings, services), max_body_size=settings.max_body_bytes, xheaders=False
@@ -63,6 +67,7 @@ async def serve(
     await services.close()
     await metrics.close()
     await server.close_all_connections()
+    tracing.shutdown()
     log.info("stopped")
 
 
@@ -124,7 +129,7 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
     children: set[int] = set()
-    for _ in range(settings.processes):
+    for _ in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it
@@ -175,9 +180,11 @@ async def _bootstrap_only(settings: Settings, redis_url: str) -> None:
 
 async def run_worker(settings: Settings, redis_url: str) -> None:
     """Only the download workers, for scaling out beside one or more servers."""
+    tracing.setup()
     # On the server's host its downloads count in the server's /metrics; elsewhere it serves its host's own.
     metrics = Metrics.shared(settings.data_dir)
     services = await open_services(settings, redis_url, with_worker=True, metrics=metrics)
+    await _check_store(services)
     assert services.worker is not None
     metrics_server = _metrics_listener(settings, services)
     services.worker.start()
@@ -188,6 +195,21 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
         metrics_server.stop()
     await services.close()
     await metrics.close()
+    tracing.shutdown()
+
+
+async def _check_store(services: Services) -> None:
+    """Refuse to start beside an object store that is not there: a missing bucket, refused credentials or
+    an endpoint down end the process with the reason (StorageUnavailable), before it takes any work. A
+    blob directory is checked by /readyz only, as before: a disk that turns read-only is a state to report,
+    not a reason to stay down."""
+    if services.blobs.kind == "file":
+        return
+    try:
+        await services.blobs.check()
+    except BaseException:
+        await services.close()
+        raise
 
 
 async def _until_signalled() -> None:

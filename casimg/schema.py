@@ -13,13 +13,17 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
     enqueuing          zset    jobs whose entries are still being added
-    job:{id}           hash    status, counters, times; job:{id}:urls list, job:{id}:results hash
+    job:{id}           hash    status, counters, times, callback state; job:{id}:urls list, job:{id}:results hash
+    webhooks           zset    job id -> when its callback is due (ms); a claim moves it past its lease
     inflight:{key id}  zset    one API key's unfinished jobs
     rate:{key id}      hash    one API key's token bucket
     authfail:{address} string  401s given to one address this minute
     apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
+    claims:{sha256}    zset    an object-store blob's stores in flight: token -> expiry (ms)
+    deleting:{sha256}  string  present while an object-store blob's DELETE may be in flight
+    tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
 
 The key table in docs/operations.md mirrors ``KeySpace`` (tests/test_docs.py holds them together).
 """
@@ -107,6 +111,12 @@ class KeySpace:
         """hash: position in the job's URL list -> JSON outcome, for the URLs that are finished."""
         return f"{self.prefix}job:{job_id}:results"
 
+    @property
+    def webhooks(self) -> str:
+        """sorted set: job id -> the time in ms its callback is next due, while it is neither delivered nor
+        failed; a claim moves the time on by the claim's lease (webhooks.py)."""
+        return self.prefix + "webhooks"
+
     def worker(self, name: str) -> str:
         """string with a TTL: present while the named worker is alive."""
         return f"{self.prefix}worker:{name}"
@@ -115,6 +125,21 @@ class KeySpace:
     def sweep_lock(self) -> str:
         """string with a TTL: held by the worker running the periodic sweep, so only one does."""
         return self.prefix + "sweep-lock"
+
+    def claims(self, digest: str) -> str:
+        """sorted set with a TTL: the stores of `digest` between their upload and their index step, on any
+        node, for a driver without link/rename (storage/s3.py): claim token -> expiry in ms (Redis time)."""
+        return f"{self.prefix}claims:{digest}"
+
+    def deleting(self, digest: str) -> str:
+        """string with a TTL: present while the sweep's DELETE of `digest`'s object may be in flight; a
+        store of the same content waits for it to go."""
+        return f"{self.prefix}deleting:{digest}"
+
+    @property
+    def tomb(self) -> str:
+        """sorted set: digests of an object store whose count reached 0 -> when the sweep may delete them (ms)."""
+        return self.prefix + "tomb"
 
     @property
     def enqueuing(self) -> str:
@@ -179,10 +204,13 @@ class Outcome(StrEnum):
     DEDUPLICATED = "deduplicated"  # stored under a content already there: its result is "stored"
     EXISTS = "exists"  # the URL was indexed already
     FAILED = "failed"
+    CANCELLED = "cancelled"  # its job was cancelled first: its result is "failed", with the error "cancelled"
 
     @property
     def status(self) -> Outcome:
         """The status a job's result records: a deduplicated URL was stored."""
+        if self is Outcome.CANCELLED:
+            return Outcome.FAILED
         return Outcome.STORED if self is Outcome.DEDUPLICATED else self
 
     @property

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from casimg.blobs import BlobStore
 from casimg.config import Settings
 from casimg.embedded import DataDirLock, EmbeddedRedis
 from casimg.fetcher import Fetcher
@@ -31,6 +30,8 @@ from casimg.migrate import migrate
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
 from casimg.schema import KeySpace
+from casimg.storage import Storage, open_storage
+from casimg.webhooks import Deliverer
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")
@@ -50,7 +51,7 @@ class Services:
     index: Index
     queue: JobQueue
     api_keys: KeyStore
-    blobs: BlobStore
+    blobs: Storage  # the blob store's driver (casimg.storage), chosen by CASIMG_STORAGE
     rate: RateLimiter
     auth_failures: AuthFailures
     fetcher: Fetcher | None = None
@@ -62,6 +63,7 @@ class Services:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
+        await self.blobs.close()
         await self.redis.aclose()
 
 
@@ -91,7 +93,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
-    blobs = BlobStore(settings.data_dir)
+    blobs = open_storage(settings)
     services = Services(
         settings=settings,
         redis=client,
@@ -131,8 +133,15 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         if settings.origin_rate > 0 or settings.origin_backoff > 0:
             pace = OriginPace(client, keyspace, settings.origin_rate, settings.origin_burst,
                               settings.origin_backoff, settings.origin_backoff_max)
+        # Every worker process delivers callbacks, each claimed by one process at a time (webhooks.py).
+        # Without a secret none is accepted, and none is sent unsigned: callbacks queued before the secret
+        # was removed wait for it to come back.
+        webhooks = None
+        if settings.webhook_secret:
+            webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
-                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace)
+                                 on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace,
+                                 webhooks=webhooks)
     return services
 
 

@@ -11,9 +11,9 @@ import asyncio
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from casimg.blobs import BlobStore
 from casimg.index import Index
 from casimg.queue import JobQueue
+from casimg.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,12 @@ def human_bytes(size: float) -> str:
     raise AssertionError("unreachable")
 
 
-async def collect(index: Index, queue: JobQueue, blobs: BlobStore) -> Stats:
+async def collect(index: Index, queue: JobQueue, blobs: Storage) -> Stats:
     (urls, contents), depth, jobs, (files, size) = await asyncio.gather(
         index.sizes(),
         queue.depth(),
         queue.count_by_status(),
-        asyncio.get_running_loop().run_in_executor(None, blobs.usage),
+        blobs.usage(),
     )
     return Stats(urls=urls, blobs=contents, blob_files=files, bytes_on_disk=size,
                  queue_waiting=depth["waiting"], queue_in_progress=depth["in_progress"], jobs=jobs)

@@ -185,12 +185,12 @@ def validate_image(
             raise InvalidImage(f"truncated or corrupt image ({_short(exc)})") from None
 
 
-def content_type_of(path: Path | str) -> str:
-    """The content type of a stored image from its header, without reading or checking the rest: what
-    GET /api/blobs/{digest} sends, which knows only the bytes, and what fsck checks the index against.
-    A walked format is named from its signature; any other by Pillow's open, as validate_image names it.
-    application/octet-stream for a format casimg does not know."""
-    with open(path, "rb") as handle:
+def content_type_of(path: Path | str | bytes) -> str:
+    """The content type of a stored image (a file, or its bytes) from its header, without reading or
+    checking the rest: what GET /api/blobs/{digest} sends, which knows only the bytes, and what fsck
+    checks the index against. A walked format is named from its signature; any other by Pillow's open,
+    as validate_image names it. application/octet-stream for a format casimg does not know."""
+    with (io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")) as handle:
         fmt = format_of(handle.read(HEAD_BYTES))
         if fmt in _WALKS:
             return content_type_for(fmt)
@@ -201,6 +201,13 @@ def content_type_of(path: Path | str) -> str:
         except (Image.DecompressionBombError, UnidentifiedImageError, OSError, SyntaxError, ValueError,
                 EOFError, IndexError, TypeError, struct.error):
             return UNKNOWN_TYPE
+
+
+def content_type_from_head(head: bytes) -> str | None:
+    """The content type the first HEAD_BYTES of a stored image name, or None when only Pillow's open of
+    the whole image can tell (``content_type_of``): how a reader of an object store reads a header alone."""
+    fmt = format_of(head)
+    return content_type_for(fmt) if fmt in _WALKS else None
 
 
 def content_type_for(fmt: str | None) -> str:

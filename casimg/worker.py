@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import hashlib
 import logging
 import os
 import random
@@ -34,8 +35,8 @@ from pathlib import Path
 
 from redis.exceptions import ResponseError
 
+from casimg import tracing
 from casimg.batching import ThreadBatcher
-from casimg.blobs import BlobStore, FlushGroup
 from casimg.config import Settings
 from casimg.errors import REDIS_ERRORS, DownloadFailed
 from casimg.fetcher import Downloaded, Fetcher
@@ -47,7 +48,10 @@ from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
+from casimg.storage import Storage, StorageUnavailable
+from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
+from casimg.webhooks import Deliverer
 
 log = logging.getLogger("casimg.worker")
 
@@ -88,17 +92,24 @@ ASIDE_PER_SLOT = 4
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
-class _Unchecked(enum.Enum):
+class _Lookup(enum.Enum):
+    """What the batch lookup says of an entry besides its digest."""
+
     UNCHECKED = enum.auto()
+    CANCELLED = enum.auto()
 
 
 # An entry's `known` digest when the batch lookup failed (apart from None, "not indexed"): its task asks again.
-UNCHECKED = _Unchecked.UNCHECKED
-Known = str | _Unchecked | None
+UNCHECKED = _Lookup.UNCHECKED
+# ... and when its job was cancelled: its task only takes it off the queue (the cancel wrote its result).
+CANCELLED = _Lookup.CANCELLED
+Known = str | _Lookup | None
 
 
 def _log_outcome(outcome: Outcome, url: str, attempts: int, reason: str = "") -> None:
     """The one log line per finished URL: stored, deduplicated, exists or failed."""
+    if tracing.enabled:
+        tracing.annotate({"casimg.outcome": outcome.value, "casimg.attempts": attempts, "casimg.reason": reason})
     url = clip(url)
     fields = {"event": "download", "outcome": outcome.value, "url": url, "attempts": attempts}
     if reason:
@@ -120,18 +131,22 @@ class Worker:
         settings: Settings,
         queue: JobQueue,
         index: Index,
-        blobs: BlobStore,
+        blobs: Storage,
         fetcher: Fetcher,
         on_outcome: Callable[[Outcome, str], None] | None = None,
         on_bytes: Callable[[str, int], None] | None = None,
         pace: OriginPace | None = None,
+        webhooks: Deliverer | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.index = index
         self.blobs = blobs
         self.fetcher = fetcher
-        self.flusher = FlushGroup(blobs.root)
+        # The file driver links blobs in without an fsync each and makes a batch durable with one syncfs; an
+        # object store's commit is durable when it returns.
+        self.files = blobs if isinstance(blobs, FileStore) else None
+        self.flusher = FlushGroup(blobs.root) if isinstance(blobs, FileStore) else None
         # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
@@ -143,6 +158,7 @@ class Worker:
         self.on_bytes = on_bytes or (lambda kind, size: None)
         self._slots = FairSlots(settings.download_concurrency)
         self.pace = pace
+        self.webhooks = webhooks
         self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
         self._owners: list[str] = [""]
         self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
@@ -153,12 +169,15 @@ class Worker:
         self._runner: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._hooks: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._runner = asyncio.ensure_future(self._run())
         self._heart = asyncio.ensure_future(self._heartbeat())
         if self.settings.sweep_interval > 0:
             self._sweeper = asyncio.ensure_future(self._sweep_periodically())
+        if self.webhooks is not None:
+            self._hooks = asyncio.ensure_future(self.webhooks.run(self._stopping))
 
     async def stop(self, grace: float) -> None:
         """Stop reading; give in-flight downloads `grace` seconds, then return the rest to the queue."""
@@ -173,7 +192,8 @@ class Worker:
             await asyncio.gather(*unfinished, return_exceptions=True)
         # The helpers end on their own once they see _stopping. Cancelling alone is not enough: redis-py
         # can swallow a cancellation that lands inside a command, and the loop would go on for ever.
-        helpers = {helper for helper in (self._heart, self._sweeper) if helper is not None}
+        # A callback cut off here stays claimed until its lease ends; then another process delivers it.
+        helpers = {helper for helper in (self._heart, self._sweeper, self._hooks) if helper is not None}
         if helpers:
             _, stuck = await asyncio.wait(helpers, timeout=HELPER_STOP_TIMEOUT)
             for helper in stuck:
@@ -183,7 +203,8 @@ class Worker:
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
-        self.flusher.close()
+        if self.flusher is not None:
+            self.flusher.close()
         # A task cancelled above may have handed its settle to the thread already: let it finish (a few
         # system calls each). `serve --processes` children end with os._exit, which joins no thread.
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
@@ -213,7 +234,7 @@ class Worker:
                 if await self.index.take_sweep_lock(self.name, interval):
                     done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
-            except (*REDIS_ERRORS, OSError) as exc:
+            except (*REDIS_ERRORS, OSError, StorageUnavailable) as exc:
                 log.warning("sweep skipped: %s", exc)
 
     async def _run(self) -> None:
@@ -286,18 +307,25 @@ class Worker:
         return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
 
     async def _indexed_already(self, entries: list[Entry]) -> list[Known]:
-        """The digest of each entry's URL if it is indexed already (it is not fetched again), else None.
+        """The digest of each entry's URL if it is indexed already (it is not fetched again), else None;
+        CANCELLED for the entries of a cancelled job.
 
-        One round trip for the batch. The entries are read and pending under this worker's name: should
-        Redis fail now, each task asks for its own URL once Redis is back (UNCHECKED), rather than the
-        entries being dropped here and left pending for ever behind a live heartbeat.
+        One round trip for the batch, which also asks whether the entries' jobs are cancelled. The entries
+        are read and pending under this worker's name: should Redis fail now, each task asks for its own
+        URL once Redis is back (UNCHECKED), rather than the entries being dropped here and left pending
+        for ever behind a live heartbeat.
         """
         if not entries:
             return []
+        jobs = list(dict.fromkeys(entry.job_id for entry in entries))
         try:
-            return await self.index.digests_of([entry.url for entry in entries])
+            known, flags = await self.index.digests_and_fields(
+                [entry.url for entry in entries], [(self.queue.keys.job(job_id), "cancelled") for job_id in jobs])
         except (*REDIS_ERRORS, ValueError):  # ValueError: a URL Redis cannot encode; its own task fails it
             return [UNCHECKED] * len(entries)
+        cancelled = {job_id for job_id, flag in zip(jobs, flags, strict=True) if flag}
+        return [CANCELLED if entry.job_id in cancelled else digest
+                for entry, digest in zip(entries, known, strict=True)]
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -308,8 +336,14 @@ class Worker:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
-        UNCHECKED if that could not be asked.
+        UNCHECKED if that could not be asked. Traced as a child of the job's submit (tracing.py).
         """
+        attributes = {"url.full": entry.url, "casimg.job_id": entry.job_id, "casimg.position": entry.position,
+                      "casimg.deliveries": entry.deliveries} if tracing.enabled else None
+        with tracing.span("casimg.process", attributes, parent=entry.traceparent):
+            await self._process_entry(entry, known, slot)
+
+    async def _process_entry(self, entry: Entry, known: Known, slot: _Slot) -> None:
         try:
             while True:
                 try:
@@ -350,6 +384,9 @@ class Worker:
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
+        if known is CANCELLED:
+            await self._drop_cancelled(entry)
+            return
         if known is UNCHECKED:
             known = await self.index.digest_of(entry.url)
         if known is not None:
@@ -364,6 +401,9 @@ class Worker:
         while True:
             attempt += 1
             await slot.take()
+            if attempt > 1 and await self.queue.is_cancelled(entry.job_id):  # cancelled while it waited to retry
+                await self._drop_cancelled(entry)
+                return
             await self._wait_for_origin(entry.url, slot)
             started = time.monotonic()
             try:
@@ -422,6 +462,12 @@ class Worker:
         origin = origin_of(url)
         return origin is not None and await self.pace.cool(origin, failure.retry_after) > 0
 
+    async def _drop_cancelled(self, entry: Entry) -> None:
+        """An entry of a cancelled job leaves the queue; its result ("failed: cancelled") is the cancel's."""
+        await self.index.complete(entry.job_id, entry.position, entry.entry_id, Outcome.CANCELLED, {},
+                                  owner=entry.owner)
+        self.on_outcome(Outcome.CANCELLED, "")
+
     async def _fail(self, entry: Entry, reason: str, attempts: int) -> None:
         _log_outcome(Outcome.FAILED, entry.url, attempts, reason)
         await self.index.complete(
@@ -442,24 +488,29 @@ class Worker:
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
+        except StorageUnavailable as exc:  # the object store refused or did not answer, after its retries
+            raise DownloadFailed(f"storage error: {exc}", permanent=True) from None
 
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+            with tracing.span("casimg.validate"):
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
         except BaseException:
             downloaded.discard()
             raise
-        try:
-            await self.flusher.flush()
-        except BaseException:
-            self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
-            raise
-        meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
-        outcome = await store_blob(
-            self.blobs, self.index, tmp, entry.url, digest, meta,
-            linked=True, run=self._settler.call, job_id=entry.job_id, position=entry.position, entry_id=entry.entry_id,
-            attempts=attempt, owner=entry.owner,
-        )
+        with tracing.span("casimg.store"):
+            if self.flusher is not None:
+                try:
+                    await self.flusher.flush()
+                except BaseException:
+                    self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+                    raise
+            meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
+            outcome = await store_blob(
+                self.blobs, self.index, tmp, entry.url, digest, meta,
+                linked=self.files is not None, run=self._settler.call, job_id=entry.job_id,
+                position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
+            )
         kind = outcome.kind
         if kind is Outcome.STORED:
             self.on_bytes("stored", downloaded.size)
@@ -467,7 +518,8 @@ class Worker:
         return kind
 
     def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo]:
-        """In a worker thread: validate the body, write it to a temp file, link it in (store step 1).
+        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
+        store step 1; an object store's commit follows in store_blob).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
@@ -480,12 +532,20 @@ class Worker:
             mode=self.settings.validation,
         )
         if downloaded.data is not None:
-            tmp, digest = self.blobs.write_temp(downloaded.data)
+            digest = hashlib.sha256(downloaded.data).hexdigest()
+            # Content the store holds already (the same image under another URL): no bytes are written
+            # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
+            tmp = self.files.temp_link_to(digest) if self.files is not None else None
+            if tmp is not None:
+                return tmp, digest, info
+            tmp, digest = self.blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
+        if self.files is None:
+            return tmp, digest, info
         try:
-            self.blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
+            self.files.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
             self.blobs.discard(tmp)
             raise

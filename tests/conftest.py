@@ -23,13 +23,14 @@ from PIL import Image
 
 from bench.procs import start_redis_server
 from casimg.app import make_app
-from casimg.blobs import BlobStore
 from casimg.config import Settings, load_settings
 from casimg.index import Index
 from casimg.keys import Scope
 from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
+from casimg.storage.file import FileStore
 from tests.origin import Origin
+from tests.procs import S3Endpoint
 
 _prefixes = itertools.count()
 
@@ -68,16 +69,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
+    """An S3 endpoint for the session: moto_server on loopback, or the bucket CASIMG_S3_* name."""
+    endpoint = S3Endpoint(tmp_path_factory.mktemp("s3"))
+    yield endpoint
+    endpoint.stop()
+
+
+@pytest.fixture(scope="session")
 def origin() -> Iterator[Origin]:
     with Origin() as server:
         yield server
 
 
 @pytest.fixture
-def world(io_loop: Any, redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[BlobStore, Index]]:
+def world(io_loop: Any, redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[FileStore, Index]]:
     """A blob store in the test's temp dir and an index under a key prefix of its own."""
     client = connect_redis(redis_server.url, 8)
-    blobs = BlobStore(tmp_path)
+    blobs = FileStore(tmp_path)
     blobs.create_dirs()
     yield blobs, Index(client, KeySpace(f"world-{os.urandom(4).hex()}:"))
     io_loop.run_sync(client.aclose)

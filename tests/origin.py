@@ -27,6 +27,11 @@ Paths:
   /redirect-raw?hex=H      one redirect whose Location is the bytes H (hex), written as they are: bytes
                            that are not UTF-8, or no valid URL at all
   /trickle/KEY?seconds=S   headers, then a byte every S seconds (default 5) for up to a minute
+
+POST, a receiver of casimg's job callbacks:
+  /hook/KEY?fail=N&status=CODE&stall=M&seconds=S   keeps each request's headers and body in
+                           ``origin.posts[KEY]`` (before answering); no answer for S seconds (default 30) to
+                           the first M, CODE (default 500) to the first N, then 200
 """
 
 from __future__ import annotations
@@ -168,6 +173,25 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send_slow(float(query.get("seconds", "5")))
         self.send(404, b"not found", "text/plain")
 
+    def do_POST(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        segments = parts.path.strip("/").split("/")
+        if segments[0] != "hook" or len(segments) != 2:
+            return self.send(404, b"not found", "text/plain")
+        origin = self.server.origin
+        with origin._lock:
+            origin.posts.setdefault(segments[1], []).append(({k.lower(): v for k, v in self.headers.items()}, body))
+        hit = origin.count("hook:" + segments[1])
+        if hit <= int(query.get("stall", "0")):
+            self.server.stopping.wait(float(query.get("seconds", "30")))
+            self.close_connection = True
+            return
+        if hit <= int(query.get("fail", "0")):
+            return self.send(int(query.get("status", "500")), b"not now", "text/plain")
+        self.send(200, b"ok", "text/plain")
+
     def send(self, status: int, body: bytes, content_type: str,
              headers: dict[str, str] | list[tuple[str, str]] | None = None) -> None:
         try:
@@ -260,6 +284,7 @@ class Origin:
         self.robots_stall = 0.0
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path) of every request, in order
         self.agents: dict[str, str] = {}  # path -> the User-Agent of its last request
+        self.posts: dict[str, list[tuple[dict[str, str], bytes]]] = {}  # /hook/KEY: (headers, body) of each POST
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from urllib.parse import quote, urlsplit
 
 import redis
 
-from bench.procs import ROOT, free_port, spawn, start_serve, status_kib
+from bench.procs import ROOT, free_port, spawn, start_moto, start_serve, status_kib
+from bench.procs import stop as stop_process
+from casimg.metrics import shared_root
 from tests.origin import image_bytes
 
 
@@ -44,8 +47,10 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         # CASIMG_ORIGIN_RATE 0: tests fetch hundreds of images from one local origin (as conftest.make_settings)
+        # CASIMG_PROCESSES 1: a test drives, signals and counts one server process unless it asks for more
+        # (serve's default is one per core).
         self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2",
-                    "CASIMG_ORIGIN_RATE": "0", **(env or {})}
+                    "CASIMG_ORIGIN_RATE": "0", "CASIMG_PROCESSES": "1", **(env or {})}
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.process = start_serve(["--data-dir", str(data_dir), "--port", str(self.port), *extra], self.port,
                                    self.log, env=self.env, cwd=ROOT)
@@ -110,13 +115,29 @@ class Processes:
     def cleanup(self) -> None:
         for process in self.started:
             if process.poll() is None:
+                # `serve --processes N` children run in process groups of their own, and a parent killed
+                # with -9 forwards nothing: they are ended by pid, or they outlive the test.
+                children = forked_children(process.pid)
                 process.kill()
                 process.wait()
+                for child in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child, signal.SIGKILL)
         for data_dir in self.data_dirs:
             pid = embedded_redis_pid(data_dir)
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            # A process killed here cannot remove the data dir's metrics directory (a clean stop does).
+            shutil.rmtree(shared_root(data_dir), ignore_errors=True)
+
+
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked (Linux's /proc children list); [] once it is gone."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
 
 
 def embedded_redis_pid(data_dir: Path) -> int | None:
@@ -264,3 +285,157 @@ def assert_nothing_grows(client: redis.Redis, prefix: str = PREFIX) -> None:
     assert jobs, "expected job keys"
     for key in [*jobs, *client.scan_iter(prefix + "worker:*")]:
         assert client.ttl(key) > 0, f"{key} never expires"
+
+
+# -- an S3 endpoint: moto's server by default, or a real bucket named in the environment ---------------
+
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "casimg-test", "AWS_SECRET_ACCESS_KEY": "casimg-test-secret"}
+
+
+class S3Endpoint:
+    """Where the S3 tests store: a `moto_server` started here on loopback, or, when CASIMG_S3_ENDPOINT
+    and CASIMG_S3_BUCKET are set (with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), that endpoint and
+    bucket. Each test takes a prefix of its own, so tests never see each other's objects."""
+
+    def __init__(self, directory: Path, environ: dict[str, str] | None = None) -> None:
+        env = dict(os.environ if environ is None else environ)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / "moto.log"
+        if env.get("CASIMG_S3_ENDPOINT") and env.get("CASIMG_S3_BUCKET"):
+            self.endpoint, self.bucket = env["CASIMG_S3_ENDPOINT"], env["CASIMG_S3_BUCKET"]
+            self.region = env.get("CASIMG_S3_REGION", "us-east-1")
+            self.credentials = {name: env[name] for name in
+                                ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN") if name in env}
+            self.emulated = False
+            return
+        self.port = free_port()
+        self.endpoint, self.bucket, self.region = f"http://127.0.0.1:{self.port}", "casimg-test", "us-east-1"
+        self.credentials = dict(TEST_CREDENTIALS)
+        self.emulated = True
+        self.start()
+        self.create_bucket(self.bucket)
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """(Re)start moto on the same port: a restarted moto has lost every bucket and object."""
+        self.process = start_moto(self.port, self.log, env=env, new_session=True)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+            self.process = None
+
+    def create_bucket(self, name: str) -> None:
+        # moto takes an unsigned request; a real endpoint's bucket exists already.
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/{name}", method="PUT"), timeout=30).close()
+
+    def prefix(self) -> str:
+        return f"t{time.time_ns()}-{os.urandom(3).hex()}/"
+
+    def env(self, prefix: str, **extra: str) -> dict[str, str]:
+        """The environment of a `casimg` process storing under `prefix`."""
+        return {"CASIMG_STORAGE": "s3", "CASIMG_S3_ENDPOINT": self.endpoint, "CASIMG_S3_BUCKET": self.bucket,
+                "CASIMG_S3_REGION": self.region, "CASIMG_S3_PREFIX": prefix, **self.credentials, **extra}
+
+    def settings(self, prefix: str, directory: Path) -> dict[str, Any]:
+        """make_settings overrides for an in-process store under `prefix`, its credentials in a file in
+        `directory` (the test process's environment holds none)."""
+        credentials = directory / "aws-credentials"
+        credentials.write_text("[default]\n" + "".join(
+            f"{name.lower()} = {value}\n" for name, value in self.credentials.items()))
+        return {"storage": "s3", "s3_endpoint": self.endpoint, "s3_bucket": self.bucket,
+                "s3_region": self.region, "s3_prefix": prefix, "s3_credentials_file": str(credentials)}
+
+    def store_for(self, tmp_dir: Path, prefix: str | None = None, **options: Any) -> Any:
+        from casimg.storage.s3 import S3Store, credentials_from
+
+        store = S3Store(tmp_dir, bucket=options.pop("bucket", self.bucket), prefix=prefix or self.prefix(),
+                        endpoint=self.endpoint, region=self.region,
+                        credentials=credentials_from("", self.credentials), **options)
+        store.create_dirs()
+        return store
+
+
+class S3Proxy:
+    """A loopback HTTP proxy in front of an S3 endpoint, in a thread of the test: it records each request's
+    method, path and headers, and answers the next `throttle(n)` requests with 503 SlowDown, as a
+    throttled bucket does, or refuses the next `refuse_uploads(n)` PUTs (403 AccessDenied, after reading
+    their bodies: an upload the store turned down, which no retry mends)."""
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+    ACCESS_DENIED = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code></Error>'
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.target = urlsplit(target)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.throttled = 0
+        self._throttle = 0
+        self._refuse = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path, dict(self.headers)))
+                    throttle = proxy._throttle > 0
+                    proxy._throttle -= throttle
+                    proxy.throttled += throttle
+                    refused = self.command == "PUT" and proxy._refuse > 0
+                    proxy._refuse -= refused
+                if throttle or refused:
+                    answer = proxy.SLOW_DOWN if throttle else proxy.ACCESS_DENIED
+                    self.send_response(503 if throttle else 403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
+                upstream = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    reply = upstream.getresponse()
+                    data = reply.read()
+                finally:
+                    upstream.close()
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def throttle(self, requests: int) -> None:
+        with self._lock:
+            self._throttle = requests
+
+    def refuse_uploads(self, puts: int) -> None:
+        with self._lock:
+            self._refuse = puts
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

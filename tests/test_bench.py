@@ -19,9 +19,10 @@ import pytest
 from bench import references
 from bench.procs import ROOT
 from bench.report import BEGIN, END, splice
-from casimg import blobs, validation
+from casimg import validation
 from casimg.config import load_settings
 from casimg.errors import InvalidImage
+from casimg.storage import file as blobs
 from tests.origin import Origin, image_bytes
 
 URLS = ["/img/1.jpg", "/img/2.png", "/img/3.webp", "/img/4.gif"]

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from casimg.cli import Formatter
+from casimg.config import usable_cores
 from casimg.embedded import EmbeddedRedis
 from casimg.schema import url_bucket
 from tests.conftest import eventually
@@ -171,6 +172,25 @@ def test_serve_processes_share_the_port_with_their_workers_and_stop_together(dat
         assert server.terminate() == 0
     assert not EmbeddedRedis(data_dir).alive()
     assert server.output().count("stopped") == 2
+
+
+def test_serve_runs_a_process_per_core_by_default_and_one_when_told(data_dir, tmp_path):
+    cores = usable_cores()
+    server = Server(data_dir, env={"CASIMG_PROCESSES": "auto"})  # what serve does with nothing set
+    try:
+        children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+        commands = [Path(f"/proc/{pid}/cmdline").read_text() for pid in children]
+        assert sum("casimg" in command for command in commands) == (cores if cores > 1 else 0), commands
+    finally:
+        assert server.terminate() == 0
+    assert not EmbeddedRedis(data_dir).alive()
+    assert server.output().count("stopped") == cores  # each forked process, or the one
+    one = Server(tmp_path / "one", "--processes", "1", env={"CASIMG_PROCESSES": "auto"})
+    try:
+        children = Path(f"/proc/{one.process.pid}/task/{one.process.pid}/children").read_text().split()
+        assert not [pid for pid in children if "casimg" in Path(f"/proc/{pid}/cmdline").read_text()]
+    finally:
+        assert one.terminate() == 0
 
 
 @pytest.mark.parametrize("created", [0.0, 0.999, 86_399.5, 1_764_630_000.25, 1_764_630_001.0])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from casimg.config import FIELDS, Settings, describe, load_settings
+from casimg.config import AUTO, FIELDS, Settings, describe, load_settings, usable_cores
 from casimg.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,3 +94,23 @@ def test_the_sweep_may_not_take_downloads_in_progress():
     with pytest.raises(ConfigError, match="tmp_grace"):
         load_settings(environ={"CASIMG_TMP_GRACE": "30", "CASIMG_FETCH_TIMEOUT": "60"})
     assert load_settings(environ={"CASIMG_TMP_GRACE": "30", "CASIMG_SWEEP_INTERVAL": "0"}).tmp_grace == 30
+
+
+def test_a_default_callback_url_needs_a_secret_and_http():
+    with pytest.raises(ConfigError, match="CASIMG_WEBHOOK_SECRET"):
+        load_settings(environ={"CASIMG_WEBHOOK_URL": "https://receiver.example/hook"})
+    with pytest.raises(ConfigError, match="http"):
+        load_settings(environ={"CASIMG_WEBHOOK_URL": "ftp://receiver.example/", "CASIMG_WEBHOOK_SECRET": "s"})
+    settings = load_settings(environ={"CASIMG_WEBHOOK_URL": "https://r.example/", "CASIMG_WEBHOOK_SECRET": "s3cr3t"})
+    assert "s3cr3t" not in repr(settings)  # a logged Settings never shows the secret
+
+
+def test_the_default_of_processes_is_auto_and_auto_means_the_usable_cores():
+    assert load_settings(environ={}).processes == AUTO
+    assert load_settings(environ={}).process_count == usable_cores() >= 1
+    assert load_settings(environ={"CASIMG_PROCESSES": "Auto"}).process_count == usable_cores()
+    assert load_settings(environ={}, overrides={"processes": "3"}).process_count == 3
+    with pytest.raises(ConfigError):
+        load_settings(environ={"CASIMG_PROCESSES": "-1"})
+    with pytest.raises(ConfigError):
+        load_settings(environ={"CASIMG_PROCESSES": "many"})

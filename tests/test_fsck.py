@@ -7,16 +7,16 @@ import os
 
 import pytest
 
-from casimg.blobs import BlobStore
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
 from casimg.schema import blob_key, url_bucket
+from casimg.storage.file import FileStore
 from tests.conftest import png
 from tests.origin import image_bytes
 
 
-async def put(blobs: BlobStore, index: Index, url: str, data: bytes) -> str:
+async def put(blobs: FileStore, index: Index, url: str, data: bytes) -> str:
     tmp = blobs.tmp_dir / f"dl-{os.urandom(4).hex()}.part"
     tmp.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from casimg.blobs import BlobStore
 from casimg.fsck import sweep
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import delete_url, remove_if_unreferenced, store_blob
 from casimg.schema import KeySpace
 from casimg.services import connect_redis
+from casimg.storage.file import FileStore
 
 BYTES = b"the same image bytes at two URLs"
 DIGEST = hashlib.sha256(BYTES).hexdigest()
@@ -74,20 +74,20 @@ def schedules(first: str, first_moves: int, second: str, second_moves: int) -> l
     return orders
 
 
-async def _world(tmp_path: Path, redis_url: str, name: str) -> tuple[BlobStore, Index]:
-    blobs = BlobStore(tmp_path / name)
+async def _world(tmp_path: Path, redis_url: str, name: str) -> tuple[FileStore, Index]:
+    blobs = FileStore(tmp_path / name)
     blobs.create_dirs()
     client = connect_redis(redis_url, 8)
     return blobs, Index(client, KeySpace(f"lifecycle-{name}-{id(blobs)}:"))
 
 
-async def _temp_with_bytes(blobs: BlobStore) -> Path:
+async def _temp_with_bytes(blobs: FileStore) -> Path:
     tmp = blobs.tmp_dir / f"dl-{len(list(blobs.tmp_dir.iterdir()))}-{id(object())}.part"
     tmp.write_bytes(BYTES)
     return tmp
 
 
-async def assert_invariant(blobs: BlobStore, index: Index) -> None:
+async def assert_invariant(blobs: FileStore, index: Index) -> None:
     snap = await index.snapshot()
     counts = Counter(snap.urls.values())
     for url, digest in snap.urls.items():

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,6 +309,11 @@ def test_a_scrape_counts_every_process_of_the_host_and_a_restart_neither_loses_n
     redis = ("--redis-url", redis_server.url)
     server = procs.server(data_dir, "--processes", "2", *redis, env=env)
     worker = procs.worker(data_dir, *redis, env=server.env)
+    shared = shared_root(data_dir) / host_id()
+    # The worker must hold its slot before the server stops, or the server, last to leave, takes the counts.
+    deadline = time.monotonic() + 30
+    while len(list(shared.glob("slot-*.lock"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
     first = image_urls(origin, 12, start=500, query="metrics")
     posts, gets = drive(server, first, per_post=2)
     size = sum(len(image_bytes(n)) for n in range(500, 512))
@@ -327,13 +333,14 @@ def test_a_scrape_counts_every_process_of_the_host_and_a_restart_neither_loses_n
         samples = scrape_until(server, expected)
         assert {k: samples.get(k, 0.0) for k in expected} == expected
     # The new server processes took the slots the old ones left: a restart adds no file.
-    shared = shared_root(data_dir) / host_id()
     assert sorted(p.name for p in shared.glob("slot-*.lock")) == ["slot-0.lock", "slot-1.lock", "slot-2.lock"]
 
     assert server.terminate() == 0
+    assert len(list(shared.glob("gauge_livesum_*.db"))) == 1  # the worker's, which runs on
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(15) == 0
-    assert not list(shared.glob("gauge_livesum_*.db")), "a stopped process's in-flight gauge must go"
+    # The last process of the data dir to stop cleanly takes the directory with it: none is left behind.
+    assert not shared_root(data_dir).exists()
 
 
 def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_files(tmp_path, origin, procs):
@@ -376,3 +383,25 @@ def test_a_killed_process_leaves_no_downloads_in_flight_and_boots_gone_leave_no_
 ])
 def test_the_access_log_masks_credential_parameters_by_name(query, logged_as):
     assert _loggable_uri("/api/images", query) == f"/api/images?{logged_as}"
+
+
+def test_the_directory_of_a_data_dir_that_is_gone_goes_when_a_process_joins(tmp_path, procs):
+    """A data dir deleted while its directory stayed (its last process killed with -9, as a test's
+    temporary one may be) leaves nothing for good: the next process to start on this host removes it,
+    unless a process still holds a slot there."""
+    gone, held, kept = (tmp_path / name for name in ("gone", "held", "kept"))
+    kept.mkdir()
+    roots = {name: shared_root(path) for name, path in (("gone", gone), ("held", held), ("kept", kept))}
+    for name, root in roots.items():
+        (root / host_id()).mkdir(parents=True)
+        (root / host_id() / "slot-0.lock").touch()
+        (root / "data-dir").write_text(str(tmp_path / name))
+    with open(roots["held"] / host_id() / "slot-0.lock") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a process on it would
+        server = procs.server(tmp_path / "data", "--no-workers")
+        assert not roots["gone"].exists()
+        assert roots["held"].exists() and roots["kept"].exists()
+    assert server.terminate() == 0
+    assert not shared_root(tmp_path / "data").exists()
+    for root in roots.values():
+        shutil.rmtree(root, ignore_errors=True)

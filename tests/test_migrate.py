@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from casimg.blobs import BlobStore
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index
 from casimg.migrate import migrate, move_batch
 from casimg.schema import KeySpace, OldKeySpace, Order
 from casimg.services import connect_redis, open_services
+from casimg.storage.file import FileStore
 from tests.conftest import make_settings, png
 
 CONTENTS = 250
@@ -31,7 +31,7 @@ class OldEntry:
     stored_at_us: int | None  # None: no score in the old listing (an old index fsck had not repaired)
 
 
-async def write_old_index(index: Index, blobs: BlobStore) -> tuple[list[OldEntry], str]:
+async def write_old_index(index: Index, blobs: FileStore) -> tuple[list[OldEntry], str]:
     """An old index of URLS URLs over CONTENTS contents, their blobs on disk; returns the entries and the
     digest whose metadata the old index had lost."""
     old = OldKeySpace(index.keys.prefix)
@@ -72,7 +72,7 @@ async def walk_newest(index: Index, limit: int = 100) -> list[tuple[str, int]]:
         cursor = page.next_cursor
 
 
-async def assert_moved(index: Index, blobs: BlobStore, entries: list[OldEntry], lost_meta: str) -> None:
+async def assert_moved(index: Index, blobs: FileStore, entries: list[OldEntry], lost_meta: str) -> None:
     """Every old URL is in the new layout with its digest, time and metadata; nothing of the old is left."""
     old = OldKeySpace(index.keys.prefix)
     assert [key async for key in index.redis.scan_iter(f"{old.prefix}*") if not key.startswith(
@@ -158,7 +158,7 @@ async def test_a_url_stored_again_since_keeps_its_new_entry(world):
 @pytest.mark.gen_test(timeout=60)
 async def test_services_move_the_old_index_when_they_open(redis_server, tmp_path):
     settings = make_settings(tmp_path / "data", redis_server.url)
-    blobs = BlobStore(settings.data_dir)
+    blobs = FileStore(settings.data_dir)
     blobs.create_dirs()
     client = connect_redis(redis_server.url, 2)
     try:

@@ -15,7 +15,7 @@ import pytest
 from casimg.config import Settings
 from casimg.errors import DownloadFailed
 from casimg.fetcher import Fetcher
-from casimg.politeness import Robots, opted_out
+from casimg.politeness import OriginPace, Robots, opted_out
 from casimg.queue import Job, JobQueue
 from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
@@ -195,3 +195,25 @@ async def test_a_429_storm_cools_the_whole_origin_down_for_every_worker(tmp_path
     assert len(first_wave) <= 2 * settings.download_concurrency
     assert len(first_wave) < len(urls), "every URL reached the origin before it cooled down"
     assert not [at for at in hits if hits[0] + 0.5 < at < hits[0] + 1.8]
+
+
+@pytest.mark.gen_test
+async def test_a_fast_origin_costs_one_trip_to_redis_per_lease(redis_server):
+    """Downloads that find an origin's lease empty at once share one trip to Redis, and the lease outlives
+    a few URLs: a fast origin spread over several origins took a trip every second or third URL."""
+    redis = connect_redis(redis_server.url, 8)
+    pace = OriginPace(redis, KeySpace(f"lease-{os.getpid()}:"), rate=1000, burst=1000, backoff=1, backoff_max=1)
+
+    async def scripts_run() -> int:
+        return int((await redis.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
+
+    try:
+        await pace.try_now("warm.example")  # loads the script, so that what follows is EVALSHA alone
+        before = await scripts_run()
+        assert await asyncio.gather(*(pace.try_now("example.com") for _ in range(pace.lease_size - 1))) == \
+            [0.0] * (pace.lease_size - 1)
+        await asyncio.sleep(0.2)
+        assert await pace.try_now("example.com") == 0.0
+        assert await scripts_run() - before == 1
+    finally:
+        await redis.aclose()

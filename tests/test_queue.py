@@ -262,3 +262,34 @@ async def test_a_job_published_but_not_fully_enqueued_is_finished_once_by_a_work
     entries = await queue.read("w", {"k": 5000})
     assert sorted(e.position for e in entries) == list(range(len(urls)))
     assert await queue.redis.zcard(queue.keys.enqueuing) == 0
+
+
+@pytest.mark.gen_test
+async def test_a_cancel_ends_the_job_in_one_step_and_nothing_is_recorded_or_queued_after_it(parts):
+    queue, index = parts
+    urls = [f"http://a/{n}" for n in range(5)]
+    job_id = "c" * 24
+    await queue._stage(job_id, urls, {})
+    await queue._publish_or_refuse(job_id, "", Limits(), total=5, failed=0, size=40)
+    assert await queue.enqueue_step(job_id, 2) is False  # two queued; the submitter stops here (a crash)
+    entries = await queue.read("w1", {"": 10})
+    await index.complete(job_id, 0, entries[0].entry_id, Outcome.FAILED, {"error": "HTTP 404", "attempts": 1})
+
+    assert await queue.cancel(job_id) is True
+    job = await queue.get(job_id)
+    assert (job.status, job.done, job.failed, job.stored) == ("done", 5, 5, 0) and job.finished
+    assert job.results[0]["error"] == "HTTP 404"
+    assert all(r == {"url": r["url"], "status": "failed", "error": "cancelled", "attempts": 0} for r in job.results[1:])
+    assert await queue.cancel(job_id) is False  # done already: unchanged
+    assert await queue.redis.zscore(queue.keys.enqueuing, job_id) is None
+
+    # The entry in flight ends: acknowledged, nothing recorded; a download that comes back is not indexed.
+    await index.complete(job_id, 1, entries[1].entry_id, Outcome.FAILED, {"error": "HTTP 500", "attempts": 1})
+    stored = await index.store("http://a/2", "b" * 64, None, job_id=job_id, position=2)
+    assert stored.outcome is Outcome.CANCELLED and await index.digest_of("http://a/2") is None
+    assert await queue.get(job_id) == job
+    assert await queue.depth() == {"waiting": 0, "in_progress": 0}
+    assert await queue.enqueue_step(job_id) is True  # a resumed enqueue adds nothing
+    assert await queue.redis.xlen(queue.keys.queue) == 0
+    with pytest.raises(NotFound):
+        await queue.cancel("d" * 24)

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from casimg import blobs as blobs_module
 from casimg.fetcher import Fetcher
 from casimg.queue import Limits
 from casimg.services import open_services
+from casimg.storage import file as blobs_module
 from casimg.worker import STORE_DEPTH, Worker
 from tests.conftest import make_settings
 from tests.procs import Processes, settle, submit

@@ -20,13 +20,23 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
     "page": ("lib_hex", "lib_filter", "page"),
+    "urls_of": ("urls_of",),
     "page_recent": ("lib_recent", "lib_filter", "page_recent"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
     "backfill_recent": ("lib_recent", "backfill_recent"),  # migrate.py
+    # claims and tombstones of an object store's blobs (index.py, lifecycle.py)
+    "claim": ("claim",),
+    "unclaim": ("unclaim",),
+    "tomb": ("tomb",),
+    "begin_delete": ("begin_delete",),
     # the queue (queue.py)
-    "publish": ("publish",),
+    "publish": ("lib_complete", "publish"),
     "enqueue": ("enqueue",),
+    "cancel": ("lib_complete", "cancel"),
+    # webhooks.py
+    "webhook_claim": ("webhook_claim",),
+    "webhook_done": ("webhook_done",),
     # limits.py and keys.py
     "rate_take": ("rate_take",),
     "auth_count": ("auth_count",),

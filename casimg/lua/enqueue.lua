@@ -1,12 +1,14 @@
 -- KEYS: job urls results queue enqueuing queue_owners
 -- ARGV: job_id max_urls max_bytes key_queue_prefix group  ->  1 all enqueued, 0 more to do
+-- An entry carries the submit's trace context ('tp') when the job has one (tracing.py).
 -- The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
 -- cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
 -- The entries go to the stream of the key that submitted the job (its name built from the prefix, as
 -- KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
 local job_id = ARGV[1]
-local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key')
-local cursor, total, owner = tonumber(info[1]), tonumber(info[2]), info[3] or ''
+local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key', 'tp', 'cancelled')
+local cursor, total, owner, tp = tonumber(info[1]), tonumber(info[2]), info[3] or '', info[4]
+if info[5] then total = cursor end  -- cancelled: nothing more to queue
 local queue = KEYS[4]
 if owner ~= '' then
   queue = ARGV[4] .. owner
@@ -22,7 +24,11 @@ for i = 1, #urls do
   if taken > 0 and budget <= 0 then break end
   local pos = cursor + i - 1
   if redis.call('HEXISTS', KEYS[3], pos) == 0 then
-    redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    if tp then
+      redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i], 'tp', tp)
+    else
+      redis.call('XADD', queue, '*', 'job', job_id, 'pos', pos, 'url', urls[i])
+    end
     added = added + 1
   end
   budget, taken = budget - #urls[i], taken + 1

@@ -1,5 +1,6 @@
--- KEYS: job urls results inflight enqueuing
--- ARGV: job_id ttl_ms created key_id max_in_flight job_prefix now_ms total failed bytes max_bytes
+-- KEYS: job urls results inflight enqueuing webhooks
+-- ARGV: job_id ttl_ms created key_id max_in_flight job_prefix now_ms total failed bytes max_bytes callback
+--   traceparent
 --   ->  {1, 0} published; {0, jobs} too many unfinished jobs; {2, bytes held} over the bytes; {-1, 0} the
 --       staged list is not whole (it expired)
 -- The in-flight set is cleaned as it is read: a job that is done or has expired no longer counts.
@@ -26,7 +27,11 @@ if ARGV[4] ~= '' and open then
 end
 redis.call('HSET', KEYS[1], 'status', open and 'queued' or 'done', 'total', total, 'done', failed, 'stored', 0,
            'existed', 0, 'failed', failed, 'created', ARGV[3], 'key', ARGV[4], 'bytes', bytes, 'enqueued', 0)
-if not open then redis.call('HSET', KEYS[1], 'finished', ARGV[3]) end
+if ARGV[12] ~= '' then
+  redis.call('HSET', KEYS[1], 'id', job_id, 'callback', ARGV[12], 'cb_state', 'pending', 'cb_attempts', 0)
+end
+if not open then finish_job(KEYS[1], KEYS[6], ARGV[7], ARGV[3]) end
+if ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'tp', ARGV[13]) end  -- the submit's trace context
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)

@@ -1,6 +1,11 @@
--- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners recent
+-- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners recent webhooks
 -- ARGV: url digest meta now_ms entry group field attempts owner recent_leaf_prefix now_iso
+-- A URL of a cancelled job is not indexed: the entry leaves the queue, and the caller removes the bytes.
 local url, digest = ARGV[1], ARGV[2]
+if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[4], 'cancelled') == 1 then
+  complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], '', '', '', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
+  return {'cancelled', digest, -1}
+end
 local old = redis.call('HGET', KEYS[1], url)
 local outcome, prior
 if old then
@@ -18,5 +23,5 @@ end
 local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8])}
 if outcome == 'stored' and prior > 0 then result.deduplicated = true end
 complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4])
+         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
 return {outcome, digest, prior}

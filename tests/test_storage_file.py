@@ -1,4 +1,4 @@
-"""The blob store on a real directory."""
+"""The file driver on a real directory: its blocking steps, its Storage methods, its flushes."""
 
 from __future__ import annotations
 
@@ -11,18 +11,20 @@ import threading
 
 import pytest
 
-from casimg import blobs as blobs_module
-from casimg.blobs import BlobStore, FlushGroup, is_digest, sync_filesystem
+from casimg.config import load_settings
+from casimg.storage import BlobNotFound, StorageUnavailable, is_digest, open_storage
+from casimg.storage import file as blobs_module
+from casimg.storage.file import FileStore, FlushGroup, sync_filesystem
 
 
 @pytest.fixture
 def blobs(tmp_path):
-    store = BlobStore(tmp_path)
+    store = FileStore(tmp_path)
     store.create_dirs()
     return store
 
 
-def _temp(blobs: BlobStore, data: bytes):
+def _temp(blobs: FileStore, data: bytes):
     path = blobs.tmp_dir / f"dl-{hashlib.md5(data).hexdigest()}.part"
     path.write_bytes(data)
     return path, hashlib.sha256(data).hexdigest()
@@ -68,11 +70,11 @@ def test_trash_and_restore(blobs):
     assert blobs.read(digest) == b"abc"
     blobs.discard(trash)
     blobs.discard(trash)  # already gone is fine
-    assert [left.kind for left in blobs.leftovers()] == ["tmp"]
+    assert [left.kind for left in blobs.iter_leftovers()] == ["tmp"]
 
 
 def test_trash_works_in_a_data_dir_without_a_trash_directory(tmp_path):
-    store = BlobStore(tmp_path)  # what `casimg serve` has: tmp/ and blobs/ appear on use, trash/ never did
+    store = FileStore(tmp_path)  # what `casimg serve` has: tmp/ and blobs/ appear on use, trash/ never did
     store.tmp_dir.mkdir()
     tmp, digest = _temp(store, b"abc")
     store.link_in(tmp, digest)
@@ -94,7 +96,7 @@ def test_leftovers_name_trash_digests(blobs):
     digest = "a" * 64
     (blobs.trash_dir / f"{digest}.abc").write_bytes(b"")
     (blobs.tmp_dir / "dl-1.part").write_bytes(b"")
-    found = {(left.kind, left.digest) for left in blobs.leftovers()}
+    found = {(left.kind, left.digest) for left in blobs.iter_leftovers()}
     assert found == {("trash", digest), ("tmp", None)}
 
 
@@ -123,6 +125,38 @@ def test_settle_relinks_a_blob_a_delete_moved_away_and_removes_the_temp_name(blo
     tmp2, _ = blobs.write_temp(b"shared bytes")
     blobs.link_in(tmp2, digest)
     assert blobs.settle(tmp2, digest) is False and not tmp2.exists()
+
+
+@pytest.mark.gen_test
+async def test_the_storage_methods_answer_for_present_and_missing_blobs(blobs):
+    tmp, digest = blobs.write_temp(b"0123456789")
+    await blobs.commit(tmp, digest)
+    await blobs.commit(tmp, digest)  # already there: success
+    blobs.discard(tmp)
+    assert await blobs.stat(digest) == 10 and await blobs.read_range(digest, 3, 4) == b"3456"
+    assert await blobs.walk() == [digest] and await blobs.usage() == (1, 10)
+    missing = "0" * 64
+    for call in (blobs.stat(missing), blobs.read_range(missing)):
+        with pytest.raises(BlobNotFound):
+            await call
+    await blobs.delete(digest)
+    await blobs.delete(digest)  # already gone: fine
+    assert not blobs.exists(digest)
+    assert await blobs.redirect_url(digest, "image/png", "x.png") is None
+
+
+@pytest.mark.gen_test
+async def test_check_names_an_unwritable_directory(blobs):
+    await blobs.check()
+    blobs.tmp_dir.rmdir()
+    blobs.tmp_dir.write_bytes(b"")  # a file where tmp/ should be
+    with pytest.raises(StorageUnavailable, match="not writable"):
+        await blobs.check()
+
+
+def test_open_storage_builds_the_driver_the_settings_name(tmp_path):
+    store = open_storage(load_settings(environ={}), tmp_path)
+    assert isinstance(store, FileStore) and store.root == tmp_path / "blobs"
 
 
 # -- FlushGroup: one syncfs for many stores ---------------------------------------------------------
@@ -201,3 +235,56 @@ def test_sync_filesystem_reports_a_directory_it_cannot_open(tmp_path):
     with pytest.raises(FileNotFoundError):
         sync_filesystem(tmp_path / "missing")
     sync_filesystem(tmp_path)  # a real syncfs(2) returns without error
+
+
+def _stored(blobs: FileStore, data: bytes) -> str:
+    tmp, digest = _temp(blobs, data)
+    blobs.link_in(tmp, digest)
+    return digest
+
+
+def test_read_cached_reads_what_the_page_cache_holds_and_refuses_what_only_the_disk_has(blobs):
+    data = os.urandom(256 * 1024)
+    digest = _stored(blobs, data)
+    blobs.read(digest)  # in the page cache now
+    assert blobs.read_cached(digest, 0, len(data)) == data
+    assert blobs.read_cached(digest, 1000, 5000) == data[1000:6000]
+    fd = os.open(blobs.blob_path(digest), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: the kernel drops them
+    finally:
+        os.close(fd)
+    if blobs.read_cached(digest, 0, len(data)) is not None:
+        pytest.skip("this file system keeps the pages (tmpfs) or cannot drop them")
+    assert asyncio.run(blobs.read_range(digest, 0, len(data))) == data  # from the disk, in a thread
+    assert blobs.read_cached(digest, 0, len(data)) == data  # and cached again
+
+
+def test_read_cached_past_the_end_is_none_and_a_missing_blob_raises(blobs):
+    digest = _stored(blobs, b"x" * 100)
+    blobs.read(digest)
+    assert blobs.read_cached(digest, 50, 100) is None  # a short read is never taken for the whole
+    with pytest.raises(FileNotFoundError):
+        blobs.read_cached("0" * 64, 0, 10)
+    with pytest.raises(BlobNotFound):
+        asyncio.run(blobs.read_range("0" * 64, 0, 10))
+
+
+def test_a_repeat_stages_as_a_link_to_the_stored_blob_and_survives_a_delete_meanwhile(blobs):
+    data = os.urandom(50_000)
+    digest = _stored(blobs, data)
+    assert blobs.temp_link_to("0" * 64) is None  # nothing stored under that digest
+    tmp = blobs.temp_link_to(digest)
+    assert tmp is not None and tmp.parent == blobs.tmp_dir and tmp.name.startswith("dl-")
+    assert os.stat(tmp).st_ino == os.stat(blobs.blob_path(digest)).st_ino  # no bytes written, no new file
+    trash = blobs.move_to_trash(digest)  # a delete of the last other reference, between steps 1 and 2
+    blobs.discard(trash)
+    assert blobs.settle(tmp, digest) is True  # step 3 links the blob again from the temp name
+    assert blobs.read(digest) == data and not tmp.exists()
+
+
+def test_write_temp_takes_a_digest_the_caller_computed(blobs):
+    data = b"some bytes"
+    path, digest = blobs.write_temp(data, hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()

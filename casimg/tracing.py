@@ -1,0 +1,219 @@
+"""OpenTelemetry traces: off unless an exporter is configured through the standard ``OTEL_*`` variables.
+
+On when ``OTEL_TRACES_EXPORTER`` names an exporter (``otlp``, ``console``; ``none`` keeps it off) or an
+OTLP endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), unless
+``OTEL_SDK_DISABLED=true``. Everything else is the SDK's own reading of the environment: the service name
+(``OTEL_SERVICE_NAME``, "casimg" when unset), the sampler (``OTEL_TRACES_SAMPLER``), the batch
+processor (``OTEL_BSP_*``), the exporter's endpoint, headers and protocol (``http/protobuf``, the
+default; ``grpc`` needs opentelemetry-exporter-otlp-proto-grpc installed). The packages come with
+``pip install 'casimg[tracing]'``; without them a configured exporter is reported once and ignored.
+
+Off, this module imports nothing of OpenTelemetry and each hook below is a test of ``enabled`` or an
+empty context manager: the default install pays nothing for it.
+
+The spans, for one URL (``setup`` is called by each ``casimg serve`` and ``casimg worker`` process)::
+
+    POST /api/images                    Tornado, one per HTTP request (opentelemetry-instrumentation-tornado)
+    └─ casimg.process                   the URL's processing by a worker, a child of the submit: the
+       │                                submit's context rides in the job and in each queue entry ("tp")
+       ├─ casimg.download               per attempt: url.full, network.peer.address (the address
+       │  │                             connected to), casimg.outcome, casimg.reason, casimg.size
+       │  ├─ redis origin_pace          one span per Redis script (scripts, not every command: the
+       │  │                             polling of the queues would make a trace a second when idle)
+       │  └─ GET                        per request and redirect hop (opentelemetry-instrumentation-aiohttp-client)
+       ├─ casimg.validate               validation, temp file and link, in a thread
+       └─ casimg.store                  made durable, indexed (redis store), settled
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+log = logging.getLogger("casimg.tracing")
+
+enabled = False  # True once setup() found an exporter and installed the SDK; read by the hooks below
+TRACEPARENT = "traceparent"  # the W3C header, and the name of the one field a stored context holds
+_tracer: Any = None
+_provider: Any = None
+_script_names: dict[str, str] = {}
+_in_script: contextvars.ContextVar[bool] = contextvars.ContextVar("casimg_in_script", default=False)
+Attributes = Mapping[str, str | int | float | bool]
+
+
+def configured(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment asks for traces (see the module's docstring)."""
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    exporters = environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporters:
+        return exporters != "none"
+    return bool(environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+
+
+def setup() -> bool:
+    """Install the tracer provider and the instrumentations if the environment asks for traces; True if on.
+
+    Once per process, before the Tornado application and the download session are made (a forked
+    ``serve --processes`` child calls it for itself: the exporter's thread does not survive a fork).
+    """
+    global enabled, _tracer, _provider
+    if enabled or not configured():
+        return enabled
+    try:
+        provider = _provider_from_environment()
+    except ImportError as missing:
+        log.warning("tracing is configured (OTEL_*) but its packages are missing (%s): "
+                    "pip install 'casimg[tracing]'; running without traces", missing.name)
+        return False
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.tornado import TornadoInstrumentor
+
+    trace.set_tracer_provider(provider)
+    TornadoInstrumentor().instrument(tracer_provider=provider)
+    _patch_scripts()
+    _tracer = provider.get_tracer("casimg")
+    _provider = provider
+    enabled = True
+    log.info("tracing on: exporter %s", os.environ.get("OTEL_TRACES_EXPORTER") or "otlp")
+    return True
+
+
+def shutdown() -> None:
+    """Export what is left, at stop."""
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def _provider_from_environment() -> Any:
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from casimg import __version__
+
+    resource = Resource.create({"service.version": __version__})
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: "casimg"}))
+    provider = TracerProvider(resource=resource)  # the sampler and span limits come from OTEL_* too
+    names = [name.strip().lower() for name in os.environ.get("OTEL_TRACES_EXPORTER", "otlp").split(",")]
+    for name in filter(None, names):
+        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    return provider
+
+
+def _exporter(name: str) -> Any:
+    if name == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter()
+    if name != "otlp":
+        raise ValueError(f"OTEL_TRACES_EXPORTER: unknown exporter {name!r} (casimg knows otlp and console)")
+    protocol = (os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "http/protobuf")
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # type: ignore[assignment]
+    return OTLPSpanExporter()
+
+
+# -- hooks for the rest of casimg: each a no-op while tracing is off ------------------------------------
+
+
+@contextlib.contextmanager
+def span(name: str, attributes: Attributes | None = None, parent: str = "") -> Iterator[None]:
+    """A span around the block, a child of the current span, or of the stored context `parent` (a
+    traceparent from ``current()``); an exception leaving the block is recorded on it."""
+    if not enabled:
+        yield
+        return
+    context = _extract(parent) if parent else None
+    with _tracer.start_as_current_span(name, context=context, attributes=attributes):
+        yield
+
+
+def annotate(attributes: Attributes) -> None:
+    """Set `attributes` on the current span (the download's address, a URL's outcome)."""
+    if enabled:
+        from opentelemetry import trace
+
+        trace.get_current_span().set_attributes(attributes)
+
+
+def current() -> str:
+    """The current span's context as a W3C traceparent, to store with a job; "" when off or outside a span."""
+    if not enabled:
+        return ""
+    from opentelemetry.propagate import inject
+
+    carrier: dict[str, str] = {}
+    inject(carrier)
+    return carrier.get(TRACEPARENT, "")
+
+
+def _extract(traceparent: str) -> Any:
+    from opentelemetry.propagate import extract
+
+    return extract({TRACEPARENT: traceparent})
+
+
+def aiohttp_trace_configs() -> list[Any]:
+    """The download session's trace configs: a client span per request, [] when off."""
+    if not enabled:
+        return []
+    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
+
+    return [create_trace_config(tracer_provider=_provider)]
+
+
+@contextlib.contextmanager
+def script_span(script: Any) -> Iterator[None]:
+    """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
+    if not enabled:
+        yield
+        return
+    marker = _in_script.set(True)  # the batch task copies this context: its own call adds no second span
+    try:
+        with _tracer.start_as_current_span(f"redis {script_name(script.sha)}", attributes={"db.system": "redis"}):
+            yield
+    finally:
+        _in_script.reset(marker)
+
+
+def script_name(sha: str) -> str:
+    """casimg's name for a Lua script (its file in casimg/lua, or the constant it is built from)."""
+    if not _script_names:
+        from casimg import lua, politeness
+
+        sources = {name: lua.source(name) for name in lua.SCRIPTS}
+        sources.update(origin_pace=politeness.PACE_LUA, origin_cool=politeness.COOL_LUA)
+        for name, text in sources.items():
+            _script_names[hashlib.sha1(text.encode()).hexdigest()] = name
+    return _script_names.get(sha, "script " + sha[:8])
+
+
+def _patch_scripts() -> None:
+    """A span per direct script call (``await script(keys=..., args=...)``) made inside a span: a call
+    outside one (the workers' polling) would start a trace of its own, and one queued on a pipeline is
+    not sent yet."""
+    from redis.asyncio.client import Pipeline
+    from redis.commands.core import AsyncScript
+
+    plain = AsyncScript.__call__
+
+    async def traced(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        from opentelemetry import trace
+
+        if (_in_script.get() or isinstance(client, Pipeline)
+                or not trace.get_current_span().get_span_context().is_valid):
+            return await plain(self, keys, args, client)
+        with _tracer.start_as_current_span(f"redis {script_name(self.sha)}", attributes={"db.system": "redis"}):
+            return await plain(self, keys, args, client)
+
+    AsyncScript.__call__ = traced  # type: ignore[method-assign]

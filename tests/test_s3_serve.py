@@ -1,0 +1,112 @@
+"""`casimg serve` with CASIMG_STORAGE=s3, end to end: real processes (casimg, its embedded Redis, the
+origin, the S3 endpoint of tests/procs.S3Endpoint, a recording proxy in front of it), over HTTP only."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import pytest
+
+from casimg.client import Client
+from tests.procs import (
+    Processes,
+    S3Proxy,
+    assert_fsck_clean,
+    assert_retrievable,
+    casimg,
+    expected_bytes,
+    image_urls,
+    settle,
+    submit,
+)
+
+pytestmark = pytest.mark.slow  # each test starts a server
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    yield started
+    started.cleanup()
+
+
+@pytest.fixture
+def proxy(s3: Any) -> Iterator[S3Proxy]:
+    front = S3Proxy(s3.endpoint)
+    yield front
+    front.close()
+
+
+def s3_env(s3: Any, endpoint: str, prefix: str, **extra: str) -> dict[str, str]:
+    return {**s3.env(prefix, **extra), "CASIMG_S3_ENDPOINT": endpoint}
+
+
+def test_an_import_lands_in_the_bucket_and_reads_back_byte_identical(s3, proxy, processes, origin, tmp_path):
+    prefix = s3.prefix()
+    env = s3_env(s3, proxy.endpoint, prefix)
+    server = processes.server(tmp_path / "data", env=env)
+    urls = image_urls(origin, 12)
+    done = settle(server, submit(server, urls))
+    assert done["stored"] == 12, done
+    again = image_urls(origin, 3, query="again")  # new URLs, known contents: indexed with no upload
+    assert settle(server, submit(server, again))["stored"] == 3
+    urls += again
+    assert_retrievable(server, urls)
+    digests = {result["sha256"] for result in done["results"]}
+    listed = casimg("stats", "--json", "--data-dir", str(server.data_dir), env=env, check=False)
+    assert listed.returncode == 0, (listed.returncode, listed.stdout, listed.stderr)
+    assert json.loads(listed.stdout)["blob_files"] == len(digests) == 12
+    puts = [path for method, path, _ in proxy.seen if method == "PUT"]
+    assert len(puts) == 12  # one PUT per content, none for the later URLs that share one
+    assert all(urlsplit(path).path.startswith(f"/{s3.bucket}/{prefix}blobs/") for path in puts)
+    # the same HTTP rules as from files: ETag, 304, Range, HEAD
+    url = quote(urls[0], safe="")
+    status, body, headers = server.call("GET", f"/api/image?url={url}", headers={"Range": "bytes=10-19"})
+    assert status == 206 and body == expected_bytes(urls[0])[10:20]
+    etag = {name.lower(): value for name, value in headers.items()}["etag"]
+    assert server.call("GET", f"/api/image?url={url}", headers={"If-None-Match": etag})[0] == 304
+    status, body, headers = server.call("HEAD", f"/api/blobs/{etag.strip(chr(34))}")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == len(expected_bytes(urls[0]))
+    assert headers["Content-Type"] == "image/jpeg"
+    assert_fsck_clean(server.data_dir, env=env)
+    # a delete answers at once; the object waits for the sweep (a tombstone), the URL is gone
+    assert server.call("DELETE", f"/api/image?url={url}")[0] == 204
+    assert server.call("GET", f"/api/image?url={url}")[0] == 404
+    assert server.terminate() == 0
+
+
+def test_presigned_redirects_are_followed_by_the_client_without_its_key(s3, proxy, processes, origin, tmp_path):
+    env = s3_env(s3, proxy.endpoint, s3.prefix(), CASIMG_S3_REDIRECT="presigned")
+    server = processes.server(tmp_path / "data", env=env)
+    urls = image_urls(origin, 2, start=40)
+    assert settle(server, submit(server, urls))["stored"] == 2
+    opener = urllib.request.build_opener(_NoRedirects())
+    request = urllib.request.Request(f"{server.base}/api/image?url={quote(urls[0], safe='')}",
+                                     headers={"X-API-Key": server.key})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        opener.open(request, timeout=30)
+    assert answer.value.code == 302 and answer.value.headers["Location"].startswith(proxy.endpoint + "/")
+    assert answer.value.headers["Cache-Control"] == "no-store"
+    before = len(proxy.seen)
+    assert Client(server.base, server.key).image(urls[1]) == expected_bytes(urls[1])
+    followed = [headers for method, _, headers in proxy.seen[before:] if method == "GET"]
+    assert followed and all(server.key not in " ".join(h.values()) for h in followed)
+    assert all("x-api-key" not in {name.lower() for name in h} for h in followed)
+    assert server.terminate() == 0
+
+
+def test_a_missing_bucket_stops_the_start_with_the_reason(s3, processes, tmp_path):
+    env = {**s3.env(s3.prefix()), "CASIMG_S3_BUCKET": "no-such-bucket-here"}
+    result = casimg("serve", "--data-dir", str(tmp_path / "data"), "--port", "0", env=env, check=False)
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr and "no-such-bucket-here" in result.stderr
+    assert s3.credentials["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
