@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 
 from casimg.batching import ScriptBatcher
 from casimg.clock import now_iso, now_ms
@@ -195,6 +196,7 @@ class Index:
         self._page = redis.register_script(lua_source("page"))
         self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
+        self._recent_prune = redis.register_script(lua_source("recent_prune"))
         self._repair = redis.register_script(lua_source("repair"))
         self._claim = redis.register_script(lua_source("claim"))
         self._unclaim = redis.register_script(lua_source("unclaim"))
@@ -344,6 +346,29 @@ class Index:
         images = [_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)]
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
+
+    async def recent_size(self) -> int:
+        """Members of the newest-first order, summed over its leaves (one ZCARD each, pipelined): fsck
+        compares it with the URLs indexed."""
+        bounds = await self._recent_bounds()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bound in bounds:
+                pipe.zcard(self.keys.recent_leaf(bound.hex() if bound else "first"))
+            return sum(await pipe.execute())
+
+    async def prune_recent(self) -> int:
+        """Drop the newest-first order's members whose URL is gone or indexed with another stored_at, a leaf
+        per Lua call, the last leaf first (a leaf that empties joins the one before, not yet pruned).
+        Returns the members dropped."""
+        k, removed = self.keys, 0
+        for bound in reversed(await self._recent_bounds()):
+            removed += int(await self._recent_prune(keys=[k.recent], args=[k.url(""), k.recent_leaf(""), bound]))
+        return removed
+
+    async def _recent_bounds(self) -> list[bytes]:
+        """The leaves' bounds, raw (the decoding client cannot read them)."""
+        raw = await self.redis.execute_command("ZRANGE", self.keys.recent, 0, -1, **{NEVER_DECODE: True})
+        return list(raw)
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

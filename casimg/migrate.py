@@ -64,10 +64,10 @@ async def migrate(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BA
     return moved
 
 
-async def backfill_recent(redis: aioredis.Redis, keys: KeySpace) -> int:
+async def backfill_recent(redis: aioredis.Redis, keys: KeySpace, again: bool = False) -> int:
     """Give every indexed URL its member in the newest-first order, unless a finished run says it has one
-    (an empty index needs none). Returns the members this call added."""
-    if await redis.hexists(keys.migrations, RECENT_MIGRATION):
+    (an empty index needs none) and not `again` (fsck --repair). Returns the members this call added."""
+    if not again and await redis.hexists(keys.migrations, RECENT_MIGRATION):
         return 0
     added = 0
     if int(await redis.hget(keys.count, "urls") or 0) > 0:
