@@ -110,12 +110,45 @@ def slowest_call_ms(client: redis.Redis) -> float:
     return max((entry["duration"] for entry in entries), default=0) / 1000
 
 
-def filters(work: Path, queries: list[str], pages: int) -> None:
+def time_backfill(redis_url: str) -> None:
+    """The migration of an index from before the newest-first order: the order dropped, then rebuilt by
+    migrate.backfill_recent as a process start runs it; its time and its longest Lua call."""
+    from casimg.migrate import backfill_recent
+    from casimg.schema import KeySpace
+    from casimg.services import connect_redis
+
+    keys, client = KeySpace(), redis.Redis.from_url(redis_url)
+    for leaf in list(client.scan_iter(keys.recent_leaf("*"), count=1000)):
+        client.delete(leaf)
+    client.delete(keys.recent, keys.migrations)
+    client.config_set("slowlog-log-slower-than", 1000)
+    client.config_set("slowlog-max-len", 1024)
+    client.slowlog_reset()
+
+    async def run() -> int:
+        index_client = connect_redis(redis_url, 2)
+        try:
+            return await backfill_recent(index_client, keys)
+        finally:
+            await index_client.aclose()
+
+    started = time.monotonic()
+    added = asyncio.run(run())
+    calls = sorted(entry["duration"] / 1000 for entry in client.slowlog_get(1024))
+    print(f"backfill: {added:,} URLs placed in {time.monotonic() - started:.1f} s; calls over 1 ms: {len(calls)}, "
+          f"p50 of those {statistics.median(calls) if calls else 0:.1f} ms, longest {max(calls, default=0):.1f} ms")
+    client.close()
+
+
+def filters(work: Path, queries: list[str], pages: int, backfill: bool) -> None:
     procs = Procs()
     try:
         _, redis_url = start_redis(procs, work / "redis", persistent=False)  # loads the fill's save
         client = redis.Redis.from_url(redis_url)
         urls = int(client.hget("casimg:count", "urls") or 0)
+        if backfill:
+            time_backfill(redis_url)
+        client.hset("casimg:migrations", "recent", 1)  # the fill placed every URL: no migration at start
         server = start_casimg(procs, work / "data", redis_url, workers=False)
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         client.config_set("slowlog-log-slower-than", 0)
@@ -153,17 +186,23 @@ def main() -> None:
     parser.add_argument("--urls", type=int, default=1_000_000)
     parser.add_argument("--pages", type=int, default=20, help="pages walked per filtered listing")
     parser.add_argument("--query", action="append", help="listing queries to time (repeatable)")
+    parser.add_argument("--backfill", action="store_true", help="first drop the newest-first order and time "
+                                                               "its rebuild by the start's migration")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step == "fill":
         fill(args.work, args.urls)
     else:
-        filters(args.work, args.query or DEFAULT_QUERIES, args.pages)
+        filters(args.work, args.query or DEFAULT_QUERIES, args.pages, args.backfill)
 
 
-DEFAULT_QUERIES = [
-    "limit=100", "limit=100&order=recent",
-]
+# bench.listing's URLs are all on images.example.com, numbered 0..N-1 in their path: a host that matches
+# all, one that matches none (the worst case: every page looks at its whole budget), a prefix that matches
+# 1% (numbers 0..9,999 of 1,000,000), a substring in every URL and one in none.
+_FILTERS = ["", "&host=images.example.com", "&host=nowhere.example",
+            "&prefix=" + urllib.parse.quote("https://images.example.com/photos/2026/11/0000", safe=""),
+            "&contains=-original", "&contains=nowhere"]
+DEFAULT_QUERIES = [f"limit=100{order}{where}" for where in _FILTERS for order in ("", "&order=recent")]
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,10 @@ The invariant: every indexed URL has its blob on disk, every reference count equ
 URLs pointing at its digest, every URL carries its content's metadata, with the content type its bytes
 name (an earlier casimg recorded a WebP as application/octet-stream on a fresh server), no record
 with references is pointed at by no URL, the count hash holds the numbers of URLs and of referenced
-contents, every URL and record sits in the bucket its hash names (lookups look nowhere else), and
-every blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
+contents, every URL and record sits in the bucket its hash names (lookups look nowhere else), the
+newest-first order holds as many URLs as the index (its members are not compared one by one: --repair
+drops those of URLs gone or stored again, and places those missing), and every blob's bytes hash to its
+name. Breaking any of these is a *problem* (exit 1).
 What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
 server: the index is read in one MULTI, and anything that looks wrong between disk and index is
 checked again live before it is reported, since a store or delete may have happened in between.
@@ -22,6 +24,7 @@ from pathlib import Path
 from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced, sweep_tombs
+from casimg.migrate import backfill_recent
 from casimg.relations import Relations, StoredVariant
 from casimg.schema import url_bucket
 from casimg.storage import BlobNotFound, Storage
@@ -83,6 +86,10 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
         if snap.counts[name] != actual:
             report.problems.append(f"count {name} is {snap.counts[name]}, but the index holds {actual}")
 
+    placed = await index.recent_size()
+    if placed != len(snap.urls) and await index.recent_size() != await index.count():  # again, live
+        report.problems.append(f"the newest-first order holds {placed} URLs, but the index {len(snap.urls)}")
+
     types: dict[str, str] = {}  # digest -> the content type its bytes name, for the sound referenced blobs
     for digest in sorted(on_disk):
         try:
@@ -139,6 +146,10 @@ async def _repair(index: Index, blobs: Storage, tmp_grace: float) -> list[str]:
     variant blob is missing (the next request renders it again), missing metadata, trash, orphans, stale
     temp files."""
     done = [f"index: {fix}" for fix in await index.repair()]
+    if dropped := await index.prune_recent():
+        done.append(f"newest-first order: dropped {dropped} URL(s) no longer indexed as placed")
+    if placed := await backfill_recent(index.redis, index.keys, again=True):
+        done.append(f"newest-first order: placed {placed} URL(s) it lacked")
     done += await sweep(index, blobs, tmp_grace)  # first: it puts back blobs a URL without metadata may use
     snap = await index.snapshot()
     relations = Relations(index.redis, index.keys)

@@ -1,7 +1,8 @@
 """The Redis index: URL -> digest, stored_at and metadata; per-content reference counts; listing.
 
 Every Redis key casimg writes is named by ``schema.KeySpace``. The index lives in 2 x 4,096 small hashes,
-each kept in Redis's compact (ziplist/listpack) encoding, which is what holds it under 250 bytes per URL:
+each kept in Redis's compact (ziplist/listpack) encoding, which holds them to about 230 bytes per URL (the
+newest-first order adds about 115, BENCHMARKS.md "Redis memory"):
 
 - ``url:{bucket}``: URL -> "<sha256 hex> <stored_at ms> <size> <width> <height> <content_type>" (just
   "<sha256 hex> <stored_at ms>" while the metadata is missing), the bucket named by the first 3 hex
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 
 from casimg.batching import ScriptBatcher
 from casimg.clock import now_iso, now_ms
@@ -106,10 +108,12 @@ URL_SCAN_CALLS = 32
 Row = tuple[str, str, int, str, int, int, int, str | None]
 
 
-# URLs a filtered page looks at before it ends, with fewer rows if so, and a cursor to go on from: each
-# page is one Lua call, and this keeps it to a few ms of Redis's time whatever the filter (BENCHMARKS.md,
-# "Listing filters"). An unfiltered page looks only at its rows.
-FILTER_BUDGET = 10_000
+# What a filtered page may spend before it ends, with fewer rows if so, and a cursor to go on from: each
+# page is one Lua call, which holds Redis while it runs. The time is the bound that matters (a URL looked
+# at costs 1-15 µs with the machine's load, BENCHMARKS.md "Listing filters"); the count keeps a page's
+# work the same on any machine when the time is not reached. An unfiltered page looks only at its rows.
+FILTER_BUDGET = 10_000  # URLs looked at
+FILTER_BUDGET_US = 3_000  # µs of Redis's time, read from its clock as the page goes
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,7 @@ class Index:
         self._page = redis.register_script(lua_source("page"))
         self._urls_of = redis.register_script(lua_source("urls_of"))
         self._page_recent = redis.register_script(lua_source("page_recent"))
+        self._recent_prune = redis.register_script(lua_source("recent_prune"))
         self._repair = redis.register_script(lua_source("repair"))
         self._claim = redis.register_script(lua_source("claim"))
         self._unclaim = redis.register_script(lua_source("unclaim"))
@@ -318,17 +323,19 @@ class Index:
         return bool(await self._correct_meta(keys=[url_key(self.keys, url)], args=[url, digest, meta.encode()]))
 
     async def page(self, cursor: str | None, limit: int, order: Order = Order.SHA1,
-                   where: ListingFilter = NO_FILTER, budget: int = FILTER_BUDGET) -> Page:
+                   where: ListingFilter = NO_FILTER, budget: int = FILTER_BUDGET,
+                   budget_us: int = FILTER_BUDGET_US) -> Page:
         """`limit` (>= 1) images after the cursor in `order` (fewer at the end; more only where URLs share
         one SHA-1, or in the newest-first order one (stored_at, SHA-1)). A URL present throughout a walk is
         seen once: its place never changes. The cursor must be one of `order`'s (the handler checks).
 
-        With a filter, only the URLs it keeps; and a page that has looked at `budget` URLs ends with what it
-        found (none, maybe) and a cursor to go on from."""
+        With a filter, only the URLs it keeps; and a page that has looked at `budget` URLs, or run for
+        `budget_us` µs, ends with what it found (none, maybe) and a cursor to go on from."""
         if order is Order.RECENT:
-            return await self._page_newest(cursor, limit, where, budget)
+            return await self._page_newest(cursor, limit, where, budget, budget_us)
         k = self.keys
-        reply = await self._page(keys=[k.count], args=[k.url(""), cursor or "", limit, *where.args(), budget])
+        reply = await self._page(keys=[k.count],
+                                 args=[k.url(""), cursor or "", limit, *where.args(), budget, budget_us])
         images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
@@ -352,14 +359,40 @@ class Index:
                 break
         return found[:limit]
 
-    async def _page_newest(self, cursor: str | None, limit: int, where: ListingFilter, budget: int) -> Page:
+    async def _page_newest(
+        self, cursor: str | None, limit: int, where: ListingFilter, budget: int, budget_us: int
+    ) -> Page:
         k = self.keys
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
-        reply = await self._page_recent(keys=[k.count, k.recent],
-                                        args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget])
+        reply = await self._page_recent(
+            keys=[k.count, k.recent],
+            args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget, budget_us])
         images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
+
+    async def recent_size(self) -> int:
+        """Members of the newest-first order, summed over its leaves (one ZCARD each, pipelined): fsck
+        compares it with the URLs indexed."""
+        bounds = await self._recent_bounds()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bound in bounds:
+                pipe.zcard(self.keys.recent_leaf(bound.hex() if bound else "first"))
+            return sum(await pipe.execute())
+
+    async def prune_recent(self) -> int:
+        """Drop the newest-first order's members whose URL is gone or indexed with another stored_at, a leaf
+        per Lua call, the last leaf first (a leaf that empties joins the one before, not yet pruned).
+        Returns the members dropped."""
+        k, removed = self.keys, 0
+        for bound in reversed(await self._recent_bounds()):
+            removed += int(await self._recent_prune(keys=[k.recent], args=[k.url(""), k.recent_leaf(""), bound]))
+        return removed
+
+    async def _recent_bounds(self) -> list[bytes]:
+        """The leaves' bounds, raw (the decoding client cannot read them)."""
+        raw = await self.redis.execute_command("ZRANGE", self.keys.recent, 0, -1, **{NEVER_DECODE: True})
+        return list(raw)
 
     async def placeholder_of(self, digest: str) -> str | None:
         """The content's placeholder (ThumbHash, base64), None if it has none."""

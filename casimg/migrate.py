@@ -15,9 +15,10 @@ gone, the other old keys are deleted in one command. Stop every casimg 0.1 proce
 one still writing to the old keys would keep the move from finishing.
 
 The newest-first order (``recent``, lua/lib_recent.lua) came later than the URL buckets. ``backfill_recent``
-walks the buckets, BACKFILL_BUCKETS at a time in one Lua call, and gives each URL its member from the
-stored_at in its value; a URL that has one (stored since by a current process) keeps it, so processes
-starting together, or a start after one killed halfway, only repeat work. The walk ends by recording
+reads the buckets one at a time and sends their URLs, BACKFILL_BATCH to a Lua call, each with the stored_at
+in its value: the call gives each URL that still holds that value its member; a URL that has one (stored
+since by a current process) keeps it, so processes starting together, or a start after one killed
+halfway, only repeat work. The walk ends by recording
 ``recent`` in the migrations hash, and later starts skip it. Until then a newest-first listing shows the
 URLs the walk has reached and those stored since. Stop processes older than this order first: they store
 URLs without a place in it.
@@ -38,9 +39,10 @@ log = logging.getLogger("casimg.migrate")
 # URLs per Lua call. Each call holds Redis, longer as the new buckets fill: 250 took about 20 ms at
 # 300,000 URLs on a busy 2-core machine.
 MIGRATE_BATCH = 250
-# URL buckets per backfill call: 16 buckets of about 244 URLs at 1,000,000 URLs, a few ms of Redis's time
-# (BENCHMARKS.md, "Listing and memory").
-BACKFILL_BUCKETS = 16
+# URLs placed per backfill call: each costs up to ~100 µs of Redis's CPU while the order is small (its
+# directory then in the compact encoding, read linearly), so a call holds Redis about 2 ms
+# (BENCHMARKS.md, "Redis memory").
+BACKFILL_BATCH = 20
 RECENT_MIGRATION = "recent"  # its field in the migrations hash
 
 
@@ -62,18 +64,21 @@ async def migrate(redis: aioredis.Redis, keys: KeySpace, batch: int = MIGRATE_BA
     return moved
 
 
-async def backfill_recent(redis: aioredis.Redis, keys: KeySpace) -> int:
+async def backfill_recent(redis: aioredis.Redis, keys: KeySpace, again: bool = False) -> int:
     """Give every indexed URL its member in the newest-first order, unless a finished run says it has one
-    (an empty index needs none). Returns the members this call added."""
-    if await redis.hexists(keys.migrations, RECENT_MIGRATION):
+    (an empty index needs none) and not `again` (fsck --repair). Returns the members this call added."""
+    if not again and await redis.hexists(keys.migrations, RECENT_MIGRATION):
         return 0
     added = 0
     if int(await redis.hget(keys.count, "urls") or 0) > 0:
         log.info("placing the stored URLs in the newest-first order")
         script = redis.register_script(lua_source("backfill_recent"))
-        for first in range(0, len(BUCKETS), BACKFILL_BUCKETS):
-            added += int(await script(keys=[keys.recent],
-                                      args=[keys.url(""), keys.recent_leaf(""), first, first + BACKFILL_BUCKETS - 1]))
+        for bucket in BUCKETS:
+            entries = [(url, value.split(" ", 2)[1]) for url, value in (await redis.hgetall(keys.url(bucket))).items()
+                       if value.count(" ") >= 1]
+            for start in range(0, len(entries), BACKFILL_BATCH):
+                batch = [part for entry in entries[start:start + BACKFILL_BATCH] for part in entry]
+                added += int(await script(keys=[keys.recent], args=[keys.url(""), keys.recent_leaf(""), *batch]))
         log.info("placed %d URLs in the newest-first order", added)
     await redis.hset(keys.migrations, RECENT_MIGRATION, now_ms())
     return added

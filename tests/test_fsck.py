@@ -10,7 +10,7 @@ import pytest
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
-from casimg.schema import blob_key, url_bucket
+from casimg.schema import Order, blob_key, url_bucket
 from casimg.storage.file import FileStore
 from tests.conftest import png
 from tests.origin import image_bytes
@@ -126,3 +126,33 @@ async def test_a_record_with_the_wrong_content_type_is_a_problem_repair_corrects
         "image/webp", 30, 20, len(webp), stored_at)
     assert (await index.lookup("http://a/p")).content_type == "image/png"
     assert (await fsck(index, blobs, repair=True)).repaired == []
+
+
+@pytest.mark.gen_test
+async def test_a_newest_first_order_out_of_step_is_a_problem_repair_mends(world):
+    # What a process older than the newest-first order leaves after the migration: a URL stored without
+    # its place (written here as that process would), and a place whose URL it deleted.
+    blobs, index = world
+    await put(blobs, index, "http://a/1", png(1))
+    await put(blobs, index, "http://a/2", png(2))
+    k, digest = index.keys, await put(blobs, index, "http://a/3", png(3))
+    await index.redis.hset(k.url(url_bucket("http://a/4")), "http://a/4", f"{digest} 1764000000000")
+    await index.redis.hincrby(blob_key(k, digest), bytes.fromhex(digest), 1)
+    await index.redis.hincrby(k.count, "urls", 1)
+    await index.redis.hdel(k.url(url_bucket("http://a/2")), "http://a/2")  # gone, its place left
+    await index.redis.hincrby(k.count, "urls", -1)
+    await index.redis.hincrby(k.count, "blobs", -1)
+    assert await index.recent_size() == 3 and await index.count() == 3  # the sizes agree: not seen
+    await index.redis.hset(k.url(url_bucket("http://a/5")), "http://a/5", f"{digest} 1764000000001")
+    await index.redis.hincrby(blob_key(k, digest), bytes.fromhex(digest), 1)
+    await index.redis.hincrby(k.count, "urls", 1)
+    report = await fsck(index, blobs)
+    assert "the newest-first order holds 3 URLs, but the index 4" in report.problems
+    repaired = await fsck(index, blobs, repair=True)
+    assert "newest-first order: dropped 1 URL(s) no longer indexed as placed" in repaired.repaired
+    assert "newest-first order: placed 2 URL(s) it lacked" in repaired.repaired
+    assert repaired.ok, repaired.problems
+    page = await index.page(None, 100, Order.RECENT)
+    newest = [image[0] for image in page.images]
+    assert newest[-2:] == ["http://a/5", "http://a/4"] and sorted(newest) == [
+        "http://a/1", "http://a/3", "http://a/4", "http://a/5"]

@@ -22,6 +22,7 @@ from casimg.services import connect_redis
 
 META = BlobMeta(size=3, content_type="image/png", width=1, height=1)
 RECENT_LEAF_MAX = 128  # lua/lib_recent.lua's RECENT_LEAF
+UNTIMED = 10**9  # µs: a filtered page's time budget that a test never reaches, so its count alone ends it
 
 
 def digest(n: int) -> str:
@@ -444,7 +445,7 @@ def kept(url: str, where: ListingFilter) -> bool:
 async def walk_filtered(index: Index, order: Order, where: ListingFilter, limit: int, budget: int) -> list[str]:
     urls, cursor = [], None
     for _ in range(10_000):
-        page = await index.page(cursor, limit, order, where, budget)
+        page = await index.page(cursor, limit, order, where, budget, budget_us=UNTIMED)
         assert len(page.images) <= limit
         urls += [image[0] for image in page.images]
         if page.next_cursor is None:
@@ -465,7 +466,8 @@ async def test_filters_keep_the_matching_urls_in_either_order(index, order):
                   ListingFilter(host="exämple.com"), ListingFilter(contains="ümlaut"), ListingFilter(prefix="nothing"),
                   ListingFilter(prefix="http://", contains="cat", host="example.com"), ListingFilter(host="example")]:
         expected = [url for url in whole if kept(url, where)]
-        assert [image[0] for image in (await index.page(None, 1000, order, where)).images] == expected, where
+        assert [image[0] for image in (await index.page(None, 1000, order, where, budget_us=UNTIMED)).images] == (
+            expected), where
         for budget in (1, 40):  # small budgets: pages end early, often empty, and the walk goes on
             assert await walk_filtered(index, order, where, 2, budget) == expected, (where, budget)
 
@@ -477,11 +479,14 @@ async def test_a_filtered_page_that_finds_nothing_ends_at_its_budget_with_a_curs
         await index.store(f"http://bulk.example/{n}", digest(n), META)
     await index.store("http://rare.example/x", digest(1000), META)
     where, pages = ListingFilter(host="rare.example"), 0
-    page = await index.page(None, 10, order, where, budget=50)
+    # A page also ends once it has run for its time, here none: after its first bucket, or 64 URLs.
+    timed = await index.page(None, 10, order, where, budget=10**6, budget_us=0)
+    assert timed.next_cursor is not None and len(timed.images) <= 1
+    page = await index.page(None, 10, order, where, budget=50, budget_us=UNTIMED)
     assert page.next_cursor is not None and len(page.images) <= 1
     cursor, found = page.next_cursor, [image[0] for image in page.images]
     while cursor is not None:
-        page = await index.page(cursor, 10, order, where, budget=50)
+        page = await index.page(cursor, 10, order, where, budget=50, budget_us=UNTIMED)
         found += [image[0] for image in page.images]
         cursor, pages = page.next_cursor, pages + 1
     assert found == ["http://rare.example/x"]

@@ -24,7 +24,8 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "page_recent": ("lib_recent", "lib_filter", "page_recent"),
     "repair": ("lib_unhex", "lib_hex", "lib_bucket_name", "repair"),
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
-    "backfill_recent": ("lib_hex", "lib_bucket_name", "lib_recent", "backfill_recent"),  # migrate.py
+    "backfill_recent": ("lib_recent", "backfill_recent"),  # migrate.py
+    "recent_prune": ("lib_recent", "recent_prune"),  # fsck --repair
     # claims and tombstones of an object store's blobs (index.py, lifecycle.py)
     "claim": ("claim",),
     "unclaim": ("unclaim",),

@@ -17,7 +17,7 @@ local function recent_member(stored_at, url)
 end
 
 local function recent_hex(raw)
-  return (string.gsub(raw, '.', function(c) return string.format('%02x', string.byte(c)) end))
+  return string.format(string.rep('%02x', #raw), string.byte(raw, 1, -1))
 end
 
 -- The leaf of a bound: named by the bound's hex, 'first' for ''.
