@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
@@ -263,3 +265,89 @@ def status_kib(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+class S3Proxy:
+    """A loopback HTTP proxy in front of an S3 endpoint, in a thread of the test: it records each request's
+    method, path and headers, and answers the next `throttle(n)` requests with 503 SlowDown, as a
+    throttled bucket does, or refuses the next `refuse_uploads(n)` PUTs (403 AccessDenied, after reading
+    their bodies: an upload the store turned down, which no retry mends)."""
+
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                 b"<Message>Please reduce your request rate.</Message></Error>")
+    ACCESS_DENIED = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code></Error>'
+
+    def __init__(self, target: str) -> None:
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.target = urlsplit(target)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+        self.throttled = 0
+        self._throttle = 0
+        self._refuse = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def _relay(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                with proxy._lock:
+                    proxy.seen.append((self.command, self.path, dict(self.headers)))
+                    throttle = proxy._throttle > 0
+                    proxy._throttle -= throttle
+                    proxy.throttled += throttle
+                    refused = self.command == "PUT" and proxy._refuse > 0
+                    proxy._refuse -= refused
+                if throttle or refused:
+                    answer = proxy.SLOW_DOWN if throttle else proxy.ACCESS_DENIED
+                    self.send_response(503 if throttle else 403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
+                    return
+                upstream = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    reply = upstream.getresponse()
+                    data = reply.read()
+                finally:
+                    upstream.close()
+                self.send_response(reply.status)
+                for name, value in reply.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(name, value)
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def throttle(self, requests: int) -> None:
+        with self._lock:
+            self._throttle = requests
+
+    def refuse_uploads(self, puts: int) -> None:
+        with self._lock:
+            self._refuse = puts
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

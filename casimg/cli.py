@@ -1,4 +1,5 @@
-"""The `casimg` command: serve, worker, keys, fsck. Each calls the same services the server uses."""
+"""The `casimg` command: serve, worker, keys, fsck, stats, migrate-store, import. Each calls the same
+services the server uses."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from casimg.errors import BadRequest, CasimgError, NotFound
 from casimg.fsck import fsck
 from casimg.keys import Scope
 from casimg.logtext import loggable, loggable_lines
+from casimg.migrate_store import migrate_store
 from casimg.services import Services, open_services, redis_for
 from casimg.stats import collect
+from casimg.storage.active import StoreName
 
 EXIT_USAGE = 2
 # The width --help is rendered at for docs/cli.md: fixed, so the page does not follow the terminal of
@@ -143,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(stats)
     stats.add_argument("--json", action="store_true", help="one JSON object instead of lines")
 
+    move = commands.add_parser(
+        "migrate-store", help="copy every blob to another store while the service runs, then make it the active one",
+        description="Copy every referenced blob to another store, check each copy, and make that store the "
+        "active one for every process (docs/storage.md). Safe while servers and workers run; interrupted, "
+        "run it again with the same --to and it resumes.")
+    _common(move)
+    move.add_argument("--to", required=True, metavar="STORE",
+                      help="'s3://bucket/prefix' (endpoint and credentials from the CASIMG_S3_* settings) or 'file'")
+
     bulk = commands.add_parser("import", help="submit a file of URLs to a running server and follow the jobs",
                                description=importer.DESCRIPTION)
     importer.add_arguments(bulk)
@@ -179,7 +191,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _with_redis(settings: Settings, body: Callable[[Services], Awaitable[int]]) -> int:
     """Run `body(services)` against the configured or embedded Redis, for the short commands."""
     async def run(url: str) -> int:
-        services = await open_services(settings, url, with_worker=False)
+        services = await open_services(settings, url, with_worker=False, follow_store=False)
         try:
             return await body(services)
         finally:
@@ -225,6 +237,11 @@ async def _fsck(args: argparse.Namespace, services: Services) -> int:
     return 0 if report.ok else 1
 
 
+async def _migrate_store(args: argparse.Namespace, services: Services) -> int:
+    progress = await migrate_store(services.stores, services.index, StoreName.parse(args.to))
+    return 1 if progress.failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -249,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _with_redis(settings, lambda services: _keys(args, services))
         if args.command == "stats":
             return _with_redis(settings, lambda services: _stats(args, services))
+        if args.command == "migrate-store":
+            return _with_redis(settings, lambda services: _migrate_store(args, services))
         return _with_redis(settings, lambda services: _fsck(args, services))
     except (BadRequest, NotFound) as exc:
         print(f"casimg: {exc}", file=sys.stderr)

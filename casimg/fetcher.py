@@ -324,7 +324,6 @@ class Fetcher:
             headers={"User-Agent": self.user_agent, "Accept": "image/*, */*;q=0.5"},
             cookie_jar=aiohttp.DummyCookieJar(),  # one origin's cookies must not reach another download
             trust_env=False,  # no proxy from the environment: it would get around the address guard
-            trace_configs=tracing.aiohttp_trace_configs() or None,  # a span per request when tracing is on
         )
 
     async def close(self) -> None:
@@ -451,8 +450,10 @@ class Fetcher:
         for _ in range(ROBOTS_REDIRECTS + 1):
             self._check_hop(url)
             address = await self._address_of(url)
-            async with self.caps.hold(url.raw_host or "", address), \
+            async with self.caps.hold(url.raw_host or "", address), tracing.request_span(url), \
                     self._session.get(url, allow_redirects=False) as response:
+                if tracing.enabled:
+                    tracing.annotate({"http.response.status_code": response.status})
                 location = response.headers.get("Location")
                 if response.status in REDIRECTS and location:
                     url = _usable_url(partial(_join, response.url, location), "invalid redirect")
@@ -472,7 +473,9 @@ class Fetcher:
     async def _hop(self, url: URL) -> Downloaded | URL:
         """One request: the body, or the URL it redirects to."""
         assert self._session is not None, "Fetcher.start() was not called"
-        async with self._session.get(url, allow_redirects=False) as response:
+        async with tracing.request_span(url), self._session.get(url, allow_redirects=False) as response:
+            if tracing.enabled:
+                tracing.annotate({"http.response.status_code": response.status})
             if response.status in REDIRECTS:
                 location = response.headers.get("Location")
                 if not location:

@@ -21,9 +21,12 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     apikeys            hash    key id -> JSON {name, scope, secret_sha256, created}
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
-    claims:{sha256}    zset    an object-store blob's stores in flight: token -> expiry (ms)
-    deleting:{sha256}  string  present while an object-store blob's DELETE may be in flight
+    claims:{digest}    zset    an object-store blob's stores in flight: token -> expiry (ms)
+    deleting:{digest}  string  present while an object-store blob's DELETE may be in flight
     tomb               zset    object-store digests whose count reached 0 -> when they may be deleted (ms)
+    store              hash    the active blob store, a migration's target, epoch, id (storage/active.py)
+    store-acks         hash    process name -> "<epoch> <ms>": the store record's epoch each process follows
+    store-copied:{id}  set     digests a store migration has copied and verified (migrate_store.py)
 
 The key table in docs/operations.md mirrors ``KeySpace`` (tests/test_docs.py holds them together).
 """
@@ -184,6 +187,23 @@ class KeySpace:
     def api_keys(self) -> str:
         """hash: API key id -> JSON {name, scope, secret_sha256, created}."""
         return self.prefix + "apikeys"
+
+    @property
+    def store(self) -> str:
+        """hash: {active, target, epoch, id}: the blob store every process reads and deletes in, the one a
+        migration fills beside it, a counter of changes, the migration's id (storage/active.py). Absent
+        until the first migration: each process's settings name the store."""
+        return self.prefix + "store"
+
+    @property
+    def store_acks(self) -> str:
+        """hash: process name -> "<epoch> <Redis time in ms>": the epoch of the store record each running
+        process follows with nothing older in flight, and when it last said so."""
+        return self.prefix + "store-acks"
+
+    def store_copied(self, migration: str) -> str:
+        """set: the hex digests a store migration has copied to its target and read back intact."""
+        return f"{self.prefix}store-copied:{migration}"
 
 
 QUEUE_GROUP = "workers"

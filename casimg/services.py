@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ from casimg.migrate import migrate
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
 from casimg.schema import KeySpace
-from casimg.storage import Storage, open_storage
+from casimg.storage import Storage
+from casimg.storage.active import ActiveStore
 from casimg.webhooks import Deliverer
 from casimg.worker import Worker
 
@@ -51,19 +53,24 @@ class Services:
     index: Index
     queue: JobQueue
     api_keys: KeyStore
-    blobs: Storage  # the blob store's driver (casimg.storage), chosen by CASIMG_STORAGE
+    stores: ActiveStore  # the blob store drivers, and which is active (the Redis record, else CASIMG_STORAGE)
     rate: RateLimiter
     auth_failures: AuthFailures
     fetcher: Fetcher | None = None
     worker: Worker | None = None
     metrics: Metrics | None = None
 
+    @property
+    def blobs(self) -> Storage:
+        """The active blob store's driver: reads and deletes go there (storage/active.py)."""
+        return self.stores.active
+
     async def close(self) -> None:
         if self.worker is not None:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
-        await self.blobs.close()
+        await self.stores.close()
         await self.redis.aclose()
 
 
@@ -80,8 +87,11 @@ def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
 
 
 async def open_services(settings: Settings, redis_url: str, with_worker: bool,
-                        metrics: Metrics | None = None) -> Services:
+                        metrics: Metrics | None = None, follow_store: bool = True) -> Services:
     """Connect to Redis and build the services; with_worker adds the fetcher and a (not yet started) worker.
+
+    follow_store: follow the active store record from now on (servers and workers); a short command reads
+    it once.
 
     metrics: where the process counts (``Metrics.shared`` in ``casimg serve`` and ``worker``); by default
     counts of its own.
@@ -93,23 +103,22 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         ThreadPoolExecutor(max_workers=BLOCKING_THREADS, thread_name_prefix="casimg-io"))
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
-    blobs = open_storage(settings)
+    stores = ActiveStore(settings, client, keyspace, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
     services = Services(
         settings=settings,
         redis=client,
         index=Index(client, keyspace),
         queue=JobQueue(client, keyspace, settings.job_ttl),
         api_keys=KeyStore(client, keyspace, settings.key_cache_ttl),
-        blobs=blobs,
+        stores=stores,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
         metrics=metrics or Metrics(),
     )
-    # Every process makes sure of the directories it may write: a delete renames into trash/, and a
-    # missing trash/ would leave the blob in place.
-    blobs.create_dirs()
     await services.queue.ensure_group()
     await migrate(client, keyspace)  # an index of casimg 0.1 moves to the current layout before any use
+    await stores.start(follow=follow_store)
+    blobs = stores.active
     if with_worker:
         services.fetcher = Fetcher(
             tmp_dir=blobs.tmp_dir,
@@ -141,7 +150,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
             webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
                                  on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace,
-                                 webhooks=webhooks)
+                                 webhooks=webhooks, stores=stores)
     return services
 
 

@@ -9,18 +9,26 @@ default; ``grpc`` needs opentelemetry-exporter-otlp-proto-grpc installed). The p
 ``pip install 'casimg[tracing]'``; without them a configured exporter is reported once and ignored.
 
 Off, this module imports nothing of OpenTelemetry and each hook below is a test of ``enabled`` or an
-empty context manager: the default install pays nothing for it.
+empty context manager: the default install pays nothing for it. On, a span is only made under a span
+that is recorded (or as a URL's root): with a sampler (``parentbased_traceidratio``), a URL the sampler
+drops costs one decision, not a tree of non-recording spans.
 
 The spans, for one URL (``setup`` is called by each ``casimg serve`` and ``casimg worker`` process)::
 
     POST /api/images                    Tornado, one per HTTP request (opentelemetry-instrumentation-tornado)
-    └─ casimg.process                   the URL's processing by a worker, a child of the submit: the
-       │                                submit's context rides in the job and in each queue entry ("tp")
+    ┆  (link)
+    casimg.process                      the URL's processing by a worker, a trace of its own with a link
+       │                                to the submit: the submit's context rides in the job and in each
+       │                                queue entry ("tp"). Not a child: a job of 100,000 URLs would be
+       │                                one trace of half a million spans, sampled all or nothing.
        ├─ casimg.download               per attempt: url.full, network.peer.address (the address
        │  │                             connected to), casimg.outcome, casimg.reason, casimg.size
        │  ├─ redis origin_pace          one span per Redis script (scripts, not every command: the
        │  │                             polling of the queues would make a trace a second when idle)
-       │  └─ GET                        per request and redirect hop (opentelemetry-instrumentation-aiohttp-client)
+       │  └─ GET                        per request and redirect hop, robots.txt included: casimg's own
+       │                                span, not opentelemetry-instrumentation-aiohttp-client's, which
+       │                                sends a traceparent header to every origin (an internal id
+       │                                to third parties) and cost a tenth of the event loop on ingest
        ├─ casimg.validate               validation, temp file and link, in a thread
        └─ casimg.store                  made durable, indexed (redis store), settled
 """
@@ -41,8 +49,13 @@ enabled = False  # True once setup() found an exporter and installed the SDK; re
 TRACEPARENT = "traceparent"  # the W3C header, and the name of the one field a stored context holds
 _tracer: Any = None
 _provider: Any = None
+_api: Any = None  # opentelemetry.trace, once on (imported in setup: an import per call costs a lookup each)
+_propagate: Any = None  # opentelemetry.propagate
+_root: Any = None  # an empty context: a span started in it begins a trace
 _script_names: dict[str, str] = {}
 _in_script: contextvars.ContextVar[bool] = contextvars.ContextVar("casimg_in_script", default=False)
+# What the hooks return while off: one shared object, nothing made per call.
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
 Attributes = Mapping[str, str | int | float | bool]
 
 
@@ -71,9 +84,12 @@ def setup() -> bool:
         log.warning("tracing is configured (OTEL_*) but its packages are missing (%s): "
                     "pip install 'casimg[tracing]'; running without traces", missing.name)
         return False
-    from opentelemetry import trace
+    global _api, _propagate, _root
+    from opentelemetry import propagate, trace
+    from opentelemetry.context import Context
     from opentelemetry.instrumentation.tornado import TornadoInstrumentor
 
+    _api, _propagate, _root = trace, propagate, Context()
     trace.set_tracer_provider(provider)
     TornadoInstrumentor().instrument(tracer_provider=provider)
     _patch_scripts()
@@ -126,58 +142,67 @@ def _exporter(name: str) -> Any:
 # -- hooks for the rest of casimg: each a no-op while tracing is off ------------------------------------
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Attributes | None = None, parent: str = "") -> Iterator[None]:
-    """A span around the block, a child of the current span, or of the stored context `parent` (a
-    traceparent from ``current()``); an exception leaving the block is recorded on it."""
+def span(name: str, attributes: Attributes | None = None,
+         link: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    """A span around the block, a child of the current span; an exception leaving the block is recorded.
+
+    With `link` (a traceparent from ``current()``, "" if none was stored), the span starts a trace of its
+    own instead, linked to the span `link` names: how a URL's processing refers to its job's submit.
+    """
     if not enabled:
-        yield
-        return
-    context = _extract(parent) if parent else None
-    with _tracer.start_as_current_span(name, context=context, attributes=attributes):
-        yield
+        return _OFF
+    if link is None:
+        if not _api.get_current_span().is_recording():
+            return _OFF  # under a span the sampler dropped: its children would be dropped too, at a cost
+        return _tracer.start_as_current_span(name, attributes=attributes)
+    linked = _api.get_current_span(_propagate.extract({TRACEPARENT: link})).get_span_context() if link else None
+    links = [_api.Link(linked)] if linked is not None and linked.is_valid else None
+    return _tracer.start_as_current_span(name, context=_root, attributes=attributes, links=links)
 
 
 def annotate(attributes: Attributes) -> None:
     """Set `attributes` on the current span (the download's address, a URL's outcome)."""
     if enabled:
-        from opentelemetry import trace
-
-        trace.get_current_span().set_attributes(attributes)
+        _api.get_current_span().set_attributes(attributes)
 
 
 def current() -> str:
     """The current span's context as a W3C traceparent, to store with a job; "" when off or outside a span."""
     if not enabled:
         return ""
-    from opentelemetry.propagate import inject
-
     carrier: dict[str, str] = {}
-    inject(carrier)
+    _propagate.inject(carrier)
     return carrier.get(TRACEPARENT, "")
 
 
-def _extract(traceparent: str) -> Any:
-    from opentelemetry.propagate import extract
+def request_span(url: object) -> contextlib.AbstractAsyncContextManager[Any]:
+    """A client span around one HTTP request of a download (``async with``), named by its method."""
+    if not enabled or not _api.get_current_span().is_recording():
+        return _OFF  # nullcontext serves ``async with`` too
+    return _AsyncSpan(_tracer.start_as_current_span("GET", kind=_api.SpanKind.CLIENT,
+                                                    attributes={"url.full": str(url), "http.request.method": "GET"}))
 
-    return extract({TRACEPARENT: traceparent})
+
+class _AsyncSpan:
+    """A span's context manager for ``async with``: entered and left in the same task, as the sync one."""
+
+    def __init__(self, manager: contextlib.AbstractContextManager[Any]) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> Any:
+        return self._manager.__enter__()
+
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        return self._manager.__exit__(*exc)
 
 
-def aiohttp_trace_configs() -> list[Any]:
-    """The download session's trace configs: a client span per request, [] when off."""
-    if not enabled:
-        return []
-    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
-
-    return [create_trace_config(tracer_provider=_provider)]
+def script_span(script: Any) -> contextlib.AbstractContextManager[Any]:
+    """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
+    return _script_span(script) if enabled and _api.get_current_span().is_recording() else _OFF
 
 
 @contextlib.contextmanager
-def script_span(script: Any) -> Iterator[None]:
-    """A span for one Redis script call whose sending is done elsewhere (batching.ScriptBatcher)."""
-    if not enabled:
-        yield
-        return
+def _script_span(script: Any) -> Iterator[None]:
     marker = _in_script.set(True)  # the batch task copies this context: its own call adds no second span
     try:
         with _tracer.start_as_current_span(f"redis {script_name(script.sha)}", attributes={"db.system": "redis"}):
@@ -199,19 +224,17 @@ def script_name(sha: str) -> str:
 
 
 def _patch_scripts() -> None:
-    """A span per direct script call (``await script(keys=..., args=...)``) made inside a span: a call
-    outside one (the workers' polling) would start a trace of its own, and one queued on a pipeline is
-    not sent yet."""
+    """A span per direct script call (``await script(keys=..., args=...)``) made inside a recorded span:
+    a call outside one (the workers' polling) would start a trace of its own, and one queued on a
+    pipeline is not sent yet."""
     from redis.asyncio.client import Pipeline
     from redis.commands.core import AsyncScript
 
     plain = AsyncScript.__call__
 
     async def traced(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None) -> Any:
-        from opentelemetry import trace
-
         if (_in_script.get() or isinstance(client, Pipeline)
-                or not trace.get_current_span().get_span_context().is_valid):
+                or not _api.get_current_span().is_recording()):
             return await plain(self, keys, args, client)
         with _tracer.start_as_current_span(f"redis {script_name(self.sha)}", attributes={"db.system": "redis"}):
             return await plain(self, keys, args, client)

@@ -49,6 +49,7 @@ from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
 from casimg.schema import Outcome
 from casimg.storage import Storage, StorageUnavailable
+from casimg.storage.active import ActiveStore
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 from casimg.webhooks import Deliverer
@@ -137,16 +138,20 @@ class Worker:
         on_bytes: Callable[[str, int], None] | None = None,
         pace: OriginPace | None = None,
         webhooks: Deliverer | None = None,
+        stores: ActiveStore | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.index = index
         self.blobs = blobs
+        # The active store record (storage/active.py): each store asks it which driver to write, and
+        # which second one during a migration. Without it, `blobs` is the only store.
+        self.stores = stores
         self.fetcher = fetcher
         # The file driver links blobs in without an fsync each and makes a batch durable with one syncfs; an
         # object store's commit is durable when it returns.
-        self.files = blobs if isinstance(blobs, FileStore) else None
-        self.flusher = FlushGroup(blobs.root) if isinstance(blobs, FileStore) else None
+        # (one per blob directory: after a store migration the active store may be another)
+        self._flushers: dict[Path, FlushGroup] = {}
         # The last file step of each store (blobs.settle), for all the stores of a loop turn in one trip to
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
@@ -203,8 +208,8 @@ class Worker:
         # to look claims them at once instead of waiting for it to expire.
         with contextlib.suppress(*REDIS_ERRORS):
             await self.queue.retire(self.name)
-        if self.flusher is not None:
-            self.flusher.close()
+        for flusher in self._flushers.values():
+            flusher.close()
         # A task cancelled above may have handed its settle to the thread already: let it finish (a few
         # system calls each). `serve --processes` children end with os._exit, which joins no thread.
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
@@ -232,7 +237,8 @@ class Worker:
             try:
                 # One sweeper at a time across all workers; the lock expires with the interval.
                 if await self.index.take_sweep_lock(self.name, interval):
-                    done = await sweep(self.index, self.blobs, self.settings.tmp_grace)
+                    active = self.stores.active if self.stores is not None else self.blobs
+                    done = await sweep(self.index, active, self.settings.tmp_grace)
                     log.info("sweep: %d file(s) cleared", len(done))
             except (*REDIS_ERRORS, OSError, StorageUnavailable) as exc:
                 log.warning("sweep skipped: %s", exc)
@@ -336,11 +342,12 @@ class Worker:
         """Run one entry to a recorded outcome; Redis outages are waited out, never turned into failures.
 
         `known` is the digest the URL was indexed with when the entry was read, None if it was not, and
-        UNCHECKED if that could not be asked. Traced as a child of the job's submit (tracing.py).
+        UNCHECKED if that could not be asked. Traced as a trace of its own, linked to the job's submit
+        (tracing.py).
         """
         attributes = {"url.full": entry.url, "casimg.job_id": entry.job_id, "casimg.position": entry.position,
                       "casimg.deliveries": entry.deliveries} if tracing.enabled else None
-        with tracing.span("casimg.process", attributes, parent=entry.traceparent):
+        with tracing.span("casimg.process", attributes, link=entry.traceparent):
             await self._process_entry(entry, known, slot)
 
     async def _process_entry(self, entry: Entry, known: Known, slot: _Slot) -> None:
@@ -482,33 +489,50 @@ class Worker:
             return min(retry_after, RETRY_AFTER_CAP)
         return random.uniform(0, RETRY_BASE * 2 ** (attempt - 1))
 
+    def _store_pair(self) -> contextlib.AbstractContextManager[tuple[Storage, Storage | None]]:
+        """(the store to write, a migration's target to write as well), held for one store's duration."""
+        return self.stores.storing() if self.stores is not None else contextlib.nullcontext((self.blobs, None))
+
+    def _flusher_for(self, blobs: Storage) -> FlushGroup | None:
+        if not isinstance(blobs, FileStore):
+            return None
+        if blobs.root not in self._flushers:
+            self._flushers[blobs.root] = FlushGroup(blobs.root)
+        return self._flushers[blobs.root]
+
     async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
         try:
-            return await self._store_unguarded(entry, downloaded, attempt)
+            with self._store_pair() as (blobs, target):
+                return await self._store_unguarded(entry, downloaded, attempt, blobs, target)
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
         except StorageUnavailable as exc:  # the object store refused or did not answer, after its retries
             raise DownloadFailed(f"storage error: {exc}", permanent=True) from None
 
-    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
+    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int,
+                               blobs: Storage, target: Storage | None) -> Outcome:
         try:
             with tracing.span("casimg.validate"):
-                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(None, self._stage, downloaded)
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(
+                    None, self._stage, downloaded, blobs)
         except BaseException:
             downloaded.discard()
             raise
         with tracing.span("casimg.store"):
-            if self.flusher is not None:
-                try:
-                    await self.flusher.flush()
-                except BaseException:
-                    self.blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
-                    raise
+            flusher = self._flusher_for(blobs)
+            try:
+                if flusher is not None:
+                    await flusher.flush()
+                if target is not None:  # a migration's target gets the bytes before the index step
+                    await target.commit(tmp, digest, info.content_type)
+            except BaseException:
+                blobs.discard(tmp)  # the linked blob, unindexed, is an orphan for the sweep
+                raise
             meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
             outcome = await store_blob(
-                self.blobs, self.index, tmp, entry.url, digest, meta,
-                linked=self.files is not None, run=self._settler.call, job_id=entry.job_id,
+                blobs, self.index, tmp, entry.url, digest, meta,
+                linked=flusher is not None, run=self._settler.call, job_id=entry.job_id,
                 position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
             )
         kind = outcome.kind
@@ -517,7 +541,7 @@ class Worker:
         self.on_outcome(kind, "")
         return kind
 
-    def _stage(self, downloaded: Downloaded) -> tuple[Path, str, ImageInfo]:
+    def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
         """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
         store step 1; an object store's commit follows in store_blob).
 
@@ -535,19 +559,19 @@ class Worker:
             digest = hashlib.sha256(downloaded.data).hexdigest()
             # Content the store holds already (the same image under another URL): no bytes are written
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
-            tmp = self.files.temp_link_to(digest) if self.files is not None else None
+            tmp = blobs.temp_link_to(digest) if isinstance(blobs, FileStore) else None
             if tmp is not None:
                 return tmp, digest, info
-            tmp, digest = self.blobs.write_temp(downloaded.data, digest)
+            tmp, digest = blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             tmp, digest = downloaded.path, downloaded.sha256
-        if self.files is None:
+        if not isinstance(blobs, FileStore):
             return tmp, digest, info
         try:
-            self.files.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
+            blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
-            self.blobs.discard(tmp)
+            blobs.discard(tmp)
             raise
         return tmp, digest, info
 

@@ -205,3 +205,19 @@ async def test_fsck_over_an_object_store_reports_a_missing_and_a_damaged_object(
     problems = (await fsck(index, store)).problems
     assert f"missing blob {DIGEST} for URL http://origin/a" in problems
     assert any(p.startswith(f"damaged blob {digest}") for p in problems)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_tombstone_laid_while_a_store_holds_its_claim_deletes_nothing(world):
+    """The store found the object there (412), then the last other URL went and its tombstone fell due
+    before the store's index step: the live claim alone keeps the sweep off the object."""
+    store, index = world
+    await store_blob(store, index, await temp(store), "http://origin/a", DIGEST, META)
+    tmp = await temp(store)
+    stored = Waiting(lambda pause: store_blob(store, index, tmp, "http://origin/b", DIGEST, META, pause=pause))
+    await stored.advance()  # claimed (the digest was referenced: no upload needed)
+    await stored.advance()  # committed
+    assert await delete_url(store, index, "http://origin/a") == DIGEST  # tombstoned, due at once
+    assert not await delete_tombstoned(store, index, DIGEST)
+    await stored.finish()
+    await assert_invariant(store, index)

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
-from bench.procs import free_port
+from bench.procs import S3Proxy, free_port
 from tests.procs import (
     Processes,
     S3Endpoint,
-    S3Proxy,
     assert_retrievable,
     casimg,
     image_urls,
@@ -62,13 +62,18 @@ def test_an_endpoint_down_at_start_stops_the_start(s3, tmp_path):
     assert result.returncode != 0 and "object store: bucket 'casimg-test'" in result.stderr, result.stderr
 
 
-def test_readyz_names_an_endpoint_that_went_away_and_recovers_with_it(own_s3, processes, tmp_path):
+def test_readyz_and_reads_answer_503_while_the_endpoint_is_away_and_recover_with_it(
+        own_s3: S3Endpoint, processes: Processes, origin: Any, tmp_path: Any) -> None:
     server = processes.server(tmp_path / "data", env=own_s3.env(own_s3.prefix()))
     assert server.call("GET", "/readyz")[0] == 200
+    url = image_urls(origin, 1, start=80)
+    assert settle(server, submit(server, url))["stored"] == 1
     own_s3.stop()
     status, body, headers = server.call("GET", "/readyz")
     assert status == 503 and "object store" in json.loads(body)["detail"]
     assert "Retry-After" in headers
+    status, body, headers = server.call("GET", f"/api/image?url={quote(url[0], safe='')}")
+    assert status == 503 and "Retry-After" in headers, (status, body)
     own_s3.start()
     own_s3.create_bucket(own_s3.bucket)  # moto keeps nothing across a restart
     assert server.call("GET", "/readyz")[0] == 200

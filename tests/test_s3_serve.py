@@ -11,10 +11,10 @@ from urllib.parse import quote, urlsplit
 
 import pytest
 
+from bench.procs import S3Proxy
 from casimg.client import Client
 from tests.procs import (
     Processes,
-    S3Proxy,
     assert_fsck_clean,
     assert_retrievable,
     casimg,

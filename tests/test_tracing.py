@@ -1,5 +1,5 @@
 """OpenTelemetry traces: a real `casimg serve` exporting over OTLP/HTTP to a receiver the test runs, and the
-span tree of one URL from its submit to its store; off by default, with nothing of OpenTelemetry loaded."""
+span tree of one URL from its submit (a link) to its store; off by default, with nothing of OpenTelemetry loaded."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class Span:
     kind: int
     attributes: dict[str, Any] = field(default_factory=dict)
     service: str = ""
+    links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of each
 
 
 def _value(any_value: Any) -> Any:
@@ -75,7 +76,8 @@ class Receiver:
                     with self._lock:
                         self.spans.append(Span(s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
                                                s.kind, {a.key: _value(a.value) for a in s.attributes},
-                                               resource.get("service.name", "")))
+                                               resource.get("service.name", ""),
+                                               [(link.trace_id.hex(), link.span_id.hex()) for link in s.links]))
 
     def wait_for(self, *prefixes: str, timeout: float = 30) -> list[Span]:
         """Every span so far, once one whose name starts with each of `prefixes` has come."""
@@ -126,10 +128,11 @@ def test_one_url_is_traced_from_its_submit_to_its_store(tmp_path, origin, receiv
     assert process.attributes["url.full"] == url
     assert process.attributes["casimg.outcome"] == "stored"
     assert process.service == "casimg-under-test"
-    # The submit's span is the parent: its context went through the job and the queue entry.
-    submit = one(spans, span_id=process.parent_id)
+    # A trace of its own, linked to the submit's span: its context went through the job and the queue entry.
+    assert process.parent_id == ""
+    submit = one(spans, span_id=process.links[0][1])
+    assert process.links == [(submit.trace_id, submit.span_id)] and submit.trace_id != process.trace_id
     assert submit.name.startswith("POST /api/images") and submit.kind == SpanProto.SPAN_KIND_SERVER
-    assert submit.trace_id == process.trace_id
     assert one(spans, name="redis publish").parent_id == submit.span_id
 
     children = {s.name: s for s in spans if s.parent_id == process.span_id}
@@ -144,7 +147,7 @@ def test_one_url_is_traced_from_its_submit_to_its_store(tmp_path, origin, receiv
         sorted([origin.url("/robots.txt"), url])
     assert {s.name for s in requests} == {"GET"}
     assert one(spans, name="redis store").parent_id == children["casimg.store"].span_id
-    assert {s.trace_id for s in spans if s.name.startswith("casimg.")} == {submit.trace_id}
+    assert {s.trace_id for s in spans if s.name.startswith("casimg.")} == {process.trace_id}
 
 
 def test_tracing_is_off_by_default_and_loads_nothing_of_opentelemetry():

@@ -2,9 +2,11 @@
 
 A driver keeps one object per distinct content under its digest, and nothing else: which URLs point at
 it, and how many, is the index's business (index.py), and when a blob may be deleted is the lifecycle's
-(lifecycle.py). The one protocol, ``Storage``, is drawn below; each driver is a module of this package,
-built by ``open_storage`` from the settings:
+(lifecycle.py). Each driver is a module of this package, built by ``open_storage`` (below) from the
+settings:
 
+    driver.py  the one protocol, ``Storage``, its typed errors, and ``Staging`` (local temp files), which
+               the drivers import from there rather than from this package, so none imports in a cycle
     file.py    the data directory's blobs/ tree on a POSIX file system (the default)
     s3.py      an S3-compatible bucket (CASIMG_STORAGE=s3)
 

@@ -86,6 +86,9 @@ DELETING_TTL = 300.0
 TOMB_GRACE = 900.0  # seconds between a blob's last reference going and its object's deletion
 PRESIGN_TTL = 300.0  # seconds a presigned URL is valid; less than TOMB_GRACE (see above)
 CHECK_TIMEOUT = 10.0  # seconds /readyz and the start-up check wait for the bucket
+# A read is a client waiting: past this, it gets a 503 with Retry-After rather than a hung request.
+READ_RETRY_TIMEOUT = timedelta(seconds=8)
+READ_RETRIES = 3
 
 
 class S3Store(Staging):
@@ -105,6 +108,7 @@ class S3Store(Staging):
         self._credentials = credentials or {}
         self._client: Any = None
         self._probe: Any = None
+        self._reader: Any = None
 
     def __repr__(self) -> str:  # never the credentials
         return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r}, endpoint={self.endpoint!r})"
@@ -116,6 +120,13 @@ class S3Store(Staging):
         if self._client is None:
             self._client = self._new_client(REQUEST_TIMEOUT, MAX_RETRIES, RETRY_TIMEOUT)
         return self._client
+
+    @property
+    def reader(self) -> Any:
+        """The client of reads (stat, read_range), which give up sooner than uploads do."""
+        if self._reader is None:
+            self._reader = self._new_client(REQUEST_TIMEOUT, READ_RETRIES, READ_RETRY_TIMEOUT)
+        return self._reader
 
     @property
     def probe(self) -> Any:
@@ -178,7 +189,7 @@ class S3Store(Staging):
         import obstore
 
         try:
-            return int((await obstore.head_async(self.store, self.blob_key(digest)))["size"])
+            return int((await obstore.head_async(self.reader, self.blob_key(digest)))["size"])
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         except Exception as exc:
@@ -191,11 +202,11 @@ class S3Store(Staging):
         try:
             if length is None:
                 options = {"range": {"offset": start}} if start else None
-                result = await obstore.get_async(self.store, key, options=options)
+                result = await obstore.get_async(self.reader, key, options=options)
                 return bytes(await result.bytes_async())
             if length <= 0:
                 return b""
-            return bytes(await obstore.get_range_async(self.store, key, start=start, length=length))
+            return bytes(await obstore.get_range_async(self.reader, key, start=start, length=length))
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
         except Exception as exc:
@@ -280,7 +291,7 @@ class S3Store(Staging):
             raise _unavailable(exc, f"bucket {self.bucket!r}: ") from None
 
     async def close(self) -> None:
-        self._client = self._probe = None
+        self._client = self._probe = self._reader = None
 
 
 async def _quietly(step: Any) -> None:

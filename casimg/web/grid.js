@@ -125,7 +125,6 @@ export class Grid {
     tile.hidden = true;
     const img = tile.firstChild;
     img.removeAttribute("src");
-    img.style.backgroundImage = "";
     this.spare.push(tile);
   }
 
@@ -136,6 +135,8 @@ export class Grid {
     tile.classList.toggle("loading", !row);
     tile.classList.remove("broken");
     if (!row) {
+      img.removeAttribute("src");
+      img.classList.add("pending");
       img.alt = "";
       tile.setAttribute("aria-label", "Loading");
       return;
@@ -147,12 +148,16 @@ export class Grid {
       img.width = row.width;
       img.height = row.height;
     }
+    // The placeholder stands in for the image until its bytes come; without one, the tile stays empty.
     const placeholder = placeholderUrl(row);
-    img.style.backgroundImage = placeholder ? `url("${placeholder}")` : "";
+    if (placeholder) img.src = placeholder; else img.removeAttribute("src");
+    img.classList.toggle("pending", !placeholder);
     const controller = new AbortController();
     tile.controller = controller;
     this.loader.thumb(row.sha256, controller.signal).then((url) => {
-      if (tile.row === row) img.src = url;
+      if (tile.row !== row) return;
+      img.src = url;
+      img.classList.remove("pending");
     }, (error) => {
       if (tile.row === row) tile.classList.add("broken");
       // A refused key or a rate limit concerns the whole page: say so once, above the grid.

@@ -5,7 +5,8 @@
 import { thumbHashToDataURL } from "./vendor/thumbhash.js";
 
 const PARALLEL = 6; // fetches in flight at once, as a browser allows per host over HTTP/1.1
-const KEPT = 600; // object URLs kept for reuse; older ones are revoked so memory stays bounded
+const KEPT = 600;
+const IMAGE_ACCEPT = "image/avif,image/webp,image/apng,image/*,*/*;q=0.8"; // what Chromium sends for <img> // object URLs kept for reuse; older ones are revoked so memory stays bounded
 
 export class ImageLoader {
   constructor(api, useThumbs) {
@@ -61,8 +62,10 @@ export class ImageLoader {
     let response;
     const thumb = job.thumb && this.useThumbs;
     try {
+      // fetch() sends Accept: */*; a thumbnail of format auto is AVIF or WebP only if the browser says it
+      // takes them, as it does for an <img>.
       response = await this.api.request(`/api/blobs/${job.digest}${thumb ? "?variant=thumb" : ""}`,
-                                        { signal: job.signal });
+                                        { signal: job.signal, headers: thumb ? { Accept: IMAGE_ACCEPT } : {} });
     } catch (error) {
       if (thumb && error.status === 400) {
         this.useThumbs = false; // no thumb preset here (or variants off): originals from now on
