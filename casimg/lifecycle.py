@@ -169,8 +169,19 @@ async def remove_if_unreferenced(blobs: Storage, index: Index, digest: str, *, p
 async def _store_claimed(
     blobs: Storage, index: Index, tmp: Path, url: str, digest: str, meta: BlobMeta, *, pause: Pause, **job: Any
 ) -> StoreOutcome:
-    """Claim, commit, index, unclaim; commit again under a new claim if the first expired before the
-    index step. `tmp` is consumed."""
+    """A download's store on an object store: ``_referenced_claimed`` with the URL's index step."""
+    return await _referenced_claimed(
+        blobs, index, tmp, digest, meta.content_type, lambda: index.store(url, digest, meta, **job),
+        lambda outcome: outcome.outcome is Outcome.STORED, pause=pause)
+
+
+async def _referenced_claimed(
+    blobs: Storage, index: Index, tmp: Path, digest: str, content_type: str,
+    reference: Callable[[], Awaitable[T]], counted: Callable[[T], bool], *, pause: Pause = _no_pause,
+) -> T:
+    """Claim, commit, reference (`reference()`, the index step; `counted` says whether it added a
+    reference), unclaim; commit again under a new claim if the first expired before the index step. `tmp`
+    is consumed."""
     token = secrets.token_hex(8)
     claimed = False
     try:
@@ -178,51 +189,19 @@ async def _store_claimed(
         claimed = True
         await pause("claimed")
         if not present:  # a referenced digest's object is there: no request needed
-            await blobs.commit(tmp, digest, meta.content_type)
+            await blobs.commit(tmp, digest, content_type)
         await pause("committed")
-        outcome = await index.store(url, digest, meta, **job)
+        answer = await reference()
         await pause("indexed")
         claimed = False
         live = await index.unclaim(digest, token)
-        if outcome.outcome is not Outcome.STORED:
-            # Indexed by someone else meanwhile: our commit may have made an unreferenced object.
-            await index.tomb(digest, _grace(blobs))
-            return outcome
-        while not live:
-            # The claim expired before the index step: a sweep may have deleted the object since. Our
-            # reference now keeps any later sweep off it; a claim waits out a delete in flight.
-            log.warning("claim on %s expired during its commit; committing again", digest)
-            await _claim(index, digest, token)
-            claimed = True
-            await blobs.commit(tmp, digest, meta.content_type)
-            claimed = False
-            live = await index.unclaim(digest, token)
-        return outcome
-    finally:
-        if claimed:
-            await _quietly(index.unclaim(digest, token))
-        await asyncio.to_thread(blobs.discard, tmp)
-
-
-async def _referenced_claimed(
-    blobs: Storage, index: Index, tmp: Path, digest: str, content_type: str,
-    reference: Callable[[], Awaitable[T]], counted: Callable[[T], bool],
-) -> T:
-    """``_store_claimed`` with `reference()` as the index step."""
-    token = secrets.token_hex(8)
-    claimed = False
-    try:
-        present = await _claim(index, digest, token)
-        claimed = True
-        if not present:
-            await blobs.commit(tmp, digest, content_type)
-        answer = await reference()
-        claimed = False
-        live = await index.unclaim(digest, token)
         if not counted(answer):
+            # Referenced by someone else meanwhile: our commit may have made an unreferenced object.
             await index.tomb(digest, _grace(blobs))
             return answer
         while not live:
+            # The claim expired before the index step: a sweep may have deleted the object since. Our
+            # reference now keeps any later sweep off it; a claim waits out a delete in flight.
             log.warning("claim on %s expired during its commit; committing again", digest)
             await _claim(index, digest, token)
             claimed = True
