@@ -29,6 +29,10 @@ def _setting(default: Any, help: str, secret: bool = False) -> Any:
     return dataclasses.field(default=default, repr=not secret, metadata={"help": help})
 
 
+# The gallery's grid asks for ?variant=thumb: a thumbnail within 256 x 256 that keeps the image's shape
+# (the grid reserves each tile's space from the stored width and height), in AVIF or WebP where accepted.
+DEFAULT_PRESETS = "thumb=w:256 h:256 fit:inside format:auto"
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     host: str = _setting("127.0.0.1", "Address the HTTP server listens on.")
@@ -214,8 +218,9 @@ class Settings:
         "'presets' (only ?variant=<name> from variant_presets, so clients cannot mint unbounded variants) or 'off'."
     )
     variant_presets: str = _setting(
-        "", "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "
-        "format:auto' (';' between presets), or in TOML a table of such strings or of parameter tables."
+        DEFAULT_PRESETS, "Named variants for ?variant=<name>: 'thumb=w:256 h:256 fit:cover format:auto; hero=w:1600 "
+        "format:auto' (';' between presets), or in TOML a table of such strings or of parameter tables. The "
+        "default's 'thumb' is what the gallery shows in its grid; setting this replaces it."
     )
     variant_max_side: int = _setting(4096, "Largest width or height of a variant, in pixels; past it a 400.")
     variant_max_pixels: int = _setting(

@@ -163,7 +163,7 @@ async def test_bad_parameters_and_missing_images(api, origin):
     result = await stored(api, url)
     for params, parameter in (({"w": "0"}, "w"), ({"fit": "squash", "w": "4", "h": "4"}, "fit"),
                               ({"format": "bmp"}, "format"), ({"q": "101"}, "q"), ({"bg": "red"}, "bg"),
-                              ({"w": "5000"}, "w"), ({"variant": "thumb"}, "variant"),
+                              ({"w": "5000"}, "w"), ({"variant": "nosuch"}, "variant"),
                               ({"animated": "1", "format": "jpeg"}, "animated")):
         response = await api("GET", image_path(url, **params))
         assert response.code == 400, params

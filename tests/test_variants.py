@@ -243,7 +243,9 @@ def test_presets_mode_refuses_free_parameters_and_needs_presets():
             policy.parse(params)
         assert caught.value.parameter == parameter and "variant=thumb|hero" in str(caught.value)
     with pytest.raises(ConfigError, match="defines none"):
-        VariantPolicy.from_settings(load_settings(environ={"CASIMG_VARIANTS": "presets"}))
+        VariantPolicy.from_settings(load_settings(environ={"CASIMG_VARIANTS": "presets", "CASIMG_VARIANT_PRESETS": ""}))
+    # The default presets hold the gallery's thumb, so presets mode works out of the box.
+    assert set(VariantPolicy.from_settings(load_settings(environ={"CASIMG_VARIANTS": "presets"})).presets) == {"thumb"}
 
 
 def test_a_preset_with_free_parameters_is_refused():
