@@ -39,11 +39,14 @@ def bystander():
 @pytest.mark.gen_test
 async def test_rate_limit_per_key_answers_429_with_retry_after_and_spares_other_keys(api, services):
     other = await services.api_keys.create("other", Scope.read)
-    codes = [(await api("GET", "/api/images")).code for _ in range(25)]
+    responses = [await api("GET", "/api/images") for _ in range(25)]
+    codes = [response.code for response in responses]
     assert codes[:10] == [200] * 10  # the burst
-    assert 429 in codes
-    refused = await api("GET", "/api/images")
-    assert refused.code == 429 and "rate limit" in problem(refused)["detail"]
+    # The first refusal is the one checked: on a slow machine 25 requests take long enough that the bucket
+    # refills a token now and then, so the request after a 429 may be granted.
+    refused = next((response for response in responses if response.code == 429), None)
+    assert refused is not None, codes
+    assert "rate limit" in problem(refused)["detail"]
     wait = int(refused.headers["Retry-After"])
     assert 1 <= wait <= 2
     assert (await api("GET", "/api/images", key=other)).code == 200
