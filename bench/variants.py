@@ -21,6 +21,11 @@
   (ingested by casimg; fetched once at 16x16 by thumbor), renders per second and the request latency.
   Warm: wrk over the same thumbnail URLs (casimg serves its stored variants; thumbor renders again,
   having no result storage), beside casimg's GET of originals of the thumbnails' size, interleaved.
+  The cold run's CPU is taken apart: the serving process alone (casimg's `serve`, without its render
+  processes) beside everything under it; and the floor, ``bench/render_floor.py`` (Pillow alone making
+  the same thumbnails, no service around it), is run in both virtualenvs, so each server's CPU per
+  thumbnail reads against what its own Pillow needs. ``--other CHECKOUT`` adds a casimg of another
+  checkout (the code before a change) to the same rotating turns; ``--no-warm`` skips the wrk part.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
