@@ -10,8 +10,17 @@
    error the render ended with, which they answer too).
 4. Render in the pool (``render_pool.py``: worker processes, a time limit, a memory estimate checked
    before decoding), then store the bytes as a blob under their own digest with the store protocol of
-   blobs.py, the relation standing where a URL stands: link in, record the relation (one Lua step that
-   also ends the claim), make sure the file is there, remove the temp file.
+   blobs.py, the relation standing where a URL stands: write and link in (one trip to a thread), record
+   the relation (one Lua step that also ends the claim), make sure the file is there, remove the temp file.
+
+Durability: the variant's file and its directory entry are fsynced before the relation is recorded, as a
+download's are. A variant could be rendered again, but a relation is a reference that Redis keeps across
+a crash (its AOF), and one that outlived its blob would answer 404 for that variant until fsck --repair
+dropped it. The fsync costs ~0.9 ms of CPU and ~15 ms of latency per cold variant on the bench machine's
+disk (BENCHMARKS.md, "Variants: through HTTP"), spent in a thread: neither the event loop nor a render
+process waits for it. Downloads share one syncfs per batch instead
+(``FlushGroup``); a cold variant arrives alone, so a shared flush would batch little and sync the whole
+file system.
 
 All blob I/O of variants is the two functions at the end, ``source_for_render`` and ``keep_variant``:
 the render reads the source as the file store's path (the render worker opens it; from a store without
