@@ -36,9 +36,6 @@ Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # a queu
 # One command of a batch: the script to run, its keys and args, the calls it answers, and whether it is a
 # batched form (answering each call) or one call's own script.
 Unit = tuple[AsyncScript, list[Any], list[Any], list[Call], bool]
-# Calls in one command of a batched form at most: a script holds Redis while it runs, and 32 stores take it
-# about 3 ms (90 µs each), which a GET's lookup may wait behind.
-BATCHED_CALLS_MAX = 32
 Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # a queued blocking call
 
 
@@ -118,11 +115,9 @@ class ScriptBatcher(_TurnBatcher):
                 units.extend((call[0], call[1], call[2], [call], False) for call in calls)
                 continue
             ((per_keys, per_args),) = shapes
-            for start in range(0, len(calls), BATCHED_CALLS_MAX):
-                chunk = calls[start:start + BATCHED_CALLS_MAX]
-                keys = [key for _, call_keys, _, _ in chunk for key in call_keys]
-                args = [per_keys, per_args, len(chunk), *(arg for _, _, call_args, _ in chunk for arg in call_args)]
-                units.append((self._batched[sha], keys, args, chunk, True))
+            keys = [key for _, call_keys, _, _ in calls for key in call_keys]
+            args = [per_keys, per_args, len(calls), *(arg for _, _, call_args, _ in calls for arg in call_args)]
+            units.append((self._batched[sha], keys, args, calls, True))
         return units
 
     async def _run(self, units: list[Unit]) -> None:

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from casimg import lua
-from casimg.batching import BATCHED_CALLS_MAX, ScriptBatcher, ThreadBatcher
+from casimg.batching import ScriptBatcher, ThreadBatcher
 
 # KEYS: counter     ARGV: amount  ->  the counter after adding; an error reply for a negative amount
 ADD_LUA = """
@@ -108,16 +108,6 @@ async def test_a_batched_scripts_calls_of_one_turn_are_one_command_answered_each
     assert await evalsha_calls(client) == 1 and batcher.batches[-1] == 1
     assert results == [sum(range(1, n + 1)) for n in range(1, 21)]  # in order, each its own answer
     assert await asyncio.gather(batcher.call(script, [key], [0]), batcher.call(script, [key], [1])) == [None, 211]
-
-
-@pytest.mark.gen_test
-async def test_a_batched_forms_calls_go_in_commands_of_at_most_the_maximum(client, key):
-    batcher = Spied(client)
-    script = client.register_script(ADD_LUA)
-    batcher.batch(script, lua.batched_source(ADD_LUA))
-    calls = BATCHED_CALLS_MAX * 2 + 1
-    assert await asyncio.gather(*(batcher.call(script, [key], [1]) for _ in range(calls))) == list(range(1, calls + 1))
-    assert batcher.batches == [3]  # three commands, in one pipeline
 
 
 @pytest.mark.gen_test
