@@ -13,10 +13,6 @@ choices").
 
 Each call is still its own Lua script run, atomic on its own; the pipeline is not a transaction (nothing
 needs the calls to be atomic together), and one call's error is that caller's alone.
-
-A script with a batched form (``ScriptBatcher.batch``, lua.batched) goes further: its calls of one turn are
-one command, which runs the script once per call. redis-py packs and parses each command of a pipeline in
-Python, per command, and for the ingest's store step that was most of what the pipeline cost.
 """
 
 from __future__ import annotations
@@ -28,14 +24,11 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from casimg import tracing
 
 Call = tuple[AsyncScript, list[Any], list[Any], "asyncio.Future[Any]"]  # a queued script call
-# One command of a batch: the script to run, its keys and args, the calls it answers, and whether it is a
-# batched form (answering each call) or one call's own script.
-Unit = tuple[AsyncScript, list[Any], list[Any], list[Call], bool]
 Blocking = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]  # a queued blocking call
 
 
@@ -83,11 +76,6 @@ class ScriptBatcher(_TurnBatcher):
         super().__init__()
         self.redis = redis
         self._sending: set[asyncio.Task[None]] = set()
-        self._batched: dict[str, AsyncScript] = {}  # a script's sha -> its batched form
-
-    def batch(self, script: AsyncScript, batched_source: str) -> None:
-        """Send the calls of `script` made in one turn as one call of `batched_source` (lua.batched(name))."""
-        self._batched[script.sha] = self.redis.register_script(batched_source)
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
@@ -95,63 +83,33 @@ class ScriptBatcher(_TurnBatcher):
             return await self._join(script, keys, args)
 
     def _send(self, batch: list[Call]) -> None:
-        task = asyncio.ensure_future(self._run(self._units(batch)))
+        task = asyncio.ensure_future(self._run(batch))
         self._sending.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._sending.discard)
 
-    def _units(self, batch: list[Call]) -> list[Unit]:
-        """The commands to send for `batch`: each call alone, except the calls of a script with a batched
-        form, which become one call of that form (when they all have the same numbers of keys and args)."""
-        units: list[Unit] = []
-        groups: dict[str, list[Call]] = {}
-        for call in batch:
-            if call[0].sha in self._batched:
-                groups.setdefault(call[0].sha, []).append(call)
-            else:
-                units.append((call[0], call[1], call[2], [call], False))
-        for sha, calls in groups.items():
-            shapes = {(len(keys), len(args)) for _, keys, args, _ in calls}
-            if len(calls) == 1 or len(shapes) > 1:
-                units.extend((call[0], call[1], call[2], [call], False) for call in calls)
-                continue
-            ((per_keys, per_args),) = shapes
-            keys = [key for _, call_keys, _, _ in calls for key in call_keys]
-            args = [per_keys, per_args, len(calls), *(arg for _, _, call_args, _ in calls for arg in call_args)]
-            units.append((self._batched[sha], keys, args, calls, True))
-        return units
-
-    async def _run(self, units: list[Unit]) -> None:
+    async def _run(self, batch: list[Call]) -> None:
         try:
-            if len(units) == 1:
-                script, keys, args, _, _ = units[0]
+            if len(batch) == 1:
+                script, keys, args, _ = batch[0]
                 results: list[Any] = [await script(keys=keys, args=args)]
             else:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for script, keys, args, _, _ in units:
+                    for script, keys, args, _ in batch:
                         pipe.evalsha(script.sha, len(keys), *keys, *args)
                     results = await pipe.execute(raise_on_error=False)
         except BaseException as exc:  # Redis away: every caller gets the error, and retries as it would
-            for *_, calls, _ in units:
-                _fail_all(calls, exc)
+            _fail_all(batch, exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (script, keys, args, calls, batched), result in zip(units, results, strict=True):
+        for (script, keys, args, answer), result in zip(batch, results, strict=True):
             if isinstance(result, NoScriptError):
                 # Redis lost its script cache (a restart): the plain call loads the script and runs it.
                 try:
                     result = await script(keys=keys, args=args)
                 except Exception as exc:  # handed to the caller, who sees it raised
                     result = exc
-            if not batched or isinstance(result, Exception):
-                for *_, answer in calls:
-                    _answer(answer, not isinstance(result, Exception), result)
-                continue
-            for (*_, answer), reply in zip(calls, result, strict=True):
-                value = reply[1] if len(reply) > 1 else None  # {1} alone: the call answered nil
-                if reply[0] != 1:
-                    value = ResponseError(value)
-                _answer(answer, not isinstance(value, Exception), value)
+            _answer(answer, not isinstance(result, Exception), result)
 
 
 class ThreadBatcher(_TurnBatcher):

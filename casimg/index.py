@@ -46,7 +46,6 @@ from redis.client import NEVER_DECODE
 
 from casimg.batching import ScriptBatcher
 from casimg.clock import now_iso, now_ms
-from casimg.lua import batched as lua_batched
 from casimg.lua import source as lua_source
 from casimg.schema import (
     BUCKET_DIGITS,
@@ -203,7 +202,6 @@ class Index:
         self.keys = keys
         self._batcher = ScriptBatcher(redis)
         self._store = redis.register_script(lua_source("store"))
-        self._batcher.batch(self._store, lua_batched("store"))  # the stores of a loop turn: one command
         self._hget_many = redis.register_script(lua_source("hget_each"))
         self._complete = redis.register_script(lua_source("complete"))
         self._release = redis.register_script(lua_source("release"))

@@ -13,7 +13,7 @@ downloads of the next ones instead of holding their connection slot:
    cannot keep another key's first URL waiting for more than about a queue read;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
    linked in (one trip to a thread), made durable together (one ``FlushGroup`` flush for all of them),
-   indexed (one Redis command for the stores of a loop turn) and settled (one trip to a thread for
+   indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread for
    them). A download takes its store place before it gives its slot back, so when storing falls behind,
    downloading waits, and the bytes held in memory stay bounded.
 """

@@ -12,7 +12,6 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from casimg import lua
 from casimg.batching import ScriptBatcher, ThreadBatcher
 
 # KEYS: counter     ARGV: amount  ->  the counter after adding; an error reply for a negative amount
@@ -84,63 +83,6 @@ async def test_every_caller_of_a_batch_sees_redis_being_away(tmp_path):
         assert all(isinstance(result, RedisConnectionError) for result in results), results
     finally:
         await client.aclose()
-
-
-# KEYS: counter     ARGV: amount  ->  as ADD_LUA; nil for 0; a runtime error (INCRBY by a word) for "x"
-ADD_OR_FAIL_LUA = """
-if ARGV[1] == '0' then return nil end
-if ARGV[1] == 'x' then return redis.call('INCRBY', KEYS[1], 'x') end
-""" + ADD_LUA
-
-
-async def evalsha_calls(client: aioredis.Redis) -> int:
-    return int((await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0))
-
-
-@pytest.mark.gen_test
-async def test_a_batched_scripts_calls_of_one_turn_are_one_command_answered_each(client, key):
-    batcher = Spied(client)
-    script = client.register_script(ADD_OR_FAIL_LUA)
-    batcher.batch(script, lua.batched_source(ADD_OR_FAIL_LUA))
-    await asyncio.gather(batcher.call(script, [key], [0]), batcher.call(script, [key], [0]))  # loads it
-    await client.config_resetstat()
-    results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in range(1, 21)))
-    assert await evalsha_calls(client) == 1 and batcher.batches[-1] == 1
-    assert results == [sum(range(1, n + 1)) for n in range(1, 21)]  # in order, each its own answer
-    assert await asyncio.gather(batcher.call(script, [key], [0]), batcher.call(script, [key], [1])) == [None, 211]
-
-
-@pytest.mark.gen_test
-async def test_one_call_of_a_batched_script_failing_fails_only_its_caller(client, key):
-    batcher = ScriptBatcher(client)
-    script = client.register_script(ADD_OR_FAIL_LUA)
-    batcher.batch(script, lua.batched_source(ADD_OR_FAIL_LUA))
-    results = await asyncio.gather(*(batcher.call(script, [key], [n]) for n in (5, -1, "x", 7)),
-                                   return_exceptions=True)
-    assert results[0] == 5 and results[3] == 12
-    assert isinstance(results[1], ResponseError) and "negative amount" in str(results[1])
-    assert isinstance(results[2], ResponseError) and "not an integer" in str(results[2])
-
-
-@pytest.mark.gen_test
-async def test_a_batched_form_lost_from_the_script_cache_is_loaded_again(client, key):
-    batcher = ScriptBatcher(client)
-    script = client.register_script(ADD_LUA)
-    batcher.batch(script, lua.batched_source(ADD_LUA))
-    assert await asyncio.gather(batcher.call(script, [key], [1]), batcher.call(script, [key], [1])) == [1, 2]
-    await client.script_flush()
-    assert await asyncio.gather(batcher.call(script, [key], [1]), batcher.call(script, [key], [1])) == [3, 4]
-
-
-@pytest.mark.gen_test
-async def test_calls_of_other_scripts_go_beside_a_batched_form_in_one_pipeline(client, key):
-    batcher = Spied(client)
-    batched = client.register_script(ADD_LUA)
-    batcher.batch(batched, lua.batched_source(ADD_LUA))
-    plain = client.register_script("return redis.call('GET', KEYS[1])")
-    results = await asyncio.gather(batcher.call(batched, [key], [2]), batcher.call(plain, [key], []),
-                                   batcher.call(batched, [key], [3]))
-    assert batcher.batches == [2] and results[0] == 2 and results[2] == 5 and results[1] in (None, "2", "5")
 
 
 class CountingPool(ThreadPoolExecutor):

@@ -22,7 +22,7 @@ def test_every_part_named_in_the_table_is_a_package_resource():
 
 
 def test_every_lua_file_is_used_by_some_script():
-    used = {part for parts in lua.SCRIPTS.values() for part in parts} | {lua.BATCH_DRIVER}
+    used = {part for parts in lua.SCRIPTS.values() for part in parts}
     present = {path.stem for path in (ROOT / "casimg" / "lua").glob("*.lua")}
     assert present == used
 

@@ -51,11 +51,6 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# The driver that runs a script once per call for many calls in one (``batched``): a fragment of no script
-# of its own.
-BATCH_DRIVER = "batch"
-
-
 @functools.cache
 def fragment(name: str) -> str:
     """One ``.lua`` file of this package, as text."""
@@ -66,18 +61,3 @@ def fragment(name: str) -> str:
 def source(script: str) -> str:
     """The full source of a script named in SCRIPTS: its fragments, then its own file."""
     return "".join(fragment(part) for part in SCRIPTS[script])
-
-
-@functools.cache
-def batched(script: str) -> str:
-    """`script` for many calls in one command (batching.ScriptBatcher): ``batched_source`` of its fragments
-    and its own file."""
-    parts = SCRIPTS[script]
-    return batched_source(fragment(parts[-1]), "".join(fragment(part) for part in parts[:-1]))
-
-
-def batched_source(body: str, prelude: str = "") -> str:
-    """A script that runs `body` once per call, for many calls in one command: `prelude` (functions it
-    uses), `body` as the function ``one(KEYS, ARGV)``, then the driver (batch.lua) that calls it for each
-    call's keys and args. `body` must reach KEYS and ARGV only directly, never through a prelude function."""
-    return f"{prelude}local function one(KEYS, ARGV)\n{body}\nend\n{fragment(BATCH_DRIVER)}"

@@ -9,5 +9,5 @@ if ARGV[8] ~= '' then
   decoded.placeholder = redis.call('HGET', prefix .. string.sub(digest, 1, 3), unhex(digest)) or cjson.null
   result = cjson.encode(decoded)
 end
-complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], result, ARGV[5], KEYS[4], ARGV[6], ARGV[7], KEYS[5], ARGV[9])
+complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], result, ARGV[5], KEYS[4], ARGV[6], ARGV[7], KEYS[5])
 return 1

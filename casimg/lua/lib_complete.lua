@@ -12,8 +12,7 @@ local function finish_job(job, hooks, now_ms, now_iso)
     redis.call('ZADD', hooks, now_ms, hook[1])
   end
 end
-local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms, hooks,
-                        now_iso)
+local function complete(job, results, queue, group, entry, field, result, counter, owners, owner, now_ms, hooks)
   if entry ~= '' then
     redis.call('XACK', queue, group, entry)
     redis.call('XDEL', queue, entry)
@@ -27,7 +26,7 @@ local function complete(job, results, queue, group, entry, field, result, counte
   redis.call('HINCRBY', job, counter, 1)
   local done = redis.call('HINCRBY', job, 'done', 1)
   if done >= tonumber(state[1]) then
-    finish_job(job, hooks, now_ms, now_iso)
+    finish_job(job, hooks, now_ms, ARGV[#ARGV])
   elseif redis.call('HGET', job, 'status') == 'queued' then
     redis.call('HSET', job, 'status', 'running')
   end

@@ -7,7 +7,7 @@
 -- computed, '' if none, and is kept only if the content has none yet).
 local url, digest = ARGV[1], ARGV[2]
 if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[4], 'cancelled') == 1 then
-  complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], '', '', '', KEYS[7], ARGV[9], ARGV[4], KEYS[9], ARGV[13])
+  complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], '', '', '', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
   return {'cancelled', digest, -1}
 end
 local old = redis.call('HGET', KEYS[1], url)
@@ -32,5 +32,5 @@ local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8]),
                 height = tonumber(height), placeholder = placeholder or cjson.null}
 if outcome == 'stored' and prior > 0 then result.deduplicated = true end
 complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
-         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4], KEYS[9], ARGV[13])
+         outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
 return {outcome, digest, prior}
