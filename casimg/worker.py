@@ -91,8 +91,9 @@ REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 # paced origin's backlog does not keep the slots from other origins, few enough to bound the entries
 # read ahead (each waits as a task, pending under this worker's name).
 ASIDE_PER_SLOT = 4
-# Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each): a
-# repeat validated again cost a tenth of its CPU (the check, 0.16 ms, against a hash of 0.3 ms).
+# Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
+# 1 MB): checking a repeat again was a sizeable part of what it cost (BENCHMARKS.md, "Figures behind
+# design choices"). Per process: with several, a repeat finds its first copy's check in one of them.
 VALIDATED_KEPT = 4096
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
