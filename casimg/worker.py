@@ -93,7 +93,7 @@ REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 ASIDE_PER_SLOT = 4
 # Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
 # 1 MB): checking a repeat again was a sizeable part of what it cost (BENCHMARKS.md, "Figures behind
-# design choices"). Per process: with several, a repeat finds its first copy's check in one of them.
+# design choices"). Per process: with several, only the process that checked the first copy skips it.
 VALIDATED_KEPT = 4096
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
