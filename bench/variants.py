@@ -173,10 +173,11 @@ def cpu_seconds(pid: int) -> float:
     return total + sum(cpu_seconds(int(child)) for child in children)
 
 
-def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None) -> tuple[float, list[float]]:
+def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None,
+              extra_headers: dict[str, str] | None = None) -> tuple[float, list[float]]:
     """GET every path once, `connections` at a time on keep-alive connections: (seconds, latencies in ms)."""
     host, port = urlsplit(base).hostname, urlsplit(base).port
-    headers = {"X-API-Key": key} if key else {}
+    headers = ({"X-API-Key": key} if key else {}) | (extra_headers or {})
     todo = list(paths)
     latencies: list[float] = []
 
@@ -318,6 +319,89 @@ def http_comparison(args: argparse.Namespace) -> None:
           f"req/s (interleaved): {warm / original:.2f}x.")
 
 
+WARM_SIDE = 432, 324  # a photo-like JPEG of about 32 KB: a typical stored image
+
+
+def warm_comparison(args: argparse.Namespace) -> None:
+    """A cached variant's GET beside the original's, on one `casimg serve --processes 1` per checkout (this
+    one, and ``--other``'s), same images, same wrk connections, the (checkout, original|variant) runs
+    rotating every round so a drift in the machine's load weighs on all alike. CPU per request is the
+    server process's CPU time over the requests wrk counted."""
+    from bench import log, workspace
+    from bench.origin import image_url, serve_image_set
+    from bench.procs import ROOT, Procs
+    from bench.retrieval import run_wrk
+    from bench.stack import start_casimg, start_redis
+
+    checkouts = {"this": ROOT} | ({"other": Path(args.other).resolve()} if args.other else {})
+    procs = Procs()
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with workspace(keep=False) as work:
+        try:
+            images = work / "set"
+            images.mkdir()
+            for n in range(args.warm_images):
+                (images / f"{n}.jpg").write_bytes(photo(*WARM_SIDE, seed=100 + n))
+            size = statistics.median((images / f"{n}.jpg").stat().st_size for n in range(args.warm_images))
+            origin_port, _ = serve_image_set(procs, work, images)
+            urls = [image_url(origin_port, n, f"{n}.jpg") for n in range(args.warm_images)]
+            _, redis_url = start_redis(procs, work / "redis", persistent=False)
+            loader = start_casimg(procs, work / "data", redis_url)
+            connection = http.client.HTTPConnection("127.0.0.1", loader.port, timeout=120)
+            connection.request("POST", "/api/images?wait=60", json.dumps({"image_urls": urls}),
+                               {"X-API-Key": loader.key, "Content-Type": "application/json"})
+            job = json.loads(connection.getresponse().read())
+            assert job["status"] == "done" and job["failed"] == 0, job
+            procs.stop(loader.proc)
+            servers = {label: start_casimg(procs, work / "data", redis_url, workers=False, extra_env={
+                "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}) for label, checkout in checkouts.items()}
+            originals = [f"/api/image?url={quote(url, safe='')}" for url in urls]
+            variants = [f"{path}&{args.query}" for path in originals]
+            headers = {"Accept": args.accept} if args.accept else {}
+            for server in servers.values():  # rendered by the first, found by the others; then each remembers
+                for _ in range(2):
+                    fetch_all(server.base, variants + originals, 1, server.key, headers)
+            targets = [(label, kind) for label in servers for kind in ("original", "variant")]
+            runs = {target: [] for target in targets}
+            load_before = os.getloadavg()
+            for number in range(args.rounds):
+                for label, kind in targets[number % len(targets):] + targets[:number % len(targets)]:
+                    server = servers[label]
+                    cpu = cpu_seconds(server.proc.pid)
+                    result = run_wrk(work, server.base, originals if kind == "original" else variants, server.key,
+                                     args.duration, args.connections, args.accept if kind == "variant" else None)
+                    cpu = cpu_seconds(server.proc.pid) - cpu
+                    if result.errors or not result.requests:
+                        raise RuntimeError(f"{label} {kind}: {result.errors} errors in {result.requests} requests")
+                    runs[label, kind].append((result.rps, cpu * 1000 / result.requests))
+                    log(f"round {number + 1}, {label} {kind}: {result.rps:.0f} requests/s, "
+                        f"{runs[label, kind][-1][1]:.3f} CPU ms per request")
+            load_after = os.getloadavg()
+        finally:
+            procs.stop_all()
+
+    accept = f" (Accept: {args.accept})" if args.accept else ""
+    print(f"\nWarm variants: `GET /api/image?url=U&{args.query}`{accept} once stored, beside `GET "
+          f"/api/image?url=U`, {args.warm_images} JPEGs of {WARM_SIDE[0]}x{WARM_SIDE[1]} "
+          f"(median {size / 1000:.0f} KB). {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
+          f"cores, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. One `casimg serve "
+          f"--processes 1` per checkout, wrk -t2 -c{args.connections} -d{args.duration}s, {args.rounds} rounds "
+          f"interleaved. `python -m bench.variants --warm --rounds {args.rounds} --duration {args.duration} "
+          f"--connections {args.connections}{' --other ' + args.other if args.other else ''}"
+          f"{' --query ' + args.query if args.query != 'variant=thumb' else ''}`.\n")
+    print("| checkout | original req/s (per round) | variant req/s (per round) | variant/original | "
+          "CPU ms/request original | CPU ms/request variant |")
+    print("|---|---|---|---|---|---|")
+    for label, checkout in checkouts.items():
+        original, variant = runs[label, "original"], runs[label, "variant"]
+        rate_o, rate_v = statistics.median(r for r, _ in original), statistics.median(r for r, _ in variant)
+        cpu_o, cpu_v = statistics.median(c for _, c in original), statistics.median(c for _, c in variant)
+        ratios = [v / o for (v, _), (o, _) in zip(variant, original, strict=True)]
+        print(f"| {label} ({checkout}) | {rate_o:.0f} ({', '.join(f'{r:.0f}' for r, _ in original)}) | {rate_v:.0f} "
+              f"({', '.join(f'{r:.0f}' for r, _ in variant)}) | {rate_v / rate_o:.2f}x ({min(ratios):.2f}-"
+              f"{max(ratios):.2f}) | {cpu_o:.3f} | {cpu_v:.3f} ({cpu_v / cpu_o:.2f}x) |")
+
+
 def placeholder_bytes(urls: int) -> tuple[float, float, int]:
     """Redis bytes per URL (used_memory) of `urls` URLs, one content each, stored without placeholders and
     with a typical one, on a Redis like casimg's embedded one: (without, with, placeholder characters)."""
@@ -366,6 +450,14 @@ def main() -> None:
     parser.add_argument("--thumbor", default="/tmp/thumbor-venv/bin/thumbor", help="thumbor's executable")
     parser.add_argument("--images", type=int, default=40, help="distinct 12-Mpx images for the HTTP run")
     parser.add_argument("--connections", type=int, default=4, help="HTTP requests in flight")
+    parser.add_argument("--warm", action="store_true",
+                        help="only: a cached variant's GET beside the original's, wrk rounds interleaved")
+    parser.add_argument("--other", default=None, help="--warm: another checkout served beside this one")
+    parser.add_argument("--query", default="variant=thumb", help="--warm: the variant's query parameters")
+    parser.add_argument("--accept", default=None, help="--warm: the Accept header of the variant requests")
+    parser.add_argument("--warm-images", type=int, default=16, help="--warm: distinct JPEGs of about 32 KB")
+    parser.add_argument("--rounds", type=int, default=3, help="--warm: wrk runs of each kind per checkout")
+    parser.add_argument("--duration", type=int, default=5, help="--warm: seconds per wrk run")
     parser.add_argument("--redis-bytes", type=int, default=0, metavar="URLS",
                         help="only: Redis bytes per URL with and without placeholders, over URLS URLs")
     args = parser.parse_args()
@@ -377,6 +469,9 @@ def main() -> None:
         return
     if args.http_only:
         http_comparison(args)
+        return
+    if args.warm:
+        warm_comparison(args)
         return
 
     load_before = os.getloadavg()[0]
