@@ -12,8 +12,11 @@ import io
 import math
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageCms, ImageDraw
@@ -680,6 +683,36 @@ def test_renders_caught_in_a_killed_pool_are_made_again():
             pool.close()
 
     asyncio.run(scenario())
+
+
+CLOSE_THEN_EXIT = """
+import asyncio, os, sys
+from casimg.render_pool import RenderPool
+from casimg.variants import VariantSpec
+
+async def main():
+    pool = RenderPool(2, 60.0, max_memory=2**29)
+    pool.start()
+    with open(sys.argv[1], "rb") as source:
+        await pool.render(source.read(), VariantSpec(w=8, format="png"))
+    pool.close()
+    os._exit(0)  # at once, as a `serve --processes N` child ends: no atexit handler, no thread joined
+
+asyncio.run(main())
+"""
+
+
+def test_a_closed_pool_leaves_no_semaphores_to_the_resource_tracker(tmp_path):
+    """The pool's queues hold named semaphores, unlinked when the queues are freed: close() returns only
+    once they can be (its workers reaped, its thread ended), so a process that exits right after leaves
+    none behind, of which the resource tracker would warn on stderr."""
+    source = tmp_path / "small.png"
+    source.write_bytes(encode(Image.new("RGB", (64, 48), RED), "PNG"))
+    # Run to the end of stderr, which the resource tracker shares: its warning, if any, is in it.
+    done = subprocess.run([sys.executable, "-c", CLOSE_THEN_EXIT, str(source)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
 
 
 # --- placeholders ----------------------------------------------------------------------------------
