@@ -262,7 +262,8 @@ class ReadyHandler(BaseHandler):
 
 class OpenApiHandler(BaseHandler):
     def get(self) -> None:
-        self.write_json(openapi_document())
+        policy = self.services.variants.policy
+        self.write_json(openapi_document(list(policy.presets) if policy.mode != "off" else []))
 
 
 @tornado.web.stream_request_body
