@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.variants                 # prints the markdown tables
     .venv/bin/python -m bench.variants --runs 60 --pool-renders 80
     .venv/bin/python -m bench.variants --http --thumbor /tmp/thumbor-venv/bin/thumbor   # + the HTTP run
+    .venv/bin/python -m bench.variants --warm --rounds 8 --other ../casimg-before      # only: warm vs original
 
 - Render latency, in this process on one core: a 12-megapixel JPEG (4000x3000, photo-like: noise over
   gradients and shapes, lightly blurred) to a 256-pixel WebP thumbnail, with JPEG DCT scaling (draft)
@@ -21,6 +22,14 @@
   (ingested by casimg; fetched once at 16x16 by thumbor), renders per second and the request latency.
   Warm: wrk over the same thumbnail URLs (casimg serves its stored variants; thumbor renders again,
   having no result storage), beside casimg's GET of originals of the thumbnails' size, interleaved.
+
+- With ``--warm`` (alone): a cached variant's GET (``--query``, default ``variant=thumb``; ``--accept``)
+  against the original's GET, ``--warm-images`` photo-like JPEGs of about 32 KB, one ``casimg serve
+  --processes 1`` per checkout (this one, and ``--other``'s for a before/after in the same run), wrk with
+  the same ``--connections`` for both. Each round runs a checkout's original and variant back to back
+  (which first alternates), the checkouts rotating; per checkout: the median requests/s of each, the
+  median over rounds of variant/original, and the server's CPU ms per request (its CPU time over the
+  requests wrk counted), the steadier figure on a shared machine.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
@@ -361,11 +370,14 @@ def warm_comparison(args: argparse.Namespace) -> None:
             for server in servers.values():  # rendered by the first, found by the others; then each remembers
                 for _ in range(2):
                     fetch_all(server.base, variants + originals, 1, server.key, headers)
-            targets = [(label, kind) for label in servers for kind in ("original", "variant")]
-            runs = {target: [] for target in targets}
+            labels = list(servers)
+            runs = {(label, kind): [] for label in labels for kind in ("original", "variant")}
             load_before = os.getloadavg()
             for number in range(args.rounds):
-                for label, kind in targets[number % len(targets):] + targets[:number % len(targets)]:
+                # Each checkout's two runs back to back, which first alternating; the checkouts rotating.
+                kinds = ("original", "variant") if number % 2 == 0 else ("variant", "original")
+                turn = labels[number % len(labels):] + labels[:number % len(labels)]
+                for label, kind in [(label, kind) for label in turn for kind in kinds]:
                     server = servers[label]
                     cpu = cpu_seconds(server.proc.pid)
                     result = run_wrk(work, server.base, originals if kind == "original" else variants, server.key,
@@ -388,18 +400,22 @@ def warm_comparison(args: argparse.Namespace) -> None:
           f"--processes 1` per checkout, wrk -t2 -c{args.connections} -d{args.duration}s, {args.rounds} rounds "
           f"interleaved. `python -m bench.variants --warm --rounds {args.rounds} --duration {args.duration} "
           f"--connections {args.connections}{' --other ' + args.other if args.other else ''}"
-          f"{' --query ' + args.query if args.query != 'variant=thumb' else ''}`.\n")
-    print("| checkout | original req/s (per round) | variant req/s (per round) | variant/original | "
-          "CPU ms/request original | CPU ms/request variant |")
-    print("|---|---|---|---|---|---|")
+          f"{' --query ' + repr(args.query) if args.query != 'variant=thumb' else ''}"
+          f"{' --accept ' + repr(args.accept) if args.accept else ''}`.\n")
+    print("| checkout | original req/s (per round) | variant req/s (per round) | variant/original, median of "
+          "rounds (range) | CPU ms/request original | CPU ms/request variant | CPU variant/original, median of "
+          "rounds (range) |")
+    print("|---|---|---|---|---|---|---|")
     for label, checkout in checkouts.items():
         original, variant = runs[label, "original"], runs[label, "variant"]
-        rate_o, rate_v = statistics.median(r for r, _ in original), statistics.median(r for r, _ in variant)
-        cpu_o, cpu_v = statistics.median(c for _, c in original), statistics.median(c for _, c in variant)
-        ratios = [v / o for (v, _), (o, _) in zip(variant, original, strict=True)]
-        print(f"| {label} ({checkout}) | {rate_o:.0f} ({', '.join(f'{r:.0f}' for r, _ in original)}) | {rate_v:.0f} "
-              f"({', '.join(f'{r:.0f}' for r, _ in variant)}) | {rate_v / rate_o:.2f}x ({min(ratios):.2f}-"
-              f"{max(ratios):.2f}) | {cpu_o:.3f} | {cpu_v:.3f} ({cpu_v / cpu_o:.2f}x) |")
+        rates = [v / o for (v, _), (o, _) in zip(variant, original, strict=True)]
+        costs = [v / o for (_, v), (_, o) in zip(variant, original, strict=True)]
+        print(f"| {label} ({checkout}) | {statistics.median(r for r, _ in original):.0f} "
+              f"({', '.join(f'{r:.0f}' for r, _ in original)}) | {statistics.median(r for r, _ in variant):.0f} "
+              f"({', '.join(f'{r:.0f}' for r, _ in variant)}) | {statistics.median(rates):.2f}x "
+              f"({min(rates):.2f}-{max(rates):.2f}) | {statistics.median(c for _, c in original):.3f} | "
+              f"{statistics.median(c for _, c in variant):.3f} | {statistics.median(costs):.2f}x "
+              f"({min(costs):.2f}-{max(costs):.2f}) |")
 
 
 def placeholder_bytes(urls: int) -> tuple[float, float, int]:
