@@ -23,13 +23,14 @@
   Warm: wrk over the same thumbnail URLs (casimg serves its stored variants; thumbor renders again,
   having no result storage), beside casimg's GET of originals of the thumbnails' size, interleaved.
 
-- With ``--warm`` (alone): a cached variant's GET (``--query``, default ``variant=thumb``; ``--accept``)
-  against the original's GET, ``--warm-images`` photo-like JPEGs of about 32 KB, one ``casimg serve
-  --processes 1`` per checkout (this one, and ``--other``'s for a before/after in the same run), wrk with
-  the same ``--connections`` for both. Each round runs a checkout's original and variant back to back
-  (which first alternates), the checkouts rotating; per checkout: the median requests/s of each, the
-  median over rounds of variant/original, and the server's CPU ms per request (its CPU time over the
-  requests wrk counted), the steadier figure on a shared machine.
+- With ``--warm`` (alone): a cached variant's GET (``--query``, default ``variant=thumb``) against the
+  original's GET (``--accept``: both send that Accept header, as a browser would), ``--warm-images``
+  photo-like JPEGs of about 32 KB, one ``casimg serve --processes 1`` per checkout (this one, and
+  ``--other``'s for a before/after in the same run), wrk with the same ``--connections`` for both.
+  Each round runs a checkout's original and variant back to back (which first alternates), the
+  checkouts rotating; per checkout: the median requests/s of each, the median over rounds of
+  variant/original, and the server's CPU ms per request (its CPU time over the requests wrk counted),
+  the steadier figure on a shared machine.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
@@ -381,7 +382,7 @@ def warm_comparison(args: argparse.Namespace) -> None:
                     server = servers[label]
                     cpu = cpu_seconds(server.proc.pid)
                     result = run_wrk(work, server.base, originals if kind == "original" else variants, server.key,
-                                     args.duration, args.connections, args.accept if kind == "variant" else None)
+                                     args.duration, args.connections, args.accept)  # both: as a browser
                     cpu = cpu_seconds(server.proc.pid) - cpu
                     if result.errors or not result.requests:
                         raise RuntimeError(f"{label} {kind}: {result.errors} errors in {result.requests} requests")
@@ -392,7 +393,7 @@ def warm_comparison(args: argparse.Namespace) -> None:
         finally:
             procs.stop_all()
 
-    accept = f" (Accept: {args.accept})" if args.accept else ""
+    accept = f" (Accept: {args.accept}, on both)" if args.accept else ""
     print(f"\nWarm variants: `GET /api/image?url=U&{args.query}`{accept} once stored, beside `GET "
           f"/api/image?url=U`, {args.warm_images} JPEGs of {WARM_SIDE[0]}x{WARM_SIDE[1]} "
           f"(median {size / 1000:.0f} KB). {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
