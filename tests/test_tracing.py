@@ -224,3 +224,22 @@ def test_a_url_the_sampler_drops_switches_no_context_and_makes_no_span(sampler, 
                          text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("dropped:"))  # the console exporter's too
     assert line.split()[1:] == [str(not made)] * 3
+
+
+@pytest.mark.slow
+def test_a_request_is_a_server_span_under_the_callers_traceparent(tmp_path, receiver, procs):
+    # The sampler drops every trace of casimg's own; a caller's sampled parent is honoured all the same.
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    server = procs.server(tmp_path / "data", env=env)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    status, _, _ = server.call("GET", "/api/jobs/00000000000000000000000a",
+                               headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    assert status == 404
+    spans = receiver.wait_for("GET /api/jobs")
+    request = one(spans, name="GET /api/jobs/{job_id}")
+    assert (request.trace_id, request.parent_id, request.kind) == (trace_id, parent_id, SpanProto.SPAN_KIND_SERVER)
+    assert request.attributes["http.response.status_code"] == 404
+    assert request.attributes["http.route"] == "/api/jobs/{job_id}"
+    assert [s.name for s in spans] == [request.name]  # the startup's own requests were dropped by the sampler
