@@ -7,7 +7,8 @@ against each in interleaved rounds.
 One casimg (this checkout) ingests the set first; then every variant serves it (no workers) from the same
 Redis and data directory, all at once, and the wrk runs go round them in a rotating order, --rounds times,
 so that a drift in the machine's load weighs on all alike. Prints the median requests/s of each variant
-with its spread (lowest, highest) and the median p50 and p99 latencies. Only loopback addresses are used.
+with its spread (lowest, highest), the median p50 and p99 latencies, and the server's CPU per request.
+Only loopback addresses are used.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest
+from bench.ingest_ab import cpu_seconds
 from bench.origin import image_urls, serve_image_set
 from bench.procs import ROOT, Procs
 from bench.retrieval import SAMPLE_SEED, WrkResult, indexed_urls, run_wrk
@@ -58,6 +60,7 @@ def main() -> None:
     files = make_images(cache, args.images)
     procs = Procs()
     runs: dict[str, list[WrkResult]] = {label: [] for label, _, _ in args.variant}
+    cpu: dict[str, list[float]] = {label: [] for label, _, _ in args.variant}
     with workspace(False, "casimg-get-ab-", args.workspace) as work:
         try:
             port, _ = serve_image_set(procs, work, cache)
@@ -77,21 +80,27 @@ def main() -> None:
                 turn = labels[round_number % len(labels):] + labels[:round_number % len(labels)]
                 for label in turn:
                     server = servers[label]
+                    before = cpu_seconds(server.proc.pid)
                     runs[label].append(run_wrk(work, server.base, paths, server.key, args.duration, args.connections))
-                    log(f"round {round_number + 1}, {label}: {runs[label][-1].rps:.0f} requests/s")
+                    # CPU per request: steadier than the rate on a shared machine (wrk's own CPU is not in it)
+                    cpu[label].append((cpu_seconds(server.proc.pid) - before) * 1000
+                                      / max(1.0, runs[label][-1].rps * args.duration))
+                    log(f"round {round_number + 1}, {label}: {runs[label][-1].rps:.0f} requests/s, "
+                        f"{cpu[label][-1]:.2f} ms CPU per request")
         finally:
             procs.stop_all()
 
     print(f"\nGET /api/image, {args.rounds} rounds of {args.duration} s, {args.connections} connections, "
           f"1 process each\n")
-    print("| variant | requests/s median (lowest-highest) | p50 ms | p99 ms | errors |")
-    print("|---|---|---|---|---|")
+    print("| variant | requests/s median (lowest-highest) | p50 ms | p99 ms | errors | CPU ms per request (median) |")
+    print("|---|---|---|---|---|---|")
     for label, checkout, env in args.variant:
         rps = [r.rps for r in runs[label]]
         extra = " ".join(f"{k}={v}" for k, v in env.items())
         print(f"| {label} ({checkout}{', ' + extra if extra else ''}) | {statistics.median(rps):.0f} "
               f"({min(rps):.0f}-{max(rps):.0f}) | {statistics.median(r.p50_ms for r in runs[label]):.2f} | "
-              f"{statistics.median(r.p99_ms for r in runs[label]):.2f} | {sum(r.errors for r in runs[label])} |")
+              f"{statistics.median(r.p99_ms for r in runs[label]):.2f} | {sum(r.errors for r in runs[label])} | "
+              f"{statistics.median(cpu[label]):.3f} |")
 
 
 if __name__ == "__main__":

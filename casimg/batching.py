@@ -79,8 +79,9 @@ class ScriptBatcher(_TurnBatcher):
 
     async def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
         """What ``script(keys=keys, args=args)`` returns, sent with the other calls of this loop turn."""
-        with tracing.script_span(script):
-            return await self._join(script, keys, args)
+        if tracing.enabled:
+            return await tracing.script_call(script, lambda: self._join(script, keys, args))
+        return await self._join(script, keys, args)
 
     def _send(self, batch: list[Call]) -> None:
         task = asyncio.ensure_future(self._run(batch))

@@ -358,7 +358,7 @@ class Fetcher:
         """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
         if not tracing.enabled:
             return await self._fetch(url, budget)
-        with tracing.span("casimg.download", {"url.full": url}):
+        with tracing.span("casimg.download", {"url.full": url, "http.request.method": "GET"}, client=True):
             try:
                 downloaded = await self._fetch(url, budget)
             except DownloadFailed as failed:
@@ -489,13 +489,15 @@ class Fetcher:
     async def _hop(self, url: URL) -> Downloaded | URL:
         """One request: the body, or the URL it redirects to."""
         assert self._session is not None, "Fetcher.start() was not called"
-        async with tracing.request_span(url), self._session.get(url, allow_redirects=False) as response:
-            if tracing.enabled:
+        async with self._session.get(url, allow_redirects=False) as response:
+            if tracing.enabled:  # the download's span is the request's: a hop is an event of it
                 tracing.annotate({"http.response.status_code": response.status})
             if response.status in REDIRECTS:
                 location = response.headers.get("Location")
                 if not location:
                     raise DownloadFailed(f"HTTP {response.status} without Location")
+                if tracing.enabled:
+                    tracing.event("redirect", {"url.full": str(url), "http.response.status_code": response.status})
                 return _usable_url(partial(_join, response.url, location), "invalid redirect")
             _check_status(response)
             refused = opted_out(response.headers.getall("X-Robots-Tag", ()), self.opt_out_tags)

@@ -131,6 +131,8 @@ class Metrics:
                                     registry=r)
         self.render_time = Histogram("casimg_variant_render_seconds", "Time to render a variant in the pool",
                                      buckets=RENDER_BUCKETS, registry=r)
+        self.webhooks = Counter("casimg_webhook_deliveries", "Job callback POSTs by result: delivered (a 2xx), "
+                                "retried (failed, tried again later), failed (given up)", ["result"], registry=r)
         self.in_flight = Gauge("casimg_downloads_in_flight", "Downloads running", registry=r,
                                multiprocess_mode="livesum")
         self.scraped = ScrapedGauges()
@@ -190,6 +192,9 @@ class Metrics:
 
     def on_variant_hit(self) -> None:
         self.variant_hits.inc()
+
+    def on_webhook(self, result: str) -> None:
+        self.webhooks.labels(result).inc()
 
     def on_bytes(self, kind: str, size: int) -> None:
         (self.downloaded_bytes if kind == "downloaded" else self.stored_bytes).inc(size)

@@ -24,7 +24,11 @@
   doubles at each cool-down in a row (``KeySpace.origin_backoff`` counts them, forgotten after a quiet
   spell), half of it random so that workers do not come back together, from ``origin_backoff`` up to
   ``origin_backoff_max``, and never shorter than the origin's Retry-After (within the same ceiling).
-  The 429s of requests that were in flight when a cool-down began do not lengthen it.
+  The 429s of requests that were in flight when a cool-down began do not lengthen it. A process asks
+  about an origin's cool-down only when it refills the origin's lease (at most once per
+  ``ORIGIN_LEASE_LIFE``; with the rate off a lease is of unlimited tokens, and the refill is one PTTL),
+  and remembers a wait it was given until it ends: a cool-down started by another process reaches this
+  one within a lease's life.
 - **Opt-out headers** (``opted_out``): an ``X-Robots-Tag`` naming one of the refused directives
   (``noimageindex``, ``noai``, ``noimageai`` by default), for every robot or for casimg's token, fails the
   download before its body is read.
@@ -95,8 +99,9 @@ LEASES_KEPT = 4096  # origins whose lease a process keeps at most; past it they 
 # made a lease last a few URLs when a fast origin's URLs come from eight origins at once (the
 # benchmark's): the Redis trip of every second or third URL took a tenth of the event loop's time
 # (BENCHMARKS.md, "Politeness"). What a longer life does cost: another process's lease may still send up
-# to its size of requests into a cool-down that began meanwhile.
+# to its size of requests (with the rate off: a second's worth) into a cool-down that began meanwhile.
 ORIGIN_LEASE_LIFE = 1.0
+UNLIMITED = 2**62  # the tokens of a lease when the rate is off (only cool-downs are checked)
 PACE_POLL_SLACK = 0.005  # seconds added to each wait for a token, so the retry finds the token there
 
 ROBOTS_TOKEN = "casimg"  # the product token matched against robots.txt groups and X-Robots-Tag prefixes
@@ -243,19 +248,28 @@ class OriginPace:
         # trip per URL; the rate then holds give or take one lease per process.
         self.lease_size = max(1, min(self.burst, math.ceil(rate * LEASE_SECONDS)))
         self._leases: dict[str, Lease] = {}
+        self._waits: dict[str, float] = {}  # origin -> time.monotonic() until which Redis said to wait
         self._refills: dict[str, asyncio.Future[float]] = {}
         self._queued: dict[str, int] = {}
 
     async def try_now(self, origin: str) -> float:
         """0 when `origin` may be asked now (its token is taken), else the seconds to wait first."""
         while True:
+            # A wait Redis gave (a cool-down, or the time until a token) is remembered until it ends: the
+            # origin's other URLs in this process wait it out without asking again. First: a cool-down
+            # wins over a lease that a refill begun before it brought back.
+            if self._waits:
+                until = self._waits.get(origin)
+                if until is not None:
+                    left = until - time.monotonic()
+                    if left > 0:
+                        return left
+                    del self._waits[origin]
             lease = self._leases.get(origin)
             if lease is not None and lease.spend():
                 return 0.0
-            if self.rate <= 0:
-                if self.backoff <= 0:
-                    return 0.0
-                return max(0, int(await self.redis.pttl(self.keys.origin_cool(quote(origin, safe=""))))) / 1000
+            if self.rate <= 0 and self.backoff <= 0:
+                return 0.0
             # Downloads that find the lease empty at the same moment wait for one trip to Redis: each asking
             # for itself would draw a lease each, and all but the last would be thrown away unspent.
             # A finished refill is never awaited again: awaiting a done future does not yield, so after an
@@ -274,16 +288,34 @@ class OriginPace:
             del self._refills[origin]
 
     async def _refill(self, origin: str) -> float:
-        """Lease `origin`'s next tokens; 0 when they are there, else the seconds until there are some."""
+        """Lease `origin`'s next tokens; 0 when they are there, else the seconds until there are some.
+
+        With the rate off, the lease is of unlimited tokens, and what is asked is only whether the origin
+        cools down: one PTTL per lease, not one per URL.
+        """
         name = quote(origin, safe="")
-        granted, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
-                                            args=[self.rate, self.burst, self.lease_size])
+        if self.rate <= 0:
+            wait_ms = int(await self.redis.pttl(self.keys.origin_cool(name)))
+            granted = UNLIMITED if wait_ms <= 0 else 0
+        else:
+            granted, wait_ms = await self._take(keys=[self.keys.origin_cool(name), self.keys.origin_rate(name)],
+                                                args=[self.rate, self.burst, self.lease_size])
+        now = time.monotonic()
         if not granted:
+            self._remember_wait(origin, now + int(wait_ms) / 1000)
             return int(wait_ms) / 1000
         if len(self._leases) >= LEASES_KEPT:
             self._leases.clear()
-        self._leases[origin] = Lease(int(granted), time.monotonic() + ORIGIN_LEASE_LIFE)
+        self._leases[origin] = Lease(int(granted), now + ORIGIN_LEASE_LIFE)
         return 0.0
+
+    def _remember_wait(self, origin: str, until: float) -> None:
+        if len(self._waits) >= LEASES_KEPT:
+            now = time.monotonic()
+            self._waits = {name: end for name, end in self._waits.items() if end > now}
+            if len(self._waits) >= LEASES_KEPT:
+                self._waits.clear()
+        self._waits[origin] = until
 
     async def turn(self, origin: str, sleep: Callable[[float], Awaitable[bool]]) -> bool:
         """Wait until `origin` may be asked, its token taken; False if `sleep` said to stop meanwhile.
@@ -314,6 +346,7 @@ class OriginPace:
             args=[int(self.backoff * 1000), int(self.backoff_max * 1000), int((retry_after or 0) * 1000),
                   random.random(), STREAK_MEMORY],
         )
+        self._remember_wait(origin, time.monotonic() + int(wait_ms) / 1000)
         return int(wait_ms) / 1000
 
 
@@ -325,4 +358,11 @@ def origin_of(url: str) -> str | None:
         return None
     if not host:
         return None
+    return _origin_of_host(host)
+
+
+@functools.lru_cache(maxsize=LEASES_KEPT)
+def _origin_of_host(host: str) -> str:
+    # Cached: parsing a numeric host's address took 7 µs of every URL (ipaddress), the biggest part of what
+    # politeness cost an ingest's event loop once the leases lasted.
     return registrable_domain(host) or origin_address(host)

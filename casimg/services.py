@@ -160,7 +160,8 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         # was removed wait for it to come back.
         webhooks = None
         if settings.webhook_secret:
-            webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings)
+            webhooks = Deliverer(client, keyspace, services.queue, services.fetcher, settings,
+                                 on_result=metrics.on_webhook)
         services.worker = Worker(settings, services.queue, services.index, blobs, services.fetcher,
                                  on_outcome=metrics.on_outcome, on_bytes=metrics.on_bytes, pace=pace,
                                  webhooks=webhooks, stores=stores)

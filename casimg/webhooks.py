@@ -31,6 +31,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,9 @@ LEASE_MARGIN = 5.0  # seconds a claim outlasts the POST's timeout: reading the j
 POLL_INTERVAL = 1.0  # seconds between looks for due callbacks when none was due: one Redis call a second
 CLAIM_BATCH = 16  # callbacks one process claims, and POSTs at once, per look
 MAX_CALLBACK_LENGTH = 2048  # characters of a callback URL
+# An attempt's recorded state -> its result in casimg_webhook_deliveries_total: "pending" after a POST
+# is a failed attempt to be retried.
+RESULTS = {"delivered": "delivered", "pending": "retried", "failed": "failed"}
 
 
 def sign(secret: str, body: bytes, timestamp: int) -> str:
@@ -105,7 +109,10 @@ class Deliverer:
     """The callback delivery of one worker process (see the module's docstring)."""
 
     def __init__(self, redis: aioredis.Redis, keys: KeySpace, queue: JobQueue, fetcher: Fetcher,
-                 settings: Settings) -> None:
+                 settings: Settings, on_result: Callable[[str], None] | None = None) -> None:
+        """`on_result` is told each recorded attempt's result: delivered, retried (failed, due again) or
+        failed (given up): the counter of /metrics (metrics.Metrics.on_webhook)."""
+        self.on_result = on_result
         self.redis = redis
         self.keys = keys
         self.queue = queue
@@ -186,6 +193,8 @@ class Deliverer:
             keys=[self.keys.job(claim.job_id), self.keys.webhooks],
             args=[claim.job_id, token, state, status or "", error, due_ms],
         )
+        if recorded and self.on_result is not None:
+            self.on_result(RESULTS[state])
         outcome = f"HTTP {status}" if status else error
         fields = {"event": "webhook", "job": claim.job_id, "state": state, "attempt": claim.attempt,
                   "outcome": outcome}

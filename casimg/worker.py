@@ -523,7 +523,7 @@ class Worker:
     async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int,
                                blobs: Storage, target: Storage | None) -> Outcome:
         try:
-            with tracing.span("casimg.validate"):
+            with tracing.leaf("casimg.validate"):
                 tmp, digest, info, placeholder = await asyncio.get_running_loop().run_in_executor(
                     None, self._stage, downloaded, blobs)
         except BaseException:

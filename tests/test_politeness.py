@@ -182,7 +182,8 @@ async def test_a_url_waiting_for_its_origin_holds_no_slot(tmp_path, redis_server
 async def test_a_429_storm_cools_the_whole_origin_down_for_every_worker(tmp_path, redis_server):
     settings = make_settings(tmp_path / "data", redis_server.url, origin_backoff=1.0, download_concurrency=4)
     with Origin() as origin:
-        urls = [origin.url(f"/flaky/storm{n}?fail=1&status=429&retry_after=2") for n in range(8)]
+        # More URLs than the two workers' slots (8), so that the cool-down has URLs left to hold back.
+        urls = [origin.url(f"/flaky/storm{n}?fail=1&status=429&retry_after=2") for n in range(16)]
         async with workers(settings, 2) as (first, _):
             job_id, _ = await first.queue.submit(urls)
             await asyncio.sleep(1.0)
@@ -244,3 +245,27 @@ def test_a_finished_refill_after_a_stall_is_not_spun_on(redis_server):
     asker.join(timeout=20)
     assert not asker.is_alive(), "try_now spun on a finished refill"
     assert answers == [0.0]
+
+
+@pytest.mark.gen_test
+async def test_with_the_rate_off_a_cool_down_is_asked_once_per_lease_not_per_url(redis_server):
+    """Cool-downs on and the rate off: the origin's cool-down is read from Redis once per lease's life,
+    not once per URL, and a cool-down this process started (or was told of) is waited out locally."""
+    redis = connect_redis(redis_server.url, 8)
+    pace = OriginPace(redis, KeySpace(f"pttl-{os.getpid()}:"), rate=0, burst=1, backoff=2, backoff_max=2)
+
+    async def pttls() -> int:
+        return int((await redis.info("commandstats")).get("cmdstat_pttl", {}).get("calls", 0))
+
+    try:
+        before = await pttls()
+        assert [await pace.try_now("example.com") for _ in range(50)] == [0.0] * 50
+        assert await pttls() - before == 1
+        cooling = await pace.cool("example.com", None)
+        assert 1 <= cooling <= 2
+        before = await pttls()
+        waits = [await pace.try_now("example.com") for _ in range(20)]
+        assert all(0 < wait <= cooling for wait in waits)
+        assert await pttls() == before
+    finally:
+        await redis.aclose()

@@ -34,6 +34,10 @@ class Span:
     attributes: dict[str, Any] = field(default_factory=dict)
     service: str = ""
     links: list[tuple[str, str]] = field(default_factory=list)  # (trace id, span id) of each
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, attributes) of each
+
+    def event_names(self) -> list[str]:
+        return [name for name, _ in self.events]
 
 
 def _value(any_value: Any) -> Any:
@@ -77,7 +81,9 @@ class Receiver:
                         self.spans.append(Span(s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
                                                s.kind, {a.key: _value(a.value) for a in s.attributes},
                                                resource.get("service.name", ""),
-                                               [(link.trace_id.hex(), link.span_id.hex()) for link in s.links]))
+                                               [(link.trace_id.hex(), link.span_id.hex()) for link in s.links],
+                                               [(e.name, {a.key: _value(a.value) for a in e.attributes})
+                                                for e in s.events]))
 
     def wait_for(self, *prefixes: str, timeout: float = 30) -> list[Span]:
         """Every span so far, once one whose name starts with each of `prefixes` has come."""
@@ -118,7 +124,8 @@ def one(spans: list[Span], **wanted: Any) -> Span:
 def test_one_url_is_traced_from_its_submit_to_its_store(tmp_path, origin, receiver, procs):
     env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
            "OTEL_SERVICE_NAME": "casimg-under-test", "OTEL_BSP_SCHEDULE_DELAY": "100",
-           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+           "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1",
+           "CASIMG_ORIGIN_RATE": "100"}  # the origin's pacing on, so its script runs
     server = procs.server(tmp_path / "data", env=env)
     url = origin.url("/img/640.jpg?traced")
     assert server.submit([url])["stored"] == 1
@@ -133,20 +140,27 @@ def test_one_url_is_traced_from_its_submit_to_its_store(tmp_path, origin, receiv
     submit = one(spans, span_id=process.links[0][1])
     assert process.links == [(submit.trace_id, submit.span_id)] and submit.trace_id != process.trace_id
     assert submit.name.startswith("POST /api/images") and submit.kind == SpanProto.SPAN_KIND_SERVER
-    assert one(spans, name="redis publish").parent_id == submit.span_id
+    # A Redis script is an event of the span it runs in, named by its script, with its time.
+    assert "redis publish" in submit.event_names()
 
     children = {s.name: s for s in spans if s.parent_id == process.span_id}
-    assert {"casimg.download", "casimg.validate", "casimg.store"} <= set(children)
+    assert set(children) == {"casimg.download", "casimg.validate", "casimg.store"}
+    # The download is the request's client span: no GET span of its own for the image.
     download = children["casimg.download"]
+    assert download.kind == SpanProto.SPAN_KIND_CLIENT
     assert download.attributes["network.peer.address"] == "127.0.0.1"
+    assert download.attributes["http.response.status_code"] == 200
     assert download.attributes["casimg.outcome"] == "downloaded"
     assert download.attributes["casimg.size"] == len(image_bytes(640))
-    # The requests, each a client span: the origin's robots.txt (fetched once, by this first download), the image.
-    requests = [s for s in spans if s.parent_id == download.span_id and s.kind == SpanProto.SPAN_KIND_CLIENT]
-    assert sorted(s.attributes.get("url.full", s.attributes.get("http.url")) for s in requests) == \
-        sorted([origin.url("/robots.txt"), url])
-    assert {s.name for s in requests} == {"GET"}
-    assert one(spans, name="redis store").parent_id == children["casimg.store"].span_id
+    # The origin's robots.txt, fetched once by this first download, is a client span under it.
+    robots = one(spans, parent_id=download.span_id)
+    assert (robots.name, robots.kind, robots.attributes["url.full"]) == \
+        ("GET", SpanProto.SPAN_KIND_CLIENT, origin.url("/robots.txt"))
+    assert "redis origin_pace" in process.event_names()  # the origin's first tokens, taken before the download
+    store_events = dict(children["casimg.store"].events)
+    assert store_events["redis store"]["db.system"] == "redis"
+    assert store_events["redis store"]["casimg.duration_ms"] >= 0
+    assert not any(s.name.startswith("redis ") for s in spans)
     assert {s.trace_id for s in spans if s.name.startswith("casimg.")} == {process.trace_id}
 
 
@@ -173,3 +187,59 @@ def test_tracing_is_off_by_default_and_loads_nothing_of_opentelemetry():
 ])
 def test_an_exporter_in_the_environment_turns_tracing_on(environ, on):
     assert configured(environ) is on
+
+
+@pytest.mark.slow
+def test_a_redirect_is_an_event_of_the_download(tmp_path, origin, receiver, procs):
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    server = procs.server(tmp_path / "data", env=env)
+    url = origin.url("/redirect/1")
+    assert server.submit([url])["stored"] == 1
+    spans = receiver.wait_for("casimg.store", "POST /api/images")
+    download = one(spans, name="casimg.download")
+    hops = [attributes for name, attributes in download.events if name == "redirect"]
+    assert [hop["url.full"] for hop in hops] == [url]
+    assert hops[0]["http.response.status_code"] in (301, 302, 303, 307, 308)
+    assert download.attributes["http.response.status_code"] == 200
+    assert {s.name for s in spans if s.parent_id == download.span_id} == {"GET"}  # robots.txt alone
+
+
+# Run in a process of its own: the SDK's tracer provider is set once per process.
+SAMPLED_SCRIPT = """
+import casimg.tracing as t
+from opentelemetry import trace
+assert t.setup()
+with t.span("casimg.process", {"url.full": "u"}, link=""):
+    print("dropped:", trace.get_current_span() is trace.INVALID_SPAN, t.span("casimg.store") is t._OFF,
+          t.leaf("casimg.validate") is t._OFF)
+"""
+
+
+@pytest.mark.parametrize(("sampler", "made"), [("always_on", True), ("always_off", False)])
+def test_a_url_the_sampler_drops_switches_no_context_and_makes_no_span(sampler, made):
+    env = {"PATH": "/usr/bin:/bin", "PYTHONSAFEPATH": "1", "PYTHONPATH": str(ROOT),
+           "OTEL_TRACES_EXPORTER": "console", "OTEL_TRACES_SAMPLER": sampler}
+    out = subprocess.run([sys.executable, "-c", SAMPLED_SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("dropped:"))  # the console exporter's too
+    assert line.split()[1:] == [str(not made)] * 3
+
+
+@pytest.mark.slow
+def test_a_request_is_a_server_span_under_the_callers_traceparent(tmp_path, receiver, procs):
+    # The sampler drops every trace of casimg's own; a caller's sampled parent is honoured all the same.
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+           "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+    server = procs.server(tmp_path / "data", env=env)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    status, _, _ = server.call("GET", "/api/jobs/00000000000000000000000a",
+                               headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    assert status == 404
+    spans = receiver.wait_for("GET /api/jobs")
+    request = one(spans, name="GET /api/jobs/{job_id}")
+    assert (request.trace_id, request.parent_id, request.kind) == (trace_id, parent_id, SpanProto.SPAN_KIND_SERVER)
+    assert request.attributes["http.response.status_code"] == 404
+    assert request.attributes["http.route"] == "/api/jobs/{job_id}"
+    assert [s.name for s in spans] == [request.name]  # the startup's own requests were dropped by the sampler

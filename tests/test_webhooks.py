@@ -15,6 +15,7 @@ import pytest
 
 from bench.procs import free_port
 from casimg.client import verify_signature
+from casimg.metrics import Metrics
 from casimg.webhooks import INLINE_BYTES, Deliverer, sign
 from tests.conftest import eventually
 from tests.procs import Processes, Server, embedded_client, job
@@ -195,10 +196,11 @@ def test_a_worker_killed_mid_delivery_leaves_the_callback_to_the_next_one(tmp_pa
 
 # -- claims, in one process against the test's redis-server ------------------------------------------
 
-def deliverer(services: Any) -> Deliverer:
+def deliverer(services: Any, metrics: Metrics | None = None, **changes: Any) -> Deliverer:
     """A deliverer of its own beside the services' worker (which, without a secret, delivers nothing)."""
-    settings = dataclasses.replace(services.settings, webhook_secret=SECRET, webhook_timeout=2.0)
-    return Deliverer(services.redis, services.queue.keys, services.queue, services.fetcher, settings)
+    settings = dataclasses.replace(services.settings, webhook_secret=SECRET, webhook_timeout=2.0, **changes)
+    return Deliverer(services.redis, services.queue.keys, services.queue, services.fetcher, settings,
+                     on_result=metrics.on_webhook if metrics is not None else None)
 
 
 async def finished_job(services: Any, callback: str) -> str:
@@ -240,3 +242,22 @@ async def test_a_claim_holds_for_its_lease_and_only_the_latest_claimant_records(
     assert await record("second") == 1
     assert (await services.queue.get(job_id)).callback == {"state": "delivered", "attempts": 2, "last_status": 200}
     assert await claim(now + 10 * lease_ms, "third") == []
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_each_recorded_attempt_is_counted_by_its_result(services, origin):
+    key = hook("counted")
+    retried = await finished_job(services, origin.url(f"/hook/{key}?fail=2&status=500"))
+    refused = await finished_job(services, "http://10.0.0.1/hook")  # a refused address: given up at once
+    metrics = Metrics()
+    hooks = deliverer(services, metrics, webhook_backoff=0.05, webhook_backoff_max=0.05, webhook_retry_for=60.0)
+    while (await services.queue.get(retried)).callback["state"] == "pending":
+        await hooks.deliver_due()
+        await asyncio.sleep(0.06)
+    await hooks.deliver_due()
+
+    def count(result: str) -> float:
+        return metrics.registry.get_sample_value("casimg_webhook_deliveries_total", {"result": result}) or 0
+
+    assert (await services.queue.get(refused)).callback["state"] == "failed"
+    assert (count("retried"), count("delivered"), count("failed")) == (2, 1, 1)
