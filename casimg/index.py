@@ -197,9 +197,10 @@ def _fields(url: str, value: str, placeholder: str | None = None) -> Row:
 
 
 class Index:
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, placeholders: bool = False) -> None:
         self.redis = redis
         self.keys = keys
+        self.placeholders = placeholders  # a stored content without a placeholder is queued for one
         self._batcher = ScriptBatcher(redis)
         self._store = redis.register_script(lua_source("store"))
         self._complete = redis.register_script(lua_source("complete"))
@@ -223,7 +224,6 @@ class Index:
         digest: str,
         meta: BlobMeta | None,
         *,
-        placeholder: str | None = None,
         job_id: str = "",
         position: int | None = None,
         entry_id: str = "",
@@ -231,8 +231,8 @@ class Index:
         owner: str = "",
     ) -> StoreOutcome:
         """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
-        stream of `owner` (the API key that sent it; the keyless stream if empty). `placeholder` is kept
-        for the content unless it has one already."""
+        stream of `owner` (the API key that sent it; the keyless stream if empty). With placeholders on, a
+        content that has none is queued for the filler (filler.py) in the same step."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
@@ -240,7 +240,8 @@ class Index:
              queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
-             attempts, owner, k.recent_leaf(""), placeholder or "", k.placeholder(""), now_iso()],
+             attempts, owner, k.recent_leaf(""), k.placeholder_todo if self.placeholders else "",
+             k.placeholder(""), now_iso()],
         )
         stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
@@ -395,8 +396,8 @@ class Index:
         return list(raw)
 
     async def placeholder_of(self, digest: str) -> str | None:
-        """The content's placeholder (ThumbHash, base64), None if it has none."""
-        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest))
+        """The content's placeholder (ThumbHash, base64), None if it has none (or none can be made: '')."""
+        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest)) or None
 
     async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
         """The rows with their contents' placeholders, read in one round trip (kept once per content, so
@@ -407,7 +408,7 @@ class Index:
             for row in rows:
                 pipe.hget(placeholder_key(self.keys, row[1]), bytes.fromhex(row[1]))
             found = await pipe.execute()
-        return [(*row[:7], placeholder) for row, placeholder in zip(rows, found, strict=True)]
+        return [(*row[:7], placeholder or None) for row, placeholder in zip(rows, found, strict=True)]
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

@@ -6,6 +6,7 @@ key prefix, so tests never see each other's keys and nothing needs flushing.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import itertools
 import json
@@ -24,6 +25,7 @@ from PIL import Image
 from bench.procs import start_redis_server
 from casimg.app import make_app
 from casimg.config import Settings, load_settings
+from casimg.filler import Filler
 from casimg.index import Index
 from casimg.keys import Scope
 from casimg.schema import KeySpace
@@ -137,8 +139,19 @@ def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
         return built
 
     built = io_loop.run_sync(start)
+    # The placeholder filler's loop, as a filler process runs it, in the test's IOLoop.
+    stop = asyncio.Event()
+    filler = (io_loop.run_sync(lambda: _start_filler(built, stop)) if settings.placeholders else None)
     yield built
+    if filler is not None:
+        stop.set()
+        io_loop.run_sync(lambda: filler)
     io_loop.run_sync(built.close)
+
+
+async def _start_filler(services: Services, stop: asyncio.Event) -> asyncio.Future[None]:
+    filler = Filler(services.placeholders, lambda: services.blobs, services.settings.placeholder_lease)
+    return asyncio.ensure_future(filler.run(stop))
 
 
 @pytest.fixture
