@@ -201,6 +201,7 @@ class Index:
         self.redis = redis
         self.keys = keys
         self.placeholders = placeholders  # a stored content without a placeholder is queued for one
+        self._placeholders_made = False  # seen the flag set by the first placeholder (it is never unset)
         self._batcher = ScriptBatcher(redis)
         self._store = redis.register_script(lua_source("store"))
         self._complete = redis.register_script(lua_source("complete"))
@@ -335,9 +336,10 @@ class Index:
         if order is Order.RECENT:
             return await self._page_newest(cursor, limit, where, budget, budget_us)
         k = self.keys
-        reply = await self._page(keys=[k.count],
-                                 args=[k.url(""), cursor or "", limit, *where.args(), budget, budget_us])
-        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
+        reply, made = await self._page_and_flag(
+            self._page, [k.count], [k.url(""), cursor or "", limit, *where.args(), budget, budget_us])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)],
+                                               made)
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
 
@@ -365,10 +367,11 @@ class Index:
     ) -> Page:
         k = self.keys
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
-        reply = await self._page_recent(
-            keys=[k.count, k.recent],
-            args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget, budget_us])
-        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
+        reply, made = await self._page_and_flag(
+            self._page_recent, [k.count, k.recent],
+            [k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget, budget_us])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)],
+                                               made)
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
 
@@ -399,10 +402,22 @@ class Index:
         """The content's placeholder (ThumbHash, base64), None if it has none (or none can be made: '')."""
         return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest)) or None
 
-    async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
+    async def _page_and_flag(self, script: Any, keys: list[str], args: list[Any]) -> tuple[list[Any], bool]:
+        """A page script's reply, and whether any placeholder was ever made (the flag rides in the page's
+        round trip until this process has seen it set; from then on it is not asked)."""
+        if self._placeholders_made:
+            return await script(keys=keys, args=args), True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads it
+            pipe.exists(self.keys.placeholders_made)
+            reply, made = await pipe.execute()
+        self._placeholders_made = bool(made)
+        return reply, self._placeholders_made
+
+    async def _with_placeholders(self, rows: list[Row], made: bool = True) -> list[Row]:
         """The rows with their contents' placeholders, read in one round trip (kept once per content, so
-        not in the URL's value)."""
-        if not rows:
+        not in the URL's value); none are read while no placeholder was ever `made`."""
+        if not rows or not made:
             return rows
         async with self.redis.pipeline(transaction=False) as pipe:
             for row in rows:
