@@ -120,8 +120,6 @@ def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
         "key_cache_ttl": 0,
         # Tests download hundreds of images from the one local origin; tests/test_politeness.py sets a rate.
         "origin_rate": 0,
-        # Off by default for its ingest cost; the tests keep the placeholder path covered.
-        "placeholders": True,
     }
     values.update(overrides)
     return load_settings(environ={}, overrides=values)

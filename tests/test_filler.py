@@ -145,3 +145,14 @@ def test_fsck_notes_a_missing_placeholder_and_repair_queues_it(procs, tmp_path, 
     repaired = casimg("fsck", "--data-dir", str(server.data_dir), "--repair", env=env)
     assert f"queued the placeholder of {digest}" in repaired.stdout
     assert until_filled(client, [digest]) == made
+
+
+def test_with_placeholders_off_there_is_no_filler_and_nothing_queued(procs, tmp_path, origin):
+    server = procs.server(tmp_path / "data", env={"CASIMG_PLACEHOLDERS": "false"})
+    client = embedded_client(server.data_dir)
+    result = server.submit([origin.url("/img/800.png")])["results"][0]
+    assert result["status"] == "stored" and result["placeholder"] is None
+    assert not client.exists(TODO)
+    assert [row["placeholder"] for row in json.loads(server.call("GET", "/api/images")[1])] == [None]
+    children = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in forked_children(server.process.pid)]
+    assert not any(b"casimg.filler" in cmdline for cmdline in children)
