@@ -21,6 +21,11 @@
   (ingested by casimg; fetched once at 16x16 by thumbor), renders per second and the request latency.
   Warm: wrk over the same thumbnail URLs (casimg serves its stored variants; thumbor renders again,
   having no result storage), beside casimg's GET of originals of the thumbnails' size, interleaved.
+  The cold run's CPU is taken apart: the serving process alone (casimg's `serve`, without its render
+  processes) beside everything under it; and the floor, ``bench/render_floor.py`` (Pillow alone making
+  the same thumbnails, no service around it), is run in both virtualenvs, so each server's CPU per
+  thumbnail reads against what its own Pillow needs. ``--other CHECKOUT`` adds a casimg of another
+  checkout (the code before a change) to the same rotating turns; ``--no-warm`` skips the wrk part.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
@@ -41,8 +46,10 @@ import platform
 import random
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -160,17 +167,17 @@ def distinct_photos(base: bytes, count: int, directory: Path) -> list[str]:
     return names
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process and of every process under it, whichever of its threads started
-    them (casimg's render pool is started from a thread)."""
+def cpu_seconds(pid: int, *, children: bool = True) -> float:
+    """User and system CPU of a process and (`children`) of every process under it, whichever of its
+    threads started them (casimg's render pool is started from a thread)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = [child for task in Path(f"/proc/{pid}/task").iterdir()
-                    for child in (task / "children").read_text().split()]
+        under = [child for task in Path(f"/proc/{pid}/task").iterdir()
+                 for child in (task / "children").read_text().split()] if children else []
     except OSError:
         return 0.0
-    return total + sum(cpu_seconds(int(child)) for child in children)
+    return total + sum(cpu_seconds(int(child)) for child in under)
 
 
 def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None) -> tuple[float, list[float]]:
@@ -222,6 +229,36 @@ MAX_AGE = 0
     return process, port, pillow
 
 
+@dataclass
+class Side:
+    """One server of the cold run: its thumbnail paths and what its requests cost."""
+
+    name: str
+    base: str
+    paths: list[str]
+    key: str | None
+    pid: int
+    seconds: float = 0.0
+    cpu: float = 0.0  # the server and every process under it
+    own_cpu: float = 0.0  # the server process alone (casimg: the serve process, not its render processes)
+    latencies: list[float] = field(default_factory=list)
+
+    def cold_chunk(self, start: int, connections: int) -> None:
+        cpu, own = cpu_seconds(self.pid), cpu_seconds(self.pid, children=False)
+        seconds, latencies = fetch_all(self.base, self.paths[start:start + COLD_CHUNK], connections, self.key)
+        self.cpu += cpu_seconds(self.pid) - cpu
+        self.own_cpu += cpu_seconds(self.pid, children=False) - own
+        self.seconds += seconds
+        self.latencies += latencies
+
+
+def floor(python: str, images: list[Path]) -> dict[str, Any]:
+    """bench/render_floor.py run by `python` (so with its Pillow) over `images`."""
+    script = Path(__file__).with_name("render_floor.py")
+    answer = subprocess.run([python, str(script), *map(str, images)], capture_output=True, text=True, check=True)
+    return json.loads(answer.stdout)
+
+
 def http_comparison(args: argparse.Namespace) -> None:
     from bench import log, workspace
     from bench.origin import image_url, serve_image_set
@@ -230,6 +267,7 @@ def http_comparison(args: argparse.Namespace) -> None:
     from bench.stack import start_casimg, start_redis
 
     procs = Procs()
+    checkouts = {"casimg": None, **({"casimg before": Path(args.other).resolve()} if args.other else {})}
     with workspace(keep=False) as work:
         try:
             images = work / "set"
@@ -240,15 +278,27 @@ def http_comparison(args: argparse.Namespace) -> None:
             urls = [image_url(origin_port, n, name) for n, name in enumerate(names)]
             smalls = [image_url(origin_port, n, f"small-{name}") for n, name in enumerate(names)]
             _, redis_url = start_redis(procs, work / "redis", persistent=True)
-            casimg = start_casimg(procs, work / "data", redis_url,
-                                  extra_env={"CASIMG_RENDER_WORKERS": str(args.workers)})
-            log("ingesting into casimg")
-            connection = http.client.HTTPConnection("127.0.0.1", casimg.port, timeout=600)
-            connection.request("POST", "/api/images?wait=60", json.dumps({"image_urls": urls + smalls}),
-                               {"X-API-Key": casimg.key, "Content-Type": "application/json"})
-            job = json.loads(connection.getresponse().read())
-            assert job["status"] == "done" and job["failed"] == 0, job
-            variant = [f"/api/image?url={quote(url, safe='')}&w={THUMB}&h={THUMB}&format=webp" for url in urls]
+            sides: list[Side] = []
+            casimg = None
+            for number, (name, checkout) in enumerate(checkouts.items()):
+                env = {"CASIMG_RENDER_WORKERS": str(args.workers)}
+                if checkout is not None:
+                    env.update(PYTHONPATH=str(checkout), PYTHONSAFEPATH="1")
+                server = start_casimg(procs, work / f"data-{number}", redis_url, extra_env=env,
+                                      key_prefix=f"casimg{number}:")
+                casimg = casimg or server
+                log(f"ingesting into {name}")
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
+                connection.request("POST", "/api/images?wait=60", json.dumps({"image_urls": urls + smalls}),
+                                   {"X-API-Key": server.key, "Content-Type": "application/json"})
+                job = json.loads(connection.getresponse().read())
+                assert job["status"] == "done" and job["failed"] == 0, job
+                paths = [f"/api/image?url={quote(url, safe='')}&w={THUMB}&h={THUMB}&format=webp" for url in urls]
+                # warm its render pool with one small render
+                fetch_all(server.base, [f"/api/image?url={quote(smalls[0], safe='')}&w=16"], 1, server.key)
+                sides.append(Side(name, server.base, paths, server.key, server.proc.pid))
+            assert casimg is not None
+            variant = sides[0].paths
             originals = [f"/api/image?url={quote(url, safe='')}" for url in smalls]
 
             thumbor_proc, thumbor_port, thumbor_pillow = start_thumbor(procs, work, args.thumbor, args.workers)
@@ -257,65 +307,75 @@ def http_comparison(args: argparse.Namespace) -> None:
             log("thumbor: loading the originals into its storage")
             fetch_all(thumbor, [f"/unsafe/16x16/{url}" for url in bare], args.connections)
             thumbor_paths = [f"/unsafe/fit-in/{THUMB}x{THUMB}/filters:format(webp):quality(80)/{url}" for url in bare]
+            sides.append(Side("thumbor", thumbor, thumbor_paths, None, thumbor_proc.pid))
 
-            # Both warmed: thumbor's processes have rendered (the 16x16 pass); casimg's render pool once too.
-            fetch_all(casimg.base, [originals[0] + "&w=16"], 1, casimg.key)
             load_before = os.getloadavg()[0]
-            log("cold: casimg and thumbor in alternating chunks of 10 images, with their CPU time")
-            casimg_cold = thumbor_cold = casimg_cpu = thumbor_cpu = 0.0
-            casimg_latency: list[float] = []
-            thumbor_latency: list[float] = []
+            log(f"cold: {', '.join(side.name for side in sides)} in rotating chunks of {COLD_CHUNK} images")
             for chunk, start in enumerate(range(0, len(urls), COLD_CHUNK)):
-                sides = [("casimg", casimg.base, variant, casimg.key, casimg.proc.pid),
-                         ("thumbor", thumbor, thumbor_paths, None, thumbor_proc.pid)]
-                for side, base, paths, key, pid in sides if chunk % 2 == 0 else sides[::-1]:
-                    cpu = cpu_seconds(pid)
-                    seconds, latencies = fetch_all(base, paths[start:start + COLD_CHUNK], args.connections, key)
-                    cpu = cpu_seconds(pid) - cpu
-                    if side == "casimg":
-                        casimg_cold, casimg_cpu = casimg_cold + seconds, casimg_cpu + cpu
-                        casimg_latency += latencies
-                    else:
-                        thumbor_cold, thumbor_cpu = thumbor_cold + seconds, thumbor_cpu + cpu
-                        thumbor_latency += latencies
+                shift = chunk % len(sides)
+                for side in sides[shift:] + sides[:shift]:
+                    side.cold_chunk(start, args.connections)
+            log("the floor: Pillow alone, in casimg's and thumbor's environments")
+            floors = {"casimg": floor(sys.executable, [images / name for name in names]),
+                      "thumbor": floor(str(Path(args.thumbor).parent / "python"), [images / name for name in names])}
             log("warm: wrk, interleaved")
             rows: dict[str, list[float]] = {"variant": [], "original": [], "thumbor": []}
-            for _ in range(2):
+            for _ in range(2 if args.warm else 0):
                 rows["original"].append(run_wrk(work, casimg.base, originals, casimg.key, WARM_SECONDS,
                                                 args.connections).rps)
                 rows["variant"].append(run_wrk(work, casimg.base, variant, casimg.key, WARM_SECONDS,
                                                args.connections).rps)
-            rows["thumbor"].append(run_wrk(work, thumbor, thumbor_paths, None, WARM_SECONDS, args.connections).rps)
+            if args.warm:
+                rows["thumbor"].append(run_wrk(work, thumbor, thumbor_paths, None, WARM_SECONDS,
+                                               args.connections).rps)
             load_after = os.getloadavg()[0]
         finally:
             procs.stop_all()
 
-    import PIL
-
-    cold_casimg, cold_thumbor = len(urls) / casimg_cold, len(urls) / thumbor_cold
-    c50, c99 = percentiles(casimg_latency)
-    t50, t99 = percentiles(thumbor_latency)
+    count = len(urls)
     print(f"\nThrough HTTP. {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load "
           f"average {load_before:.2f} before, {load_after:.2f} after; origin: {origin_kind}. casimg: 1 `serve` "
           f"process, {args.workers} render processes, Pillow {PIL.__version__}; thumbor 7 "
-          f"({args.workers} processes, Pillow {thumbor_pillow}). {len(urls)} distinct 4000x3000 JPEGs to a "
-          f"{THUMB}x{THUMB} (fit inside) WebP at quality 80, {args.connections} requests in flight. "
-          f"`python -m bench.variants --http --images {args.images} --workers {args.workers} "
-          f"--connections {args.connections}`.\n")
-    print("| | casimg | thumbor | ratio |\n|---|---|---|---|")
-    print(f"| cold thumbnails/s (first render of each image) | {cold_casimg:.1f} | {cold_thumbor:.1f} | "
-          f"{cold_casimg / cold_thumbor:.2f}x |")
-    print(f"| cold request latency p50 / p99 ms | {c50:.0f} / {c99:.0f} | {t50:.0f} / {t99:.0f} | |")
-    per_casimg, per_thumbor = casimg_cpu / len(urls) * 1000, thumbor_cpu / len(urls) * 1000
-    print(f"| cold CPU ms per thumbnail (all the server's processes) | {per_casimg:.0f} | {per_thumbor:.0f} | "
-          f"{per_casimg / per_thumbor:.2f}x thumbor's |")
-    warm = statistics.median(rows["variant"])
-    print(f"| warm thumbnails/s (wrk, {WARM_SECONDS} s) | {warm:.0f} | {rows['thumbor'][0]:.0f} (renders again) | "
-          f"{warm / rows['thumbor'][0]:.1f}x |")
-    original = statistics.median(rows["original"])
-    print(f"\ncasimg warm: stored thumbnail GETs {', '.join(f'{r:.0f}' for r in rows['variant'])} req/s, "
-          f"against GETs of originals of a thumbnail's size {', '.join(f'{r:.0f}' for r in rows['original'])} "
-          f"req/s (interleaved): {warm / original:.2f}x.")
+          f"({args.workers} processes, Pillow {thumbor_pillow}). {count} distinct 4000x3000 JPEGs to a "
+          f"{THUMB}x{THUMB} (fit inside) WebP at quality 80, {args.connections} requests in flight, the "
+          f"servers taking turns by {COLD_CHUNK} images. `python -m bench.variants --http-only --images "
+          f"{args.images} --workers {args.workers} --connections {args.connections}"
+          f"{' --other ' + args.other if args.other else ''}`.\n")
+    print("| | " + " | ".join(side.name for side in sides) + " |\n|---|" + "---|" * len(sides))
+    thumbor_side = sides[-1]
+    floor_ms = floors["casimg"]["ms_per_thumbnail"]["total"]
+
+    def row(label: str, cell: Callable[[Side], str]) -> None:
+        print(f"| {label} | " + " | ".join(cell(side) for side in sides) + " |")
+
+    row("cold thumbnails/s (first render of each image)", lambda side: f"{count / side.seconds:.1f}")
+    row("vs thumbor", lambda side: f"{thumbor_side.seconds / side.seconds:.2f}x")
+    row("cold request latency p50 / p99 ms", lambda side: "{:.0f} / {:.0f}".format(*percentiles(side.latencies)))
+    row("cold CPU ms per thumbnail (all the server's processes)", lambda side: f"{side.cpu / count * 1000:.1f}")
+    row("of which the serving process (casimg: not its render processes)",
+        lambda side: f"{side.own_cpu / count * 1000:.1f}" if side is not thumbor_side else "(all)")
+
+    def share(side: Side) -> str:
+        own_floor = floors["thumbor" if side is thumbor_side else "casimg"]["ms_per_thumbnail"]["total"]
+        return f"{own_floor / (side.cpu / count * 1000):.0%}"
+
+    row("the floor's share of that CPU", share)
+    print(f"\nThe floor (`bench/render_floor.py`, Pillow alone: open, draft, load, Lanczos resize, WebP "
+          f"q80 method 4, CPU ms per thumbnail, median of 3 passes over the same {count} images): "
+          + "; ".join(f"{name} Pillow {f['pillow']} (libjpeg-turbo {f['libjpeg_turbo']}, libwebp {f['webp']}): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in f["ms_per_thumbnail"].items())
+                      for name, f in floors.items()) + ".")
+    if floor_ms and thumbor_side.cpu:
+        decode = floors["casimg"]["ms_per_thumbnail"]["decode"]
+        print(f"\nA server at the floor exactly would make {thumbor_side.cpu / count * 1000 / floor_ms:.2f}x "
+              f"thumbor's thumbnails per CPU second; 2x thumbor needs {thumbor_side.cpu / count * 500:.1f} ms of "
+              f"CPU per thumbnail, against a floor of {floor_ms:.1f} ms, {decode:.1f} of it the JPEG decode.")
+    if args.warm:
+        warm = statistics.median(rows["variant"])
+        original = statistics.median(rows["original"])
+        print(f"\ncasimg warm: stored thumbnail GETs {', '.join(f'{r:.0f}' for r in rows['variant'])} req/s, "
+              f"against GETs of originals of a thumbnail's size {', '.join(f'{r:.0f}' for r in rows['original'])} "
+              f"req/s (interleaved): {warm / original:.2f}x; thumbor (renders again) {rows['thumbor'][0]:.0f} req/s.")
 
 
 def placeholder_bytes(urls: int) -> tuple[float, float, int]:
@@ -366,6 +426,8 @@ def main() -> None:
     parser.add_argument("--thumbor", default="/tmp/thumbor-venv/bin/thumbor", help="thumbor's executable")
     parser.add_argument("--images", type=int, default=40, help="distinct 12-Mpx images for the HTTP run")
     parser.add_argument("--connections", type=int, default=4, help="HTTP requests in flight")
+    parser.add_argument("--other", metavar="CHECKOUT", help="also a casimg of another checkout, in the same turns")
+    parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm (wrk) part")
     parser.add_argument("--redis-bytes", type=int, default=0, metavar="URLS",
                         help="only: Redis bytes per URL with and without placeholders, over URLS URLs")
     args = parser.parse_args()

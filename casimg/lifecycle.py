@@ -110,17 +110,22 @@ async def store_referenced(
     content_type: str,
     reference: Callable[[], Awaitable[T]],
     counted: Callable[[T], bool],
+    *,
+    linked: bool = False,
 ) -> T:
     """The store steps with another reference than a URL as the index step (a variant relation,
     relations.py): `reference()` counts it in Redis, and `counted(its answer)` says whether it did. If not,
-    our commit may have made an unreferenced blob, which goes as any other. `tmp` is consumed."""
+    our commit may have made an unreferenced blob, which goes as any other. `tmp` is consumed. `linked`:
+    the caller has done the file store's step 1 (``link_in`` with its fsync) already, in its own trip to
+    a thread."""
     if not isinstance(blobs, FileStore):
         return await _referenced_claimed(blobs, index, tmp, digest, content_type, reference, counted)
-    try:
-        await asyncio.to_thread(blobs.link_in, tmp, digest)
-    except BaseException:
-        await asyncio.to_thread(blobs.discard, tmp)
-        raise
+    if not linked:
+        try:
+            await asyncio.to_thread(blobs.link_in, tmp, digest)
+        except BaseException:
+            await asyncio.to_thread(blobs.discard, tmp)
+            raise
     settled = False
     try:
         answer = await reference()

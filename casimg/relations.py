@@ -73,6 +73,19 @@ class Relations:
                                      px=max(1, int(seconds * 1000)))
         return token if taken else None
 
+    async def find_count_claim(self, source: str, canonical: str,
+                               seconds: float) -> tuple[StoredVariant | None, int, str | None]:
+        """``find``, ``count`` and ``claim`` in one round trip (a pipeline, not a transaction: the caller
+        releases a claim it took but does not need)."""
+        token = secrets.token_hex(8)
+        key = self.keys.variants(source)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(key, canonical)
+            pipe.hlen(key)
+            pipe.set(self.keys.variant_claim(source, canonical), token, nx=True, px=max(1, int(seconds * 1000)))
+            value, count, taken = await pipe.execute()
+        return (None if value is None else StoredVariant.decode(value)), int(count), (token if taken else None)
+
     async def claimed(self, source: str, canonical: str) -> str | None:
         """The claim's value: a holder's token, "error <status> <detail>" after a failed render, or None."""
         return await self.redis.get(self.keys.variant_claim(source, canonical))

@@ -64,6 +64,10 @@ class RenderPool:
         return cls(settings.render_workers, settings.render_timeout, max_memory=settings.render_max_memory,
                    max_frames=settings.max_frames)
 
+    @property
+    def started(self) -> bool:
+        return self._executor is not None
+
     def start(self) -> None:
         with self._lock:
             if self._executor is None:

@@ -10,8 +10,17 @@
    error the render ended with, which they answer too).
 4. Render in the pool (``render_pool.py``: worker processes, a time limit, a memory estimate checked
    before decoding), then store the bytes as a blob under their own digest with the store protocol of
-   blobs.py, the relation standing where a URL stands: link in, record the relation (one Lua step that
-   also ends the claim), make sure the file is there, remove the temp file.
+   blobs.py, the relation standing where a URL stands: write and link in (one trip to a thread), record
+   the relation (one Lua step that also ends the claim), make sure the file is there, remove the temp file.
+
+Durability: the variant's file and its directory entry are fsynced before the relation is recorded, as a
+download's are. A variant could be rendered again, but a relation is a reference that Redis keeps across
+a crash (its AOF), and one that outlived its blob would answer 404 for that variant until fsck --repair
+dropped it. The fsync costs ~0.9 ms of CPU and ~15 ms of latency per cold variant on the bench machine's
+disk (BENCHMARKS.md, "Variants: through HTTP"), spent in a thread: neither the event loop nor a render
+process waits for it. Downloads share one syncfs per batch instead
+(``FlushGroup``); a cold variant arrives alone, so a shared flush would batch little and sync the whole
+file system.
 
 All blob I/O of variants is the two functions at the end, ``source_for_render`` and ``keep_variant``:
 the render reads the source as the file store's path (the render worker opens it; from a store without
@@ -28,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from casimg.errors import BadVariant, NotFound, RenderTimeout, Unavailable, Unrenderable
 from casimg.index import Index
@@ -35,7 +45,7 @@ from casimg.lifecycle import store_referenced
 from casimg.relations import ERROR_MARK, Added, Relations, StoredVariant
 from casimg.render import Source, probe
 from casimg.render_pool import RenderPool
-from casimg.storage import BlobNotFound, Storage
+from casimg.storage import Storage
 from casimg.storage.file import FileStore
 from casimg.variants import SourceInfo, VariantPolicy, VariantSpec
 
@@ -167,11 +177,16 @@ class VariantStore:
         claim_seconds = self.pool.timeout + CLAIM_MARGIN
         deadline = time.monotonic() + 2 * claim_seconds
         while True:
-            found = await self.relations.find(source, canonical)
-            if found is not None:
-                return found
-            self.policy.check_count(await self.relations.count(source))
-            token = await self.relations.claim(source, canonical, claim_seconds)
+            # The relation, the source's variant count and the claim in one round trip. The claim is taken
+            # before the count is known: over the limit, or found after all (recorded by another process
+            # since the caller's lookup), it is given back at once, which is rare; a render is never made.
+            found, count, token = await self.relations.find_count_claim(source, canonical, claim_seconds)
+            if found is not None or count >= self.policy.per_original:
+                if token is not None:
+                    await self.relations.release(source, canonical, token)
+                if found is not None:
+                    return found
+                self.policy.check_count(count)
             if token is not None:
                 return await self._render_and_keep(source, spec, canonical, token)
             await self._wait_for_claim(source, canonical, deadline)
@@ -213,21 +228,20 @@ class VariantStore:
             raise
 
     async def start(self) -> None:
-        """Start the render pool's processes (a no-op once started)."""
-        await asyncio.to_thread(self.pool.start)
+        """Start the render pool's processes (a no-op once started, without a trip to a thread)."""
+        if not self.pool.started:
+            await asyncio.to_thread(self.pool.start)
 
 
 # -- blob I/O: everything variants read from or write to the blob store -------------------------------------
 
 async def source_for_render(blobs: Storage, digest: str) -> Source:
     """What the renderer reads for the content `digest`: for the file store, its path, which the render
-    worker opens itself (no copy through this process); for any other driver, its bytes, fetched whole
-    (an original is at most max_image_bytes). BlobNotFound (a 404) when the bytes are gone."""
+    worker opens itself (no copy through this process, and not checked here: the open raises NotFound, a
+    404, when the file has gone); for any other driver, its bytes, fetched whole (an original is at most
+    max_image_bytes), or BlobNotFound (a 404)."""
     if isinstance(blobs, FileStore):
-        path = blobs.blob_path(digest)
-        if not await asyncio.to_thread(path.exists):
-            raise BlobNotFound(digest)
-        return path
+        return blobs.blob_path(digest)
     return await blobs.read_range(digest)
 
 
@@ -235,13 +249,30 @@ async def keep_variant(blobs: Storage, index: Index, relations: Relations, sourc
                        data: bytes, content_type: str, policy: VariantPolicy, token: str) -> StoredVariant:
     """Store a rendered variant as a blob under its own digest, its relation the reference (which also ends
     the claim `token`). Returns the relation recorded: ours, or another render's that came first."""
-    tmp, digest = await asyncio.to_thread(blobs.write_temp, data)
+    # The file store's step 1 in the same trip to a thread as the write: the bytes and their name are on
+    # disk (fsync of the file and its directory) before the relation is recorded, since a relation must
+    # never point at a missing blob after a power loss, even though the variant could be made again.
+    linked = isinstance(blobs, FileStore)
+    if isinstance(blobs, FileStore):
+        tmp, digest = await asyncio.to_thread(_write_temp_and_link, blobs, data)
+    else:
+        tmp, digest = await asyncio.to_thread(blobs.write_temp, data)
     outcome, recorded = await store_referenced(
         blobs, index, tmp, digest, content_type,
         lambda: relations.add(source, canonical, StoredVariant(digest, len(data)), policy.per_original, token),
-        lambda answer: answer[0] is Added.RECORDED)
+        lambda answer: answer[0] is Added.RECORDED, linked=linked)
     if recorded is not None and outcome in (Added.RECORDED, Added.EXISTS):
         return recorded
     if outcome is Added.FULL:
         policy.check_count(policy.per_original)
     raise NotFound("the image was deleted while its variant was made")
+
+
+def _write_temp_and_link(blobs: FileStore, data: bytes) -> tuple[Path, str]:
+    tmp, digest = blobs.write_temp(data)
+    try:
+        blobs.link_in(tmp, digest)
+    except BaseException:
+        blobs.discard(tmp)
+        raise
+    return tmp, digest

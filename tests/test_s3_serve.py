@@ -3,13 +3,16 @@ origin, the S3 endpoint of tests/procs.S3Endpoint, a recording proxy in front of
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+from PIL import Image
 
 from bench.procs import S3Proxy
 from casimg.client import Client
@@ -18,6 +21,7 @@ from tests.procs import (
     assert_fsck_clean,
     assert_retrievable,
     casimg,
+    embedded_client,
     expected_bytes,
     image_urls,
     settle,
@@ -105,6 +109,51 @@ def test_a_missing_bucket_stops_the_start_with_the_reason(s3, processes, tmp_pat
     assert result.returncode != 0
     assert "does not exist" in result.stderr and "no-such-bucket-here" in result.stderr
     assert s3.credentials["AWS_SECRET_ACCESS_KEY"] not in result.stderr + result.stdout
+
+
+def test_a_variant_is_rendered_from_the_bucket_stored_there_once_and_goes_with_its_source(
+        s3, proxy, processes, origin, tmp_path):
+    env = s3_env(s3, proxy.endpoint, s3.prefix())
+    server = processes.server(tmp_path / "data", env=env)
+    url = origin.url("/photo/31.jpg?w=640&h=480")
+    source = settle(server, submit(server, [url]))["results"][0]["sha256"]
+    path = f"/api/image?url={quote(url, safe='')}&w=64&format=webp"
+    status, body, headers = server.call("GET", path)
+    assert status == 200, body[:300]
+    assert headers["Content-Type"] == "image/webp"
+    with Image.open(io.BytesIO(body)) as im:
+        assert (im.format, im.size) == ("WEBP", (64, 48))
+    variant = _etag(headers)
+    objects = [p for m, p, _ in proxy.seen if m == "PUT" and urlsplit(p).path.endswith("/" + variant)]
+    assert len(objects) == 1  # the variant's bytes went to the bucket, under their own digest
+
+    # Cached: the same bytes, from the stored object, with no second render and no second upload.
+    for again in (path, f"/api/blobs/{variant}"):
+        status, cached, headers = server.call("GET", again)
+        assert (status, cached, _etag(headers)) == (200, body, variant)
+    assert len([p for m, p, _ in proxy.seen if m == "PUT" and p.endswith("/" + variant)]) == 1
+    metrics = server.call("GET", "/metrics")[1]
+    assert re.search(rb"^casimg_variant_renders_total 1(\.0)?$", metrics, re.MULTILINE), metrics
+
+    # Deleting the source's last URL drops the relation and tombstones both objects; once the grace is
+    # over (made so here: 15 minutes is the store's), the sweep deletes the variant's object with the source's.
+    assert server.call("DELETE", f"/api/image?url={quote(url, safe='')}")[0] == 204
+    client = embedded_client(server.data_dir)
+    assert client.exists(f"casimg:variants:{source}") == 0
+    assert set(client.zrange("casimg:tomb", 0, -1)) == {source, variant}
+    client.zadd("casimg:tomb", {source: 0, variant: 0})
+    repaired = casimg("fsck", "--data-dir", str(server.data_dir), "--repair", env=env, check=False)
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert f"deleted object {variant}" in repaired.stdout and f"deleted object {source}" in repaired.stdout
+    listed = casimg("stats", "--json", "--data-dir", str(server.data_dir), env=env)
+    assert json.loads(listed.stdout)["blob_files"] == 0  # the bucket's listing has neither object
+    assert server.call("GET", f"/api/blobs/{variant}")[0] == 404
+    assert_fsck_clean(server.data_dir, env=env)
+    assert server.terminate() == 0
+
+
+def _etag(headers: dict[str, str]) -> str:
+    return {name.lower(): value for name, value in headers.items()}["etag"].strip('"')
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
