@@ -23,6 +23,7 @@ import sys
 from collections.abc import Callable
 
 from casimg.config import Settings
+from casimg.errors import CasimgError, NotFound
 from casimg.placeholder import placeholder_or_none
 from casimg.placeholder_queue import PlaceholderQueue
 from casimg.services import open_services
@@ -63,11 +64,15 @@ class Filler:
         for digest in digests:
             try:
                 source = await source_for_render(self.blobs(), digest)
-            except BlobNotFound:  # deleted since it was queued: the entry goes, nothing is kept
-                source = None
-            # Run here, not in a thread: this process does nothing else, and at its priority a thread
-            # would only add the GIL's hand-offs.
-            await self.queue.fill(digest, placeholder_or_none(source) if source is not None else None)
+                # Run here, not in a thread: this process does nothing else, and at its priority a
+                # thread would only add the GIL's hand-offs.
+                made = placeholder_or_none(source)
+            except (BlobNotFound, NotFound):  # deleted since it was queued: the entry goes, nothing is kept
+                await self.queue.drop(digest)
+                continue
+            except CasimgError:  # past a decode budget, say: none can be made, and none is asked again
+                made = None
+            await self.queue.fill(digest, made)
         return len(digests)
 
 

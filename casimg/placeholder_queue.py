@@ -37,6 +37,11 @@ class PlaceholderQueue:
         return bool(await self._fill(keys=[k.placeholder_todo, k.placeholders_made],
                                      args=[digest, placeholder or "", k.blob(""), k.placeholder("")]))
 
+    async def drop(self, digest: str) -> None:
+        """End `digest`'s entry without a placeholder: its bytes are gone (fsck tells whether it still
+        has URLs, and --repair queues it again once they are back)."""
+        await self.redis.zrem(self.keys.placeholder_todo, digest)
+
     async def queue(self, digests: list[str]) -> int:
         """Queue `digests` (fsck --repair: contents with no placeholder and no entry). Returns how many
         were added; one queued or leased already keeps its entry."""
