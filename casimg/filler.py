@@ -20,10 +20,11 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 from casimg.config import Settings
-from casimg.errors import CasimgError, NotFound
+from casimg.errors import REDIS_ERRORS, NotFound
 from casimg.placeholder import placeholder_or_none
 from casimg.placeholder_queue import PlaceholderQueue
 from casimg.services import open_services
@@ -51,7 +52,8 @@ class Filler:
         while not stop.is_set():
             try:
                 filled = await self.fill_batch()
-            except (OSError, StorageUnavailable) as exc:  # Redis or the store away: the batch's lease brings it back
+            except (*REDIS_ERRORS, OSError, StorageUnavailable) as exc:  # Redis or the store away: the
+                # batch's lease brings it back
                 log.warning("placeholder filler: %s", exc)
                 filled = 0
             if not filled:
@@ -63,6 +65,8 @@ class Filler:
         digests = await self.queue.claim(BATCH, self.lease)
         for digest in digests:
             try:
+                # An object store that does not answer raises StorageUnavailable: the batch waits for
+                # its lease to end (run).
                 source = await source_for_render(self.blobs(), digest)
                 # Run here, not in a thread: this process does nothing else, and at its priority a
                 # thread would only add the GIL's hand-offs.
@@ -70,7 +74,11 @@ class Filler:
             except (BlobNotFound, NotFound):  # deleted since it was queued: the entry goes, nothing is kept
                 await self.queue.drop(digest)
                 continue
-            except CasimgError:  # past a decode budget, say: none can be made, and none is asked again
+            except (*REDIS_ERRORS, StorageUnavailable, OSError):
+                raise
+            except Exception:  # an image no decode path expected must not end the filler, which
+                # would be restarted, claim the same entry when its lease ended, and end again
+                log.exception("placeholder of %s: none can be made", digest)
                 made = None
             await self.queue.fill(digest, made)
         return len(digests)
@@ -129,12 +137,14 @@ class FillerProcess:
         self.redis_url = redis_url
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = False
+        self.started = 0.0
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
     def start(self) -> None:
+        self.started = time.monotonic()
         self.process = subprocess.Popen([sys.executable, "-m", "casimg.filler"], stdin=subprocess.PIPE)
         assert self.process.stdin is not None
         self.process.stdin.write(pickle.dumps((self.settings, self.redis_url)))
@@ -146,6 +156,7 @@ class FillerProcess:
         if self.stopping:
             return
         log.warning("placeholder filler %s ended (status %s); starting another", self.pid, status)
+        time.sleep(max(0.0, self.started + RESTART_DELAY - time.monotonic()))  # one that fails at start
         self.start()
 
     async def watch(self) -> None:
