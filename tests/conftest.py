@@ -7,6 +7,7 @@ key prefix, so tests never see each other's keys and nothing needs flushing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -143,8 +144,14 @@ def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
     yield built
     if filler is not None:
         stop.set()
-        io_loop.run_sync(lambda: filler)
+        io_loop.run_sync(lambda: _end(filler), timeout=30)
     io_loop.run_sync(built.close)
+
+
+async def _end(task: asyncio.Future[None]) -> None:
+    task.cancel()  # the stop above ends it at its next turn; cancelling ends it wherever it waits
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _start_filler(services: Services, stop: asyncio.Event) -> asyncio.Future[None]:
