@@ -145,7 +145,10 @@ class FillerProcess:
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self.process = subprocess.Popen([sys.executable, "-m", "casimg.filler"], stdin=subprocess.PIPE)
+        # Not in the host's shared metrics (metrics.SharedDir): prometheus_client would write files of its
+        # own there for this process, which counts nothing /metrics shows.
+        env = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
+        self.process = subprocess.Popen([sys.executable, "-m", "casimg.filler"], stdin=subprocess.PIPE, env=env)
         assert self.process.stdin is not None
         self.process.stdin.write(pickle.dumps((self.settings, self.redis_url)))
         self.process.stdin.close()
