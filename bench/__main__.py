@@ -68,7 +68,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5000, help="distinct images to ingest (default 5000)")
     parser.add_argument("--listing", default="100000,1000000",
-                        help="comma-separated index sizes for the listing and memory figures (default 100000,1000000)")
+                        help="comma-separated index sizes for the listing and memory figures "
+                             "(default 100000,1000000; 0 skips them)")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     parser.add_argument("--retrieval-urls", type=int, default=1000, help="stored URLs wrk cycles through")
@@ -87,7 +88,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="markdown file written (default BENCHMARKS.md)")
     parser.add_argument("--keep", action="store_true", help="keep the temp directory (logs, data) for inspection")
     args = parser.parse_args(argv)
-    args.listing = sorted(int(n) for n in args.listing.split(",") if n.strip())
+    args.listing = sorted(int(n) for n in args.listing.split(",") if n.strip() and int(n) > 0)
     return args
 
 

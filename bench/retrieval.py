@@ -26,7 +26,8 @@ WRK_SCRIPT = """
 local paths, i = {}, 0
 function init(args)
   for line in io.lines(args[1]) do paths[#paths + 1] = line end
-  if args[2] then wrk.headers["X-API-Key"] = args[2] end
+  if args[2] and args[2] ~= "" then wrk.headers["X-API-Key"] = args[2] end
+  if args[3] then wrk.headers["Accept"] = args[3] end
   i = math.random(#paths)
 end
 function request()
@@ -46,6 +47,7 @@ class WrkResult:
     errors: int
     mb_per_second: float
     rounds: list[float] = field(default_factory=list)  # requests/s of each round, for the medians
+    requests: int = 0  # answered in the run, for a cost per request
 
 
 @dataclass
@@ -74,13 +76,16 @@ def _mb(text: str) -> float:
     return float(match.group(1)) * scale / 1e6
 
 
-def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: int, connections: int) -> WrkResult:
+def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: int, connections: int,
+            accept: str | None = None) -> WrkResult:
+    """wrk cycling through `paths` (from a random start per thread), with the API key and, if given, an
+    Accept header."""
     script = work / "wrk.lua"
     script.write_text(WRK_SCRIPT)
     listing = work / f"paths-{secrets.token_hex(4)}.txt"
     listing.write_text("\n".join(paths) + "\n")
     args = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(script), base, "--",
-            str(listing)] + ([key] if key else [])
+            str(listing), key or ""] + ([accept] if accept else [])
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -91,7 +96,9 @@ def run_wrk(work: Path, base: str, paths: list[str], key: str | None, duration: 
         if found:
             errors += int(found.group(1))
     transfer = re.search(r"Transfer/sec:\s+(\S+)", out)
-    return WrkResult(rps, p50, p99, errors, _mb(transfer.group(1)) if transfer else float("nan"))
+    requests = re.search(r"(\d+) requests in", out)
+    return WrkResult(rps, p50, p99, errors, _mb(transfer.group(1)) if transfer else float("nan"),
+                     requests=int(requests.group(1)) if requests else 0)
 
 
 def indexed_urls(redis_url: str) -> dict[str, str]:

@@ -4,6 +4,7 @@
     .venv/bin/python -m bench.variants                 # prints the markdown tables
     .venv/bin/python -m bench.variants --runs 60 --pool-renders 80
     .venv/bin/python -m bench.variants --http --thumbor /tmp/thumbor-venv/bin/thumbor   # + the HTTP run
+    .venv/bin/python -m bench.variants --warm-only --rounds 8 --other ../casimg-before  # warm vs original
 
 - Render latency, in this process on one core: a 12-megapixel JPEG (4000x3000, photo-like: noise over
   gradients and shapes, lightly blurred) to a 256-pixel WebP thumbnail, with JPEG DCT scaling (draft)
@@ -26,6 +27,15 @@
   the same thumbnails, no service around it), is run in both virtualenvs, so each server's CPU per
   thumbnail reads against what its own Pillow needs. ``--other CHECKOUT`` adds a casimg of another
   checkout (the code before a change) to the same rotating turns; ``--no-warm`` skips the wrk part.
+
+- With ``--warm-only``: a cached variant's GET (``--query``, default ``variant=thumb``) against the
+  original's GET (``--accept``: both send that Accept header, as a browser would), ``--warm-images``
+  photo-like JPEGs of about 32 KB, one ``casimg serve --processes 1`` per checkout (this one, and
+  ``--other``'s for a before/after in the same run), wrk with the same ``--connections`` for both.
+  Each round runs a checkout's original and variant back to back (which first alternates), the
+  checkouts rotating; per checkout: the median requests/s of each, the median over rounds of
+  variant/original, and the server's CPU ms per request (its CPU time over the requests wrk counted),
+  the steadier figure on a shared machine.
 
 Not part of ``python -m bench``'s run (which rewrites BENCHMARKS.md): its tables are pasted into the
 hand-written section "Variants: render cost". Each function takes its inputs and returns figures, so a
@@ -180,10 +190,11 @@ def cpu_seconds(pid: int, *, children: bool = True) -> float:
     return total + sum(cpu_seconds(int(child)) for child in under)
 
 
-def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None) -> tuple[float, list[float]]:
+def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None,
+              extra_headers: dict[str, str] | None = None) -> tuple[float, list[float]]:
     """GET every path once, `connections` at a time on keep-alive connections: (seconds, latencies in ms)."""
     host, port = urlsplit(base).hostname, urlsplit(base).port
-    headers = {"X-API-Key": key} if key else {}
+    headers = ({"X-API-Key": key} if key else {}) | (extra_headers or {})
     todo = list(paths)
     latencies: list[float] = []
 
@@ -378,6 +389,96 @@ def http_comparison(args: argparse.Namespace) -> None:
               f"req/s (interleaved): {warm / original:.2f}x; thumbor (renders again) {rows['thumbor'][0]:.0f} req/s.")
 
 
+WARM_SIDE = 432, 324  # a photo-like JPEG of about 32 KB: a typical stored image
+
+
+def warm_comparison(args: argparse.Namespace) -> None:
+    """A cached variant's GET beside the original's, on one `casimg serve --processes 1` per checkout (this
+    one, and ``--other``'s), same images, same wrk connections, the (checkout, original|variant) runs
+    rotating every round so a drift in the machine's load weighs on all alike. CPU per request is the
+    server process's CPU time over the requests wrk counted."""
+    from bench import log, workspace
+    from bench.origin import image_url, serve_image_set
+    from bench.procs import ROOT, Procs
+    from bench.retrieval import run_wrk
+    from bench.stack import start_casimg, start_redis
+
+    checkouts = {"this": ROOT} | ({"other": Path(args.other).resolve()} if args.other else {})
+    procs = Procs()
+    runs: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with workspace(keep=False) as work:
+        try:
+            images = work / "set"
+            images.mkdir()
+            for n in range(args.warm_images):
+                (images / f"{n}.jpg").write_bytes(photo(*WARM_SIDE, seed=100 + n))
+            size = statistics.median((images / f"{n}.jpg").stat().st_size for n in range(args.warm_images))
+            origin_port, _ = serve_image_set(procs, work, images)
+            urls = [image_url(origin_port, n, f"{n}.jpg") for n in range(args.warm_images)]
+            _, redis_url = start_redis(procs, work / "redis", persistent=False)
+            loader = start_casimg(procs, work / "data", redis_url)
+            connection = http.client.HTTPConnection("127.0.0.1", loader.port, timeout=120)
+            connection.request("POST", "/api/images?wait=60", json.dumps({"image_urls": urls}),
+                               {"X-API-Key": loader.key, "Content-Type": "application/json"})
+            job = json.loads(connection.getresponse().read())
+            assert job["status"] == "done" and job["failed"] == 0, job
+            procs.stop(loader.proc)
+            servers = {label: start_casimg(procs, work / "data", redis_url, workers=False, extra_env={
+                "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}) for label, checkout in checkouts.items()}
+            originals = [f"/api/image?url={quote(url, safe='')}" for url in urls]
+            variants = [f"{path}&{args.query}" for path in originals]
+            headers = {"Accept": args.accept} if args.accept else {}
+            for server in servers.values():  # rendered by the first, found by the others; then each remembers
+                for _ in range(2):
+                    fetch_all(server.base, variants + originals, 1, server.key, headers)
+            labels = list(servers)
+            runs = {(label, kind): [] for label in labels for kind in ("original", "variant")}
+            load_before = os.getloadavg()
+            for number in range(args.rounds):
+                # Each checkout's two runs back to back, which first alternating; the checkouts rotating.
+                kinds = ("original", "variant") if number % 2 == 0 else ("variant", "original")
+                turn = labels[number % len(labels):] + labels[:number % len(labels)]
+                for label, kind in [(label, kind) for label in turn for kind in kinds]:
+                    server = servers[label]
+                    cpu = cpu_seconds(server.proc.pid)
+                    result = run_wrk(work, server.base, originals if kind == "original" else variants, server.key,
+                                     args.duration, args.connections, args.accept)  # both: as a browser
+                    cpu = cpu_seconds(server.proc.pid) - cpu
+                    if result.errors or not result.requests:
+                        raise RuntimeError(f"{label} {kind}: {result.errors} errors in {result.requests} requests")
+                    runs[label, kind].append((result.rps, cpu * 1000 / result.requests))
+                    log(f"round {number + 1}, {label} {kind}: {result.rps:.0f} requests/s, "
+                        f"{runs[label, kind][-1][1]:.3f} CPU ms per request")
+            load_after = os.getloadavg()
+        finally:
+            procs.stop_all()
+
+    accept = f" (Accept: {args.accept}, on both)" if args.accept else ""
+    print(f"\nWarm variants: `GET /api/image?url=U&{args.query}`{accept} once stored, beside `GET "
+          f"/api/image?url=U`, {args.warm_images} JPEGs of {WARM_SIDE[0]}x{WARM_SIDE[1]} "
+          f"(median {size / 1000:.0f} KB). {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} "
+          f"cores, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. One `casimg serve "
+          f"--processes 1` per checkout, wrk -t2 -c{args.connections} -d{args.duration}s, {args.rounds} rounds "
+          f"interleaved. `python -m bench.variants --warm-only --rounds {args.rounds} --duration {args.duration} "
+          f"--connections {args.connections}{' --other ' + args.other if args.other else ''}"
+          f"{' --query ' + repr(args.query) if args.query != 'variant=thumb' else ''}"
+          f"{' --accept ' + repr(args.accept) if args.accept else ''}`.\n")
+    print("| checkout | original req/s (per round) | variant req/s (per round) | variant/original, median of "
+          "rounds (range) | CPU ms/request original | CPU ms/request variant | CPU variant/original, median of "
+          "rounds (range) |")
+    print("|---|---|---|---|---|---|---|")
+    for label, checkout in checkouts.items():
+        original, variant = runs[label, "original"], runs[label, "variant"]
+        rates = [v / o for (v, _), (o, _) in zip(variant, original, strict=True)]
+        costs = [v / o for (_, v), (_, o) in zip(variant, original, strict=True)]
+        print(f"| {label} ({checkout}) | {statistics.median(r for r, _ in original):.0f} "
+              f"({', '.join(f'{r:.0f}' for r, _ in original)}) | {statistics.median(r for r, _ in variant):.0f} "
+              f"({', '.join(f'{r:.0f}' for r, _ in variant)}) | {statistics.median(rates):.2f}x "
+              f"({min(rates):.2f}-{max(rates):.2f}) | {statistics.median(c for _, c in original):.3f} | "
+              f"{statistics.median(c for _, c in variant):.3f} | {statistics.median(costs):.2f}x "
+              f"({min(costs):.2f}-{max(costs):.2f}) |")
+
+
 def placeholder_bytes(urls: int) -> tuple[float, float, int]:
     """Redis bytes per URL (used_memory) of `urls` URLs, one content each, stored without placeholders and
     with a typical one, on a Redis like casimg's embedded one: (without, with, placeholder characters)."""
@@ -426,8 +527,16 @@ def main() -> None:
     parser.add_argument("--thumbor", default="/tmp/thumbor-venv/bin/thumbor", help="thumbor's executable")
     parser.add_argument("--images", type=int, default=40, help="distinct 12-Mpx images for the HTTP run")
     parser.add_argument("--connections", type=int, default=4, help="HTTP requests in flight")
-    parser.add_argument("--other", metavar="CHECKOUT", help="also a casimg of another checkout, in the same turns")
+    parser.add_argument("--other", metavar="CHECKOUT",
+                        help="also a casimg of another checkout, in the same turns (--http, --warm-only)")
     parser.add_argument("--no-warm", dest="warm", action="store_false", help="skip the warm (wrk) part")
+    parser.add_argument("--warm-only", action="store_true",
+                        help="only: a cached variant's GET beside the original's, wrk rounds interleaved")
+    parser.add_argument("--query", default="variant=thumb", help="--warm-only: the variant's query parameters")
+    parser.add_argument("--accept", default=None, help="--warm-only: the Accept header of every request")
+    parser.add_argument("--warm-images", type=int, default=16, help="--warm-only: distinct JPEGs of about 32 KB")
+    parser.add_argument("--rounds", type=int, default=3, help="--warm-only: wrk runs of each kind per checkout")
+    parser.add_argument("--duration", type=int, default=5, help="--warm-only: seconds per wrk run")
     parser.add_argument("--redis-bytes", type=int, default=0, metavar="URLS",
                         help="only: Redis bytes per URL with and without placeholders, over URLS URLs")
     args = parser.parse_args()
@@ -436,6 +545,9 @@ def main() -> None:
         print(f"{args.redis_bytes:,} URLs, one content each: {without:.0f} Redis bytes per URL without "
               f"placeholders, {with_placeholders:.0f} with ({with_placeholders - without:+.0f}; the placeholder "
               f"is {length} characters).")
+        return
+    if args.warm_only:
+        warm_comparison(args)
         return
     if args.http_only:
         http_comparison(args)

@@ -35,7 +35,7 @@ from casimg.services import Services
 from casimg.storage import BlobNotFound, Storage
 from casimg.storage.file import FileStore
 from casimg.validation import FORMATS, HEAD_BYTES, content_type_from_head, content_type_of
-from casimg.variants import PARAMS, VariantSpec
+from casimg.variants import VariantSpec
 from casimg.views import image_json
 from casimg.webhooks import check_callback_url
 
@@ -218,6 +218,7 @@ def _loggable_uri(path: str, query: str) -> str:
     return f"{path}?{query}"
 
 
+@functools.lru_cache(maxsize=1024)  # every request's line asks again about the same few names (url, ...)
 def _is_secret(name: str) -> bool:
     """Whether a query parameter's name (raw or decoded) is one that carries a credential. Only the
     names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
@@ -261,7 +262,8 @@ class ReadyHandler(BaseHandler):
 
 class OpenApiHandler(BaseHandler):
     def get(self) -> None:
-        self.write_json(openapi_document())
+        policy = self.services.variants.policy
+        self.write_json(openapi_document(list(policy.presets) if policy.mode != "off" else []))
 
 
 @tornado.web.stream_request_body
@@ -460,10 +462,7 @@ class _BytesHandler(BaseHandler):
 
     def variant_spec(self) -> VariantSpec | None:
         """The variant the query asks for, None for the original; BadVariant (a 400) names a bad parameter."""
-        arguments = self.request.query_arguments
-        given = {name: [value.decode("utf-8", "replace") for value in arguments[name]]
-                 for name in PARAMS if name in arguments}
-        return self.services.variants.policy.parse(given) if given else None
+        return self.services.variants.queries.spec(self.request.query_arguments)
 
     async def send_variant(self, image: ImageRecord, spec: VariantSpec, cache_control: str,
                            include_body: bool) -> None:
@@ -474,8 +473,8 @@ class _BytesHandler(BaseHandler):
                                                        fresh=fresh)
             if variant.vary_accept:
                 self.set_header("Vary", "Accept")
-            record = image._replace(sha256=variant.digest, size=variant.size, content_type=variant.content_type,
-                                    width=0, height=0)
+            record = ImageRecord(image.url, variant.digest, variant.size, variant.content_type, 0, 0,
+                                 image.stored_at_ms)
             try:
                 await self.send_blob(record, cache_control, include_body)
                 return

@@ -5,6 +5,7 @@ tests/test_openapi.py fails when a route and this document disagree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from casimg import __version__
@@ -106,8 +107,20 @@ def _bytes_responses(cache: str) -> dict[str, Any]:
     }
 
 
-def openapi_document() -> dict[str, Any]:
+def _variant_params(presets: Sequence[str]) -> list[dict[str, Any]]:
+    """VARIANT_PARAMS, with the configured preset names as the variant parameter's enum (none configured:
+    no enum, since an empty one would say that no value is valid in a way most tools reject)."""
+    if not presets:
+        return VARIANT_PARAMS
+    named = {"name": "variant", "in": "query", "schema": {"type": "string", "enum": list(presets)},
+             "description": "A preset of CASIMG_VARIANT_PRESETS; alone (with other variant parameters: a 400)"}
+    return [named if param["name"] == "variant" else param for param in VARIANT_PARAMS]
+
+
+def openapi_document(presets: Sequence[str] = ()) -> dict[str, Any]:
+    """The API document; `presets`: the variant preset names this server accepts, listed as an enum."""
     job_response = _json("The job and one result per distinct URL", _ref("Job"))
+    variant_params = _variant_params(presets)
     return {
         "openapi": "3.1.0",
         "info": {"title": "casimg", "version": __version__,
@@ -302,9 +315,9 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/image": {
                 "get": {"summary": "The bytes stored for a URL, or a variant of them (w, h, format, ...)",
-                        "parameters": [URL_PARAM, RANGE_PARAM, *VARIANT_PARAMS],
+                        "parameters": [URL_PARAM, RANGE_PARAM, *variant_params],
                         "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
-                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM, *VARIANT_PARAMS],
+                "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM, *variant_params],
                          "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
                            "responses": {"204": {"description": "Deleted"}, "400": _problem("No url given"),
@@ -340,13 +353,13 @@ def openapi_document() -> dict[str, Any]:
                                    "variant of them",
                         "parameters": [{"name": "digest", "in": "path", "required": True,
                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,
-                                       *VARIANT_PARAMS],
+                                       *variant_params],
                         "responses": {**_bytes_responses("private, max-age=31536000, immutable"),
                                       **VARIANT_ERRORS}},
                 "head": {"summary": "The headers of GET",
                          "parameters": [{"name": "digest", "in": "path", "required": True,
                                          "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,
-                                        *VARIANT_PARAMS],
+                                        *variant_params],
                          "responses": {**_bytes_responses("private, max-age=31536000, immutable"),
                                        **VARIANT_ERRORS}},
             },

@@ -10,6 +10,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from casimg.config import Settings
 
 T = TypeVar("T")
+CLOSE_WAIT = 5.0  # seconds close() waits for the killed workers to be reaped and the pool's thread to end
 
 
 def _ready() -> int:
@@ -82,10 +84,19 @@ class RenderPool:
         return executor
 
     def close(self) -> None:
+        """Stop the pool for good, and wait (``CLOSE_WAIT`` at most) until its workers are reaped and its
+        manager thread has ended: the pool's queues hold named semaphores, unlinked only when the queues
+        are freed, so a process that exits before then leaves them to the resource tracker, which warns
+        of "leaked semaphore objects" (and removes them) when the process stops."""
         with self._lock:
             executor, self._executor = self._executor, None
-        if executor is not None:
-            _kill(executor)
+        if executor is None:
+            return
+        manager = getattr(executor, "_executor_manager_thread", None)
+        deadline = time.monotonic() + CLOSE_WAIT
+        for thread in (_kill(executor), manager):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for tests and diagnostics)."""
@@ -143,11 +154,13 @@ def _render_in_worker(source: Source, spec: VariantSpec, max_memory: int, max_fr
     return render(source, spec, max_memory=max_memory, max_frames=max_frames)
 
 
-def _kill(executor: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Stop a pool now, running work included (shutdown alone would wait for it), and reap its workers."""
+def _kill(executor: concurrent.futures.ProcessPoolExecutor) -> threading.Thread:
+    """Stop a pool now, running work included (shutdown alone would wait for it), and reap its workers in
+    a thread, which is returned."""
     processes = list((getattr(executor, "_processes", None) or {}).values())
     for process in processes:
         process.kill()
     executor.shutdown(wait=False, cancel_futures=True)
     reaper = threading.Thread(target=lambda: [process.join(5) for process in processes], daemon=True)
     reaper.start()
+    return reaper

@@ -47,7 +47,7 @@ from casimg.render import Source, probe
 from casimg.render_pool import RenderPool
 from casimg.storage import Storage
 from casimg.storage.file import FileStore
-from casimg.variants import SourceInfo, VariantPolicy, VariantSpec
+from casimg.variants import QueryParser, SourceInfo, VariantPolicy, VariantSpec
 
 log = logging.getLogger("casimg.variants")
 
@@ -99,6 +99,7 @@ class VariantStore:
                  blobs: Callable[[], Storage], *, on_render: Callable[[float], None] | None = None,
                  on_hit: Callable[[], None] | None = None) -> None:
         self.policy = policy
+        self.queries = QueryParser(policy)  # a request's query to its spec
         self.pool = pool
         self.relations = relations
         self.index = index

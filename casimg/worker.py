@@ -90,6 +90,10 @@ REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 # paced origin's backlog does not keep the slots from other origins, few enough to bound the entries
 # read ahead (each waits as a task, pending under this worker's name).
 ASIDE_PER_SLOT = 4
+# Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
+# 1 MB): checking a repeat again was a sizeable part of what it cost (BENCHMARKS.md, "Figures behind
+# design choices"). Per process: with several, only the process that checked the first copy skips it.
+VALIDATED_KEPT = 4096
 COOLING_REASONS = frozenset(f"HTTP {status}" for status in COOLING_STATUSES)
 
 
@@ -157,6 +161,7 @@ class Worker:
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
         self._settler = ThreadBatcher(self._settle_thread)
         self._allowed_formats = frozenset(f.upper() for f in settings.allowed_formats)
+        self._validated: dict[str, ImageInfo] = {}  # digest -> its bytes' validation (_remember_valid)
         self.name = consumer_name()
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
@@ -523,6 +528,7 @@ class Worker:
         except BaseException:
             downloaded.discard()
             raise
+        self._remember_valid(digest, info)
         with tracing.span("casimg.store"):
             flusher = self._flusher_for(blobs)
             try:
@@ -545,6 +551,17 @@ class Worker:
         self.on_outcome(kind, "")
         return kind
 
+    def _validate(self, source: bytes | Path) -> ImageInfo:
+        return validate_image(source, max_pixels=self.settings.max_pixels, allowed_formats=self._allowed_formats,
+                              max_frames=self.settings.max_frames, mode=self.settings.validation)
+
+    def _remember_valid(self, digest: str, info: ImageInfo) -> None:
+        """Keep what validating `digest`'s bytes found, for their repeats (on the loop; _stage reads it in
+        threads). The same bytes under the same settings validate the same: a repeat skips the check."""
+        if digest not in self._validated and len(self._validated) >= VALIDATED_KEPT:
+            del self._validated[next(iter(self._validated))]  # the oldest
+        self._validated[digest] = info
+
     def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
         """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
         store step 1; an object store's commit follows in store_blob). Its placeholder is made later, by
@@ -553,15 +570,10 @@ class Worker:
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
         """
-        info = validate_image(
-            downloaded.data if downloaded.data is not None else downloaded.path,
-            max_pixels=self.settings.max_pixels,
-            allowed_formats=self._allowed_formats,
-            max_frames=self.settings.max_frames,
-            mode=self.settings.validation,
-        )
         if downloaded.data is not None:
+            # Hashed first: bytes this process validated already (a repeat) are not validated again.
             digest = hashlib.sha256(downloaded.data).hexdigest()
+            info = self._validated.get(digest) or self._validate(downloaded.data)
             # Content the store holds already (the same image under another URL): no bytes are written
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
             tmp = blobs.temp_link_to(digest) if isinstance(blobs, FileStore) else None
@@ -570,6 +582,7 @@ class Worker:
             tmp, digest = blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
+            info = self._validate(downloaded.path)
             tmp, digest = downloaded.path, downloaded.sha256
         if not isinstance(blobs, FileStore):
             return tmp, digest, info

@@ -130,6 +130,21 @@ async def test_digests_of_answers_a_batch_in_order(index):
 
 
 @pytest.mark.gen_test
+async def test_a_batch_of_digests_and_fields_is_one_command(index):
+    """A worker asks this for every read of the queue: one command, not a pipeline of an HGET per URL,
+    which the client packs and parses one by one."""
+    urls = [f"http://a/{n}" for n in range(100)]
+    await index.store(urls[7], digest(7), META)
+    await index.redis.hset("job-x", "cancelled", "1")
+    await index.digests_and_fields(urls[:2], [])  # the script is loaded
+    await index.redis.config_resetstat()
+    known, fields = await index.digests_and_fields(urls, [("job-x", "cancelled"), ("job-y", "cancelled")])
+    assert known == [digest(7) if n == 7 else None for n in range(100)] and fields == ["1", None]
+    stats = await index.redis.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1 and stats["cmdstat_hget"]["calls"] == 102
+
+
+@pytest.mark.gen_test
 async def test_meta_is_set_only_where_missing_and_keeps_the_references(index):
     await index.store("http://a/1", digest(1), None)
     await index.store("http://a/2", digest(1), None)

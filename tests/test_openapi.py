@@ -39,3 +39,12 @@ def test_every_operation_documents_its_responses_and_errors_use_problem_json():
 
 def test_one_version_number_for_the_package_and_the_api_document():
     assert version("casimg") == casimg.__version__ == openapi_document()["info"]["version"]
+
+
+def test_the_variant_parameter_lists_the_presets_given():
+    def variant_schemas(document):
+        return [param["schema"] for item in document["paths"].values() for operation in item.values()
+                for param in operation.get("parameters", []) if param["name"] == "variant"]
+
+    assert all(schema["enum"] == ["thumb", "hero"] for schema in variant_schemas(openapi_document(["thumb", "hero"])))
+    assert all("enum" not in schema for schema in variant_schemas(openapi_document()))  # none: no empty enum

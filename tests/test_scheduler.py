@@ -3,6 +3,7 @@ with one key flooding slow-origin URLs while another key sends one URL."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from casimg.keys import Scope
-from casimg.scheduler import FairSlots
+from casimg.scheduler import FairSlots, OriginCaps
 from tests.origin import Origin
 from tests.procs import Processes, casimg, submit
 
@@ -89,6 +90,29 @@ def bystander() -> Iterator[Origin]:
     """The other key's origin, on an address of its own (127.0.0.3)."""
     with Origin("127.0.0.3") as server:
         yield server
+
+
+def test_origin_caps_give_back_every_place_when_a_waiting_holder_is_cancelled():
+    """A download cancelled while it waits for an address's place holds none afterwards, and the domain
+    place it had taken first is given back."""
+
+    async def scenario() -> None:
+        caps = OriginCaps(per_address=1, per_domain=4)
+        async with caps.hold("a.example.com", "192.0.2.1"):
+            waiting = asyncio.ensure_future(caps.hold("b.example.com", "192.0.2.1").__aenter__())
+            await asyncio.sleep(0.01)
+            assert caps.domains.in_use("example.com") == 2  # the second one waits for the address alone
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            assert caps.domains.in_use("example.com") == 1
+            assert caps.addresses.in_use("192.0.2.1") == 1
+        assert caps.domains.in_use("example.com") == caps.addresses.in_use("192.0.2.1") == 0
+        assert not caps.domains._gates and not caps.addresses._gates  # no semaphore outlives its users
+        async with caps.hold("example.com", "192.0.2.1"):  # and the place can be taken again
+            assert caps.addresses.in_use("192.0.2.1") == 1
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.slow

@@ -238,3 +238,25 @@ async def test_a_variant_known_to_the_process_whose_source_was_deleted_and_store
     again = await api("GET", image_path(url, w="12", format="webp"))
     assert again.code == 200 and again.body == first.body
     assert services.variants.renders == 2
+
+
+def variant_schemas(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The variant parameter's schema in every operation that takes it."""
+    return [param["schema"] for path in ("/api/image", "/api/blobs/{digest}")
+            for operation in document["paths"][path].values()
+            for param in operation.get("parameters", []) if param["name"] == "variant"]
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.settings(variant_presets="thumb=w:16 h:16 fit:cover format:webp; hero=w:1600 format:auto")
+async def test_openapi_lists_the_configured_presets(api):
+    schemas = variant_schemas(json.loads((await api("GET", "/openapi.json", key=None)).body))
+    assert len(schemas) == 4  # GET and HEAD, by URL and by digest
+    assert all(schema["enum"] == ["thumb", "hero"] for schema in schemas)
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.settings(variants="off")
+async def test_openapi_lists_no_presets_when_variants_are_off(api):
+    schemas = variant_schemas(json.loads((await api("GET", "/openapi.json", key=None)).body))
+    assert schemas and all("enum" not in schema for schema in schemas)

@@ -24,6 +24,7 @@ from casimg.storage.file import FileStore
 from tests.procs import Processes, Server, assert_fsck_clean, casimg, embedded_client
 
 pytestmark = pytest.mark.slow
+TRACKER_GRACE = 2.0  # seconds a resource tracker may take to report, after its process has exited
 
 
 @pytest.fixture
@@ -148,3 +149,24 @@ def test_a_variant_blob_survives_the_periodic_sweep(procs, tmp_path, origin):
     assert log.read_text().count("sweep:") >= 2, "the sweep did not run"
     assert FileStore(server.data_dir).exists(variant)
     assert server.call("GET", f"/api/blobs/{variant}")[0] == 200
+
+
+def test_serve_with_render_processes_stops_without_leaking_semaphores(procs, tmp_path, origin):
+    """Each render pool's queues hold named semaphores; a server process that exits before they are
+    freed leaves them to multiprocessing's resource tracker, which warns of them on stderr. Two
+    processes, stopped twice, since whether the pool's thread had ended by then was a race."""
+    url = origin.url("/img/761.jpg")
+    for turn in range(2):
+        server = procs.server(tmp_path / "data", env={"CASIMG_PROCESSES": "2"})
+        if turn == 0:
+            server.submit([url])
+        for _ in range(4):  # over both processes (the kernel spreads connections), each rendering or not
+            assert server.call("GET", image_path(url, w=str(20 + turn), format="png"))[0] == 200
+        assert server.terminate(30) == 0
+        # The tracker writes once its server process has gone, a moment after: look for a while.
+        until = time.monotonic() + TRACKER_GRACE
+        while "leaked semaphore" not in server.output() and time.monotonic() < until:
+            time.sleep(0.1)
+        output = server.output()
+        assert "stopped" in output
+        assert "leaked semaphore" not in output, output[-2000:]

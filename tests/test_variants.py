@@ -12,8 +12,11 @@ import io
 import math
 import os
 import struct
+import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageCms, ImageDraw
@@ -31,7 +34,7 @@ from casimg.errors import (
 )
 from casimg.render import TRANSPOSE, probe, render
 from casimg.render_pool import RenderPool
-from casimg.variants import SourceInfo, VariantPolicy, VariantSpec, layout, parse_presets
+from casimg.variants import QueryParser, SourceInfo, VariantPolicy, VariantSpec, layout, parse_presets
 
 BUDGET = 512 * 2**20
 POLICY = VariantPolicy()
@@ -261,6 +264,38 @@ def test_off_mode_refuses_every_variant_parameter():
     with pytest.raises(BadVariant, match="turned off") as caught:
         policy.parse({"format": "webp"})
     assert caught.value.parameter == "format"
+
+
+def test_query_parser_remembers_parsed_queries_within_its_bound():
+    policy = VariantPolicy(presets=parse_presets(PRESETS, 4096))
+    parser = QueryParser(policy, size=2)
+    url = [b"http://example.com/a.jpg"]
+    assert parser.spec({"url": url}) is None
+    assert parser.spec({"url": url, "variant": [b"thumb"]}) == policy.parse({"variant": "thumb"})
+    free = parser.spec({"w": [b"256"], "url": url, "format": [b"webp"]})
+    assert free == VariantSpec(w=256, format="webp")
+    # Asked again (another URL, the same parameters): the spec remembered, not a new parse.
+    assert parser.spec({"url": [b"http://example.com/b.jpg"], "w": [b"256"], "format": [b"webp"]}) is free
+    # Past its size the oldest goes (the thumb's, then the free one's): parsed again, equal but a new value.
+    assert parser.spec({"h": [b"10"]}) == VariantSpec(h=10)
+    assert parser.spec({"q": [b"50"]}) == VariantSpec(q=50)
+    again = parser.spec({"w": [b"256"], "format": [b"webp"]})
+    assert again == free and again is not free
+    assert len(parser._specs) == 2
+
+
+def test_query_parser_answers_bad_queries_as_the_policy_does_every_time():
+    parser = QueryParser(VariantPolicy(presets=parse_presets(PRESETS, 4096)))
+    for _ in range(2):  # a failure is not remembered as an answer
+        with pytest.raises(BadVariant, match="cannot be combined with w") as caught:
+            parser.spec({"variant": [b"thumb"], "w": [b"10"]})
+        assert caught.value.parameter == "w"
+        with pytest.raises(BadVariant, match="more than once") as caught:
+            parser.spec({"w": [b"10", b"20"]})
+        with pytest.raises(BadVariant) as caught:
+            parser.spec({"fit": [b"\xff"]})  # not UTF-8: replaced, then refused as an unknown fit
+        assert caught.value.parameter == "fit"
+    assert parser._specs == {}
 
 
 def test_limits_are_refused_naming_the_limit():
@@ -648,6 +683,36 @@ def test_renders_caught_in_a_killed_pool_are_made_again():
             pool.close()
 
     asyncio.run(scenario())
+
+
+CLOSE_THEN_EXIT = """
+import asyncio, os, sys
+from casimg.render_pool import RenderPool
+from casimg.variants import VariantSpec
+
+async def main():
+    pool = RenderPool(2, 60.0, max_memory=2**29)
+    pool.start()
+    with open(sys.argv[1], "rb") as source:
+        await pool.render(source.read(), VariantSpec(w=8, format="png"))
+    pool.close()
+    os._exit(0)  # at once, as a `serve --processes N` child ends: no atexit handler, no thread joined
+
+asyncio.run(main())
+"""
+
+
+def test_a_closed_pool_leaves_no_semaphores_to_the_resource_tracker(tmp_path):
+    """The pool's queues hold named semaphores, unlinked when the queues are freed: close() returns only
+    once they can be (its workers reaped, its thread ended), so a process that exits right after leaves
+    none behind, of which the resource tracker would warn on stderr."""
+    source = tmp_path / "small.png"
+    source.write_bytes(encode(Image.new("RGB", (64, 48), RED), "PNG"))
+    # Run to the end of stderr, which the resource tracker shares: its warning, if any, is in it.
+    done = subprocess.run([sys.executable, "-c", CLOSE_THEN_EXIT, str(source)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert "leaked semaphore" not in done.stderr, done.stderr
 
 
 # --- placeholders ----------------------------------------------------------------------------------

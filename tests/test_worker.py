@@ -328,3 +328,24 @@ async def test_a_worker_finishes_queueing_a_job_whose_submitter_died(services, o
             break
         await asyncio.sleep(0.1)
     assert (job.status, job.stored) == ("done", 5)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_repeat_of_content_this_worker_validated_is_not_validated_again(api, origin, monkeypatch):
+    import casimg.worker as worker_module
+
+    checked: list[int] = []
+    real = worker_module.validate_image
+
+    def counting(source, **limits):  # type: ignore[no-untyped-def]
+        checked.append(len(source))
+        return real(source, **limits)
+
+    monkeypatch.setattr(worker_module, "validate_image", counting)
+    first = await outcome(api, origin.url("/img/913002.png"))
+    repeat = await outcome(api, origin.url("/img/913002.png?copy=1"))
+    assert first["status"] == repeat["status"] == "stored" and repeat.get("deduplicated") is True
+    assert (repeat["width"], repeat["height"], repeat["sha256"]) == (first["width"], first["height"], first["sha256"])
+    assert len(checked) == 1, "the repeat's bytes were validated again"
+    other = await outcome(api, origin.url("/img/913003.png"))
+    assert other["status"] == "stored" and len(checked) == 2

@@ -19,6 +19,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "ensure_meta": ("ensure_meta",),
     "correct_meta": ("correct_meta",),
     "lookup": ("lookup",),
+    "hget_each": ("hget_each",),
     "page": ("lib_hex", "lib_filter", "page"),
     "urls_of": ("urls_of",),
     "page_recent": ("lib_recent", "lib_filter", "page_recent"),
