@@ -26,7 +26,10 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import redis
 
 from bench import log, workspace
 from bench.corpus import make_images, set_directory
@@ -35,6 +38,10 @@ from bench.origin import image_urls, serve_image_set
 from bench.procs import ROOT, Procs
 from bench.references import reference_run
 from bench.stack import start_casimg, start_redis
+
+PLACEHOLDER_TODO = "casimg:placeholder-todo"  # schema.KeySpace.placeholder_todo under the bench's prefix
+PLACEHOLDERS_MATCH = "casimg:placeholder:*"
+PLACEHOLDER_WAIT = 600.0  # seconds the placeholders may take to follow an ingest before the bench goes on
 
 
 def cpu_seconds(pid: int) -> float:
@@ -50,9 +57,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],
-               sizes: dict[str, int], processes: int, env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of one ingest of `urls` by `checkout`'s casimg, on its own Redis and
-    data directory, with `env` added to its environment."""
+               sizes: dict[str, int], processes: int, env: dict[str, str] | None = None
+               ) -> tuple[float, float, float, float, int]:
+    """(images/s, CPU ms per image, seconds from the ingest's end until the placeholder queue was empty,
+    CPU ms per image by then, placeholders stored) of one ingest of `urls` by `checkout`'s casimg, on its
+    own Redis and data directory, with `env` added to its environment."""
     # PYTHONSAFEPATH: `python -m` would put the working directory ahead of PYTHONPATH, and run whichever
     # casimg/ the script was started beside.
     environment = {**(env or {}), "PYTHONPATH": str(checkout), "PYTHONSAFEPATH": "1"}
@@ -61,13 +70,22 @@ def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[
                                 extra_env=environment)
     before = cpu_seconds(server.proc.pid)
     result = casimg_ingest(server, redis_url, urls, sizes)
+    ended = time.monotonic()
     cpu_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
+    # Placeholders made after the store (casimg/filler.py) follow the ingest: how long until the last.
+    client = redis.Redis.from_url(redis_url)
+    while client.zcard(PLACEHOLDER_TODO) and time.monotonic() - ended < PLACEHOLDER_WAIT:
+        time.sleep(0.05)
+    filled_after = time.monotonic() - ended
+    cpu_filled_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
+    made = sum(client.hlen(key) for key in client.scan_iter(PLACEHOLDERS_MATCH, count=1000))
+    client.close()
     procs.stop(server.proc)
     procs.stop(redis_proc)
     if result.stored != len(urls):
         sys.exit(f"{label}: {result.stored} of {len(urls)} stored, failures: {result.failures}")
     os.sync()
-    return result.per_second, cpu_ms
+    return result.per_second, cpu_ms, filled_after, cpu_filled_ms, made
 
 
 def main() -> None:
@@ -99,6 +117,9 @@ def main() -> None:
     procs = Procs()
     rates: dict[str, list[float]] = {"this": [], "other": []}
     cpu: dict[str, list[float]] = {"this": [], "other": []}
+    filled: dict[str, list[float]] = {"this": [], "other": []}
+    cpu_filled: dict[str, list[float]] = {"this": [], "other": []}
+    made: dict[str, list[int]] = {"this": [], "other": []}
     limits: list[float] = []
     with workspace(False, "casimg-ab-", args.workspace) as work:
         try:
@@ -115,11 +136,17 @@ def main() -> None:
             limit()
             for round_number in range(args.rounds):
                 for turn, label in enumerate(("this", "other", "other", "this")):
-                    rate, cpu_ms = one_ingest(procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls,
-                                              sizes, args.processes, envs[label])
+                    rate, cpu_ms, after, cpu_all, count = one_ingest(
+                        procs, work, f"{label}-{round_number}-{turn}", checkouts[label], urls, sizes,
+                        args.processes, envs[label])
                     rates[label].append(rate)
                     cpu[label].append(cpu_ms)
-                    log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image")
+                    filled[label].append(after)
+                    cpu_filled[label].append(cpu_all)
+                    made[label].append(count)
+                    log(f"round {round_number + 1}, {label}: {rate:.0f} images/s, {cpu_ms:.2f} ms CPU per image; "
+                        f"{count} placeholders, the last {after:.1f} s after the ingest, {cpu_all:.2f} ms CPU "
+                        "per image by then")
                 limit()
         finally:
             procs.stop_all()
@@ -127,14 +154,16 @@ def main() -> None:
     limit_mean = statistics.mean(limits)
     print(f"\n{args.images:,} images, {args.rounds} rounds, casimg processes {args.processes}, "
           f"limit {limit_mean:.0f} images/s (runs: {', '.join(f'{x:.0f}' for x in limits)})\n")
-    print("| casimg | images/s per round | mean | median | of the limit | CPU ms per image (median) |")
-    print("|---|---|---|---|---|---|")
+    print("| casimg | images/s per round | mean | median | of the limit | CPU ms per image (median) "
+          "| placeholders | last placeholder after the ingest (s, median) | CPU ms per image with them (median) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, path in checkouts.items():
         mean = statistics.mean(rates[label])
         extra = " ".join(f"{name}={value}" for name, value in envs[label].items())
         print(f"| {label} ({path}{', ' + extra if extra else ''}) | {', '.join(f'{x:.0f}' for x in rates[label])} | "
               f"{mean:.0f} | {statistics.median(rates[label]):.0f} | {mean / limit_mean:.2f} | "
-              f"{statistics.median(cpu[label]):.2f} |")
+              f"{statistics.median(cpu[label]):.2f} | {min(made[label])} | {statistics.median(filled[label]):.1f} | "
+              f"{statistics.median(cpu_filled[label]):.2f} |")
 
 
 def _env_of(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:

@@ -204,9 +204,14 @@ class Settings:
     )
 
     placeholders: bool = _setting(
-        False, "Make each new image's placeholder (a ThumbHash of a 32-px decode, ~30 bytes) at ingest, shown "
-        "as 'placeholder' in listings and job results. Off by default: the decode runs in the download's "
-        "thread and costs several times an image's other ingest CPU (BENCHMARKS.md)."
+        True, "Make each new image's placeholder (a ThumbHash of a 16-px decode, ~30 bytes), shown as "
+        "'placeholder' in listings and job results. Made after the store, off the download's path, by a "
+        "filler process on each serve/worker host that runs at the lowest CPU priority; it may arrive "
+        "shortly after the image is stored. Off: no filler, and null placeholders."
+    )
+    placeholder_lease: float = _setting(
+        60.0, "Seconds a placeholder filler holds the contents it claimed; one that dies leaves them to be "
+        "claimed again after this."
     )
     ui: bool = _setting(
         True, "Serve the gallery at / (a page to see, search, add and delete images in a browser with an API key; "

@@ -8,7 +8,8 @@ contents, every URL and record sits in the bucket its hash names (lookups look n
 newest-first order holds as many URLs as the index (its members are not compared one by one: --repair
 drops those of URLs gone or stored again, and places those missing), and every blob's bytes hash to its
 name. Breaking any of these is a *problem* (exit 1).
-What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*. It runs beside a live
+What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*, and so is, with
+placeholders on, a content that has no placeholder and is not queued for one (--repair queues it). It runs beside a live
 server: the index is read in one MULTI, and anything that looks wrong between disk and index is
 checked again live before it is reported, since a store or delete may have happened in between.
 """
@@ -25,6 +26,7 @@ from casimg.errors import InvalidImage
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import remove_if_unreferenced, sweep_tombs
 from casimg.migrate import backfill_recent
+from casimg.placeholder_queue import PlaceholderQueue
 from casimg.relations import Relations, StoredVariant
 from casimg.schema import url_bucket
 from casimg.storage import BlobNotFound, Storage
@@ -86,6 +88,9 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
         if snap.counts[name] != actual:
             report.problems.append(f"count {name} is {snap.counts[name]}, but the index holds {actual}")
 
+    if index.placeholders:
+        await _check_placeholders(index, sorted(counts), report, repair)
+
     placed = await index.recent_size()
     if placed != len(snap.urls) and await index.recent_size() != await index.count():  # again, live
         report.problems.append(f"the newest-first order holds {placed} URLs, but the index {len(snap.urls)}")
@@ -133,6 +138,21 @@ def references(urls: Counter[str], variants: dict[str, dict[str, str]]) -> tuple
                 if variant != source:
                     expected[variant] += 1
     return +expected, waiting
+
+
+async def _check_placeholders(index: Index, digests: list[str], report: Report, repair: bool) -> None:
+    """With placeholders on: a content with URLs has its placeholder, or is queued for one. One with
+    neither (an entry lost, or stored while placeholders were off) is a note: its images are served
+    all the same; --repair queues it for the fillers."""
+    queue = PlaceholderQueue(index.redis, index.keys)
+    missing = await queue.missing(digests)
+    if not missing:
+        return
+    if repair:
+        await queue.queue(missing)
+        report.repaired += [f"queued the placeholder of {digest}" for digest in missing]
+    else:
+        report.notes += [f"no placeholder for {digest}, and none queued" for digest in missing]
 
 
 def _live_relations(variants: dict[str, dict[str, str]], dangling: set[str]

@@ -197,9 +197,11 @@ def _fields(url: str, value: str, placeholder: str | None = None) -> Row:
 
 
 class Index:
-    def __init__(self, redis: aioredis.Redis, keys: KeySpace) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: KeySpace, placeholders: bool = False) -> None:
         self.redis = redis
         self.keys = keys
+        self.placeholders = placeholders  # a stored content without a placeholder is queued for one
+        self._placeholders_made = False  # seen the flag set by the first placeholder (it is never unset)
         self._batcher = ScriptBatcher(redis)
         self._store = redis.register_script(lua_source("store"))
         self._hget_many = redis.register_script(lua_source("hget_each"))
@@ -224,7 +226,6 @@ class Index:
         digest: str,
         meta: BlobMeta | None,
         *,
-        placeholder: str | None = None,
         job_id: str = "",
         position: int | None = None,
         entry_id: str = "",
@@ -232,8 +233,8 @@ class Index:
         owner: str = "",
     ) -> StoreOutcome:
         """Store step 2 (storage/file.py): index the URL and, atomically with it, finish its entry in the queue
-        stream of `owner` (the API key that sent it; the keyless stream if empty). `placeholder` is kept
-        for the content unless it has one already."""
+        stream of `owner` (the API key that sent it; the keyless stream if empty). With placeholders on, a
+        content that has none is queued for the filler (filler.py) in the same step."""
         k = self.keys
         outcome, stored_digest, prior = await self._batcher.call(
             self._store,
@@ -241,7 +242,8 @@ class Index:
              queue_stream(k, owner), k.queue_owners, k.recent, k.webhooks],
             [url, digest, "" if meta is None else meta.encode(), now_ms(), entry_id, QUEUE_GROUP,
              "" if position is None else str(position),
-             attempts, owner, k.recent_leaf(""), placeholder or "", k.placeholder(""), now_iso()],
+             attempts, owner, k.recent_leaf(""), k.placeholder_todo if self.placeholders else "",
+             k.placeholder(""), now_iso()],
         )
         stored = Outcome(outcome)  # the script answers 'stored', 'exists' or 'cancelled' (the job was)
         return StoreOutcome(stored, stored_digest, stored is Outcome.STORED and int(prior) > 0)
@@ -340,9 +342,10 @@ class Index:
         if order is Order.RECENT:
             return await self._page_newest(cursor, limit, where, budget, budget_us)
         k = self.keys
-        reply = await self._page(keys=[k.count],
-                                 args=[k.url(""), cursor or "", limit, *where.args(), budget, budget_us])
-        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
+        reply, made = await self._page_and_flag(
+            self._page, [k.count], [k.url(""), cursor or "", limit, *where.args(), budget, budget_us])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)],
+                                               made)
         more = bool(int(reply[0]))
         return Page(images, reply[2] if more else None, int(reply[1]))
 
@@ -370,10 +373,11 @@ class Index:
     ) -> Page:
         k = self.keys
         after = bytes.fromhex(cursor.removeprefix(RECENT_CURSOR_PREFIX)) if cursor else b""
-        reply = await self._page_recent(
-            keys=[k.count, k.recent],
-            args=[k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget, budget_us])
-        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)])
+        reply, made = await self._page_and_flag(
+            self._page_recent, [k.count, k.recent],
+            [k.url(""), k.recent_leaf(""), after, limit, *where.args(), budget, budget_us])
+        images = await self._with_placeholders([_fields(reply[i], reply[i + 1]) for i in range(3, len(reply), 2)],
+                                               made)
         more = bool(int(reply[0]))
         return Page(images, RECENT_CURSOR_PREFIX + reply[2] if more else None, int(reply[1]))
 
@@ -401,19 +405,31 @@ class Index:
         return list(raw)
 
     async def placeholder_of(self, digest: str) -> str | None:
-        """The content's placeholder (ThumbHash, base64), None if it has none."""
-        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest))
+        """The content's placeholder (ThumbHash, base64), None if it has none (or none can be made: '')."""
+        return await self.redis.hget(placeholder_key(self.keys, digest), bytes.fromhex(digest)) or None
 
-    async def _with_placeholders(self, rows: list[Row]) -> list[Row]:
+    async def _page_and_flag(self, script: Any, keys: list[str], args: list[Any]) -> tuple[list[Any], bool]:
+        """A page script's reply, and whether any placeholder was ever made (the flag rides in the page's
+        round trip until this process has seen it set; from then on it is not asked)."""
+        if self._placeholders_made:
+            return await script(keys=keys, args=args), True
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await script(keys=keys, args=args, client=pipe)  # queued; the pipeline loads it
+            pipe.exists(self.keys.placeholders_made)
+            reply, made = await pipe.execute()
+        self._placeholders_made = bool(made)
+        return reply, self._placeholders_made
+
+    async def _with_placeholders(self, rows: list[Row], made: bool = True) -> list[Row]:
         """The rows with their contents' placeholders, read in one round trip (kept once per content, so
-        not in the URL's value)."""
-        if not rows:
+        not in the URL's value); none are read while no placeholder was ever `made`."""
+        if not rows or not made:
             return rows
         async with self.redis.pipeline(transaction=False) as pipe:
             for row in rows:
                 pipe.hget(placeholder_key(self.keys, row[1]), bytes.fromhex(row[1]))
             found = await pipe.execute()
-        return [(*row[:7], placeholder) for row, placeholder in zip(rows, found, strict=True)]
+        return [(*row[:7], placeholder or None) for row, placeholder in zip(rows, found, strict=True)]
 
     async def count(self) -> int:
         """URLs indexed, from the count hash."""

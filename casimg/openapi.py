@@ -38,7 +38,8 @@ RANGE_PARAM = {"name": "Range", "in": "header", "required": False, "schema": {"t
                               "Anything else is ignored (a 200)."}
 URL_PARAM = {"name": "url", "in": "query", "required": True, "schema": {"type": "string", "minLength": 1},
              "description": "The image's original URL, exactly as it was submitted"}
-PLACEHOLDER_TEXT = "ThumbHash (base64) of the image, to paint before it loads; null when none was made"
+PLACEHOLDER_TEXT = ("ThumbHash (base64) of the image, to paint before it loads; made shortly after the image is "
+                    "stored, so null until then, and when none was made")
 IMAGE_HEADERS = {
     "ETag": {"schema": {"type": "string"}, "description": 'The quoted SHA-256 of the bytes (of the variant, for one)'},
     "Vary": {"schema": {"type": "string"}, "description": "Accept, for format=auto"},

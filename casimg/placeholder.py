@@ -20,12 +20,13 @@ reference's bit layout and rounding, and uses two facts to stay cheap in pure Py
 Transparency follows the reference: pixels are composited over the image's own average colour (from
 Pillow's premultiplied "RGBa" bands, which are linear in alpha too). On opaque images the bytes equal
 those of the PyPI package's straightforward encoder (checked when this was written). Measured cost (a
-1-Mpx JPEG: draft decode at 1/8, thumbnail to 32 px, hash) is in BENCHMARKS.md, "Variants: render cost".
+1-Mpx JPEG: draft decode at 1/8, box filter to 16 px, hash) is in BENCHMARKS.md, "Variants: render cost".
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import math
 from collections.abc import Sequence
 from operator import mul
@@ -37,10 +38,11 @@ from casimg.errors import Unrenderable
 from casimg.render import TRANSPOSE, has_alpha, open_image, orientation_of
 
 MAX_SIDE = 100  # the reference encoder's bound on its input
-# What is hashed: 32 pixels a side. The terms are at most 3 cosine cycles across the picture, which 32
-# samples still resolve; against a 100-px input the hash moves by a few 4-bit steps in total (on blurred
-# test scenes: 0-10 steps over ~25 terms), invisible after decoding, for a tenth of the arithmetic.
-HASH_SIDE = 32
+# What is hashed: 16 pixels a side. The terms are at most 3 cosine cycles across the picture (7 lightness
+# terms: 3.5 cycles), which 16 samples still resolve; against a 32-px input the hash moves by 0-4 4-bit
+# steps in total over ~25 terms (on the bench corpus), invisible after decoding, for half the arithmetic
+# (0.38 against 0.78 ms a hash).
+HASH_SIDE = 16
 
 
 def _round(value: float) -> int:
@@ -48,10 +50,16 @@ def _round(value: float) -> int:
     return math.floor(value + 0.5)
 
 
+@functools.lru_cache(maxsize=64)
+def _cosines(n: int, count: int) -> list[list[float]]:
+    """cos(pi c (i+.5)/n) for c < count, i < n: one axis's basis. Pictures of a few sizes recur (the
+    picture's side is HASH_SIDE), so the tables are kept rather than made for each hash."""
+    return [[math.cos(math.pi / n * c * (i + 0.5)) for i in range(n)] for c in range(count)]
+
+
 def _terms(band: bytes, w: int, h: int, nx: int, ny: int) -> list[list[float]]:
     """terms[cy][cx] = mean over pixels of band * cos(pi cx (x+.5)/w) * cos(pi cy (y+.5)/h), for cx<nx, cy<ny."""
-    fx = [[math.cos(math.pi / w * cx * (x + 0.5)) for x in range(w)] for cx in range(nx)]
-    fy = [[math.cos(math.pi / h * cy * (y + 0.5)) for y in range(h)] for cy in range(ny)]
+    fx, fy = _cosines(w, nx), _cosines(h, ny)
     rows = [band[y * w:(y + 1) * w] for y in range(h)]
     projected = [[sum(map(mul, row, basis)) for row in rows] for basis in fx]  # [cx][y]
     area = w * h
@@ -131,10 +139,11 @@ def encode(image: Image.Image) -> bytes:
 
 
 def small_decode(source: bytes | Path | str) -> Image.Image:
-    """The picture upright as RGB(A) within 32x32: a JPEG decoded at 1/8 scale (never below 100 px)."""
+    """The picture upright as RGB(A) within HASH_SIDE a side: a JPEG decoded at the smallest DCT scale that
+    still covers it (1/8 for any photo), the rest shrunk by Pillow's box filter (C, no Python per pixel)."""
     with open_image(source) as im:
         orientation = orientation_of(im)
-        im.draft("RGB", (MAX_SIDE, MAX_SIDE))  # JPEG only: DCT scaling, never below 100 px
+        im.draft("RGB", (HASH_SIDE, HASH_SIDE))  # JPEG only: DCT scaling, never below HASH_SIDE
         try:
             small = im.convert("RGBA" if has_alpha(im) else "RGB")
         except (OSError, SyntaxError, ValueError, EOFError) as exc:

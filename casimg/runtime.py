@@ -23,6 +23,7 @@ import tornado.netutil
 from casimg import tracing
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
+from casimg.filler import FillerProcess
 from casimg.metrics import Metrics
 from casimg.services import Services, bootstrap_admin_key, open_services
 
@@ -39,10 +40,13 @@ async def serve(
     redis_url: str,
     sockets: list[socket.socket] | None = None,
     metrics_sockets: list[socket.socket] | None = None,
+    own_filler: bool = True,
 ) -> None:
     """Run the HTTP server (and, by default, the workers) until SIGTERM or SIGINT.
 
     `sockets`, `metrics_sockets`: already bound listening sockets (``serve_processes``); None binds here.
+    `own_filler`: start the host's placeholder filler (with placeholders on); serve_processes starts one
+    for all its processes instead.
     """
     stop = _stop_on_signals()  # first: a signal during the startup below stops the server once it is up
     tracing.setup()  # before the application and the download session exist: they are instrumented as made
@@ -63,11 +67,13 @@ async def serve(
     if services.worker is not None:
         services.worker.start()
         metrics.start_publishing(services.worker)
+    filler = _start_filler(settings, redis_url) if own_filler else None
     log.info("casimg listening on http://%s:%d (data dir %s)", settings.host, settings.port, settings.data_dir)
     await _until_signalled(stop)
     if pool_start is not None:
         await asyncio.gather(pool_start, return_exceptions=True)
     log.info("stopping: no new connections; finishing in-flight downloads")
+    await _stop_filler(filler)
     server.stop()
     if metrics_server is not None:
         metrics_server.stop()
@@ -136,8 +142,13 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
                        if settings.metrics_port else None)
     asyncio.run(_bootstrap_only(settings, redis_url))  # once, before any process answers requests
     children: set[int] = set()
+    filler = FillerProcess(settings, redis_url) if settings.placeholders else None
 
     def forward(signum: int, _frame: object) -> None:
+        if filler is not None and filler.process is not None:
+            filler.stopping = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(filler.process.pid, signal.SIGTERM)
         for child in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
@@ -149,8 +160,10 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
     try:
-        return _fork_and_wait(settings, redis_url, sockets, metrics_sockets, children, previous, forward)
+        return _fork_and_wait(settings, redis_url, sockets, metrics_sockets, children, previous, forward, filler)
     finally:
+        if filler is not None:
+            filler.stop()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -158,8 +171,9 @@ def serve_processes(settings: Settings, redis_url: str) -> int:
 
 def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.socket],
                    metrics_sockets: list[socket.socket] | None, children: set[int],
-                   previous: dict[int, Any], forward: Any) -> int:
-    """serve_processes' forks and wait, with SIGTERM and SIGINT blocked on entry."""
+                   previous: dict[int, Any], forward: Any, filler: FillerProcess | None) -> int:
+    """serve_processes' forks and wait, with SIGTERM and SIGINT blocked on entry. The host's placeholder
+    filler, if any, starts after the forks (no server process inherits it) and is restarted if it dies."""
     for _ in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
@@ -170,7 +184,7 @@ def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.sock
             os.setpgid(0, 0)
             status = 0
             try:
-                run_loop(serve(settings, redis_url, sockets, metrics_sockets))
+                run_loop(serve(settings, redis_url, sockets, metrics_sockets, own_filler=False))
             except BaseException:
                 log.exception("server process failed")
                 status = 1
@@ -180,10 +194,16 @@ def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.sock
         children.add(pid)
     for sock in [*sockets, *(metrics_sockets or [])]:
         sock.close()
+    if filler is not None:
+        filler.start()
     failed = False
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one sent meanwhile is forwarded now
     while children:
         pid, status = os.wait()
+        if filler is not None and pid == filler.pid:
+            filler.process.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+            filler.died(filler.process.returncode)
+            continue
         children.discard(pid)
         if os.waitstatus_to_exitcode(status) != 0 and not failed:
             failed = True
@@ -213,13 +233,34 @@ async def run_worker(settings: Settings, redis_url: str) -> None:
     metrics_server = _metrics_listener(settings, services)
     services.worker.start()
     metrics.start_publishing(services.worker)
+    filler = _start_filler(settings, redis_url)
     log.info("casimg worker %s running", services.worker.name)
     await _until_signalled(stop)
+    await _stop_filler(filler)
     if metrics_server is not None:
         metrics_server.stop()
     await services.close()
     await metrics.close()
     tracing.shutdown()
+
+
+def _start_filler(settings: Settings, redis_url: str) -> tuple[FillerProcess, asyncio.Task[None]] | None:
+    """The host's placeholder filler process (filler.py), watched and restarted if it dies; None with
+    placeholders off."""
+    if not settings.placeholders:
+        return None
+    filler = FillerProcess(settings, redis_url)
+    filler.start()
+    return filler, asyncio.ensure_future(filler.watch())
+
+
+async def _stop_filler(started: tuple[FillerProcess, asyncio.Task[None]] | None) -> None:
+    if started is None:
+        return
+    filler, watch = started
+    filler.stopping = True
+    watch.cancel()
+    await asyncio.to_thread(filler.stop)
 
 
 async def _check_store(services: Services) -> None:

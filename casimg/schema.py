@@ -22,6 +22,9 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     worker:{name}      string  a live worker's heartbeat
     sweep-lock         string  held by the worker running the periodic sweep
     placeholder:{3 hex} hash   raw 32-byte SHA-256 -> its ThumbHash (base64), once per content
+    placeholder-todo   zset    hex SHA-256 of a content awaiting its placeholder -> when due (ms); a claim
+                               moves it past its lease
+    placeholders-made  string  "1" from the first placeholder written: until then listings read none
     variants:{sha256}  hash    canonical variant parameters -> "<variant sha256 hex> <size>"
     variant-claim:{sha256}:{canonical}  string  held by the process rendering that variant
     claims:{digest}    zset    an object-store blob's stores in flight: token -> expiry (ms)
@@ -188,8 +191,22 @@ class KeySpace:
 
     def placeholder(self, bucket: str) -> str:
         """hash: raw 32-byte SHA-256 -> the content's ThumbHash, base64 (placeholder.py), for the digests
-        whose hex starts with `bucket`; written at ingest, dropped with the content's last reference."""
+        whose hex starts with `bucket`; written by a filler (filler.py) after the store, dropped with the
+        content's last reference."""
         return f"{self.prefix}placeholder:{bucket}"
+
+    @property
+    def placeholder_todo(self) -> str:
+        """sorted set: hex SHA-256 of a stored content without a placeholder -> when it is due (ms): queued
+        by the store script, claimed by a filler by moving it to the end of its lease (so a filler that
+        dies leaves it due again), removed when its placeholder is written or cannot be made."""
+        return f"{self.prefix}placeholder-todo"
+
+    @property
+    def placeholders_made(self) -> str:
+        """string "1", set with the first placeholder ever written: while it is absent, a listing page
+        skips reading its rows' placeholders (a round trip that would find none)."""
+        return f"{self.prefix}placeholders-made"
 
     def variants(self, source: str) -> str:
         """hash: a variant's canonical parameters (variants.VariantSpec.canonical) -> "<variant sha256 hex>

@@ -28,6 +28,7 @@ from casimg.keys import KeyStore, Scope
 from casimg.limits import AuthFailures, RateLimiter
 from casimg.metrics import Metrics
 from casimg.migrate import migrate
+from casimg.placeholder_queue import PlaceholderQueue
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
 from casimg.relations import Relations
@@ -61,6 +62,7 @@ class Services:
     rate: RateLimiter
     auth_failures: AuthFailures
     variants: VariantStore
+    placeholders: PlaceholderQueue
     fetcher: Fetcher | None = None
     worker: Worker | None = None
     metrics: Metrics | None = None
@@ -110,7 +112,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
     client = connect_redis(redis_url, settings.download_concurrency + 64)
     keyspace = KeySpace(settings.key_prefix)
     stores = ActiveStore(settings, client, keyspace, f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}")
-    index = Index(client, keyspace)
+    index = Index(client, keyspace, placeholders=settings.placeholders)
     metrics = metrics or Metrics()
     # The render pool's processes start with the first render (casimg serve starts them at its start).
     variants = VariantStore(VariantPolicy.from_settings(settings), RenderPool.from_settings(settings),
@@ -126,6 +128,7 @@ async def open_services(settings: Settings, redis_url: str, with_worker: bool,
         rate=RateLimiter(client, keyspace, settings.rate_limit, settings.rate_burst),
         auth_failures=AuthFailures(client, keyspace, settings.auth_failure_limit),
         variants=variants,
+        placeholders=PlaceholderQueue(client, keyspace),
         metrics=metrics,
     )
     await services.queue.ensure_group()

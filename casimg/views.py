@@ -16,7 +16,8 @@ def image_json(
     placeholder: str | None = None,
 ) -> dict[str, Any]:
     """An image as the API shows it; index.ImageRecord's fields, in order. `placeholder`: the content's
-    ThumbHash (base64), null where none was made (stored before placeholders, or placeholders off)."""
+    ThumbHash (base64), null where none was made yet (the filler makes it shortly after the store) or at
+    all (stored with placeholders off, or pixels that do not decode)."""
     return {
         "url": url,
         "sha256": sha256,

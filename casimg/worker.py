@@ -44,7 +44,6 @@ from casimg.fsck import sweep
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
 from casimg.logtext import clip
-from casimg.placeholder import placeholder_or_none
 from casimg.politeness import COOLING_STATUSES, OriginPace, origin_of
 from casimg.queue import Entry, JobQueue
 from casimg.scheduler import FairSlots
@@ -524,7 +523,7 @@ class Worker:
                                blobs: Storage, target: Storage | None) -> Outcome:
         try:
             with tracing.leaf("casimg.validate"):
-                tmp, digest, info, placeholder = await asyncio.get_running_loop().run_in_executor(
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(
                     None, self._stage, downloaded, blobs)
         except BaseException:
             downloaded.discard()
@@ -543,7 +542,7 @@ class Worker:
             meta = BlobMeta(downloaded.size, info.content_type, info.width, info.height)
             outcome = await store_blob(
                 blobs, self.index, tmp, entry.url, digest, meta,
-                linked=flusher is not None, run=self._settler.call, placeholder=placeholder, job_id=entry.job_id,
+                linked=flusher is not None, run=self._settler.call, job_id=entry.job_id,
                 position=entry.position, entry_id=entry.entry_id, attempts=attempt, owner=entry.owner,
             )
         kind = outcome.kind
@@ -563,10 +562,10 @@ class Worker:
             del self._validated[next(iter(self._validated))]  # the oldest
         self._validated[digest] = info
 
-    def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo, str | None]:
-        """In a worker thread: validate the body, write it to a temp file, make its placeholder if the
-        content is new, link it in (the file driver's store step 1; an object store's commit follows in
-        store_blob).
+    def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
+        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
+        store step 1; an object store's commit follows in store_blob). Its placeholder is made later, by
+        a filler (filler.py).
 
         One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
         GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
@@ -579,24 +578,20 @@ class Worker:
             # and no file made, which was most of what a repeat cost (BENCHMARKS.md).
             tmp = blobs.temp_link_to(digest) if isinstance(blobs, FileStore) else None
             if tmp is not None:
-                return tmp, digest, info, None  # its placeholder was made when it was stored
+                return tmp, digest, info
             tmp, digest = blobs.write_temp(downloaded.data, digest)
         else:
             assert downloaded.path is not None and downloaded.sha256 is not None
             info = self._validate(downloaded.path)
             tmp, digest = downloaded.path, downloaded.sha256
-        placeholder = None
-        # Once per content: a blob on disk already has its placeholder (the store script keeps the first).
-        if self.settings.placeholders and not (isinstance(blobs, FileStore) and blobs.exists(digest)):
-            placeholder = placeholder_or_none(downloaded.data if downloaded.data is not None else tmp)
         if not isinstance(blobs, FileStore):
-            return tmp, digest, info, placeholder
+            return tmp, digest, info
         try:
             blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
         except BaseException:
             blobs.discard(tmp)
             raise
-        return tmp, digest, info, placeholder
+        return tmp, digest, info
 
 
 class _Stopped(Exception):

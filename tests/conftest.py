@@ -6,6 +6,8 @@ key prefix, so tests never see each other's keys and nothing needs flushing.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import itertools
 import json
@@ -24,6 +26,7 @@ from PIL import Image
 from bench.procs import start_redis_server
 from casimg.app import make_app
 from casimg.config import Settings, load_settings
+from casimg.filler import Filler
 from casimg.index import Index
 from casimg.keys import Scope
 from casimg.schema import KeySpace
@@ -118,8 +121,6 @@ def make_settings(data_dir: Path, redis_url: str, **overrides: Any) -> Settings:
         "key_cache_ttl": 0,
         # Tests download hundreds of images from the one local origin; tests/test_politeness.py sets a rate.
         "origin_rate": 0,
-        # Off by default for its ingest cost; the tests keep the placeholder path covered.
-        "placeholders": True,
     }
     values.update(overrides)
     return load_settings(environ={}, overrides=values)
@@ -137,8 +138,25 @@ def services(io_loop: Any, settings: Settings) -> Iterator[Services]:
         return built
 
     built = io_loop.run_sync(start)
+    # The placeholder filler's loop, as a filler process runs it, in the test's IOLoop.
+    stop = asyncio.Event()
+    filler = (io_loop.run_sync(lambda: _start_filler(built, stop)) if settings.placeholders else None)
     yield built
+    if filler is not None:
+        stop.set()
+        io_loop.run_sync(lambda: _end(filler), timeout=30)
     io_loop.run_sync(built.close)
+
+
+async def _end(task: asyncio.Future[None]) -> None:
+    task.cancel()  # the stop above ends it at its next turn; cancelling ends it wherever it waits
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _start_filler(services: Services, stop: asyncio.Event) -> asyncio.Future[None]:
+    filler = Filler(services.placeholders, lambda: services.blobs, services.settings.placeholder_lease)
+    return asyncio.ensure_future(filler.run(stop))
 
 
 @pytest.fixture

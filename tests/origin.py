@@ -161,7 +161,8 @@ class _Handler(BaseHTTPRequestHandler):
             if ext in FORMATS and stem.isdigit():
                 if "delay" in query:
                     self.server.stopping.wait(float(query["delay"]))
-                return self.send(200, image_bytes(int(stem), ext), FORMATS[ext][1])
+                size = (int(query["w"]), int(query["h"])) if "w" in query else None  # ?w=&h=: a big picture
+                return self.send(200, image_bytes(int(stem), ext, size), FORMATS[ext][1])
         if path == "/robots.txt":
             origin = self.server.origin
             if origin.robots_stall:

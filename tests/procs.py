@@ -50,8 +50,7 @@ class Server:
         # CASIMG_PROCESSES 1: a test drives, signals and counts one server process unless it asks for more
         # (serve's default is one per core).
         self.env = {"CASIMG_ALLOW_NETWORKS": "127.0.0.1/32", "CASIMG_WORKER_HEARTBEAT": "2",
-                    "CASIMG_ORIGIN_RATE": "0", "CASIMG_PROCESSES": "1",
-                    "CASIMG_PLACEHOLDERS": "true", **(env or {})}
+                    "CASIMG_ORIGIN_RATE": "0", "CASIMG_PROCESSES": "1", **(env or {})}
         self.log = data_dir.parent / f"serve-{self.port}.log"
         self.process = start_serve(["--data-dir", str(data_dir), "--port", str(self.port), *extra], self.port,
                                    self.log, env=self.env, cwd=ROOT)

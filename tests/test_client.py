@@ -62,7 +62,12 @@ def test_submit_wait_get_list_and_delete(client, origin):
     assert first.content_type == "image/png" and first.size == len(image_bytes(200, "png"))
     assert client.count() == 5
 
-    assert first.placeholder  # a ThumbHash, base64
+    # A ThumbHash, base64, made shortly after the store by the server's placeholder filler.
+    deadline = time.monotonic() + 60
+    while first.placeholder is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+        first = next(image for image in client.images() if image.url == urls[0])
+    assert first.placeholder
     thumb = client.get(urls[1], w=10, format="webp")
     assert thumb.headers["content-type"] == "image/webp" and thumb.body[8:12] == b"WEBP"
     assert client.get(urls[1]).body == image_bytes(201, "png")

@@ -132,11 +132,19 @@ def test_every_key_a_server_writes_is_in_the_table_with_its_type(server):
     assert server.call("GET", f"/api/image?url={quote(server.urls[0], safe='')}&w=8")[0] == 200
     for key in client.scan_iter("casimg:variant*", count=1000):
         check(key)
+    # The placeholders' keys, once the server's filler has made them after the store.
+    deadline = time.monotonic() + 60
+    while client.exists("casimg:placeholder-todo") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for key in client.scan_iter("casimg:placeholder*", count=1000):
+        check(key)
     client.close()
     # held only while a sweep runs, a job is queued, for seconds after an origin's 429 or 503, while a
-    # callback waits to be delivered; the store record from the first store migration on
+    # callback waits to be delivered, while placeholders wait for the filler; the store record from the
+    # first store migration on
     transient = {"casimg:sweep-lock", "casimg:enqueuing", "casimg:origin-cool:{origin}",
-                 "casimg:origin-backoff:{origin}", "casimg:webhooks", "casimg:store", "casimg:store-copied:{migration}",
+                 "casimg:origin-backoff:{origin}", "casimg:webhooks", "casimg:placeholder-todo", "casimg:store",
+                 "casimg:store-copied:{migration}",
                  "casimg:variant-claim:{source}:{canonical}",
                  "casimg:claims:{digest}", "casimg:deleting:{digest}", "casimg:tomb"}  # an object store's only
     assert set(key_table()) - transient <= seen

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 from casimg.embedded import COMPACT_HASH_ENTRIES, COMPACT_HASH_VALUE, EmbeddedRedis
 from casimg.index import BlobMeta, Index, ListingFilter
 from casimg.migrate import backfill_recent
+from casimg.placeholder_queue import PlaceholderQueue
 from casimg.schema import RECENT_KEY_BYTES, KeySpace, Order, Outcome, blob_key, url_bucket, url_key
 from casimg.services import connect_redis
 
@@ -535,3 +536,25 @@ async def test_a_filtered_walk_sees_each_matching_url_present_throughout_once_wh
     assert all(urlsplit(url).hostname == "keep.example" for url in urls)
     keys = [newest_key(*row) for row in seen] if order is Order.RECENT else [(sha1(url), url) for url in urls]
     assert keys == (sorted(set(keys), reverse=True) if order is Order.RECENT else sorted(set(keys)))
+
+
+@pytest.mark.gen_test
+async def test_listings_read_no_placeholders_until_the_first_is_made(index):
+    """Until a placeholder was ever made (its flag), a listing page skips reading its rows' placeholders:
+    one written straight into its hash, without the flag, is not shown. The first one made sets the flag."""
+    for n in (1, 2):
+        await index.store(f"http://ph/{n}", digest(n), META)
+    await index.redis.hset(index.keys.placeholder(digest(1)[:3]), bytes.fromhex(digest(1)), "written-by-hand")
+    for order in (Order.SHA1, Order.RECENT):
+        assert [row[7] for row in (await index.page(None, 10, order)).images] == [None, None]  # (..., placeholder)
+    queue = PlaceholderQueue(index.redis, index.keys)
+    assert await queue.fill(digest(2), "made")
+    for order in (Order.SHA1, Order.RECENT):
+        shown = {row[1]: row[7] for row in (await index.page(None, 10, order)).images}
+        assert shown == {digest(1): "written-by-hand", digest(2): "made"}
+    # A content that could not be given one ('') lists as null, as does one never made.
+    assert await queue.fill(digest(3), None) is False  # not referenced: nothing is kept
+    await index.store("http://ph/3", digest(3), META)
+    assert await queue.fill(digest(3), None)
+    rows = {row[1]: row[7] for row in (await index.page(None, 10)).images}
+    assert rows[digest(3)] is None

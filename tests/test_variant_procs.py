@@ -130,6 +130,9 @@ def test_fsck_finds_and_repairs_a_missing_variant_blob_and_a_dangling_relation(p
     # The dropped variant is made again on its next request.
     status, _, headers = server.call("GET", image_path(url, w="12", format="webp"))
     assert status == 200 and etag(headers) == lost and blobs.exists(lost)
+    deadline = time.monotonic() + 60  # the placeholder comes from the filler, after the store
+    while not json.loads(server.call("GET", "/api/images")[1])[0]["placeholder"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert json.loads(server.call("GET", "/api/images")[1])[0]["placeholder"]
     assert_fsck_clean(server.data_dir)
 

@@ -27,6 +27,9 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "migrate": ("lib_unhex", "migrate"),  # migrate.py: the casimg 0.1 index to the current one
     "backfill_recent": ("lib_recent", "backfill_recent"),  # migrate.py
     "recent_prune": ("lib_recent", "recent_prune"),  # fsck --repair
+    # the placeholder queue (placeholder_queue.py)
+    "placeholder_claim": ("placeholder_claim",),
+    "placeholder_fill": ("lib_unhex", "placeholder_fill"),
     # claims and tombstones of an object store's blobs (index.py, lifecycle.py)
     "claim": ("claim",),
     "unclaim": ("unclaim",),

@@ -6,7 +6,8 @@ local result = ARGV[4]
 if ARGV[8] ~= '' then
   local digest, prefix = string.match(ARGV[8], '^(%x+) (.*)$')
   local decoded = cjson.decode(result)
-  decoded.placeholder = redis.call('HGET', prefix .. string.sub(digest, 1, 3), unhex(digest)) or cjson.null
+  local placeholder = redis.call('HGET', prefix .. string.sub(digest, 1, 3), unhex(digest))
+  decoded.placeholder = placeholder ~= '' and placeholder or cjson.null  -- '': none can be made
   result = cjson.encode(decoded)
 end
 complete(KEYS[1], KEYS[2], KEYS[3], ARGV[2], ARGV[1], ARGV[3], result, ARGV[5], KEYS[4], ARGV[6], ARGV[7], KEYS[5])

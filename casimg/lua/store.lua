@@ -1,10 +1,11 @@
 -- KEYS: url-bucket-of-url blob-bucket-of-digest count job results queue queue-owners recent webhooks
--- ARGV: url digest meta now_ms entry group field attempts owner recent_leaf_prefix placeholder placeholder_prefix
---       now_iso
+-- ARGV: url digest meta now_ms entry group field attempts owner recent_leaf_prefix placeholder_todo
+--       placeholder_prefix now_iso
 -- A URL of a cancelled job is not indexed: the entry leaves the queue, and the caller removes the bytes.
 -- The job's result carries what a page lays out before the image arrives: width, height and the content's
--- placeholder (kept once per content, in its placeholder bucket; `placeholder` is the one this download
--- computed, '' if none, and is kept only if the content has none yet).
+-- placeholder (kept once per content, in its placeholder bucket) when it has one. A stored URL whose content
+-- has none queues the content in `placeholder_todo` ('' with placeholders off), in this same step, for a
+-- filler to make it (filler.py); an entry there already (queued, or claimed under a lease) is left as it is.
 local url, digest = ARGV[1], ARGV[2]
 if ARGV[7] ~= '' and redis.call('HEXISTS', KEYS[4], 'cancelled') == 1 then
   complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], '', '', '', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
@@ -23,13 +24,15 @@ else
   recent_add(KEYS[8], ARGV[10], recent_member(ARGV[4], url))
   redis.call('HINCRBY', KEYS[3], 'urls', 1)
   if prior == 0 then redis.call('HINCRBY', KEYS[3], 'blobs', 1) end
-  if ARGV[11] ~= '' then redis.call('HSETNX', ARGV[12] .. string.sub(digest, 1, 3), unhex(digest), ARGV[11]) end
   outcome = 'stored'
   width, height = string.match(ARGV[3], '^%d+ (%d+) (%d+) ')
 end
 local placeholder = redis.call('HGET', ARGV[12] .. string.sub(digest, 1, 3), unhex(digest))
+if outcome == 'stored' and placeholder == false and ARGV[11] ~= '' then
+  redis.call('ZADD', ARGV[11], 'NX', ARGV[4], digest)
+end
 local result = {status = outcome, sha256 = digest, attempts = tonumber(ARGV[8]), width = tonumber(width),
-                height = tonumber(height), placeholder = placeholder or cjson.null}
+                height = tonumber(height), placeholder = placeholder ~= '' and placeholder or cjson.null}
 if outcome == 'stored' and prior > 0 then result.deduplicated = true end
 complete(KEYS[4], KEYS[5], KEYS[6], ARGV[6], ARGV[5], ARGV[7], cjson.encode(result),
          outcome == 'stored' and 'stored' or 'existed', KEYS[7], ARGV[9], ARGV[4], KEYS[9])
