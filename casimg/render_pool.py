@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import multiprocessing
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,34 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 CLOSE_WAIT = 5.0  # seconds close() waits for the killed workers to be reaped and the pool's thread to end
+
+
+def _end_with(owner: int) -> None:
+    """Each worker's initializer: exit when the process that owns the pool has gone, however it went.
+
+    A pool's workers would otherwise outlive a server killed with SIGKILL (or any end that skips
+    ``close()``): they wait on a queue whose write end they hold themselves, and they hold the
+    forkserver's liveness pipe (multiprocessing passes it to every child), so the forkserver never
+    sees its owner go either. One daemon thread per worker waits on the owner's pidfd."""
+    try:
+        watched = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:  # no pidfd (Linux before 5.3): look once a second
+        def poll() -> None:
+            while True:
+                time.sleep(1.0)
+                try:
+                    os.kill(owner, 0)
+                except ProcessLookupError:
+                    os._exit(0)
+        threading.Thread(target=poll, name="casimg-owner-watch", daemon=True).start()
+        return
+
+    def wait() -> None:
+        select.select([watched], [], [])
+        os._exit(0)
+    threading.Thread(target=wait, name="casimg-owner-watch", daemon=True).start()
 
 
 def _ready() -> int:
@@ -78,7 +107,8 @@ class RenderPool:
     def _new_executor(self) -> concurrent.futures.ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["casimg.render_pool"])  # Pillow imported once, in the server
-        executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
+                                                        initializer=_end_with, initargs=(os.getpid(),))
         for _ in range(self.workers):
             executor.submit(_ready)
         return executor

@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -170,3 +172,57 @@ def test_serve_with_render_processes_stops_without_leaking_semaphores(procs, tmp
         output = server.output()
         assert "stopped" in output
         assert "leaked semaphore" not in output, output[-2000:]
+
+
+def _children() -> dict[int, list[int]]:
+    """Each process's children, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _descendants(pid: int) -> set[int]:
+    tree, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_render_processes_end_with_a_server_killed_with_sigkill(procs, tmp_path, origin):
+    """A server killed outright runs no close(): its render pool's workers (and their forkserver, which
+    they keep alive) must still go, not pile up as orphans of every kill -9."""
+    server = procs.server(tmp_path / "data")
+    url = origin.url("/img/762.jpg")
+    server.submit([url])
+    assert server.call("GET", image_path(url, w="16", format="png"))[0] == 200
+    renderers = {pid for pid in _descendants(server.process.pid) if "multiprocessing" in _cmdline(pid)}
+    assert any("forkserver" in _cmdline(pid) for pid in renderers), "the render pool did not start"
+    redis = {pid for pid in _descendants(server.process.pid) if "redis-server" in _cmdline(pid)}
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(10)
+    try:
+        until = time.monotonic() + 15
+        while time.monotonic() < until and any(Path(f"/proc/{pid}").exists() for pid in renderers):
+            time.sleep(0.1)
+        left = {pid: _cmdline(pid)[:80] for pid in renderers if Path(f"/proc/{pid}").exists()}
+        assert not left, left
+    finally:
+        for pid in redis:  # the embedded Redis outlives a killed server by design (the next start takes it over)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
