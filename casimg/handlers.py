@@ -218,8 +218,19 @@ def _loggable_uri(path: str, query: str) -> str:
     return f"{path}?{query}"
 
 
-@functools.lru_cache(maxsize=1024)  # every request's line asks again about the same few names (url, ...)
 def _is_secret(name: str) -> bool:
+    """Whether a query parameter's name carries a credential; the usual short names are remembered (every
+    request's line asks again about the same few: url, w, ...), a long one is looked at each time, so no
+    client can fill the cache with big entries."""
+    return _is_secret_short(name) if len(name) <= 64 else _looks_secret(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_secret_short(name: str) -> bool:
+    return _looks_secret(name)
+
+
+def _looks_secret(name: str) -> bool:
     """Whether a query parameter's name (raw or decoded) is one that carries a credential. Only the
     names are decoded to look: the values, a whole URL for /api/image, are left as they are."""
     if "%" in name or "+" in name:

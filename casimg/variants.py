@@ -402,10 +402,22 @@ class QueryParser:
             pass
         spec = self.policy.parse({str(name): [bytes(value).decode("utf-8", "replace") for value in values]
                                   for name, *values in key})
+        if not _cacheable(key):
+            return spec
         if len(self._specs) >= self.size:
             del self._specs[next(iter(self._specs))]
         self._specs[key] = spec
         return spec
+
+
+QUERY_CACHE_VALUE = 256  # longest parameter value a remembered query may have, in bytes
+
+
+def _cacheable(key: QueryKey) -> bool:
+    """Only queries such as pages send, each parameter once and short, are remembered: the cache is
+    bounded by entries, so an entry's size must be bounded too (a query repeating ``w=1`` thousands of
+    times parses, and would otherwise keep all of them)."""
+    return all(len(values) == 1 and len(values[0]) <= QUERY_CACHE_VALUE for _name, *values in key)
 
 
 def _auto_format(accepted: frozenset[str], has_alpha: bool, animated: bool) -> str:

@@ -393,6 +393,16 @@ def test_the_access_log_masks_credential_parameters_by_name(query, logged_as):
     assert _loggable_uri("/api/images", query) == f"/api/images?{logged_as}"
 
 
+def test_the_access_log_remembers_short_parameter_names_only():
+    """Every request's line is looked at, 401s included: a long name is judged each time, not kept, so no
+    client can fill the remembered names with big ones; it is masked all the same."""
+    from casimg.handlers import _is_secret_short
+    _is_secret_short.cache_clear()
+    long_name = "x" * 5000 + "token"
+    assert _loggable_uri("/api/images", f"{long_name}=abc&w=1") == f"/api/images?{long_name}=REDACTED&w=1"
+    assert _is_secret_short.cache_info().currsize == 1  # "w" only
+
+
 def test_the_directory_of_a_data_dir_that_is_gone_goes_when_a_process_joins(tmp_path, procs):
     """A data dir deleted while its directory stayed (its last process killed with -9, as a test's
     temporary one may be) leaves nothing for good: the next process to start on this host removes it,

@@ -298,6 +298,17 @@ def test_query_parser_answers_bad_queries_as_the_policy_does_every_time():
     assert parser._specs == {}
 
 
+def test_query_parser_keeps_only_small_queries():
+    """The cache is bounded by entries, so an entry must be small: a query repeating one value thousands
+    of times parses (the copies agree) but is not kept, and neither is a long value."""
+    parser = QueryParser(VariantPolicy(presets=parse_presets(PRESETS, 4096)))
+    assert parser.spec({"w": [b"1"] * 5000}) == VariantSpec(w=1)
+    assert parser.spec({"w": [b"0" * 300 + b"1"]}) == VariantSpec(w=1)  # leading zeros: a long value
+    assert parser._specs == {}
+    assert parser.spec({"w": [b"1"]}) == VariantSpec(w=1)
+    assert len(parser._specs) == 1
+
+
 def test_limits_are_refused_naming_the_limit():
     policy = VariantPolicy(max_side=1000, max_pixels=500_000, per_original=3)
     with pytest.raises(BadVariant, match="variant_max_side") as caught:
