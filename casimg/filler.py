@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 
 from casimg.config import Settings
-from casimg.errors import REDIS_ERRORS, NotFound
-from casimg.placeholder import placeholder_or_none
+from casimg.errors import REDIS_ERRORS, NotFound, Unrenderable
+from casimg.placeholder import placeholder
 from casimg.placeholder_queue import PlaceholderQueue
 from casimg.services import open_services
 from casimg.storage import BlobNotFound, Storage, StorageUnavailable
@@ -70,12 +70,19 @@ class Filler:
                 source = await source_for_render(self.blobs(), digest)
                 # Run here, not in a thread: this process does nothing else, and at its priority a
                 # thread would only add the GIL's hand-offs.
-                made = placeholder_or_none(source)
+                made = placeholder(source)
             except (BlobNotFound, NotFound):  # deleted since it was queued: the entry goes, nothing is kept
                 await self.queue.drop(digest)
                 continue
-            except (*REDIS_ERRORS, StorageUnavailable, OSError):
+            except (*REDIS_ERRORS, StorageUnavailable, MemoryError):
                 raise
+            except (Unrenderable, ValueError, SyntaxError, EOFError) as exc:  # the bytes: none can ever be made
+                log.info("placeholder of %s: none can be made: %s", digest, exc)
+                made = None
+            except OSError as exc:
+                if exc.errno is not None:  # the system's (EIO, EMFILE, ...), not the image's: the lease retries
+                    raise
+                made = None  # Pillow's own (a truncated or unreadable image)
             except Exception:  # an image no decode path expected must not end the filler, which
                 # would be restarted, claim the same entry when its lease ended, and end again
                 log.exception("placeholder of %s: none can be made", digest)
@@ -124,7 +131,9 @@ def main() -> None:
     environment or the command line, where other users could read secrets)."""
     lower_priority()
     _end_with_parent()
-    settings, redis_url = pickle.loads(sys.stdin.buffer.read())
+    settings, redis_url, parent = pickle.loads(sys.stdin.buffer.read())
+    if os.getppid() != parent:  # the parent went before the death signal was asked for: nothing would send it
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     asyncio.run(run(settings, redis_url))
 
@@ -150,7 +159,7 @@ class FillerProcess:
         env = {name: value for name, value in os.environ.items() if name != "PROMETHEUS_MULTIPROC_DIR"}
         self.process = subprocess.Popen([sys.executable, "-m", "casimg.filler"], stdin=subprocess.PIPE, env=env)
         assert self.process.stdin is not None
-        self.process.stdin.write(pickle.dumps((self.settings, self.redis_url)))
+        self.process.stdin.write(pickle.dumps((self.settings, self.redis_url, os.getpid())))
         self.process.stdin.close()
         log.info("placeholder filler started (pid %d)", self.process.pid)
 

@@ -155,12 +155,3 @@ def small_decode(source: bytes | Path | str) -> Image.Image:
 def placeholder(source: bytes | Path | str) -> str:
     """The image's ThumbHash, base64: what a listing row's ``placeholder`` field carries."""
     return base64.b64encode(encode(small_decode(source))).decode("ascii")
-
-
-def placeholder_or_none(source: bytes | Path | str) -> str | None:
-    """``placeholder``, or None for an image it cannot decode (a download that passed the structure check
-    may still hold damaged pixel data): a missing placeholder must not fail the download."""
-    try:
-        return placeholder(source)
-    except (Unrenderable, OSError, ValueError, SyntaxError, EOFError, MemoryError):
-        return None

@@ -77,7 +77,7 @@ class Services:
             await self.worker.stop(self.settings.shutdown_grace)
         if self.fetcher is not None:
             await self.fetcher.close()
-        self.variants.close()
+        await asyncio.to_thread(self.variants.close)  # waits for the render workers to be reaped
         await self.stores.close()
         await self.redis.aclose()
 

@@ -156,3 +156,18 @@ def test_with_placeholders_off_there_is_no_filler_and_nothing_queued(procs, tmp_
     assert [row["placeholder"] for row in json.loads(server.call("GET", "/api/images")[1])] == [None]
     children = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in forked_children(server.process.pid)]
     assert not any(b"casimg.filler" in cmdline for cmdline in children)
+
+
+def test_a_filler_started_by_a_parent_that_has_gone_exits_at_once(tmp_path):
+    """A parent killed while its filler still imports has gone before the filler asks for a death signal:
+    the filler must see that and end, not run on as an orphan (here its parent's pid is not its own)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from tests.conftest import make_settings
+    settings = make_settings(tmp_path / "data", "redis://127.0.0.1:9/0")  # nothing listens: it must not get that far
+    payload = pickle.dumps((settings, settings.redis_url, os.getpid() + 1_000_000))
+    done = subprocess.run([sys.executable, "-m", "casimg.filler"], input=payload, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b"Traceback" not in done.stderr
