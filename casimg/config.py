@@ -206,7 +206,8 @@ class Settings:
     placeholders: bool = _setting(
         True, "Make each new image's placeholder (a ThumbHash of a 16-px decode, ~30 bytes), shown as "
         "'placeholder' in listings and job results. Made after the store, off the download's path, by a "
-        "filler process on each serve/worker host that runs at the lowest CPU priority; it may arrive "
+        "filler process (one per `casimg serve`, whatever its --processes, and one per `casimg worker`) that runs "
+        "at the lowest CPU priority; it may arrive "
         "shortly after the image is stored. Off: no filler, and null placeholders."
     )
     placeholder_lease: float = _setting(
