@@ -65,7 +65,7 @@ async def store_blob(
     if not isinstance(blobs, FileStore):
         return await _store_claimed(blobs, index, tmp, url, digest, meta, pause=pause, **job)
     if not linked:
-        await _link_in(blobs, tmp, digest)
+        await asyncio.to_thread(blobs.link_in_or_discard, tmp, digest)
         await pause("linked")
     settled = False
     try:
@@ -82,15 +82,6 @@ async def store_blob(
     finally:
         if not settled:
             await run(blobs.discard, tmp)
-
-
-async def _link_in(blobs: FileStore, tmp: Path, digest: str) -> None:
-    """The file store's step 1 in a thread of its own; `tmp` is consumed if it fails."""
-    try:
-        await asyncio.to_thread(blobs.link_in, tmp, digest)
-    except BaseException:
-        await asyncio.to_thread(blobs.discard, tmp)
-        raise
 
 
 async def delete_url(blobs: Storage, index: Index, url: str, *, pause: Pause = _no_pause) -> str | None:
@@ -126,7 +117,7 @@ async def store_referenced(
     if not isinstance(blobs, FileStore):
         return await _referenced_claimed(blobs, index, tmp, digest, content_type, reference, counted)
     if not linked:
-        await _link_in(blobs, tmp, digest)
+        await asyncio.to_thread(blobs.link_in_or_discard, tmp, digest)
     settled = False
     try:
         answer = await reference()

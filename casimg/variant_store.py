@@ -271,9 +271,5 @@ async def keep_variant(blobs: Storage, index: Index, relations: Relations, sourc
 
 def _write_temp_and_link(blobs: FileStore, data: bytes) -> tuple[Path, str]:
     tmp, digest = blobs.write_temp(data)
-    try:
-        blobs.link_in(tmp, digest)
-    except BaseException:
-        blobs.discard(tmp)
-        raise
+    blobs.link_in_or_discard(tmp, digest)
     return tmp, digest

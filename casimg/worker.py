@@ -586,11 +586,7 @@ class Worker:
             tmp, digest = downloaded.path, downloaded.sha256
         if not isinstance(blobs, FileStore):
             return tmp, digest, info
-        try:
-            blobs.link_in(tmp, digest, sync=False)  # made durable by the flush that follows
-        except BaseException:
-            blobs.discard(tmp)
-            raise
+        blobs.link_in_or_discard(tmp, digest, sync=False)  # made durable by the flush that follows
         return tmp, digest, info
 
 

@@ -134,6 +134,14 @@ class FileStore(Staging):
         if sync:
             _fsync_dir(target.parent)
 
+    def link_in_or_discard(self, tmp: Path, digest: str, *, sync: bool = True) -> None:
+        """``link_in`` for a temp file the store step owns: if the link fails, the temp file goes too."""
+        try:
+            self.link_in(tmp, digest, sync=sync)
+        except BaseException:
+            self.discard(tmp)
+            raise
+
     def ensure_present(self, tmp: Path, digest: str) -> bool:
         """Store step 3: True if the blob had to be linked again because a delete moved it away."""
         if self.blob_path(digest).exists():
