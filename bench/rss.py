@@ -28,6 +28,14 @@ def process_rss(pid: int) -> dict[int, tuple[int, int]]:
     return {p: (status_kib(p, "VmRSS"), status_kib(p, "VmHWM")) for p in [pid, *map(int, children)]}
 
 
+def _role(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    return "placeholder filler" if b"casimg.filler" in command else "server"
+
+
 def main() -> None:
     from casimg.config import usable_cores
 
@@ -64,7 +72,7 @@ def main() -> None:
     print("| process | RSS at start MiB | RSS after MiB | peak MiB |")
     print("|---|---|---|---|")
     for pid, (rss, peak) in after.items():
-        role = "parent" if pid == server.proc.pid and len(after) > 1 else "server"
+        role = "parent" if pid == server.proc.pid and len(after) > 1 else _role(pid)
         print(f"| {role} {pid} | {before.get(pid, (0, 0))[0] / 1024:.0f} | {rss / 1024:.0f} | {peak / 1024:.0f} |")
 
 
