@@ -13,10 +13,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -42,6 +43,7 @@ from casimg.webhooks import Deliverer
 from casimg.worker import Worker
 
 log = logging.getLogger("casimg")
+STOP_PART_TIMEOUT = 15.0  # seconds each part of a stop may take beyond its own grace
 
 REDIS_CONNECT_TIMEOUT = 2.0  # a Redis that is down must turn into a quick 503, not a hung request
 REDIS_SOCKET_TIMEOUT = 10.0
@@ -73,13 +75,35 @@ class Services:
         return self.stores.active
 
     async def close(self) -> None:
+        """Each part stops in a bounded time: a part that does not (a cancellation swallowed inside a
+        Redis command, a future nothing will resolve) is logged with where it waits and left behind, so a
+        stop never hangs."""
         if self.worker is not None:
-            await self.worker.stop(self.settings.shutdown_grace)
+            await _bounded("the worker", self.worker.stop(self.settings.shutdown_grace),
+                           self.settings.shutdown_grace + STOP_PART_TIMEOUT)
         if self.fetcher is not None:
-            await self.fetcher.close()
-        await asyncio.to_thread(self.variants.close)  # waits for the render workers to be reaped
-        await self.stores.close()
-        await self.redis.aclose()
+            await _bounded("the downloads' HTTP client", self.fetcher.close())
+        await _bounded("the render pool", asyncio.to_thread(self.variants.close))  # its workers reaped
+        await _bounded("the blob stores", self.stores.close())
+        await _bounded("the Redis client", self.redis.aclose())
+
+
+async def _bounded(part: str, step: Awaitable[Any], seconds: float = STOP_PART_TIMEOUT) -> None:
+    task = asyncio.ensure_future(step)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()
+        return
+    log.warning("stopping: %s did not stop within %.0f s; going on without it, where it waits: %s",
+                part, seconds, "".join(_where(task)) or "unknown")
+    task.cancel()  # not awaited: a part that swallows its cancellation must not hold the stop
+
+
+def _where(task: asyncio.Future[Any]) -> list[str]:
+    if not isinstance(task, asyncio.Task):
+        return []
+    frames = task.get_stack()
+    return [f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}; " for frame in frames]
 
 
 def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
