@@ -58,16 +58,18 @@ async def fetch_and_keep(urls: list[str], out_dir: Path, keep: Callable[[Path, b
     a thread; with a `flusher` (blobs.FlushGroup), wait for its flush after that, as a blob does.
 
     Bodies being kept are bounded as casimg's worker bounds its stores (STORE_DEPTH places per download
-    slot, taken before the slot is given back), so a reference holds no more in memory, and batches no
-    more into one flush, than casimg may.
+    slot for a body until it is written, taken before the slot is given back; then FINISH_DEPTH places
+    per slot for the flush, taken before the body's place is given back), so a reference holds no more
+    in memory, and batches no more into one flush, than casimg may.
     """
-    from casimg.worker import STORE_DEPTH
+    from casimg.worker import FINISH_DEPTH, STORE_DEPTH
 
     connector = aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST)
     loop = asyncio.get_running_loop()
     total = 0
     slots = asyncio.Semaphore(CONCURRENCY)
     storing = asyncio.Semaphore(STORE_DEPTH * CONCURRENCY)
+    finishing = asyncio.Semaphore(FINISH_DEPTH * CONCURRENCY)
 
     async def one(session: aiohttp.ClientSession, number: int, url: str) -> None:
         nonlocal total
@@ -79,10 +81,15 @@ async def fetch_and_keep(urls: list[str], out_dir: Path, keep: Callable[[Path, b
         try:
             total += len(data)
             await loop.run_in_executor(None, keep, out_dir / f"{number}.bin", data)
+            del data
+            await finishing.acquire()
+        finally:
+            storing.release()
+        try:
             if flusher is not None:
                 await flusher.flush()
         finally:
-            storing.release()
+            finishing.release()
 
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -237,9 +237,13 @@ class CachingResolver(AbstractResolver):
         await self.inner.close()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Downloaded:
-    """A complete body: its bytes in `data`, or, when it was too large to hold, a temp file at `path`."""
+    """A complete body: its bytes in `data`, or, when it was too large to hold, a temp file at `path`.
+
+    The worker sets `data` to None once the bytes are in a temp file of the store, so that they leave
+    memory while the store goes on (worker.py, the store steps).
+    """
 
     size: int
     data: bytes | None = None

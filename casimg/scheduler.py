@@ -49,12 +49,18 @@ class FairSlots:
     """`total` download slots; each owner (an API key id, "" for none) takes and gives back its own.
 
     ``held`` counts the slots each owner holds, ``waiting`` its entries read but waiting for a slot (a
-    retry, or an entry claimed from a dead worker). An owner with neither is a newcomer.
+    retry, an entry claimed from a dead worker, or one read ahead). An owner with neither is a newcomer.
+
+    ``ahead`` entries may be read beyond the free slots, to wait for one: a queue read takes as long as
+    a download from a fast origin, so a reader that asked only for the slots free when it began left
+    most of them idle. An entry read ahead counts against its key like one holding a slot, and takes a
+    slot only as the rules allow, so the reserve stays for newcomers.
     """
 
-    def __init__(self, total: int, reserve: int | None = None) -> None:
+    def __init__(self, total: int, reserve: int | None = None, ahead: int = 0) -> None:
         self.total = total
         self.reserve = total // RESERVE_DIVISOR if reserve is None else reserve
+        self.ahead = ahead
         self.held: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()
         self._in_use = 0
@@ -64,6 +70,11 @@ class FairSlots:
     @property
     def free(self) -> int:
         return self.total - self._in_use
+
+    @property
+    def readable(self) -> int:
+        """Entries the reader may read now: the free slots and the read-ahead, less the entries waiting."""
+        return self.free + self.ahead - sum(self.waiting.values())
 
     def load(self, owner: str) -> int:
         """Slots `owner` holds plus its entries waiting for one: 0 for a newcomer."""
@@ -125,9 +136,10 @@ class FairSlots:
         """How many entries to read now from each owner's queue.
 
         Each newcomer is asked for one entry, which the reserve is there to start. The free slots past
-        the reserve (and past the entries already waiting) go one by one to the other owners, to the one
-        holding fewest, ties in turn. Newcomers' entries are asked for on top: most of their queues are
-        empty, and counting them against the others would leave a busy key unread behind many idle ones.
+        the reserve, plus the read-ahead, less the entries already waiting, go one by one to the other
+        owners, to the one holding fewest, ties in turn. Newcomers' entries are asked for on top: most of
+        their queues are empty, and counting them against the others would leave a busy key unread behind
+        many idle ones.
         """
         if not owners:
             return {}
@@ -136,7 +148,7 @@ class FairSlots:
         load = {owner: self.load(owner) for owner in order}
         wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
         busy = [owner for owner in order if load[owner] > 0]
-        spare = self.free - sum(self.waiting.values()) - self.reserve
+        spare = self.readable - self.reserve
         while busy and spare > 0:
             owner = min(busy, key=load.__getitem__)  # the first of the fewest, in this turn's order
             wanted[owner] += 1

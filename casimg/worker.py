@@ -10,12 +10,16 @@ downloads of the next ones instead of holding their connection slot:
 1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in, but
    not while the URL waits to be retried. Slots are shared between API keys by scheduler.FairSlots: the
    worker reads from each key's stream only what that key may take, so one key's backlog or slow URLs
-   cannot keep another key's first URL waiting for more than about a queue read;
+   cannot keep another key's first URL waiting for more than about a queue read. It reads up to
+   ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
+   read takes about as long as a download from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
-   linked in (one trip to a thread), made durable together (one ``FlushGroup`` flush for all of them),
-   indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread for
-   them). A download takes its store place before it gives its slot back, so when storing falls behind,
-   downloading waits, and the bytes held in memory stay bounded.
+   linked in (the bodies of a loop turn in one trip to one of ``STAGE_THREADS`` threads); then, holding
+   no bytes in memory, up to ``FINISH_DEPTH`` x ``download_concurrency`` of them are made durable
+   together (one ``FlushGroup`` flush for all of them), indexed (one Redis pipeline for the stores of a
+   loop turn) and settled (one trip to a thread for them). Each step takes its place before it gives
+   the last one back, so when storing falls behind, downloading waits, and the bytes held in memory
+   stay bounded.
 """
 
 from __future__ import annotations
@@ -76,6 +80,21 @@ MAX_DELIVERIES = 5
 # Redis step, several times a download's own time on a fast origin: with one place per slot, the stores
 # in progress would cap the ingest at a few hundred images a second.
 STORE_DEPTH = 2
+# Stores past their bytes (the temp file is written) being made durable, indexed and settled, per
+# download slot. They hold no body, only a task and a temp file, so more of them may wait for the flush
+# and the Redis step; while they held a body's place, those waits (tens of ms, under load) kept the
+# places full and the downloads waiting for them (BENCHMARKS.md, "Figures behind design choices").
+FINISH_DEPTH = 4
+# Queue entries read beyond the free download slots, per slot, to wait for one. A queue read and the
+# batch lookup that follows take 10-20 ms on a loaded loop, as long as a download from a fast origin:
+# a reader that asked only for the slots free when it began kept two thirds of them idle (21 of 64 in
+# use, measured). They are pending under this worker's name, as any entry it reads.
+READ_AHEAD = 1
+# Threads that validate, hash, write and link the bodies in, each taking its share of a loop turn's
+# bodies in one trip. Per body, a trip to the 32-thread blocking pool handed the GIL back and forth
+# with the event loop dozens of times per image: the loop then answered its timers 8 ms late on average
+# instead of about 1 ms (BENCHMARKS.md).
+STAGE_THREADS = 2
 # A URL's attempts together may download for this many times the fetch timeout. One timeout is often a
 # passing stall (a server restarting, a lost connection), so it is worth one more try, but a second full
 # timeout would hold a slot twice as long as the operator set: a URL that timed out once is tried again
@@ -160,13 +179,15 @@ class Worker:
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
         self._settler = ThreadBatcher(self._settle_thread)
+        self._stage_threads = ThreadPoolExecutor(max_workers=STAGE_THREADS, thread_name_prefix="casimg-stage")
+        self._stager = ThreadBatcher(self._stage_threads, parts=STAGE_THREADS)
         self._allowed_formats = frozenset(f.upper() for f in settings.allowed_formats)
         self._validated: dict[str, ImageInfo] = {}  # digest -> its bytes' validation (_remember_valid)
         self.name = consumer_name()
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
-        self._slots = FairSlots(settings.download_concurrency)
+        self._slots = FairSlots(settings.download_concurrency, ahead=READ_AHEAD * settings.download_concurrency)
         self.pace = pace
         self.webhooks = webhooks
         self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
@@ -174,6 +195,7 @@ class Worker:
         self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
         self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
         self._storing = asyncio.Semaphore(STORE_DEPTH * settings.download_concurrency)
+        self._finishing = asyncio.Semaphore(FINISH_DEPTH * settings.download_concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -215,8 +237,9 @@ class Worker:
             await self.queue.retire(self.name)
         for flusher in self._flushers.values():
             flusher.close()
-        # A task cancelled above may have handed its settle to the thread already: let it finish (a few
-        # system calls each). `serve --processes` children end with os._exit, which joins no thread.
+        # A task cancelled above may have handed its stage or settle to a thread already: let it finish (a
+        # few system calls each). `serve --processes` children end with os._exit, which joins no thread.
+        await asyncio.to_thread(self._stage_threads.shutdown, wait=True)
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
 
     @property
@@ -253,7 +276,7 @@ class Worker:
         next_claim = 0.0
         while not self._stopping.is_set():
             try:
-                if self._slots.free == 0:
+                if self._slots.readable <= 0:
                     await self._slots.changed(READ_BLOCK_MS / 1000)
                     continue
                 entries: list[Entry] = []
@@ -439,13 +462,17 @@ class Worker:
                 continue
             break
         self.on_bytes("downloaded", downloaded.size)
-        async with self._storing:
+        places = _Places(self._storing, self._finishing)
+        try:
+            await places.body.take()
             slot.give_back()
             try:
-                outcome = await self._store(entry, downloaded, attempt)
+                outcome = await self._store(entry, downloaded, attempt, places)
             except DownloadFailed as failure:  # not an image, or the disk refused it: no retry helps
                 await self._fail(entry, failure.reason, attempt)
                 return
+        finally:
+            places.give_back()
         _log_outcome(outcome, entry.url, attempt)
 
     async def _wait_for_origin(self, url: str, slot: _Slot) -> None:
@@ -509,26 +536,34 @@ class Worker:
             self._flushers[blobs.root] = FlushGroup(blobs.root)
         return self._flushers[blobs.root]
 
-    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int) -> Outcome:
+    async def _store(self, entry: Entry, downloaded: Downloaded, attempt: int, places: _Places) -> Outcome:
         try:
             with self._store_pair() as (blobs, target):
-                return await self._store_unguarded(entry, downloaded, attempt, blobs, target)
+                return await self._store_unguarded(entry, downloaded, attempt, places, blobs, target)
         except OSError as exc:
             # The data directory is unwritable or full: the URL fails, the service stays up.
             raise DownloadFailed(f"storage error: {exc.strerror or exc}", permanent=True) from None
         except StorageUnavailable as exc:  # the object store refused or did not answer, after its retries
             raise DownloadFailed(f"storage error: {exc}", permanent=True) from None
 
-    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int,
+    async def _store_unguarded(self, entry: Entry, downloaded: Downloaded, attempt: int, places: _Places,
                                blobs: Storage, target: Storage | None) -> Outcome:
         try:
             with tracing.leaf("casimg.validate"):
-                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(
-                    None, self._stage, downloaded, blobs)
+                tmp, digest, info = await self._stager.call(self._stage, downloaded, blobs)
         except BaseException:
             downloaded.discard()
             raise
         self._remember_valid(digest, info)
+        # The bytes are in the temp file now: the body leaves memory, and its place goes to the next
+        # download once this store has one among those finishing.
+        downloaded.data = None
+        try:
+            await places.finish.take()
+        except BaseException:
+            blobs.discard(tmp)  # a cancelled store: the linked blob, unindexed, is an orphan for the sweep
+            raise
+        places.body.give_back()
         with tracing.span("casimg.store"):
             flusher = self._flusher_for(blobs)
             try:
@@ -563,12 +598,13 @@ class Worker:
         self._validated[digest] = info
 
     def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
-        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
+        """In a stage thread: validate the body, write it to a temp file, link it in (the file driver's
         store step 1; an object store's commit follows in store_blob). Its placeholder is made later, by
         a filler (filler.py).
 
-        One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
-        GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
+        All of it in one call, and the calls of a loop turn in one trip per stage thread: each trip costs
+        a hand-off of the GIL both ways, and the GIL traffic of 64 downloads weighed on the ingest's CPU
+        when each step had its own (BENCHMARKS.md).
         """
         if downloaded.data is not None:
             # Hashed first: bytes this process validated already (a repeat) are not validated again.
@@ -592,6 +628,36 @@ class Worker:
 
 class _Stopped(Exception):
     """The worker stopped while an entry waited for its origin: the entry stays pending."""
+
+
+class _Place:
+    """A place in one of the worker's bounded store steps, held by an entry's task; given back once."""
+
+    def __init__(self, bound: asyncio.Semaphore) -> None:
+        self._bound = bound
+        self._held = False
+
+    async def take(self) -> None:
+        await self._bound.acquire()
+        self._held = True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._bound.release()
+
+
+class _Places:
+    """An entry's places in the store steps: its body's (until the bytes are in a temp file), then its
+    place among the stores finishing (the flush, the index step, the settle)."""
+
+    def __init__(self, storing: asyncio.Semaphore, finishing: asyncio.Semaphore) -> None:
+        self.body = _Place(storing)
+        self.finish = _Place(finishing)
+
+    def give_back(self) -> None:
+        self.body.give_back()
+        self.finish.give_back()
 
 
 class _Slot:

@@ -59,6 +59,21 @@ def test_a_busy_key_is_read_however_many_idle_keys_there_are():
     assert wanted["busy"] == 63 - 8 and all(wanted[name] == 1 for name in idle)
 
 
+def test_entries_read_ahead_wait_for_slots_and_leave_the_reserve_to_newcomers():
+    slots = FairSlots(8, reserve=2, ahead=8)
+    assert slots.try_take("a")
+    assert slots.readable == 15
+    assert slots.plan(["a"]) == {"a": 15 - 2}  # every free slot but the reserve, and eight more to wait
+    for _ in range(5):
+        assert slots.try_take("a")
+    for _ in range(8):
+        slots.queue_up("a")  # read ahead: they wait for a slot
+    assert slots.readable == 2 and slots.free == 2
+    assert slots.plan(["a"]) == {}  # no more for "a": what is left is the reserve
+    assert not slots.may_take("a")  # nor may its waiting entries take the reserve
+    assert slots.plan(["a", "new"]) == {"new": 1} and slots.try_take("new")
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 FLOOD_PORTS = 8  # the flood's URLs are spread over 8 ports of one address, as the attack was
@@ -148,7 +163,7 @@ def test_a_slow_origin_flood_from_one_key_does_not_delay_another_keys_url(
     flooding = sum(o.hits[p] for o in flood_origins for p in o.hits if p.startswith("/trickle/"))
     print(f"\nthe other key's URL finished in {delay:.2f} s under a flood of {FLOOD_URLS} trickling URLs "
           f"({flooding} of them started)")
-    assert job["status"] == "done" and job["stored"] == 1, job
+    assert job["status"] == "done" and job["stored"] == 1, json.dumps(job)
     assert delay < FAIR_BOUND
 
 

@@ -288,3 +288,25 @@ def test_write_temp_takes_a_digest_the_caller_computed(blobs):
     data = b"some bytes"
     path, digest = blobs.write_temp(data, hashlib.sha256(data).hexdigest())
     assert path.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
+
+
+def test_temp_names_differ_in_a_process_and_in_a_forked_child(blobs):
+    from casimg.storage.driver import open_temp, temp_name
+
+    mine = {temp_name() for _ in range(1000)}
+    assert len(mine) == 1000 and all(name.startswith("dl-") and name.endswith(".part") for name in mine)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child's names, drawn after the fork
+        os.close(read)
+        os.write(write, "\n".join(temp_name() for _ in range(100)).encode())
+        os._exit(0)
+    os.close(write)
+    after = {temp_name() for _ in range(100)}  # the parent's, after the fork: the same count, another token
+    with os.fdopen(read) as pipe:
+        theirs = set(pipe.read().split("\n"))
+    os.waitpid(child, 0)
+    assert len(theirs) == 100 and not theirs & (mine | after)
+    fd, path = open_temp(blobs.tmp_dir)
+    os.close(fd)
+    assert path.name not in mine | after | theirs and path.parent == blobs.tmp_dir

@@ -14,7 +14,7 @@ from casimg.fetcher import Fetcher
 from casimg.queue import Limits
 from casimg.services import open_services
 from casimg.storage import file as blobs_module
-from casimg.worker import STORE_DEPTH, Worker
+from casimg.worker import FINISH_DEPTH, READ_AHEAD, STORE_DEPTH, Worker
 from tests.conftest import make_settings
 from tests.procs import Processes, settle, submit
 
@@ -165,10 +165,13 @@ async def test_a_worker_stopped_right_after_it_starts_stops(settings):
 async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_storing_falls_behind(
     tmp_path, redis_server, origin, monkeypatch
 ):
-    """A download gives its slot back once its body is in; the bodies waiting to be stored stay bounded.
+    """A download gives its slot back once its body is in, and a body its place once its bytes are in a
+    temp file; what waits to be stored stays bounded.
 
-    With the disk flush held, stores cannot finish: 2 slots x STORE_DEPTH bodies are being stored and
-    2 more wait for a place, holding their slots, so 2 + 4 downloads happen and then no more.
+    With the disk flush held, stores cannot finish: 2 slots x FINISH_DEPTH stores wait for the flush
+    holding no body, 2 x STORE_DEPTH bodies wait for one of their places, and 2 more bodies wait for a
+    body's place, holding their slots. So 2 + 4 + 8 downloads happen and then no more, while 2 x
+    READ_AHEAD entries read ahead wait for a slot.
     """
     release = threading.Event()
     real = blobs_module.sync_filesystem
@@ -176,12 +179,12 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
     settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, per_host_concurrency=2)
     services = await open_services(settings, settings.redis_url, with_worker=True)
     assert services.worker is not None
-    paths = [f"/img/{912_000 + n}.jpg" for n in range(10)]
+    paths = [f"/img/{912_000 + n}.jpg" for n in range(24)]
     before = sum(origin.hits[path] for path in paths)  # the origin is shared by the whole session
     try:
         services.worker.start()
         job_id, _ = await services.queue.submit([origin.url(path) for path in paths])
-        expected = 2 + STORE_DEPTH * 2
+        expected = 2 + STORE_DEPTH * 2 + FINISH_DEPTH * 2
 
         def fetched() -> int:
             return sum(origin.hits[path] for path in paths) - before
@@ -189,14 +192,17 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
         worker = services.worker
 
         def saturated() -> bool:
-            """Every store place taken and both slots held by bodies waiting for one: no download can start."""
-            return worker._storing.locked() and worker._slots.free == 0 and worker.busy == expected
+            """Every place of both store steps taken, both slots held by bodies waiting for a place, and
+            the entries read ahead waiting for a slot: no download can start."""
+            return (worker._finishing.locked() and worker._storing.locked() and worker._slots.free == 0
+                    and worker.busy == expected + READ_AHEAD * 2)
 
         for _ in range(400):
             if fetched() >= expected and saturated():
                 break
             await asyncio.sleep(0.05)
         assert saturated(), (worker.busy, worker._slots.free)
+        await asyncio.sleep(0.3)  # nothing more comes
         assert fetched() == expected
         release.set()
         for _ in range(200):

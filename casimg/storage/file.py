@@ -51,13 +51,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from casimg.storage.driver import (
-    TEMP_PREFIX,
-    TEMP_SUFFIX,
     BlobNotFound,
     Leftover,
     Staging,
     StorageUnavailable,
     is_digest,
+    temp_name,
 )
 
 READ_ONLY = 0o444
@@ -101,7 +100,7 @@ class FileStore(Staging):
         makes no new file, so the flush that follows has none of its bytes to write; the temp name
         plays its part in the rest of the store, as ``write_temp``'s does (``ensure_present`` links
         the blob again from it if a delete took the blob away meanwhile)."""
-        path = self.tmp_dir / f"{TEMP_PREFIX}{secrets.token_hex(8)}{TEMP_SUFFIX}"
+        path = self.tmp_dir / temp_name()
         try:
             os.link(f"{self._root_text}/{self.relative_name(digest)}", path)
         except FileNotFoundError:
