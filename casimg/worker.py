@@ -196,6 +196,8 @@ class Worker:
         self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
         self._storing = asyncio.Semaphore(STORE_DEPTH * settings.download_concurrency)
         self._finishing = asyncio.Semaphore(FINISH_DEPTH * settings.download_concurrency)
+        self._cancel_asks: dict[str, asyncio.Future[bool]] = {}  # job id -> its question of this turn (_is_cancelled)
+        self._questions: set[asyncio.Task[bool]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -415,11 +417,13 @@ class Worker:
                 await asyncio.sleep(REDIS_RETRY)
 
     async def _attempt_all(self, entry: Entry, known: Known, slot: _Slot) -> None:
-        await slot.take()  # if none was free at the read, or a Redis outage sent a download back to the start
+        # If none was free at the read (an entry read ahead), or a Redis outage sent a download back to the
+        # start. The read's lookup said whether the job was cancelled then; one that waited asks again.
+        waited = await slot.take()
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
-        if known is CANCELLED:
+        if known is CANCELLED or (waited and await self._is_cancelled(entry.job_id)):
             await self._drop_cancelled(entry)
             return
         if known is UNCHECKED:
@@ -474,6 +478,32 @@ class Worker:
         finally:
             places.give_back()
         _log_outcome(outcome, entry.url, attempt)
+
+    async def _is_cancelled(self, job_id: str) -> bool:
+        """Whether `job_id` is cancelled now. The entries that ask during one turn of the loop share one
+        question per job, sent after the turn: a cancel that returned before an entry asked is seen."""
+        asked = self._cancel_asks.get(job_id)
+        if asked is None:
+            loop = asyncio.get_running_loop()
+            asked = self._cancel_asks[job_id] = loop.create_future()
+            loop.call_soon(self._ask_cancelled, job_id, asked)
+        return await asyncio.shield(asked)
+
+    def _ask_cancelled(self, job_id: str, asked: asyncio.Future[bool]) -> None:
+        del self._cancel_asks[job_id]  # whoever asks from now on gets a question of its own
+        question = asyncio.ensure_future(self.queue.is_cancelled(job_id))
+        self._questions.add(question)  # the loop keeps only weak references to tasks
+
+        def answer(done: asyncio.Future[bool]) -> None:
+            self._questions.discard(question)
+            if done.cancelled():
+                asked.cancel()
+            elif done.exception() is not None:
+                asked.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                asked.set_result(done.result())
+
+        question.add_done_callback(answer)
 
     async def _wait_for_origin(self, url: str, slot: _Slot) -> None:
         """Return once `url`'s origin may be asked (its rate and cool-down, politeness.OriginPace).
@@ -677,13 +707,16 @@ class _Slot:
             self._slots.queue_up(self._owner)
             self._queued = True
 
-    async def take(self) -> None:
+    async def take(self) -> bool:
+        """Hold a slot; True if this had to wait for one."""
+        waited = False
         if not self._held:
             self.try_take()
             if not self._held:
                 await self._slots.take(self._owner)
-                self._held = True
+                self._held = waited = True
         self._unqueue()
+        return waited
 
     def give_back(self) -> None:
         self._unqueue()
