@@ -122,26 +122,18 @@ class ThreadBatcher(_TurnBatcher):
     stores of a loop turn (the gain: BENCHMARKS.md, "Figures behind design choices").
 
     Like ``ScriptBatcher``, one call's exception is that caller's alone. The calls run in order, so a
-    long one delays the rest of its batch: this is for calls of a few system calls each, or of a few
-    hundred microseconds. With `parts` > 1, a turn's calls are split into that many trips, for as many
-    threads of `executor` to run side by side.
+    long one delays the rest of its batch: this is for calls of a few system calls each.
     """
 
-    def __init__(self, executor: Executor | None = None, parts: int = 1) -> None:
+    def __init__(self, executor: Executor | None = None) -> None:
         super().__init__()
         self.executor = executor  # None: the loop's default executor
-        self.parts = parts
 
     async def call(self, func: Callable[..., Any], *args: Any) -> Any:
         """What ``func(*args)`` returns, run in a thread with the other calls of this loop turn."""
         return await self._join(func, args)
 
     def _send(self, batch: list[Blocking]) -> None:
-        parts = min(self.parts, len(batch))
-        for number in range(parts):
-            self._send_trip(batch[number::parts])
-
-    def _send_trip(self, batch: list[Blocking]) -> None:
         try:
             running = asyncio.get_running_loop().run_in_executor(self.executor, _run_each, batch)
         except RuntimeError as exc:  # the executor is shut down: nothing of the batch ran

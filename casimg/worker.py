@@ -14,12 +14,11 @@ downloads of the next ones instead of holding their connection slot:
    ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
    read takes about as long as a download from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
-   linked in (the bodies of a loop turn in one trip to one of ``STAGE_THREADS`` threads); then, holding
-   no bytes in memory, up to ``FINISH_DEPTH`` x ``download_concurrency`` of them are made durable
-   together (one ``FlushGroup`` flush for all of them), indexed (one Redis pipeline for the stores of a
-   loop turn) and settled (one trip to a thread for them). Each step takes its place before it gives
-   the last one back, so when storing falls behind, downloading waits, and the bytes held in memory
-   stay bounded.
+   linked in (one trip to a thread each); then, holding no bytes in memory, up to ``FINISH_DEPTH`` x
+   ``download_concurrency`` of them are made durable together (one ``FlushGroup`` flush for all of
+   them), indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread
+   for them). Each step takes its place before it gives the last one back, so when storing falls
+   behind, downloading waits, and the bytes held in memory stay bounded.
 """
 
 from __future__ import annotations
@@ -90,11 +89,6 @@ FINISH_DEPTH = 4
 # a reader that asked only for the slots free when it began kept two thirds of them idle (21 of 64 in
 # use, measured). They are pending under this worker's name, as any entry it reads.
 READ_AHEAD = 1
-# Threads that validate, hash, write and link the bodies in, each taking its share of a loop turn's
-# bodies in one trip. Per body, a trip to the 32-thread blocking pool handed the GIL back and forth
-# with the event loop dozens of times per image: the loop then answered its timers 8 ms late on average
-# instead of about 1 ms (BENCHMARKS.md).
-STAGE_THREADS = 2
 # A URL's attempts together may download for this many times the fetch timeout. One timeout is often a
 # passing stall (a server restarting, a lost connection), so it is worth one more try, but a second full
 # timeout would hold a slot twice as long as the operator set: a URL that timed out once is tried again
@@ -179,8 +173,6 @@ class Worker:
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
         self._settler = ThreadBatcher(self._settle_thread)
-        self._stage_threads = ThreadPoolExecutor(max_workers=STAGE_THREADS, thread_name_prefix="casimg-stage")
-        self._stager = ThreadBatcher(self._stage_threads, parts=STAGE_THREADS)
         self._allowed_formats = frozenset(f.upper() for f in settings.allowed_formats)
         self._validated: dict[str, ImageInfo] = {}  # digest -> its bytes' validation (_remember_valid)
         self.name = consumer_name()
@@ -239,9 +231,8 @@ class Worker:
             await self.queue.retire(self.name)
         for flusher in self._flushers.values():
             flusher.close()
-        # A task cancelled above may have handed its stage or settle to a thread already: let it finish (a
-        # few system calls each). `serve --processes` children end with os._exit, which joins no thread.
-        await asyncio.to_thread(self._stage_threads.shutdown, wait=True)
+        # A task cancelled above may have handed its settle to the thread already: let it finish (a few
+        # system calls each). `serve --processes` children end with os._exit, which joins no thread.
         await asyncio.to_thread(self._settle_thread.shutdown, wait=True)
 
     @property
@@ -580,7 +571,8 @@ class Worker:
                                blobs: Storage, target: Storage | None) -> Outcome:
         try:
             with tracing.leaf("casimg.validate"):
-                tmp, digest, info = await self._stager.call(self._stage, downloaded, blobs)
+                tmp, digest, info = await asyncio.get_running_loop().run_in_executor(
+                    None, self._stage, downloaded, blobs)
         except BaseException:
             downloaded.discard()
             raise
@@ -628,13 +620,14 @@ class Worker:
         self._validated[digest] = info
 
     def _stage(self, downloaded: Downloaded, blobs: Storage) -> tuple[Path, str, ImageInfo]:
-        """In a stage thread: validate the body, write it to a temp file, link it in (the file driver's
+        """In a worker thread: validate the body, write it to a temp file, link it in (the file driver's
         store step 1; an object store's commit follows in store_blob). Its placeholder is made later, by
         a filler (filler.py).
 
-        All of it in one call, and the calls of a loop turn in one trip per stage thread: each trip costs
-        a hand-off of the GIL both ways, and the GIL traffic of 64 downloads weighed on the ingest's CPU
-        when each step had its own (BENCHMARKS.md).
+        One trip to a thread per download: each trip costs a hand-off of the GIL both ways, and the
+        GIL traffic of 64 downloads weighed on the ingest's CPU when each step had its own (BENCHMARKS.md).
+        A loop turn's bodies in one trip to each of two threads instead cut the loop's lag, but halved
+        the ingest when the filesystem was slow to create files: two threads then could not keep up.
         """
         if downloaded.data is not None:
             # Hashed first: bytes this process validated already (a repeat) are not validated again.

@@ -122,23 +122,6 @@ async def test_blocking_calls_of_one_loop_turn_share_one_trip_to_a_thread_and_ru
 
 
 @pytest.mark.gen_test
-async def test_a_turn_split_in_parts_runs_in_that_many_trips_each_in_order(pool):
-    batcher = ThreadBatcher(pool, parts=2)
-    ran: list[int] = []
-
-    def step(number: int) -> int:
-        ran.append(number)
-        return number * 10
-
-    results = await asyncio.gather(*(batcher.call(step, n) for n in range(7)))
-    assert results == [n * 10 for n in range(7)]
-    assert sorted(ran) == list(range(7)) and pool.trips == 2
-    evens, odds = [n for n in ran if n % 2 == 0], [n for n in ran if n % 2]
-    assert evens == [0, 2, 4, 6] and odds == [1, 3, 5]  # each trip's calls in their order
-    assert await batcher.call(step, 9) == 90 and pool.trips == 3  # one call: one trip, not two
-
-
-@pytest.mark.gen_test
 async def test_one_blocking_call_failing_fails_only_its_caller(pool):
     batcher = ThreadBatcher(pool)
 
