@@ -33,7 +33,7 @@ from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
 from casimg.storage.file import FileStore
 from tests.origin import Origin
-from tests.procs import S3Endpoint
+from tests.procs import Processes, S3Endpoint
 
 _prefixes = itertools.count()
 
@@ -77,6 +77,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint]:
     endpoint = S3Endpoint(tmp_path_factory.mktemp("s3"))
     yield endpoint
     endpoint.stop()
+
+
+@pytest.fixture
+def procs() -> Iterator[Processes]:
+    """casimg processes a test starts (tests/procs.py), stopped at its end whatever happened."""
+    tracked = Processes()
+    yield tracked
+    tracked.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import pytest
 
 from bench.memory import index_memory
 from tests.conftest import RedisProcess
-from tests.procs import Processes, Server, assert_fsck_clean, casimg, expected_bytes, image_urls, job, settle, submit
+from tests.procs import Server, assert_fsck_clean, casimg, expected_bytes, image_urls, job, settle, submit
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,6 @@ KILL_AFTER = 250  # URLs finished when one worker is killed: well inside the imp
 FAILING = 10  # URLs the origin answers 404 for: they must fail with a reason, not vanish
 READERS = 4  # threads reading stored images from both servers throughout
 ENV = {"CASIMG_PER_HOST_CONCURRENCY": "16", "CASIMG_RATE_LIMIT": "0", "CASIMG_WORKER_HEARTBEAT": "2"}
-
-
-@pytest.fixture
-def procs() -> Any:
-    tracked = Processes()
-    yield tracked
-    tracked.cleanup()
 
 
 @pytest.fixture

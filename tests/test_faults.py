@@ -63,13 +63,6 @@ ENV = {"CASIMG_PER_HOST_CONCURRENCY": "8", "CASIMG_RATE_LIMIT": "0"}
 
 
 @pytest.fixture
-def procs() -> Any:
-    tracked = Processes()
-    yield tracked
-    tracked.cleanup()
-
-
-@pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 

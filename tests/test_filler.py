@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -24,20 +23,13 @@ import redis
 
 from casimg.placeholder import placeholder
 from tests.origin import image_bytes
-from tests.procs import Processes, Server, casimg, embedded_client, forked_children
+from tests.procs import Server, casimg, embedded_client, forked_children
 
 pytestmark = pytest.mark.slow
 
 TODO = "casimg:placeholder-todo"
 WAIT = 60.0  # seconds placeholders may take on a loaded 2-core machine
 BIG = "w=2500&h=2500"  # a PNG whose placeholder takes a good part of a second: a batch of them, several
-
-
-@pytest.fixture
-def procs() -> Any:
-    tracked = Processes()
-    yield tracked
-    tracked.cleanup()
 
 
 def filler_pid(server: Server, other_than: int | None = None) -> int:

@@ -26,7 +26,7 @@ from casimg.keys import Scope
 from casimg.metrics import host_id, reason_label, shared_root
 from tests.conftest import make_settings
 from tests.origin import image_bytes
-from tests.procs import ROOT, Processes, Server, free_port, image_urls
+from tests.procs import ROOT, Server, free_port, image_urls
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -260,13 +260,6 @@ def test_a_worker_process_serves_its_download_counters_on_the_metrics_port(tmp_p
     finally:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(15) == 0
-
-
-@pytest.fixture
-def procs():
-    tracked = Processes()
-    yield tracked
-    tracked.cleanup()
 
 
 def scrape_until(server: Server, expected: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> Samples:

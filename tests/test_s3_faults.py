@@ -1,4 +1,4 @@
-"""The s3 driver under bad input and faults, with real processes: a bucket that refuses our credentials
+"""The s3 driver under bad input and faults, with real procs: a bucket that refuses our credentials
 (moto with its authentication on), an endpoint that is down at start or goes away while casimg runs,
 uploads the store refuses, and a throttled endpoint (a loopback proxy answering 503 SlowDown)."""
 
@@ -23,13 +23,6 @@ from tests.procs import (
 )
 
 pytestmark = pytest.mark.slow  # each starts servers, some wait for retries to give up
-
-
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    started.cleanup()
 
 
 @pytest.fixture
@@ -63,8 +56,8 @@ def test_an_endpoint_down_at_start_stops_the_start(s3, tmp_path):
 
 
 def test_readyz_and_reads_answer_503_while_the_endpoint_is_away_and_recover_with_it(
-        own_s3: S3Endpoint, processes: Processes, origin: Any, tmp_path: Any) -> None:
-    server = processes.server(tmp_path / "data", env=own_s3.env(own_s3.prefix()))
+        own_s3: S3Endpoint, procs: Processes, origin: Any, tmp_path: Any) -> None:
+    server = procs.server(tmp_path / "data", env=own_s3.env(own_s3.prefix()))
     assert server.call("GET", "/readyz")[0] == 200
     url = image_urls(origin, 1, start=80)
     assert settle(server, submit(server, url))["stored"] == 1
@@ -81,11 +74,11 @@ def test_readyz_and_reads_answer_503_while_the_endpoint_is_away_and_recover_with
 
 
 def test_refused_uploads_fail_their_url_and_leave_no_object_and_slowdown_is_retried(
-        s3: Any, processes: Processes, origin: Any, tmp_path: Any) -> None:
+        s3: Any, procs: Processes, origin: Any, tmp_path: Any) -> None:
     proxy = S3Proxy(s3.endpoint)
     try:
         prefix = s3.prefix()
-        server = processes.server(tmp_path / "data", env={**s3.env(prefix), "CASIMG_S3_ENDPOINT": proxy.endpoint})
+        server = procs.server(tmp_path / "data", env={**s3.env(prefix), "CASIMG_S3_ENDPOINT": proxy.endpoint})
         proxy.refuse_uploads(1000)
         refused = settle(server, submit(server, image_urls(origin, 3, start=60)))
         assert refused["failed"] == 3, refused

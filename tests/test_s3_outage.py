@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -36,24 +35,17 @@ OUTAGE = 10.0  # seconds the endpoint is away: longer than a read's retries (sto
 ENV = {"CASIMG_PER_HOST_CONCURRENCY": "8", "CASIMG_RATE_LIMIT": "0"}
 
 
-@pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    started.cleanup()
-
-
 class Relay:
-    def __init__(self, processes: Processes, target: str, log_dir: Any) -> None:
+    def __init__(self, procs: Processes, target: str, log_dir: Any) -> None:
         self.port, self.target_port = free_port(), urlsplit(target).port
-        self.processes, self.log_dir = processes, log_dir
+        self.procs, self.log_dir = procs, log_dir
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.start()
 
     def start(self) -> None:
         self.process = spawn([sys.executable, "-m", "tests.relay", str(self.port), str(self.target_port)],
                              self.log_dir / "relay.log", cwd=ROOT)
-        self.processes.started.append(self.process)
+        self.procs.started.append(self.process)
         wait_port(self.port, self.process)
 
     def kill(self) -> None:
@@ -84,12 +76,12 @@ class Reads(threading.Thread):
 
 
 def test_reads_answer_503_while_the_endpoint_is_away_nothing_accepted_is_lost_and_it_recovers(
-        s3, processes, origin, tmp_path):
+        s3, procs, origin, tmp_path):
     if not s3.emulated:
         pytest.skip("the relay runs in front of the local emulator only")
-    relay = Relay(processes, s3.endpoint, tmp_path)
+    relay = Relay(procs, s3.endpoint, tmp_path)
     env = {**ENV, **s3.env(s3.prefix()), "CASIMG_S3_ENDPOINT": relay.endpoint}
-    server = processes.server(tmp_path / "data", env=env)
+    server = procs.server(tmp_path / "data", env=env)
     before = image_urls(origin, 30, start=90_000)
     assert settle(server, submit(server, before))["stored"] == len(before)
 

@@ -17,7 +17,6 @@ from PIL import Image
 from bench.procs import S3Proxy
 from casimg.client import Client
 from tests.procs import (
-    Processes,
     assert_fsck_clean,
     assert_retrievable,
     casimg,
@@ -32,13 +31,6 @@ pytestmark = pytest.mark.slow  # each test starts a server
 
 
 @pytest.fixture
-def processes() -> Iterator[Processes]:
-    started = Processes()
-    yield started
-    started.cleanup()
-
-
-@pytest.fixture
 def proxy(s3: Any) -> Iterator[S3Proxy]:
     front = S3Proxy(s3.endpoint)
     yield front
@@ -49,10 +41,10 @@ def s3_env(s3: Any, endpoint: str, prefix: str, **extra: str) -> dict[str, str]:
     return {**s3.env(prefix, **extra), "CASIMG_S3_ENDPOINT": endpoint}
 
 
-def test_an_import_lands_in_the_bucket_and_reads_back_byte_identical(s3, proxy, processes, origin, tmp_path):
+def test_an_import_lands_in_the_bucket_and_reads_back_byte_identical(s3, proxy, procs, origin, tmp_path):
     prefix = s3.prefix()
     env = s3_env(s3, proxy.endpoint, prefix)
-    server = processes.server(tmp_path / "data", env=env)
+    server = procs.server(tmp_path / "data", env=env)
     urls = image_urls(origin, 12)
     done = settle(server, submit(server, urls))
     assert done["stored"] == 12, done
@@ -83,9 +75,9 @@ def test_an_import_lands_in_the_bucket_and_reads_back_byte_identical(s3, proxy, 
     assert server.terminate() == 0
 
 
-def test_presigned_redirects_are_followed_by_the_client_without_its_key(s3, proxy, processes, origin, tmp_path):
+def test_presigned_redirects_are_followed_by_the_client_without_its_key(s3, proxy, procs, origin, tmp_path):
     env = s3_env(s3, proxy.endpoint, s3.prefix(), CASIMG_S3_REDIRECT="presigned")
-    server = processes.server(tmp_path / "data", env=env)
+    server = procs.server(tmp_path / "data", env=env)
     urls = image_urls(origin, 2, start=40)
     assert settle(server, submit(server, urls))["stored"] == 2
     opener = urllib.request.build_opener(_NoRedirects())
@@ -103,7 +95,7 @@ def test_presigned_redirects_are_followed_by_the_client_without_its_key(s3, prox
     assert server.terminate() == 0
 
 
-def test_a_missing_bucket_stops_the_start_with_the_reason(s3, processes, tmp_path):
+def test_a_missing_bucket_stops_the_start_with_the_reason(s3, procs, tmp_path):
     env = {**s3.env(s3.prefix()), "CASIMG_S3_BUCKET": "no-such-bucket-here"}
     result = casimg("serve", "--data-dir", str(tmp_path / "data"), "--port", "0", env=env, check=False)
     assert result.returncode != 0
@@ -112,9 +104,9 @@ def test_a_missing_bucket_stops_the_start_with_the_reason(s3, processes, tmp_pat
 
 
 def test_a_variant_is_rendered_from_the_bucket_stored_there_once_and_goes_with_its_source(
-        s3, proxy, processes, origin, tmp_path):
+        s3, proxy, procs, origin, tmp_path):
     env = s3_env(s3, proxy.endpoint, s3.prefix())
-    server = processes.server(tmp_path / "data", env=env)
+    server = procs.server(tmp_path / "data", env=env)
     url = origin.url("/photo/31.jpg?w=640&h=480")
     source = settle(server, submit(server, [url]))["results"][0]["sha256"]
     path = f"/api/image?url={quote(url, safe='')}&w=64&format=webp"

@@ -84,13 +84,6 @@ MEASURE_LIMIT = 300.0  # seconds the test keeps waiting, so a regression reports
 
 
 @pytest.fixture
-def procs() -> Iterator[Processes]:
-    tracked = Processes()
-    yield tracked
-    tracked.cleanup()
-
-
-@pytest.fixture
 def flood_origins() -> Iterator[list[Origin]]:
     origins = [Origin() for _ in range(FLOOD_PORTS)]
     for origin in origins:
