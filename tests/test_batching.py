@@ -167,3 +167,19 @@ async def test_callers_are_told_when_the_thread_is_gone(pool):
     results = await asyncio.wait_for(asyncio.gather(batcher.call(abs, -1), batcher.call(abs, -2),
                                                     return_exceptions=True), 5)
     assert all(isinstance(result, RuntimeError) for result in results), results
+
+
+def test_a_started_pool_has_every_thread_running_and_idle():
+    from casimg.services import started_pool
+
+    pool = started_pool(6, "casimg-test-started")
+    try:
+        threads = [t for t in threading.enumerate() if t.name.startswith("casimg-test-started")]
+        assert len(threads) == 6 and all(t.is_alive() for t in threads)
+        # Every first task has ended: six calls at once run on the six threads, and no seventh starts.
+        gate = threading.Barrier(6)
+        done = [pool.submit(gate.wait, 5) for _ in range(6)]
+        assert all(0 <= future.result(10) < 6 for future in done)
+        assert len([t for t in threading.enumerate() if t.name.startswith("casimg-test-started")]) == 6
+    finally:
+        pool.shutdown(wait=True)
