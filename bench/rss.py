@@ -65,6 +65,7 @@ def main() -> None:
                 stored += result.stored
                 log(f"{start + len(urls[start:start + 10_000])} URLs: {result.per_second:.0f} images/s")
             after = process_rss(server.proc.pid)
+            roles = {pid: _role(pid) for pid in after}  # while the processes still run
         finally:
             procs.stop_all()
     print(f"\n{args.urls:,} URLs ({stored:,} stored; {args.images:,} distinct images), casimg serve --processes "
@@ -72,7 +73,7 @@ def main() -> None:
     print("| process | RSS at start MiB | RSS after MiB | peak MiB |")
     print("|---|---|---|---|")
     for pid, (rss, peak) in after.items():
-        role = "parent" if pid == server.proc.pid and len(after) > 1 else _role(pid)
+        role = "parent" if pid == server.proc.pid and len(after) > 1 else roles[pid]
         print(f"| {role} {pid} | {before.get(pid, (0, 0))[0] / 1024:.0f} | {rss / 1024:.0f} | {peak / 1024:.0f} |")
 
 
