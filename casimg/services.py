@@ -125,8 +125,9 @@ def started_pool(threads: int, name: str) -> ThreadPoolExecutor:
 
     ThreadPoolExecutor starts a thread when a submit finds none idle, and that submit waits until the
     new thread runs. On the event loop, under the first ingest's load, with the GIL contended, those
-    waits were 7% of the loop's time in a 3,000-image ingest (py-spy). Here each thread's first task
-    waits for all the others, so each submit starts a thread; then all of them are idle.
+    waits were a sizeable share of the loop's time (BENCHMARKS.md, "Figures behind design choices").
+    Here each thread's first task waits for all the others, so each submit starts a thread; then all
+    of them are idle.
     """
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
     all_started = threading.Barrier(threads)

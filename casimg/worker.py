@@ -84,10 +84,10 @@ STORE_DEPTH = 2
 # and the Redis step; while they held a body's place, those waits (tens of ms, under load) kept the
 # places full and the downloads waiting for them (BENCHMARKS.md, "Figures behind design choices").
 FINISH_DEPTH = 4
-# Queue entries read beyond the free download slots, per slot, to wait for one. A queue read and the
-# batch lookup that follows take 10-20 ms on a loaded loop, as long as a download from a fast origin:
-# a reader that asked only for the slots free when it began kept two thirds of them idle (21 of 64 in
-# use, measured). They are pending under this worker's name, as any entry it reads.
+# Queue entries read beyond the free download slots, per slot, to wait for one. On a busy loop, a queue
+# read and the batch lookup that follows take about as long as a download from a fast origin: a reader
+# that asked only for the slots free when it began kept most of them idle (BENCHMARKS.md, "Figures
+# behind design choices"). They are pending under this worker's name, as any entry it reads.
 READ_AHEAD = 1
 # A URL's attempts together may download for this many times the fetch timeout. One timeout is often a
 # passing stall (a server restarting, a lost connection), so it is worth one more try, but a second full

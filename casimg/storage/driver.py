@@ -51,7 +51,7 @@ class Leftover:
 class _TempNames:
     """Temp file names unique across processes and machines: a random token drawn once per process (again
     in a forked child), then a counter. A random name per file cost a getrandom(2), with its hand-off of
-    the GIL, twice per image (strace: 2 of about 14 system calls per stored image)."""
+    the GIL, twice per stored image."""
 
     def __init__(self) -> None:
         self._reset()
