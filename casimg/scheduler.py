@@ -65,7 +65,11 @@ class FairSlots:
         self.waiting: Counter[str] = Counter()
         self._in_use = 0
         self._turn = 0  # rotates the order in which owners with equal holdings are served
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: list[asyncio.Future[None]] = []  # changed(): the reader, woken on every give-back
+        # take(): entries waiting for a slot, in the order they came, each woken only when a slot it may
+        # take is free. Waking every one on each give-back cost 2 µs per waiter, and with the entries read
+        # ahead there are up to a slot's worth of them.
+        self._takers: list[tuple[str, asyncio.Future[None]]] = []
 
     @property
     def free(self) -> int:
@@ -103,7 +107,16 @@ class FairSlots:
     async def take(self, owner: str) -> None:
         """A slot for a queued-up entry of `owner`, once the rules allow it."""
         while not self.try_take(owner):
-            await self.changed()
+            waiter = asyncio.get_running_loop().create_future()
+            self._takers.append((owner, waiter))
+            try:
+                await waiter
+            except BaseException:  # cancelled
+                if waiter.done():
+                    self._wake_takers()  # woken for a slot it will not take: the next may take it
+                else:
+                    self._takers.remove((owner, waiter))
+                raise
 
     def give_back(self, owner: str) -> None:
         self.held[owner] -= 1
@@ -114,6 +127,31 @@ class FairSlots:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+        self._wake_takers()
+
+    def _wake_takers(self) -> None:
+        """Wake the waiting entries that the free slots can serve under the rules, in the order they came.
+
+        A woken entry takes its slot when it runs; should another take it first, the entry waits again,
+        and the next give-back wakes it. An entry whose key may not take the free slots (the reserve)
+        stays asleep, and the entries after it are looked at.
+        """
+        free = self.free
+        woken: Counter[str] = Counter()
+        asleep: list[tuple[str, asyncio.Future[None]]] = []
+        for number, (owner, waiter) in enumerate(self._takers):
+            if free == 0:
+                asleep += self._takers[number:]
+                break
+            if waiter.done():
+                continue
+            if self.held[owner] + woken[owner] == 0 or free > self.reserve:
+                waiter.set_result(None)
+                woken[owner] += 1
+                free -= 1
+            else:
+                asleep.append((owner, waiter))
+        self._takers = asleep
 
     async def changed(self, within: float | None = None) -> None:
         """Return once a slot is given back, or after `within` seconds.

@@ -74,6 +74,38 @@ def test_entries_read_ahead_wait_for_slots_and_leave_the_reserve_to_newcomers():
     assert slots.plan(["a", "new"]) == {"new": 1} and slots.try_take("new")
 
 
+def test_a_given_back_slot_wakes_only_the_waiting_entries_that_may_take_it():
+    async def scenario() -> None:
+        slots = FairSlots(4, reserve=1, ahead=8)
+        for _ in range(3):
+            assert slots.try_take("busy")
+        assert slots.try_take("other")
+        busy = [asyncio.ensure_future(slots.take("busy")) for _ in range(5)]
+        newcomer = asyncio.ensure_future(slots.take("new"))
+        await asyncio.sleep(0)
+        slots.give_back("other")  # one free slot, the reserve: only the newcomer may take it
+        await asyncio.sleep(0)
+        assert newcomer.done() and slots.held["new"] == 1
+        assert not any(task.done() for task in busy)
+        slots.give_back("new")
+        slots.give_back("busy")  # two free: one past the reserve, for the first busy entry only
+        await asyncio.sleep(0)
+        assert [task.done() for task in busy] == [True, False, False, False, False]
+        assert slots.free == 1 and len(slots._takers) == 4  # the other four were not woken at all
+        # A woken entry cancelled before it runs passes its wake on to the next.
+        slots.give_back("busy")
+        busy[1].cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert busy[1].cancelled() and busy[2].done() and slots.free == 1
+        for task in busy[3:]:
+            task.cancel()
+        await asyncio.gather(*busy[3:], return_exceptions=True)
+        assert not slots._takers
+
+    asyncio.run(scenario())
+
+
 # -- end to end -----------------------------------------------------------------------------------
 
 FLOOD_PORTS = 8  # the flood's URLs are spread over 8 ports of one address, as the attack was
