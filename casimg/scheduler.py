@@ -33,7 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections import Counter
+import itertools
+from collections import Counter, deque
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -54,7 +55,9 @@ class FairSlots:
     ``ahead`` entries may be read beyond the free slots, to wait for one: a queue read takes as long as
     a download from a fast origin, so a reader that asked only for the slots free when it began left
     most of them idle. An entry read ahead counts against its key like one holding a slot, and takes a
-    slot only as the rules allow, so the reserve stays for newcomers.
+    slot only as the rules allow, so the reserve stays for newcomers; a slot given back goes to the
+    waiting entry of the key holding fewest, so a newcomer's next entries do not queue behind a busy
+    key's entries read ahead.
     """
 
     def __init__(self, total: int, reserve: int | None = None, ahead: int = 0) -> None:
@@ -66,10 +69,12 @@ class FairSlots:
         self._in_use = 0
         self._turn = 0  # rotates the order in which owners with equal holdings are served
         self._waiters: list[asyncio.Future[None]] = []  # changed(): the reader, woken on every give-back
-        # take(): entries waiting for a slot, in the order they came, each woken only when a slot it may
-        # take is free. Waking every one on each give-back cost 2 µs per waiter, and with the entries read
-        # ahead there are up to a slot's worth of them.
-        self._takers: list[tuple[str, asyncio.Future[None]]] = []
+        # take(): the entries waiting for a slot, per owner in the order they came (with an arrival
+        # number), each woken only when a slot it may take is free. Waking every one on each give-back
+        # cost 2 µs per waiter, and with the entries read ahead there are up to a slot's worth of them.
+        self._takers: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
+        self._arrivals = itertools.count()
+        self._woken: Counter[str] = Counter()  # entries woken for a slot that have not run yet, per owner
 
     @property
     def free(self) -> int:
@@ -85,8 +90,10 @@ class FairSlots:
         return self.held[owner] + self.waiting[owner]
 
     def may_take(self, owner: str) -> bool:
-        """A free slot, and either none held by `owner` or more free slots than the reserve."""
-        return self.free > 0 and (self.held[owner] == 0 or self.free > self.reserve)
+        """A free slot, and either none held by `owner` or more free slots than the reserve. The slots an
+        entry was woken for (``_wake_takers``) are not free to anyone else until it has run."""
+        free = self.free - self._woken.total()
+        return free > 0 and (self.held[owner] == 0 or free > self.reserve)
 
     def try_take(self, owner: str) -> bool:
         if not self.may_take(owner):
@@ -108,15 +115,26 @@ class FairSlots:
         """A slot for a queued-up entry of `owner`, once the rules allow it."""
         while not self.try_take(owner):
             waiter = asyncio.get_running_loop().create_future()
-            self._takers.append((owner, waiter))
+            place = (next(self._arrivals), waiter)
+            self._takers.setdefault(owner, deque()).append(place)
             try:
                 await waiter
             except BaseException:  # cancelled
-                if waiter.done():
+                if waiter.done() and not waiter.cancelled():
+                    self._unwake(owner)
                     self._wake_takers()  # woken for a slot it will not take: the next may take it
                 else:
-                    self._takers.remove((owner, waiter))
+                    queue = self._takers[owner]
+                    queue.remove(place)
+                    if not queue:
+                        del self._takers[owner]
                 raise
+            self._unwake(owner)
+
+    def _unwake(self, owner: str) -> None:
+        self._woken[owner] -= 1
+        if self._woken[owner] <= 0:
+            del self._woken[owner]
 
     def give_back(self, owner: str) -> None:
         self.held[owner] -= 1
@@ -130,28 +148,32 @@ class FairSlots:
         self._wake_takers()
 
     def _wake_takers(self) -> None:
-        """Wake the waiting entries that the free slots can serve under the rules, in the order they came.
+        """Wake as many waiting entries as the free slots can serve under the rules: each free slot to
+        the first-come entry of the owner holding fewest, as ``plan`` shares them. An owner that may not
+        take the free slots (the reserve) is passed over.
 
         A woken entry takes its slot when it runs; should another take it first, the entry waits again,
-        and the next give-back wakes it. An entry whose key may not take the free slots (the reserve)
-        stays asleep, and the entries after it are looked at.
+        and the next give-back wakes it.
         """
-        free = self.free
-        woken: Counter[str] = Counter()
-        asleep: list[tuple[str, asyncio.Future[None]]] = []
-        for number, (owner, waiter) in enumerate(self._takers):
-            if free == 0:
-                asleep += self._takers[number:]
+        free = self.free - self._woken.total()
+        while free > 0:
+            chosen: tuple[tuple[int, int], str] | None = None
+            for owner, queue in self._takers.items():
+                held = self.held[owner] + self._woken[owner]
+                if held and free <= self.reserve:
+                    continue
+                rank = (held, queue[0][0])
+                if chosen is None or rank < chosen[0]:
+                    chosen = (rank, owner)
+            if chosen is None:
                 break
-            if waiter.done():
-                continue
-            if self.held[owner] + woken[owner] == 0 or free > self.reserve:
-                waiter.set_result(None)
-                woken[owner] += 1
-                free -= 1
-            else:
-                asleep.append((owner, waiter))
-        self._takers = asleep
+            owner = chosen[1]
+            queue = self._takers[owner]
+            queue.popleft()[1].set_result(None)
+            if not queue:
+                del self._takers[owner]
+            self._woken[owner] += 1
+            free -= 1
 
     async def changed(self, within: float | None = None) -> None:
         """Return once a slot is given back, or after `within` seconds.

@@ -14,11 +14,12 @@ downloads of the next ones instead of holding their connection slot:
    ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
    read takes about as long as a download from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
-   linked in (one trip to a thread each); then, holding no bytes in memory, up to ``FINISH_DEPTH`` x
-   ``download_concurrency`` of them are made durable together (one ``FlushGroup`` flush for all of
-   them), indexed (one Redis pipeline for the stores of a loop turn) and settled (one trip to a thread
-   for them). Each step takes its place before it gives the last one back, so when storing falls
-   behind, downloading waits, and the bytes held in memory stay bounded.
+   linked in (one trip to a thread each); then, holding no bytes in memory (on the file store; an object
+   store's commit keeps the body's place), up to ``FINISH_DEPTH`` x ``download_concurrency`` of them
+   are made durable together (one ``FlushGroup`` flush for all of them), indexed (one Redis pipeline
+   for the stores of a loop turn) and settled (one trip to a thread for them). Each step takes its
+   place before it gives the last one back, so when storing falls behind, downloading waits, and the
+   bytes held in memory stay bounded.
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+        for question in list(self._questions):  # left by askers cancelled above
+            question.cancel()
         # The helpers end on their own once they see _stopping. Cancelling alone is not enough: redis-py
         # can swallow a cancellation that lands inside a command, and the loop would go on for ever.
         # A callback cut off here stays claimed until its lease ends; then another process delivers it.
@@ -276,7 +279,7 @@ class Worker:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     await self.queue.forget_idle_owners()
-                    entries = await self.queue.claim_from_dead(self.name, self._slots.free)
+                    entries = await self.queue.claim_from_dead(self.name, self._slots.readable)
                     await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                 if not entries:
                     entries = await self._read_fairly()
@@ -409,12 +412,18 @@ class Worker:
 
     async def _attempt_all(self, entry: Entry, known: Known, slot: _Slot) -> None:
         # If none was free at the read (an entry read ahead), or a Redis outage sent a download back to the
-        # start. The read's lookup said whether the job was cancelled then; one that waited asks again.
-        waited = await slot.take()
+        # start. The read's lookup said whether the job was cancelled then; one that waited asks again
+        # (until it has an answer), and one that waited into a stop is left to the next worker.
+        await slot.take()
+        if slot.waited and self._stopping.is_set():
+            raise _Stopped
         if entry.deliveries > MAX_DELIVERIES:
             await self._fail(entry, f"abandoned: {entry.deliveries - 1} workers stopped while on it", 0)
             return
-        if known is CANCELLED or (waited and await self._is_cancelled(entry.job_id)):
+        if known is not CANCELLED and slot.waited:
+            known = CANCELLED if await self._is_cancelled(entry.job_id) else known
+            slot.waited = False
+        if known is CANCELLED:
             await self._drop_cancelled(entry)
             return
         if known is UNCHECKED:
@@ -477,6 +486,9 @@ class Worker:
         if asked is None:
             loop = asyncio.get_running_loop()
             asked = self._cancel_asks[job_id] = loop.create_future()
+            # Its askers may all be gone (cancelled at a stop) when a Redis error comes back: not an
+            # error to log for the question itself, each asker handles its own.
+            asked.add_done_callback(lambda done: done.cancelled() or done.exception())
             loop.call_soon(self._ask_cancelled, job_id, asked)
         return await asyncio.shield(asked)
 
@@ -577,15 +589,17 @@ class Worker:
             downloaded.discard()
             raise
         self._remember_valid(digest, info)
-        # The bytes are in the temp file now: the body leaves memory, and its place goes to the next
-        # download once this store has one among those finishing.
-        downloaded.data = None
-        try:
-            await places.finish.take()
-        except BaseException:
-            blobs.discard(tmp)  # a cancelled store: the linked blob, unindexed, is an orphan for the sweep
-            raise
-        places.body.give_back()
+        if isinstance(blobs, FileStore) and target is None:
+            # The bytes are in the blob's file now: the body leaves memory, and its place goes to the next
+            # download once this store has one among those finishing. An object store's commit (or a
+            # migration target's) reads the temp file back, up to a body's size, so it keeps the place.
+            downloaded.data = None
+            try:
+                await places.finish.take()
+            except BaseException:
+                blobs.discard(tmp)  # a cancelled store: the linked blob, unindexed, is an orphan for the sweep
+                raise
+            places.body.give_back()
         with tracing.span("casimg.store"):
             flusher = self._flusher_for(blobs)
             try:
@@ -650,7 +664,7 @@ class Worker:
 
 
 class _Stopped(Exception):
-    """The worker stopped while an entry waited for its origin: the entry stays pending."""
+    """The worker stopped while an entry waited for its origin or for a slot: the entry stays pending."""
 
 
 class _Place:
@@ -691,6 +705,7 @@ class _Slot:
         self._owner = owner
         self._held = False
         self._queued = False
+        self.waited = False
 
     def try_take(self) -> None:
         """Take a slot now if the rules allow, else queue up for one (``take`` waits for it)."""
@@ -700,16 +715,14 @@ class _Slot:
             self._slots.queue_up(self._owner)
             self._queued = True
 
-    async def take(self) -> bool:
-        """Hold a slot; True if this had to wait for one."""
-        waited = False
+    async def take(self) -> None:
+        """Hold a slot; if this had to wait for one, ``waited`` says so until the caller clears it."""
         if not self._held:
             self.try_take()
             if not self._held:
                 await self._slots.take(self._owner)
-                self._held = waited = True
+                self._held = self.waited = True
         self._unqueue()
-        return waited
 
     def give_back(self) -> None:
         self._unqueue()

@@ -91,7 +91,7 @@ def test_a_given_back_slot_wakes_only_the_waiting_entries_that_may_take_it():
         slots.give_back("busy")  # two free: one past the reserve, for the first busy entry only
         await asyncio.sleep(0)
         assert [task.done() for task in busy] == [True, False, False, False, False]
-        assert slots.free == 1 and len(slots._takers) == 4  # the other four were not woken at all
+        assert slots.free == 1 and len(slots._takers["busy"]) == 4  # the other four were not woken at all
         # A woken entry cancelled before it runs passes its wake on to the next.
         slots.give_back("busy")
         busy[1].cancel()
@@ -102,6 +102,36 @@ def test_a_given_back_slot_wakes_only_the_waiting_entries_that_may_take_it():
             task.cancel()
         await asyncio.gather(*busy[3:], return_exceptions=True)
         assert not slots._takers
+
+    asyncio.run(scenario())
+
+
+def test_a_given_back_slot_goes_to_the_waiting_entry_of_the_key_holding_fewest():
+    """A busy key's entries read ahead came first; a newcomer's later entries still get the next slots,
+    as the reader's plan would share them, instead of waiting behind all of the busy key's."""
+    async def scenario() -> None:
+        slots = FairSlots(10, reserve=2, ahead=10)
+        for _ in range(7):
+            assert slots.try_take("busy")
+        assert slots.try_take("new")  # its first entry, in the reserve
+        busy = [asyncio.ensure_future(slots.take("busy")) for _ in range(8)]
+        await asyncio.sleep(0)
+        new = [asyncio.ensure_future(slots.take("new")) for _ in range(4)]
+        await asyncio.sleep(0)
+        for _ in range(3):
+            slots.give_back("busy")  # 5 free, 3 past the reserve
+        await asyncio.sleep(0)
+        # "new" holds 1 against "busy"'s 4: the three slots go to its entries, though they came later.
+        assert [task.done() for task in new] == [True, True, True, False]
+        assert not any(task.done() for task in busy)
+        assert slots.held == {"busy": 4, "new": 4} and slots.free == 2
+        slots.give_back("new")
+        slots.give_back("new")  # 4 free, 2 past the reserve: one to "new" (2 held), then one to "busy"
+        await asyncio.sleep(0)
+        assert [task.done() for task in busy] == [True] + [False] * 7 and new[3].done()
+        for task in busy + new:
+            task.cancel()
+        await asyncio.gather(*busy, *new, return_exceptions=True)
 
     asyncio.run(scenario())
 

@@ -216,6 +216,33 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
         await services.close()
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_entries_read_ahead_start_no_download_once_the_worker_stops(tmp_path, redis_server, origin):
+    """With one slot, the worker reads the next entries ahead; stopped while the first downloads, it
+    finishes that one and leaves the others pending, unfetched, for the next worker."""
+    settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=1, per_host_concurrency=1)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    assert services.worker is not None
+    paths = [f"/img/{913_100 + n}.jpg" for n in range(4)]
+    before = sum(origin.hits[path] for path in paths)  # the origin is shared by the whole session
+    try:
+        worker = services.worker
+        worker.start()
+        job_id, _ = await services.queue.submit([origin.url(path) + "?delay=1" for path in paths])
+        for _ in range(200):
+            if sum(origin.hits[path] for path in paths) - before >= 1 and worker.busy >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert worker.busy >= 2, "no entry was read ahead"
+        await worker.stop(grace=5)
+        assert sum(origin.hits[path] for path in paths) - before == 1
+        job = await services.queue.get(job_id)
+        assert (job.stored, job.done) == (1, 1)
+        assert await services.queue.depth() == {"waiting": 2, "in_progress": 1}  # one read ahead, pending
+    finally:
+        await services.close()
+
+
 # -- hostile URLs end their entry -----------------------------------------------------------------
 
 @pytest.mark.gen_test(timeout=90)
