@@ -33,6 +33,7 @@ from casimg.migrate import migrate
 from casimg.placeholder_queue import PlaceholderQueue
 from casimg.politeness import OriginPace, Robots
 from casimg.queue import JobQueue
+from casimg.redis_packing import packed_by_hiredis
 from casimg.relations import Relations
 from casimg.render_pool import RenderPool
 from casimg.schema import KeySpace
@@ -117,6 +118,7 @@ def connect_redis(url: str, max_connections: int) -> aioredis.Redis:
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
         socket_timeout=REDIS_SOCKET_TIMEOUT,
     )
+    pool.connection_class = packed_by_hiredis(pool.connection_class)
     return aioredis.Redis(connection_pool=pool)
 
 
