@@ -11,9 +11,10 @@ The data directory, drawn once::
       admin.key                   the first admin API key, mode 0600
       serve.lock                  held by the live `casimg serve` that owns this directory
 
-``blob_path`` is the only code that maps a digest to a path. The protocol's async methods (``commit``,
-``read_range``, ``walk``, ...) run the blocking calls below in a thread; the worker's hot path calls the
-blocking ones itself, batched into one trip to a thread for many downloads.
+``relative_name`` is the only code that maps a digest to a name in the store (``blob_path`` adds the
+root). The protocol's async methods (``commit``, ``read_range``, ``walk``, ...) run the blocking calls
+below in a thread; the worker's hot path calls the blocking ones itself, batched into one trip to a
+thread for many downloads.
 
 Placing and removing blobs is lock-free against the Redis reference counts, and the steps are public
 so that tests can run them in any interleaving (``lifecycle.store_blob`` and ``lifecycle.delete_url``
@@ -79,8 +80,14 @@ class FileStore(Staging):
             directory.mkdir(parents=True, exist_ok=True)
 
     def blob_path(self, digest: str) -> Path:
-        """The one place a digest becomes a path: blobs/ab/cd/abcd..."""
+        """The blob's path: blobs/ab/cd/abcd..."""
         return self.root / self.relative_name(digest)
+
+    def _blob_text(self, digest: str) -> str:
+        """``blob_path`` as a string, for the store steps every download takes: building and checking
+        a Path cost about three times the same calls on a string (BENCHMARKS.md, "Figures behind design
+        choices")."""
+        return f"{self._root_text}/{self.relative_name(digest)}"
 
     @staticmethod
     def relative_name(digest: str) -> str:
@@ -102,7 +109,7 @@ class FileStore(Staging):
         the blob again from it if a delete took the blob away meanwhile)."""
         path = self.tmp_dir / temp_name()
         try:
-            os.link(f"{self._root_text}/{self.relative_name(digest)}", path)
+            os.link(self._blob_text(digest), path)
         except FileNotFoundError:
             return None
         return path
@@ -113,7 +120,7 @@ class FileStore(Staging):
         With `sync`, the bytes and the name are on disk when this returns. Without, the caller must make
         them durable before the index counts the blob, as ``FlushGroup.flush`` does for many at once.
         """
-        target = self.blob_path(digest)
+        target = self._blob_text(digest)
         os.chmod(tmp, READ_ONLY)
         if sync:
             _fsync_file(tmp)
@@ -124,14 +131,15 @@ class FileStore(Staging):
         except FileNotFoundError:
             # The first blob under a new ab/cd: the new directories must reach the disk before the index
             # counts the blob, or a power loss could take them, and the blob, with it. Rare: 65,536 times.
-            target.parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(target).parent
+            parent.mkdir(parents=True, exist_ok=True)
             if sync:
-                _fsync_dir(target.parent.parent)
+                _fsync_dir(parent.parent)
                 _fsync_dir(self.root)
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, target)
         if sync:
-            _fsync_dir(target.parent)
+            _fsync_dir(Path(target).parent)
 
     def link_in_or_discard(self, tmp: Path, digest: str, *, sync: bool = True) -> None:
         """``link_in`` for a temp file the store step owns: if the link fails, the temp file goes too."""
@@ -143,7 +151,7 @@ class FileStore(Staging):
 
     def ensure_present(self, tmp: Path, digest: str) -> bool:
         """Store step 3: True if the blob had to be linked again because a delete moved it away."""
-        if self.blob_path(digest).exists():
+        if os.path.exists(self._blob_text(digest)):
             return False
         self.link_in(tmp, digest)
         return True
