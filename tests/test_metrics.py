@@ -149,21 +149,28 @@ async def test_the_image_hot_path_makes_no_redis_call_for_metrics(api, origin, r
     # (XREADGROUP, SET, XINFO CONSUMERS, EXISTS) is not among them.
     read_commands = ("hget", "hmget", "hgetall", "evalsha", "eval", "get", "zscore", "hlen", "scan", "xlen")
 
-    async def calls_for_20_gets() -> int:
-        stats = client.info("commandstats")
-        before = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands)
-        for _ in range(20):
-            assert (await api("GET", "/api/image?url=" + quote(url, safe=""))).code == 200
-        stats = client.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands) - before
+    async def calls_per_5_gets() -> int:
+        # The service's own background loops (the worker's polling, leases and process registry) also call some
+        # of these, a few times a second, and land in some windows: the fewest calls over ten windows of five
+        # GETs is what the GETs themselves cost (a background call only ever adds).
+        counts = []
+        for _ in range(10):
+            stats = client.info("commandstats")
+            before = sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands)
+            for _ in range(5):
+                assert (await api("GET", "/api/image?url=" + quote(url, safe=""))).code == 200
+            stats = client.info("commandstats")
+            counts.append(sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in read_commands)
+                          - before)
+        return min(counts)
 
-    with_metrics = await calls_for_20_gets()
+    with_metrics = await calls_per_5_gets()
     metrics, services.metrics = services.metrics, None
-    without_metrics = await calls_for_20_gets()
+    without_metrics = await calls_per_5_gets()
     services.metrics = metrics
     assert with_metrics == without_metrics > 0
     assert value(await scrape(api), "casimg_http_requests_total", route="/api/image", method="GET",
-                 status="200") == 1 + 20  # the warm-up and the 20 counted while metrics were on, only those
+                 status="200") == 1 + 50  # the warm-up and the 50 counted while metrics were on, only those
     client.close()
 
 
