@@ -254,9 +254,10 @@ def test_read_cached_reads_what_the_page_cache_holds_and_refuses_what_only_the_d
     try:
         os.fsync(fd)
         # Clean pages: the kernel drops them, but given once, from one CPU, the advice left them cached in
-        # about half the tries (pages still in a CPU's batch on their way to its lists are not dropped, and
-        # the advice drains the batch of the CPU it runs on only). Given from each CPU in turn, a few
-        # times, it left them in about one try in six; then the check below skips the rest.
+        # about half the tries. Likely cause: pages still in a CPU's batch on their way to its lists are
+        # not dropped, and the advice drains the batch of the CPU it runs on only. Given from each CPU in
+        # turn, a few times, it left them in about one try in six (cause not found); then the check below
+        # skips the rest.
         cpus = os.sched_getaffinity(0)
         try:
             for _ in range(3):
