@@ -5,7 +5,8 @@ distinct URL in the queue stream. Workers read the stream through one consumer g
 processes on any number of machines share the work. An entry leaves the stream only in the same Lua step
 that records its outcome (index.py ``complete``), so a crash at any moment leaves it pending, never lost.
 Each worker keeps a heartbeat key alive; a worker whose heartbeat has expired is dead, and any live
-worker claims its pending entries.
+worker claims its pending entries. A live worker also takes back its own pending entries that it does
+not hold: those of a read whose reply Redis never sent (it stopped right after running the read).
 
 Each API key's entries wait in a stream of their own (``queue:{key_id}``; ``queue`` holds those of jobs
 sent without a key, and those queued before keys had streams), so one key's backlog is never in front of
@@ -48,6 +49,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -441,17 +443,25 @@ class JobQueue:
         """A worker leaving cleanly: its unfinished entries become claimable at once."""
         await self.redis.delete(self.keys.worker(consumer))
 
-    async def claim_from_dead(self, consumer: str, count: int) -> list[Entry]:
-        """Move up to `count` pending entries of workers whose heartbeat expired to `consumer`, from every
-        owner's stream."""
+    async def claim_unattended(self, consumer: str, count: int,
+                               held: AbstractSet[tuple[str, str]]) -> list[Entry]:
+        """Move to `consumer` up to `count` pending entries that nobody is working on, from every owner's
+        stream: those of workers whose heartbeat expired, and `consumer`'s own but for those it `held`
+        ((owner, entry id) pairs) when it called.
+
+        A worker can own entries it never received: Redis ran its read (or claim) and the reply was lost,
+        because Redis stopped before sending it or the reply timed out. They are pending under its name,
+        and its heartbeat keeps every other worker from them, so it takes them back itself.
+        """
         claimed: list[Entry] = []
         for owner in await self.owners():
             if len(claimed) >= count:
                 break
-            claimed += await self._claim_stream(consumer, owner, count - len(claimed))
+            claimed += await self._claim_stream(consumer, owner, count - len(claimed), held)
         return claimed
 
-    async def _claim_stream(self, consumer: str, owner: str, count: int) -> list[Entry]:
+    async def _claim_stream(self, consumer: str, owner: str, count: int,
+                            held: AbstractSet[tuple[str, str]]) -> list[Entry]:
         stream = self.stream_of(owner)
         claimed: list[Entry] = []
         try:
@@ -460,15 +470,22 @@ class JobQueue:
             return []
         for info in consumers:
             name = info["name"]
-            if name == consumer or await self.redis.exists(self.keys.worker(name)):
+            own = name == consumer
+            if not own and await self.redis.exists(self.keys.worker(name)):
                 continue
             if info["pending"] == 0:
-                await self.redis.xgroup_delconsumer(stream, QUEUE_GROUP, name)
+                if not own:
+                    await self.redis.xgroup_delconsumer(stream, QUEUE_GROUP, name)
                 continue
+            # Our own pending entries are all looked at (those we hold are most of them); a dead worker's,
+            # only as many as we take.
             pending = await self.redis.xpending_range(
-                stream, QUEUE_GROUP, min="-", max="+", count=count - len(claimed), consumername=name
+                stream, QUEUE_GROUP, min="-", max="+", count=info["pending"] if own else count - len(claimed),
+                consumername=name,
             )
-            delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending}
+            delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending
+                         if not (own and (owner, item["message_id"]) in held)}
+            delivered = dict(list(delivered.items())[:count - len(claimed)])
             if delivered:
                 for entry_id, fields in await self.redis.xclaim(
                     stream, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import logging
 import os
@@ -192,6 +193,7 @@ class Worker:
         self._cancel_asks: dict[str, asyncio.Future[bool]] = {}  # job id -> its question of this turn (_is_cancelled)
         self._questions: set[asyncio.Task[bool]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._held: set[tuple[str, str]] = set()  # (owner, entry id) of the entries in self._tasks
         self._stopping = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._heart: asyncio.Task[None] | None = None
@@ -279,7 +281,8 @@ class Worker:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     await self.queue.forget_idle_owners()
-                    entries = await self.queue.claim_from_dead(self.name, self._slots.readable)
+                    # (entries held now: none is added while this runs, as only this loop adds them)
+                    entries = await self.queue.claim_unattended(self.name, self._slots.readable, set(self._held))
                     await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                 if not entries:
                     entries = await self._read_fairly()
@@ -289,9 +292,15 @@ class Worker:
                     slot.try_take()  # planned for, as a rule; else (a claimed entry) it waits in its task
                     task = asyncio.ensure_future(self._process(entry, digest, slot))
                     self._tasks.add(task)
-                    task.add_done_callback(self._finished)
+                    held = (entry.owner, entry.entry_id)
+                    self._held.add(held)
+                    task.add_done_callback(functools.partial(self._finished, held))
             except REDIS_ERRORS as exc:
                 log.warning("queue unavailable (%s); retrying in %.0f s", type(exc).__name__, REDIS_RETRY)
+                # A read or claim that failed may have run in Redis all the same, its reply lost: the
+                # entries it took are pending under our name, and no other worker takes them while our
+                # heartbeat lives. The claim that comes first once Redis answers takes them back.
+                next_claim = 0.0
                 await asyncio.sleep(REDIS_RETRY)
             except ResponseError as exc:
                 # Redis answers, but the queue is not as we left it: it came back without its data and the
@@ -357,8 +366,9 @@ class Worker:
         return [CANCELLED if entry.job_id in cancelled else digest
                 for entry, digest in zip(entries, known, strict=True)]
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, held: tuple[str, str], task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._held.discard(held)
         if not task.cancelled() and task.exception() is not None:
             log.error("download task failed", exc_info=task.exception())
 

@@ -66,12 +66,32 @@ async def test_entries_of_a_dead_worker_are_claimed_by_a_live_one(parts):
     await queue.heartbeat("dying", 30)
     taken = await queue.read("dying", {"": 2})
     assert len(taken) == 2
-    assert await queue.claim_from_dead("alive", 10) == []  # its heartbeat still runs
+    assert await queue.claim_unattended("alive", 10, held=set()) == []  # its heartbeat still runs
     await queue.retire("dying")
-    claimed = await queue.claim_from_dead("alive", 10)
+    claimed = await queue.claim_unattended("alive", 10, held=set())
     assert sorted(e.url for e in claimed) == sorted(e.url for e in taken)
     assert await queue.depth() == {"waiting": 1, "in_progress": 2}
-    assert await queue.claim_from_dead("alive", 10) == []  # the dead consumer is gone now
+    held = {(e.owner, e.entry_id) for e in claimed}
+    assert await queue.claim_unattended("alive", 10, held) == []  # the dead consumer is gone now
+
+
+@pytest.mark.gen_test
+async def test_a_live_worker_takes_back_its_own_entries_whose_read_reply_was_lost(parts):
+    queue, _ = parts
+    await queue.submit([f"http://a/{n}" for n in range(4)], key_id="k1")
+    await queue.heartbeat("alive", 30)
+    received = await queue.read("alive", {"k1": 2})
+    # Redis ran this read for "alive", and its reply never came (Redis stopped before sending it): the
+    # entries are pending under a live worker's name, which no other worker claims.
+    lost = await queue.read("alive", {"k1": 2})
+    held = {(e.owner, e.entry_id) for e in received}
+    assert await queue.claim_unattended("other", 10, held=set()) == []
+    claimed = await queue.claim_unattended("alive", 10, held)
+    assert sorted((e.url, e.deliveries) for e in claimed) == [(e.url, 2) for e in lost]
+    assert await queue.depth() == {"waiting": 0, "in_progress": 4}
+    held |= {(e.owner, e.entry_id) for e in claimed}
+    assert await queue.claim_unattended("alive", 10, held) == []
+    assert [e.url for e in await queue.claim_unattended("alive", 1, set())] == [received[0].url]  # at most `count`
 
 
 @pytest.mark.gen_test
@@ -107,7 +127,7 @@ async def test_a_dead_workers_entries_are_claimed_from_every_keys_stream(parts):
     taken = await queue.read("dying", {"k1": 2, "k2": 1})
     assert len(taken) == 3
     await queue.retire("dying")
-    claimed = await queue.claim_from_dead("alive", 10)
+    claimed = await queue.claim_unattended("alive", 10, held=set())
     assert sorted((e.owner, e.url, e.deliveries) for e in claimed) == [
         ("k1", "http://a/1", 2), ("k1", "http://a/2", 2), ("k2", "http://b/1", 2)]
     assert await queue.depth() == {"waiting": 0, "in_progress": 3}

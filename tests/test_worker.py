@@ -162,6 +162,29 @@ async def test_a_worker_stopped_right_after_it_starts_stops(settings):
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_a_worker_takes_back_entries_read_under_its_name_whose_reply_it_never_got(settings, origin):
+    """Redis ran a read and stopped before sending the reply (CI: a job stuck at 398/400 after Redis came
+    back): the entries were pending under a live worker's name, and no worker ever took them."""
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    try:
+        worker, queue = services.worker, services.queue
+        job_id, _ = await queue.submit([origin.url(f"/img/{914_000 + n}.png") for n in range(6)])
+        await queue.heartbeat(worker.name, settings.worker_heartbeat)
+        lost = await queue.read(worker.name, {"": 4})  # the read whose reply the worker never got
+        assert len(lost) == 4
+        worker.start()
+        for _ in range(100):
+            job = await queue.get(job_id)
+            if job.status == "done":
+                break
+            await asyncio.sleep(0.1)
+        assert (job.status, job.stored) == ("done", 6)
+        assert await queue.depth() == {"waiting": 0, "in_progress": 0}
+    finally:
+        await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_storing_falls_behind(
     tmp_path, redis_server, origin, monkeypatch
 ):
