@@ -88,8 +88,9 @@ class Settings:
         "truncated files) or 'decode' (also decode the pixels, catching damaged pixel data, at 10-50x the CPU)."
     )
     fetch_timeout: float = _setting(
-        60.0, "Total seconds one download attempt may take, redirects included; a URL's attempts together get "
-        "at most 1.5x this."
+        60.0, "Total seconds one download attempt may take, redirects included, not counting a wait for its turn "
+        "at the origin (per_host_concurrency, per_domain_concurrency); a URL's attempts together get at most "
+        "1.5x this."
     )
     connect_timeout: float = _setting(10.0, "Seconds to wait for a TCP (and TLS) connection to an origin.")
     download_concurrency: int = _setting(64, "Downloads in flight at once in one worker process.")

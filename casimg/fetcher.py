@@ -21,7 +21,8 @@ Redirects are followed here, not by aiohttp, so each hop gets the scheme check a
 whole chain shares one total timeout.
 
 Each hop also holds a place under two caps (scheduler.OriginCaps): one per resolved address, one per
-registrable domain. The address counted is the one connected to: the hop's name is resolved through
+registrable domain. A wait for a place there stops the timeout: it is a wait for a turn, not the
+origin's slowness to answer. The address counted is the one connected to: the hop's name is resolved through
 ``CachingResolver`` before the request, and aiohttp's connector asks the same cache, so both see the same
 answers (aiohttp's own per-host limit counts host:port, which eight ports of one machine get around).
 """
@@ -39,7 +40,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -50,7 +51,7 @@ from casimg import tracing
 from casimg.config import DEFAULT_USER_AGENT
 from casimg.errors import DownloadFailed
 from casimg.politeness import ROBOTS_MAX_BYTES, ROBOTS_REDIRECTS, ROBOTS_TIMEOUT, Robots, RobotsFile, opted_out
-from casimg.scheduler import OriginCaps
+from casimg.scheduler import OriginCaps, OriginTurn
 from casimg.storage import open_temp
 from casimg.userinfo import CREDENTIALS
 
@@ -288,6 +289,68 @@ class _TempSink:
             self.path.unlink(missing_ok=True)
 
 
+class Aside(Protocol):
+    """What a download's caller lends while the download waits for a turn at its origin: the worker's
+    download slot (worker.py)."""
+
+    def lend(self) -> None:
+        """The wait begins."""
+
+    def forgo(self) -> None:
+        """The wait ended without a turn (a cancel): what was lent is not taken back."""
+
+    def reclaim_now(self) -> bool:
+        """The wait ended: take back what was lent if that needs no waiting; False if it does."""
+
+    async def reclaim(self) -> None:
+        """The wait ended: take back what was lent, waiting as long as that takes."""
+
+
+class _TurnWait:
+    """A download's turn at its origin (a place under ``Fetcher.caps``) when it must be waited for: the
+    attempt's timeout stands still meanwhile, and the caller's `aside` is lent.
+
+    Without this, a URL queued behind a slow origin's downloads (8 at a time per address, each up to a
+    fetch timeout) spent its attempts waiting for a turn, and failed as "timeout" with no request sent.
+    """
+
+    __slots__ = ("_aside", "_clock")
+
+    def __init__(self, clock: asyncio.Timeout, aside: Aside | None) -> None:
+        self._clock = clock
+        self._aside = aside
+
+    async def take(self, held: OriginTurn) -> None:
+        when = self._clock.when()
+        left = None if when is None else when - asyncio.get_running_loop().time()
+        self._clock.reschedule(None)
+        try:
+            await self._take(held)
+        finally:
+            if left is not None:
+                self._clock.reschedule(asyncio.get_running_loop().time() + left)
+
+    async def _take(self, held: OriginTurn) -> None:
+        aside = self._aside
+        if aside is None:
+            await held.take()
+            return
+        aside.lend()
+        try:
+            await held.take()
+        except BaseException:
+            aside.forgo()
+            raise
+        if aside.reclaim_now():
+            return
+        # Never wait for the slot while holding the turn: entries holding slots may be waiting for this
+        # very turn, and each side would wait for the other for ever. Wait for the slot alone, then for a
+        # turn holding it, as any download does.
+        held.release()
+        await aside.reclaim()
+        await held.take()
+
+
 class Fetcher:
     """Downloads for one process: one ClientSession, created in ``start`` and closed in ``close``."""
 
@@ -358,24 +421,28 @@ class Fetcher:
             raise BlockedAddress(reason)
         return socket.socket(family=family, type=kind, proto=proto)
 
-    async def fetch(self, url: str, budget: float | None = None) -> Downloaded:
-        """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed."""
+    async def fetch(self, url: str, budget: float | None = None, aside: Aside | None = None) -> Downloaded:
+        """Download `url` within `budget` seconds (the fetch timeout if None), or raise DownloadFailed.
+
+        A wait for a turn at the origin (``self.caps``) does not count against `budget`; `aside` is lent
+        meanwhile (the worker lends the download's slot to others).
+        """
         if not tracing.enabled:
-            return await self._fetch(url, budget)
+            return await self._fetch(url, budget, aside)
         with tracing.span("casimg.download", {"url.full": url, "http.request.method": "GET"}, client=True):
             try:
-                downloaded = await self._fetch(url, budget)
+                downloaded = await self._fetch(url, budget, aside)
             except DownloadFailed as failed:
                 tracing.annotate({"casimg.outcome": "failed", "casimg.reason": failed.reason})
                 raise
             tracing.annotate({"casimg.outcome": "downloaded", "casimg.size": downloaded.size})
             return downloaded
 
-    async def _fetch(self, url: str, budget: float | None) -> Downloaded:
+    async def _fetch(self, url: str, budget: float | None, aside: Aside | None) -> Downloaded:
         target = self._check_url(url)
         try:
-            async with asyncio.timeout(self.total_timeout if budget is None else budget):
-                return await self._follow(target)
+            async with asyncio.timeout(self.total_timeout if budget is None else budget) as clock:
+                return await self._follow(target, _TurnWait(clock, aside))
         except TimeoutError:
             raise DownloadFailed("timeout", permanent=False) from None
         except aiohttp.ClientConnectorError as exc:
@@ -413,7 +480,7 @@ class Fetcher:
         if url.raw_user is not None or url.raw_password is not None:
             raise DownloadFailed(CREDENTIALS)
 
-    async def _follow(self, url: URL) -> Downloaded:
+    async def _follow(self, url: URL, waiting: _TurnWait) -> Downloaded:
         for _ in range(self.max_redirects + 1):
             self._check_hop(url)
             if self.robots is not None:
@@ -423,8 +490,15 @@ class Fetcher:
             address = await self._address_of(url)
             if tracing.enabled:
                 tracing.annotate({"network.peer.address": address})  # the address connected to, after the guard
-            async with self.caps.hold(url.raw_host or "", address):
+            held = self.caps.hold(url.raw_host or "", address)
+            if held.would_wait():
+                await waiting.take(held)
+            else:
+                await held.take()
+            try:
                 hop = await self._hop(url)
+            finally:
+                held.release()
             if isinstance(hop, Downloaded):
                 return hop
             url = hop

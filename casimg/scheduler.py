@@ -19,7 +19,11 @@ Three bounds stand between one client's URLs and everyone else's downloads:
   time. A name the list does not know counts as its own domain; a numeric host has only its address.
 
 Both caps are per worker process. A slot is given back while a URL waits to be retried (see
-worker.py), so a key's backoff never holds anyone's slot.
+worker.py), so a key's backoff never holds anyone's slot; and while it waits for a place under a cap,
+up to a bound on the entries put aside, so the URLs of one slow origin do not keep the slots from the
+key's other origins. That wait does not count against the fetch timeout (fetcher.py): a URL queued
+behind a slow origin's long downloads waits for its turn, and is not failed as a timeout without a
+request.
 
 Politeness (politeness.py) adds a third origin bound, keyed by registrable domain (or a numeric host's
 address) like ``OriginCaps`` but shared by every process: a request rate per origin (a Redis token
@@ -226,9 +230,9 @@ class _Limit:
         self._users: dict[str, int] = {}  # holding or waiting
         self._holding: Counter[str] = Counter()
 
-    def hold(self, name: str) -> _Held:
+    def hold(self, name: str) -> OriginTurn:
         """``async with limit.hold(name)``: a place under `name`'s bound for the block's duration."""
-        return _Held((self,), (name,))
+        return OriginTurn((self,), (name,))
 
     async def acquire(self, name: str) -> None:
         gate = self._gates.get(name)
@@ -257,9 +261,15 @@ class _Limit:
     def in_use(self, name: str) -> int:
         return self._holding[name]
 
+    def full(self, name: str) -> bool:
+        """Whether a place under `name` must be waited for now."""
+        gate = self._gates.get(name)
+        return gate is not None and gate.locked()
 
-class _Held:
-    """Places under one or more bounds, taken in order on entry and given back in reverse on exit.
+
+class OriginTurn:
+    """One request's turn at an origin: a place under each of its bounds (OriginCaps), taken in order
+    (``take``, or entering ``async with``) and given back in reverse (``release``, or leaving it).
 
     A plain class, not a generator-based context manager: it is entered around every request of every
     download, where contextlib's generator machinery cost about 2% of the ingest's event loop (py-spy).
@@ -271,7 +281,11 @@ class _Held:
         self._limits = limits
         self._names = names
 
-    async def __aenter__(self) -> None:
+    def would_wait(self) -> bool:
+        """Whether taking the places now would wait for one."""
+        return any(map(_Limit.full, self._limits, self._names))
+
+    async def take(self) -> None:
         taken = 0
         try:
             for limit, name in zip(self._limits, self._names, strict=True):
@@ -282,9 +296,15 @@ class _Held:
                 limit.release(name)
             raise
 
-    async def __aexit__(self, *exc: object) -> None:
+    def release(self) -> None:
         for limit, name in zip(reversed(self._limits), reversed(self._names), strict=True):
             limit.release(name)
+
+    async def __aenter__(self) -> None:
+        await self.take()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 class OriginCaps:
@@ -294,17 +314,17 @@ class OriginCaps:
         self.addresses = _Limit(per_address)
         self.domains = _Limit(per_domain)
 
-    def hold(self, host: str, address: str) -> _Held:
+    def hold(self, host: str, address: str) -> OriginTurn:
         """Held around one request to `host` (as written in the URL), connected at `address`
-        (``async with``).
+        (``async with``, or ``take`` and ``release``).
 
         The domain first, then the address, always in that order, so two downloads never wait on
         each other's bound.
         """
         domain = registrable_domain(host)
         if domain is None:
-            return _Held((self.addresses,), (origin_address(address),))
-        return _Held((self.domains, self.addresses), (domain, origin_address(address)))
+            return OriginTurn((self.addresses,), (origin_address(address),))
+        return OriginTurn((self.domains, self.addresses), (domain, origin_address(address)))
 
 
 @lru_cache(maxsize=4096)

@@ -8,9 +8,11 @@ An entry goes through two stages, each with its own bound, so that storing one i
 downloads of the next ones instead of holding their connection slot:
 
 1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in, but
-   not while the URL waits to be retried. Slots are shared between API keys by scheduler.FairSlots: the
-   worker reads from each key's stream only what that key may take, so one key's backlog or slow URLs
-   cannot keep another key's first URL waiting for more than about a queue read. It reads up to
+   not while the URL waits to be retried, nor (up to a bound, ``_Aside``) while it waits for its origin:
+   its rate, its cool-down, or a turn under the caps per address and domain. Slots are shared between
+   API keys by scheduler.FairSlots: the worker reads from each key's stream only what that key may
+   take, so one key's backlog or slow URLs cannot keep another key's first URL waiting for more than
+   about a queue read. It reads up to
    ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
    read takes about as long as a download from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
@@ -101,9 +103,9 @@ RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
-# Entries that may wait for their origin's rate or cool-down without a slot, per slot: enough that a
-# paced origin's backlog does not keep the slots from other origins, few enough to bound the entries
-# read ahead (each waits as a task, pending under this worker's name).
+# Entries that may wait for their origin (its rate, its cool-down, a turn under the caps) without a slot,
+# per slot: enough that a slow or paced origin's backlog does not keep the slots from other origins, few
+# enough to bound the entries read ahead (each waits as a task, pending under this worker's name).
 ASIDE_PER_SLOT = 4
 # Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
 # 1 MB): checking a repeat again was a sizeable part of what it cost (BENCHMARKS.md, "Figures behind
@@ -459,10 +461,11 @@ class Worker:
                 return
             await self._wait_for_origin(entry.url, slot)
             started = time.monotonic()
+            aside = _Aside(self, slot)  # while the download waits for a turn at its origin
             try:
-                downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout))
+                downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout), aside)
             except DownloadFailed as failure:
-                budget -= time.monotonic() - started
+                budget -= time.monotonic() - started - aside.waited
                 cooled = await self._cool_origin(entry.url, failure)
                 if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0 or self._stopping.is_set():
                     await self._fail(entry, failure.reason, attempt)
@@ -528,18 +531,17 @@ class Worker:
         origin = origin_of(url) if self.pace is not None else None
         if self.pace is None or origin is None or await self.pace.try_now(origin) <= 0:
             return
-        aside = self._aside < ASIDE_PER_SLOT * self.settings.download_concurrency
-        if aside:
-            slot.give_back()
-            self._aside += 1
+        aside = _Aside(self, slot)
+        aside.lend()
         try:
             went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
-        finally:
-            if aside:
-                self._aside -= 1
+        except BaseException:
+            aside.forgo()
+            raise
         if not went_on:
+            aside.forgo()
             raise _Stopped
-        await slot.take()
+        await aside.reclaim()
 
     async def _cool_origin(self, url: str, failure: DownloadFailed) -> bool:
         """After a 429 or 503, cool the URL's whole origin down for every worker; True if it now cools."""
@@ -673,6 +675,57 @@ class Worker:
         return tmp, digest, info
 
 
+class _Aside:
+    """An entry's download slot, lent to others while the entry waits for its origin (its rate, its
+    cool-down, or a turn under the caps per address and domain: fetcher.Aside), and taken back after.
+
+    Up to ASIDE_PER_SLOT x download_concurrency entries of a worker wait so at once; a further one waits
+    holding its slot, which bounds how far the reader runs ahead. The entry stays pending under the
+    worker's name meanwhile. ``waited`` adds up the seconds between each ``lend`` and its end.
+    """
+
+    __slots__ = ("_lent", "_since", "_slot", "_worker", "waited")
+
+    def __init__(self, worker: Worker, slot: _Slot) -> None:
+        self._worker = worker
+        self._slot = slot
+        self._lent = False
+        self._since: float | None = None
+        self.waited = 0.0
+
+    def lend(self) -> None:
+        self._since = time.monotonic()
+        worker = self._worker
+        if worker._aside < ASIDE_PER_SLOT * worker.settings.download_concurrency:
+            self._slot.give_back()
+            worker._aside += 1
+            self._lent = True
+
+    def forgo(self) -> None:
+        self._end()
+
+    def reclaim_now(self) -> bool:
+        if self._lent and not self._slot.take_now():
+            return False
+        self._end()
+        return True
+
+    async def reclaim(self) -> None:
+        try:
+            if self._lent:
+                await self._slot.take()
+        finally:
+            self._end()
+
+    def _end(self) -> None:
+        if self._lent:
+            self._lent = False
+            self._worker._aside -= 1
+        if self._since is not None:
+            self.waited += time.monotonic() - self._since
+            self._since = None
+
+
 class _Stopped(Exception):
     """The worker stopped while an entry waited for its origin or for a slot: the entry stays pending."""
 
@@ -724,6 +777,12 @@ class _Slot:
         if not self._held and not self._queued:
             self._slots.queue_up(self._owner)
             self._queued = True
+
+    def take_now(self) -> bool:
+        """Hold a slot if the rules allow it now, without queueing up for one; True if one is held."""
+        if not self._held:
+            self._held = self._slots.try_take(self._owner)
+        return self._held
 
     async def take(self) -> None:
         """Hold a slot; if this had to wait for one, ``waited`` says so until the caller clears it."""

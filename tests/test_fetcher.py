@@ -433,6 +433,24 @@ async def test_the_per_domain_cap_counts_every_name_of_a_registrable_domain(tmp_
     assert resolver.lookups == {"a.example.com": 1, "b.example.com": 1}  # one cache for the cap and the connector
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_a_wait_for_a_turn_at_the_origin_does_not_count_against_the_timeout(tmp_path, origin):
+    """One download at a time to the address, 0.6 s each, a 1 s timeout: the third waits 1.2 s for its
+    turn and still gets its whole second (it failed as "timeout", with no request sent). Once its turn
+    comes, the clock runs again: a download slower than the timeout fails."""
+    fetcher = await started(tmp_path, max_per_host=1, total_timeout=1.0)
+    try:
+        urls = [origin.url(f"/img/{914_200 + n}.jpg?delay=0.6") for n in range(3)]
+        elapsed, peak = await timed_batch(fetcher, urls)
+        assert peak == 1 and elapsed >= 1.8
+        behind = asyncio.ensure_future(fetcher.fetch(origin.url("/img/914210.jpg?delay=1.5")))
+        await asyncio.sleep(0.1)
+        assert (await failure(fetcher, origin.url("/img/914211.jpg?delay=1.5"))).reason == "timeout"
+        assert (await asyncio.gather(behind, return_exceptions=True))[0].reason == "timeout"
+    finally:
+        await fetcher.close()
+
+
 def test_registrable_domains_come_from_the_shipped_public_suffix_list():
     assert registrable_domain("a.b.example.co.uk") == "example.co.uk"
     assert registrable_domain("x.github.io") == "x.github.io"  # a private suffix: each site its own

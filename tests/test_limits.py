@@ -192,8 +192,8 @@ async def test_a_chunked_body_past_the_limit_is_cut_off_while_it_streams(http_se
 @pytest.mark.gen_test(timeout=90)
 async def test_the_service_answers_others_while_it_is_attacked(api, services, origin, bystander):
     # The quick attacks first: the twelve slow URLs hold the origin address's turns (per_host_concurrency, 8)
-    # for a fetch timeout each, and a URL queued behind them may spend its attempts waiting for a turn,
-    # which ends it as "timeout" (once in CI, the frame bomb), not with the reason this test checks.
+    # for a fetch timeout each, and a URL queued behind them waits that long for its turn before it shows
+    # the reason this test checks.
     attack = [
         origin.url("/bomb.png"), origin.url("/big?bytes=5000000&chunked=1"), origin.url("/big?bytes=5000000"),
         origin.url("/animated.gif?frames=1500"), origin.url("/loop"),

@@ -16,6 +16,7 @@ from casimg.services import open_services
 from casimg.storage import file as blobs_module
 from casimg.worker import FINISH_DEPTH, READ_AHEAD, STORE_DEPTH, Worker
 from tests.conftest import make_settings
+from tests.origin import Origin
 from tests.procs import Processes, settle, submit
 
 
@@ -236,6 +237,55 @@ async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_stori
         assert (job.status, job.stored, fetched()) == ("done", len(paths), len(paths))
     finally:
         release.set()
+        await services.close()
+
+
+async def settled(queue, job_id: str, seconds: float = 30):
+    for _ in range(int(seconds * 20)):
+        job = await queue.get(job_id)
+        if job.status == "done":
+            return job
+        await asyncio.sleep(0.05)
+    return job
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_entry_waiting_for_a_turn_at_its_origin_lends_its_slot(tmp_path, redis_server, origin):
+    """Two slots, one download at a time per address: the second URL of a slow address waits for its turn
+    without its slot, and a URL of another address downloads meanwhile instead of after the first."""
+    with Origin("127.0.0.5") as other:
+        settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2,
+                                 per_host_concurrency=1, allow_networks="127.0.0.1/32,127.0.0.5/32")
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            slow = [f"/img/{916_400 + n}.jpg" for n in range(2)]
+            job_id, _ = await services.queue.submit([*(origin.url(f"{path}?delay=1.5") for path in slow),
+                                                     other.url("/img/916410.jpg")])
+            services.worker.start()
+            job = await settled(services.queue, job_id)
+            assert (job.status, job.stored) == ("done", 3)
+            first = min(at for at, path in origin.requests if path.split("?")[0] in slow)
+            [elsewhere] = [at for at, path in other.requests if path.startswith("/img/")]
+            assert elsewhere - first < 1.0, "the other address waited for the slow download to end"
+        finally:
+            await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_many_entries_of_one_address_through_few_slots_all_finish(tmp_path, redis_server, origin):
+    """Entries lent their slots while waiting for a turn, past the bound on those put aside others wait
+    holding a slot; one that gets its turn and finds no slot free must not hold the turn while it waits
+    for one (each side would wait for the other for ever)."""
+    settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, per_host_concurrency=1)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    try:
+        urls = [origin.url(f"/img/{916_500 + n}.jpg?delay=0.02") for n in range(40)]
+        job_id, _ = await services.queue.submit(urls)
+        services.worker.start()
+        job = await settled(services.queue, job_id, 40)
+        assert (job.status, job.stored) == ("done", 40)
+        assert services.worker._aside == 0
+    finally:
         await services.close()
 
 
