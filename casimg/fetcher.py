@@ -321,6 +321,9 @@ class _TurnWait:
         self._aside = aside
 
     async def take(self, held: OriginTurn) -> None:
+        if self._clock.expired():  # its cancel is on the way
+            await held.take()
+            return
         when = self._clock.when()
         left = None if when is None else when - asyncio.get_running_loop().time()
         self._clock.reschedule(None)
