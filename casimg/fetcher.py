@@ -291,23 +291,22 @@ class _TempSink:
 
 class Aside(Protocol):
     """What a download's caller lends while the download waits for a turn at its origin: the worker's
-    download slot (worker.py)."""
+    download slot (worker.py). ``waited`` gets the seconds the download's clock stood still."""
+
+    waited: float
 
     def lend(self) -> None:
-        """The wait begins."""
+        """The wait for a turn begins."""
 
     def forgo(self) -> None:
         """The wait ended without a turn (a cancel): what was lent is not taken back."""
 
-    def reclaim_now(self) -> bool:
-        """The wait ended: take back what was lent if that needs no waiting; False if it does."""
-
     async def reclaim(self) -> None:
-        """The wait ended: take back what was lent, waiting as long as that takes."""
+        """The turn came: take back what was lent, while the turn is held."""
 
 
 class _TurnWait:
-    """A download's turn at its origin (a place under ``Fetcher.caps``) when it must be waited for: the
+    """A request's turn at its origin (a place under ``Fetcher.caps``) when it must be waited for: the
     attempt's timeout stands still meanwhile, and the caller's `aside` is lent.
 
     Without this, a URL queued behind a slow origin's downloads (8 at a time per address, each up to a
@@ -316,42 +315,47 @@ class _TurnWait:
 
     __slots__ = ("_aside", "_clock")
 
-    def __init__(self, clock: asyncio.Timeout, aside: Aside | None) -> None:
+    def __init__(self, clock: asyncio.Timeout, aside: Aside | None = None) -> None:
         self._clock = clock
         self._aside = aside
 
-    async def take(self, held: OriginTurn) -> None:
-        if self._clock.expired():  # its cancel is on the way
-            await held.take()
+    async def take(self, turn: OriginTurn) -> None:
+        if not turn.would_wait():
+            await turn.take()
             return
+        if self._clock.expired():  # its cancel is on the way
+            await turn.take()
+            return
+        loop = asyncio.get_running_loop()
+        paused = loop.time()
         when = self._clock.when()
-        left = None if when is None else when - asyncio.get_running_loop().time()
+        left = None if when is None else when - paused
         self._clock.reschedule(None)
         try:
-            await self._take(held)
+            await self._take(turn)
         finally:
+            now = loop.time()
+            if self._aside is not None:
+                self._aside.waited += now - paused
             if left is not None:
-                self._clock.reschedule(asyncio.get_running_loop().time() + left)
+                self._clock.reschedule(now + left)
 
-    async def _take(self, held: OriginTurn) -> None:
+    async def _take(self, turn: OriginTurn) -> None:
         aside = self._aside
         if aside is None:
-            await held.take()
+            await turn.take()
             return
         aside.lend()
         try:
-            await held.take()
+            await turn.take()
         except BaseException:
             aside.forgo()
             raise
-        if aside.reclaim_now():
-            return
-        # Never wait for the slot while holding the turn: entries holding slots may be waiting for this
-        # very turn, and each side would wait for the other for ever. Wait for the slot alone, then for a
-        # turn holding it, as any download does.
-        held.release()
-        await aside.reclaim()
-        await held.take()
+        try:
+            await aside.reclaim()
+        except BaseException:
+            turn.release()
+            raise
 
 
 class Fetcher:
@@ -493,15 +497,12 @@ class Fetcher:
             address = await self._address_of(url)
             if tracing.enabled:
                 tracing.annotate({"network.peer.address": address})  # the address connected to, after the guard
-            held = self.caps.hold(url.raw_host or "", address)
-            if held.would_wait():
-                await waiting.take(held)
-            else:
-                await held.take()
+            turn = self.caps.hold(url.raw_host or "", address)
+            await waiting.take(turn)
             try:
                 hop = await self._hop(url)
             finally:
-                held.release()
+                turn.release()
             if isinstance(hop, Downloaded):
                 return hop
             url = hop
@@ -531,7 +532,7 @@ class Fetcher:
             raise DownloadFailed(f"connection failed ({type(exc).__name__})", permanent=False) from None
 
     async def fetch_robots(self, url: str) -> RobotsFile:
-        """An origin's robots.txt at `url`, through the guard and the caps like any download (RFC 9309)."""
+        """An origin's robots.txt at `url`, through the guard like any download but outside the caps (RFC 9309)."""
         try:
             async with asyncio.timeout(self.robots_timeout):
                 return await self._follow_robots(_usable_url(lambda: URL(url), "invalid URL"))
@@ -543,12 +544,15 @@ class Fetcher:
             return RobotsFile("unreachable", f"connection failed ({type(exc).__name__})")
 
     async def _follow_robots(self, url: URL) -> RobotsFile:
+        """The robots.txt fetch takes no turn under ``self.caps``: the downloads of its origin wait for it
+        holding their slots (politeness.Robots), and an entry that has its turn may be waiting for a slot
+        (worker.py's ``_Lent``), so a turn waited for here could be waited for by both sides at once.
+        It is one request per origin per ``robots_ttl``, beside the origin's capped downloads."""
         assert self._session is not None, "Fetcher.start() was not called"
         for _ in range(ROBOTS_REDIRECTS + 1):
             self._check_hop(url)
-            address = await self._address_of(url)
-            async with self.caps.hold(url.raw_host or "", address), tracing.request_span(url), \
-                    self._session.get(url, allow_redirects=False) as response:
+            await self._address_of(url)  # the guard's answer (and the connector's, from the same cache)
+            async with tracing.request_span(url), self._session.get(url, allow_redirects=False) as response:
                 if tracing.enabled:
                     tracing.annotate({"http.response.status_code": response.status})
                 location = response.headers.get("Location")

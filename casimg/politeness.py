@@ -1,7 +1,7 @@
 """Politeness to origins: what an origin's owner asks of casimg, and how often casimg may ask it.
 
 - **robots.txt** (``Robots``, RFC 9309): fetched once per origin (scheme, host and port) through the
-  download path itself (the address guard, the caps, ``Fetcher.fetch_robots``: at most
+  download path itself (the address guard but not the caps, ``Fetcher.fetch_robots``: at most
   ``ROBOTS_MAX_BYTES``, ``ROBOTS_REDIRECTS`` redirects, a short time limit), kept in Redis for every
   process for ``robots_ttl`` seconds (``KeySpace.robots``: the file's text, already capped in size) and
   parsed with Protego, the parser Scrapy uses; the group for casimg's token is obeyed, else ``*``.

@@ -483,12 +483,15 @@ class JobQueue:
                 stream, QUEUE_GROUP, min="-", max="+", count=info["pending"] if own else count - len(claimed),
                 consumername=name,
             )
-            delivered = {item["message_id"]: int(item["times_delivered"]) for item in pending
-                         if not (own and (owner, item["message_id"]) in held)}
-            delivered = dict(list(delivered.items())[:count - len(claimed)])
+            items = [item for item in pending if not (own and (owner, item["message_id"]) in held)]
+            items = items[:count - len(claimed)]
+            delivered = {item["message_id"]: int(item["times_delivered"]) for item in items}
             if delivered:
+                # Idle for at least as long as we saw: an entry another worker claimed meanwhile was idle
+                # for no time since, so it is not claimed twice.
+                idle = min(int(item["time_since_delivered"]) for item in items)
                 for entry_id, fields in await self.redis.xclaim(
-                    stream, QUEUE_GROUP, consumer, min_idle_time=0, message_ids=list(delivered)
+                    stream, QUEUE_GROUP, consumer, min_idle_time=idle, message_ids=list(delivered)
                 ):
                     if fields:
                         claimed.append(replace(_entry(entry_id, fields, owner), deliveries=delivered[entry_id] + 1))

@@ -79,6 +79,7 @@ class FairSlots:
         self._takers: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
         self._arrivals = itertools.count()
         self._woken: Counter[str] = Counter()  # entries woken for a slot that have not run yet, per owner
+        self._firsts: deque[tuple[str, asyncio.Future[None]]] = deque()  # take(first=True): (owner, waiter)
 
     @property
     def free(self) -> int:
@@ -115,18 +116,24 @@ class FairSlots:
         if self.waiting[owner] <= 0:
             del self.waiting[owner]
 
-    async def take(self, owner: str) -> None:
-        """A slot for a queued-up entry of `owner`, once the rules allow it."""
+    async def take(self, owner: str, first: bool = False) -> None:
+        """A slot for a queued-up entry of `owner`, once the rules allow it. An entry that asks `first`
+        is served before every other waiting entry: one that holds its origin's turn (worker.py)."""
         while not self.try_take(owner):
             waiter = asyncio.get_running_loop().create_future()
             place = (next(self._arrivals), waiter)
-            self._takers.setdefault(owner, deque()).append(place)
+            if first:
+                self._firsts.append((owner, waiter))
+            else:
+                self._takers.setdefault(owner, deque()).append(place)
             try:
                 await waiter
             except BaseException:  # cancelled
                 if waiter.done() and not waiter.cancelled():
                     self._unwake(owner)
                     self._wake_takers()  # woken for a slot it will not take: the next may take it
+                elif first:
+                    self._firsts.remove((owner, waiter))
                 else:
                     queue = self._takers[owner]
                     queue.remove(place)
@@ -160,6 +167,16 @@ class FairSlots:
         and the next give-back wakes it.
         """
         free = self.free - self._woken.total()
+        for place in list(self._firsts):
+            if free <= 0:
+                return
+            owner = place[0]
+            if self.held[owner] + self._woken[owner] and free <= self.reserve:
+                continue
+            self._firsts.remove(place)
+            place[1].set_result(None)
+            self._woken[owner] += 1
+            free -= 1
         while free > 0:
             chosen: tuple[tuple[int, int], str] | None = None
             for owner, queue in self._takers.items():

@@ -8,11 +8,11 @@ An entry goes through two stages, each with its own bound, so that storing one i
 downloads of the next ones instead of holding their connection slot:
 
 1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in, but
-   not while the URL waits to be retried, nor (up to a bound, ``_Aside``) while it waits for its origin:
-   its rate, its cool-down, or a turn under the caps per address and domain. Slots are shared between
-   API keys by scheduler.FairSlots: the worker reads from each key's stream only what that key may
-   take, so one key's backlog or slow URLs cannot keep another key's first URL waiting for more than
-   about a queue read. It reads up to
+   not while the URL waits to be retried, nor while it waits for its origin: its rate or cool-down (up
+   to a bound, ``_wait_for_origin``), or a turn under the caps per address and domain (``_Lent``).
+   Slots are shared between API keys by scheduler.FairSlots: the worker reads from each key's stream
+   only what that key may take, so one key's backlog or slow URLs cannot keep another key's first URL
+   waiting for more than about a queue read. It reads up to
    ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
    read takes about as long as a download from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
@@ -103,8 +103,8 @@ RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
-# Entries that may wait for their origin (its rate, its cool-down, a turn under the caps) without a slot,
-# per slot: enough that a slow or paced origin's backlog does not keep the slots from other origins, few
+# Entries that may wait for their origin (its rate, its cool-down, a turn under the caps) put aside, per
+# slot: enough that a slow or paced origin's backlog does not keep the slots from other origins, few
 # enough to bound the entries read ahead (each waits as a task, pending under this worker's name).
 ASIDE_PER_SLOT = 4
 # Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
@@ -283,11 +283,14 @@ class Worker:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     await self.queue.forget_idle_owners()
-                    # (entries held now: none is added while this runs, as only this loop adds them)
-                    entries = await self.queue.claim_unattended(self.name, self._slots.readable, set(self._held))
                     await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
+                    # (entries held now: none is added while this runs, as only this loop adds them; and
+                    # nothing that can fail comes between the claim and the tasks it starts)
+                    entries = await self.queue.claim_unattended(self.name, self._slots.readable, set(self._held))
                 if not entries:
                     entries = await self._read_fairly()
+                if self._stopping.is_set():
+                    break  # what was just read or claimed stays pending under our name; stop() retires it
                 known = await self._indexed_already(entries)
                 for entry, digest in zip(entries, known, strict=True):
                     slot = _Slot(self._slots, entry.owner)
@@ -461,11 +464,11 @@ class Worker:
                 return
             await self._wait_for_origin(entry.url, slot)
             started = time.monotonic()
-            aside = _Aside(self, slot)  # while the download waits for a turn at its origin
+            lent = _Lent(self, slot)  # while the download waits for a turn at its origin
             try:
-                downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout), aside)
+                downloaded = await self.fetcher.fetch(entry.url, min(budget, self.settings.fetch_timeout), lent)
             except DownloadFailed as failure:
-                budget -= time.monotonic() - started - aside.waited
+                budget -= time.monotonic() - started - lent.waited
                 cooled = await self._cool_origin(entry.url, failure)
                 if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0 or self._stopping.is_set():
                     await self._fail(entry, failure.reason, attempt)
@@ -531,17 +534,18 @@ class Worker:
         origin = origin_of(url) if self.pace is not None else None
         if self.pace is None or origin is None or await self.pace.try_now(origin) <= 0:
             return
-        aside = _Aside(self, slot)
-        aside.lend()
+        aside = self._aside < ASIDE_PER_SLOT * self.settings.download_concurrency
+        if aside:
+            slot.give_back()
+            self._aside += 1
         try:
             went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
-        except BaseException:
-            aside.forgo()
-            raise
+        finally:
+            if aside:
+                self._aside -= 1
         if not went_on:
-            aside.forgo()
             raise _Stopped
-        await aside.reclaim()
+        await slot.take()
 
     async def _cool_origin(self, url: str, failure: DownloadFailed) -> bool:
         """After a 429 or 503, cool the URL's whole origin down for every worker; True if it now cools."""
@@ -675,55 +679,51 @@ class Worker:
         return tmp, digest, info
 
 
-class _Aside:
-    """An entry's download slot, lent to others while the entry waits for its origin (its rate, its
-    cool-down, or a turn under the caps per address and domain: fetcher.Aside), and taken back after.
+class _Lent:
+    """An entry's download slot, lent to others while its download waits for a turn at its origin (the
+    caps per address and domain, scheduler.OriginCaps; see fetcher.Aside).
 
-    Up to ASIDE_PER_SLOT x download_concurrency entries of a worker wait so at once; a further one waits
-    holding its slot, which bounds how far the reader runs ahead. The entry stays pending under the
-    worker's name meanwhile. ``waited`` adds up the seconds between each ``lend`` and its end.
+    Once its turn comes, the entry takes the next slot given back, before any other waiting entry. No
+    entry waits for a turn while it holds a slot, so the holders of the turns never wait for slots that
+    only the waiters for a turn could give back. Up to ASIDE_PER_SLOT x download_concurrency entries
+    waiting for their origin are put aside, as in ``_wait_for_origin``, and the reader reads on for
+    other origins; past them, a lent slot counts as an entry waiting for one, so the reader reads no
+    further. ``waited``: the seconds the download's clock stood still (added by the fetcher), which its
+    budget does not count.
     """
 
-    __slots__ = ("_lent", "_since", "_slot", "_worker", "waited")
+    __slots__ = ("_aside", "_slot", "_worker", "waited")
 
     def __init__(self, worker: Worker, slot: _Slot) -> None:
         self._worker = worker
         self._slot = slot
-        self._lent = False
-        self._since: float | None = None
+        self._aside = False
         self.waited = 0.0
 
     def lend(self) -> None:
-        self._since = time.monotonic()
         worker = self._worker
         if worker._aside < ASIDE_PER_SLOT * worker.settings.download_concurrency:
             self._slot.give_back()
             worker._aside += 1
-            self._lent = True
+            self._aside = True
+        else:
+            self._slot.lend()
 
     def forgo(self) -> None:
-        self._end()
-
-    def reclaim_now(self) -> bool:
-        if self._lent and not self._slot.take_now():
-            return False
-        self._end()
-        return True
+        self._back_from_aside()
+        self._slot.give_back()  # leaves the queue for a slot, if it is in it; none is held
 
     async def reclaim(self) -> None:
-        try:
-            if self._lent:
-                await self._slot.take()
-        finally:
-            self._end()
+        self._back_from_aside()
+        if self._worker._stopping.is_set():  # an entry that waited into a stop is left to the next worker
+            self._slot.give_back()
+            raise _Stopped
+        await self._slot.take(first=True)
 
-    def _end(self) -> None:
-        if self._lent:
-            self._lent = False
+    def _back_from_aside(self) -> None:
+        if self._aside:
+            self._aside = False
             self._worker._aside -= 1
-        if self._since is not None:
-            self.waited += time.monotonic() - self._since
-            self._since = None
 
 
 class _Stopped(Exception):
@@ -778,18 +778,20 @@ class _Slot:
             self._slots.queue_up(self._owner)
             self._queued = True
 
-    def take_now(self) -> bool:
-        """Hold a slot if the rules allow it now, without queueing up for one; True if one is held."""
-        if not self._held:
-            self._held = self._slots.try_take(self._owner)
-        return self._held
+    def lend(self) -> None:
+        """Give the slot back and queue up for one again, counted as an entry waiting for a slot (``take``
+        gets it back)."""
+        self.give_back()
+        self._slots.queue_up(self._owner)
+        self._queued = True
 
-    async def take(self) -> None:
-        """Hold a slot; if this had to wait for one, ``waited`` says so until the caller clears it."""
+    async def take(self, first: bool = False) -> None:
+        """Hold a slot (`first`: before any other waiting entry); if this had to wait for one, ``waited``
+        says so until the caller clears it."""
         if not self._held:
             self.try_take()
             if not self._held:
-                await self._slots.take(self._owner)
+                await self._slots.take(self._owner, first)
                 self._held = self.waited = True
         self._unqueue()
 

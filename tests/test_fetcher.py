@@ -451,6 +451,25 @@ async def test_a_wait_for_a_turn_at_the_origin_does_not_count_against_the_timeou
         await fetcher.close()
 
 
+@pytest.mark.gen_test(timeout=30)
+async def test_a_robots_fetch_takes_no_turn_behind_the_origins_downloads(tmp_path, origin):
+    """One download at a time to the address and a slow one in flight: robots.txt is still fetched
+    within its own short time limit (its origin's downloads wait for it), not "unreachable: timeout",
+    which would disallow the whole origin for minutes."""
+    origin.robots_txt = "User-agent: *\nAllow: /\n"
+    fetcher = await started(tmp_path, max_per_host=1, robots_timeout=1.0)
+    try:
+        slow = asyncio.ensure_future(fetcher.fetch(origin.url("/img/917600.jpg?delay=2")))
+        await asyncio.sleep(0.2)
+        assert fetcher.caps.addresses.in_use("127.0.0.1") == 1
+        found = await fetcher.fetch_robots(origin.url("/robots.txt"))
+        assert found.kind == "rules", found
+        assert (await slow).size > 0
+    finally:
+        origin.robots_txt = None
+        await fetcher.close()
+
+
 def test_registrable_domains_come_from_the_shipped_public_suffix_list():
     assert registrable_domain("a.b.example.co.uk") == "example.co.uk"
     assert registrable_domain("x.github.io") == "x.github.io"  # a private suffix: each site its own

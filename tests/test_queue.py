@@ -11,7 +11,7 @@ import pytest
 from casimg.errors import NotFound, TooLarge, TooManyRequests
 from casimg.index import Index
 from casimg.queue import KEPT_URL, JobQueue, Limits
-from casimg.schema import KeySpace, Outcome
+from casimg.schema import QUEUE_GROUP, KeySpace, Outcome
 from casimg.services import connect_redis
 
 
@@ -313,3 +313,24 @@ async def test_a_cancel_ends_the_job_in_one_step_and_nothing_is_recorded_or_queu
     assert await queue.redis.xlen(queue.keys.queue) == 0
     with pytest.raises(NotFound):
         await queue.cancel("d" * 24)
+
+
+@pytest.mark.gen_test
+async def test_an_entry_another_worker_claims_between_our_look_and_our_claim_is_not_claimed_twice(parts, monkeypatch):
+    queue, _ = parts
+    await queue.submit([f"http://a/{n}" for n in range(3)])
+    await queue.heartbeat("dying", 30)
+    assert len(await queue.read("dying", {"": 3})) == 3
+    await queue.retire("dying")
+    await asyncio.sleep(0.05)  # idle for a while, as a dead worker's entries are
+    await queue.heartbeat("w2", 30)
+    look = queue.redis.xpending_range
+
+    async def then_w2_claims(*args, **kwargs):
+        pending = await look(*args, **kwargs)
+        await queue.redis.xclaim(queue.stream_of(""), QUEUE_GROUP, "w2", min_idle_time=0,
+                                 message_ids=[item["message_id"] for item in pending])
+        return pending
+
+    monkeypatch.setattr(queue.redis, "xpending_range", then_w2_claims)
+    assert await queue.claim_unattended("w3", 10, set()) == []

@@ -106,6 +106,32 @@ def test_a_given_back_slot_wakes_only_the_waiting_entries_that_may_take_it():
     asyncio.run(scenario())
 
 
+def test_an_entry_that_holds_its_origins_turn_gets_the_next_slot_before_earlier_waiters():
+    """worker._Lent: an entry that lent its slot while waiting for a turn, and has it, asks first."""
+    async def scenario() -> None:
+        slots = FairSlots(2, reserve=0)
+        assert slots.try_take("a") and slots.try_take("b")
+        earlier = [asyncio.ensure_future(slots.take(owner)) for owner in ("new", "a")]
+        await asyncio.sleep(0)
+        turn_holder = asyncio.ensure_future(slots.take("a", first=True))
+        await asyncio.sleep(0)
+        slots.give_back("b")
+        await asyncio.sleep(0)
+        assert turn_holder.done() and not any(task.done() for task in earlier)
+        cancelled = asyncio.ensure_future(slots.take("b", first=True))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
+        assert not slots._firsts
+        slots.give_back("a")
+        await asyncio.sleep(0)
+        assert earlier[0].done() and slots.held["new"] == 1  # then the others, as before
+        earlier[1].cancel()
+        await asyncio.gather(earlier[1], return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
 def test_a_given_back_slot_goes_to_the_waiting_entry_of_the_key_holding_fewest():
     """A busy key's entries read ahead came first; a newcomer's later entries still get the next slots,
     as the reader's plan would share them, instead of waiting behind all of the busy key's."""

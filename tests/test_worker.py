@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import casimg.worker as worker_module
 from casimg.fetcher import Fetcher
 from casimg.queue import Limits
 from casimg.services import open_services
@@ -186,6 +187,36 @@ async def test_a_worker_takes_back_entries_read_under_its_name_whose_reply_it_ne
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(settings, origin, monkeypatch):
+    """A Redis error in the steps around the claim (here, resuming jobs whose submitter died) comes before
+    the claim: entries claimed are never dropped before their tasks start, to be claimed again with one
+    more delivery each time, until MAX_DELIVERIES failed them as "abandoned"."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    try:
+        worker, queue = services.worker, services.queue
+        job_id, _ = await queue.submit([origin.url(f"/img/{917_500 + n}.png") for n in range(2)])
+        await queue.heartbeat(worker.name, settings.worker_heartbeat)
+        assert len(await queue.read(worker.name, {"": 2})) == 2  # a read whose reply the worker never got
+        real, calls = queue.resume_enqueuing, [0]
+
+        async def flaky(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] <= 5:
+                raise RedisConnectionError("Redis went away again")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(queue, "resume_enqueuing", flaky)
+        monkeypatch.setattr(worker_module, "REDIS_RETRY", 0.05)
+        worker.start()
+        job = await settled(queue, job_id)
+        assert (job.status, job.stored) == ("done", 2), [r.get("error") for r in job.results]
+    finally:
+        await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_storing_falls_behind(
     tmp_path, redis_server, origin, monkeypatch
 ):
@@ -269,6 +300,72 @@ async def test_an_entry_waiting_for_a_turn_at_its_origin_lends_its_slot(tmp_path
             assert elsewhere - first < 1.0, "the other address waited for the slow download to end"
         finally:
             await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_entries_lent_for_a_turn_start_no_download_once_the_worker_stops(tmp_path, redis_server, origin):
+    """Two slots, one download at a time per address: stopped while one downloads, the entries waiting
+    for the address's turn (their slots lent) are left to the next worker when the turn comes."""
+    settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, per_host_concurrency=1)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    paths = [f"/img/{917_100 + n}.jpg" for n in range(6)]
+    before = sum(origin.hits[path] for path in paths)
+    try:
+        worker = services.worker
+        worker.start()
+        await services.queue.submit([origin.url(f"{path}?delay=1") for path in paths])
+        for _ in range(200):
+            if sum(origin.hits[path] for path in paths) - before >= 1 and worker._aside >= 2:
+                break
+            await asyncio.sleep(0.02)
+        assert worker._aside >= 2
+        await worker.stop(grace=10)
+        assert sum(origin.hits[path] for path in paths) - before == 1
+        assert worker._aside == 0
+    finally:
+        await services.close()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_wait_for_a_turn_and_then_a_slot_is_not_charged_to_the_budget(settings):
+    """The entry lends its slot while it waits for its turn, and once the turn comes waits for a slot
+    holding it: its download's clock stood still for both, and its budget is charged for neither."""
+    from types import SimpleNamespace
+
+    from casimg.fetcher import _TurnWait
+    from casimg.scheduler import FairSlots, OriginCaps
+    from casimg.worker import _Lent, _Slot
+
+    slots = FairSlots(1, reserve=0)
+    worker = SimpleNamespace(_aside=0, settings=settings, _stopping=asyncio.Event())
+    mine = _Slot(slots, "k")
+    mine.try_take()
+    caps = OriginCaps(1, 2)
+    first = caps.hold("192.0.2.9", "192.0.2.9")
+    await first.take()
+    seen = {}
+
+    async def entry():
+        lent = _Lent(worker, mine)
+        started = time.monotonic()
+        async with asyncio.timeout(10) as clock:
+            turn = caps.hold("192.0.2.9", "192.0.2.9")
+            await _TurnWait(clock, lent).take(turn)
+            seen["clock"] = 10 - (clock.when() - asyncio.get_running_loop().time())
+            turn.release()
+        seen["charged"] = time.monotonic() - started - lent.waited
+        seen["held"] = mine._held
+
+    task = asyncio.ensure_future(entry())
+    await asyncio.sleep(0.3)  # it lent its slot, and waits for the turn
+    theirs = _Slot(slots, "k")
+    theirs.try_take()  # another download takes the lent slot
+    first.release()  # the entry's turn; no slot is free: it waits for one, holding the turn
+    await asyncio.sleep(0.3)
+    theirs.give_back()
+    await task
+    assert seen["held"] and worker._aside == 0
+    assert seen["clock"] < 0.05 and seen["charged"] < 0.05, seen
 
 
 @pytest.mark.gen_test(timeout=60)
