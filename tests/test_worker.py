@@ -302,6 +302,45 @@ async def test_an_entry_waiting_for_a_turn_at_its_origin_lends_its_slot(tmp_path
             await services.close()
 
 
+@pytest.mark.gen_test(timeout=120)
+@pytest.mark.parametrize("stop_after", [None, 1.5])
+async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_behind(
+        tmp_path, redis_server, origin, stop_after):
+    """Three slots, one download at a time per address, two keys' URLs over two addresses with mixed
+    delays: every job finishes (or the worker stops mid-way), and nothing stays counted afterwards."""
+    import random
+
+    with Origin("127.0.0.5") as other:
+        settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=3,
+                                 per_host_concurrency=1, allow_networks="127.0.0.1/32,127.0.0.5/32")
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            pick = random.Random(7)
+
+            def urls(base: int) -> list[str]:
+                return [(origin if pick.random() < 0.6 else other).url(
+                    f"/img/{base + n}.jpg?delay={pick.choice([0, 0.01, 0.05, 0.2])}") for n in range(40)]
+
+            jobs = [(await services.queue.submit(urls(base), key_id=key))[0]
+                    for base, key in ((918_000, "k1"), (918_100, "k2"))]
+            worker = services.worker
+            worker.start()
+            if stop_after:
+                await asyncio.sleep(stop_after)
+                await worker.stop(grace=0.3)
+            else:
+                for job_id in jobs:
+                    job = await settled(services.queue, job_id, 60)
+                    assert (job.status, job.stored) == ("done", 40)
+            await asyncio.sleep(0.1)
+            caps = services.fetcher.caps
+            assert (worker._aside, worker._slots.free, dict(worker._slots.waiting)) == (0, 3, {})
+            assert not worker._slots._firsts and not worker._slots._takers
+            assert not caps.addresses._gates and not caps.domains._gates
+        finally:
+            await services.close()
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_entries_lent_for_a_turn_start_no_download_once_the_worker_stops(tmp_path, redis_server, origin):
     """Two slots, one download at a time per address: stopped while one downloads, the entries waiting
