@@ -206,6 +206,7 @@ class JobQueue:
         self._publish = redis.register_script(lua_source("publish"))
         self._enqueue = redis.register_script(lua_source("enqueue"))
         self._cancel = redis.register_script(lua_source("cancel"))
+        self._take_over = redis.register_script(lua_source("take_over"))
 
     async def ensure_group(self, owner: str = "") -> None:
         """Create an owner's stream and its consumer group once (the keyless one by default); reading from
@@ -487,14 +488,12 @@ class JobQueue:
             items = items[:count - len(claimed)]
             delivered = {item["message_id"]: int(item["times_delivered"]) for item in items}
             if delivered:
-                # Idle for at least as long as we saw: an entry another worker claimed meanwhile was idle
-                # for no time since, so it is not claimed twice.
-                idle = min(int(item["time_since_delivered"]) for item in items)
-                for entry_id, fields in await self.redis.xclaim(
-                    stream, QUEUE_GROUP, consumer, min_idle_time=idle, message_ids=list(delivered)
-                ):
-                    if fields:
-                        claimed.append(replace(_entry(entry_id, fields, owner), deliveries=delivered[entry_id] + 1))
+                # Each entry only if it is still pending under `name`: one another worker took over since
+                # our look stays with it (take_over.lua).
+                for entry_id, flat in await self._take_over(
+                        keys=[stream], args=[QUEUE_GROUP, name, consumer, *delivered]):
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+                    claimed.append(replace(_entry(entry_id, fields, owner), deliveries=delivered[entry_id] + 1))
             if len(claimed) >= count:
                 break
         return claimed

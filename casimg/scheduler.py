@@ -79,7 +79,6 @@ class FairSlots:
         self._takers: dict[str, deque[tuple[int, asyncio.Future[None]]]] = {}
         self._arrivals = itertools.count()
         self._woken: Counter[str] = Counter()  # entries woken for a slot that have not run yet, per owner
-        self._firsts: deque[tuple[str, asyncio.Future[None]]] = deque()  # take(first=True): (owner, waiter)
 
     @property
     def free(self) -> int:
@@ -115,30 +114,40 @@ class FairSlots:
         self.waiting[owner] -= 1
         if self.waiting[owner] <= 0:
             del self.waiting[owner]
+        self._wake_reader()  # one entry fewer waiting: the reader may read one more
+
+    def _wake_reader(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def take(self, owner: str, first: bool = False) -> None:
         """A slot for a queued-up entry of `owner`, once the rules allow it. An entry that asks `first`
-        is served before every other waiting entry: one that holds its origin's turn (worker.py)."""
+        goes ahead of `owner`'s other waiting entries (one that holds its origin's turn, worker.py);
+        between owners, the slots are shared as always."""
         while not self.try_take(owner):
             waiter = asyncio.get_running_loop().create_future()
             place = (next(self._arrivals), waiter)
+            queue = self._takers.setdefault(owner, deque())
             if first:
-                self._firsts.append((owner, waiter))
+                queue.appendleft(place)
             else:
-                self._takers.setdefault(owner, deque()).append(place)
+                queue.append(place)
             try:
                 await waiter
             except BaseException:  # cancelled
                 if waiter.done() and not waiter.cancelled():
                     self._unwake(owner)
                     self._wake_takers()  # woken for a slot it will not take: the next may take it
-                elif first:
-                    self._firsts.remove((owner, waiter))
                 else:
-                    queue = self._takers[owner]
-                    queue.remove(place)
+                    # Its place may be gone already: a give-back that came between the cancel and this
+                    # step passed over its cancelled waiter (_wake_takers).
+                    queue = self._takers.get(owner, deque())
+                    with contextlib.suppress(ValueError):
+                        queue.remove(place)
                     if not queue:
-                        del self._takers[owner]
+                        self._takers.pop(owner, None)
                 raise
             self._unwake(owner)
 
@@ -152,10 +161,7 @@ class FairSlots:
         if self.held[owner] <= 0:
             del self.held[owner]
         self._in_use -= 1
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake_reader()
         self._wake_takers()
 
     def _wake_takers(self) -> None:
@@ -167,16 +173,6 @@ class FairSlots:
         and the next give-back wakes it.
         """
         free = self.free - self._woken.total()
-        for place in list(self._firsts):
-            if free <= 0:
-                return
-            owner = place[0]
-            if self.held[owner] + self._woken[owner] and free <= self.reserve:
-                continue
-            self._firsts.remove(place)
-            place[1].set_result(None)
-            self._woken[owner] += 1
-            free -= 1
         while free > 0:
             chosen: tuple[tuple[int, int], str] | None = None
             for owner, queue in self._takers.items():
@@ -190,9 +186,12 @@ class FairSlots:
                 break
             owner = chosen[1]
             queue = self._takers[owner]
-            queue.popleft()[1].set_result(None)
+            waiter = queue.popleft()[1]
             if not queue:
                 del self._takers[owner]
+            if waiter.done():  # cancelled, and its task has not run since: passed over
+                continue
+            waiter.set_result(None)
             self._woken[owner] += 1
             free -= 1
 

@@ -546,6 +546,8 @@ class Worker:
         if not went_on:
             raise _Stopped
         await slot.take()
+        if self._stopping.is_set():
+            raise _Stopped
 
     async def _cool_origin(self, url: str, failure: DownloadFailed) -> bool:
         """After a 429 or 503, cool the URL's whole origin down for every worker; True if it now cools."""
@@ -683,9 +685,10 @@ class _Lent:
     """An entry's download slot, lent to others while its download waits for a turn at its origin (the
     caps per address and domain, scheduler.OriginCaps; see fetcher.Aside).
 
-    Once its turn comes, the entry takes the next slot given back, before any other waiting entry. No
-    entry waits for a turn while it holds a slot, so the holders of the turns never wait for slots that
-    only the waiters for a turn could give back. Up to ASIDE_PER_SLOT x download_concurrency entries
+    Once its turn comes, the entry waits for a slot holding it, ahead of its key's other waiting entries
+    (between keys, FairSlots shares the slots as always). No entry waits for a turn while it holds a
+    slot, so the holders of the turns never wait for slots that only the waiters for a turn could give
+    back. Up to ASIDE_PER_SLOT x download_concurrency entries
     waiting for their origin are put aside, as in ``_wait_for_origin``, and the reader reads on for
     other origins; past them, a lent slot counts as an entry waiting for one, so the reader reads no
     further. ``waited``: the seconds the download's clock stood still (added by the fetcher), which its
@@ -715,10 +718,11 @@ class _Lent:
 
     async def reclaim(self) -> None:
         self._back_from_aside()
+        if not self._worker._stopping.is_set():
+            await self._slot.take(first=True)
         if self._worker._stopping.is_set():  # an entry that waited into a stop is left to the next worker
             self._slot.give_back()
             raise _Stopped
-        await self._slot.take(first=True)
 
     def _back_from_aside(self) -> None:
         if self._aside:

@@ -334,3 +334,30 @@ async def test_an_entry_another_worker_claims_between_our_look_and_our_claim_is_
 
     monkeypatch.setattr(queue.redis, "xpending_range", then_w2_claims)
     assert await queue.claim_unattended("w3", 10, set()) == []
+
+
+@pytest.mark.gen_test
+async def test_an_entry_read_just_before_its_worker_died_is_not_claimed_twice_either(parts, monkeypatch):
+    """One entry idle for a while, one read just before its worker stopped; another worker takes both
+    over between our look and our claim, which reaches Redis 30 ms later: neither is ours."""
+    queue, _ = parts
+    await queue.heartbeat("dying", 30)
+    await queue.submit(["http://a/old"])
+    assert len(await queue.read("dying", {"": 1})) == 1
+    await asyncio.sleep(0.5)
+    await queue.submit(["http://a/fresh"])
+    assert len(await queue.read("dying", {"": 1})) == 1
+    await queue.retire("dying")
+    await queue.heartbeat("w2", 30)
+    look = queue.redis.xpending_range
+
+    async def then_w2_claims(*args, **kwargs):
+        pending = await look(*args, **kwargs)
+        await queue.redis.xclaim(queue.stream_of(""), QUEUE_GROUP, "w2", min_idle_time=0,
+                                 message_ids=[item["message_id"] for item in pending])
+        await asyncio.sleep(0.03)
+        return pending
+
+    monkeypatch.setattr(queue.redis, "xpending_range", then_w2_claims)
+    assert await queue.claim_unattended("w3", 10, set()) == []
+    assert await queue.depth() == {"waiting": 0, "in_progress": 2}

@@ -106,28 +106,54 @@ def test_a_given_back_slot_wakes_only_the_waiting_entries_that_may_take_it():
     asyncio.run(scenario())
 
 
-def test_an_entry_that_holds_its_origins_turn_gets_the_next_slot_before_earlier_waiters():
-    """worker._Lent: an entry that lent its slot while waiting for a turn, and has it, asks first."""
+def test_an_entry_that_holds_its_origins_turn_goes_ahead_of_its_own_keys_waiting_entries_only():
+    """worker._Lent: an entry that lent its slot while it waited for a turn, and has it, asks `first`: it
+    gets its key's next slot before the key's entries read ahead, but takes none from a key holding fewer."""
     async def scenario() -> None:
-        slots = FairSlots(2, reserve=0)
-        assert slots.try_take("a") and slots.try_take("b")
-        earlier = [asyncio.ensure_future(slots.take(owner)) for owner in ("new", "a")]
+        slots = FairSlots(4, reserve=0)
+        for owner in ("a", "a", "a", "b"):
+            assert slots.try_take(owner)
+        read_ahead = asyncio.ensure_future(slots.take("a"))
+        other = asyncio.ensure_future(slots.take("b"))
         await asyncio.sleep(0)
         turn_holder = asyncio.ensure_future(slots.take("a", first=True))
         await asyncio.sleep(0)
-        slots.give_back("b")
+        slots.give_back("a")  # a holds 2, b 1: b's entry first
         await asyncio.sleep(0)
-        assert turn_holder.done() and not any(task.done() for task in earlier)
-        cancelled = asyncio.ensure_future(slots.take("b", first=True))
+        assert other.done() and not turn_holder.done() and not read_ahead.done()
+        slots.give_back("b")  # a 2, b 1 again: b has no entry waiting, so a's turn holder, before a's read-ahead
         await asyncio.sleep(0)
-        cancelled.cancel()
-        await asyncio.gather(cancelled, return_exceptions=True)
-        assert not slots._firsts
-        slots.give_back("a")
-        await asyncio.sleep(0)
-        assert earlier[0].done() and slots.held["new"] == 1  # then the others, as before
-        earlier[1].cancel()
-        await asyncio.gather(earlier[1], return_exceptions=True)
+        assert turn_holder.done() and not read_ahead.done()
+        read_ahead.cancel()
+        await asyncio.gather(read_ahead, return_exceptions=True)
+        assert not slots._takers
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_before_it_runs_is_passed_over_by_a_give_back():
+    """A stop cancels every task in one go: a slot holder's give-back then meets waiters whose futures are
+    cancelled and whose tasks have not run yet. They are passed over, and leave without an error."""
+    async def scenario() -> None:
+        for first in (False, True):
+            slots = FairSlots(1, reserve=0)
+            assert slots.try_take("a")
+
+            async def holder(slots: FairSlots) -> None:
+                try:
+                    await asyncio.sleep(10)
+                finally:
+                    slots.give_back("a")
+
+            held = asyncio.ensure_future(holder(slots))
+            waiting = asyncio.ensure_future(slots.take("b", first=first))
+            await asyncio.sleep(0)
+            held.cancel()
+            waiting.cancel()
+            results = await asyncio.gather(held, waiting, return_exceptions=True)
+            assert all(isinstance(result, asyncio.CancelledError) for result in results), results
+            assert not slots._takers and not slots._woken and slots.free == 1
+            assert slots.try_take("c")  # and give-backs go on working
 
     asyncio.run(scenario())
 

@@ -335,8 +335,33 @@ async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_be
             await asyncio.sleep(0.1)
             caps = services.fetcher.caps
             assert (worker._aside, worker._slots.free, dict(worker._slots.waiting)) == (0, 3, {})
-            assert not worker._slots._firsts and not worker._slots._takers
+            assert not worker._slots._takers
             assert not caps.addresses._gates and not caps.domains._gates
+        finally:
+            await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_entry_waiting_for_a_slot_when_a_stop_cancels_it_stays_pending(tmp_path, redis_server, origin):
+    """One slot: one entry downloads slowly, the one read ahead waits for the slot. The stop cancels both
+    in one go; the holder's give-back meets the waiter's cancelled future, and the waiter must leave
+    pending for the next worker (it failed as "internal error (ValueError)", acknowledged)."""
+    for trial in range(2):
+        settings = make_settings(tmp_path / f"data{trial}", redis_server.url, download_concurrency=1)
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            worker = services.worker
+            worker.start()
+            job_id, _ = await services.queue.submit(
+                [origin.url(f"/img/{918_200 + 10 * trial + n}.jpg?delay=5") for n in range(2)])
+            for _ in range(200):
+                if len(worker._tasks) == 2 and worker._slots._takers:
+                    break
+                await asyncio.sleep(0.02)
+            assert worker._slots._takers, "the second entry waits for the slot"
+            await worker.stop(grace=0.3)
+            job = await services.queue.get(job_id)
+            assert (job.done, [r["error"] for r in job.results if r and r.get("error")]) == (0, [])
         finally:
             await services.close()
 

@@ -44,6 +44,7 @@ SCRIPTS: dict[str, tuple[str, ...]] = {
     "publish": ("lib_complete", "publish"),
     "enqueue": ("enqueue",),
     "cancel": ("lib_complete", "cancel"),
+    "take_over": ("take_over",),
     # webhooks.py
     "webhook_claim": ("webhook_claim",),
     "webhook_done": ("webhook_done",),
