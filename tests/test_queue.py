@@ -316,30 +316,10 @@ async def test_a_cancel_ends_the_job_in_one_step_and_nothing_is_recorded_or_queu
 
 
 @pytest.mark.gen_test
-async def test_an_entry_another_worker_claims_between_our_look_and_our_claim_is_not_claimed_twice(parts, monkeypatch):
-    queue, _ = parts
-    await queue.submit([f"http://a/{n}" for n in range(3)])
-    await queue.heartbeat("dying", 30)
-    assert len(await queue.read("dying", {"": 3})) == 3
-    await queue.retire("dying")
-    await asyncio.sleep(0.05)  # idle for a while, as a dead worker's entries are
-    await queue.heartbeat("w2", 30)
-    look = queue.redis.xpending_range
-
-    async def then_w2_claims(*args, **kwargs):
-        pending = await look(*args, **kwargs)
-        await queue.redis.xclaim(queue.stream_of(""), QUEUE_GROUP, "w2", min_idle_time=0,
-                                 message_ids=[item["message_id"] for item in pending])
-        return pending
-
-    monkeypatch.setattr(queue.redis, "xpending_range", then_w2_claims)
-    assert await queue.claim_unattended("w3", 10, set()) == []
-
-
-@pytest.mark.gen_test
-async def test_an_entry_read_just_before_its_worker_died_is_not_claimed_twice_either(parts, monkeypatch):
-    """One entry idle for a while, one read just before its worker stopped; another worker takes both
-    over between our look and our claim, which reaches Redis 30 ms later: neither is ours."""
+async def test_entries_another_worker_takes_over_between_our_look_and_our_claim_are_not_claimed_twice(
+        parts, monkeypatch):
+    """A dead worker's entries, one idle for a while and one read just before it stopped; another worker
+    takes both over between our look and our claim, which reaches Redis 30 ms later: neither is ours."""
     queue, _ = parts
     await queue.heartbeat("dying", 30)
     await queue.submit(["http://a/old"])
