@@ -21,10 +21,11 @@ Redirects are followed here, not by aiohttp, so each hop gets the scheme check a
 whole chain shares one total timeout.
 
 Each hop also holds a place under two caps (scheduler.OriginCaps): one per resolved address, one per
-registrable domain. A wait for a place there stops the timeout: it is a wait for a turn, not the
-origin's slowness to answer. The address counted is the one connected to: the hop's name is resolved through
-``CachingResolver`` before the request, and aiohttp's connector asks the same cache, so both see the same
-answers (aiohttp's own per-host limit counts host:port, which eight ports of one machine get around).
+registrable domain. A wait for a place there stops the timeout (``_TurnWait``): it is a wait for a turn,
+not the origin's slowness to answer. The address counted is the one connected to: the hop's name is
+resolved through ``CachingResolver`` before the request, and aiohttp's connector asks the same cache, so
+both see the same answers (aiohttp's own per-host limit counts host:port, which eight ports of one
+machine get around).
 """
 
 from __future__ import annotations
@@ -320,10 +321,7 @@ class _TurnWait:
         self._aside = aside
 
     async def take(self, turn: OriginTurn) -> None:
-        if not turn.would_wait():
-            await turn.take()
-            return
-        if self._clock.expired():  # its cancel is on the way
+        if not turn.would_wait() or self._clock.expired():  # (expired: its cancel is on the way)
             await turn.take()
             return
         loop = asyncio.get_running_loop()

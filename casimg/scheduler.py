@@ -19,11 +19,11 @@ Three bounds stand between one client's URLs and everyone else's downloads:
   time. A name the list does not know counts as its own domain; a numeric host has only its address.
 
 Both caps are per worker process. A slot is given back while a URL waits to be retried (see
-worker.py), so a key's backoff never holds anyone's slot; and while it waits for a place under a cap,
-up to a bound on the entries put aside, so the URLs of one slow origin do not keep the slots from the
-key's other origins. That wait does not count against the fetch timeout (fetcher.py): a URL queued
-behind a slow origin's long downloads waits for its turn, and is not failed as a timeout without a
-request.
+worker.py), so a key's backoff never holds anyone's slot; nor while it waits for a place under a cap,
+so the URLs of one slow origin do not keep the slots from the key's other origins (past a bound on
+the entries put aside, the reader reads no further; worker._Lent). That wait does not count against
+the fetch timeout (fetcher.py): a URL queued behind a slow origin's long downloads waits for its turn,
+and is not failed as a timeout without a request.
 
 Politeness (politeness.py) adds a third origin bound, keyed by registrable domain (or a numeric host's
 address) like ``OriginCaps`` but shared by every process: a request rate per origin (a Redis token

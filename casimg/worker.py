@@ -12,9 +12,9 @@ downloads of the next ones instead of holding their connection slot:
    to a bound, ``_wait_for_origin``), or a turn under the caps per address and domain (``_Lent``).
    Slots are shared between API keys by scheduler.FairSlots: the worker reads from each key's stream
    only what that key may take, so one key's backlog or slow URLs cannot keep another key's first URL
-   waiting for more than about a queue read. It reads up to
-   ``READ_AHEAD`` x ``download_concurrency`` entries beyond its free slots, which wait for one: a queue
-   read takes about as long as a download from a fast origin;
+   waiting for more than about a queue read. It reads up to ``READ_AHEAD`` x ``download_concurrency``
+   entries beyond its free slots, which wait for one: a queue read takes about as long as a download
+   from a fast origin;
 2. store: up to ``STORE_DEPTH`` x ``download_concurrency`` bodies at once are validated, written and
    linked in (one trip to a thread each); then, holding no bytes in memory (on the file store; an object
    store's commit keeps the body's place), up to ``FINISH_DEPTH`` x ``download_concurrency`` of them
@@ -688,11 +688,10 @@ class _Lent:
     Once its turn comes, the entry waits for a slot holding it, ahead of its key's other waiting entries
     (between keys, FairSlots shares the slots as always). No entry waits for a turn while it holds a
     slot, so the holders of the turns never wait for slots that only the waiters for a turn could give
-    back. Up to ASIDE_PER_SLOT x download_concurrency entries
-    waiting for their origin are put aside, as in ``_wait_for_origin``, and the reader reads on for
-    other origins; past them, a lent slot counts as an entry waiting for one, so the reader reads no
-    further. ``waited``: the seconds the download's clock stood still (added by the fetcher), which its
-    budget does not count.
+    back. Up to ASIDE_PER_SLOT x download_concurrency entries waiting for their origin are put aside, as
+    in ``_wait_for_origin``, and the reader reads on for other origins; past them, a lent slot counts as
+    an entry waiting for one, so the reader reads no further. ``waited``: the seconds the download's
+    clock stood still (added by the fetcher), which its budget does not count.
     """
 
     __slots__ = ("_aside", "_slot", "_worker", "waited")
