@@ -36,6 +36,11 @@ log = logging.getLogger("casimg.filler")
 BATCH = 16  # contents claimed at once: one claim's round trip per 16 placeholders
 IDLE_POLL = 0.5  # seconds between claims while the queue is empty (one small Redis call each)
 RESTART_DELAY = 1.0  # seconds before a filler process that died is started again
+# Seconds a stop waits for the filler to end on SIGTERM before it kills it. At the idle priority it runs
+# at, a machine whose cores are busy may give it no CPU for seconds, and a longer wait was the whole of a
+# worker's stop under load (BENCHMARKS.md, "Figures behind design choices"). A kill loses nothing: the
+# batch it was on is leased, and comes back to the next claim.
+STOP_GRACE = 2.0
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal for this process when its parent ends
 NICEST = 19
 
@@ -178,7 +183,7 @@ class FillerProcess:
             if self.process is not None and self.process.poll() is not None and not self.stopping:
                 self.died(self.process.returncode)
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = STOP_GRACE) -> None:
         self.stopping = True
         if self.process is None:
             return

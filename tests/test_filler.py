@@ -117,6 +117,30 @@ def test_a_filler_killed_mid_batch_loses_nothing(procs, tmp_path, origin):
     assert server.process.poll() is None
 
 
+def test_a_stop_does_not_wait_long_for_a_filler_the_machine_gives_no_cpu(redis_server, tmp_path):
+    """At its idle priority, the filler may get no CPU for seconds on a busy machine (stopped here, which
+    is the same to it): SIGTERM waits STOP_GRACE for it, then it is killed, and the stop goes on."""
+    from casimg.filler import STOP_GRACE, FillerProcess
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", redis_server.url)
+    filler = FillerProcess(settings, redis_server.url)
+    filler.start()
+    assert filler.process is not None and filler.pid is not None
+    try:
+        time.sleep(1)  # under way: its signal handlers set, or nearly
+        os.kill(filler.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        filler.stop()
+        took = time.monotonic() - started
+    finally:
+        if filler.process.poll() is None:
+            filler.process.kill()
+            filler.process.wait()
+    assert filler.process.returncode == -signal.SIGKILL
+    assert STOP_GRACE <= took < STOP_GRACE + 3
+
+
 def leased(client: redis.Redis) -> list[str]:
     """Queue entries under a filler's lease (due in the future)."""
     return list(client.zrangebyscore(TODO, time.time() * 1000 + 1, "+inf"))
