@@ -470,15 +470,18 @@ class Worker:
             except DownloadFailed as failure:
                 budget -= time.monotonic() - started - lent.waited
                 cooled = await self._cool_origin(entry.url, failure)
-                if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0 or self._stopping.is_set():
+                if failure.permanent or attempt >= MAX_ATTEMPTS or budget <= 0:
                     await self._fail(entry, failure.reason, attempt)
                     return
+                # A retry that a stop would cut short is left to the next worker, as a download the stop
+                # cancels is: the URL stays pending instead of failing because this worker went away.
+                if self._stopping.is_set():
+                    raise _Stopped
                 slot.give_back()  # no slot is held while waiting to retry: others download meanwhile
                 if cooled:
                     continue  # the next attempt waits for the origin's cool-down, put aside
                 if not await self._sleep_unless_stopping(self._backoff(attempt, failure.retry_after)):
-                    await self._fail(entry, failure.reason, attempt)
-                    return
+                    raise _Stopped
                 continue
             break
         self.on_bytes("downloaded", downloaded.size)
@@ -730,7 +733,7 @@ class _Lent:
 
 
 class _Stopped(Exception):
-    """The worker stopped while an entry waited for its origin or for a slot: the entry stays pending."""
+    """The worker stopped while an entry waited for its origin, for a slot or to retry: the entry stays pending."""
 
 
 class _Place:
