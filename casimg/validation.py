@@ -5,8 +5,9 @@ a file, which it maps rather than reads). It names the format from the file's fi
 the file's own structure to its end before Pillow sees a byte, so that a file made of millions of
 empty segments, chunks or frames is refused by a cheap walk with a reason such as ``too many segments``
 (Pillow's own readers spend Python time, and for JPEG a list entry, on every segment). Then Pillow reads
-the header, so a decompression bomb is refused before any pixel is decoded. Two modes
-(``CASIMG_VALIDATION``):
+the header, so a decompression bomb is refused before any pixel is decoded; a JPEG's plain header (the
+segments every encoder writes, ``_plain_jpeg_size``) is read by casimg instead, to the same result, at
+half the cost of the JPEG's whole check. Two modes (``CASIMG_VALIDATION``):
 
 - ``structure`` (the default) stops there for JPEG, PNG, WebP and AVIF: every JPEG segment and every
   scan up to the end-of-image marker, every PNG chunk with its CRC up to IEND, the WebP RIFF chunks and
@@ -171,6 +172,10 @@ def validate_image(
                     return info
                 return _with_pillow(stream, fmt, max_pixels, max_frames, decode=True, frames=info.frames)
             frames = _walk(fmt, data, max_frames)
+            if fmt == "JPEG" and mode == "structure":
+                size = _plain_jpeg_size(data)
+                if size is not None:
+                    return _jpeg_info(*size, max_pixels)
             decode = mode == "decode" or fmt == "GIF" or fmt not in _WALKS
             return _with_pillow(stream, fmt, max_pixels, max_frames, decode=decode, frames=frames,
                                 allowed_formats=allowed_formats)
@@ -373,6 +378,76 @@ def _walk_jpeg(data: Data, max_frames: int) -> None:
             if found is None:
                 raise _truncated("scan data ends without a marker")
             at = found.start()
+
+
+# SOF0-2 (baseline, extended, progressive: what encoders write), DHT, DRI, DQT, APP0-15 and COM: the
+# segments of a plain header, which _plain_jpeg_size reads as Pillow's JPEG open would.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})
+_JPEG_PLAIN = frozenset({*_JPEG_SOF, 0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+_JPEG_LAYERS = frozenset({1, 3, 4})  # L, RGB, CMYK: what Pillow reads
+
+
+def _plain_jpeg_size(data: Data) -> tuple[int, int] | None:
+    """A walked JPEG's (width, height) from its frame header, when every segment before the first scan is
+    one that Pillow's open reads without a failure or a fact of its own; None otherwise, and Pillow reads
+    the header. Pillow's JPEG open spends about as long as the whole walk (0.13 ms for a 120 KB photo)
+    on what a photo's header says in a few bytes.
+
+    Left to Pillow: fill bytes, markers outside _JPEG_PLAIN, a second frame header, an MPO's index
+    (APP2 "MPF": more pictures), Photoshop resources (APP13, whose parse can fail), an EXIF block with no
+    JFIF density (Pillow then reads the EXIF for the DPI), and any segment Pillow would refuse: a JFIF or
+    Adobe segment too short for its fields, an ICC piece without its sequence bytes, a quantization
+    table cut short, a frame header of other than 8 bits or 1, 3 or 4 components, or with a component
+    cut short."""
+    at, size, has_exif, has_density = 2, None, False, False
+    while True:
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xDA:
+            return size if size is not None and (has_density or not has_exif) else None
+        if marker not in _JPEG_PLAIN:
+            return None
+        end = at + 2 + ((data[at + 2] << 8) | data[at + 3])  # within the file: the walk checked it
+        if 0xE0 <= marker <= 0xEF:
+            head = data[at + 4:min(end, at + 18)]  # what Pillow's checks of the segment's start see
+            if marker == 0xE0 and head.startswith(b"JFIF"):
+                if end - at - 4 < 7:
+                    return None
+                has_density = has_density or (end - at - 4 >= 12 and data[at + 11] in (1, 2))
+            elif marker == 0xE1 and head.startswith(b"Exif\0\0"):
+                has_exif = True
+            elif marker == 0xE2 and (head.startswith(b"MPF\0")
+                                     or (head.startswith(b"ICC_PROFILE\0") and end - at - 4 < 14)):
+                return None
+            elif marker == 0xED and head.startswith(b"Photoshop 3.0\0"):
+                return None
+            elif marker == 0xEE and head.startswith(b"Adobe") and end - at - 4 < 7:
+                return None
+        elif marker == 0xDB:
+            table = at + 4
+            while table < end:
+                table += 65 if data[table] < 16 else 129
+            if table != end:
+                return None
+        elif marker in _JPEG_SOF:
+            length = end - at - 4
+            if (size is not None or length < 6 or (length - 6) % 3 or data[at + 4] != 8
+                    or data[at + 9] not in _JPEG_LAYERS):
+                return None
+            size = (data[at + 7] << 8) | data[at + 8], (data[at + 5] << 8) | data[at + 6]
+        at = end
+
+
+def _jpeg_info(width: int, height: int, max_pixels: int) -> ImageInfo:
+    """What _with_pillow gives for a JPEG of this size, without opening it."""
+    if width == 0 or height == 0:  # Pillow's open takes no plugin's word for a file without pixels
+        raise InvalidImage("not an image")
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow's backstop, as Image.open applies it (see the top)
+    if limit is not None and max(1, width) * max(1, height) > 2 * limit:
+        raise InvalidImage("too many pixels")
+    _check_pixels(width, height, max_pixels)
+    return ImageInfo(format="JPEG", content_type=content_type_for("JPEG"), width=width, height=height)
 
 
 def _walk_png(data: Data, max_frames: int) -> None:

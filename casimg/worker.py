@@ -476,12 +476,12 @@ class Worker:
                 # A retry that a stop would cut short is left to the next worker, as a download the stop
                 # cancels is: the URL stays pending instead of failing because this worker went away.
                 if self._stopping.is_set():
-                    raise _Stopped
+                    raise _Stopped from None
                 slot.give_back()  # no slot is held while waiting to retry: others download meanwhile
                 if cooled:
                     continue  # the next attempt waits for the origin's cool-down, put aside
                 if not await self._sleep_unless_stopping(self._backoff(attempt, failure.retry_after)):
-                    raise _Stopped
+                    raise _Stopped from None
                 continue
             break
         self.on_bytes("downloaded", downloaded.size)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bench import validation_worst as worst  # the generators of BENCHMARKS.md's worst cases
+from casimg import validation
 from casimg.config import Settings
 from casimg.errors import InvalidImage
 from casimg.validation import (
@@ -355,3 +356,138 @@ def test_decode_mode_catches_damaged_pixel_data_that_structure_mode_lets_through
     assert validate_image(path, mode="structure", **LIMITS).width == 120  # every chunk checks out
     with pytest.raises(InvalidImage, match="truncated or corrupt"):
         validate_image(path, mode="decode", **LIMITS)
+
+
+# -- a plain JPEG's header read without Pillow (validation._plain_jpeg_size) --------------------------
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _jpeg(mode: str = "RGB", size: tuple[int, int] = (64, 48), **save: object) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, (200, 30, 90, 10)[:len(mode)] if mode != "L" else 120).save(out, "JPEG", **save)
+    return out.getvalue()
+
+
+def _after_soi(data: bytes, *segments: bytes) -> bytes:
+    return data[:2] + b"".join(segments) + data[2:]
+
+
+def _replace_sof(data: bytes, payload: bytes) -> bytes:
+    at = data.index(b"\xff\xc0") if b"\xff\xc0" in data else data.index(b"\xff\xc2")
+    end = at + 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return data[:at] + _segment(data[at + 1], payload) + data[end:]
+
+
+def _sof(data: bytes) -> bytes:
+    at = data.index(b"\xff\xc0") if b"\xff\xc0" in data else data.index(b"\xff\xc2")
+    return data[at + 4:at + 2 + int.from_bytes(data[at + 2:at + 4], "big")]
+
+
+def _outcome(data: bytes) -> object:
+    try:
+        return validate_image(data, **LIMITS)
+    except InvalidImage as exc:
+        return f"refused: {exc}"
+
+
+def _with_and_without_the_plain_read(data: bytes, monkeypatch) -> tuple[object, object]:
+    read = _outcome(data)
+    with monkeypatch.context() as patched:
+        patched.setattr(validation, "_plain_jpeg_size", lambda data: None)  # Pillow reads every header
+        return read, _outcome(data)
+
+
+def _exif(dpi: bool = False) -> bytes:
+    exif = Image.Exif()
+    exif[0x010F] = "casimg"  # Make
+    if dpi:
+        exif[0x0128], exif[0x011A] = 2, 300.0
+    return exif.tobytes()
+
+
+PLAIN = {
+    "baseline, JFIF": _jpeg(),
+    "progressive, optimized": _jpeg(progressive=True, optimize=True),
+    "grey": _jpeg("L"),
+    "CMYK, Adobe segment": _jpeg("CMYK"),
+    "ICC profile, EXIF, JFIF density": _jpeg(icc_profile=b"\0" * 300, exif=_exif(), dpi=(96, 96)),
+    "restart markers": _jpeg(restart_marker_blocks=1),
+    "a comment": _jpeg(comment=b"made by casimg's tests"),
+    "60 Mpx declared, over max_pixels": _replace_sof(
+        _jpeg(), bytes([8, 0x17, 0x70, 0x27, 0x10, 3]) + _sof(_jpeg())[6:]),
+    "200 Mpx declared, over Pillow's backstop": _replace_sof(
+        _jpeg(), bytes([8, 0x27, 0x10, 0x4E, 0x20, 3]) + _sof(_jpeg())[6:]),
+    "no rows": _replace_sof(_jpeg(), bytes([8, 0, 0, 0, 64, 3]) + _sof(_jpeg())[6:]),
+}
+LEFT_TO_PILLOW = {
+    "EXIF without a JFIF density": _jpeg(exif=_exif(dpi=True)),
+    "EXIF whose DPI is no number": _jpeg(exif=_exif()[:-4] + b"\xff\xff\xff\xff"),
+    "MPO, two pictures": None,
+    "Photoshop resources cut short": _after_soi(_jpeg(), _segment(0xED, b"Photoshop 3.0\0" + b"8BIM\x03\xed")),
+    "JFIF segment too short": _after_soi(_jpeg(), _segment(0xE0, b"JFIF\0\x01")),
+    "Adobe segment too short": _after_soi(_jpeg("CMYK"), _segment(0xEE, b"Adobe\0")),
+    "ICC piece without its sequence bytes": _after_soi(_jpeg(), _segment(0xE2, b"ICC_PROFILE\0\x01")),
+    "quantization table cut short": _after_soi(_jpeg(), _segment(0xDB, b"\x00" + b"\x01" * 40)),
+    "12-bit components": _replace_sof(_jpeg(), b"\x0c" + _sof(_jpeg())[1:]),
+    "two components": _replace_sof(_jpeg("L"), _sof(_jpeg("L"))[:5] + b"\x02" + _sof(_jpeg("L"))[6:] * 2),
+    "a component cut short": _replace_sof(_jpeg(), _sof(_jpeg()) + b"\x04"),
+    "an unknown marker": _after_soi(_jpeg(), _segment(0x02, b"reserved")),
+    "a hierarchical marker": _after_soi(_jpeg(), _segment(0xDE, bytes([8, 0, 48, 0, 64, 3]) + _sof(_jpeg())[6:])),
+    "fill bytes": _jpeg()[:2] + b"\xff\xff\xff" + _jpeg()[2:],
+    "two frame headers": _after_soi(_jpeg(), _segment(0xC0, bytes([8, 0, 9, 0, 9, 1, 1, 0x11, 0]))),
+}
+
+
+def _mpo() -> bytes:
+    out = io.BytesIO()
+    first, second = (Image.new("RGB", (32, 24), colour) for colour in ("red", "blue"))
+    first.save(out, "MPO", save_all=True, append_images=[second])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_a_plain_jpeg_header_is_read_without_pillow_to_the_same_result(name, monkeypatch):
+    data = PLAIN[name]
+    assert validation._plain_jpeg_size(data) is not None
+    read, by_pillow = _with_and_without_the_plain_read(data, monkeypatch)
+    assert read == by_pillow
+
+
+def test_the_plain_read_gives_the_frame_header_size():
+    assert validate_image(_jpeg(size=(301, 17)), **LIMITS) == validation.ImageInfo("JPEG", "image/jpeg", 301, 17)
+    assert _outcome(PLAIN["no rows"]) == "refused: not an image"
+    assert _outcome(PLAIN["60 Mpx declared, over max_pixels"]).startswith("refused: too many pixels (10000x6000")
+    assert _outcome(PLAIN["200 Mpx declared, over Pillow's backstop"]) == "refused: too many pixels"
+
+
+@pytest.mark.parametrize("name", sorted(LEFT_TO_PILLOW))
+def test_a_jpeg_header_with_anything_else_is_left_to_pillow(name, monkeypatch):
+    data = LEFT_TO_PILLOW[name] or _mpo()
+    assert validation._plain_jpeg_size(data) is None
+    read, by_pillow = _with_and_without_the_plain_read(data, monkeypatch)
+    assert read == by_pillow
+    if name == "MPO, two pictures":
+        assert read.frames == 2
+
+
+def test_jpeg_headers_with_random_damage_read_the_same_with_and_without_pillow(monkeypatch):
+    """Bytes of a header changed at random (a seeded sample): whatever the plain read accepts, Pillow
+    gives the same size and frames for; whatever Pillow refuses, the plain read left to it."""
+    import random
+
+    chance = random.Random(20261203)
+    bases = [PLAIN["ICC profile, EXIF, JFIF density"], PLAIN["CMYK, Adobe segment"], PLAIN["progressive, optimized"]]
+    plain = damaged = 0
+    for trial in range(3000):
+        base = bytearray(bases[trial % len(bases)])
+        header_end = base.index(b"\xff\xda")
+        for _ in range(chance.randint(1, 3)):
+            base[chance.randrange(2, header_end)] = chance.choice((0, 1, 2, 3, 8, 12, 0xFF, chance.randrange(256)))
+        data = bytes(base)
+        read, by_pillow = _with_and_without_the_plain_read(data, monkeypatch)
+        assert read == by_pillow, (trial, data[:header_end].hex())
+        plain += validation._plain_jpeg_size(data) is not None if not str(read).startswith("refused") else 0
+        damaged += str(by_pillow).startswith("refused")
+    assert plain > 1000 and damaged > 200  # both kinds were met, many times
