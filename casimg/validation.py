@@ -6,8 +6,8 @@ the file's own structure to its end before Pillow sees a byte, so that a file ma
 empty segments, chunks or frames is refused by a cheap walk with a reason such as ``too many segments``
 (Pillow's own readers spend Python time, and for JPEG a list entry, on every segment). Then Pillow reads
 the header, so a decompression bomb is refused before any pixel is decoded; a JPEG's plain header (the
-segments every encoder writes, ``_plain_jpeg_size``) is read by casimg instead, to the same result, at
-half the cost of the JPEG's whole check. Two modes (``CASIMG_VALIDATION``):
+segments every encoder writes, ``_plain_jpeg_size``) is read by casimg instead, to the same result, for
+a third less CPU per JPEG. Two modes (``CASIMG_VALIDATION``):
 
 - ``structure`` (the default) stops there for JPEG, PNG, WebP and AVIF: every JPEG segment and every
   scan up to the end-of-image marker, every PNG chunk with its CRC up to IEND, the WebP RIFF chunks and
@@ -390,8 +390,9 @@ _JPEG_LAYERS = frozenset({1, 3, 4})  # L, RGB, CMYK: what Pillow reads
 def _plain_jpeg_size(data: Data) -> tuple[int, int] | None:
     """A walked JPEG's (width, height) from its frame header, when every segment before the first scan is
     one that Pillow's open reads without a failure or a fact of its own; None otherwise, and Pillow reads
-    the header. Pillow's JPEG open spends about as long as the whole walk (0.13 ms for a 120 KB photo)
-    on what a photo's header says in a few bytes.
+    the header. Pillow's JPEG open spent about half as long as the whole walk on what a photo's header
+    says in a few bytes: the check of the benchmark's 120 KB photos went from 0.21 to 0.14 ms (this
+    read: 8 us).
 
     Left to Pillow: fill bytes, markers outside _JPEG_PLAIN, a second frame header, an MPO's index
     (APP2 "MPF": more pictures), Photoshop resources (APP13, whose parse can fail), an EXIF block with no
