@@ -276,14 +276,17 @@ def _with_pillow(
     stream: IO[bytes], fmt: str | None, max_pixels: int, max_frames: int, *, decode: bool,
     frames: int | None, allowed_formats: Collection[str] | None = None,
 ) -> ImageInfo:
-    """What Pillow reads from the header (the size, the frames of formats not walked), and the decode."""
+    """What Pillow reads from the header (the size, the frames of formats not walked), and the decode.
+
+    A walked format is opened by its own reader only: when that reader refuses the file, Pillow would
+    try every other one, and some check no signature (PCD, TGA ...), so a JPEG that the JPEG reader
+    refuses could have been stored as another format, allowed or not. It is "not an image" instead."""
     stream.seek(0)
-    with Image.open(stream) as image:
+    walked = fmt is not None and fmt in _WALKS
+    with Image.open(stream, formats=[fmt] if walked else None) as image:
         name = _pillow_format(image)
-        if fmt is None or fmt not in _WALKS:
+        if not walked:
             _check_allowed(name, allowed_formats)  # a format named by a signature may open as another
-        elif fmt == "AVIF" and name != "AVIF":
-            raise InvalidImage("not an image (an AVIF file Pillow reads as something else)")
         width, height = image.size
         _check_pixels(width, height, max_pixels)
         if frames is None:  # JPEG (a phone's MPO: its index), PNG (APNG: its acTL), AVIF, others

@@ -420,23 +420,31 @@ PLAIN = {
     "200 Mpx declared, over Pillow's backstop": _replace_sof(
         _jpeg(), bytes([8, 0x27, 0x10, 0x4E, 0x20, 3]) + _sof(_jpeg())[6:]),
     "no rows": _replace_sof(_jpeg(), bytes([8, 0, 0, 0, 64, 3]) + _sof(_jpeg())[6:]),
+    "exactly Pillow's backstop (5461x32770)": _replace_sof(
+        _jpeg(), bytes([8, 0x80, 0x02, 0x15, 0x55, 3]) + _sof(_jpeg())[6:]),
 }
-LEFT_TO_PILLOW = {
-    "EXIF without a JFIF density": _jpeg(exif=_exif(dpi=True)),
-    "EXIF whose DPI is no number": _jpeg(exif=_exif()[:-4] + b"\xff\xff\xff\xff"),
-    "MPO, two pictures": None,
-    "Photoshop resources cut short": _after_soi(_jpeg(), _segment(0xED, b"Photoshop 3.0\0" + b"8BIM\x03\xed")),
-    "JFIF segment too short": _after_soi(_jpeg(), _segment(0xE0, b"JFIF\0\x01")),
-    "Adobe segment too short": _after_soi(_jpeg("CMYK"), _segment(0xEE, b"Adobe\0")),
-    "ICC piece without its sequence bytes": _after_soi(_jpeg(), _segment(0xE2, b"ICC_PROFILE\0\x01")),
-    "quantization table cut short": _after_soi(_jpeg(), _segment(0xDB, b"\x00" + b"\x01" * 40)),
-    "12-bit components": _replace_sof(_jpeg(), b"\x0c" + _sof(_jpeg())[1:]),
-    "two components": _replace_sof(_jpeg("L"), _sof(_jpeg("L"))[:5] + b"\x02" + _sof(_jpeg("L"))[6:] * 2),
-    "a component cut short": _replace_sof(_jpeg(), _sof(_jpeg()) + b"\x04"),
-    "an unknown marker": _after_soi(_jpeg(), _segment(0x02, b"reserved")),
-    "a hierarchical marker": _after_soi(_jpeg(), _segment(0xDE, bytes([8, 0, 48, 0, 64, 3]) + _sof(_jpeg())[6:])),
-    "fill bytes": _jpeg()[:2] + b"\xff\xff\xff" + _jpeg()[2:],
-    "two frame headers": _after_soi(_jpeg(), _segment(0xC0, bytes([8, 0, 9, 0, 9, 1, 1, 0x11, 0]))),
+NOT_AN_IMAGE = "refused: not an image"  # what Pillow's open says of a header its JPEG reader refuses
+LEFT_TO_PILLOW = {  # each with what Pillow's open makes of it: a refusal, or (width, height, frames)
+    "EXIF without a JFIF density": (_jpeg(exif=_exif(dpi=True)), (64, 48, 1)),
+    "EXIF whose DPI is no number": (_jpeg(exif=_exif()[:-4] + b"\xff\xff\xff\xff"), (64, 48, 1)),
+    "MPO, two pictures": (None, (32, 24, 2)),
+    "Photoshop resources cut short": (
+        _after_soi(_jpeg(), _segment(0xED, b"Photoshop 3.0\0" + b"8BIM\x03\xed")), NOT_AN_IMAGE),
+    "JFIF segment too short": (_after_soi(_jpeg(), _segment(0xE0, b"JFIF\0\x01")), NOT_AN_IMAGE),
+    "Adobe segment too short": (_after_soi(_jpeg("CMYK"), _segment(0xEE, b"Adobe\0")), NOT_AN_IMAGE),
+    "ICC piece without its sequence bytes": (
+        _after_soi(_jpeg(), _segment(0xE2, b"ICC_PROFILE\0\x01")), NOT_AN_IMAGE),
+    "quantization table cut short": (_after_soi(_jpeg(), _segment(0xDB, b"\x00" + b"\x01" * 40)), NOT_AN_IMAGE),
+    "12-bit components": (_replace_sof(_jpeg(), b"\x0c" + _sof(_jpeg())[1:]), NOT_AN_IMAGE),
+    "two components": (
+        _replace_sof(_jpeg("L"), _sof(_jpeg("L"))[:5] + b"\x02" + _sof(_jpeg("L"))[6:] * 2), NOT_AN_IMAGE),
+    "a component cut short": (_replace_sof(_jpeg(), _sof(_jpeg()) + b"\x04"), NOT_AN_IMAGE),
+    "an unknown marker": (_after_soi(_jpeg(), _segment(0x02, b"reserved")), NOT_AN_IMAGE),
+    "a hierarchical marker": (
+        _after_soi(_jpeg(), _segment(0xDE, bytes([8, 0, 48, 0, 64, 3]) + _sof(_jpeg())[6:])), (64, 48, 1)),
+    "fill bytes": (_jpeg()[:2] + b"\xff\xff\xff" + _jpeg()[2:], (64, 48, 1)),
+    "two frame headers": (
+        _after_soi(_jpeg(), _segment(0xC0, bytes([8, 0, 9, 0, 9, 1, 1, 0x11, 0]))), (64, 48, 1)),
 }
 
 
@@ -460,16 +468,36 @@ def test_the_plain_read_gives_the_frame_header_size():
     assert _outcome(PLAIN["no rows"]) == "refused: not an image"
     assert _outcome(PLAIN["60 Mpx declared, over max_pixels"]).startswith("refused: too many pixels (10000x6000")
     assert _outcome(PLAIN["200 Mpx declared, over Pillow's backstop"]) == "refused: too many pixels"
+    assert Image.MAX_IMAGE_PIXELS * 2 == 5461 * 32770  # at it, not over: max_pixels refuses it
+    assert _outcome(PLAIN["exactly Pillow's backstop (5461x32770)"]) == (
+        "refused: too many pixels (5461x32770 over 50000000)")
 
 
 @pytest.mark.parametrize("name", sorted(LEFT_TO_PILLOW))
-def test_a_jpeg_header_with_anything_else_is_left_to_pillow(name, monkeypatch):
-    data = LEFT_TO_PILLOW[name] or _mpo()
+def test_a_jpeg_header_with_anything_else_is_left_to_pillow(name):
+    data, expected = LEFT_TO_PILLOW[name]
+    data = data or _mpo()
     assert validation._plain_jpeg_size(data) is None
-    read, by_pillow = _with_and_without_the_plain_read(data, monkeypatch)
-    assert read == by_pillow
-    if name == "MPO, two pictures":
-        assert read.frames == 2
+    if isinstance(expected, tuple):
+        width, height, frames = expected
+        expected = validation.ImageInfo("JPEG", "image/jpeg", width, height, frames)
+    assert _outcome(data) == expected
+
+
+def test_a_jpeg_its_reader_refuses_is_not_read_as_another_format(tmp_path):
+    """Pillow, left to itself, tries every reader once the JPEG one refuses a file, and some check no
+    signature: this JPEG without rows, with "PCD_" at byte 2048, opened as a Kodak Photo CD (768x512),
+    and was stored although PCD is not an allowed format."""
+    image = _replace_sof(_jpeg(), bytes([8, 0, 0, 0, 64, 3]) + _sof(_jpeg())[6:])
+    data = image[:2] + _segment(0xFE, b"\0" * 2042 + b"PCD_" + b"\0" * 1600) + image[2:]
+    assert data[2048:2052] == b"PCD_"
+    for lifted in (False, True):  # with the plain read, and with Pillow reading every header
+        with pytest.MonkeyPatch.context() as patched:
+            if lifted:
+                patched.setattr(validation, "_plain_jpeg_size", lambda data: None)
+            assert _outcome(data) == NOT_AN_IMAGE
+            with pytest.raises(InvalidImage, match=r"^not an image$"):
+                validate_image(written(tmp_path, data), max_pixels=50_000_000)  # any format allowed
 
 
 def test_jpeg_headers_with_random_damage_read_the_same_with_and_without_pillow(monkeypatch):
