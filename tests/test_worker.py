@@ -369,12 +369,13 @@ async def test_an_entry_waiting_for_a_slot_when_a_stop_cancels_it_stays_pending(
 @pytest.mark.gen_test(timeout=60)
 async def test_a_transient_failure_in_a_stop_leaves_the_url_to_the_next_worker(tmp_path, redis_server, origin):
     """Stopped while one URL waits to retry an HTTP 500 (Retry-After: 20) and another's download times out
-    in the stop's grace: neither fails because this worker went away. Both stay pending, and the next
-    worker stores both (they failed as "HTTP 500" and "timeout", acknowledged)."""
-    settings = make_settings(tmp_path / "data", redis_server.url, fetch_timeout=1)
+    in the stop's grace (with 1 s of its retry budget left): neither fails because this worker went away.
+    Both stay pending, and the next worker stores both (they failed as "HTTP 500" and "timeout",
+    acknowledged)."""
+    settings = make_settings(tmp_path / "data", redis_server.url, fetch_timeout=2)  # a budget of 3 s
     key = f"{time.time_ns()}"
     urls = [origin.url(f"/flaky/r{key}?fail=1&status=500&retry_after=20"),
-            origin.url(f"/stall/t{key}?fail=1&seconds=3")]
+            origin.url(f"/stall/t{key}?fail=1&seconds=6")]
     services = await open_services(settings, settings.redis_url, with_worker=True)
     try:
         services.worker.start()
@@ -384,7 +385,7 @@ async def test_a_transient_failure_in_a_stop_leaves_the_url_to_the_next_worker(t
                 break
             await asyncio.sleep(0.02)
         assert origin.hits[f"flaky:r{key}"] == origin.hits[f"stall:t{key}"] == 1
-        await services.worker.stop(grace=5)  # the stalled download times out 1 s in
+        await services.worker.stop(grace=5)  # the stalled download times out 2 s in
         job = await services.queue.get(job_id)
         assert (job.done, [result["status"] for result in job.results]) == (0, ["pending", "pending"])
     finally:
