@@ -183,7 +183,8 @@ class Worker:
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
-        self._slots = FairSlots(settings.download_concurrency, ahead=READ_AHEAD * settings.download_concurrency)
+        self._slots = FairSlots(settings.download_concurrency, ahead=READ_AHEAD * settings.download_concurrency,
+                                parkable=int(ASIDE_PER_SLOT * settings.download_concurrency))
         self.pace = pace
         self.webhooks = webhooks
         self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
@@ -532,7 +533,8 @@ class Worker:
 
         While it waits, the entry gives its slot back (it stays pending under this worker's name), so
         other keys and origins download meanwhile; past ASIDE_PER_SLOT x download_concurrency entries
-        put aside, a further one waits holding its slot, which bounds how far the reader runs ahead.
+        put aside, a further one is parked, as a wait for a turn is (_Lent): its key is read no further
+        meanwhile, which bounds how far the reader runs ahead.
         """
         origin = origin_of(url) if self.pace is not None else None
         if self.pace is None or origin is None or await self.pace.try_now(origin) <= 0:
@@ -541,6 +543,8 @@ class Worker:
         if aside:
             slot.give_back()
             self._aside += 1
+        else:
+            slot.park()
         try:
             went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
         finally:
@@ -692,9 +696,11 @@ class _Lent:
     (between keys, FairSlots shares the slots as always). No entry waits for a turn while it holds a
     slot, so the holders of the turns never wait for slots that only the waiters for a turn could give
     back. Up to ASIDE_PER_SLOT x download_concurrency entries waiting for their origin are put aside, as
-    in ``_wait_for_origin``, and the reader reads on for other origins; past them, a lent slot counts as
-    an entry waiting for one, so the reader reads no further. ``waited``: the seconds the download's
-    clock stood still (added by the fetcher), which its budget does not count.
+    in ``_wait_for_origin``, and the reader reads on for other origins. Past them, an entry is parked
+    (FairSlots.park): its key's queue is read no further while it has entries parked, and the free slots
+    go to the other keys; past as many parked again, it counts as an entry waiting for a slot, and the
+    reader reads no further for any key. ``waited``: the seconds the download's clock stood still
+    (added by the fetcher), which its budget does not count.
     """
 
     __slots__ = ("_aside", "_slot", "_worker", "waited")
@@ -712,7 +718,7 @@ class _Lent:
             worker._aside += 1
             self._aside = True
         else:
-            self._slot.lend()
+            self._slot.park()
 
     def forgo(self) -> None:
         self._back_from_aside()
@@ -774,6 +780,7 @@ class _Slot:
         self._owner = owner
         self._held = False
         self._queued = False
+        self._parked = False
         self.waited = False
 
     def try_take(self) -> None:
@@ -784,16 +791,17 @@ class _Slot:
             self._slots.queue_up(self._owner)
             self._queued = True
 
-    def lend(self) -> None:
-        """Give the slot back and queue up for one again, counted as an entry waiting for a slot (``take``
-        gets it back)."""
+    def park(self) -> None:
+        """Give the slot back while the entry waits for its origin's turn, counted against its key
+        (FairSlots.park; past the bound, as an entry waiting for a slot); ``take`` gets one back."""
         self.give_back()
-        self._slots.queue_up(self._owner)
-        self._queued = True
+        self._parked = self._slots.park(self._owner)
+        self._queued = not self._parked
 
     async def take(self, first: bool = False) -> None:
         """Hold a slot (`first`: before any other waiting entry); if this had to wait for one, ``waited``
         says so until the caller clears it."""
+        self._unpark()
         if not self._held:
             self.try_take()
             if not self._held:
@@ -802,6 +810,7 @@ class _Slot:
         self._unqueue()
 
     def give_back(self) -> None:
+        self._unpark()
         self._unqueue()
         if self._held:
             self._held = False
@@ -811,3 +820,8 @@ class _Slot:
         if self._queued:
             self._queued = False
             self._slots.leave_queue(self._owner)
+
+    def _unpark(self) -> None:
+        if self._parked:
+            self._parked = False
+            self._slots.unpark(self._owner)

@@ -51,6 +51,32 @@ def test_entries_waiting_for_a_slot_count_against_their_key():
     assert slots.waiting == {}
 
 
+def test_entries_parked_for_their_origin_count_against_their_key_alone_up_to_the_bound():
+    async def scenario() -> None:
+        slots = FairSlots(8, reserve=0, ahead=0, parkable=3)
+        assert slots.try_take("flood")  # downloading from the slow origin
+        for _ in range(3):
+            assert slots.park("flood")  # waiting for that origin's turn, their slots given back
+        assert (slots.readable, slots.load("flood"), slots.parked.total()) == (7, 4, 3)
+        # The free slots go to the others; none of them to the key with entries parked.
+        assert slots.plan(["flood", "other"]) == {"other": 1}
+        assert slots.try_take("other")
+        assert slots.plan(["flood", "other"]) == {"other": 6}
+        assert not slots.park("flood")  # past the bound: an entry waiting for a slot, for every key
+        assert (slots.readable, dict(slots.waiting)) == (5, {"flood": 1})
+        slots.leave_queue("flood")
+        woken = asyncio.ensure_future(slots.changed(5))
+        await asyncio.sleep(0)
+        slots.unpark("flood")
+        slots.unpark("flood")
+        assert not woken.done()
+        slots.unpark("flood")  # the last: its queue may be read again, and the reader is told
+        await asyncio.wait_for(woken, 1)
+        assert slots.parked == {} and slots.plan(["flood", "other"]) == {"flood": 3, "other": 3}
+
+    asyncio.run(scenario())
+
+
 def test_a_busy_key_is_read_however_many_idle_keys_there_are():
     slots = FairSlots(64)
     assert slots.try_take("busy")

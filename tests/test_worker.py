@@ -302,6 +302,49 @@ async def test_an_entry_waiting_for_a_turn_at_its_origin_lends_its_slot(tmp_path
             await services.close()
 
 
+@pytest.mark.gen_test(timeout=90)
+@pytest.mark.parametrize("wait", ["turn", "rate"])
+async def test_a_key_flooding_one_slow_origin_leaves_the_free_slots_to_another_key(
+        tmp_path, redis_server, origin, monkeypatch, wait):
+    """Four slots, room for 2 entries aside: key A's URLs of one origin wait for it, past what is put
+    aside, either for their turns (one download at a time per address, each 5 s long) or for its rate (a
+    request every 5 s). Those past it must not keep the slots, nor hold the reader back, from key B,
+    whose URLs of 3 other addresses take the 3 free slots at once. They took one more each time one of
+    A's URLs went on (every 5 s here)."""
+    monkeypatch.setattr(worker_module, "ASIDE_PER_SLOT", 0.5)
+    paced = {"origin_rate": 0.2, "origin_burst": 3} if wait == "rate" else {}
+    with Origin("127.0.0.6") as b1, Origin("127.0.0.7") as b2, Origin("127.0.0.8") as b3:
+        settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=4, per_host_concurrency=1,
+                                 allow_networks="127.0.0.1/32,127.0.0.6/31,127.0.0.8/32", **paced)
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            worker, slots = services.worker, services.worker._slots
+            worker.start()
+            delay = 5 if wait == "turn" else 0
+            flood, _ = await services.queue.submit(
+                [origin.url(f"/img/{919_000 + 50 * len(wait) + n}.jpg?delay={delay}") for n in range(30)],
+                key_id="A")
+            for _ in range(200):
+                if worker._aside == 2 and slots.load("A") - slots.held["A"] >= 4:
+                    break
+                await asyncio.sleep(0.02)
+            assert worker._aside == 2, "A's URLs wait for their origin, two of them aside"
+            await asyncio.sleep(0.2)
+            job_id, _ = await services.queue.submit(
+                [server.url(f"/img/{919_200 + 10 * len(wait) + n}.jpg?delay=0.5") for n in range(3)
+                 for server in (b1, b2, b3)], key_id="B")
+            started, most = time.monotonic(), 0
+            while time.monotonic() - started < 2 and most < 3:  # (a 4th holds one until it waits for a turn)
+                most = max(most, slots.held["B"])
+                await asyncio.sleep(0.01)
+            assert most >= 3, "B's URLs of three addresses took the three free slots at once"
+            job = await settled(services.queue, job_id)
+            assert (job.status, job.stored) == ("done", 9)
+            await services.queue.cancel(flood)
+        finally:
+            await services.close()
+
+
 @pytest.mark.gen_test(timeout=120)
 @pytest.mark.parametrize("stop_after", [None, 1.5])
 async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_behind(
@@ -334,7 +377,8 @@ async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_be
                     assert (job.status, job.stored) == ("done", 40)
             await asyncio.sleep(0.1)
             caps = services.fetcher.caps
-            assert (worker._aside, worker._slots.free, dict(worker._slots.waiting)) == (0, 3, {})
+            assert (worker._aside, worker._slots.free, dict(worker._slots.waiting), dict(worker._slots.parked)) == (
+                0, 3, {}, {})
             assert not worker._slots._takers
             assert not caps.addresses._gates and not caps.domains._gates
         finally:
