@@ -20,17 +20,16 @@ Three bounds stand between one client's URLs and everyone else's downloads:
 
 Both caps are per worker process. A slot is given back while a URL waits to be retried (see
 worker.py), so a key's backoff never holds anyone's slot; nor while it waits for a place under a cap,
-so the URLs of one slow origin do not keep the slots from the key's other origins (past a bound on
-the entries put aside, the key's queue is read no further, ``FairSlots.park``; worker._Lent). That
-wait does not count against the fetch timeout (fetcher.py): a URL queued behind a slow origin's long
+so the URLs of one slow origin do not keep the slots from the key's other origins (``FairSlots.step_away``:
+past a bound on a key's entries waiting so, its queue is read no further; worker._Lent). That wait
+does not count against the fetch timeout (fetcher.py): a URL queued behind a slow origin's long
 downloads waits for its turn, and is not failed as a timeout without a request.
 
 Politeness (politeness.py) adds a third origin bound, keyed by registrable domain (or a numeric host's
 address) like ``OriginCaps`` but shared by every process: a request rate per origin (a Redis token
 bucket) and cool-downs after 429/503. An entry whose origin is out of tokens or cooling holds no download
 slot while it waits: the worker gives its slot back (the entry stays pending under its name, so a crash
-loses nothing) and reads on for other keys and origins (past a bound on the entries put aside, for
-other keys only).
+loses nothing) and reads on for other keys and origins (past the same bound, for other keys only).
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ class FairSlots:
     """`total` download slots; each owner (an API key id, "" for none) takes and gives back its own.
 
     ``held`` counts the slots each owner holds, ``waiting`` its entries read but waiting for a slot (a
-    retry, an entry claimed from a dead worker, or one read ahead), ``parked`` its entries that gave their
-    slot back to wait for their origin's turn (``park``). An owner with none of them is a newcomer.
+    retry, an entry claimed from a dead worker, or one read ahead). An owner with neither is a newcomer.
+    ``away`` counts its entries that gave their slot back to wait for their origin (``step_away``).
 
     ``ahead`` entries may be read beyond the free slots, to wait for one: a queue read takes as long as
     a download from a fast origin, so a reader that asked only for the slots free when it began left
@@ -66,14 +65,16 @@ class FairSlots:
     key's entries read ahead.
     """
 
-    def __init__(self, total: int, reserve: int | None = None, ahead: int = 0, parkable: int = 0) -> None:
+    def __init__(self, total: int, reserve: int | None = None, ahead: int = 0, away_per_key: int = 0,
+                 away_bound: int = 0) -> None:
         self.total = total
         self.reserve = total // RESERVE_DIVISOR if reserve is None else reserve
         self.ahead = ahead
-        self.parkable = parkable
+        self.away_per_key = away_per_key
+        self.away_bound = away_bound
         self.held: Counter[str] = Counter()
         self.waiting: Counter[str] = Counter()
-        self.parked: Counter[str] = Counter()
+        self.away: Counter[str] = Counter()
         self._in_use = 0
         self._turn = 0  # rotates the order in which owners with equal holdings are served
         self._waiters: list[asyncio.Future[None]] = []  # changed(): the reader, woken on every give-back
@@ -94,8 +95,8 @@ class FairSlots:
         return self.free + self.ahead - sum(self.waiting.values())
 
     def load(self, owner: str) -> int:
-        """Slots `owner` holds plus its entries waiting for one or parked: 0 for a newcomer."""
-        return self.held[owner] + self.waiting[owner] + self.parked[owner]
+        """Slots `owner` holds plus its entries waiting for one: 0 for a newcomer."""
+        return self.held[owner] + self.waiting[owner]
 
     def may_take(self, owner: str) -> bool:
         """A free slot, and either none held by `owner` or more free slots than the reserve. The slots an
@@ -120,23 +121,30 @@ class FairSlots:
             del self.waiting[owner]
         self._wake_reader()  # one entry fewer waiting: the reader may read one more
 
-    def park(self, owner: str) -> bool:
-        """An entry of `owner` that gave its slot back to wait for its origin's turn: counted against
-        `owner` alone, whose queue ``plan`` reads no further while it has any parked, so that the free
-        slots go to the other keys' entries. Past ``parkable`` of them in all, it is counted as an entry
-        waiting for a slot instead (``queue_up``), which holds the reader back for every key: the bound
-        on the entries a worker holds. True if parked."""
-        if self.parked.total() >= self.parkable:
+    def step_away(self, owner: str) -> bool:
+        """An entry of `owner` that gave its slot back to wait for its origin (its rate, its cool-down, a
+        turn under the caps): it takes nothing from the other keys, and ``plan`` reads no more of
+        `owner`'s queue while it has ``away_per_key`` entries away, as more of it would most likely wait
+        for the same origin. Past ``away_bound`` entries away in all, it counts as an entry waiting for
+        a slot instead (``queue_up``), which leaves less for the reader to read for every key: the bound
+        on the entries a worker holds. True if away."""
+        if self.away.total() >= self.away_bound:
             self.queue_up(owner)
             return False
-        self.parked[owner] += 1
+        self.away[owner] += 1
         return True
 
-    def unpark(self, owner: str) -> None:
-        self.parked[owner] -= 1
-        if self.parked[owner] <= 0:
-            del self.parked[owner]
+    def come_back(self, owner: str) -> None:
+        self.away[owner] -= 1
+        if self.away[owner] <= 0:
+            del self.away[owner]
+        if self.away[owner] == self.away_per_key - 1:
             self._wake_reader()  # its queue may be read again
+
+    def held_back(self, owner: str) -> bool:
+        """Whether `owner`'s queue is left unread for its entries away (``step_away``)."""
+        away = self.away[owner]
+        return away > 0 and away >= self.away_per_key
 
     def _wake_reader(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -239,18 +247,18 @@ class FairSlots:
 
         Each newcomer is asked for one entry, which the reserve is there to start. The free slots past
         the reserve, plus the read-ahead, less the entries already waiting, go one by one to the other
-        owners, to the one holding fewest, ties in turn; an owner with entries parked gets none (more of
-        its queue would most likely wait for the same origin). Newcomers' entries are asked for on top:
-        most of their queues are empty, and counting them against the others would leave a busy key
-        unread behind many idle ones.
+        owners, to the one holding fewest, ties in turn. Newcomers' entries are asked for on top: most of
+        their queues are empty, and counting them against the others would leave a busy key unread behind
+        many idle ones. An owner ``held_back`` is asked for none.
         """
         if not owners:
             return {}
         self._turn = (self._turn + 1) % len(owners)
         order = list(owners[self._turn:]) + list(owners[:self._turn])
         load = {owner: self.load(owner) for owner in order}
+        order = [owner for owner in order if not self.held_back(owner)]
         wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
-        busy = [owner for owner in order if load[owner] > 0 and not self.parked[owner]]
+        busy = [owner for owner in order if load[owner] > 0]
         spare = self.readable - self.reserve
         while busy and spare > 0:
             owner = min(busy, key=load.__getitem__)  # the first of the fewest, in this turn's order

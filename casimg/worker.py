@@ -8,8 +8,9 @@ An entry goes through two stages, each with its own bound, so that storing one i
 downloads of the next ones instead of holding their connection slot:
 
 1. download: a slot of ``download_concurrency`` is held from the queue read until the body is in, but
-   not while the URL waits to be retried, nor while it waits for its origin: its rate or cool-down (up
-   to a bound, ``_wait_for_origin``), or a turn under the caps per address and domain (``_Lent``).
+   not while the URL waits to be retried, nor while it waits for its origin: its rate or cool-down
+   (``_wait_for_origin``), or a turn under the caps per address and domain (``_Lent``); past a bound on
+   a key's entries waiting so, its queue is read no further meanwhile (FairSlots.step_away).
    Slots are shared between API keys by scheduler.FairSlots: the worker reads from each key's stream
    only what that key may take, so one key's backlog or slow URLs cannot keep another key's first URL
    waiting for more than about a queue read. It reads up to ``READ_AHEAD`` x ``download_concurrency``
@@ -103,10 +104,13 @@ RETRY_BASE = 0.5  # seconds before the first retry; doubled each time, with full
 RETRY_AFTER_CAP = 30.0  # an origin's Retry-After beyond this is not waited for
 HELPER_STOP_TIMEOUT = 5.0  # seconds stop() waits for the heartbeat and sweep loops before cancelling them
 REDIS_RETRY = 1.0  # seconds between tries while Redis is away
-# Entries that may wait for their origin (its rate, its cool-down, a turn under the caps) put aside, per
-# slot: enough that a slow or paced origin's backlog does not keep the slots from other origins, few
-# enough to bound the entries read ahead (each waits as a task, pending under this worker's name).
-ASIDE_PER_SLOT = 4
+# Entries of one key that may wait for their origin (its rate, its cool-down, a turn under the caps)
+# without a slot, per slot (FairSlots.step_away): enough that a slow or paced origin's backlog does not
+# keep the key's slots from its other origins, few enough to bound the entries read ahead (each waits as
+# a task, pending under this worker's name). Past as many keys' worth in all, a further one counts as an
+# entry waiting for a slot.
+AWAY_PER_SLOT = 4
+AWAY_KEYS = 2
 # Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
 # 1 MB): checking a repeat again was a sizeable part of what it cost (BENCHMARKS.md, "Figures behind
 # design choices"). Per process: with several, only the process that checked the first copy skips it.
@@ -183,11 +187,11 @@ class Worker:
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
         # ("downloaded", size) for every body received, ("stored", size) for each new content written.
         self.on_bytes = on_bytes or (lambda kind, size: None)
+        away = int(AWAY_PER_SLOT * settings.download_concurrency)
         self._slots = FairSlots(settings.download_concurrency, ahead=READ_AHEAD * settings.download_concurrency,
-                                parkable=int(ASIDE_PER_SLOT * settings.download_concurrency))
+                                away_per_key=away, away_bound=AWAY_KEYS * away)
         self.pace = pace
         self.webhooks = webhooks
-        self._aside = 0  # entries waiting for their origin without a slot (see _wait_for_origin)
         self._owners: list[str] = [""]
         self._owners_read = float("-inf")  # time.monotonic() of the last read of the owners list
         self._probed = float("-inf")  # ... and of the last read of newcomers' queues alone
@@ -345,7 +349,9 @@ class Worker:
         entries = await self.queue.read(self.name, wanted)
         if entries:
             return entries
-        if not wanted or any(owner not in wanted for owner in owners if self._slots.load(owner)):
+        # (a key held back for its entries away waits for its origin, not for a slot)
+        if not wanted or any(owner not in wanted for owner in owners
+                             if self._slots.load(owner) and not self._slots.held_back(owner)):
             await self._slots.changed(READ_BLOCK_MS / 1000)
             return []
         self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
@@ -531,25 +537,15 @@ class Worker:
     async def _wait_for_origin(self, url: str, slot: _Slot) -> None:
         """Return once `url`'s origin may be asked (its rate and cool-down, politeness.OriginPace).
 
-        While it waits, the entry gives its slot back (it stays pending under this worker's name), so
-        other keys and origins download meanwhile; past ASIDE_PER_SLOT x download_concurrency entries
-        put aside, a further one is parked, as a wait for a turn is (_Lent): its key is read no further
-        meanwhile, which bounds how far the reader runs ahead.
+        While it waits, the entry steps away: it gives its slot back (and stays pending under this
+        worker's name), so other keys and origins download meanwhile (FairSlots.step_away, which also
+        bounds how far the reader runs ahead of such entries).
         """
         origin = origin_of(url) if self.pace is not None else None
         if self.pace is None or origin is None or await self.pace.try_now(origin) <= 0:
             return
-        aside = self._aside < ASIDE_PER_SLOT * self.settings.download_concurrency
-        if aside:
-            slot.give_back()
-            self._aside += 1
-        else:
-            slot.park()
-        try:
-            went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
-        finally:
-            if aside:
-                self._aside -= 1
+        slot.step_away()
+        went_on = await self.pace.turn(origin, self._sleep_unless_stopping)
         if not went_on:
             raise _Stopped
         await slot.take()
@@ -690,52 +686,35 @@ class Worker:
 
 class _Lent:
     """An entry's download slot, lent to others while its download waits for a turn at its origin (the
-    caps per address and domain, scheduler.OriginCaps; see fetcher.Aside).
+    caps per address and domain, scheduler.OriginCaps; see fetcher.Aside): the entry steps away
+    (FairSlots.step_away), as it does while it waits for its origin's rate (``_wait_for_origin``).
 
     Once its turn comes, the entry waits for a slot holding it, ahead of its key's other waiting entries
     (between keys, FairSlots shares the slots as always). No entry waits for a turn while it holds a
     slot, so the holders of the turns never wait for slots that only the waiters for a turn could give
-    back. Up to ASIDE_PER_SLOT x download_concurrency entries waiting for their origin are put aside, as
-    in ``_wait_for_origin``, and the reader reads on for other origins. Past them, an entry is parked
-    (FairSlots.park): its key's queue is read no further while it has entries parked, and the free slots
-    go to the other keys; past as many parked again, it counts as an entry waiting for a slot, and the
-    reader reads no further for any key. ``waited``: the seconds the download's clock stood still
-    (added by the fetcher), which its budget does not count.
+    back. ``waited``: the seconds the download's clock stood still (added by the fetcher), which its
+    budget does not count.
     """
 
-    __slots__ = ("_aside", "_slot", "_worker", "waited")
+    __slots__ = ("_slot", "_worker", "waited")
 
     def __init__(self, worker: Worker, slot: _Slot) -> None:
         self._worker = worker
         self._slot = slot
-        self._aside = False
         self.waited = 0.0
 
     def lend(self) -> None:
-        worker = self._worker
-        if worker._aside < ASIDE_PER_SLOT * worker.settings.download_concurrency:
-            self._slot.give_back()
-            worker._aside += 1
-            self._aside = True
-        else:
-            self._slot.park()
+        self._slot.step_away()
 
     def forgo(self) -> None:
-        self._back_from_aside()
-        self._slot.give_back()  # leaves the queue for a slot, if it is in it; none is held
+        self._slot.give_back()  # back from away, out of the queue for a slot; none is held
 
     async def reclaim(self) -> None:
-        self._back_from_aside()
         if not self._worker._stopping.is_set():
             await self._slot.take(first=True)
         if self._worker._stopping.is_set():  # an entry that waited into a stop is left to the next worker
             self._slot.give_back()
             raise _Stopped
-
-    def _back_from_aside(self) -> None:
-        if self._aside:
-            self._aside = False
-            self._worker._aside -= 1
 
 
 class _Stopped(Exception):
@@ -780,7 +759,7 @@ class _Slot:
         self._owner = owner
         self._held = False
         self._queued = False
-        self._parked = False
+        self._away = False
         self.waited = False
 
     def try_take(self) -> None:
@@ -791,17 +770,17 @@ class _Slot:
             self._slots.queue_up(self._owner)
             self._queued = True
 
-    def park(self) -> None:
-        """Give the slot back while the entry waits for its origin's turn, counted against its key
-        (FairSlots.park; past the bound, as an entry waiting for a slot); ``take`` gets one back."""
+    def step_away(self) -> None:
+        """Give the slot back while the entry waits for its origin (FairSlots.step_away; past the bound,
+        counted as an entry waiting for a slot); ``take`` gets one back."""
         self.give_back()
-        self._parked = self._slots.park(self._owner)
-        self._queued = not self._parked
+        self._away = self._slots.step_away(self._owner)
+        self._queued = not self._away
 
     async def take(self, first: bool = False) -> None:
         """Hold a slot (`first`: before any other waiting entry); if this had to wait for one, ``waited``
         says so until the caller clears it."""
-        self._unpark()
+        self._come_back()
         if not self._held:
             self.try_take()
             if not self._held:
@@ -810,7 +789,7 @@ class _Slot:
         self._unqueue()
 
     def give_back(self) -> None:
-        self._unpark()
+        self._come_back()
         self._unqueue()
         if self._held:
             self._held = False
@@ -821,7 +800,7 @@ class _Slot:
             self._queued = False
             self._slots.leave_queue(self._owner)
 
-    def _unpark(self) -> None:
-        if self._parked:
-            self._parked = False
-            self._slots.unpark(self._owner)
+    def _come_back(self) -> None:
+        if self._away:
+            self._away = False
+            self._slots.come_back(self._owner)

@@ -51,28 +51,30 @@ def test_entries_waiting_for_a_slot_count_against_their_key():
     assert slots.waiting == {}
 
 
-def test_entries_parked_for_their_origin_count_against_their_key_alone_up_to_the_bound():
+def test_entries_away_for_their_origin_hold_back_their_own_key_alone_up_to_the_bound():
     async def scenario() -> None:
-        slots = FairSlots(8, reserve=0, ahead=0, parkable=3)
+        slots = FairSlots(8, reserve=0, ahead=0, away_per_key=2, away_bound=3)
         assert slots.try_take("flood")  # downloading from the slow origin
-        for _ in range(3):
-            assert slots.park("flood")  # waiting for that origin's turn, their slots given back
-        assert (slots.readable, slots.load("flood"), slots.parked.total()) == (7, 4, 3)
-        # The free slots go to the others; none of them to the key with entries parked.
+        assert slots.step_away("flood")  # waiting for that origin, its slot given back
+        assert not slots.held_back("flood") and slots.plan(["flood"]) == {"flood": 7}
+        assert slots.step_away("flood")
+        assert slots.held_back("flood") and (slots.readable, slots.load("flood")) == (7, 1)
+        # The free slots go to the others; none of them to the key held back.
         assert slots.plan(["flood", "other"]) == {"other": 1}
-        assert slots.try_take("other")
-        assert slots.plan(["flood", "other"]) == {"other": 6}
-        assert not slots.park("flood")  # past the bound: an entry waiting for a slot, for every key
-        assert (slots.readable, dict(slots.waiting)) == (5, {"flood": 1})
+        assert slots.try_take("other") and slots.step_away("other")  # one of its own is away: not held back
+        assert not slots.held_back("other") and slots.plan(["flood", "other"]) == {"other": 6}
+        assert not slots.step_away("flood")  # past the bound in all: an entry waiting for a slot
+        assert (slots.readable, dict(slots.waiting), slots.away.total()) == (5, {"flood": 1}, 3)
         slots.leave_queue("flood")
         woken = asyncio.ensure_future(slots.changed(5))
         await asyncio.sleep(0)
-        slots.unpark("flood")
-        slots.unpark("flood")
+        slots.come_back("other")
         assert not woken.done()
-        slots.unpark("flood")  # the last: its queue may be read again, and the reader is told
+        slots.come_back("flood")  # under its bound again: its queue may be read, and the reader is told
         await asyncio.wait_for(woken, 1)
-        assert slots.parked == {} and slots.plan(["flood", "other"]) == {"flood": 3, "other": 3}
+        assert not slots.held_back("flood") and slots.plan(["flood", "other"]) == {"flood": 3, "other": 3}
+        slots.come_back("flood")
+        assert slots.away == {}
 
     asyncio.run(scenario())
 

@@ -306,12 +306,12 @@ async def test_an_entry_waiting_for_a_turn_at_its_origin_lends_its_slot(tmp_path
 @pytest.mark.parametrize("wait", ["turn", "rate"])
 async def test_a_key_flooding_one_slow_origin_leaves_the_free_slots_to_another_key(
         tmp_path, redis_server, origin, monkeypatch, wait):
-    """Four slots, room for 2 entries aside: key A's URLs of one origin wait for it, past what is put
-    aside, either for their turns (one download at a time per address, each 5 s long) or for its rate (a
+    """Four slots, 2 entries of a key away at most: key A's URLs of one origin wait for it, past that
+    bound, either for their turns (one download at a time per address, each 5 s long) or for its rate (a
     request every 5 s). Those past it must not keep the slots, nor hold the reader back, from key B,
     whose URLs of 3 other addresses take the 3 free slots at once. They took one more each time one of
     A's URLs went on (every 5 s here)."""
-    monkeypatch.setattr(worker_module, "ASIDE_PER_SLOT", 0.5)
+    monkeypatch.setattr(worker_module, "AWAY_PER_SLOT", 0.5)
     paced = {"origin_rate": 0.2, "origin_burst": 3} if wait == "rate" else {}
     with Origin("127.0.0.6") as b1, Origin("127.0.0.7") as b2, Origin("127.0.0.8") as b3:
         settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=4, per_host_concurrency=1,
@@ -325,10 +325,10 @@ async def test_a_key_flooding_one_slow_origin_leaves_the_free_slots_to_another_k
                 [origin.url(f"/img/{919_000 + 50 * len(wait) + n}.jpg?delay={delay}") for n in range(30)],
                 key_id="A")
             for _ in range(200):
-                if worker._aside == 2 and slots.load("A") - slots.held["A"] >= 4:
+                if slots.held_back("A") and slots.away["A"] + slots.waiting["A"] >= 4:
                     break
                 await asyncio.sleep(0.02)
-            assert worker._aside == 2, "A's URLs wait for their origin, two of them aside"
+            assert slots.held_back("A"), "A's URLs wait for their origin, enough of them to read no more of A"
             await asyncio.sleep(0.2)
             job_id, _ = await services.queue.submit(
                 [server.url(f"/img/{919_200 + 10 * len(wait) + n}.jpg?delay=0.5") for n in range(3)
@@ -341,6 +341,42 @@ async def test_a_key_flooding_one_slow_origin_leaves_the_free_slots_to_another_k
             job = await settled(services.queue, job_id)
             assert (job.status, job.stored) == ("done", 9)
             await services.queue.cancel(flood)
+        finally:
+            await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_another_keys_entries_away_do_not_hold_back_a_key_with_one_of_its_own(
+        tmp_path, redis_server, origin, monkeypatch):
+    """Four slots, 2 entries of a key away at most: key C's 3 URLs wait for one address's turns (one
+    download at a time, each 4 s long). Key A's one URL of that address waits too, and A's 10 URLs of
+    another address must go on meanwhile: a bound shared by every key would have held A back."""
+    monkeypatch.setattr(worker_module, "AWAY_PER_SLOT", 0.5)
+    with Origin("127.0.0.9") as other:
+        settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=4, per_host_concurrency=1,
+                                 allow_networks="127.0.0.1/32,127.0.0.9/32")
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            worker, slots = services.worker, services.worker._slots
+            worker.start()
+            await services.queue.submit([origin.url(f"/img/{919_500 + n}.jpg?delay=4") for n in range(3)],
+                                        key_id="C")
+            for _ in range(200):
+                if slots.away["C"] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert slots.away["C"] == 2
+            job_id, _ = await services.queue.submit(
+                [origin.url("/img/919510.jpg?delay=4"), *(other.url(f"/img/{919_520 + n}.jpg") for n in range(10))],
+                key_id="A")
+            started = time.monotonic()
+            for _ in range(150):
+                job = await services.queue.get(job_id)
+                if job.stored == 10:
+                    break
+                await asyncio.sleep(0.02)
+            assert (job.stored, job.status) == (10, "running"), "A's other URLs went on, its first still waits"
+            assert time.monotonic() - started < 3
         finally:
             await services.close()
 
@@ -377,8 +413,7 @@ async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_be
                     assert (job.status, job.stored) == ("done", 40)
             await asyncio.sleep(0.1)
             caps = services.fetcher.caps
-            assert (worker._aside, worker._slots.free, dict(worker._slots.waiting), dict(worker._slots.parked)) == (
-                0, 3, {}, {})
+            assert (dict(worker._slots.away), worker._slots.free, dict(worker._slots.waiting)) == ({}, 3, {})
             assert not worker._slots._takers
             assert not caps.addresses._gates and not caps.domains._gates
         finally:
@@ -457,13 +492,13 @@ async def test_entries_lent_for_a_turn_start_no_download_once_the_worker_stops(t
         worker.start()
         await services.queue.submit([origin.url(f"{path}?delay=1") for path in paths])
         for _ in range(200):
-            if sum(origin.hits[path] for path in paths) - before >= 1 and worker._aside >= 2:
+            if sum(origin.hits[path] for path in paths) - before >= 1 and worker._slots.away.total() >= 2:
                 break
             await asyncio.sleep(0.02)
-        assert worker._aside >= 2
+        assert worker._slots.away.total() >= 2
         await worker.stop(grace=10)
         assert sum(origin.hits[path] for path in paths) - before == 1
-        assert worker._aside == 0
+        assert worker._slots.away == {}
     finally:
         await services.close()
 
@@ -478,8 +513,8 @@ async def test_a_wait_for_a_turn_and_then_a_slot_is_not_charged_to_the_budget(se
     from casimg.scheduler import FairSlots, OriginCaps
     from casimg.worker import _Lent, _Slot
 
-    slots = FairSlots(1, reserve=0)
-    worker = SimpleNamespace(_aside=0, settings=settings, _stopping=asyncio.Event())
+    slots = FairSlots(1, reserve=0, away_per_key=4, away_bound=8)
+    worker = SimpleNamespace(settings=settings, _stopping=asyncio.Event())
     mine = _Slot(slots, "k")
     mine.try_take()
     caps = OriginCaps(1, 2)
@@ -506,15 +541,15 @@ async def test_a_wait_for_a_turn_and_then_a_slot_is_not_charged_to_the_budget(se
     await asyncio.sleep(0.3)
     theirs.give_back()
     await task
-    assert seen["held"] and worker._aside == 0
+    assert seen["held"] and slots.away == {} and slots.waiting == {}
     assert seen["clock"] < 0.05 and seen["charged"] < 0.05, seen
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_many_entries_of_one_address_through_few_slots_all_finish(tmp_path, redis_server, origin):
-    """Entries lent their slots while waiting for a turn, past the bound on those put aside others wait
-    holding a slot; one that gets its turn and finds no slot free must not hold the turn while it waits
-    for one (each side would wait for the other for ever)."""
+    """Entries lent their slots while waiting for a turn (past the bound on those away, counted as waiting
+    for one); one that gets its turn and finds no slot free must not hold the turn while it waits for
+    one (each side would wait for the other for ever)."""
     settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=2, per_host_concurrency=1)
     services = await open_services(settings, settings.redis_url, with_worker=True)
     try:
@@ -523,7 +558,7 @@ async def test_many_entries_of_one_address_through_few_slots_all_finish(tmp_path
         services.worker.start()
         job = await settled(services.queue, job_id, 40)
         assert (job.status, job.stored) == ("done", 40)
-        assert services.worker._aside == 0
+        assert services.worker._slots.away == {}
     finally:
         await services.close()
 
