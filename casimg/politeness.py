@@ -33,8 +33,8 @@
   (``noimageindex``, ``noai``, ``noimageai`` by default), for every robot or for casimg's token, fails the
   download before its body is read.
 
-A URL waiting for its origin holds no download slot (worker.py puts it aside), so other keys and other
-origins download meanwhile; in one process a single waiter per origin asks Redis, the others queue
+A URL waiting for its origin holds no download slot (it steps away, scheduler.FairSlots.step_away), so
+other keys and other origins download meanwhile; in one process a single waiter per origin asks Redis, the others queue
 behind it.
 """
 

@@ -135,6 +135,8 @@ class FairSlots:
         return True
 
     def come_back(self, owner: str) -> None:
+        """An entry of `owner` back from away. A reader waiting for a slot is woken when `owner` drops
+        below its bound; one blocked on the queues sees it when its block ends."""
         self.away[owner] -= 1
         if self.away[owner] <= 0:
             del self.away[owner]
@@ -249,7 +251,8 @@ class FairSlots:
         the reserve, plus the read-ahead, less the entries already waiting, go one by one to the other
         owners, to the one holding fewest, ties in turn. Newcomers' entries are asked for on top: most of
         their queues are empty, and counting them against the others would leave a busy key unread behind
-        many idle ones. An owner ``held_back`` is asked for none.
+        many idle ones. An owner ``held_back`` is asked for none, and one with entries away for no more
+        than would take it to its bound: those entries most likely wait for the same origin.
         """
         if not owners:
             return {}
@@ -259,12 +262,17 @@ class FairSlots:
         order = [owner for owner in order if not self.held_back(owner)]
         wanted: Counter[str] = Counter({owner: 1 for owner in order if load[owner] == 0})
         busy = [owner for owner in order if load[owner] > 0]
+        room = {owner: self.away_per_key - self.away[owner] for owner in busy if self.away[owner]}
         spare = self.readable - self.reserve
         while busy and spare > 0:
             owner = min(busy, key=load.__getitem__)  # the first of the fewest, in this turn's order
             wanted[owner] += 1
             load[owner] += 1
             spare -= 1
+            if owner in room:
+                room[owner] -= 1
+                if room[owner] <= 0:
+                    busy.remove(owner)
         return dict(wanted)
 
 

@@ -107,8 +107,8 @@ REDIS_RETRY = 1.0  # seconds between tries while Redis is away
 # Entries of one key that may wait for their origin (its rate, its cool-down, a turn under the caps)
 # without a slot, per slot (FairSlots.step_away): enough that a slow or paced origin's backlog does not
 # keep the key's slots from its other origins, few enough to bound the entries read ahead (each waits as
-# a task, pending under this worker's name). Past as many keys' worth in all, a further one counts as an
-# entry waiting for a slot.
+# a task, pending under this worker's name). Past AWAY_KEYS times that from all keys together, a further
+# one counts as an entry waiting for a slot.
 AWAY_PER_SLOT = 4
 AWAY_KEYS = 2
 # Validations of recent contents kept for their repeats (digest -> ImageInfo, about 300 bytes each, about
@@ -486,7 +486,7 @@ class Worker:
                     raise _Stopped from None
                 slot.give_back()  # no slot is held while waiting to retry: others download meanwhile
                 if cooled:
-                    continue  # the next attempt waits for the origin's cool-down, put aside
+                    continue  # the next attempt waits for the origin's cool-down, stepped away
                 if not await self._sleep_unless_stopping(self._backoff(attempt, failure.retry_after)):
                     raise _Stopped from None
                 continue

@@ -383,7 +383,7 @@ async def test_another_keys_entries_away_do_not_hold_back_a_key_with_one_of_its_
 
 @pytest.mark.gen_test(timeout=120)
 @pytest.mark.parametrize("stop_after", [None, 1.5])
-async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_aside_behind(
+async def test_two_keys_over_two_capped_addresses_leave_no_slot_turn_or_entry_away_behind(
         tmp_path, redis_server, origin, stop_after):
     """Three slots, one download at a time per address, two keys' URLs over two addresses with mixed
     delays: every job finishes (or the worker stops mid-way), and nothing stays counted afterwards."""
