@@ -412,20 +412,21 @@ def _plain_jpeg_size(data: Data) -> tuple[int, int] | None:
         if marker not in _JPEG_PLAIN:
             return None
         end = at + 2 + ((data[at + 2] << 8) | data[at + 3])  # within the file: the walk checked it
+        length = end - at - 4  # of the segment's payload, which Pillow's handler reads
         if 0xE0 <= marker <= 0xEF:
             head = data[at + 4:min(end, at + 18)]  # what Pillow's checks of the segment's start see
             if marker == 0xE0 and head.startswith(b"JFIF"):
-                if end - at - 4 < 7:
+                if length < 7:
                     return None
-                has_density = has_density or (end - at - 4 >= 12 and data[at + 11] in (1, 2))
+                has_density = has_density or (length >= 12 and data[at + 11] in (1, 2))
             elif marker == 0xE1 and head.startswith(b"Exif\0\0"):
                 has_exif = True
             elif marker == 0xE2 and (head.startswith(b"MPF\0")
-                                     or (head.startswith(b"ICC_PROFILE\0") and end - at - 4 < 14)):
+                                     or (head.startswith(b"ICC_PROFILE\0") and length < 14)):
                 return None
             elif marker == 0xED and head.startswith(b"Photoshop 3.0\0"):
                 return None
-            elif marker == 0xEE and head.startswith(b"Adobe") and end - at - 4 < 7:
+            elif marker == 0xEE and head.startswith(b"Adobe") and length < 7:
                 return None
         elif marker == 0xDB:
             table = at + 4
@@ -434,7 +435,6 @@ def _plain_jpeg_size(data: Data) -> tuple[int, int] | None:
             if table != end:
                 return None
         elif marker in _JPEG_SOF:
-            length = end - at - 4
             if (size is not None or length < 6 or (length - 6) % 3 or data[at + 4] != 8
                     or data[at + 9] not in _JPEG_LAYERS):
                 return None
@@ -447,7 +447,7 @@ def _jpeg_info(width: int, height: int, max_pixels: int) -> ImageInfo:
     if width == 0 or height == 0:  # Pillow's open takes no plugin's word for a file without pixels
         raise InvalidImage("not an image")
     limit = Image.MAX_IMAGE_PIXELS  # Pillow's backstop, as Image.open applies it (see the top)
-    if limit is not None and max(1, width) * max(1, height) > 2 * limit:
+    if limit is not None and width * height > 2 * limit:
         raise InvalidImage("too many pixels")
     _check_pixels(width, height, max_pixels)
     return ImageInfo(format="JPEG", content_type=content_type_for("JPEG"), width=width, height=height)
