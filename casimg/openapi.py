@@ -96,6 +96,14 @@ VARIANT_ERRORS = {
 }
 
 
+# GET only (handlers._BytesHandler.send_blob): a HEAD is answered with the object's headers, not sent away.
+PRESIGNED_REDIRECT = {
+    "302": {"description": "With CASIMG_S3_REDIRECT=presigned: the object store's own URL for the bytes, valid "
+                           "for 5 minutes, which answers Range itself (Cache-Control: no-store)",
+            "headers": {"Location": {"schema": {"type": "string"}, "description": "A presigned URL"}}},
+}
+
+
 def _bytes_responses(cache: str) -> dict[str, Any]:
     return {
         "200": {"description": f"The bytes; Cache-Control: {cache}", "headers": IMAGE_HEADERS, "content": BYTES},
@@ -316,7 +324,8 @@ def openapi_document(presets: Sequence[str] = ()) -> dict[str, Any]:
             "/api/image": {
                 "get": {"summary": "The bytes stored for a URL, or a variant of them (w, h, format, ...)",
                         "parameters": [URL_PARAM, RANGE_PARAM, *variant_params],
-                        "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
+                        "responses": {**_bytes_responses("private, no-cache"), **PRESIGNED_REDIRECT,
+                                      **VARIANT_ERRORS}},
                 "head": {"summary": "The headers of GET", "parameters": [URL_PARAM, RANGE_PARAM, *variant_params],
                          "responses": {**_bytes_responses("private, no-cache"), **VARIANT_ERRORS}},
                 "delete": {"summary": "Forget a URL; its bytes go with their last URL", "parameters": [URL_PARAM],
@@ -355,7 +364,7 @@ def openapi_document(presets: Sequence[str] = ()) -> dict[str, Any]:
                                         "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,
                                        *variant_params],
                         "responses": {**_bytes_responses("private, max-age=31536000, immutable"),
-                                      **VARIANT_ERRORS}},
+                                      **PRESIGNED_REDIRECT, **VARIANT_ERRORS}},
                 "head": {"summary": "The headers of GET",
                          "parameters": [{"name": "digest", "in": "path", "required": True,
                                          "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}, RANGE_PARAM,

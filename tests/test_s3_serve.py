@@ -87,6 +87,13 @@ def test_presigned_redirects_are_followed_by_the_client_without_its_key(s3, prox
         opener.open(request, timeout=30)
     assert answer.value.code == 302 and answer.value.headers["Location"].startswith(proxy.endpoint + "/")
     assert answer.value.headers["Cache-Control"] == "no-store"
+    # A HEAD is answered here, not sent away; the served OpenAPI document says so.
+    status, _, headers = server.call("HEAD", f"/api/image?url={quote(urls[0], safe='')}")
+    assert status == 200 and "Location" not in headers
+    document = json.loads(server.call("GET", "/openapi.json")[1])
+    for path in ("/api/image", "/api/blobs/{digest}"):
+        assert "Location" in document["paths"][path]["get"]["responses"]["302"]["headers"]
+        assert "302" not in document["paths"][path]["head"]["responses"]
     before = len(proxy.seen)
     assert Client(server.base, server.key).image(urls[1]) == expected_bytes(urls[1])
     followed = [headers for method, _, headers in proxy.seen[before:] if method == "GET"]
