@@ -65,6 +65,9 @@ READ_CHUNK = 64 * 1024
 # A body up to this size stays in memory; past it, chunks go to a temp file in pieces of this size, each
 # hashed and written in one trip to a thread. 64 downloads in flight hold at most 32 MiB.
 IN_MEMORY = 512 * 1024
+# The longest wait an origin's Retry-After is taken for, in seconds: longer than any retry budget or
+# cool-down ceiling (the worker and politeness.OriginPace cut it further), and always finite.
+RETRY_AFTER_MAX = 24 * 3600.0
 
 # Every range a download must not reach, with the name used in the failure reason. Anything else that
 # Python does not call global (is_global) is refused as "non-public" after these.
@@ -678,19 +681,20 @@ def _check_status(response: aiohttp.ClientResponse) -> None:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delay-seconds or HTTP-date); None when absent or unreadable."""
+    """Seconds from a Retry-After header (delay-seconds or HTTP-date), at most RETRY_AFTER_MAX; None when
+    absent or unreadable. Only ASCII digits count: str.isdigit() takes "²" too, which float() refuses."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX)  # 400 digits make float() infinite
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+    return min(max(0.0, (moment - datetime.now(UTC)).total_seconds()), RETRY_AFTER_MAX)
 
 
 def _connect_failure(exc: aiohttp.ClientConnectorError) -> DownloadFailed:

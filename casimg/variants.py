@@ -196,9 +196,12 @@ def _one(params: Mapping[str, str | Sequence[str]], name: str) -> str | None:
 def _whole(name: str, raw: str, low: int, high: int, limit: str = "") -> int:
     if not raw.isascii() or not raw.isdigit():
         raise BadVariant(name, f"{name} must be a whole number from {low} to {high}")
-    value = int(raw)
+    named = f" ({limit})" if limit else ""
+    digits = raw.lstrip("0") or "0"  # int() refuses over 4,300 digits, leading zeros included
+    if len(digits) > len(str(high)):
+        raise BadVariant(name, f"{name} must be from {low} to {high}{named}; got {len(raw)} digits")
+    value = int(digits)
     if not low <= value <= high:
-        named = f" ({limit})" if limit else ""
         raise BadVariant(name, f"{name} must be from {low} to {high}{named}; got {value}")
     return value
 

@@ -26,7 +26,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from casimg import __version__
 from casimg.errors import DownloadFailed
-from casimg.fetcher import AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
+from casimg.fetcher import RETRY_AFTER_MAX, AddressGuard, BlockedAddress, Fetcher, parse_address, retry_after_seconds
 from casimg.scheduler import origin_address, registrable_domain
 from tests.origin import Origin, image_bytes
 
@@ -224,6 +224,11 @@ def test_retry_after_seconds_reads_both_forms():
     assert 25 <= (retry_after_seconds(soon) or 0) <= 30
     assert retry_after_seconds(format_datetime(datetime(2000, 1, 1, tzinfo=UTC), usegmt=True)) == 0.0
     assert retry_after_seconds("soon") is None and retry_after_seconds(None) is None
+    # What an origin writes is not trusted to convert: digits that are not ASCII, a number float() makes
+    # infinite, a date far ahead.
+    assert retry_after_seconds("\u00b2") is None and retry_after_seconds("\u0661\u0662") is None
+    assert retry_after_seconds("9" * 400) == RETRY_AFTER_MAX
+    assert retry_after_seconds(format_datetime(datetime(9999, 1, 1, tzinfo=UTC), usegmt=True)) == RETRY_AFTER_MAX
 
 
 @pytest.mark.gen_test

@@ -173,6 +173,15 @@ async def test_bad_parameters_and_missing_images(api, origin):
     assert missing.code == 404
     assert (await api("GET", f"/api/blobs/{'0' * 64}?w=10")).code == 404
     assert (await api("GET", f"/api/blobs/{result['sha256']}?w=x")).code == 400
+    # Thousands of digits: int() refuses over 4,300 of them (a 500 before), and leading zeros still count
+    # as the number they make.
+    for parameter in ("w", "h", "q"):
+        for path in (image_path(url, **{parameter: "9" * 5000}),
+                     f"/api/blobs/{result['sha256']}?{parameter}={'1' * 5000}"):
+            response = await api("GET", path)
+            assert response.code == 400 and problem(response)["parameter"] == parameter, path[:80]
+            assert "5000 digits" in problem(response)["detail"]
+    assert (await api("GET", image_path(url, w="0" * 5000 + "8"))).code == 200
 
 
 @pytest.mark.gen_test(timeout=60)

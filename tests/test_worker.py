@@ -50,6 +50,19 @@ async def test_429_retry_after_is_honoured(api, origin):
 
 
 @pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("settings", [{"origin_backoff_max": 1.0}], indirect=True)  # the cool-down's ceiling
+# The test origin writes its headers in Latin-1: "Â²" goes out as C2 B2, the UTF-8 bytes of "²".
+@pytest.mark.parametrize("retry_after", ["9" * 400, "%C3%82%C2%B2"], ids=["infinite-as-float", "superscript-two"])
+async def test_an_unreadable_retry_after_leaves_a_503_retryable(api, origin, retry_after):
+    """400 digits (float() makes them infinite) and "²" (a digit to str.isdigit, not to float) failed
+    the URL at once as an internal error, with no retry and no cool-down of the origin. The first is now the
+    longest wait there is: the origin cools down for origin_backoff_max (1 s here), then the retry stores it."""
+    url = origin.url(f"/flaky/odd-{len(retry_after)}?fail=1&status=503&retry_after={retry_after}")
+    result = await outcome(api, url)
+    assert (result["status"], result["attempts"]) == ("stored", 2), result
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_a_blob_is_flushed_to_disk_before_its_url_is_indexed(tmp_path, redis_server, origin, monkeypatch):
     """Durability: while the flush that makes a blob durable is held, the blob is linked in but its URL is not
     in the index yet; a worker that indexed first could lose an indexed image to a power cut."""
