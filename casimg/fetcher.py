@@ -418,6 +418,8 @@ class Fetcher:
         )
 
     async def close(self) -> None:
+        if self.robots is not None:
+            self.robots.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
