@@ -14,8 +14,8 @@
   ``ROBOTS_LOCAL_TTL`` seconds without asking Redis. The file is parsed off the event loop, in the
   process's one robots thread (a few ms for a common file, about a second for 500 KiB of rules), and a
   file over ``ROBOTS_HEAVY_BYTES`` is matched against each URL there too: an origin's hostile file then
-  slows its own URLs, queued behind each other in that thread, and never stalls the loop that serves
-  every other client.
+  slows its own URLs, queued behind each other in that thread (those held past their time budget fail as
+  "timeout"), and never stalls the loop that serves every other client.
 - **A request rate per origin** (``OriginPace``), shared by every process: a token bucket in Redis per
   origin (``KeySpace.origin_rate``; lua/rate_take.lua, the API keys' bucket), refilled at ``origin_rate``
   requests a second up to ``origin_burst``. An origin is a registrable domain (scheduler.
