@@ -39,7 +39,7 @@ def filler_pid(server: Server, other_than: int | None = None) -> int:
         for pid in forked_children(server.process.pid):
             try:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # gone since the listing (reading a zombie's raises)
                 continue
             if b"casimg.filler" in cmdline and pid != other_than:
                 return pid
