@@ -1,17 +1,17 @@
 """`casimg fsck`: check the invariant between the index and the blob store, and mend what is safe.
 
-The invariant: every indexed URL has its blob on disk, every reference count equals the number of
-URLs pointing at its digest, every URL carries its content's metadata, with the content type its bytes
-name (an earlier casimg recorded a WebP as application/octet-stream on a fresh server), no record
-with references is pointed at by no URL, the count hash holds the numbers of URLs and of referenced
-contents, every URL and record sits in the bucket its hash names (lookups look nowhere else), the
-newest-first order holds as many URLs as the index (its members are not compared one by one: --repair
-drops those of URLs gone or stored again, and places those missing), and every blob's bytes hash to its
-name. Breaking any of these is a *problem* (exit 1).
-What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*, and so is, with
-placeholders on, a content that has no placeholder and is not queued for one (--repair queues it). It runs beside a live
-server: the index is read in one MULTI, and anything that looks wrong between disk and index is
-checked again live before it is reported, since a store or delete may have happened in between.
+The invariant: every indexed URL has its blob on disk, every reference count equals the number of URLs and
+variant relations pointing at its digest (and its count of relation references, the latter), every URL carries
+its content's metadata, with the content type its bytes name (an earlier casimg recorded a WebP as
+application/octet-stream on a fresh server), no record with references is pointed at by no URL, the count hash
+holds the numbers of URLs and of referenced contents, every URL and record sits in the bucket its hash names
+(lookups look nowhere else), the newest-first order holds as many URLs as the index (its members are not
+compared one by one: --repair drops those of URLs gone or stored again, and places those missing), and every
+blob's bytes hash to its name. Breaking any of these is a *problem* (exit 1).
+What a crash may leave (an unreferenced blob, a temp or trash file) is a *note*, and so is, with placeholders
+on, a content that has no placeholder and is not queued for one (--repair queues it). It runs beside a live
+server: the index is read in one MULTI, and anything that looks wrong between disk and index is checked again
+live before it is reported, since a store or delete may have happened in between.
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
         refs = snap.refs.get(digest, 0)
         if refs != count:
             report.problems.append(f"refs[{digest}] is {refs}, but {count} URL(s) or variant relation(s) point at it")
+    as_variant = expected - counts  # the references that are relations
+    for digest in sorted(set(as_variant) | set(snap.variant_refs)):
+        recorded, count = snap.variant_refs.get(digest, 0), as_variant.get(digest, 0)
+        if recorded != count:
+            report.problems.append(f"variant-refs[{digest}] is {recorded}, but {count} variant relation(s) "
+                                   "point at it")
     for url in sorted(snap.bare):
         report.problems.append(f"no metadata for URL {url}")
     for digest, refs in snap.refs.items():

@@ -156,6 +156,8 @@ class Snapshot:
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
     # source -> canonical -> "<variant hex> <size>": every variant relation
     variants: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    # digest -> how many of its references are relations, as recorded (a record in another bucket included)
+    variant_refs: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,8 @@ class Index:
         and variant relations go too). None if the URL is unknown."""
         k = self.keys
         reply = await self._release(keys=[url_key(k, url), k.count, k.recent],
-                                    args=[url, k.blob(""), k.recent_leaf(""), k.placeholder(""), k.variants("")])
+                                    args=[url, k.blob(""), k.recent_leaf(""), k.placeholder(""), k.variants(""),
+                                          k.variant_refs("")])
         if reply is None:
             return None
         return Released(reply[0], int(reply[1]), tuple(reply[2:]))
@@ -508,9 +511,13 @@ class Index:
                     pipe.hgetall(k.blob(bucket))
                 await relations(keys=[], args=[k.variants(""), _glob_escape(k.variants("")) + "*"], client=pipe)
                 pipe.hgetall(k.count)
-                *buckets, flat, counts = await pipe.execute()
+                for bucket in BUCKETS:
+                    pipe.hgetall(k.variant_refs(bucket))
+                replies = await pipe.execute()
         finally:
             await raw.aclose()
+        n = len(BUCKETS)
+        buckets, (flat, counts), as_variant = replies[:2 * n], replies[2 * n:2 * n + 2], replies[2 * n + 2:]
         snap = Snapshot(urls={}, misplaced={}, refs={}, bare=set(), stray={}, types={},
                         counts={"urls": 0, "blobs": 0} | {f.decode(): int(n) for f, n in counts.items()})
         seen_types: dict[str, str] = {}
@@ -537,14 +544,19 @@ class Index:
         for i in range(0, len(flat), 3):
             source, canonical, value = (part.decode() for part in flat[i:i + 3])
             snap.variants.setdefault(source, {})[canonical] = value
+        for entries in as_variant:
+            for field, record in entries.items():
+                snap.variant_refs[field.hex()] = int(record) if record.isdigit() else -1
         return snap
 
     async def repair(self) -> list[str]:
-        """Move misplaced URLs, recount references (from URLs and variant relations), drop unreferenced
-        records, relations of unreferenced sources and their placeholders, and fix the counts, atomically."""
+        """Move misplaced URLs, recount references (from URLs and variant relations) and the part of them
+        that are relations, drop unreferenced records, relations of unreferenced sources and their
+        placeholders, and fix the counts, atomically."""
         k = self.keys
         return list(await self._repair(keys=[k.count], args=[k.url(""), k.blob(""), k.placeholder(""),
-                                                             k.variants(""), _glob_escape(k.variants("")) + "*"]))
+                                                             k.variants(""), _glob_escape(k.variants("")) + "*",
+                                                             k.variant_refs("")]))
 
 
 def _glob_escape(text: str) -> str:

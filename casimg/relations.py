@@ -21,7 +21,7 @@ from enum import IntEnum
 import redis.asyncio as aioredis
 
 from casimg.lua import source as lua_source
-from casimg.schema import KeySpace
+from casimg.schema import BUCKET_DIGITS, KeySpace, blob_key
 
 ERROR_MARK = "error "  # a claim key holding a failed render's "error <status> <detail>"
 
@@ -33,6 +33,7 @@ class Added(IntEnum):
     RECORDED = 1
     EXISTS = 2  # recorded by another render already
     FULL = 3  # the source has variants_per_original variants
+    VARIANT_ONLY = 4  # every reference of the source is a relation: variants are made of originals only
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,16 @@ class StoredVariant:
     def decode(cls, value: str) -> StoredVariant:
         digest, _, size = value.partition(" ")
         return cls(digest, int(size or 0))
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What ``Relations.find_count_claim`` found in one round trip."""
+
+    found: StoredVariant | None  # the relation, if recorded
+    count: int  # the source's variants
+    variant_only: bool  # every reference of the source is a relation (variant_add.lua refuses it)
+    token: str | None  # the render's claim, if this caller took it
 
 
 class Relations:
@@ -73,18 +84,21 @@ class Relations:
                                      px=max(1, int(seconds * 1000)))
         return token if taken else None
 
-    async def find_count_claim(self, source: str, canonical: str,
-                               seconds: float) -> tuple[StoredVariant | None, int, str | None]:
+    async def find_count_claim(self, source: str, canonical: str, seconds: float) -> Lookup:
         """``find``, ``count`` and ``claim`` in one round trip (a pipeline, not a transaction: the caller
-        releases a claim it took but does not need)."""
+        releases a claim it took but does not need), with whether the source is a variant only."""
         token = secrets.token_hex(8)
-        key = self.keys.variants(source)
+        key, raw = self.keys.variants(source), bytes.fromhex(source)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(key, canonical)
             pipe.hlen(key)
+            pipe.hget(blob_key(self.keys, source), raw)
+            pipe.hget(self.keys.variant_refs(source[:BUCKET_DIGITS]), raw)
             pipe.set(self.keys.variant_claim(source, canonical), token, nx=True, px=max(1, int(seconds * 1000)))
-            value, count, taken = await pipe.execute()
-        return (None if value is None else StoredVariant.decode(value)), int(count), (token if taken else None)
+            value, count, refs, as_variant, taken = await pipe.execute()
+        return Lookup(found=None if value is None else StoredVariant.decode(value), count=int(count),
+                      variant_only=int(refs or 0) > 0 and int(as_variant or 0) >= int(refs),
+                      token=token if taken else None)
 
     async def claimed(self, source: str, canonical: str) -> str | None:
         """The claim's value: a holder's token, "error <status> <detail>" after a failed render, or None."""
@@ -105,7 +119,7 @@ class Relations:
         k = self.keys
         outcome, value = await self._add(
             keys=[k.variants(source), k.count, k.variant_claim(source, canonical)],
-            args=[source, canonical, variant.encode(), k.blob(""), limit, token])
+            args=[source, canonical, variant.encode(), k.blob(""), limit, token, k.variant_refs("")])
         return Added(int(outcome)), (StoredVariant.decode(value) if value else None)
 
     async def drop(self, source: str, canonical: str, variant: StoredVariant) -> tuple[bool, list[str]]:
@@ -113,5 +127,6 @@ class Relations:
         whether it was removed and the digests that lost their last reference with it."""
         k = self.keys
         reply = await self._drop(keys=[k.variants(source), k.count],
-                                 args=[canonical, variant.encode(), k.blob(""), k.placeholder(""), k.variants("")])
+                                 args=[canonical, variant.encode(), k.blob(""), k.placeholder(""), k.variants(""),
+                                       k.variant_refs("")])
         return bool(int(reply[0])), list(reply[1:])

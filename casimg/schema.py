@@ -26,6 +26,7 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
                                moves it past its lease
     placeholders-made  string  "1" from the first placeholder written: until then listings read none
     variants:{sha256}  hash    canonical variant parameters -> "<variant sha256 hex> <size>"
+    variant-refs:{3 hex} hash  raw 32-byte SHA-256 -> how many of its references are variant relations
     variant-claim:{sha256}:{canonical}  string  held by the process rendering that variant
     claims:{digest}    zset    an object-store blob's stores in flight: token -> expiry (ms)
     deleting:{digest}  string  present while an object-store blob's DELETE may be in flight
@@ -213,6 +214,12 @@ class KeySpace:
         <size>", for the variants made of the content `source` (hex). Each entry counts as one reference
         of the variant's digest in its blob record; the hash goes with the source's last reference."""
         return f"{self.prefix}variants:{source}"
+
+    def variant_refs(self, bucket: str) -> str:
+        """hash: raw 32-byte SHA-256 -> how many of the references in its ``blob`` record are variant
+        relations (absent when none), for the digests whose hex starts with `bucket`. A content whose every
+        reference is a relation is a variant only, and variants are not made of it (variant_add.lua)."""
+        return f"{self.prefix}variant-refs:{bucket}"
 
     def variant_claim(self, source: str, canonical: str) -> str:
         """string with a TTL: held by the process rendering one variant, so the cluster renders it once;

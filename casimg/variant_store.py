@@ -82,6 +82,14 @@ class Variant:
     vary_accept: bool  # format=auto: the answer depends on the Accept header
 
 
+def variant_of_a_variant(source: str) -> BadVariant:
+    """The 400 for variant parameters on a digest whose every reference is a variant relation. Each original
+    makes at most ``variants_per_original`` variants; variants of those would each bring an allowance of
+    their own, and a read key could make variants without bound by asking one level deeper each time."""
+    return BadVariant("digest", f"{source} is the digest of a variant, and variants are made of originals only: "
+                                "ask with the original's digest or URL")
+
+
 def _status_of(exc: Exception) -> int:
     if isinstance(exc, BadVariant):
         return 400
@@ -178,18 +186,22 @@ class VariantStore:
         claim_seconds = self.pool.timeout + CLAIM_MARGIN
         deadline = time.monotonic() + 2 * claim_seconds
         while True:
-            # The relation, the source's variant count and the claim in one round trip. The claim is taken
-            # before the count is known: over the limit, or found after all (recorded by another process
-            # since the caller's lookup), it is given back at once, which is rare; a render is never made.
-            found, count, token = await self.relations.find_count_claim(source, canonical, claim_seconds)
-            if found is not None or count >= self.policy.per_original:
-                if token is not None:
-                    await self.relations.release(source, canonical, token)
-                if found is not None:
-                    return found
-                self.policy.check_count(count)
-            if token is not None:
-                return await self._render_and_keep(source, spec, canonical, token)
+            # The relation, the source's variant count and references, and the claim in one round trip. The
+            # claim is taken before the count is known: over the limit, or found after all (recorded by
+            # another process since the caller's lookup), it is given back at once, which is rare; a render
+            # is never made.
+            # The claim is given back too when the source is a variant only: nothing is made of it.
+            seen = await self.relations.find_count_claim(source, canonical, claim_seconds)
+            if seen.found is not None or seen.count >= self.policy.per_original or seen.variant_only:
+                if seen.token is not None:
+                    await self.relations.release(source, canonical, seen.token)
+                if seen.found is not None:
+                    return seen.found
+                if seen.variant_only:
+                    raise variant_of_a_variant(source)
+                self.policy.check_count(seen.count)
+            if seen.token is not None:
+                return await self._render_and_keep(source, spec, canonical, seen.token)
             await self._wait_for_claim(source, canonical, deadline)
 
     async def _wait_for_claim(self, source: str, canonical: str, deadline: float) -> None:
@@ -266,6 +278,8 @@ async def keep_variant(blobs: Storage, index: Index, relations: Relations, sourc
         return recorded
     if outcome is Added.FULL:
         policy.check_count(policy.per_original)
+    if outcome is Added.VARIANT_ONLY:  # its last original URL went while the variant was made
+        raise variant_of_a_variant(source)
     raise NotFound("the image was deleted while its variant was made")
 
 

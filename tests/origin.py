@@ -11,6 +11,7 @@ Paths:
   /robots.txt              ``origin.robots_txt`` (a 404 while None), see ``Origin`` for its status and delay
   /tagged/N.jpg?tag=V      an image sent with one X-Robots-Tag header per ``tag`` value
   /dup/NAME.jpg            the same bytes whatever NAME is
+  /file/NAME               ``origin.files[NAME]``: (bytes, content type) a test put there
   /animated.gif?frames=N   an animated GIF of N frames (``/animated.webp?frames=N``: the same as WebP)
   /oriented/O.jpg          a 60x30 JPEG, red on its left half and blue on its right as stored, with EXIF
                            orientation O (1-8): upright, it shows ``oriented_colours(O)``
@@ -174,6 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
             tags = parse_qs(parts.query).get("tag", [])
             return self.send(200, image_bytes(int(segments[1].split(".")[0])), "image/jpeg",
                              headers=[("X-Robots-Tag", tag) for tag in tags])
+        if head == "file" and len(segments) == 2 and segments[1] in self.server.origin.files:
+            return self.send(200, *self.server.origin.files[segments[1]])
         if head == "dup":
             return self.send(200, image_bytes(999_999), "image/jpeg")
         if head == "animated.gif":
@@ -347,6 +350,7 @@ class Origin:
         self.requests: list[tuple[float, str]] = []  # (time.monotonic(), path) of every request, in order
         self.agents: dict[str, str] = {}  # path -> the User-Agent of its last request
         self.posts: dict[str, list[tuple[dict[str, str], bytes]]] = {}  # /hook/KEY: (headers, body) of each POST
+        self.files: dict[str, tuple[bytes, str]] = {}  # /file/NAME: (body, content type)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self.server.serve_forever, name="origin", daemon=True)
 

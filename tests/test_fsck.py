@@ -10,6 +10,7 @@ import pytest
 from casimg.fsck import fsck
 from casimg.index import BlobMeta, Index
 from casimg.lifecycle import store_blob
+from casimg.relations import Added, Relations, StoredVariant
 from casimg.schema import Order, blob_key, url_bucket
 from casimg.storage.file import FileStore
 from tests.conftest import png
@@ -156,3 +157,48 @@ async def test_a_newest_first_order_out_of_step_is_a_problem_repair_mends(world)
     newest = [image[0] for image in page.images]
     assert newest[-2:] == ["http://a/5", "http://a/4"] and sorted(newest) == [
         "http://a/1", "http://a/3", "http://a/4", "http://a/5"]
+
+
+@pytest.mark.gen_test
+async def test_a_wrong_count_of_relation_references_is_a_problem_repair_recounts(world):
+    """variant-refs counts the references of a digest that are variant relations: what tells an original
+    from a variant only, of which no variant is made."""
+    blobs, index = world
+    source = await put(blobs, index, "http://a/1", png(1))
+    variant = hashlib.sha256(png(2)).hexdigest()
+    blobs.blob_path(variant).parent.mkdir(parents=True, exist_ok=True)
+    blobs.blob_path(variant).write_bytes(png(2))
+    relations = Relations(index.redis, index.keys)
+    added = await relations.add(source, "v1:w=2", StoredVariant(variant, len(png(2))), 10, "no-claim")
+    assert added == (Added.RECORDED, StoredVariant(variant, len(png(2))))
+    counts, raw = index.keys.variant_refs(variant[:3]), bytes.fromhex(variant)
+    assert await index.redis.hget(counts, raw) == "1"
+    assert (await fsck(index, blobs)).ok
+    # Nothing is made of a variant only.
+    deeper = await relations.add(variant, "v1:w=1", StoredVariant(hashlib.sha256(png(3)).hexdigest(), 9), 10, "x")
+    assert deeper == (Added.VARIANT_ONLY, None)
+    assert await index.redis.exists(index.keys.variants(variant)) == 0
+
+    for wrong, recorded in (("5", 5), (None, 0)):
+        if wrong is None:
+            await index.redis.hdel(counts, raw)  # as a variant made before casimg counted them
+        else:
+            await index.redis.hset(counts, raw, wrong)
+        report = await fsck(index, blobs)
+        assert f"variant-refs[{variant}] is {recorded}, but 1 variant relation(s) point at it" in report.problems
+        repaired = await fsck(index, blobs, repair=True)
+        assert any(f"relation references of {variant}" in line for line in repaired.repaired), repaired.repaired
+        assert (await fsck(index, blobs)).ok
+        assert await index.redis.hget(counts, raw) == "1"
+    # A count on a digest that no relation names would make an original look like a variant only.
+    await index.redis.hset(index.keys.variant_refs(source[:3]), bytes.fromhex(source), "1")
+    report = await fsck(index, blobs)
+    assert f"variant-refs[{source}] is 1, but 0 variant relation(s) point at it" in report.problems
+    await fsck(index, blobs, repair=True)
+    assert (await fsck(index, blobs)).ok
+    assert await index.redis.hget(index.keys.variant_refs(source[:3]), bytes.fromhex(source)) is None
+
+    # The source's last URL takes the relation, the variant's record and its count with it.
+    released = await index.release("http://a/1")
+    assert released is not None and released.freed == (variant,)
+    assert await index.redis.hget(counts, raw) is None

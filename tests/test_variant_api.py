@@ -249,6 +249,44 @@ async def test_a_variant_known_to_the_process_whose_source_was_deleted_and_store
     assert services.variants.renders == 2
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_variants_are_made_of_originals_and_not_of_variants(api, origin, services):
+    """Each original makes at most variants_per_original variants. A variant's digest serves its bytes, but
+    variant parameters on it are a 400: each level of variants of variants would bring an allowance of its
+    own, and a read key could make variants without bound by asking one level deeper each time."""
+    url = origin.url("/img/780.jpg")
+    await stored(api, url)
+    first = await api("GET", image_path(url, w="20", format="webp"))
+    assert first.code == 200, first.body
+    variant = first.headers["ETag"].strip('"')
+    assert (await api("GET", f"/api/blobs/{variant}")).body == first.body
+    for query in ("w=10", "format=png", "w=10&format=webp"):
+        refused = await api("GET", f"/api/blobs/{variant}?{query}")
+        assert refused.code == 400, (query, refused.body)
+        assert problem(refused)["parameter"] == "digest" and "originals only" in problem(refused)["detail"]
+    assert services.variants.renders == 1
+    redis, keys = services.index.redis, services.index.keys
+    assert await redis.exists(keys.variants(variant)) == 0
+
+    # Stored from a URL of its own, the same bytes are an original as well, and variants are made of them.
+    copy = origin.url("/file/variant-780.webp")
+    origin.files["variant-780.webp"] = (first.body, "image/webp")
+    assert (await stored(api, copy))["sha256"] == variant
+    made = await api("GET", f"/api/blobs/{variant}?w=10")
+    assert made.code == 200 and opened(made.body).width == 10
+    # That URL gone, they are a variant only again: what was made of them is served, nothing more is made.
+    assert (await api("DELETE", image_path(copy))).code == 204
+    assert (await api("GET", f"/api/blobs/{variant}?w=10", headers={"Cache-Control": "no-cache"})).body == made.body
+    assert (await api("GET", f"/api/blobs/{variant}?w=11")).code == 400
+    assert services.variants.renders == 2
+
+    # The original's last URL takes both levels, and their counts of relation references.
+    assert (await api("DELETE", image_path(url))).code == 204
+    for digest in (variant, made.headers["ETag"].strip('"')):
+        assert (await api("GET", f"/api/blobs/{digest}")).code == 404
+    assert [key async for key in redis.scan_iter(match=keys.variant_refs("") + "*")] == []
+
+
 def variant_schemas(document: dict[str, Any]) -> list[dict[str, Any]]:
     """The variant parameter's schema in every operation that takes it."""
     return [param["schema"] for path in ("/api/image", "/api/blobs/{digest}")

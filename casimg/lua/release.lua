@@ -1,5 +1,5 @@
 -- KEYS: url-bucket-of-url count recent
--- ARGV: url blob_prefix recent_leaf_prefix placeholder_prefix variants_prefix
+-- ARGV: url blob_prefix recent_leaf_prefix placeholder_prefix variants_prefix variant_refs_prefix
 --   ->  {digest, references left, variant digest...} or nil
 -- The record goes with the last reference: delete step 3 then reads 0 unless a store counted one since.
 -- With it go the content's placeholder and its variants (drop_content): the digests after the first two
@@ -22,5 +22,5 @@ end
 redis.call('HDEL', key, raw)
 if refs == 1 then redis.call('HINCRBY', KEYS[2], 'blobs', -1) end
 local out = {digest, 0}
-for _, freed in ipairs(drop_content(digest, ARGV[2], KEYS[2], ARGV[4], ARGV[5])) do out[#out + 1] = freed end
+for _, freed in ipairs(drop_content(digest, ARGV[2], KEYS[2], ARGV[4], ARGV[5], ARGV[6])) do out[#out + 1] = freed end
 return out

@@ -1,9 +1,10 @@
 -- KEYS: count     ARGV: url_prefix blob_prefix placeholder_prefix variants_prefix variants_match
+--                        variant_refs_prefix
 --   ->  list of the fixes made, for fsck's report
 -- Moves URLs to the bucket their SHA-1 names, recounts references from the URLs and the variant relations
 -- of referenced contents, drops the relations of contents nothing references, drops records nothing points
 -- at (and records in the wrong bucket, recreated in the right one) and the placeholders of contents
--- without a record, and sets the counts.
+-- without a record, recounts the references that are relations (variant-refs), and sets the counts.
 redis.replicate_commands()  -- Redis 6: write after SCAN
 local function tohex(raw) return string.format(string.rep('%02x', 32), string.byte(raw, 1, 32)) end
 local url_prefix, blob_prefix = ARGV[1], ARGV[2]
@@ -40,6 +41,7 @@ repeat
   cursor = reply[1]
   for _, key in ipairs(reply[2]) do sources[string.sub(key, #variants_prefix + 1)] = true end
 until cursor == '0'
+local as_variant = {}  -- digest -> its references that are relations
 local reached = true
 while reached do
   reached = false
@@ -50,7 +52,10 @@ while reached do
       local values = redis.call('HVALS', variants_prefix .. source)
       for i = 1, #values do
         local variant = string.sub(values[i], 1, 64)
-        if variant ~= source then counts[variant] = (counts[variant] or 0) + 1 end
+        if variant ~= source then
+          counts[variant] = (counts[variant] or 0) + 1
+          as_variant[variant] = (as_variant[variant] or 0) + 1
+        end
       end
     end
   end
@@ -100,6 +105,32 @@ for b = 0, 4095 do
       redis.call('HDEL', key, fields[i])
       fixes[#fixes + 1] = 'dropped the placeholder of ' .. digest .. ': nothing references it'
     end
+  end
+end
+local variant_refs_prefix, counted = ARGV[6], {}
+for b = 0, 4095 do
+  local key = variant_refs_prefix .. bucket_name(b)
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local digest = tohex(flat[i])
+    local want = as_variant[digest] or 0
+    if string.sub(digest, 1, 3) ~= bucket_name(b) or want == 0 then
+      redis.call('HDEL', key, flat[i])
+      if want > 0 then fixes[#fixes + 1] = 'took the relation count of ' .. digest .. ' out of bucket ' .. bucket_name(b)
+      else fixes[#fixes + 1] = 'relation references of ' .. digest .. ': ' .. flat[i + 1] .. ' -> 0' end
+    else
+      counted[digest] = true
+      if tostring(want) ~= flat[i + 1] then
+        redis.call('HSET', key, flat[i], want)
+        fixes[#fixes + 1] = 'relation references of ' .. digest .. ': ' .. flat[i + 1] .. ' -> ' .. want
+      end
+    end
+  end
+end
+for digest, n in pairs(as_variant) do
+  if not counted[digest] then
+    redis.call('HSET', variant_refs_prefix .. string.sub(digest, 1, 3), unhex(digest), n)
+    fixes[#fixes + 1] = 'relation references of ' .. digest .. ': none recorded -> ' .. n
   end
 end
 local had = redis.call('HMGET', KEYS[1], 'urls', 'blobs')
