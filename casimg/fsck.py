@@ -84,6 +84,8 @@ async def fsck(index: Index, blobs: Storage, *, repair: bool = False, tmp_grace:
         if recorded != count:
             report.problems.append(f"variant-refs[{digest}] is {recorded}, but {count} variant relation(s) "
                                    "point at it")
+    for digest, bucket in snap.variant_refs_stray.items():
+        report.problems.append(f"the relation count of {digest} is in bucket {bucket}, not in its own")
     for url in sorted(snap.bare):
         report.problems.append(f"no metadata for URL {url}")
     for digest, refs in snap.refs.items():

@@ -156,8 +156,9 @@ class Snapshot:
     counts: dict[str, int]  # the count hash: urls, blobs (0 where missing)
     # source -> canonical -> "<variant hex> <size>": every variant relation
     variants: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    # digest -> how many of its references are relations, as recorded (a record in another bucket included)
+    # digest -> how many of its references are relations, as recorded in its own bucket
     variant_refs: dict[str, int] = dataclasses.field(default_factory=dict)
+    variant_refs_stray: dict[str, str] = dataclasses.field(default_factory=dict)  # digest -> another bucket
 
 
 @dataclass(frozen=True)
@@ -544,9 +545,13 @@ class Index:
         for i in range(0, len(flat), 3):
             source, canonical, value = (part.decode() for part in flat[i:i + 3])
             snap.variants.setdefault(source, {})[canonical] = value
-        for entries in as_variant:
+        for bucket, entries in zip(BUCKETS, as_variant, strict=True):
             for field, record in entries.items():
-                snap.variant_refs[field.hex()] = int(record) if record.isdigit() else -1
+                digest = field.hex()
+                if digest[:BUCKET_DIGITS] != bucket:
+                    snap.variant_refs_stray[digest] = bucket  # lookups never find it there
+                    continue
+                snap.variant_refs[digest] = int(record) if record.isdigit() else -1
         return snap
 
     async def repair(self) -> list[str]:

@@ -88,7 +88,8 @@ VARIANT_PARAMS = [
      "description": "A preset from CASIMG_VARIANT_PRESETS; alone (with other variant parameters: a 400)"},
 ]
 VARIANT_ERRORS = {
-    "400": _problem("A bad variant parameter or one past a limit (the problem's parameter names it), or no url"),
+    "400": _problem("A bad variant parameter or one past a limit (the problem's parameter names it), no url, "
+                    "or a new variant asked of a variant's digest (parameter: digest)"),
     "422": _problem("The image cannot be made into the variant: its decode would need more than "
                     "CASIMG_RENDER_MAX_MEMORY, or it does not decode"),
     "503": _problem("A render ran past CASIMG_RENDER_TIMEOUT, or Redis or the blob store is unavailable; "

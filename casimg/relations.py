@@ -97,7 +97,7 @@ class Relations:
             pipe.set(self.keys.variant_claim(source, canonical), token, nx=True, px=max(1, int(seconds * 1000)))
             value, count, refs, as_variant, taken = await pipe.execute()
         return Lookup(found=None if value is None else StoredVariant.decode(value), count=int(count),
-                      variant_only=int(refs or 0) > 0 and int(as_variant or 0) >= int(refs),
+                      variant_only=0 < _count(refs) <= _count(as_variant),
                       token=token if taken else None)
 
     async def claimed(self, source: str, canonical: str) -> str | None:
@@ -130,3 +130,8 @@ class Relations:
                                  args=[canonical, variant.encode(), k.blob(""), k.placeholder(""), k.variants(""),
                                        k.variant_refs("")])
         return bool(int(reply[0])), list(reply[1:])
+
+
+def _count(record: str | None) -> int:
+    """A count as the Lua scripts read it (``tonumber(...) or 0``): 0 when absent or damaged."""
+    return int(record) if record and record.isdigit() else 0

@@ -198,7 +198,25 @@ async def test_a_wrong_count_of_relation_references_is_a_problem_repair_recounts
     assert (await fsck(index, blobs)).ok
     assert await index.redis.hget(index.keys.variant_refs(source[:3]), bytes.fromhex(source)) is None
 
-    # The source's last URL takes the relation, the variant's record and its count with it.
+    # A count in another bucket than its digest's own is one that lookups never find.
+    other = "000" if variant[:3] != "000" else "fff"
+    await index.redis.hdel(counts, raw)
+    await index.redis.hset(index.keys.variant_refs(other), raw, "1")
+    report = await fsck(index, blobs)
+    assert f"the relation count of {variant} is in bucket {other}, not in its own" in report.problems
+    await fsck(index, blobs, repair=True)
+    assert (await fsck(index, blobs)).ok
+    assert await index.redis.hget(counts, raw) == "1"
+    assert await index.redis.exists(index.keys.variant_refs(other)) == 0
+
+    # A second source with the same variant: each of its sources' last URL takes one count.
+    second = await put(blobs, index, "http://a/2", png(4))
+    assert (await relations.add(second, "v1:w=2", StoredVariant(variant, len(png(2))), 10, "y"))[0] is Added.RECORDED
+    assert await index.redis.hget(counts, raw) == "2"
     released = await index.release("http://a/1")
+    assert released is not None and released.freed == ()
+    assert await index.redis.hget(counts, raw) == "1"
+    assert (await fsck(index, blobs)).ok
+    released = await index.release("http://a/2")
     assert released is not None and released.freed == (variant,)
     assert await index.redis.hget(counts, raw) is None
