@@ -11,11 +11,15 @@
   downloads that want it at the same moment (one future per origin), and across processes the first
   to claim ``KeySpace.robots_claim`` fetches while the others wait for its answer in Redis (up to the
   fetch's time limit, after which they fetch themselves). A parsed file is reused in the process for
-  ``ROBOTS_LOCAL_TTL`` seconds without asking Redis. The file is parsed off the event loop, in the
-  process's one robots thread (a few ms for a common file, about a second for 500 KiB of rules), and a
-  file over ``ROBOTS_HEAVY_BYTES`` is matched against each URL there too: an origin's hostile file then
-  slows its own URLs, queued behind each other in that thread (those held past their time budget fail as
-  "timeout"), and never stalls the loop that serves every other client.
+  ``ROBOTS_LOCAL_TTL`` seconds without asking Redis. A common file is parsed off the event loop, in the
+  process's one robots thread (a few ms), and matched on the loop (well under a millisecond a URL). A
+  file over ``ROBOTS_HEAVY_BYTES`` (500 KiB of rules took about a second to parse and 54 ms to match one
+  long URL) is parsed and matched in a robots process of its own (``HeavyRules``, a one-worker
+  render_pool.RenderPool started when the first such file comes): in a thread, its work contended with the
+  loop for the GIL, and a GET of another client's image took seconds. An origin's hostile file then slows
+  its own URLs and those of other origins with heavy files, queued behind each other for that process
+  (those held past their time budget fail as "timeout"; a match past ``ROBOTS_MATCH_TIMEOUT`` disallows
+  the URL and restarts the process), and nobody else's.
 - **A request rate per origin** (``OriginPace``), shared by every process: a token bucket in Redis per
   origin (``KeySpace.origin_rate``; lua/rate_take.lua, the API keys' bucket), refilled at ``origin_rate``
   requests a second up to ``origin_burst``. An origin is a registrable domain (scheduler.
@@ -45,7 +49,9 @@ behind it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import hashlib
 import math
 import random
 import time
@@ -59,8 +65,10 @@ import redis.asyncio as aioredis
 from protego import Protego
 from yarl import URL
 
+from casimg.errors import RenderTimeout, Unavailable
 from casimg.limits import LEASE_SECONDS, Lease
 from casimg.lua import source as lua_source
+from casimg.render_pool import RenderPool
 from casimg.scheduler import origin_address, registrable_domain
 from casimg.schema import KeySpace
 
@@ -74,9 +82,13 @@ ROBOTS_UNREACHABLE_TTL = 300.0
 ROBOTS_LOCAL_TTL = 60.0  # seconds a process reuses a parsed file before looking in Redis again
 ROBOTS_LOCAL_SIZE = 4096  # origins whose parsed file a process keeps at most
 ROBOTS_POLL = 0.1  # seconds between looks in Redis while another process fetches an origin's file
-# A file larger than this is matched against each URL in the robots thread rather than on the event loop: about
-# 450 common rules, 0.3 ms a URL. 500 KiB of rules took 54 ms a URL, and parsing them 0.7 s.
+# A file larger than this is parsed and matched in the robots process rather than in this one: about 450
+# common rules, 0.3 ms a URL. 500 KiB of rules took 54 ms a URL, and parsing them 0.7 s.
 ROBOTS_HEAVY_BYTES = 16 * 1024
+# Seconds one call in the robots process may take: a parse of the largest file allowed (ROBOTS_MAX_BYTES) and
+# one match, with room for a slow machine. Past it the URL is disallowed and the process started again.
+ROBOTS_MATCH_TIMEOUT = 10.0
+ROBOTS_PARSED_KEPT = 64  # heavy files the robots process keeps parsed, the least recently used going first
 # KEYS: cool-down, bucket   ARGV: rate burst want  ->  {tokens taken, 0}, else {0, ms to wait}
 PACE_LUA = """
 local cooling = redis.call('PTTL', KEYS[1])
@@ -161,14 +173,15 @@ class RobotsFile:
 
 
 @dataclass(frozen=True)
-class Rules:
-    """An origin's parsed robots.txt; `heavy`: large enough to be matched in the robots thread."""
+class HeavyRules:
+    """An origin's robots.txt over ``ROBOTS_HEAVY_BYTES``, parsed and matched in the robots process only:
+    `name` (the SHA-256 of `text`) is what that process keeps it parsed under."""
 
-    parsed: Protego
-    heavy: bool
+    name: str
+    text: str
 
 
-Verdict = Rules | str | None  # parsed rules, the reason everything is disallowed, or None: all allowed
+Verdict = Protego | HeavyRules | str | None  # rules, the reason everything is disallowed, or None: all allowed
 
 
 class Robots:
@@ -184,8 +197,10 @@ class Robots:
         self.fetch_timeout = fetch_timeout
         self._local: dict[str, tuple[float, Verdict]] = {}
         self._loading: dict[str, asyncio.Future[Verdict]] = {}
-        # One thread: whatever an origin's file costs, at most one thread contends with the loop for the GIL.
+        # One thread for the common files' parse: a few ms each, contending with the loop for the GIL.
         self._thread: ThreadPoolExecutor | None = None
+        self._process: RenderPool | None = None  # for the heavy files, started with the first one
+        self._starting: asyncio.Future[None] | None = None
 
     def _in_thread(self, call: Callable[..., Any], *args: Any) -> Awaitable[Any]:
         if self._thread is None:
@@ -196,6 +211,9 @@ class Robots:
         if self._thread is not None:
             self._thread.shutdown(wait=False, cancel_futures=True)
             self._thread = None
+        if self._process is not None:
+            self._process.close()
+            self._process = None
 
     async def refusal(self, url: URL) -> str | None:
         """None if robots.txt lets casimg fetch `url`, else the failure reason."""
@@ -204,11 +222,36 @@ class Robots:
             return None
         if isinstance(verdict, str):
             return f"disallowed by robots.txt (robots.txt unreachable: {verdict})"
-        if verdict.heavy:
-            allowed = await self._in_thread(verdict.parsed.can_fetch, str(url), self.token)
+        if isinstance(verdict, HeavyRules):
+            try:
+                allowed = await self._match_heavy(verdict, str(url))
+            except RenderTimeout:
+                return f"disallowed by robots.txt (matching it took over {ROBOTS_MATCH_TIMEOUT:g} s)"
+            except Unavailable:  # the robots process died twice, or is closed: this process is stopping
+                return "disallowed by robots.txt (the robots process is not running)"
         else:
-            allowed = verdict.parsed.can_fetch(str(url), self.token)
+            allowed = verdict.can_fetch(str(url), self.token)
         return None if allowed else "disallowed by robots.txt"
+
+    async def _match_heavy(self, rules: HeavyRules, url: str) -> bool:
+        """``can_fetch`` in the robots process. The file's text goes there only when that process does not
+        have it parsed already (its first URL, or a process started again since)."""
+        pool = await self._robots_process()
+        allowed = await pool.run(match_heavy, rules.name, None, url, self.token, time_limit=ROBOTS_MATCH_TIMEOUT)
+        if allowed is None:
+            allowed = await pool.run(match_heavy, rules.name, rules.text, url, self.token,
+                                     time_limit=ROBOTS_MATCH_TIMEOUT)
+        return bool(allowed)
+
+    async def _robots_process(self) -> RenderPool:
+        """The robots process, started (in a thread: a fork from the forkserver) by the first caller."""
+        if self._process is None:
+            self._process = RenderPool(1, ROBOTS_MATCH_TIMEOUT, max_memory=0)
+        if not self._process.started:
+            if self._starting is None or self._starting.done():
+                self._starting = asyncio.ensure_future(asyncio.to_thread(self._process.start))
+            await asyncio.shield(self._starting)
+        return self._process
 
     async def _verdict(self, origin: str) -> Verdict:
         cached = self._local.get(origin)
@@ -258,7 +301,26 @@ def _verdict_of(found: RobotsFile) -> Verdict:
         return found.text or "unreachable"
     if found.kind == "allow" or not found.text.strip():
         return None
-    return Rules(Protego.parse(found.text), heavy=len(found.text) > ROBOTS_HEAVY_BYTES)
+    if len(found.text) > ROBOTS_HEAVY_BYTES:
+        return HeavyRules(hashlib.sha256(found.text.encode()).hexdigest(), found.text)
+    return Protego.parse(found.text)
+
+
+_parsed_here: collections.OrderedDict[str, Protego] = collections.OrderedDict()  # in the robots process
+
+
+def match_heavy(name: str, text: str | None, url: str, token: str) -> bool | None:
+    """In the robots process: whether the file `name` lets `token` fetch `url`; None when this process has
+    not parsed that file and `text` was not sent."""
+    parsed = _parsed_here.get(name)
+    if parsed is None:
+        if text is None:
+            return None
+        parsed = _parsed_here[name] = Protego.parse(text)
+        while len(_parsed_here) > ROBOTS_PARSED_KEPT:
+            _parsed_here.popitem(last=False)
+    _parsed_here.move_to_end(name)
+    return bool(parsed.can_fetch(url, token))
 
 
 class OriginPace:
