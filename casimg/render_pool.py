@@ -1,6 +1,8 @@
 """The render pool: variants and placeholders made in worker processes, off the event loop, in bounded time.
 
-See ``RenderPool``. The work itself is casimg/render.py (``render``) and casimg/placeholder.py.
+See ``RenderPool``. The work itself is casimg/render.py (``render``) and casimg/placeholder.py. A pool of
+one worker also parses and matches large robots.txt files (politeness.Robots), whose work in a thread
+contended with the event loop for the GIL.
 """
 
 from __future__ import annotations
