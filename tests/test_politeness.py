@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from casimg.schema import KeySpace
 from casimg.services import Services, connect_redis, open_services
 from tests.conftest import make_settings
 from tests.origin import Origin
+from tests.procs import Processes
 from tests.test_fetcher import started
 
 REFUSED = ("noimageindex", "noai", "noimageai")
@@ -367,3 +369,44 @@ async def test_with_the_rate_off_a_cool_down_is_asked_once_per_lease_not_per_url
         assert await pttls() == before
     finally:
         await redis.aclose()
+
+
+# -- the robots process in a real server ------------------------------------------------------------
+
+def _multiprocessing_descendants(pid: int) -> set[int]:
+    from tests.test_variant_procs import _cmdline, _descendants
+    return {child for child in _descendants(pid) if "multiprocessing" in _cmdline(child)}
+
+
+@pytest.mark.slow
+def test_a_servers_robots_process_stops_with_it_and_ends_with_it_killed(tmp_path):
+    """The robots process is a one-worker pool of the render pool's kind: its queues' semaphores must be
+    freed at a stop (else the resource tracker warns of leaked ones), and it must go with a server killed
+    outright, which runs no close()."""
+    tracked = Processes()
+    try:
+        with Origin() as origin:
+            origin.robots_txt = "User-agent: *\n" + "".join(f"Disallow: /private/{n}/\n" for n in range(2000))
+            for turn, stop in enumerate(("SIGTERM", "SIGKILL")):
+                server = tracked.server(tmp_path / f"data-{turn}")
+                before = _multiprocessing_descendants(server.process.pid)
+                job = server.submit([origin.url(f"/img/{950 + turn}.jpg"), origin.url("/private/7/a.jpg")])
+                assert [r["status"] for r in job["results"]] == ["stored", "failed"], job
+                assert job["results"][1]["error"] == "disallowed by robots.txt"
+                robots = _multiprocessing_descendants(server.process.pid) - before
+                assert robots, "no robots process started"
+                if stop == "SIGTERM":
+                    assert server.terminate(30) == 0
+                    until = time.monotonic() + 2.0  # the tracker writes a moment after its server has gone
+                    while "leaked semaphore" not in server.output() and time.monotonic() < until:
+                        time.sleep(0.1)
+                    assert "leaked semaphore" not in server.output(), server.output()[-2000:]
+                else:
+                    os.kill(server.process.pid, signal.SIGKILL)
+                    server.process.wait(10)
+                until = time.monotonic() + 15
+                while time.monotonic() < until and any(Path(f"/proc/{pid}").exists() for pid in robots):
+                    time.sleep(0.1)
+                assert not [pid for pid in robots if Path(f"/proc/{pid}").exists()], stop
+    finally:
+        tracked.cleanup()
