@@ -8,9 +8,13 @@ with casimg's settings, hashes it and waits for a flush before it counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +100,34 @@ def test_a_run_replaces_only_its_own_tables_in_benchmarks_md() -> None:
     assert splice("## kept\n", "# first\n") == f"{BEGIN}\n# first\n{END}\n\n## kept\n"
     checked_in = (ROOT / "BENCHMARKS.md").read_text()
     assert checked_in.count(BEGIN) == checked_in.count(END) == 1
+
+
+def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(tmp_path: Path) -> None:
+    """bench.parts reads each part's CPU from /proc: a child forked below a part counts in it (as casimg's
+    forked servers do), a process named casimg.filler counts apart, and a process gone meanwhile keeps
+    what it was read at."""
+    from bench.parts import Meter, tree
+
+    burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)\n"
+    parent_code = ("import subprocess, sys, time\n"
+                   f"subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                   f"subprocess.Popen([sys.executable, '-c', {burn!r}, 'casimg.filler'])\n"
+                   "time.sleep(30)\n")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code])
+    other = subprocess.Popen([sys.executable, "-c", "import time\ntime.sleep(30)\n"])
+    try:
+        meter = Meter({"own": [parent], "redis": [other]})
+        before = meter.read()
+        deadline = time.monotonic() + 20
+        spent = Meter.spent(before, meter.read())
+        while (spent["own"] < 0.25 or spent["filler"] < 0.25) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            spent = Meter.spent(before, meter.read())
+        assert 0.25 <= spent["own"] < 0.6 and 0.25 <= spent["filler"] < 0.6, spent
+        assert spent["redis"] < 0.1 and spent["origin"] == 0, spent
+    finally:
+        for pid in [*tree(parent.pid), other.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        parent.wait()
+        other.wait()

@@ -1,0 +1,188 @@
+"""Where an ingest's CPU goes, process by process, beside the limit and the required work.
+
+    .venv/bin/python -m bench.parts --processes 2 --workspace /dev/shm
+    .venv/bin/python -m bench.parts --images 3000 --rounds 3 --processes 2
+
+The benchmark (``python -m bench``) gives one figure of CPU per image for casimg; this splits it. Each
+round runs the limit (bench.references.plain_fetch), the required work (``required_work_fetch``) and one
+casimg ingest, at the same process count, and reads the CPU of each process from /proc before and after:
+
+- casimg's own processes (``casimg serve`` and the servers it forks, the placeholder filler apart);
+- its Redis (a redis-server like the embedded one: AOF, everysec);
+- the origin (nginx when installed, else the aiohttp origin), for every run alike;
+- the placeholder filler, which runs at idle priority: it takes only what the others leave, so it is
+  shown apart, and the ingest's rate does not pay for it.
+
+The ms per image of all of them, times the images per second, is the cores the run kept busy. When the
+required work keeps every core busy, the share Redis takes of the same cores caps casimg's ratio to the
+required work before any of casimg's own Python runs: required / (required + Redis), printed below the
+table. Redis's commands per image (``INFO commandstats`` after ``CONFIG RESETSTAT``) follow it.
+
+``--workspace /dev/shm`` takes the disk out (no syncfs wait, no inode allocator), which leaves the CPU.
+Only loopback addresses are used. Prints markdown; writes nothing to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import redis
+
+from bench import log, workspace
+from bench.corpus import make_images, set_directory
+from bench.ingest import casimg_ingest
+from bench.origin import image_urls, serve_image_set
+from bench.procs import ROOT, Popen, Procs
+from bench.references import reference_run, required_work_fetch
+from bench.stack import start_casimg, start_redis
+
+TICK = os.sysconf("SC_CLK_TCK")
+PARTS = ("own", "redis", "origin", "filler")
+HEADINGS = {"own": "its own processes", "redis": "Redis", "origin": "the origin",
+            "filler": "placeholder filler (idle priority)"}
+
+
+def own_cpu(pid: int) -> float:
+    """User and system CPU seconds of one process (its threads included, not its children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0  # gone
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            todo += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def is_filler(pid: int) -> bool:
+    try:
+        return b"casimg.filler" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+class Meter:
+    """CPU seconds of each part, read at once: the parts are process trees, listed again at each reading
+    (a process started meanwhile counts from 0)."""
+
+    def __init__(self, roots: dict[str, list[Popen]]) -> None:
+        self.roots = roots
+
+    def read(self) -> dict[str, dict[int, float]]:
+        readings: dict[str, dict[int, float]] = {part: {} for part in PARTS}
+        for part, processes in self.roots.items():
+            for process in processes:
+                for pid in tree(process.pid):
+                    where = "filler" if part == "own" and is_filler(pid) else part
+                    readings[where][pid] = own_cpu(pid)
+        return readings
+
+    @staticmethod
+    def spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+        return {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items()) for part in PARTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.parts", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=3000, help="distinct images (default 3000)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of limit, required work, casimg (default 2)")
+    parser.add_argument("--processes", type=int, default=2, help="processes of each run (default 2)")
+    parser.add_argument("--workspace", default=None, help="where the run's temp directory goes (default: TMPDIR)")
+    parser.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="where the images are kept")
+    args = parser.parse_args()
+
+    cache = set_directory(Path(args.cache), args.images)
+    files = make_images(cache, args.images)
+    procs = Procs()
+    rows: dict[str, list[tuple[float, dict[str, float]]]] = {"limit": [], "required work": [], "casimg": []}
+    calls: list[dict[str, float]] = []
+    with workspace(False, "casimg-parts-", args.workspace) as work:
+        try:
+            port, origin = serve_image_set(procs, work, cache)
+            origin_processes = list(procs.children)
+            urls, _, sizes = image_urls(port, files)
+            log(f"origin: {origin}; workspace {work}")
+            for round_number in range(args.rounds):
+                for name, fetch in (("limit", None), ("required work", required_work_fetch)):
+                    meter = Meter({"origin": origin_processes})
+                    before = meter.read()
+                    result = (reference_run(work, urls, processes=args.processes) if fetch is None else
+                              reference_run(work, urls, fetch, processes=args.processes))
+                    spent = meter.spent(before, meter.read())
+                    spent["own"] = result.cpu_seconds
+                    rows[name].append((result.per_second, spent))
+                    log(f"round {round_number + 1}, {name}: {result.per_second:.0f} images/s")
+                redis_proc, redis_url = start_redis(procs, work / f"redis-{round_number}", persistent=True)
+                server = start_casimg(procs, work / f"data-{round_number}", redis_url, processes=args.processes)
+                client = redis.Redis.from_url(redis_url, decode_responses=True)
+                client.config_resetstat()
+                meter = Meter({"own": [server.proc], "redis": [redis_proc], "origin": origin_processes})
+                before = meter.read()
+                result = casimg_ingest(server, redis_url, urls, sizes)
+                spent = meter.spent(before, meter.read())
+                stats = client.info("commandstats")
+                calls.append({name.removeprefix("cmdstat_"): entry["calls"] / len(urls)
+                              for name, entry in stats.items()})
+                client.close()
+                procs.stop(server.proc)
+                procs.stop(redis_proc)
+                if result.stored != len(urls):
+                    raise SystemExit(f"casimg stored {result.stored} of {len(urls)}: {result.failures}")
+                rows["casimg"].append((result.per_second, spent))
+                log(f"round {round_number + 1}, casimg: {result.per_second:.0f} images/s")
+        finally:
+            procs.stop_all()
+    report(rows, calls, args)
+
+
+def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[dict[str, float]],
+           args: argparse.Namespace) -> None:
+    images = args.images
+    print(f"\n{images:,} images, {args.rounds} round(s), {args.processes} process(es) each, workspace "
+          f"{args.workspace or 'TMPDIR'}; CPU in ms per image, each part's range over the rounds\n")
+    print("| run | images/s | " + " | ".join(HEADINGS[part] for part in PARTS) + " | all | cores busy |")
+    print("|---|---|" + "---|" * (len(PARTS) + 2))
+    medians: dict[str, dict[str, float]] = {}
+    for name, runs in rows.items():
+        rates = [rate for rate, _ in runs]
+        per_image = {part: [spent[part] / images * 1000 for _, spent in runs] for part in PARTS}
+        totals = [sum(spent.values()) / images * 1000 for _, spent in runs]
+        medians[name] = {part: statistics.median(values) for part, values in per_image.items()}
+        cells = [_spread(values) if any(values) else "" for values in per_image.values()]
+        busy = statistics.median(rate * total / 1000 for rate, total in zip(rates, totals, strict=True))
+        print(f"| {name} | {_spread(rates, '.0f')} | " + " | ".join(cells) + f" | {_spread(totals)} | {busy:.2f} |")
+    required = medians["required work"]["own"] + medians["required work"]["origin"]
+    redis_part = medians["casimg"]["redis"]
+    print(f"\nRedis beside the required work on the same cores: at most {required:.2f} / ({required:.2f} + "
+          f"{redis_part:.2f}) = {required / (required + redis_part):.2f} of the required work's rate, while "
+          "the required work keeps every core busy (see its 'cores busy').\n")
+    commands = sorted({name for run in calls for name in run}, key=lambda name: -statistics.median(
+        run.get(name, 0.0) for run in calls))
+    print("| Redis command | calls per image (median over the rounds) |")
+    print("|---|---|")
+    for name in commands:
+        value = statistics.median(run.get(name, 0.0) for run in calls)
+        if value >= 0.005:
+            print(f"| {name} | {value:.2f} |")
+
+
+def _spread(values: list[float], form: str = ".2f") -> str:
+    return f"{statistics.median(values):{form}} ({min(values):{form}}-{max(values):{form}})"
+
+
+if __name__ == "__main__":
+    main()
