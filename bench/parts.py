@@ -10,13 +10,15 @@ casimg ingest, at the same process count, and reads the CPU of each process from
 - casimg's own processes (``casimg serve`` and the servers it forks, the placeholder filler apart);
 - its Redis (a redis-server like the embedded one: AOF, everysec);
 - the origin (nginx when installed, else the aiohttp origin), for every run alike;
-- the placeholder filler, which runs at idle priority: it takes only what the others leave, so it is
-  shown apart, and the ingest's rate does not pay for it.
+- the placeholder filler, which runs at idle priority, shown apart: it runs on the cycles the others
+  leave when they wait, and on 2 cores that was still a part of a saturated machine.
 
-The ms per image of all of them, times the images per second, is the cores the run kept busy. When the
-required work keeps every core busy, the share Redis takes of the same cores caps casimg's ratio to the
-required work before any of casimg's own Python runs: required / (required + Redis), printed below the
-table. Redis's commands per image (``INFO commandstats`` after ``CONFIG RESETSTAT``) follow it.
+The ms per image of all of them, times the images per second, is the cores they kept busy; beside it, the
+whole machine's (/proc/stat), which also holds the kernel's own work (loopback networking in softirq,
+kernel threads) and this script's. When the required work keeps every core busy, the share Redis takes
+of the same cores caps casimg's ratio to the required work before any of casimg's own Python runs:
+required / (required + Redis), printed below the table. Redis's commands per image (``INFO commandstats``
+after ``CONFIG RESETSTAT``) follow it.
 
 ``--workspace /dev/shm`` takes the disk out (no syncfs wait, no inode allocator), which leaves the CPU.
 Only loopback addresses are used. Prints markdown; writes nothing to the repository.
@@ -67,6 +69,15 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has spent on anything but idling (/proc/stat, every core): the
+    processes above, and the kernel's own work (loopback networking in softirq, kernel threads), which
+    no process's figure holds."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICK
+
+
 def is_filler(pid: int) -> bool:
     try:
         return b"casimg.filler" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -83,6 +94,7 @@ class Meter:
 
     def read(self) -> dict[str, dict[int, float]]:
         readings: dict[str, dict[int, float]] = {part: {} for part in PARTS}
+        readings["machine"] = {0: machine_busy()}
         for part, processes in self.roots.items():
             for process in processes:
                 for pid in tree(process.pid):
@@ -92,7 +104,8 @@ class Meter:
 
     @staticmethod
     def spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
-        return {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items()) for part in PARTS}
+        return {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items())
+                for part in (*PARTS, "machine")}
 
 
 def main() -> None:
@@ -154,22 +167,26 @@ def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[di
     images = args.images
     print(f"\n{images:,} images, {args.rounds} round(s), {args.processes} process(es) each, workspace "
           f"{args.workspace or 'TMPDIR'}; CPU in ms per image, each part's range over the rounds\n")
-    print("| run | images/s | " + " | ".join(HEADINGS[part] for part in PARTS) + " | all | cores busy |")
-    print("|---|---|" + "---|" * (len(PARTS) + 2))
+    print("| run | images/s | " + " | ".join(HEADINGS[part] for part in PARTS)
+          + " | all of them | cores they kept busy | the machine | cores the machine kept busy |")
+    print("|---|---|" + "---|" * (len(PARTS) + 4))
     medians: dict[str, dict[str, float]] = {}
     for name, runs in rows.items():
         rates = [rate for rate, _ in runs]
         per_image = {part: [spent[part] / images * 1000 for _, spent in runs] for part in PARTS}
-        totals = [sum(spent.values()) / images * 1000 for _, spent in runs]
+        totals = [sum(spent[part] for part in PARTS) / images * 1000 for _, spent in runs]
+        machine = [spent["machine"] / images * 1000 for _, spent in runs]
         medians[name] = {part: statistics.median(values) for part, values in per_image.items()}
         cells = [_spread(values) if any(values) else "" for values in per_image.values()]
         busy = statistics.median(rate * total / 1000 for rate, total in zip(rates, totals, strict=True))
-        print(f"| {name} | {_spread(rates, '.0f')} | " + " | ".join(cells) + f" | {_spread(totals)} | {busy:.2f} |")
+        whole = statistics.median(rate * total / 1000 for rate, total in zip(rates, machine, strict=True))
+        print(f"| {name} | {_spread(rates, '.0f')} | " + " | ".join(cells)
+              + f" | {_spread(totals)} | {busy:.2f} | {_spread(machine)} | {whole:.2f} |")
     required = medians["required work"]["own"] + medians["required work"]["origin"]
     redis_part = medians["casimg"]["redis"]
     print(f"\nRedis beside the required work on the same cores: at most {required:.2f} / ({required:.2f} + "
           f"{redis_part:.2f}) = {required / (required + redis_part):.2f} of the required work's rate, while "
-          "the required work keeps every core busy (see its 'cores busy').\n")
+          "the required work keeps every core busy (see the cores the machine kept busy).\n")
     commands = sorted({name for run in calls for name in run}, key=lambda name: -statistics.median(
         run.get(name, 0.0) for run in calls))
     print("| Redis command | calls per image (median over the rounds) |")

@@ -105,7 +105,7 @@ def test_a_run_replaces_only_its_own_tables_in_benchmarks_md() -> None:
 def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(tmp_path: Path) -> None:
     """bench.parts reads each part's CPU from /proc: a child forked below a part counts in it (as casimg's
     forked servers do), a process named casimg.filler counts apart, and a process gone meanwhile keeps
-    what it was read at."""
+    what it was read at; the machine's figure holds them all."""
     from bench.parts import Meter, tree
 
     burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)\n"
@@ -125,6 +125,7 @@ def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(t
             spent = Meter.spent(before, meter.read())
         assert 0.25 <= spent["own"] < 0.6 and 0.25 <= spent["filler"] < 0.6, spent
         assert spent["redis"] < 0.1 and spent["origin"] == 0, spent
+        assert spent["machine"] >= spent["own"] + spent["filler"] - 0.05, spent  # /proc/stat holds them all
     finally:
         for pid in [*tree(parent.pid), other.pid]:
             with contextlib.suppress(ProcessLookupError):
