@@ -35,7 +35,7 @@ from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest, file_creation_cost
 from bench.origin import image_urls, serve_image_set
-from bench.procs import ROOT, Procs
+from bench.procs import ROOT, Procs, own_cpu, tree
 from bench.references import reference_run
 from bench.stack import start_casimg, start_redis
 
@@ -46,14 +46,7 @@ PLACEHOLDER_WAIT = 600.0  # seconds the placeholders may take to follow an inges
 
 def cpu_seconds(pid: int) -> float:
     """User and system CPU of a process and of every process it forked (casimg serve --processes)."""
-    total = 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return total
-    return total + sum(cpu_seconds(int(child)) for child in children)
+    return sum(own_cpu(child) for child in tree(pid))
 
 
 def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],

@@ -27,7 +27,6 @@ Only loopback addresses are used. Prints markdown; writes nothing to the reposit
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 from pathlib import Path
 
@@ -37,36 +36,13 @@ from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest
 from bench.origin import image_urls, serve_image_set
-from bench.procs import ROOT, Popen, Procs
+from bench.procs import ROOT, TICK, Popen, Procs, is_filler, own_cpu, tree
 from bench.references import reference_run, required_work_fetch
 from bench.stack import start_casimg, start_redis
 
-TICK = os.sysconf("SC_CLK_TCK")
 PARTS = ("own", "redis", "origin", "filler")
 HEADINGS = {"own": "its own processes", "redis": "Redis", "origin": "the origin",
             "filler": "placeholder filler (idle priority)"}
-
-
-def own_cpu(pid: int) -> float:
-    """User and system CPU seconds of one process (its threads included, not its children)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0  # gone
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and every process below it."""
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        try:
-            todo += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def machine_busy() -> float:
@@ -76,13 +52,6 @@ def machine_busy() -> float:
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / TICK
-
-
-def is_filler(pid: int) -> bool:
-    try:
-        return b"casimg.filler" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 class Meter:

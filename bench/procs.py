@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0  # seconds a child may take to answer; generous for a loaded 2-core machine
 STOP_TIMEOUT = 20.0  # seconds a child may take to exit after SIGTERM before it gets SIGKILL
 LOG_TAIL = 2000  # characters of a child's log quoted when it fails to start
+TICK = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat counts CPU in these
 # config/nginx.conf marks the part of its http block that is the casimg front, for the bench and the test.
 FRONT_BEGIN, FRONT_END = "# -- casimg front begins --", "# -- casimg front ends --"
 
@@ -351,3 +352,35 @@ class S3Proxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# -- what a child and the processes below it are doing (/proc) ----------------------------------------
+
+def own_cpu(pid: int) -> float:
+    """User and system CPU seconds of one process (its threads included, not its children); 0 once gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it (casimg serve's forked servers, their filler, a pool's workers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            todo += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def is_filler(pid: int) -> bool:
+    """Whether `pid` is a casimg placeholder filler (python -m casimg.filler)."""
+    try:
+        return b"casimg.filler" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

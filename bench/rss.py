@@ -18,7 +18,7 @@ from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest
 from bench.origin import image_urls, serve_image_set
-from bench.procs import ROOT, Procs, status_kib
+from bench.procs import ROOT, Procs, is_filler, status_kib
 from bench.stack import start_casimg, start_redis
 
 
@@ -29,11 +29,9 @@ def process_rss(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def _role(pid: int) -> str:
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+    if not Path(f"/proc/{pid}").exists():
         return "gone"
-    return "placeholder filler" if b"casimg.filler" in command else "server"
+    return "placeholder filler" if is_filler(pid) else "server"
 
 
 def main() -> None:

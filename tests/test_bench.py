@@ -106,7 +106,8 @@ def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(t
     """bench.parts reads each part's CPU from /proc: a child forked below a part counts in it (as casimg's
     forked servers do), a process named casimg.filler counts apart, and a process gone meanwhile keeps
     what it was read at; the machine's figure holds them all."""
-    from bench.parts import Meter, tree
+    from bench.parts import Meter
+    from bench.procs import tree
 
     burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)\n"
     parent_code = ("import subprocess, sys, time\n"
