@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import glob
 import hashlib
 import os
 import re
@@ -53,7 +54,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
@@ -84,6 +85,8 @@ RUNTIME_DIRS = (Path("/dev/shm"), Path(tempfile.gettempdir()))
 SHARED_FILES = ("counter", "histogram", "gauge_livesum")  # the kinds of file a process writes (see SharedDir)
 SHARED_PREFIX = "casimg-metrics-"
 DATA_DIR_FILE = "data-dir"  # in each data dir's directory: its path, so that it can go when the data dir has gone
+# A metric file starts with the 4-byte count of its used bytes, padded to 8 (prometheus_client.mmap_dict).
+METRIC_FILE_HEADER = 8
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")  # the same for every process (and container) of one boot
 
 prometheus_client.disable_created_metrics()  # the *_created series double the output and nobody reads them
@@ -138,7 +141,7 @@ class Metrics:
         self.scraped = ScrapedGauges()
         self.registry.register(self.scraped)
         if shared is not None:
-            MultiProcessCollector(self.registry, str(shared.path))
+            SizedFilesCollector(self.registry, str(shared.path))
         # labels() takes a lock and builds a tuple: look each combination up once.
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
         self._next_walk = 0.0
@@ -245,6 +248,24 @@ async def _timed_usage(blobs: Storage) -> tuple[int, int, float]:
     started = time.monotonic()
     files, size = await blobs.usage()
     return files, size, time.monotonic() - started
+
+
+class SizedFilesCollector(MultiProcessCollector):
+    """prometheus_client's collector of every process's metric files, skipping the files too short to hold
+    their header. A process creates its file empty and sizes it a moment later (and leaves it empty for
+    good if it dies in between): read then, it raised struct.error and failed the whole scrape with a 500
+    (seen in CI while a worker started). Such a file holds no sample yet."""
+
+    def collect(self) -> Any:
+        files = [path for path in glob.glob(os.path.join(self._path, "*.db")) if _has_header(path)]
+        return self.merge(files, accumulate=True)
+
+
+def _has_header(path: str) -> bool:
+    try:
+        return os.path.getsize(path) >= METRIC_FILE_HEADER
+    except OSError:  # gone since the listing
+        return False
 
 
 class ScrapedGauges:

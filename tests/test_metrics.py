@@ -423,3 +423,21 @@ def test_the_directory_of_a_data_dir_that_is_gone_goes_when_a_process_joins(tmp_
     assert not shared_root(tmp_path / "data").exists()
     for root in roots.values():
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_metric_file_not_yet_sized_is_skipped_not_a_failed_scrape(tmp_path):
+    """A process creates its metric file empty and sizes it a moment later; a scrape in between raised
+    struct.error and answered 500 (a CI run, while a worker started). A file left empty by a process killed
+    in that moment would have failed every scrape after it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    from casimg.metrics import SizedFilesCollector
+
+    written = MmapedDict(str(tmp_path / "counter_4242.db"))  # a live process's file, sized, with a sample
+    written.write_value(mmap_key("casimg_probe", "casimg_probe_total", [], [], "a probe"), 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_9999.db").touch()  # another's, created and not yet sized
+    registry = CollectorRegistry()
+    SizedFilesCollector(registry, str(tmp_path))
+    assert b"casimg_probe_total 3.0" in generate_latest(registry)
