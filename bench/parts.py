@@ -45,13 +45,22 @@ HEADINGS = {"own": "its own processes", "redis": "Redis", "origin": "the origin"
             "filler": "placeholder filler (idle priority)"}
 
 
-def machine_busy() -> float:
-    """CPU seconds the whole machine has spent on anything but idling (/proc/stat, every core): the
-    processes above, and the kernel's own work (loopback networking in softirq, kernel threads), which
-    no process's figure holds."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4]) / TICK
+MACHINE = ("machine", "softirq", "switches", "connections")
+
+
+def machine_counters() -> dict[str, float]:
+    """The whole machine's counters: CPU seconds spent on anything but idling (/proc/stat, every core),
+    which holds the processes above and the kernel's own work that no process's figure holds (loopback
+    networking in softirq, kernel threads); of it, the softirq seconds; context switches; and TCP
+    connections opened (/proc/net/snmp's ActiveOpens: a download or Redis call that opens a connection
+    instead of reusing one shows there)."""
+    lines = Path("/proc/stat").read_text().splitlines()
+    ticks = [int(value) for value in lines[0].split()[1:9]]  # user nice system idle iowait irq softirq steal
+    switches = next(int(line.split()[1]) for line in lines if line.startswith("ctxt "))
+    tcp = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Tcp:")]
+    opens = int(tcp[1][tcp[0].index("ActiveOpens")])
+    return {"machine": (sum(ticks) - ticks[3] - ticks[4]) / TICK, "softirq": ticks[6] / TICK,
+            "switches": float(switches), "connections": float(opens)}
 
 
 class Meter:
@@ -63,7 +72,7 @@ class Meter:
 
     def read(self) -> dict[str, dict[int, float]]:
         readings: dict[str, dict[int, float]] = {part: {} for part in PARTS}
-        readings["machine"] = {0: machine_busy()}
+        readings.update({name: {0: value} for name, value in machine_counters().items()})
         for part, processes in self.roots.items():
             for process in processes:
                 for pid in tree(process.pid):
@@ -74,7 +83,7 @@ class Meter:
     @staticmethod
     def spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
         return {part: sum(cpu - before[part].get(pid, 0.0) for pid, cpu in after[part].items())
-                for part in (*PARTS, "machine")}
+                for part in (*PARTS, *MACHINE)}
 
 
 def main() -> None:
@@ -137,20 +146,25 @@ def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[di
     print(f"\n{images:,} images, {args.rounds} round(s), {args.processes} process(es) each, workspace "
           f"{args.workspace or 'TMPDIR'}; CPU in ms per image, each part's range over the rounds\n")
     print("| run | images/s | " + " | ".join(HEADINGS[part] for part in PARTS)
-          + " | all of them | cores they kept busy | the machine | cores the machine kept busy |")
-    print("|---|---|" + "---|" * (len(PARTS) + 4))
+          + " | all of them | cores they kept busy | the machine | of which softirq | cores the machine kept busy"
+          " | context switches per image | TCP connections opened per image |")
+    print("|---|---|" + "---|" * (len(PARTS) + 7))
     medians: dict[str, dict[str, float]] = {}
     for name, runs in rows.items():
         rates = [rate for rate, _ in runs]
         per_image = {part: [spent[part] / images * 1000 for _, spent in runs] for part in PARTS}
         totals = [sum(spent[part] for part in PARTS) / images * 1000 for _, spent in runs]
         machine = [spent["machine"] / images * 1000 for _, spent in runs]
+        softirq = [spent["softirq"] / images * 1000 for _, spent in runs]
+        switches = [spent["switches"] / images for _, spent in runs]
+        connections = [spent["connections"] / images for _, spent in runs]
         medians[name] = {part: statistics.median(values) for part, values in per_image.items()}
         cells = [_spread(values) if any(values) else "" for values in per_image.values()]
         busy = statistics.median(rate * total / 1000 for rate, total in zip(rates, totals, strict=True))
         whole = statistics.median(rate * total / 1000 for rate, total in zip(rates, machine, strict=True))
         print(f"| {name} | {_spread(rates, '.0f')} | " + " | ".join(cells)
-              + f" | {_spread(totals)} | {busy:.2f} | {_spread(machine)} | {whole:.2f} |")
+              + f" | {_spread(totals)} | {busy:.2f} | {_spread(machine)} | {_spread(softirq)} | {whole:.2f}"
+              f" | {_spread(switches, '.1f')} | {_spread(connections)} |")
     required = medians["required work"]["own"] + medians["required work"]["origin"]
     redis_part = medians["casimg"]["redis"]
     print(f"\nRedis beside the required work on the same cores: at most {required:.2f} / ({required:.2f} + "

@@ -30,6 +30,8 @@ STARTUP_TIMEOUT = 30.0  # seconds a child may take to answer; generous for a loa
 STOP_TIMEOUT = 20.0  # seconds a child may take to exit after SIGTERM before it gets SIGKILL
 LOG_TAIL = 2000  # characters of a child's log quoted when it fails to start
 TICK = os.sysconf("SC_CLK_TCK")  # /proc/<pid>/stat counts CPU in these
+SETTLED_CPU = 0.05  # of a core: below it over SETTLED_WINDOW, a started server has finished starting
+SETTLED_WINDOW = 0.5  # seconds
 # config/nginx.conf marks the part of its http block that is the casimg front, for the bench and the test.
 FRONT_BEGIN, FRONT_END = "# -- casimg front begins --", "# -- casimg front ends --"
 
@@ -366,16 +368,57 @@ def own_cpu(pid: int) -> float:
 
 
 def tree(pid: int) -> list[int]:
-    """`pid` and every process below it (casimg serve's forked servers, their filler, a pool's workers)."""
+    """`pid` and every process below it (casimg serve's forked servers, their filler, a pool's workers).
+
+    A process's children are listed by the thread that started each (/proc/PID/task/TID/children): the
+    render pool's forkserver, started from a thread of the blocking pool, is not among the main thread's.
+    """
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
         found.append(current)
         try:
-            todo += [int(child) for child in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+            threads = os.listdir(f"/proc/{current}/task")
         except OSError:
             continue
+        for thread in threads:
+            try:
+                todo += [int(child) for child in Path(f"/proc/{current}/task/{thread}/children").read_text().split()]
+            except OSError:
+                continue
     return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and of the processes below it now (what exited meanwhile is not counted)."""
+    return sum(own_cpu(member) for member in tree(pid))
+
+
+def wait_settled(process: Popen, *, quiet: float = SETTLED_CPU, window: float = SETTLED_WINDOW,
+                 timeout: float = STARTUP_TIMEOUT) -> float:
+    """Wait until `process` and the processes below it have finished starting: a `window` in which they
+    spent less than `quiet` of a core. Returns the seconds waited.
+
+    A server answers its first request before all of it has started: ``casimg serve`` starts its render
+    pool (a forkserver that imports Pillow, then the workers) and its placeholder filler beside its first
+    requests, about a second of CPU on a 2-core machine. A run timed from the first answer would charge
+    that once-per-start cost to the first job, which the references (forked, already imported) and
+    img2dataset's own figure (which starts counting after its start) do not pay.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    before = tree_cpu(process.pid)
+    while True:
+        time.sleep(window)
+        after = tree_cpu(process.pid)
+        if after - before < quiet * window:
+            return time.monotonic() - started
+        if process.poll() is not None:
+            raise RuntimeError(f"the child exited {process.returncode} while waiting for it to settle")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited {timeout:.0f} s for the child to settle (still {after - before:.2f} s "
+                               f"of CPU in {window} s)")
+        before = after
 
 
 def is_filler(pid: int) -> bool:

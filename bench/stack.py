@@ -7,7 +7,8 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.procs import ROOT, Popen, Procs, free_port, start_redis_server, start_serve
+from bench import log
+from bench.procs import ROOT, Popen, Procs, free_port, start_redis_server, start_serve, tree_cpu, wait_settled
 
 BENCH_KEY = "bench_" + secrets.token_hex(16)  # one admin key for every server of the run (bootstrap)
 
@@ -39,7 +40,9 @@ def start_redis(procs: Procs, directory: Path, persistent: bool) -> tuple[Popen,
 def start_casimg(procs: Procs, data_dir: Path, redis_url: str, *, workers: bool = True,
                  extra_env: dict[str, str] | None = None, key_prefix: str = "casimg:",
                  processes: int = 1) -> Casimg:
-    """`casimg serve` on `data_dir` and the Redis at `redis_url`, configured through its environment."""
+    """`casimg serve` on `data_dir` and the Redis at `redis_url`, configured through its environment;
+    returned once it has finished starting (``wait_settled``: its render pool and filler start after its
+    first answer), so that a run timed from then measures the work, not the start."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     env = {
@@ -55,4 +58,8 @@ def start_casimg(procs: Procs, data_dir: Path, redis_url: str, *, workers: bool 
     args = ["--processes", str(processes)]  # explicit: the default is one per core
     proc = procs.add(start_serve(args, port, data_dir.parent / f"casimg-{port}.log", env=env, cwd=ROOT,
                                  new_session=True))
+    answering = tree_cpu(proc.pid)
+    waited = wait_settled(proc)
+    log(f"  casimg on port {port} answered after {answering:.2f} s of CPU, and finished starting {waited:.1f} s "
+        f"and {tree_cpu(proc.pid) - answering:.2f} s of CPU later")
     return Casimg(proc, port, BENCH_KEY, data_dir)

@@ -12,8 +12,10 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,14 +106,20 @@ def test_a_run_replaces_only_its_own_tables_in_benchmarks_md() -> None:
 
 def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(tmp_path: Path) -> None:
     """bench.parts reads each part's CPU from /proc: a child forked below a part counts in it (as casimg's
-    forked servers do), a process named casimg.filler counts apart, and a process gone meanwhile keeps
+    forked servers do), a child started from another thread too (as the render pool's forkserver is), a
+    process named casimg.filler counts apart, and a process gone meanwhile keeps
     what it was read at; the machine's figure holds them all."""
     from bench.parts import Meter
     from bench.procs import tree
 
     burn = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass\ntime.sleep(30)\n"
-    parent_code = ("import subprocess, sys, time\n"
-                   f"subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+    # The first child is started from a thread that lives on, as the render pool's forkserver is started
+    # from a thread of the blocking pool (a thread that has ended leaves its children to the main thread).
+    parent_code = ("import subprocess, sys, threading, time\n"
+                   "def start_and_stay():\n"
+                   f"    subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+                   "    time.sleep(30)\n"
+                   "threading.Thread(target=start_and_stay, daemon=True).start()\n"
                    f"subprocess.Popen([sys.executable, '-c', {burn!r}, 'casimg.filler'])\n"
                    "time.sleep(30)\n")
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
@@ -127,9 +135,40 @@ def test_the_parts_meter_splits_a_process_tree_and_counts_what_each_part_spent(t
         assert 0.25 <= spent["own"] < 0.6 and 0.25 <= spent["filler"] < 0.6, spent
         assert spent["redis"] < 0.1 and spent["origin"] == 0, spent
         assert spent["machine"] >= spent["own"] + spent["filler"] - 0.05, spent  # /proc/stat holds them all
+        counted = meter.read()
+        _open_loopback_connections(20)
+        _hand_a_token_between_threads(200)
+        spent = Meter.spent(counted, meter.read())
+        assert spent["connections"] >= 20, spent  # machine-wide counters: other work can only add
+        assert spent["switches"] >= 400, spent  # each hand-over puts one thread to sleep and wakes the other
     finally:
         for pid in [*tree(parent.pid), other.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         parent.wait()
         other.wait()
+
+
+def _open_loopback_connections(count: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        for _ in range(count):
+            with socket.create_connection(server.getsockname()):
+                server.accept()[0].close()
+
+
+def _hand_a_token_between_threads(count: int) -> None:
+    """`count` round trips of one byte between two threads over pipes, each end blocking in read."""
+    there, back = os.pipe(), os.pipe()
+
+    def echo() -> None:
+        for _ in range(count):
+            os.write(back[1], os.read(there[0], 1))
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    for _ in range(count):
+        os.write(there[1], b"x")
+        os.read(back[0], 1)
+    thread.join()
+    for end in (*there, *back):
+        os.close(end)
