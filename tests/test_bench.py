@@ -172,3 +172,28 @@ def _hand_a_token_between_threads(count: int) -> None:
     thread.join()
     for end in (*there, *back):
         os.close(end)
+
+
+def test_a_server_is_settled_once_its_start_has_ended_and_its_filler_after_its_own_start() -> None:
+    """bench.procs.wait_settled waits out a process tree's start (a child that works for a while after its
+    parent is up), and the filler's only for its own start: a filler busy with a backlog does not hold
+    the run back."""
+    from bench.procs import tree, wait_settled
+
+    burn = "import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\ntime.sleep(60)\n"
+    parent_code = ("import subprocess, sys, time\n"
+                   f"subprocess.Popen([sys.executable, '-c', {burn.format(seconds=1.5)!r}])\n"
+                   "time.sleep(60)\n")
+    filler_code = ("import subprocess, sys, time\n"
+                   f"subprocess.Popen([sys.executable, '-c', {burn.format(seconds=60)!r}, 'casimg.filler'])\n"
+                   "time.sleep(60)\n")
+    for code, at_least, at_most in ((parent_code, 1.2, 6.0), (filler_code, 1.0, 4.0)):
+        parent = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            waited = wait_settled(parent, window=0.25, filler_startup=1.0, timeout=20)
+            assert at_least <= waited <= at_most, (code, waited)
+        finally:
+            for pid in tree(parent.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            parent.wait()
