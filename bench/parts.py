@@ -100,7 +100,7 @@ def main() -> None:
     files = make_images(cache, args.images)
     procs = Procs()
     rows: dict[str, list[tuple[float, dict[str, float]]]] = {"limit": [], "required work": [], "casimg": []}
-    calls: list[dict[str, float]] = []
+    calls: list[dict[str, tuple[float, float]]] = []  # per round: command -> (calls, µs) per image
     with workspace(False, "casimg-parts-", args.workspace) as work:
         try:
             port, origin = serve_image_set(procs, work, cache)
@@ -126,7 +126,7 @@ def main() -> None:
                 result = casimg_ingest(server, redis_url, urls, sizes)
                 spent = meter.spent(before, meter.read())
                 stats = client.info("commandstats")
-                calls.append({name.removeprefix("cmdstat_"): entry["calls"] / len(urls)
+                calls.append({name.removeprefix("cmdstat_"): (entry["calls"] / len(urls), entry["usec"] / len(urls))
                               for name, entry in stats.items()})
                 client.close()
                 procs.stop(server.proc)
@@ -140,7 +140,7 @@ def main() -> None:
     report(rows, calls, args)
 
 
-def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[dict[str, float]],
+def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[dict[str, tuple[float, float]]],
            args: argparse.Namespace) -> None:
     images = args.images
     print(f"\n{images:,} images, {args.rounds} round(s), {args.processes} process(es) each, workspace "
@@ -171,13 +171,14 @@ def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[di
           f"{redis_part:.2f}) = {required / (required + redis_part):.2f} of the required work's rate, while "
           "the required work keeps every core busy (see the cores the machine kept busy).\n")
     commands = sorted({name for run in calls for name in run}, key=lambda name: -statistics.median(
-        run.get(name, 0.0) for run in calls))
-    print("| Redis command | calls per image (median over the rounds) |")
-    print("|---|---|")
+        run.get(name, (0.0, 0.0))[1] for run in calls))
+    print("| Redis command | calls per image | µs per image (a script's include its own commands') |")
+    print("|---|---|---|")
     for name in commands:
-        value = statistics.median(run.get(name, 0.0) for run in calls)
-        if value >= 0.005:
-            print(f"| {name} | {value:.2f} |")
+        count = statistics.median(run.get(name, (0.0, 0.0))[0] for run in calls)
+        micros = statistics.median(run.get(name, (0.0, 0.0))[1] for run in calls)
+        if count >= 0.005:
+            print(f"| {name} | {count:.2f} | {micros:.1f} |")
 
 
 def _spread(values: list[float], form: str = ".2f") -> str:
