@@ -24,9 +24,8 @@ from pathlib import Path
 from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest
-from bench.ingest_ab import cpu_seconds
 from bench.origin import image_urls, serve_image_set
-from bench.procs import ROOT, Procs
+from bench.procs import ROOT, Procs, tree_cpu
 from bench.retrieval import SAMPLE_SEED, WrkResult, indexed_urls, run_wrk
 from bench.stack import start_casimg, start_redis
 
@@ -80,10 +79,10 @@ def main() -> None:
                 turn = labels[round_number % len(labels):] + labels[:round_number % len(labels)]
                 for label in turn:
                     server = servers[label]
-                    before = cpu_seconds(server.proc.pid)
+                    before = tree_cpu(server.proc.pid)
                     runs[label].append(run_wrk(work, server.base, paths, server.key, args.duration, args.connections))
                     # CPU per request: steadier than the rate on a shared machine (wrk's own CPU is not in it)
-                    cpu[label].append((cpu_seconds(server.proc.pid) - before) * 1000
+                    cpu[label].append((tree_cpu(server.proc.pid) - before) * 1000
                                       / max(1.0, runs[label][-1].rps * args.duration))
                     log(f"round {round_number + 1}, {label}: {runs[label][-1].rps:.0f} requests/s, "
                         f"{cpu[label][-1]:.2f} ms CPU per request")

@@ -23,7 +23,7 @@ from bench.corpus import EXT
 from bench.img2dataset_ref import VERSION as IMG2DATASET_VERSION
 from bench.memory import service_rss_kib
 from bench.origin import CONCURRENCY
-from bench.procs import Procs
+from bench.procs import Procs, tree_cpu
 from bench.references import IngestResult, reference_run, required_work_fetch
 from bench.stack import Casimg, start_casimg, start_redis
 
@@ -176,14 +176,12 @@ def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str]
 def _casimg_run(procs: Procs, work: Path, label: str, urls: list[str], sizes: dict[str, int],
                 processes: int) -> IngestResult:
     """One job of `urls` on a fresh casimg with `processes` processes, its own Redis and data directory."""
-    from bench.ingest_ab import cpu_seconds
-
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
     server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes)
     try:
-        before = cpu_seconds(server.proc.pid)
+        before = tree_cpu(server.proc.pid)
         result = casimg_ingest(server, redis_url, urls, sizes)
-        result.cpu_seconds = cpu_seconds(server.proc.pid) - before
+        result.cpu_seconds = tree_cpu(server.proc.pid) - before
         return result
     finally:
         procs.stop(server.proc)

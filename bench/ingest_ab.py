@@ -35,18 +35,13 @@ from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest, file_creation_cost
 from bench.origin import image_urls, serve_image_set
-from bench.procs import ROOT, Procs, own_cpu, tree
+from bench.procs import ROOT, Procs, tree_cpu
 from bench.references import reference_run
 from bench.stack import start_casimg, start_redis
 
 PLACEHOLDER_TODO = "casimg:placeholder-todo"  # schema.KeySpace.placeholder_todo under the bench's prefix
 PLACEHOLDERS_MATCH = "casimg:placeholder:*"
 PLACEHOLDER_WAIT = 600.0  # seconds the placeholders may take to follow an ingest before the bench goes on
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU of a process and of every process it forked (casimg serve --processes)."""
-    return sum(own_cpu(child) for child in tree(pid))
 
 
 def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[str],
@@ -61,16 +56,16 @@ def one_ingest(procs: Procs, work: Path, label: str, checkout: Path, urls: list[
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
     server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes,
                                 extra_env=environment)
-    before = cpu_seconds(server.proc.pid)
+    before = tree_cpu(server.proc.pid)
     result = casimg_ingest(server, redis_url, urls, sizes)
     ended = time.monotonic()
-    cpu_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
+    cpu_ms = (tree_cpu(server.proc.pid) - before) / len(urls) * 1000
     # Placeholders made after the store (casimg/filler.py) follow the ingest: how long until the last.
     client = redis.Redis.from_url(redis_url)
     while client.zcard(PLACEHOLDER_TODO) and time.monotonic() - ended < PLACEHOLDER_WAIT:
         time.sleep(0.05)
     filled_after = time.monotonic() - ended
-    cpu_filled_ms = (cpu_seconds(server.proc.pid) - before) / len(urls) * 1000
+    cpu_filled_ms = (tree_cpu(server.proc.pid) - before) / len(urls) * 1000
     made = sum(client.hlen(key) for key in client.scan_iter(PLACEHOLDERS_MATCH, count=1000))
     client.close()
     procs.stop(server.proc)

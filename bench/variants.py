@@ -67,6 +67,7 @@ from urllib.parse import quote, urlsplit
 import PIL
 from PIL import Image, ImageDraw, ImageFilter
 
+from bench.procs import own_cpu, tree_cpu
 from casimg.placeholder import placeholder
 from casimg.render import probe, render
 from casimg.render_pool import RenderPool
@@ -177,19 +178,6 @@ def distinct_photos(base: bytes, count: int, directory: Path) -> list[str]:
     return names
 
 
-def cpu_seconds(pid: int, *, children: bool = True) -> float:
-    """User and system CPU of a process and (`children`) of every process under it, whichever of its
-    threads started them (casimg's render pool is started from a thread)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        under = [child for task in Path(f"/proc/{pid}/task").iterdir()
-                 for child in (task / "children").read_text().split()] if children else []
-    except OSError:
-        return 0.0
-    return total + sum(cpu_seconds(int(child)) for child in under)
-
-
 def fetch_all(base: str, paths: list[str], connections: int, key: str | None = None,
               extra_headers: dict[str, str] | None = None) -> tuple[float, list[float]]:
     """GET every path once, `connections` at a time on keep-alive connections: (seconds, latencies in ms)."""
@@ -255,10 +243,10 @@ class Side:
     latencies: list[float] = field(default_factory=list)
 
     def cold_chunk(self, start: int, connections: int) -> None:
-        cpu, own = cpu_seconds(self.pid), cpu_seconds(self.pid, children=False)
+        cpu, own = tree_cpu(self.pid), own_cpu(self.pid)
         seconds, latencies = fetch_all(self.base, self.paths[start:start + COLD_CHUNK], connections, self.key)
-        self.cpu += cpu_seconds(self.pid) - cpu
-        self.own_cpu += cpu_seconds(self.pid, children=False) - own
+        self.cpu += tree_cpu(self.pid) - cpu
+        self.own_cpu += own_cpu(self.pid) - own
         self.seconds += seconds
         self.latencies += latencies
 
@@ -440,10 +428,10 @@ def warm_comparison(args: argparse.Namespace) -> None:
                 turn = labels[number % len(labels):] + labels[:number % len(labels)]
                 for label, kind in [(label, kind) for label in turn for kind in kinds]:
                     server = servers[label]
-                    cpu = cpu_seconds(server.proc.pid)
+                    cpu = tree_cpu(server.proc.pid)
                     result = run_wrk(work, server.base, originals if kind == "original" else variants, server.key,
                                      args.duration, args.connections, args.accept)  # both: as a browser
-                    cpu = cpu_seconds(server.proc.pid) - cpu
+                    cpu = tree_cpu(server.proc.pid) - cpu
                     if result.errors or not result.requests:
                         raise RuntimeError(f"{label} {kind}: {result.errors} errors in {result.requests} requests")
                     runs[label, kind].append((result.rps, cpu * 1000 / result.requests))
