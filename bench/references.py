@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from bench.origin import CONCURRENCY, PER_HOST
+from casimg import affinity
 
 
 @dataclass
@@ -134,7 +135,8 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
 def reference_run(work: Path, urls: list[str], fetch: Fetch = plain_fetch, processes: int = 1) -> IngestResult:
     """One run of the limit (plain_fetch) or of another reference, into a new directory under `work`;
     with `processes` > 1, that many forked processes at once, each with its share of the URLs and the
-    whole concurrency, as `casimg serve --processes` runs them, timed from a common start to the last."""
+    whole concurrency, as `casimg serve --processes` runs them (each on a CPU of its own when there is one
+    per CPU), timed from a common start to the last."""
     # Each run keeps its files until the workspace goes at the end: on an ext4 without a journal, files
     # created soon after thousands were deleted cost several times as much (the inode allocator steps
     # over recently freed inodes one by one), and deleting the limit's files between runs slowed
@@ -163,12 +165,17 @@ def _forked_run(fetch: Fetch, urls: list[str], out: Path, processes: int) -> Ing
     go = context.Event()
     totals = context.Queue()
 
-    def child(share: list[str], directory: Path) -> None:
+    # Pinned as `casimg serve` pins its servers (casimg.affinity): one per usable CPU, each on its own.
+    cpus = affinity.serve_plan(processes, pin=True)
+
+    def child(number: int, share: list[str], directory: Path) -> None:
+        if cpus is not None:
+            affinity.pin(cpus[number])
         directory.mkdir()
         go.wait()
         totals.put(asyncio.run(fetch(share, directory)).bytes)
 
-    children = [context.Process(target=child, args=(urls[number::processes], out / str(number)))
+    children = [context.Process(target=child, args=(number, urls[number::processes], out / str(number)))
                 for number in range(processes)]
     for process in children:
         process.start()
@@ -200,7 +207,10 @@ def run_bare(port: int, redis_url: str, blob_root: str, processes: int, minimal:
 
     sockets = tornado.netutil.bind_sockets(port, "127.0.0.1", reuse_port=True)
     if processes > 1:
-        tornado.process.fork_processes(processes)
+        cpus = affinity.serve_plan(processes, pin=True)  # as casimg serve pins its servers
+        number = tornado.process.fork_processes(processes)
+        if cpus is not None:
+            affinity.pin(cpus[number])
 
     def read(path: str) -> bytes:
         with open(path, "rb") as handle:

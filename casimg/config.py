@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from casimg import __version__
+from casimg import __version__, affinity
 from casimg.errors import ConfigError
 
 MIB = 1024 * 1024
@@ -165,6 +165,11 @@ class Settings:
         AUTO, "Processes `casimg serve` runs, sharing the port, each with its own download worker: 'auto' (the "
         "default) is one per core this process may run on; 1 forks nothing."
     )
+    pin_processes: bool = _setting(
+        True, "When `casimg serve` runs one process per core it may use (processes 'auto', the default), run each "
+        "on a core of its own, with its threads. Off: let the scheduler move them, for a machine whose cores other "
+        "work holds."
+    )
     workers: bool = _setting(True, "Run download workers inside `casimg serve` (false: run `casimg worker` apart).")
     worker_heartbeat: float = _setting(
         10.0, "Seconds after which a silent worker counts as dead and its unfinished downloads are taken over."
@@ -259,10 +264,7 @@ def usable_cores() -> int:
     """Cores the scheduler lets this process use (a container's cpuset, taskset), at least 1. One server
     process per core is what the ingest needs to use them: a process spends its time in Python, under
     one GIL (BENCHMARKS.md, "What bounds the ingest")."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return max(1, len(affinity.usable()) or os.cpu_count() or 1)
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from casimg import affinity
 from casimg.errors import RenderTimeout, Unavailable
 from casimg.placeholder import placeholder
 from casimg.render import Rendered, Source, render
@@ -30,7 +31,7 @@ CLOSE_WAIT = 5.0  # seconds close() waits for the killed workers to be reaped an
 
 
 def _end_with(owner: int) -> None:
-    """Each worker's initializer: exit when the process that owns the pool has gone, however it went.
+    """Exit when the process that owns the pool has gone, however it went (in each worker, at its start).
 
     A pool's workers would otherwise outlive a server killed with SIGKILL (or any end that skips
     ``close()``): they wait on a queue whose write end they hold themselves, and they hold the
@@ -55,6 +56,13 @@ def _end_with(owner: int) -> None:
         select.select([watched], [], [])
         os._exit(0)
     threading.Thread(target=wait, name="casimg-owner-watch", daemon=True).start()
+
+
+def _start_worker(owner: int, cpus: frozenset[int] | None) -> None:
+    """Each worker's initializer: on the CPUs its server could use before it was pinned (affinity.py), and
+    ending with its owner (``_end_with``)."""
+    affinity.release(cpus)
+    _end_with(owner)
 
 
 def _ready() -> int:
@@ -110,7 +118,8 @@ class RenderPool:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["casimg.render_pool"])  # Pillow imported once, in the server
         executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context,
-                                                        initializer=_end_with, initargs=(os.getpid(),))
+                                                        initializer=_start_worker,
+                                                        initargs=(os.getpid(), affinity.before_pin()))
         for _ in range(self.workers):
             executor.submit(_ready)
         return executor

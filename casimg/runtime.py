@@ -20,7 +20,7 @@ from typing import Any
 import tornado.httpserver
 import tornado.netutil
 
-from casimg import tracing
+from casimg import affinity, tracing
 from casimg.app import make_app, make_metrics_app
 from casimg.config import Settings
 from casimg.filler import FillerProcess
@@ -174,9 +174,12 @@ def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.sock
                    previous: dict[int, Any], forward: Any, filler: FillerProcess | None) -> int:
     """serve_processes' forks and wait, with SIGTERM and SIGINT blocked on entry. The host's placeholder
     filler, if any, starts after the forks (no server process inherits it) and is restarted if it dies."""
-    for _ in range(settings.process_count):
+    cpus = affinity.serve_plan(settings.process_count, settings.pin_processes)
+    for index in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
+            if cpus is not None:  # before any thread starts: each inherits it
+                affinity.pin(cpus[index])
             for signum, handler in previous.items():  # the parent's forwarding is not the child's to run
                 signal.signal(signum, handler)
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it

@@ -15,6 +15,8 @@ from urllib.parse import quote
 import pytest
 import redis
 
+from bench.procs import tree
+from casimg import affinity
 from casimg.cli import Formatter
 from casimg.config import usable_cores
 from casimg.embedded import EmbeddedRedis
@@ -192,6 +194,58 @@ def test_serve_runs_a_process_per_core_by_default_and_one_when_told(data_dir, tm
         assert not [pid for pid in children if is_server(Path(f"/proc/{pid}/cmdline").read_text())]
     finally:
         assert one.terminate() == 0
+
+
+def _render_workers(server_pid: int) -> list[int]:
+    """The render pool's workers below a server: the children of its forkserver."""
+    below = tree(server_pid)[1:]
+    forkservers = {pid for pid in below if "forkserver" in _command(pid)}
+    return [pid for pid in below if _parent(pid) in forkservers]
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.mark.skipif(len(affinity.usable()) < 2, reason="one usable CPU: there is nothing to pin the servers to")
+def test_each_forked_server_runs_on_a_core_of_its_own_and_its_render_workers_on_every_core(data_dir, tmp_path):
+    cpus = affinity.usable()
+    server = Server(data_dir, env={"CASIMG_PROCESSES": "auto"})
+    try:
+        servers = [int(pid) for pid in _forks(server.process.pid)]
+        assert sorted(os.sched_getaffinity(pid) for pid in servers) == [{cpu} for cpu in cpus]
+        for pid in servers:  # the pool starts with each server; its workers may use every CPU again
+            workers = eventually(lambda pid=pid: _render_workers(pid), f"the render workers of {pid}")
+            assert [os.sched_getaffinity(worker) for worker in workers] == [set(cpus)] * len(workers)
+        assert os.sched_getaffinity(server.process.pid) == set(cpus)  # the parent, and so the filler, are free
+    finally:
+        assert server.terminate() == 0
+    free = Server(tmp_path / "free", env={"CASIMG_PROCESSES": "auto", "CASIMG_PIN_PROCESSES": "false"})
+    try:
+        servers = [int(pid) for pid in _forks(free.process.pid)]
+        assert len(servers) == len(cpus)
+        assert [os.sched_getaffinity(pid) for pid in servers] == [set(cpus)] * len(cpus)
+    finally:
+        assert free.terminate() == 0
+
+
+def test_servers_are_pinned_only_when_there_is_one_per_usable_cpu():
+    cpus = affinity.usable()
+    assert affinity.serve_plan(len(cpus), pin=False) is None
+    assert affinity.serve_plan(1, pin=True) is None  # one process: its threads may use every CPU
+    assert affinity.serve_plan(len(cpus) + 1, pin=True) is None  # more processes than CPUs: none would fit
+    if len(cpus) > 1:
+        assert affinity.serve_plan(len(cpus), pin=True) == cpus
 
 
 def test_a_sigterm_while_the_forked_processes_start_stops_them_all_cleanly(data_dir):
