@@ -203,6 +203,15 @@ def _render_workers(server_pid: int) -> list[int]:
     return [pid for pid in below if _parent(pid) in forkservers]
 
 
+def _on_every_cpu(pids: list[int], cpus: list[int]) -> bool:
+    """Whether there are `pids` and each may run on all of `cpus` (a worker is pinned as its forkserver is
+    until its initializer has run)."""
+    try:
+        return bool(pids) and all(os.sched_getaffinity(pid) == set(cpus) for pid in pids)
+    except ProcessLookupError:
+        return False
+
+
 def _command(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -223,10 +232,12 @@ def test_each_forked_server_runs_on_a_core_of_its_own_and_its_render_workers_on_
     server = Server(data_dir, env={"CASIMG_PROCESSES": "auto"})
     try:
         servers = [int(pid) for pid in _forks(server.process.pid)]
+        assert len(servers) == len(cpus)
+        # Each pins itself as soon as it is forked, long before the first of them answers.
         assert sorted(os.sched_getaffinity(pid) for pid in servers) == [{cpu} for cpu in cpus]
-        for pid in servers:  # the pool starts with each server; its workers may use every CPU again
-            workers = eventually(lambda pid=pid: _render_workers(pid), f"the render workers of {pid}")
-            assert [os.sched_getaffinity(worker) for worker in workers] == [set(cpus)] * len(workers)
+        for pid in servers:  # the pool starts with each server; its workers use every CPU once they run
+            eventually(lambda pid=pid: _on_every_cpu(_render_workers(pid), cpus),
+                       f"the render workers of {pid} on every CPU")
         assert os.sched_getaffinity(server.process.pid) == set(cpus)  # the parent, and so the filler, are free
     finally:
         assert server.terminate() == 0
