@@ -36,11 +36,17 @@ def serve_plan(processes: int, pin: bool) -> list[int] | None:
     return cpus
 
 
-def pin(cpu: int) -> None:
-    """Run this process (its calling thread, and every thread and child it starts from now on) on `cpu`."""
+def pin(cpu: int) -> bool:
+    """Run this process (its calling thread, and every thread and child it starts from now on) on `cpu`;
+    False, and nothing changed, if the system refused (the CPU went offline since ``serve_plan``, say)."""
     global _before_pin
-    _before_pin = frozenset(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})
+    try:
+        before = frozenset(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        return False
+    _before_pin = before
+    return True
 
 
 def before_pin() -> frozenset[int] | None:

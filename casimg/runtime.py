@@ -178,8 +178,9 @@ def _fork_and_wait(settings: Settings, redis_url: str, sockets: list[socket.sock
     for index in range(settings.process_count):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which never returns here
-            if cpus is not None:  # before any thread starts: each inherits it
-                affinity.pin(cpus[index])
+            if cpus is not None and not affinity.pin(cpus[index]):  # before any thread: each inherits it
+                log.warning("server process %d could not be pinned to CPU %d; it runs on any", os.getpid(),
+                            cpus[index])
             for signum, handler in previous.items():  # the parent's forwarding is not the child's to run
                 signal.signal(signum, handler)
             # Its own process group: a Ctrl-C at the terminal reaches the parent only, which forwards it

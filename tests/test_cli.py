@@ -250,6 +250,13 @@ def test_each_forked_server_runs_on_a_core_of_its_own_and_its_render_workers_on_
         assert free.terminate() == 0
 
 
+def test_a_cpu_the_system_refuses_leaves_the_process_as_it_was():
+    before = os.sched_getaffinity(0)
+    assert affinity.pin(max(affinity.usable()) + 4096) is False
+    assert os.sched_getaffinity(0) == before
+    assert affinity.before_pin() is None  # its render workers are left as they are too
+
+
 def test_servers_are_pinned_only_when_there_is_one_per_usable_cpu():
     cpus = affinity.usable()
     assert affinity.serve_plan(len(cpus), pin=False) is None
