@@ -140,6 +140,14 @@ def forked_children(pid: int) -> list[int]:
         return []
 
 
+def command_line(pid: int) -> str:
+    """`pid`'s command line, its arguments joined by spaces; "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def embedded_redis_pid(data_dir: Path) -> int | None:
     """The pid of the data dir's embedded redis-server, if one is running."""
     try:

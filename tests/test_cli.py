@@ -22,7 +22,7 @@ from casimg.config import usable_cores
 from casimg.embedded import EmbeddedRedis
 from casimg.schema import url_bucket
 from tests.conftest import eventually
-from tests.procs import ROOT, Server, casimg, free_port
+from tests.procs import ROOT, Server, casimg, command_line, free_port
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_serve_runs_a_process_per_core_by_default_and_one_when_told(data_dir, tm
 def _render_workers(server_pid: int) -> list[int]:
     """The render pool's workers below a server: the children of its forkserver."""
     below = tree(server_pid)[1:]
-    forkservers = {pid for pid in below if "forkserver" in _command(pid)}
+    forkservers = {pid for pid in below if "forkserver" in command_line(pid)}
     return [pid for pid in below if _parent(pid) in forkservers]
 
 
@@ -210,13 +210,6 @@ def _on_every_cpu(pids: list[int], cpus: list[int]) -> bool:
         return bool(pids) and all(os.sched_getaffinity(pid) == set(cpus) for pid in pids)
     except ProcessLookupError:
         return False
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _parent(pid: int) -> int | None:

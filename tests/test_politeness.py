@@ -374,8 +374,9 @@ async def test_with_the_rate_off_a_cool_down_is_asked_once_per_lease_not_per_url
 # -- the robots process in a real server ------------------------------------------------------------
 
 def _multiprocessing_descendants(pid: int) -> set[int]:
-    from tests.test_variant_procs import _cmdline, _descendants
-    return {child for child in _descendants(pid) if "multiprocessing" in _cmdline(child)}
+    from tests.procs import command_line
+    from tests.test_variant_procs import _descendants
+    return {child for child in _descendants(pid) if "multiprocessing" in command_line(child)}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import pytest
 
 from casimg.storage.file import FileStore
-from tests.procs import Processes, Server, assert_fsck_clean, casimg, embedded_client
+from tests.procs import Processes, Server, assert_fsck_clean, casimg, command_line, embedded_client
 
 pytestmark = pytest.mark.slow
 TRACKER_GRACE = 2.0  # seconds a resource tracker may take to report, after its process has exited
@@ -197,13 +197,6 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def test_render_processes_end_with_a_server_killed_with_sigkill(procs, tmp_path, origin):
     """A server killed outright runs no close(): its render pool's workers (and their forkserver, which
     they keep alive) must still go, not pile up as orphans of every kill -9."""
@@ -211,16 +204,16 @@ def test_render_processes_end_with_a_server_killed_with_sigkill(procs, tmp_path,
     url = origin.url("/img/762.jpg")
     server.submit([url])
     assert server.call("GET", image_path(url, w="16", format="png"))[0] == 200
-    renderers = {pid for pid in _descendants(server.process.pid) if "multiprocessing" in _cmdline(pid)}
-    assert any("forkserver" in _cmdline(pid) for pid in renderers), "the render pool did not start"
-    redis = {pid for pid in _descendants(server.process.pid) if "redis-server" in _cmdline(pid)}
+    renderers = {pid for pid in _descendants(server.process.pid) if "multiprocessing" in command_line(pid)}
+    assert any("forkserver" in command_line(pid) for pid in renderers), "the render pool did not start"
+    redis = {pid for pid in _descendants(server.process.pid) if "redis-server" in command_line(pid)}
     os.kill(server.process.pid, signal.SIGKILL)
     server.process.wait(10)
     try:
         until = time.monotonic() + 15
         while time.monotonic() < until and any(Path(f"/proc/{pid}").exists() for pid in renderers):
             time.sleep(0.1)
-        left = {pid: _cmdline(pid)[:80] for pid in renderers if Path(f"/proc/{pid}").exists()}
+        left = {pid: command_line(pid)[:80] for pid in renderers if Path(f"/proc/{pid}").exists()}
         assert not left, left
     finally:
         for pid in redis:  # the embedded Redis outlives a killed server by design (the next start takes it over)
