@@ -3,8 +3,8 @@
 ``casimg serve`` that forks one server process per CPU it may use (``--processes auto``, the default)
 pins each to a CPU of its own (``serve_plan``, ``pin``): each process's event loop and threads then stay
 on one core, instead of the scheduler moving them between the cores the other process uses too. Side by
-side, the ingest with 2 processes on 2 cores went up by about a fifth at a tenth less CPU per image
-(BENCHMARKS.md, "Figures behind design choices"). ``CASIMG_PIN_PROCESSES=false`` leaves them free to
+side, the ingest with 2 processes on 2 cores went up by 5-27% over four runs, with up to a quarter less
+CPU per image (BENCHMARKS.md, "Figures behind design choices"). ``CASIMG_PIN_PROCESSES=false`` leaves them free to
 move, for a machine whose cores other work holds.
 
 Only the server processes are pinned. The host's filler and the embedded Redis are the parent's
