@@ -22,7 +22,7 @@ from casimg.config import usable_cores
 from casimg.embedded import EmbeddedRedis
 from casimg.schema import url_bucket
 from tests.conftest import eventually
-from tests.procs import ROOT, Server, casimg, command_line, free_port
+from tests.procs import ROOT, Server, casimg, command_line, forked_children, free_port
 
 
 @pytest.fixture
@@ -198,9 +198,8 @@ def test_serve_runs_a_process_per_core_by_default_and_one_when_told(data_dir, tm
 
 def _render_workers(server_pid: int) -> list[int]:
     """The render pool's workers below a server: the children of its forkserver."""
-    below = tree(server_pid)[1:]
-    forkservers = {pid for pid in below if "forkserver" in command_line(pid)}
-    return [pid for pid in below if _parent(pid) in forkservers]
+    forkservers = [pid for pid in tree(server_pid)[1:] if "forkserver" in command_line(pid)]
+    return [worker for forkserver in forkservers for worker in forked_children(forkserver)]
 
 
 def _on_every_cpu(pids: list[int], cpus: list[int]) -> bool:
@@ -210,13 +209,6 @@ def _on_every_cpu(pids: list[int], cpus: list[int]) -> bool:
         return bool(pids) and all(os.sched_getaffinity(pid) == set(cpus) for pid in pids)
     except ProcessLookupError:
         return False
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 @pytest.mark.skipif(len(affinity.usable()) < 2, reason="one usable CPU: there is nothing to pin the servers to")
