@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import tornado.httpserver
 import tornado.netutil
@@ -28,6 +28,7 @@ from casimg.metrics import Metrics
 from casimg.services import Services, bootstrap_admin_key, open_services
 
 log = logging.getLogger("casimg")
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -115,8 +116,9 @@ def limit_malloc_arenas() -> None:
         return
 
 
-def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run `main` on uvloop when it is installed (a dependency where it builds), else on asyncio's loop.
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` on uvloop when it is installed (a dependency where it builds), else on asyncio's loop;
+    what it returns.
 
     It pays where casimg's per-request work is all that is left, behind the nginx front; on the default
     deployment and on ingest the two loops measured even (BENCHMARKS.md, "Figures behind design choices").
@@ -125,9 +127,8 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(main)
-        return
-    uvloop.run(main)
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def serve_processes(settings: Settings, redis_url: str) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from bench import references
 from bench.procs import ROOT
@@ -210,3 +211,55 @@ def test_the_python_floor_measures_each_part_of_a_stored_urls_least_python_and_s
     assert len(parts) == 5 and all(0 <= user <= total and total > 0 for total, user in parts.values()), figures
     total, user = figures["**the floor: their sum**"]
     assert abs(total - sum(t for t, _ in parts.values())) < 0.3 and abs(user - sum(u for _, u in parts.values())) < 0.3
+
+
+def test_each_rung_of_the_ladder_adds_the_step_its_row_names(origin: Origin, redis_server: Any,
+                                                             tmp_path: Path) -> None:
+    """bench.ladder: each rung does the rung above's work and its own step, with casimg's code for it."""
+    from bench.ladder import RUNGS, Rung, one_run
+    from casimg.index import Index
+    from casimg.runtime import run_loop
+    from casimg.schema import KeySpace
+    from casimg.storage.file import FileStore
+
+    paths = URLS[:3]  # the formats casimg accepts by default
+    urls = [origin.url(path) for path in paths]
+    bodies = {origin.url(path): image_bytes(n, path.rsplit(".", 1)[1]) for n, path in enumerate(paths, 1)}
+    digests = {url: hashlib.sha256(body).hexdigest() for url, body in bodies.items()}
+    client = redis_server.client()
+
+    def indexed(prefix: str) -> dict[str, str | None]:
+        async def lookups() -> dict[str, str | None]:
+            index = Index(aioredis.Redis.from_url(redis_server.url, decode_responses=True), KeySpace(prefix))
+            records = {url: await index.lookup(url) for url in urls}
+            await index.redis.aclose()
+            return {url: record.sha256 if record else None for url, record in records.items()}
+        return asyncio.run(lookups())
+
+    for name in RUNGS:
+        out, prefix = tmp_path / name, f"ladder-test-{name}:"
+        out.mkdir()
+        result = run_loop(one_run(Rung(name), load_settings(), urls, out, redis_server.url,
+                                  redis_server.process.pid, prefix, made_fan_out=False))
+        assert result.rate > 0 and result.cpu_ms > 0, (name, result)
+        agent = "casimg/" if name != "required" else "aiohttp/"
+        assert all(agent in origin.agents[path] for path in paths), (name, origin.agents)
+        store = FileStore(out / "data")
+        plain = sorted(path.read_bytes() for path in out.glob("*.bin"))
+        temps = sorted(path.read_bytes() for path in store.tmp_dir.glob("*")) if store.tmp_dir.exists() else []
+        blobs = {url: store.blob_path(digest).read_bytes() for url, digest in digests.items()
+                 if store.blob_path(digest).exists()}
+        if name in ("required", "fetcher", "index"):
+            assert plain == sorted(bodies.values()) and not temps and not blobs, name
+        else:
+            assert not plain, name
+        if name in ("temp", "link"):  # kept under a temp name; settled by the last rung only
+            assert temps == sorted(bodies.values()), name
+        assert blobs == (bodies if name in ("link", "settle") else {}), name
+        if name == "settle":
+            assert temps == [], "the settle removes every temp name"
+        with_index = name not in ("required", "fetcher")
+        assert indexed(prefix) == (digests if with_index else dict.fromkeys(urls)), name
+        statuses = [client.hget(key, "status") for key in client.scan_iter(f"{prefix}job:*")
+                    if client.type(key) == "hash" and client.hexists(key, "status")]
+        assert statuses == (["done"] if with_index else []), (name, statuses)
