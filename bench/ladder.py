@@ -19,13 +19,15 @@ what the rung above it does and one thing more, with casimg's own code for it, a
 6. ``settle``: the whole store of the worker (lifecycle.store_blob: the index step, then the settle of
    the temp name, many in one trip to a thread) and the staging's attempt to link a temp name to a
    content already stored.
+7. ``worker``: casimg's own Worker, built by services.open_services as ``casimg serve`` builds it, with
+   the bench's settings (bench.stack.start_casimg), on this process's loop, logging to a file: all of the
+   above, and its queue reads, its fair slots, politeness, a task per entry, the log line and the
+   counters; what ``casimg serve --processes 1`` runs, less its HTTP server.
 
 A store made for a round is young, so most of its blobs make their ab/cd/ directory; ``--made-fan-out``
 makes all 65,536 before the timed part, as in a store with a few hundred thousand blobs. ``--pin`` runs
 the process on one CPU, as ``casimg serve`` pins each of its servers when it runs one per CPU
-(casimg/affinity.py). What casimg does beyond the last rung (its queue reads, the fair slots, the log
-line, the counters, a task per entry, the HTTP server beside it) is the gap between that rung and the
-ingest table's casimg row at 1 process.
+(casimg/affinity.py).
 
 Rounds are interleaved, each in the reverse order of the one before; each rung's row gives its median
 images/s (range), the CPU of this process per image (every thread), and Redis's. Only loopback addresses
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import logging
 import os
 import platform
 import resource
@@ -58,6 +61,7 @@ from bench.references import write_file
 from bench.stack import start_redis
 from casimg import affinity
 from casimg.batching import ThreadBatcher
+from casimg.cli import setup_logging
 from casimg.config import Settings, load_settings
 from casimg.fetcher import Fetcher
 from casimg.index import BlobMeta, Index
@@ -65,12 +69,15 @@ from casimg.lifecycle import store_blob
 from casimg.queue import Entry, JobQueue
 from casimg.runtime import run_loop
 from casimg.schema import KeySpace
+from casimg.services import open_services
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 from casimg.worker import FINISH_DEPTH, STORE_DEPTH
 
-RUNGS = ("required", "fetcher", "index", "temp", "link", "settle")
+RUNGS = ("required", "fetcher", "index", "temp", "link", "settle", "worker")
 LOOPBACK = ("127.0.0.0/8",)  # the bench's origin listens on 8 loopback addresses, which the guard refuses by default
+# The other settings bench.stack.start_casimg gives the casimg of the ingest table
+WORKER_SETTINGS = {"rate_limit": 0, "origin_rate": 1_000_000, "origin_burst": 1_000_000}
 
 
 @dataclass
@@ -95,7 +102,8 @@ class Ladder:
         self.keys = KeySpace(prefix)
         self.made_fan_out = made_fan_out
         self.allowed = frozenset(f.upper() for f in settings.allowed_formats)
-        self.store = FileStore(out / "data") if rung.has("temp") else None
+        # (the worker's store is the one its settings name: the data dir out/casimg)
+        self.store = FileStore(out / ("casimg" if rung.name == "worker" else "data")) if rung.has("temp") else None
         self.index: Index | None = None
         self.entries: dict[str, Entry] = {}
 
@@ -112,7 +120,7 @@ class Ladder:
                 for first in range(256):
                     for second in range(256):
                         os.makedirs(self.store.root / f"{first:02x}" / f"{second:02x}", exist_ok=True)
-        if self.rung.has("index"):
+        if self.rung.has("index") and self.rung.name != "worker":  # the worker's job is submitted in its run
             queue = JobQueue(redis, self.keys, 3600)
             self.index = Index(redis, self.keys)
             await queue.ensure_group()
@@ -139,6 +147,8 @@ class Ladder:
 
     async def run(self, urls: list[str]) -> float:
         """The timed part: every URL fetched and kept; its seconds."""
+        if self.rung.name == "worker":
+            return await self._run_worker(urls)
         loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(CONCURRENCY)
         storing = asyncio.Semaphore(STORE_DEPTH * CONCURRENCY)
@@ -171,6 +181,26 @@ class Ladder:
         finally:
             flusher.close()
             await self._close()
+
+    async def _run_worker(self, urls: list[str]) -> float:
+        """casimg's Worker on this loop, from the job's submit (untimed) until the job is done."""
+        overrides = {"data_dir": self.out / "casimg", "redis_url": self.redis_url, "key_prefix": self.keys.prefix,
+                     "allow_networks": ",".join(LOOPBACK), **WORKER_SETTINGS}
+        settings = load_settings(environ={}, overrides=overrides)
+        services = await open_services(settings, self.redis_url, with_worker=True)
+        try:
+            job_id, _ = await services.queue.submit(urls)
+            assert services.worker is not None
+            started = time.monotonic()
+            services.worker.start()
+            # Polled as a client would poll the job: the worker says nothing else when a job is done.
+            while await services.queue.status(job_id) != "done":  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            seconds = time.monotonic() - started
+            await services.worker.stop(settings.shutdown_grace)
+            return seconds
+        finally:
+            await services.close()
 
     async def _downloader(self) -> Callable[[str], Awaitable[bytes]]:
         if self.rung.has("fetcher"):
@@ -261,6 +291,7 @@ def main() -> None:
     if args.pin and not affinity.pin(affinity.usable()[0]):
         parser.error("this system refused to pin the process")
     settings = load_settings()
+    setup_logging(settings.log_format)  # the worker rung's log line per URL, as casimg writes it
     cache = set_directory(Path(args.cache), args.images)
     files = make_images(cache, args.images)
     results: dict[str, list[Result]] = {rung.name: [] for rung in rungs}
@@ -271,6 +302,9 @@ def main() -> None:
             urls, _, _ = image_urls(port, files)
             (work / "redis").mkdir()
             redis_process, redis_url = start_redis(procs, work / "redis", persistent=True)
+            casimg_log = logging.FileHandler(work / "casimg.log")
+            casimg_log.setFormatter(logging.getLogger().handlers[0].formatter)
+            logging.getLogger().handlers[:] = [casimg_log]
             log(f"origin: {origin}; workspace {work}")
             runs = 0
             for round_number in range(args.rounds):
