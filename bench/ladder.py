@@ -12,7 +12,8 @@ what the rung above it does and one thing more, with casimg's own code for it, a
 2. ``fetcher``: the download through casimg's Fetcher (the address guard, the caps per address and
    domain, the timeouts, the redirect checks) instead of a bare GET.
 3. ``index``: the index step after the flush: Index.store of each URL with its real queue entry (one
-   job, submitted through JobQueue and read as a worker reads it), through the ScriptBatcher.
+   job, submitted through JobQueue and read as a worker reads it), through the ScriptBatcher, on
+   casimg's Redis client (services.connect_redis).
 4. ``temp``: the body written under a temp name in a FileStore's tmp/ (write_temp), not a plain file.
 5. ``link``: the temp file linked in under its content name (FileStore.link_in, ab/cd/<sha256>), in
    the same trip to the thread, as the worker's staging does.
@@ -69,7 +70,7 @@ from casimg.lifecycle import store_blob
 from casimg.queue import Entry, JobQueue
 from casimg.runtime import run_loop
 from casimg.schema import KeySpace
-from casimg.services import open_services
+from casimg.services import connect_redis, open_services
 from casimg.storage.file import FileStore, FlushGroup
 from casimg.validation import ImageInfo, validate_image
 from casimg.worker import FINISH_DEPTH, STORE_DEPTH
@@ -260,7 +261,7 @@ class Result:
 
 async def one_run(rung: Rung, settings: Settings, urls: list[str], out: Path, redis_url: str, redis_pid: int,
                   prefix: str, made_fan_out: bool) -> Result:
-    redis = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    redis = connect_redis(redis_url, CONCURRENCY + 64)  # casimg's client, as open_services makes it
     try:
         ladder = Ladder(rung, settings, out, redis_url, prefix, made_fan_out)
         await ladder.prepare(urls, redis)
