@@ -156,7 +156,7 @@ class Ladder:
         finishing = asyncio.Semaphore(FINISH_DEPTH * CONCURRENCY)
         flusher = FlushGroup(self.store.root if self.store is not None else self.out)
         settler = ThreadBatcher()
-        download = await self._downloader()
+        download, close_download = await self._downloader()
 
         async def one(number: int, url: str) -> None:
             async with slots:
@@ -181,7 +181,7 @@ class Ladder:
             return time.monotonic() - started
         finally:
             flusher.close()
-            await self._close()
+            await close_download()
 
     async def _run_worker(self, urls: list[str]) -> float:
         """casimg's Worker on this loop, from the job's submit (untimed) until the job is done."""
@@ -203,7 +203,8 @@ class Ladder:
         finally:
             await services.close()
 
-    async def _downloader(self) -> Callable[[str], Awaitable[bytes]]:
+    async def _downloader(self) -> tuple[Callable[[str], Awaitable[bytes]], Callable[[], Awaitable[None]]]:
+        """(download a URL's body, close what downloads): casimg's Fetcher from its rung on, else a bare GET."""
         if self.rung.has("fetcher"):
             s = self.settings
             fetcher = Fetcher(tmp_dir=self.out / "fetch-tmp", max_bytes=s.max_image_bytes,
@@ -213,21 +214,19 @@ class Ladder:
                               max_redirects=s.max_redirects, max_url_length=s.max_url_length,
                               allow_networks=LOOPBACK, user_agent=s.user_agent)
             await fetcher.start()
-            self._closers = [fetcher.close]
 
             async def fetch(url: str) -> bytes:
                 downloaded = await fetcher.fetch(url)
                 assert downloaded.data is not None, "a body over the in-memory size: the corpus has none"
                 return downloaded.data
-            return fetch
+            return fetch, fetcher.close
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY, limit_per_host=PER_HOST))
-        self._closers = [session.close]
 
         async def get(url: str) -> bytes:
             async with session.get(url) as response:
                 response.raise_for_status()
                 return await response.read()
-        return get
+        return get, session.close
 
     async def _index(self, url: str, tmp: Path, digest: str, meta: BlobMeta, settler: ThreadBatcher) -> None:
         if self.index is None:
@@ -240,10 +239,6 @@ class Ladder:
             await store_blob(self.store, self.index, tmp, url, digest, meta, linked=True, run=settler.call, **job)
         else:
             await self.index.store(url, digest, meta, **job)
-
-    async def _close(self) -> None:
-        for close in self._closers:
-            await close()
 
 
 def cpu_seconds() -> float:
