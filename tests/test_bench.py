@@ -254,7 +254,7 @@ def test_each_rung_of_the_ladder_adds_the_step_its_row_names(origin: Origin, red
             assert plain == sorted(bodies.values()) and not temps and not blobs, name
         else:
             assert not plain, name
-        if name in ("temp", "link"):  # kept under a temp name; settled by the last rung only
+        if name in ("temp", "link"):  # kept under a temp name, until the settle rung settles it
             assert temps == sorted(bodies.values()), name
         assert blobs == (bodies if name in ("link", "settle", "worker") else {}), name
         if name in ("settle", "worker"):
