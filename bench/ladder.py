@@ -43,7 +43,6 @@ import hashlib
 import logging
 import os
 import platform
-import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +57,7 @@ from bench import log, workspace
 from bench.corpus import make_images, set_directory
 from bench.origin import CONCURRENCY, PER_HOST, image_urls, serve_image_set
 from bench.procs import ROOT, Procs, own_cpu
+from bench.python_floor import cpu as process_cpu
 from bench.references import write_file
 from bench.stack import start_redis
 from casimg import affinity
@@ -241,12 +241,6 @@ class Ladder:
             await self.index.store(url, digest, meta, **job)
 
 
-def cpu_seconds() -> float:
-    """CPU seconds of this process, every thread, to the microsecond (os.times counts clock ticks)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 @dataclass
 class Result:
     rate: float  # images/s
@@ -260,9 +254,9 @@ async def one_run(rung: Rung, settings: Settings, urls: list[str], out: Path, re
     try:
         ladder = Ladder(rung, settings, out, redis_url, prefix, made_fan_out)
         await ladder.prepare(urls, redis)
-        cpu, redis_cpu = cpu_seconds(), own_cpu(redis_pid)
+        cpu, redis_cpu = sum(process_cpu()), own_cpu(redis_pid)
         seconds = await ladder.run(urls)
-        cpu, redis_cpu = cpu_seconds() - cpu, own_cpu(redis_pid) - redis_cpu
+        cpu, redis_cpu = sum(process_cpu()) - cpu, own_cpu(redis_pid) - redis_cpu
     finally:
         await redis.aclose()
     per_image = 1000 / len(urls)
