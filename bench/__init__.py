@@ -38,13 +38,31 @@ retrieval (skipped with a note when absent), nginx optional (``apt-get install n
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def spread(values: list[float], form: str = ".2f") -> str:
+    """The median of `values` and their range, as the tables print them: "1.23 (1.01-1.40)"."""
+    return f"{statistics.median(values):{form}} ({min(values):{form}}-{max(values):{form}})"
+
+
+def env_of(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    """Options given as NAME=VALUE (an environment for a server under test), as a dict."""
+    env = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        if not equals or not name:
+            parser.error(f"expected NAME=VALUE, got {pair!r}")
+        env[name] = value
+    return env
 
 
 def log(message: str) -> None:

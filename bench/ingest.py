@@ -23,7 +23,7 @@ from bench.corpus import EXT
 from bench.img2dataset_ref import VERSION as IMG2DATASET_VERSION
 from bench.memory import service_rss_kib
 from bench.origin import CONCURRENCY
-from bench.procs import Procs, tree_cpu
+from bench.procs import Procs, confine, own_cpu, tree_cpu
 from bench.references import IngestResult, reference_run, required_work_fetch
 from bench.stack import Casimg, start_casimg, start_redis
 
@@ -154,9 +154,9 @@ def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str]
                          f"{CONCURRENCY} threads, no re-encoding", i2d))
         runs.append((f"casimg@{count}", f"casimg serve --processes {count}, distinct"
                      + (" (default deployment)" if count == processes else ""),
-                     lambda n, c=count: _casimg_run(procs, work, f"{c}-{n}", urls, sizes, c)))
+                     lambda n, c=count: casimg_run(procs, work, f"{c}-{n}", urls, sizes, c)))
         runs.append((f"casimg-dup@{count}", f"casimg serve --processes {count}, half duplicates",
-                     lambda n, c=count: _casimg_run(procs, work, f"dup-{c}-{n}", dup_urls, sizes, c)))
+                     lambda n, c=count: casimg_run(procs, work, f"dup-{c}-{n}", dup_urls, sizes, c)))
     series = {key: Series(name) for key, name, _ in runs}
     log("1. ingest: warming the origin up (untimed)")
     reference_run(work, urls)
@@ -173,15 +173,20 @@ def ingest_rounds(procs: Procs, work: Path, urls: list[str], dup_urls: list[str]
     return Ingest(series, processes, rss_start, service_rss_kib(server.proc), server, redis_url)
 
 
-def _casimg_run(procs: Procs, work: Path, label: str, urls: list[str], sizes: dict[str, int],
-                processes: int) -> IngestResult:
-    """One job of `urls` on a fresh casimg with `processes` processes, its own Redis and data directory."""
+def casimg_run(procs: Procs, work: Path, label: str, urls: list[str], sizes: dict[str, int],
+               processes: int, *, env: dict[str, str] | None = None,
+               redis_cpus: set[int] | None = None) -> IngestResult:
+    """One job of `urls` on a fresh casimg with `processes` processes, its own Redis and data directory,
+    `env` added to casimg's environment, and its Redis confined to `redis_cpus` if given."""
     redis_proc, redis_url = start_redis(procs, work / f"redis-{label}", persistent=True)
-    server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes)
+    if redis_cpus:
+        confine(redis_proc.pid, redis_cpus)
+    server = start_casimg(procs, work / f"data-{label}", redis_url, processes=processes, extra_env=env)
     try:
-        before = tree_cpu(server.proc.pid)
+        before, redis_before = tree_cpu(server.proc.pid), own_cpu(redis_proc.pid)
         result = casimg_ingest(server, redis_url, urls, sizes)
         result.cpu_seconds = tree_cpu(server.proc.pid) - before
+        result.redis_cpu_seconds = own_cpu(redis_proc.pid) - redis_before
         return result
     finally:
         procs.stop(server.proc)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import redis
 
-from bench import log, workspace
+from bench import env_of, log, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest, file_creation_cost
 from bench.origin import image_urls, serve_image_set
@@ -99,7 +99,7 @@ def main() -> None:
         sys.exit(f"{other} has no casimg/ package")
 
     checkouts = {"this": ROOT, "other": other}
-    envs = {"this": _env_of(parser, args.this_env), "other": _env_of(parser, args.other_env)}
+    envs = {"this": env_of(parser, args.this_env), "other": env_of(parser, args.other_env)}
     cache = set_directory(Path(args.cache), args.images)
     files = make_images(cache, args.images)
     procs = Procs()
@@ -152,16 +152,6 @@ def main() -> None:
               f"{mean:.0f} | {statistics.median(rates[label]):.0f} | {mean / limit_mean:.2f} | "
               f"{statistics.median(cpu[label]):.2f} | {min(made[label])} | {statistics.median(filled[label]):.1f} | "
               f"{statistics.median(cpu_filled[label]):.2f} |")
-
-
-def _env_of(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
-    env = {}
-    for pair in pairs:
-        name, equals, value = pair.partition("=")
-        if not equals or not name:
-            parser.error(f"expected NAME=VALUE, got {pair!r}")
-        env[name] = value
-    return env
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from bench import log, workspace
+from bench import log, spread, workspace
 from bench.corpus import make_images, set_directory
 from bench.origin import CONCURRENCY, PER_HOST, image_urls, serve_image_set
 from bench.procs import ROOT, Procs, own_cpu
@@ -328,10 +328,10 @@ def report(args: argparse.Namespace, results: dict[str, list[Result]]) -> str:
         against = added = ""
         if above is not None:
             ratios = [run.rate / other.rate for run, other in zip(runs, above, strict=True)]
-            against = f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+            against = spread(ratios)
             extra = [run.cpu_ms - other.cpu_ms for run, other in zip(runs, above, strict=True)]
             added = f"{statistics.median(extra):+.3f}"
-        lines.append(f"| {name} | {statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f}) | "
+        lines.append(f"| {name} | {spread(rates, '.0f')} | "
                      f"{statistics.median(run.cpu_ms for run in runs):.3f} | "
                      f"{statistics.median(run.redis_ms for run in runs):.3f} | {against} | {added} |")
         above = runs

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import redis
 
-from bench import log, workspace
+from bench import log, spread, workspace
 from bench.corpus import make_images, set_directory
 from bench.ingest import casimg_ingest
 from bench.origin import image_urls, serve_image_set
@@ -159,12 +159,12 @@ def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[di
         switches = [spent["switches"] / images for _, spent in runs]
         connections = [spent["connections"] / images for _, spent in runs]
         medians[name] = {part: statistics.median(values) for part, values in per_image.items()}
-        cells = [_spread(values) if any(values) else "" for values in per_image.values()]
+        cells = [spread(values) if any(values) else "" for values in per_image.values()]
         busy = statistics.median(rate * total / 1000 for rate, total in zip(rates, totals, strict=True))
         whole = statistics.median(rate * total / 1000 for rate, total in zip(rates, machine, strict=True))
-        print(f"| {name} | {_spread(rates, '.0f')} | " + " | ".join(cells)
-              + f" | {_spread(totals)} | {busy:.2f} | {_spread(machine)} | {_spread(softirq)} | {whole:.2f}"
-              f" | {_spread(switches, '.1f')} | {_spread(connections)} |")
+        print(f"| {name} | {spread(rates, '.0f')} | " + " | ".join(cells)
+              + f" | {spread(totals)} | {busy:.2f} | {spread(machine)} | {spread(softirq)} | {whole:.2f}"
+              f" | {spread(switches, '.1f')} | {spread(connections)} |")
     required = medians["required work"]["own"] + medians["required work"]["origin"]
     redis_part = medians["casimg"]["redis"]
     print(f"\nRedis beside the required work on the same cores: at most {required:.2f} / ({required:.2f} + "
@@ -179,10 +179,6 @@ def report(rows: dict[str, list[tuple[float, dict[str, float]]]], calls: list[di
         micros = statistics.median(run.get(name, (0.0, 0.0))[1] for run in calls)
         if count >= 0.005:
             print(f"| {name} | {count:.2f} | {micros:.1f} |")
-
-
-def _spread(values: list[float], form: str = ".2f") -> str:
-    return f"{statistics.median(values):{form}} ({min(values):{form}}-{max(values):{form}})"
 
 
 if __name__ == "__main__":

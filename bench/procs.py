@@ -390,6 +390,19 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def confine(pid: int, cpus: set[int]) -> None:
+    """Run `pid`, every process below it and every thread of each on `cpus` from now on (threads and
+    children they start later inherit it). A process or thread that exits meanwhile is passed over."""
+    for member in tree(pid):
+        try:
+            threads = os.listdir(f"/proc/{member}/task")
+        except OSError:
+            continue
+        for thread in threads:
+            with contextlib.suppress(OSError):  # (ProcessLookupError: it exited)
+                os.sched_setaffinity(int(thread), cpus)
+
+
 def tree_cpu(pid: int) -> float:
     """CPU seconds of `pid` and of the processes below it now (what exited meanwhile is not counted)."""
     return sum(own_cpu(member) for member in tree(pid))

@@ -31,6 +31,7 @@ class IngestResult:
     failed: int = 0
     failures: list[str] = field(default_factory=list)
     cpu_seconds: float = 0.0  # user + system CPU of the run's processes, threads included
+    redis_cpu_seconds: float = 0.0  # of the run's own Redis, for a casimg run
 
     @property
     def cpu_ms_per_image(self) -> float:

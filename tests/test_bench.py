@@ -264,3 +264,68 @@ def test_each_rung_of_the_ladder_adds_the_step_its_row_names(origin: Origin, red
         statuses = [client.hget(key, "status") for key in client.scan_iter(f"{prefix}job:*")
                     if client.type(key) == "hash" and client.hexists(key, "status")]
         assert statuses == (["done"] if with_index else []), (name, statuses)
+
+
+def test_confine_moves_every_thread_of_a_process_tree_and_what_it_starts_later() -> None:
+    """bench.per_core keeps the origin and Redis off the CPU of the run under test with bench.procs.confine."""
+    from bench.procs import confine
+    from casimg import affinity
+
+    cpus = affinity.usable()
+    if len(cpus) < 2:
+        pytest.skip("confining to one CPU of one changes nothing to see")
+    target = {cpus[-1]}
+    sleeper = "import time; time.sleep(60)"
+    # A child with a second thread and a child of its own; on a line from stdin, it starts one more thread.
+    code = ("import subprocess, sys, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            f"grandchild = subprocess.Popen([sys.executable, '-c', {sleeper!r}])\n"
+            "print(grandchild.pid, flush=True)\n"
+            "sys.stdin.readline()\n"
+            "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "print('started', flush=True)\n"
+            "time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        grandchild = int(child.stdout.readline())
+
+        def affinities() -> dict[int, set[int]]:
+            return {int(thread): os.sched_getaffinity(int(thread)) for pid in (child.pid, grandchild)
+                    for thread in os.listdir(f"/proc/{pid}/task")}
+
+        before = affinities()
+        assert len(before) == 3 and all(cpus_of != target for cpus_of in before.values()), before
+        confine(child.pid, target)
+        assert affinities() == dict.fromkeys(before, target)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "started\n"
+        after = affinities()
+        assert len(after) == 4 and set(map(frozenset, after.values())) == {frozenset(target)}, after
+    finally:
+        child.kill()
+        child.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
+
+
+def test_the_per_core_report_puts_each_tool_against_the_required_work_and_sizes_redis() -> None:
+    import argparse
+
+    from bench.per_core import Runs, report
+
+    runs = {key: Runs(key) for key in ("limit", "required", "own", "wall", "casimg")}
+    for key, rates in {"limit": [3000, 2800], "required": [2000, 1600], "own": [1500, 1200], "wall": [500, 400],
+                       "casimg": [1200, 1120]}.items():
+        for rate in rates:
+            runs[key].add(rate, 0.5)
+    args = argparse.Namespace(images=3000, rounds=2, workspace=None)
+    text = report(args, runs, [0.1, 0.12], 0, {1})
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ")}
+    assert rows["casimg"][2].strip() == "0.65 (0.60-0.70)"  # 1200/2000, 1120/1600
+    assert rows["own"][1].strip() == "" and rows["wall"][1].strip() == "0.50 (0.50-0.50)"
+    assert "casimg against img2dataset's own figure: 0.87 (0.80-0.93)" in text  # 1200/1500, 1120/1200
+    assert "1.5x img2dataset's own figure is 1.12 (1.12-1.12) of the required work" in text
+    # Redis at 0.11 ms per image (the median) and casimg at 1,160/s: 1000 / (0.11 * 1160) = 7.8 processes.
+    assert "one Redis core keeps up with about 8 casimg processes" in text
