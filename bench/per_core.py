@@ -32,7 +32,7 @@ from bench import env_of, log, spread, workspace
 from bench.corpus import make_images, set_directory
 from bench.img2dataset_ref import VERSION as IMG2DATASET_VERSION
 from bench.img2dataset_ref import ensure_installed, img2dataset_run
-from bench.ingest import casimg_run
+from bench.ingest import Series, casimg_run
 from bench.origin import CONCURRENCY, image_urls, serve_image_set
 from bench.procs import ROOT, Procs, confine
 from bench.references import IngestResult, reference_run, required_work_fetch
@@ -41,20 +41,7 @@ from casimg import affinity
 TARGET = 1.5  # of img2dataset's own figure: the speed issue's target for casimg
 
 
-class Runs:
-    """The runs of one configuration over the rounds."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.rates: list[float] = []
-        self.cpu_ms: list[float] = []
-
-    def add(self, rate: float, cpu_ms: float) -> None:
-        self.rates.append(rate)
-        self.cpu_ms.append(cpu_ms)
-
-
-def ratios(these: Runs, those: Runs) -> list[float]:
+def ratios(these: Series, those: Series) -> list[float]:
     return [a / b for a, b in zip(these.rates, those.rates, strict=True)]
 
 
@@ -79,7 +66,7 @@ def main() -> None:
     files = make_images(cache, args.images)
     img2dataset = ensure_installed(Path(args.cache))
     casimg_name = "casimg serve --processes 1" + "".join(f", {name}={value}" for name, value in env.items())
-    runs = {key: Runs(name) for key, name in (
+    runs = {key: Series(name) for key, name in (
         ("limit", "limit: aiohttp fetch + write"), ("required", "required work: the limit + validation, SHA-256, "
                                                                 "syncfs"),
         ("own", f"img2dataset {IMG2DATASET_VERSION}, 1 process x {CONCURRENCY} threads: its own figure"),
@@ -95,24 +82,21 @@ def main() -> None:
             urls, _, sizes = image_urls(port, files)
             log(f"origin: {origin} on CPU {sorted(others)}; the run under test on CPU {under_test}; workspace {work}")
 
-            def reference(key: str, result: IngestResult) -> None:
-                runs[key].add(result.per_second, result.cpu_ms_per_image)
-
             def img2dataset_round(number: int) -> None:
                 done = img2dataset_run(img2dataset, work, urls, 1, CONCURRENCY, f"1-{number}")
-                cpu_ms = done.cpu_seconds / done.images * 1000
-                runs["own"].add(done.reported_per_second, cpu_ms)
-                runs["wall"].add(done.per_second, cpu_ms)
+                runs["own"].rates.append(done.reported_per_second)  # (its CPU is the whole command's: below)
+                runs["wall"].add(IngestResult(done.seconds, done.images, sum(sizes.values()),
+                                              cpu_seconds=done.cpu_seconds))
 
             def casimg_round(number: int) -> None:
                 result = casimg_run(procs, work, f"1-{number}", urls, sizes, 1, env=env, redis_cpus=others)
                 if result.stored + result.existed != len(urls):
                     sys.exit(f"casimg stored {result.stored} of {len(urls)}; failures: {result.failures}")
-                runs["casimg"].add(result.per_second, result.cpu_ms_per_image)
+                runs["casimg"].add(result)
                 redis_ms.append(result.redis_cpu_seconds / result.images * 1000)
 
-            steps = [lambda n: reference("limit", reference_run(work, urls)),
-                     lambda n: reference("required", reference_run(work, urls, required_work_fetch)),
+            steps = [lambda n: runs["limit"].add(reference_run(work, urls)),
+                     lambda n: runs["required"].add(reference_run(work, urls, required_work_fetch)),
                      img2dataset_round, casimg_round]
             log("warming the origin up (untimed)")
             reference_run(work, urls)
@@ -126,7 +110,7 @@ def main() -> None:
     print(report(args, runs, redis_ms, under_test, others))
 
 
-def report(args: argparse.Namespace, runs: dict[str, Runs], redis_ms: list[float], under_test: int,
+def report(args: argparse.Namespace, runs: dict[str, Series], redis_ms: list[float], under_test: int,
            others: set[int]) -> str:
     required, own, casimg = runs["required"], runs["own"], runs["casimg"]
     lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, Python {platform.python_version()}. "
@@ -136,7 +120,7 @@ def report(args: argparse.Namespace, runs: dict[str, Runs], redis_ms: list[float
              "| run, on one CPU | images/s | CPU ms per image | of the required work |", "|---|---|---|---|"]
     for key, series in runs.items():
         against = "" if key in ("limit", "required") else spread(ratios(series, required))
-        cpu = "" if key == "own" else spread(series.cpu_ms)  # (img2dataset's CPU is its whole command's)
+        cpu = spread(series.cpu_ms) if series.cpu_ms else ""
         lines.append(f"| {series.name} | {spread(series.rates, '.0f')} | {cpu} | {against} |")
     redis = statistics.median(redis_ms)
     served = 1000 / (redis * statistics.median(casimg.rates))

@@ -313,13 +313,14 @@ def test_confine_moves_every_thread_of_a_process_tree_and_what_it_starts_later()
 def test_the_per_core_report_puts_each_tool_against_the_required_work_and_sizes_redis() -> None:
     import argparse
 
-    from bench.per_core import Runs, report
+    from bench.ingest import Series
+    from bench.per_core import report
 
-    runs = {key: Runs(key) for key in ("limit", "required", "own", "wall", "casimg")}
+    runs = {key: Series(key) for key in ("limit", "required", "own", "wall", "casimg")}
     for key, rates in {"limit": [3000, 2800], "required": [2000, 1600], "own": [1500, 1200], "wall": [500, 400],
                        "casimg": [1200, 1120]}.items():
-        for rate in rates:
-            runs[key].add(rate, 0.5)
+        runs[key].rates += rates
+        runs[key].cpu_ms += [] if key == "own" else [0.5, 0.5]
     args = argparse.Namespace(images=3000, rounds=2, workspace=None)
     text = report(args, runs, [0.1, 0.12], 0, {1})
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines() if line.startswith("| ")}
