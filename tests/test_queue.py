@@ -285,6 +285,26 @@ async def test_a_job_published_but_not_fully_enqueued_is_finished_once_by_a_work
 
 
 @pytest.mark.gen_test
+async def test_a_store_records_its_outcome_once_and_moves_the_job_from_queued_to_running_to_done(parts):
+    """The store step records the URL's outcome in its job as index.complete does (store.lua, lib_complete.lua)."""
+    queue, index = parts
+    job_id, _ = await queue.submit(["http://a/1", "http://a/2", "http://a/3"])
+    entries = await queue.read("w1", {"": 10})
+    assert (await queue.get(job_id)).status == "queued"
+    first = await index.store("http://a/1", "a" * 64, None, job_id=job_id, position=0, entry_id=entries[0].entry_id)
+    assert first.outcome is Outcome.STORED
+    assert ((job := await queue.get(job_id)).status, job.done, job.stored) == ("running", 1, 1)
+    again = await index.store("http://a/1", "a" * 64, None, job_id=job_id, position=0)
+    assert again.outcome is Outcome.EXISTS and (await queue.get(job_id)) == job  # counted once
+    await index.store("http://a/2", "a" * 64, None, job_id=job_id, position=1, entry_id=entries[1].entry_id)
+    await index.store("http://a/3", "b" * 64, None, job_id=job_id, position=2, entry_id=entries[2].entry_id)
+    job = await queue.get(job_id)
+    assert (job.status, job.done, job.stored) == ("done", 3, 3) and job.finished
+    assert [r["sha256"] for r in job.results] == ["a" * 64, "a" * 64, "b" * 64]
+    assert await queue.depth() == {"waiting": 0, "in_progress": 0}
+
+
+@pytest.mark.gen_test
 async def test_a_cancel_ends_the_job_in_one_step_and_nothing_is_recorded_or_queued_after_it(parts):
     queue, index = parts
     urls = [f"http://a/{n}" for n in range(5)]
