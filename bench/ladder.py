@@ -72,7 +72,7 @@ from casimg.runtime import run_loop
 from casimg.schema import KeySpace
 from casimg.services import connect_redis, open_services
 from casimg.storage.file import FileStore, FlushGroup
-from casimg.validation import ImageInfo, validate_image
+from casimg.validation import ImageInfo, validator
 from casimg.worker import FINISH_DEPTH, STORE_DEPTH
 
 RUNGS = ("required", "fetcher", "index", "temp", "link", "settle", "worker")
@@ -102,16 +102,11 @@ class Ladder:
         self.redis_url = redis_url
         self.keys = KeySpace(prefix)
         self.made_fan_out = made_fan_out
-        self.allowed = frozenset(f.upper() for f in settings.allowed_formats)
+        self.validate = validator(settings)  # as the worker validates a body
         # (the worker's store is the one its settings name: the data dir out/casimg)
         self.store = FileStore(out / ("casimg" if rung.name == "worker" else "data")) if rung.has("temp") else None
         self.index: Index | None = None
         self.entries: dict[str, Entry] = {}
-
-    def validate(self, data: bytes) -> ImageInfo:
-        s = self.settings
-        return validate_image(data, max_pixels=s.max_pixels, allowed_formats=self.allowed,
-                              max_frames=s.max_frames, mode=s.validation)
 
     async def prepare(self, urls: list[str], redis: aioredis.Redis) -> None:
         """Untimed: the job submitted and its entries read, the store's directories made."""

@@ -115,14 +115,12 @@ async def required_work_fetch(urls: list[str], out_dir: Path) -> IngestResult:
     """
     from casimg.config import load_settings
     from casimg.storage.file import FlushGroup
-    from casimg.validation import validate_image
+    from casimg.validation import validator
 
-    defaults = load_settings()
-    allowed = frozenset(f.upper() for f in defaults.allowed_formats)
+    validate = validator(load_settings())  # as the worker validates a body
 
     def keep(path: Path, data: bytes) -> None:
-        validate_image(data, max_pixels=defaults.max_pixels, allowed_formats=allowed,
-                       max_frames=defaults.max_frames, mode=defaults.validation)
+        validate(data)
         hashlib.sha256(data).digest()
         write_file(path, data)
 

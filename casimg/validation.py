@@ -54,15 +54,18 @@ import re
 import struct
 import warnings
 import zlib
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError, features
 
 from casimg.errors import InvalidImage
+
+if TYPE_CHECKING:
+    from casimg.config import Settings
 
 # casimg applies its own pixel limit (max_pixels) before decoding; Pillow's built-in guard stays as a
 # backstop (above twice its limit Image.open raises DecompressionBombError), but its warning for
@@ -142,6 +145,16 @@ class ImageInfo:
     width: int
     height: int
     frames: int = 1
+
+
+def validator(settings: Settings) -> Callable[[bytes | Path], ImageInfo]:
+    """``validate_image`` with the limits, formats and mode of `settings`: how a download is checked."""
+    allowed = frozenset(name.upper() for name in settings.allowed_formats)
+
+    def validate(source: bytes | Path) -> ImageInfo:
+        return validate_image(source, max_pixels=settings.max_pixels, allowed_formats=allowed,
+                              max_frames=settings.max_frames, mode=settings.validation)
+    return validate
 
 
 def validate_image(

@@ -59,7 +59,7 @@ from casimg.schema import Outcome
 from casimg.storage import Storage, StorageUnavailable
 from casimg.storage.active import ActiveStore
 from casimg.storage.file import FileStore, FlushGroup
-from casimg.validation import ImageInfo, validate_image
+from casimg.validation import ImageInfo, validator
 from casimg.webhooks import Deliverer
 
 log = logging.getLogger("casimg.worker")
@@ -181,7 +181,7 @@ class Worker:
         # a thread of its own: behind the blocking pool's validations, it would hold their store places.
         self._settle_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="casimg-settle")
         self._settler = ThreadBatcher(self._settle_thread)
-        self._allowed_formats = frozenset(f.upper() for f in settings.allowed_formats)
+        self._validate = validator(settings)
         self._validated: dict[str, ImageInfo] = {}  # digest -> its bytes' validation (_remember_valid)
         self.name = consumer_name()
         self.on_outcome = on_outcome or (lambda outcome, reason: None)
@@ -642,10 +642,6 @@ class Worker:
             self.on_bytes("stored", downloaded.size)
         self.on_outcome(kind, "")
         return kind
-
-    def _validate(self, source: bytes | Path) -> ImageInfo:
-        return validate_image(source, max_pixels=self.settings.max_pixels, allowed_formats=self._allowed_formats,
-                              max_frames=self.settings.max_frames, mode=self.settings.validation)
 
     def _remember_valid(self, digest: str, info: ImageInfo) -> None:
         """Keep what validating `digest`'s bytes found, for their repeats (on the loop; _stage reads it in

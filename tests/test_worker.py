@@ -725,16 +725,16 @@ async def test_a_worker_finishes_queueing_a_job_whose_submitter_died(services, o
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_repeat_of_content_this_worker_validated_is_not_validated_again(api, origin, monkeypatch):
-    import casimg.worker as worker_module
+    import casimg.validation as validation_module  # what the worker's validator calls
 
     checked: list[int] = []
-    real = worker_module.validate_image
+    real = validation_module.validate_image
 
     def counting(source, **limits):  # type: ignore[no-untyped-def]
         checked.append(len(source))
         return real(source, **limits)
 
-    monkeypatch.setattr(worker_module, "validate_image", counting)
+    monkeypatch.setattr(validation_module, "validate_image", counting)
     first = await outcome(api, origin.url("/img/913002.png"))
     repeat = await outcome(api, origin.url("/img/913002.png?copy=1"))
     assert first["status"] == repeat["status"] == "stored" and repeat.get("deduplicated") is True
