@@ -15,8 +15,10 @@ another key's entries; how much a worker reads from which stream is decided by s
 some) and, from the step that removes the last one (index.py ``complete``), the time it became empty.
 Workers read the streams of the keys busy or idle for less than ``OWNER_KEEP``, and claim dead workers'
 entries from each: a client that comes back within the hour wakes a waiting worker at once (its stream
-is among those the worker blocks on), and a key seen for the first time in a while is found on the
-worker's next look at the list (half a second at most when busy, a fifth when idle: worker.py).
+is among those the worker blocks on). So does a key seen for the first time in a while: the enqueue step
+that makes a key busy adds an entry to ``queue-wake``, which idle workers block on too, and the worker it
+wakes looks at the list again. A busy worker finds such a key on its next look at the list (half a second
+at most: worker.py).
 
 A submit of 10,000 long URLs is megabytes, and Redis serves no one else while one call runs: recorded in
 one Lua call it held every reader for over half a second. So a job is recorded in short steps, none of
@@ -82,6 +84,7 @@ CANCELLED_RESULT = {"status": Outcome.FAILED.value, "error": CANCELLED, "attempt
 
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
 OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
+WAKE_KEPT = 32  # entries the wake stream keeps at least (each is read once, by an idle worker, at once)
 
 
 def _glob_escape(text: str) -> str:
@@ -209,13 +212,14 @@ class JobQueue:
         self._take_over = redis.register_script(lua_source("take_over"))
 
     async def ensure_group(self, owner: str = "") -> None:
-        """Create an owner's stream and its consumer group once (the keyless one by default); reading from
-        id 0 keeps entries added before."""
-        try:
-            await self.redis.xgroup_create(self.stream_of(owner), QUEUE_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create an owner's stream and its consumer group once; by default the keyless one's, and the wake
+        stream's that idle workers wait on beside it. Reading from id 0 keeps entries added before."""
+        for stream in [self.stream_of(owner)] if owner else [self.stream_of(""), self.keys.queue_wake]:
+            try:
+                await self.redis.xgroup_create(stream, QUEUE_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def submit(self, urls: list[str], key_id: str = "", limits: Limits | None = None,
                      callback: str = "") -> tuple[str, int]:
@@ -289,8 +293,9 @@ class JobQueue:
         have theirs."""
         k = self.keys
         return bool(await self._enqueue(
-            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners],
-            args=[job_id, most, STEP_BYTES, k.key_queue(""), QUEUE_GROUP],
+            keys=[k.job(job_id), k.job_urls(job_id), k.job_results(job_id), k.queue, k.enqueuing, k.queue_owners,
+                  k.queue_wake],
+            args=[job_id, most, STEP_BYTES, k.key_queue(""), QUEUE_GROUP, WAKE_KEPT],
         ))
 
     async def resume_enqueuing(self, older_than: float | None = None) -> int:
@@ -390,42 +395,72 @@ class JobQueue:
 
     async def read(self, consumer: str, wanted: dict[str, int]) -> list[Entry]:
         """Up to wanted[owner] new entries from each owner's stream, in one round trip, without waiting."""
+        return (await self.read_waking(consumer, wanted))[0]
+
+    async def read_waking(self, consumer: str, wanted: dict[str, int]) -> tuple[list[Entry], bool]:
+        """`read`, and the wake stream in the same round trip: the entries, and whether a key's queue
+        stopped being empty since (a key the caller may not know yet; see wait_for_entries)."""
         if not wanted:
-            return []
+            return [], False
+        wake = self.keys.queue_wake
         if len(wanted) == 1:  # the usual case under load, one busy key: a pipeline costs more CPU than a call
             [(owner, count)] = wanted.items()
             try:
-                reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
+                reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">", wake: ">"},
+                                                    count=count)
             except ResponseError as exc:
-                await self._regroup(owner, exc)
-                return []
-            return self._entries(owner, reply)
+                for each in {"", owner}:  # the keyless stream's group comes with the wake stream's
+                    await self._regroup(each, exc)
+                return [], False
+            reply, woken = await self._without_wake(reply)
+            return self._entries(owner, reply), woken
         async with self.redis.pipeline(transaction=False) as pipe:
             for owner, count in wanted.items():
                 pipe.xreadgroup(QUEUE_GROUP, consumer, {self.stream_of(owner): ">"}, count=count)
-            replies = await pipe.execute(raise_on_error=False)
+            pipe.xreadgroup(QUEUE_GROUP, consumer, {wake: ">"}, count=1)
+            *replies, wake_reply = await pipe.execute(raise_on_error=False)
         entries: list[Entry] = []
         for owner, reply in zip(wanted, replies, strict=True):
             if isinstance(reply, ResponseError):
                 await self._regroup(owner, reply)
             else:
                 entries += self._entries(owner, reply)
-        return entries
+        if isinstance(wake_reply, ResponseError):
+            await self._regroup("", wake_reply)
+            return entries, False
+        return entries, (await self._without_wake(wake_reply))[1]
 
-    async def wait_for_entries(self, consumer: str, owners: list[str], block_ms: int) -> list[Entry]:
-        """At most one new entry from each of `owners`' streams, waiting up to `block_ms` for the first."""
-        streams = {self.stream_of(owner): ">" for owner in owners}
+    async def wait_for_entries(self, consumer: str, owners: list[str], block_ms: int) -> tuple[list[Entry], bool]:
+        """At most one new entry from each of `owners`' streams, waiting up to `block_ms` for the first, or
+        for a key's queue to stop being empty; the entries, and whether the latter woke it.
+
+        A key among `owners` wakes the wait with its first entry. Any other key, one the caller has not
+        seen yet, wakes it through the wake stream (``queue-wake``: lua/enqueue.lua adds an entry when a
+        key's queue stops being empty), and the caller then looks for it. The group hands each wake entry
+        to one waiting worker."""
+        wake = self.keys.queue_wake
+        streams = {self.stream_of(owner): ">" for owner in owners} | {wake: ">"}
         try:
             reply = await self.redis.xreadgroup(QUEUE_GROUP, consumer, streams, count=1, block=block_ms)
         except ResponseError as exc:
-            for owner in owners:
+            for owner in {"", *owners}:  # the keyless stream's group comes with the wake stream's
                 await self._regroup(owner, exc)
-            return []
+            return [], False
+        reply, woken = await self._without_wake(reply)
         by_stream = {self.stream_of(owner): owner for owner in owners}
         entries: list[Entry] = []
-        for stream, items in reply or []:
+        for stream, items in reply:
             entries += self._entries(by_stream[stream], [[stream, items]])
-        return entries
+        return entries, woken
+
+    async def _without_wake(self, reply: Any) -> tuple[list[Any], bool]:
+        """An XREADGROUP reply without the wake stream's part, which is acknowledged at once (a wake is
+        worth nothing later); and whether it had one."""
+        wake = self.keys.queue_wake
+        woken = [entry_id for stream, items in reply or [] if stream == wake for entry_id, _ in items]
+        if woken:
+            await self.redis.xack(wake, QUEUE_GROUP, *woken)
+        return [part for part in reply or [] if part[0] != wake], bool(woken)
 
     async def _regroup(self, owner: str, error: ResponseError) -> None:
         """A stream whose group is gone (a Redis that lost its data, a hand-made key): make it again, so
@@ -459,7 +494,21 @@ class JobQueue:
             if len(claimed) >= count:
                 break
             claimed += await self._claim_stream(consumer, owner, count - len(claimed), held)
+        await self._forget_dead_waiters(consumer)
         return claimed
+
+    async def _forget_dead_waiters(self, consumer: str) -> None:
+        """Drop the wake stream's readers whose worker is gone (a worker reads it under its own name; what
+        it read and left unacknowledged goes with it: a wake entry is worth nothing later)."""
+        wake = self.keys.queue_wake
+        try:
+            readers = await self.redis.xinfo_consumers(wake, QUEUE_GROUP)
+        except ResponseError:  # the stream or its group is gone: the next wait makes them again
+            return
+        for info in readers:
+            name = info["name"]
+            if name != consumer and not await self.redis.exists(self.keys.worker(name)):
+                await self.redis.xgroup_delconsumer(wake, QUEUE_GROUP, name)
 
     async def _claim_stream(self, consumer: str, owner: str, count: int,
                             held: AbstractSet[tuple[str, str]]) -> list[Entry]:

@@ -12,6 +12,7 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     migrations         hash    migration name -> when it finished (ms)
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
+    queue-wake         stream  an entry each time a key's queue stops being empty: wakes an idle worker
     enqueuing          zset    jobs whose entries are still being added
     job:{id}           hash    status, counters, times, callback state; job:{id}:urls list, job:{id}:results hash
     webhooks           zset    job id -> when its callback is due (ms); a claim moves it past its lease
@@ -108,6 +109,13 @@ class KeySpace:
         """sorted set: API key id -> +inf while its queue stream holds entries, else the time in ms it
         became empty (dropped an hour after, see queue.OWNER_KEEP)."""
         return self.prefix + "queue-owners"
+
+    @property
+    def queue_wake(self) -> str:
+        """stream: a ``key`` entry each time a key's queue stream stops being empty (trimmed to a few
+        dozen). Idle workers block on it beside the streams they know (group ``QUEUE_GROUP``), so the one
+        it wakes reads a key that is new to it at once."""
+        return self.prefix + "queue-wake"
 
     def job(self, job_id: str) -> str:
         """hash: a job's status, counters and times."""

@@ -65,10 +65,11 @@ from casimg.webhooks import Deliverer
 log = logging.getLogger("casimg.worker")
 
 READ_BLOCK_MS = 1000  # how long one XREADGROUP waits for new entries; also the stop latency
-# An idle worker blocks on the queues of the keys it knows; a key it does not know yet (the first job of a
-# key in an hour) is looked for between two such waits, so they are kept short: a new key's first entry
-# waited up to READ_BLOCK_MS (BENCHMARKS.md, "Figures behind design choices"). Five round trips a second
-# when idle.
+# An idle worker blocks on the queues of the keys it knows, and on the wake stream, which a key it does not
+# know yet (the first job of a key in an hour) wakes (queue.JobQueue.wait_for_entries). Between two waits
+# it looks at the list of keys again, so a wake that went to another worker costs this one no more than
+# IDLE_BLOCK_MS: a new key's first entry once waited up to READ_BLOCK_MS (BENCHMARKS.md, "Figures behind
+# design choices"). Five round trips a second when idle.
 IDLE_BLOCK_MS = 200
 # A busy worker reuses the list of keys with queued entries for this long, and looks into the queues of
 # keys holding no slot (newcomers) at most this often while its other slots are all taken: a round trip
@@ -329,10 +330,12 @@ class Worker:
     async def _read_fairly(self) -> list[Entry]:
         """New entries, as many from each key's stream as FairSlots plans for it.
 
+        A key's queue that stops being empty adds an entry to the wake stream, read with the streams: a key
+        new to this worker is read on the next turn, busy or idle, not after OWNERS_REFRESH.
         When none of the planned streams has anything: if a key was left out for want of slots, wait for
         a slot to come free (blocking on the streams instead would leave slots idle for up to a second
-        under a busy key); else wait up to IDLE_BLOCK_MS for the first new entry of any planned stream.
-        A key that submits meanwhile is seen on the next turn.
+        under a busy key); else wait up to IDLE_BLOCK_MS for the first new entry of any planned stream, or
+        for the wake stream's.
         """
         now = time.monotonic()
         if now - self._owners_read >= OWNERS_REFRESH:
@@ -346,8 +349,10 @@ class Worker:
                 return []
         else:
             self._probed = now
-        entries = await self.queue.read(self.name, wanted)
-        if entries:
+        entries, woken = await self.queue.read_waking(self.name, wanted)
+        if woken:  # a key's queue stopped being empty: if the key is new here, the next turn reads it
+            self._owners_read = self._probed = float("-inf")
+        if entries or woken:
             return entries
         # (a key held back for its entries away waits for its origin, not for a slot)
         if not wanted or any(owner not in wanted for owner in owners
@@ -355,7 +360,10 @@ class Worker:
             await self._slots.changed(READ_BLOCK_MS / 1000)
             return []
         self._owners_read = float("-inf")  # a key that submits while we wait is looked for right after
-        return await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
+        entries, woken = await self.queue.wait_for_entries(self.name, list(wanted), IDLE_BLOCK_MS)
+        if woken:  # as above
+            self._probed = float("-inf")
+        return entries
 
     async def _indexed_already(self, entries: list[Entry]) -> list[Known]:
         """The digest of each entry's URL if it is indexed already (it is not fetched again), else None;

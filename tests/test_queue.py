@@ -144,9 +144,50 @@ async def test_a_stream_that_lost_its_group_gets_it_back_and_blocks_no_other(par
     assert [e.url for e in entries] == ["http://b/1"]
     assert [e.url for e in await queue.read("w1", {"k1": 5})] == ["http://a/2"]  # its group is back
     await queue.redis.delete(queue.keys.key_queue("k2"))
-    assert await queue.wait_for_entries("w1", ["k2"], 10) == []
-    await queue.submit(["http://b/2"], key_id="k2")
-    assert [e.url for e in await queue.wait_for_entries("w1", ["k2"], 10)] == ["http://b/2"]
+    await queue.redis.delete(queue.keys.queue_wake)  # the wake stream's group goes too, and comes back
+    assert await queue.wait_for_entries("w1", ["k2"], 10) == ([], False)
+    await queue.submit(["http://b/2"], key_id="k2")  # k2 is busy already: no wake entry
+    entries, woken = await queue.wait_for_entries("w1", ["k2"], 10)
+    assert [e.url for e in entries] == ["http://b/2"] and not woken
+
+
+@pytest.mark.gen_test
+async def test_a_key_new_to_an_idle_worker_wakes_it_once_and_leaves_nothing_pending(parts):
+    """An idle worker blocks on the streams of the keys it knows; a key it has never seen wakes it through
+    the wake stream, once per time its queue stops being empty, and the wake entry is acknowledged."""
+    queue, index = parts
+    await queue.heartbeat("w1", 30)
+    waiting = asyncio.ensure_future(queue.wait_for_entries("w1", [""], 20_000))
+    await asyncio.sleep(0.2)  # blocked in Redis by now
+    assert not waiting.done()
+    started = time.monotonic()
+    await queue.submit(["http://new/1", "http://new/2"], key_id="k9")
+    entries, woken = await asyncio.wait_for(waiting, 10)
+    assert woken and entries == [] and time.monotonic() - started < 10
+    assert "k9" in await queue.owners()  # what the woken worker reads next
+    assert (await queue.redis.xpending(queue.keys.queue_wake, QUEUE_GROUP))["pending"] == 0
+    # More of a busy key's jobs wake no one: its stream is one the workers block on already.
+    await queue.submit(["http://new/3"], key_id="k9")
+    assert await queue.redis.xlen(queue.keys.queue_wake) == 1
+    # Emptied and busy again: a worker may have forgotten it, so it wakes one again.
+    for entry in await queue.read("w1", {"k9": 10}):
+        await index.complete(entry.job_id, entry.position, entry.entry_id, Outcome.FAILED, {}, owner="k9")
+    await queue.submit(["http://new/4"], key_id="k9")
+    assert await queue.redis.xlen(queue.keys.queue_wake) == 2
+
+
+@pytest.mark.gen_test
+async def test_the_wake_streams_readers_go_with_their_workers(parts):
+    queue, _ = parts
+    for name in ("alive", "dead"):
+        await queue.heartbeat(name, 30)
+        await queue.submit(["http://a/1"], key_id=f"key-of-{name}")  # a reader is named once it reads one
+        assert await queue.wait_for_entries(name, [""], 1000) == ([], True)
+    assert len(await queue.redis.xinfo_consumers(queue.keys.queue_wake, QUEUE_GROUP)) == 2
+    await queue.retire("dead")
+    await queue.claim_unattended("alive", 10, held=set())
+    readers = await queue.redis.xinfo_consumers(queue.keys.queue_wake, QUEUE_GROUP)
+    assert [reader["name"] for reader in readers] == ["alive"]
 
 
 # -- recording large jobs in short steps --------------------------------------------------------------

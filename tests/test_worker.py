@@ -230,6 +230,27 @@ async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(set
 
 
 @pytest.mark.gen_test(timeout=60)
+async def test_an_idle_worker_starts_a_new_keys_first_job_without_waiting_out_its_block(settings, origin,
+                                                                                       monkeypatch):
+    """An idle worker blocks on the streams of the keys it knows. A key it has never seen wakes it through
+    the wake stream, instead of waiting for its next look at the list of keys: here the block is 3 s, and
+    the new key's job is done before one block is over."""
+    monkeypatch.setattr(worker_module, "IDLE_BLOCK_MS", 3_000)
+    services = await open_services(settings, settings.redis_url, with_worker=True)
+    try:
+        services.worker.start()
+        await asyncio.sleep(0.5)  # idle, blocked in Redis
+        started = time.monotonic()
+        job_id, _ = await services.queue.submit([origin.url(f"/img/{918_000 + n}.png") for n in range(3)],
+                                                key_id="newcomer")
+        job = await settled(services.queue, job_id, seconds=2.5)
+        assert (job.status, job.stored) == ("done", 3)
+        assert time.monotonic() - started < 3
+    finally:
+        await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
 async def test_downloads_go_on_while_earlier_ones_are_stored_and_stop_when_storing_falls_behind(
     tmp_path, redis_server, origin, monkeypatch
 ):

@@ -1,10 +1,12 @@
--- KEYS: job urls results queue enqueuing queue_owners
--- ARGV: job_id max_urls max_bytes key_queue_prefix group  ->  1 all enqueued, 0 more to do
+-- KEYS: job urls results queue enqueuing queue_owners queue_wake
+-- ARGV: job_id max_urls max_bytes key_queue_prefix group wake_kept  ->  1 all enqueued, 0 more to do
 -- An entry carries the submit's trace context ('tp') when the job has one (tracing.py).
 -- The next URLs after the job's cursor get their entries, up to max_bytes of them (one at least), and the
 -- cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
 -- The entries go to the stream of the key that submitted the job (its name built from the prefix, as
 -- KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
+-- A key that was not busy gets an entry in queue_wake too: the idle workers wait on that stream, not
+-- on the streams of keys they have not seen yet (queue.py, wait_for_entries).
 local job_id = ARGV[1]
 local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key', 'tp', 'cancelled')
 local cursor, total, owner, tp = tonumber(info[1]), tonumber(info[2]), info[3] or '', info[4]
@@ -33,7 +35,12 @@ for i = 1, #urls do
   end
   budget, taken = budget - #urls[i], taken + 1
 end
-if added > 0 and owner ~= '' then redis.call('ZADD', KEYS[6], 'inf', owner) end
+if added > 0 and owner ~= '' then
+  if redis.call('ZSCORE', KEYS[6], owner) ~= 'inf' then
+    redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 'key', owner)
+  end
+  redis.call('ZADD', KEYS[6], 'inf', owner)
+end
 cursor = cursor + taken
 redis.call('HSET', KEYS[1], 'enqueued', cursor)
 if cursor >= total or taken == 0 then
