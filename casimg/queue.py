@@ -84,7 +84,7 @@ CANCELLED_RESULT = {"status": Outcome.FAILED.value, "error": CANCELLED, "attempt
 
 SCAN_COUNT = 1000  # keys per SCAN step and statuses per pipeline when counting jobs
 OWNER_KEEP = 3600.0  # seconds a key whose stream is empty stays among the streams workers read
-WAKE_KEPT = 32  # entries the wake stream keeps at least (each is read once, by an idle worker, at once)
+WAKE_KEPT = 32  # entries the wake stream keeps at least (Redis trims whole nodes of 100: a little over 100 at most)
 
 
 def _glob_escape(text: str) -> str:
@@ -394,7 +394,8 @@ class JobQueue:
         await self.redis.zremrangebyscore(self.keys.queue_owners, "-inf", f"({since}")
 
     async def read(self, consumer: str, wanted: dict[str, int]) -> list[Entry]:
-        """Up to wanted[owner] new entries from each owner's stream, in one round trip, without waiting."""
+        """Up to wanted[owner] new entries from each owner's stream, in one round trip, without waiting.
+        A wake entry it meets is taken and dropped (read_waking says so)."""
         return (await self.read_waking(consumer, wanted))[0]
 
     async def read_waking(self, consumer: str, wanted: dict[str, int]) -> tuple[list[Entry], bool]:
@@ -494,12 +495,12 @@ class JobQueue:
             if len(claimed) >= count:
                 break
             claimed += await self._claim_stream(consumer, owner, count - len(claimed), held)
-        await self._forget_dead_waiters(consumer)
         return claimed
 
-    async def _forget_dead_waiters(self, consumer: str) -> None:
-        """Drop the wake stream's readers whose worker is gone (a worker reads it under its own name; what
-        it read and left unacknowledged goes with it: a wake entry is worth nothing later)."""
+    async def tidy_wake_readers(self, consumer: str) -> None:
+        """Drop the wake stream's readers whose worker is gone, and `consumer`'s own record if a reply it
+        never got (a timeout, a cancelled wait) left wake entries pending under it. Each worker reads the
+        stream under its own name, and its next read names it again; a wake entry is worth nothing later."""
         wake = self.keys.queue_wake
         try:
             readers = await self.redis.xinfo_consumers(wake, QUEUE_GROUP)
@@ -507,7 +508,7 @@ class JobQueue:
             return
         for info in readers:
             name = info["name"]
-            if name != consumer and not await self.redis.exists(self.keys.worker(name)):
+            if (info["pending"] > 0 if name == consumer else not await self.redis.exists(self.keys.worker(name))):
                 await self.redis.xgroup_delconsumer(wake, QUEUE_GROUP, name)
 
     async def _claim_stream(self, consumer: str, owner: str, count: int,

@@ -12,7 +12,7 @@ names a digest or URL leads to from the prefixes they are given (``KeySpace.url(
     migrations         hash    migration name -> when it finished (ms)
     queue              stream  keyless jobs' entries; queue:{key id} one API key's (group QUEUE_GROUP)
     queue-owners       zset    key id -> +inf while its stream holds entries, else when it emptied (ms)
-    queue-wake         stream  an entry each time a key's queue stops being empty: wakes an idle worker
+    queue-wake         stream  an entry each time a key's queue stops being empty: wakes one worker
     enqueuing          zset    jobs whose entries are still being added
     job:{id}           hash    status, counters, times, callback state; job:{id}:urls list, job:{id}:results hash
     webhooks           zset    job id -> when its callback is due (ms); a claim moves it past its lease
@@ -112,9 +112,9 @@ class KeySpace:
 
     @property
     def queue_wake(self) -> str:
-        """stream: a ``key`` entry each time a key's queue stream stops being empty (trimmed to a few
-        dozen). Idle workers block on it beside the streams they know (group ``QUEUE_GROUP``), so the one
-        it wakes reads a key that is new to it at once."""
+        """stream: a ``key`` entry each time a key's queue stream stops being empty (a little over 100 kept
+        at most: MAXLEN ~ 32, and Redis trims whole nodes of 100). Workers read it with their entries and
+        idle ones block on it (group ``QUEUE_GROUP``), so the one it goes to reads a key new to it at once."""
         return self.prefix + "queue-wake"
 
     def job(self, job_id: str) -> str:

@@ -289,6 +289,7 @@ class Worker:
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + self.settings.worker_heartbeat / 2
                     await self.queue.forget_idle_owners()
+                    await self.queue.tidy_wake_readers(self.name)
                     await self.queue.resume_enqueuing()  # jobs whose submitter died while queueing them
                     # (entries held now: none is added while this runs, as only this loop adds them; and
                     # nothing that can fail comes between the claim and the tasks it starts)
@@ -330,8 +331,9 @@ class Worker:
     async def _read_fairly(self) -> list[Entry]:
         """New entries, as many from each key's stream as FairSlots plans for it.
 
-        A key's queue that stops being empty adds an entry to the wake stream, read with the streams: a key
-        new to this worker is read on the next turn, busy or idle, not after OWNERS_REFRESH.
+        A key's queue that stops being empty adds an entry to the wake stream, read with the streams: the
+        worker that gets it reads the key on its next turn, busy or idle, not after OWNERS_REFRESH (the
+        others find it on their next look at the list of keys).
         When none of the planned streams has anything: if a key was left out for want of slots, wait for
         a slot to come free (blocking on the streams instead would leave slots idle for up to a second
         under a busy key); else wait up to IDLE_BLOCK_MS for the first new entry of any planned stream, or

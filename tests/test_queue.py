@@ -177,7 +177,7 @@ async def test_a_key_new_to_an_idle_worker_wakes_it_once_and_leaves_nothing_pend
 
 
 @pytest.mark.gen_test
-async def test_the_wake_streams_readers_go_with_their_workers(parts):
+async def test_the_wake_streams_readers_go_with_their_workers_and_leave_nothing_pending(parts):
     queue, _ = parts
     for name in ("alive", "dead"):
         await queue.heartbeat(name, 30)
@@ -185,9 +185,62 @@ async def test_the_wake_streams_readers_go_with_their_workers(parts):
         assert await queue.wait_for_entries(name, [""], 1000) == ([], True)
     assert len(await queue.redis.xinfo_consumers(queue.keys.queue_wake, QUEUE_GROUP)) == 2
     await queue.retire("dead")
-    await queue.claim_unattended("alive", 10, held=set())
+    await queue.tidy_wake_readers("alive")
     readers = await queue.redis.xinfo_consumers(queue.keys.queue_wake, QUEUE_GROUP)
-    assert [reader["name"] for reader in readers] == ["alive"]
+    assert [(reader["name"], reader["pending"]) for reader in readers] == [("alive", 0)]
+    # A wait whose reply never came (a timeout, a cancelled wait) leaves its wake pending under a live
+    # worker; the worker's own tidying drops it, and its next read names it again.
+    await queue.submit(["http://a/2"], key_id="another")
+    await queue.redis.xreadgroup(QUEUE_GROUP, "alive", {queue.keys.queue_wake: ">"}, count=1)
+    assert (await queue.redis.xpending(queue.keys.queue_wake, QUEUE_GROUP))["pending"] == 1
+    await queue.tidy_wake_readers("alive")
+    assert (await queue.redis.xpending(queue.keys.queue_wake, QUEUE_GROUP))["pending"] == 0
+
+
+@pytest.mark.gen_test
+async def test_a_wake_read_with_entries_is_told_apart_from_them_on_every_path(parts):
+    queue, _ = parts
+    await queue.submit(["http://a/1", "http://a/2"], key_id="k1")  # a new key: entries and a wake
+    entries, woken = await queue.read_waking("w", {"k1": 5})  # one stream: a single call
+    assert [(e.owner, e.url) for e in entries] == [("k1", "http://a/1"), ("k1", "http://a/2")] and woken
+    await queue.submit(["http://b/1"], key_id="k2")
+    await queue.submit(["http://c/1"], key_id="k3")
+    entries, woken = await queue.read_waking("w", {"": 3, "k2": 5, "k3": 5})  # a pipeline: one wake a turn
+    assert sorted((e.owner, e.url) for e in entries) == [("k2", "http://b/1"), ("k3", "http://c/1")] and woken
+    assert await queue.read_waking("w", {"": 3, "k2": 5}) == ([], True)
+    assert await queue.read_waking("w", {"": 3, "k2": 5}) == ([], False)
+    await queue.submit(["http://d/1"], key_id="k4")
+    entries, woken = await queue.wait_for_entries("w", ["", "k4"], 10)
+    assert [(e.owner, e.url) for e in entries] == [("k4", "http://d/1")] and woken
+    assert (await queue.redis.xpending(queue.keys.queue_wake, QUEUE_GROUP))["pending"] == 0
+
+
+@pytest.mark.gen_test
+async def test_a_wake_stream_that_lost_its_group_gets_it_back_on_every_path(parts):
+    """Made again by the enqueue step's XADD, without its group: each read path makes the group again, and
+    the wake written meanwhile is read once it is back."""
+    queue, _ = parts
+    for wanted in ({"k1": 5}, {"": 5, "k1": 5}):
+        await queue.redis.delete(queue.keys.queue_wake)
+        await queue.submit(["http://a/1"], key_id=f"new-{len(wanted)}")
+        assert (await queue.read_waking("w", wanted))[1] is False  # NOGROUP: the group is made
+        assert (await queue.read_waking("w", wanted))[1] is True
+    await queue.redis.delete(queue.keys.queue_wake)
+    await queue.submit(["http://x/1"], key_id="newest")
+    assert await queue.wait_for_entries("w", [""], 10) == ([], False)
+    assert await queue.wait_for_entries("w", [""], 10) == ([], True)
+
+
+@pytest.mark.gen_test
+async def test_one_wake_wakes_one_of_two_waiting_workers_and_the_stream_stays_short(parts):
+    queue, _ = parts
+    waiting = [asyncio.ensure_future(queue.wait_for_entries(name, [""], 1500)) for name in ("a", "b")]
+    await asyncio.sleep(0.2)
+    await queue.submit(["http://n/1"], key_id="fresh")
+    assert sorted([woken for _, woken in await asyncio.gather(*waiting)]) == [False, True]
+    for n in range(250):  # 250 keys new at once: the stream is trimmed as it goes
+        await queue.submit([f"http://a/{n}"], key_id=f"key{n}")
+    assert await queue.redis.xlen(queue.keys.queue_wake) <= 200
 
 
 # -- recording large jobs in short steps --------------------------------------------------------------

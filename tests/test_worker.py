@@ -200,10 +200,12 @@ async def test_a_worker_takes_back_entries_read_under_its_name_whose_reply_it_ne
 
 
 @pytest.mark.gen_test(timeout=60)
-async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(settings, origin, monkeypatch):
-    """A Redis error in the steps around the claim (here, resuming jobs whose submitter died) comes before
-    the claim: entries claimed are never dropped before their tasks start, to be claimed again with one
-    more delivery each time, until MAX_DELIVERIES failed them as "abandoned"."""
+@pytest.mark.parametrize("step", ["resume_enqueuing", "tidy_wake_readers"])
+async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(settings, origin, monkeypatch, step):
+    """A Redis error in the steps around the claim (resuming jobs whose submitter died, tidying the wake
+    stream's readers) comes before the claim: entries claimed are never dropped before their tasks start,
+    to be claimed again with one more delivery each time, until MAX_DELIVERIES failed them as
+    "abandoned"."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
     services = await open_services(settings, settings.redis_url, with_worker=True)
@@ -212,7 +214,7 @@ async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(set
         job_id, _ = await queue.submit([origin.url(f"/img/{917_500 + n}.png") for n in range(2)])
         await queue.heartbeat(worker.name, settings.worker_heartbeat)
         assert len(await queue.read(worker.name, {"": 2})) == 2  # a read whose reply the worker never got
-        real, calls = queue.resume_enqueuing, [0]
+        real, calls = getattr(queue, step), [0]
 
         async def flaky(*args, **kwargs):
             calls[0] += 1
@@ -220,7 +222,7 @@ async def test_entries_claimed_back_survive_a_redis_error_on_the_claims_turn(set
                 raise RedisConnectionError("Redis went away again")
             return await real(*args, **kwargs)
 
-        monkeypatch.setattr(queue, "resume_enqueuing", flaky)
+        monkeypatch.setattr(queue, step, flaky)
         monkeypatch.setattr(worker_module, "REDIS_RETRY", 0.05)
         worker.start()
         job = await settled(queue, job_id)
@@ -248,6 +250,30 @@ async def test_an_idle_worker_starts_a_new_keys_first_job_without_waiting_out_it
         assert time.monotonic() - started < 3
     finally:
         await services.close()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_a_busy_worker_starts_a_new_keys_url_without_waiting_for_its_next_look_at_the_keys(
+        tmp_path, redis_server, origin, monkeypatch):
+    """Key A's slow downloads hold 7 of 8 slots and more of its URLs wait in its queue, so the worker
+    reads on without blocking. Key B, new, wakes it through the wake stream read with A's entries: B's
+    URL takes the free slot long before the worker's next look at the list of keys (made 30 s here)."""
+    monkeypatch.setattr(worker_module, "OWNERS_REFRESH", 30.0)
+    with Origin("127.0.0.5") as other:
+        settings = make_settings(tmp_path / "data", redis_server.url, download_concurrency=8,
+                                 per_host_concurrency=8, allow_networks="127.0.0.1/32,127.0.0.5/32")
+        services = await open_services(settings, settings.redis_url, with_worker=True)
+        try:
+            services.worker.start()
+            busy, _ = await services.queue.submit(
+                [origin.url(f"/img/{918_100 + n}.jpg?delay=6") for n in range(24)], key_id="a")
+            await asyncio.sleep(1.0)  # A's downloads hold their slots
+            newcomer, _ = await services.queue.submit([other.url("/img/918200.jpg")], key_id="b")
+            job = await settled(services.queue, newcomer, seconds=4)
+            assert (job.status, job.stored) == ("done", 1)
+            assert (await services.queue.get(busy, with_results=False)).done == 0  # the worker was busy
+        finally:
+            await services.close()
 
 
 @pytest.mark.gen_test(timeout=60)
