@@ -16,9 +16,10 @@ some) and, from the step that removes the last one (index.py ``complete``), the 
 Workers read the streams of the keys busy or idle for less than ``OWNER_KEEP``, and claim dead workers'
 entries from each: a client that comes back within the hour wakes a waiting worker at once (its stream
 is among those the worker blocks on). So does a key seen for the first time in a while: the enqueue step
-that makes a key busy adds an entry to ``queue-wake``, which idle workers block on too, and the worker it
-wakes looks at the list again. A busy worker finds such a key on its next look at the list (half a second
-at most: worker.py).
+that makes a key busy adds an entry to ``queue-wake``, which workers read with their entries (idle ones
+block on it), and the worker the entry goes to looks at the list again at once. The others find such a
+key on their next look at the list (a fifth of a second at most when idle, half a second when busy:
+worker.py).
 
 A submit of 10,000 long URLs is megabytes, and Redis serves no one else while one call runs: recorded in
 one Lua call it held every reader for over half a second. So a job is recorded in short steps, none of

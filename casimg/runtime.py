@@ -121,17 +121,18 @@ def limit_malloc_arenas() -> None:
 
 
 def tune_gc() -> None:
-    """Have the cycle collector run about fourteen times less often, and skip what the imports made.
+    """Have the cycle collector's young generation wait for 10,000 new container objects instead of 700,
+    and skip what the imports made.
 
-    A download holds a few hundred objects while in flight (its request, response, buffers, futures and
-    task), and reference counting frees them when it ends; 64 in flight are tens of thousands. With
-    Python's default threshold a young collection ran every 700 more of them: about 200 times per 3,000
-    images, at 0.25 ms each, finding nothing to collect, and promoting the live downloads to the older
-    generations, whose full collections then walked every object of the process. Together 4.5-5% of a
-    server's CPU during an ingest; with this threshold 3 collections and 5-7 ms per 3,000 images
-    (BENCHMARKS.md, "Figures behind design choices"). Cycles are still collected, at most 10,000
-    container objects later. `gc.freeze` moves what exists now (modules, classes, settings) out of the
-    collector's sight for good: full collections then walk only what the process made since.
+    A download holds its request, response, buffers, futures and task while in flight, and reference
+    counting frees them when it ends. With Python's default threshold a young collection ran every 700
+    more container objects: about 200 times per 3,000 images, at 0.25 ms each, finding nothing to
+    collect, and promoting the live downloads to the older generations, whose full collections then
+    walked every object of the process. Together 4.5-5.5% of a server's CPU during an ingest; with this
+    threshold 3 collections and 5-7 ms per 3,000 images (BENCHMARKS.md, "Figures behind design
+    choices"). Cycles are still collected, at most 10,000 container objects later. `gc.freeze` moves
+    what exists now (modules, classes, settings) out of the collector's sight for good: full collections
+    then walk only what the process made since.
     """
     gen1, gen2 = gc.get_threshold()[1:]
     gc.set_threshold(GC_YOUNG_THRESHOLD, gen1, gen2)

@@ -5,8 +5,8 @@
 -- cursor moves past them in the same step. A position with a result already (a too long URL) gets none.
 -- The entries go to the stream of the key that submitted the job (its name built from the prefix, as
 -- KeySpace.key_queue does), made with its consumer group by its first entry; the key is marked busy.
--- A key that was not busy gets an entry in queue_wake too: the idle workers wait on that stream, not
--- on the streams of keys they have not seen yet (queue.py, wait_for_entries).
+-- A key that was not busy gets an entry in queue_wake too: workers read that stream with their entries
+-- (idle ones block on it), and know nothing yet of a key they have not seen (queue.py, read_waking).
 local job_id = ARGV[1]
 local info = redis.call('HMGET', KEYS[1], 'enqueued', 'total', 'key', 'tp', 'cancelled')
 local cursor, total, owner, tp = tonumber(info[1]), tonumber(info[2]), info[3] or '', info[4]
